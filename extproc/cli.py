@@ -1,0 +1,148 @@
+"""The ``extproc`` command: serve, check a policy, mint keys, run the mock upstream or stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+DEFAULT_POLICY = "policies/example.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
+    serve.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
+    serve.add_argument("--grpc", default=os.environ.get("EXTPROC_GRPC", "127.0.0.1:50051"),
+                       help="host:port for the gRPC service (default %(default)s)")
+    serve.add_argument("--admin-host", default=os.environ.get("EXTPROC_ADMIN_HOST", "127.0.0.1"))
+    serve.add_argument("--admin-port", type=int,
+                       default=int(os.environ.get("EXTPROC_ADMIN_PORT", "9464")))
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("EXTPROC_WORKERS", "1")),
+                       help="worker processes sharing the gRPC port (default %(default)s)")
+    serve.add_argument("--reload-interval", type=float, default=1.0,
+                       help="seconds between policy file checks (default %(default)s)")
+    serve.add_argument("--grace", type=float, default=20.0,
+                       help="seconds in-flight streams get to finish on SIGTERM")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_check)
+
+    keys = commands.add_parser("keys", help="manage gateway keys")
+    key_commands = keys.add_subparsers(metavar="ACTION")
+    create = key_commands.add_parser("create", help="mint a key; prints it once with its entry")
+    create.add_argument("--team", required=True)
+    create.add_argument("--user")
+    create.add_argument("--id", dest="key_id", help="policy key id (default: random)")
+    create.set_defaults(run=_keys_create)
+
+    schema = commands.add_parser("schema", help="print the policy JSON Schema")
+    schema.set_defaults(run=_schema)
+
+    mock = commands.add_parser("mock-upstream", help="run the mock LLM upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8099)
+    mock.set_defaults(run=_mock_upstream)
+
+    up = commands.add_parser("up", help="run Envoy, the service and the mock upstream")
+    up.add_argument("--policy", default=DEFAULT_POLICY)
+    up.set_defaults(run=_up)
+    return parser
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from extproc.policy.loader import PolicyError
+    from extproc.server import ServeSettings, serve
+
+    _logging()
+    settings = ServeSettings(
+        policy=Path(args.policy),
+        grpc_address=args.grpc,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        workers=args.workers,
+        reload_interval=args.reload_interval,
+        grace_seconds=args.grace,
+    )
+    try:
+        return serve(settings)
+    except PolicyError as exc:
+        print(f"extproc: cannot start, the policy is invalid:\n{_bullets(exc.problems)}",
+              file=sys.stderr)
+        return 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    from extproc.policy.loader import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(f"{args.file}: invalid\n{_bullets(exc.problems)}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: ok (version {policy.version}; {len(policy.team_models)} teams, "
+        f"{len(policy.keys_by_digest)} keys, {len(policy.catalogue)} models)"
+    )
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from extproc.keys import new_key, policy_entry
+
+    key = new_key()
+    key_id = args.key_id or f"key-{secrets.token_hex(4)}"
+    print(f"Key (shown once, store it now): {key}\n")
+    print("Add this entry to your policy file:\n")
+    print(policy_entry(key, key_id, args.team, args.user), end="")
+    return 0
+
+
+def _schema(_: argparse.Namespace) -> int:
+    from extproc.policy.schema import Policy
+
+    print(json.dumps(Policy.model_json_schema(), indent=2))
+    return 0
+
+
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from extproc.mock_upstream import run
+
+    _logging()
+    run(args.host, args.port)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from extproc.stack import run_stack
+
+    _logging()
+    return run_stack(Path(args.policy))
+
+
+def _bullets(lines: list[str]) -> str:
+    return "\n".join(f"  - {line}" for line in lines)

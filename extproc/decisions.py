@@ -1,0 +1,43 @@
+"""What the core tells an adapter to do with one phase of an exchange.
+
+Two outcomes, both plain frozen data: :class:`Forward` lets the request continue
+(optionally with header and body changes) and :class:`Reply` answers the caller directly
+without contacting the upstream. Adapters translate them into Envoy protobufs; the core
+never sees a protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Continue towards the upstream, applying these changes first."""
+
+    set_headers: Headers = ()
+    remove_headers: tuple[str, ...] = ()
+    body: bytes | None = None
+    """A replacement body, or ``None`` to leave the body untouched."""
+    clear_route_cache: bool = False
+    """Ask Envoy to re-pick the route because a header it routes on changed."""
+    skip_request_body: bool = False
+    """No stage needs the request body: tell Envoy not to buffer or send it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the caller now; the request never reaches the upstream."""
+
+    status: int
+    body: bytes
+    headers: Headers = ()
+    details: str = ""
+    """A short token for Envoy's access log (``%RESPONSE_CODE_DETAILS%``)."""
+
+
+Decision = Forward | Reply
+
+CONTINUE = Forward()

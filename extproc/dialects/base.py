@@ -1,0 +1,63 @@
+"""What every API dialect turns a request body into.
+
+A dialect reads one provider API's request body and exposes a common view of it: the
+model, each piece of text with the JSON path where it lives (so a guardrail can rewrite
+it in place without knowing the dialect), the output-token cap, the stream flag and the
+tools offered. The view never holds protobufs and never performs I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+JsonPath = tuple[str | int, ...]
+"""Keys and indices from the body's root to one string value."""
+
+Envelope = Literal["openai", "anthropic"]
+"""The error-body family a dialect's callers expect."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """One string in the request body that policy may read or rewrite.
+
+    ``role`` is the author of the text (system, developer, user, assistant, tool) and
+    ``kind`` says what it is: ``message`` (chat text), ``prompt`` (legacy completions),
+    ``input`` (embeddings / responses input), ``tool_arguments`` (arguments the model
+    produced for a tool call), ``tool_result`` (what a tool returned) or ``instructions``.
+    """
+
+    path: JsonPath
+    role: str
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequest:
+    """The common view of one parsed request body."""
+
+    dialect: str
+    model: str
+    texts: tuple[TextPart, ...]
+    max_output_tokens: int | None
+    stream: bool
+    tools: tuple[str, ...]
+    body: dict[str, Any]
+    """The parsed body. Treat as read-only; rewrites go through ``apply_rewrites``."""
+
+
+class Dialect(Protocol):
+    """One provider API, e.g. OpenAI chat completions or Anthropic messages."""
+
+    name: str
+    envelope: Envelope
+
+    def parse(self, body: dict[str, Any]) -> LLMRequest:
+        """Build the common view of ``body``.
+
+        Raises :class:`extproc.errors.InvalidRequest` naming the offending field
+        (``param``) when the body does not follow the API's schema.
+        """
+        ...

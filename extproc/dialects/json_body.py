@@ -1,0 +1,61 @@
+"""Decoding request bodies and writing rewritten text back into them.
+
+The body is parsed once per request (orjson) and every later stage works on the parsed
+object; it is serialised again only when a stage actually changed a text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from extproc.dialects.base import JsonPath
+from extproc.errors import InvalidRequest
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON request body that must be an object.
+
+    Raises :class:`InvalidRequest` with a message a caller can act on for an empty body,
+    bytes that are not UTF-8, malformed JSON, and JSON whose top level is not an object.
+    """
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "utf-8" in str(exc).lower():
+            raise InvalidRequest("The request body is not valid UTF-8.") from None
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {_json_type(body)}."
+        )
+    return body
+
+
+def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, str]) -> bytes:
+    """Replace the strings at ``rewrites``' paths in ``body`` and serialise it.
+
+    ``body`` is modified in place: it belongs to one request and is not shared.
+    """
+    for path, text in rewrites.items():
+        parent: Any = body
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = text
+    return orjson.dumps(body)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"

@@ -1,0 +1,61 @@
+"""Reading a policy file into a compiled snapshot, with errors a person can act on."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from extproc.policy.compiled import CompiledPolicy, compile_policy
+from extproc.policy.schema import Policy
+
+
+class PolicyError(Exception):
+    """A policy file that cannot go live; ``problems`` lists each one with its field path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Validate policy YAML text; raise :class:`PolicyError` naming every bad field."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(source, [f"{where}invalid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(source, ["the top level must be a mapping"])
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(source, [_describe(err) for err in exc.errors()]) from None
+
+
+def load_policy(path: Path) -> CompiledPolicy:
+    """Read, validate and compile the policy at ``path``."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(str(path), ["the file is not UTF-8"]) from None
+    policy = parse_policy(text, str(path))
+    return compile_policy(policy, version=hashlib.sha256(raw).hexdigest()[:12])
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{path}: {message}" if path else message

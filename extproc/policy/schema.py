@@ -1,0 +1,161 @@
+"""The policy file format: pydantic models, validated strictly.
+
+A policy is data written by a platform team. Every model forbids unknown fields, so a
+typo (``allwo:``) is an error with its path rather than a rule silently ignored, and
+cross-references (a key's team, a model alias) are checked before the policy can go live.
+The JSON Schema shipped in ``policies/policy.schema.json`` is generated from these models.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
+_HEADER_SAFE = re.compile(_NAME)
+
+Name = Annotated[str, Field(pattern=_NAME, description="Letters, digits and . _ : @ / -")]
+
+
+def _lower_hex(value: str) -> str:
+    return value.lower()
+
+
+Sha256Hex = Annotated[
+    str,
+    Field(pattern=r"^[0-9a-fA-F]{64}$", description="SHA-256 of the key, 64 hex digits"),
+    AfterValidator(_lower_hex),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelAccess(_Strict):
+    """Which catalogue models a team, user or key may call.
+
+    Patterns are shell-style globs (``gpt-4o*``, ``claude-*``) matched against the
+    catalogue's canonical model names; ``deny`` wins over ``allow``.
+    """
+
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+
+class Team(_Strict):
+    description: str = ""
+    models: ModelAccess = Field(
+        default_factory=ModelAccess,
+        description="Models the team may use. A team without rules may use none.",
+    )
+
+
+class User(_Strict):
+    team: Name
+    models: ModelAccess | None = Field(
+        default=None, description="Further restricts the team's models for this user."
+    )
+
+
+class Key(_Strict):
+    sha256: Sha256Hex
+    team: Name
+    user: Name | None = None
+    description: str = ""
+    expires_at: datetime | None = Field(
+        default=None, description="RFC 3339 time with a UTC offset; the key is refused after."
+    )
+    disabled: bool = False
+    models: ModelAccess | None = Field(
+        default=None, description="Further restricts the team's (and user's) models."
+    )
+
+    @model_validator(mode="after")
+    def _aware_expiry(self) -> Key:
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a UTC offset, e.g. 2027-01-01T00:00:00Z")
+        return self
+
+
+class Model(_Strict):
+    aliases: list[Name] = Field(default_factory=list)
+    owned_by: str = "system"
+    description: str = ""
+
+
+class JwtSettings(_Strict):
+    """How to read a caller's identity from JWT claims validated by Envoy's jwt_authn.
+
+    jwt_authn must be configured with ``payload_in_metadata: <payload_key>``; ext_proc
+    must forward the ``metadata_namespace`` (``metadata_options.forwarding_namespaces``).
+    """
+
+    metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    payload_key: str = "jwt_payload"
+    user_claim: str = "sub"
+    team_claim: str = Field(
+        default="team",
+        description="Claim naming the team; a list claim (e.g. groups) uses its first known team.",
+    )
+
+
+class Settings(_Strict):
+    unknown_paths: Literal["reject", "passthrough"] = Field(
+        default="reject",
+        description="Requests to paths no dialect serves: answer 404, or forward untouched "
+        "(identity is still required).",
+    )
+    jwt: JwtSettings | None = None
+
+
+class Policy(_Strict):
+    """The whole policy file."""
+
+    version: Literal[1] = 1
+    settings: Settings = Field(default_factory=Settings)
+    teams: dict[Name, Team] = Field(default_factory=dict)
+    users: dict[Name, User] = Field(default_factory=dict)
+    keys: dict[Name, Key] = Field(default_factory=dict)
+    models: dict[Name, Model] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        problems: list[str] = []
+        for name, user in self.users.items():
+            if user.team not in self.teams:
+                problems.append(f"users.{name}.team: unknown team {user.team!r}")
+        seen_hashes: dict[str, str] = {}
+        for key_id, key in self.keys.items():
+            if key.team not in self.teams:
+                problems.append(f"keys.{key_id}.team: unknown team {key.team!r}")
+            declared = self.users.get(key.user) if key.user else None
+            if declared is not None and declared.team != key.team:
+                problems.append(
+                    f"keys.{key_id}.user: user {key.user!r} belongs to team "
+                    f"{declared.team!r}, not {key.team!r}"
+                )
+            if key.sha256 in seen_hashes:
+                problems.append(
+                    f"keys.{key_id}.sha256: same hash as keys.{seen_hashes[key.sha256]}"
+                )
+            seen_hashes[key.sha256] = key_id
+        owners: dict[str, str] = {name: name for name in self.models}
+        for name, model in self.models.items():
+            for alias in model.aliases:
+                if alias in owners:
+                    problems.append(
+                        f"models.{name}.aliases: {alias!r} already names models.{owners[alias]}"
+                    )
+                owners[alias] = name
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` may be sent as an identity header without escaping."""
+    return bool(_HEADER_SAFE.match(value))

@@ -1,0 +1,75 @@
+"""The live policy: one snapshot at a time, swapped atomically when the file changes.
+
+Each exchange pins the snapshot current when it starts, so a reload never changes the
+rules halfway through a request. A file that fails validation is logged with its
+problems and the last good snapshot stays live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from extproc.policy.compiled import CompiledPolicy
+from extproc.policy.loader import PolicyError, load_policy
+
+log = logging.getLogger(__name__)
+
+
+class PolicyStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._current = load_policy(path)
+        self._signature = self._stat_signature()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+
+    @property
+    def current(self) -> CompiledPolicy:
+        return self._current
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def reload_if_changed(self) -> bool:
+        """Load the file again if it changed on disk; return whether a new policy went live.
+
+        The signature includes the inode so a Kubernetes ConfigMap update (a symlink swap
+        with an unchanged mtime resolution) is noticed too.
+        """
+        signature = self._stat_signature()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            policy = load_policy(self._path)
+        except PolicyError as exc:
+            self.reloads_failed += 1
+            log.error(
+                "policy reload rejected; keeping version %s: %s",
+                self._current.version,
+                "; ".join(exc.problems),
+            )
+            return False
+        if policy.version == self._current.version:
+            return False
+        self._current = policy
+        self.reloads_ok += 1
+        log.info("policy reloaded: version %s from %s", policy.version, self._path)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Poll the file forever; polling survives editors, symlink swaps and NFS alike."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_if_changed()
+
+    def _stat_signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)

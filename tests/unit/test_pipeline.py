@@ -1,0 +1,122 @@
+"""The pipeline as a pure function of (policy, phase): decisions, not protobufs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from extproc.decisions import Forward, Reply
+from extproc.pipeline import Exchange, on_request_body, on_request_headers
+from tests.unit.policies import make_policy
+
+POLICY = make_policy()
+
+
+def clock() -> datetime:
+    return datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def headers(path: str, key: str | None = "sk-admin", method: str = "POST", **extra: str) -> dict[str, str]:
+    h = {":path": path, ":method": method, ":authority": "gw", "content-type": "application/json"}
+    if key:
+        h["authorization"] = f"Bearer {key}"
+    h.update(extra)
+    return h
+
+
+def start(path: str, key: str | None = "sk-admin", **kw: str) -> tuple[Exchange, Forward | Reply]:
+    ex = Exchange(policy=POLICY)
+    return ex, on_request_headers(ex, headers(path, key, **kw), None, False, clock)
+
+
+def test_headers_phase_sets_identity_and_scrubs_credentials_and_spoofs() -> None:
+    _, decision = start("/v1/chat/completions", **{"x-gateway-team": "evil", "x-api-key": "k"})
+    assert isinstance(decision, Forward)
+    assert dict(decision.set_headers) == {
+        "x-gateway-team": "platform",
+        "x-gateway-user": "alice",
+        "x-gateway-key-id": "admin",
+    }
+    assert set(decision.remove_headers) == {"authorization", "x-api-key", "x-gateway-team"}
+    assert not decision.skip_request_body
+
+
+def test_missing_key_replies_401_in_dialect() -> None:
+    _, openai_reply = start("/v1/chat/completions", key=None)
+    _, anthropic_reply = start("/v1/messages", key=None)
+    assert isinstance(openai_reply, Reply) and isinstance(anthropic_reply, Reply)
+    assert openai_reply.status == anthropic_reply.status == 401
+    assert orjson.loads(openai_reply.body)["error"]["type"] == "invalid_request_error"
+    assert orjson.loads(anthropic_reply.body)["error"]["type"] == "authentication_error"
+
+
+def test_models_listing_is_answered_at_headers_phase() -> None:
+    _, decision = start("/v1/models", key="sk-bob", method="GET")
+    assert isinstance(decision, Reply) and decision.status == 200
+    assert [m["id"] for m in orjson.loads(decision.body)["data"]] == ["gpt-4o-mini"]
+
+
+@pytest.mark.parametrize(
+    ("unknown_paths", "expected"),
+    [("reject", Reply), ("passthrough", Forward)],
+)
+def test_unknown_paths_follow_policy(unknown_paths: str, expected: type) -> None:
+    policy = make_policy(settings={"unknown_paths": unknown_paths})
+    ex = Exchange(policy=policy)
+    decision = on_request_headers(ex, headers("/v1/audio/speech"), None, False, clock)
+    assert isinstance(decision, expected)
+    if isinstance(decision, Forward):
+        assert decision.skip_request_body
+        assert "authorization" in decision.remove_headers
+    else:
+        assert decision.status == 404
+
+
+def test_bodyless_post_is_400() -> None:
+    ex = Exchange(policy=POLICY)
+    decision = on_request_headers(ex, headers("/v1/chat/completions"), None, True, clock)
+    assert isinstance(decision, Reply) and decision.status == 400
+
+
+def chat(model: str, text: str = "hi") -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+
+
+def test_body_phase_routes_and_rewrites_alias() -> None:
+    ex, _ = start("/v1/chat/completions")
+    decision = on_request_body(ex, chat("mini"))
+    assert isinstance(decision, Forward)
+    assert decision.set_headers == (("x-gateway-model", "gpt-4o-mini"),)
+    assert decision.clear_route_cache
+    assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o-mini"
+
+
+def test_body_untouched_when_model_is_canonical() -> None:
+    ex, _ = start("/v1/chat/completions")
+    decision = on_request_body(ex, chat("gpt-4o"))
+    assert isinstance(decision, Forward) and decision.body is None
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "status", "code"),
+    [
+        pytest.param("sk-bob", "gpt-4o", 403, "model_not_allowed", id="forbidden"),
+        pytest.param("sk-bob", "claude-3-5-haiku", 403, "model_not_allowed", id="user-narrower-than-team"),
+        pytest.param("sk-admin", "gpt-5", 404, "model_not_found", id="unknown"),
+    ],
+)
+def test_body_phase_rbac(key: str, model: str, status: int, code: str) -> None:
+    ex, _ = start("/v1/chat/completions", key=key)
+    decision = on_request_body(ex, chat(model))
+    assert isinstance(decision, Reply) and decision.status == status
+    assert orjson.loads(decision.body)["error"]["code"] == code
+
+
+def test_body_errors_use_anthropic_envelope_on_messages() -> None:
+    ex, _ = start("/v1/messages")
+    decision = on_request_body(ex, b"{nope")
+    assert isinstance(decision, Reply) and decision.status == 400
+    body = orjson.loads(decision.body)
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"

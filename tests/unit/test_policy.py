@@ -1,0 +1,112 @@
+"""Policy files: validation errors name the bad field; compilation precomputes access."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.policy.compiled import key_digest
+from extproc.policy.loader import PolicyError, load_policy, parse_policy
+from extproc.policy.schema import Policy
+from extproc.stack import ROOT
+
+EXAMPLE = ROOT / "policies" / "example.yaml"
+HASH = "a" * 64
+
+BASE = f"""
+teams:
+  t1: {{models: {{allow: ["gpt-*"], deny: ["gpt-4o"]}}}}
+  t2: {{models: {{allow: ["*"]}}}}
+models:
+  gpt-4o: {{aliases: [four]}}
+  gpt-4o-mini: {{}}
+  claude-3: {{}}
+keys:
+  k1: {{sha256: "{HASH}", team: t1}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param("teams: {t: {models: {allwo: []}}}", "teams.t.models.allwo: Extra inputs", id="typo"),
+        pytest.param("keys: {k: {sha256: 'zz', team: t}}", "keys.k.sha256: String should match", id="bad-hash"),
+        pytest.param(f"keys: {{k: {{sha256: '{HASH}', team: nope}}}}", "keys.k.team: unknown team 'nope'", id="unknown-team"),
+        pytest.param("models: {a: {aliases: [b]}, b: {}}", "models.a.aliases: 'b' already names models.b", id="alias-clash"),
+        pytest.param(f"teams: {{t: {{}}}}\nkeys: {{k: {{sha256: '{HASH}', team: t, expires_at: '2030-01-01T00:00:00'}}}}", "needs a UTC offset", id="naive-expiry"),
+        pytest.param("teams: [a, b]", "teams: Input should be a valid dictionary", id="teams-list"),
+        pytest.param("version: 2", "version: Input should be 1", id="version"),
+        pytest.param("teams: {a: {models: {allow: [x]}}\n  bad", "line 2, column", id="yaml-syntax"),
+        pytest.param("- 1\n- 2", "top level must be a mapping", id="not-mapping"),
+        pytest.param("settings: {unknown_paths: maybe}", "settings.unknown_paths", id="bad-enum"),
+    ],
+)
+def test_invalid_policy_names_the_field(text: str, fragment: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text)
+    assert any(fragment in p for p in caught.value.problems), caught.value.problems
+
+
+def test_duplicate_key_hash_rejected() -> None:
+    text = BASE + f'  k2: {{sha256: "{HASH.upper()}", team: t2}}\n'
+    with pytest.raises(PolicyError, match="same hash as keys.k1"):
+        parse_policy(text)
+
+
+def test_compiled_access_evaluates_globs_against_catalogue(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE)
+    policy = load_policy(path)
+    assert policy.team_models["t1"] == {"gpt-4o-mini"}
+    assert policy.team_models["t2"] == {"gpt-4o", "gpt-4o-mini", "claude-3"}
+    key = policy.keys_by_digest[bytes.fromhex(HASH)]
+    assert key.allowed_models == {"gpt-4o-mini"}
+    resolved = policy.resolve_model("four")
+    assert resolved is not None and resolved.name == "gpt-4o"
+
+
+def test_example_policy_demo_keys() -> None:
+    policy = load_policy(EXAMPLE)
+    admin = policy.keys_by_digest[key_digest("sk-demo-admin")]
+    restricted = policy.keys_by_digest[key_digest("sk-demo-restricted")]
+    assert {"gpt-4o-mini", "gpt-4o", "claude-3-5-haiku"} <= admin.allowed_models
+    assert admin.allowed_models == {m.name for m in policy.catalogue}
+    assert restricted.allowed_models == {"gpt-4o-mini"}
+
+
+def test_shipped_schema_is_current() -> None:
+    shipped = json.loads((ROOT / "policies" / "policy.schema.json").read_text())
+    assert shipped == Policy.model_json_schema(), "run `make schema`"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_check_command(tmp_path: Path) -> None:
+    ok = _cli("check", str(EXAMPLE))
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teams: {t: {models: {allow: 3}}}")
+    result = _cli("check", str(bad))
+    assert result.returncode == 1
+    assert "teams.t.models.allow: Input should be a valid list" in result.stderr
+
+
+def test_keys_create_prints_key_once_and_its_hash(tmp_path: Path) -> None:
+    result = _cli("keys", "create", "--team", "apps", "--user", "bob", "--id", "bob-laptop")
+    assert result.returncode == 0
+    key = result.stdout.split("store it now): ")[1].split()[0]
+    entry = "keys:" + result.stdout.split("keys:", 1)[1]
+    path = tmp_path / "p.yaml"
+    path.write_text(EXAMPLE.read_text().replace("keys:\n", entry, 1))
+    policy = load_policy(path)
+    compiled = policy.keys_by_digest[key_digest(key)]
+    assert (compiled.key_id, compiled.team, compiled.user) == ("bob-laptop", "apps", "bob")
+    assert key not in path.read_text()
