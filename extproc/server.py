@@ -14,10 +14,13 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import uvloop
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -50,14 +53,9 @@ def serve(settings: ServeSettings) -> int:
     return _supervise(settings)
 
 
-def _run(main: object) -> int:
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep the fallback honest
-        runner = asyncio.run
-    return int(runner(main) or 0)  # type: ignore[arg-type]
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop: its faster event loop shortens every gRPC round trip."""
+    return uvloop.run(main)
 
 
 async def _serve_single(settings: ServeSettings) -> int:
@@ -111,7 +109,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore) -> None:
 
 
 def _worker_main(settings: ServeSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
     _run(_serve_worker(settings))
 
 

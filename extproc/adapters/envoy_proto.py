@@ -54,7 +54,7 @@ def common_response(forward: Forward) -> pb.CommonResponse:
 def immediate_response(reply: Reply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            status=HttpStatus(code=reply.status),
             headers=header_mutation(reply.headers),
             body=reply.body,
             details=reply.details,

@@ -39,7 +39,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._policies = policies
         self._clock = clock
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(policy=self._policies.current)
@@ -52,7 +52,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 yield immediate_response(render_error(error, exchange.envelope))
                 return
 
-    async def _phase(self, exchange: Exchange, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    async def _phase(
+        self, exchange: Exchange, request: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse:
         phase = request.WhichOneof("request")
         if phase == "request_headers":
             decision = pipeline.on_request_headers(

@@ -30,9 +30,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
             raise InvalidRequest("The request body is not valid UTF-8.") from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
-        raise InvalidRequest(
-            f"The request body must be a JSON object, not {_json_type(body)}."
-        )
+        raise InvalidRequest(f"The request body must be a JSON object, not {_json_type(body)}.")
     return body
 
 

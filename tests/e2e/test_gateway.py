@@ -135,7 +135,10 @@ def test_missing_key_is_401_in_both_dialects(raw: Http) -> None:
     assert status == 401 and body["error"]["code"] == "missing_api_key"
     status, _, body = raw.post_json("/v1/messages", {"model": "x"}, key=None)
     assert status == 401
-    assert body == {"type": "error", "error": {"type": "authentication_error", "message": body["error"]["message"]}}
+    assert body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": body["error"]["message"]},
+    }
 
 
 def test_anthropic_unknown_key(gateway_url: str) -> None:
@@ -198,12 +201,38 @@ JSON = {"content-type": "application/json", "authorization": f"Bearer {ADMIN_KEY
         pytest.param(b"[1, 2]", 400, "invalid_request", id="array-body"),
         pytest.param(b'"text"', 400, "invalid_request", id="string-body"),
         pytest.param(b"", 400, "invalid_request", id="empty-body"),
-        pytest.param(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "invalid_request", id="non-utf8"),
-        pytest.param(b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model", id="missing-model"),
-        pytest.param(b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', 400, "model", id="model-not-string"),
-        pytest.param(b'{"model": "gpt-4o", "messages": "hi"}', 400, "messages", id="messages-not-list"),
-        pytest.param(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', 400, "max_tokens", id="max-tokens-string"),
-        pytest.param(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream", id="stream-not-bool"),
+        pytest.param(
+            b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+            400,
+            "invalid_request",
+            id="non-utf8",
+        ),
+        pytest.param(
+            b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model", id="missing-model"
+        ),
+        pytest.param(
+            b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}',
+            400,
+            "model",
+            id="model-not-string",
+        ),
+        pytest.param(
+            b'{"model": "gpt-4o", "messages": "hi"}', 400, "messages", id="messages-not-list"
+        ),
+        pytest.param(
+            b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+            b' "max_tokens": "5"}',
+            400,
+            "max_tokens",
+            id="max-tokens-string",
+        ),
+        pytest.param(
+            b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+            b' "stream": "yes"}',
+            400,
+            "stream",
+            id="stream-not-bool",
+        ),
     ],
 )
 def test_bad_input_gets_openai_error(
@@ -265,7 +294,9 @@ def test_huge_body_does_not_stall_other_requests(raw: Http, gateway_url: str) ->
     small = [
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": f"small {i}"}]
-        ).choices[0].message.content
+        )
+        .choices[0]
+        .message.content
         for i in range(10)
     ]
     worker.join(timeout=60)

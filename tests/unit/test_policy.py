@@ -33,14 +33,35 @@ keys:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        pytest.param("teams: {t: {models: {allwo: []}}}", "teams.t.models.allwo: Extra inputs", id="typo"),
-        pytest.param("keys: {k: {sha256: 'zz', team: t}}", "keys.k.sha256: String should match", id="bad-hash"),
-        pytest.param(f"keys: {{k: {{sha256: '{HASH}', team: nope}}}}", "keys.k.team: unknown team 'nope'", id="unknown-team"),
-        pytest.param("models: {a: {aliases: [b]}, b: {}}", "models.a.aliases: 'b' already names models.b", id="alias-clash"),
-        pytest.param(f"teams: {{t: {{}}}}\nkeys: {{k: {{sha256: '{HASH}', team: t, expires_at: '2030-01-01T00:00:00'}}}}", "needs a UTC offset", id="naive-expiry"),
+        pytest.param(
+            "teams: {t: {models: {allwo: []}}}", "teams.t.models.allwo: Extra inputs", id="typo"
+        ),
+        pytest.param(
+            "keys: {k: {sha256: 'zz', team: t}}",
+            "keys.k.sha256: String should match",
+            id="bad-hash",
+        ),
+        pytest.param(
+            f"keys: {{k: {{sha256: '{HASH}', team: nope}}}}",
+            "keys.k.team: unknown team 'nope'",
+            id="unknown-team",
+        ),
+        pytest.param(
+            "models: {a: {aliases: [b]}, b: {}}",
+            "models.a.aliases: 'b' already names models.b",
+            id="alias-clash",
+        ),
+        pytest.param(
+            f"teams: {{t: {{}}}}\nkeys: {{k: {{sha256: '{HASH}', team: t,"
+            " expires_at: '2030-01-01T00:00:00'}}",
+            "needs a UTC offset",
+            id="naive-expiry",
+        ),
         pytest.param("teams: [a, b]", "teams: Input should be a valid dictionary", id="teams-list"),
         pytest.param("version: 2", "version: Input should be 1", id="version"),
-        pytest.param("teams: {a: {models: {allow: [x]}}\n  bad", "line 2, column", id="yaml-syntax"),
+        pytest.param(
+            "teams: {a: {models: {allow: [x]}}\n  bad", "line 2, column", id="yaml-syntax"
+        ),
         pytest.param("- 1\n- 2", "top level must be a mapping", id="not-mapping"),
         pytest.param("settings: {unknown_paths: maybe}", "settings.unknown_paths", id="bad-enum"),
     ],
@@ -53,7 +74,7 @@ def test_invalid_policy_names_the_field(text: str, fragment: str) -> None:
 
 def test_duplicate_key_hash_rejected() -> None:
     text = BASE + f'  k2: {{sha256: "{HASH.upper()}", team: t2}}\n'
-    with pytest.raises(PolicyError, match="same hash as keys.k1"):
+    with pytest.raises(PolicyError, match=r"same hash as keys\.k1"):
         parse_policy(text)
 
 

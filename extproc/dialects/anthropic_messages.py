@@ -1,0 +1,124 @@
+"""Anthropic Messages (``/v1/messages``), answered with Anthropic's error envelope.
+
+The top-level ``system`` prompt is exposed as role ``system``, kind ``message``, the same
+as a chat system message, so one policy covers both APIs. ``tool_use`` inputs arrive as
+parsed JSON rather than a string, so each string leaf is its own text and can be
+rewritten without re-serialising the arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.fields import (
+    expect_list,
+    expect_object,
+    expect_str,
+    invalid_type,
+    invalid_value,
+    optional_bool,
+    require_model,
+    required_positive_int,
+    string_leaves,
+)
+
+_ROLES = ("user", "assistant")
+_TOOL_USES = ("tool_use", "server_tool_use", "mcp_tool_use")
+_CONTENT = "a string or an array of content blocks"
+
+
+class AnthropicMessages:
+    """Messages API; image, document and thinking blocks carry no caller text and are skipped."""
+
+    name: str = "anthropic.messages"
+    envelope: Envelope = "anthropic"
+
+    def parse(self, body: dict[str, Any]) -> LLMRequest:
+        model = require_model(body)
+        max_tokens = required_positive_int(body, "max_tokens")
+        stream = optional_bool(body, "stream")
+        tools = _tool_names(body)
+        texts: list[TextPart] = []
+        system = body.get("system")
+        if isinstance(system, str):
+            texts.append(TextPart(("system",), "system", "message", system))
+        elif isinstance(system, list):
+            _text_blocks(system, ("system",), "system", "message", texts)
+        elif system is not None:
+            raise invalid_type(("system",), "a string or an array of text blocks", system)
+        messages = expect_list(body.get("messages"), ("messages",), non_empty=True)
+        for i, message in enumerate(messages):
+            _message(expect_object(message, ("messages", i)), ("messages", i), texts)
+        return LLMRequest(
+            dialect=self.name,
+            model=model,
+            texts=tuple(texts),
+            max_output_tokens=max_tokens,
+            stream=stream,
+            tools=tools,
+            body=body,
+        )
+
+
+def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
+    role = message.get("role")
+    if role not in _ROLES:
+        if not isinstance(role, str):
+            raise invalid_type((*path, "role"), "a string", role)
+        raise invalid_value((*path, "role"), "one of " + ", ".join(_ROLES))
+    content = message.get("content")
+    if isinstance(content, str):
+        texts.append(TextPart((*path, "content"), role, "message", content))
+        return
+    if not isinstance(content, list):
+        raise invalid_type((*path, "content"), _CONTENT, content)
+    for j, block in enumerate(content):
+        where = (*path, "content", j)
+        block = expect_object(block, where)
+        btype = block.get("type")
+        if btype == "text":
+            text = expect_str(block.get("text"), (*where, "text"))
+            texts.append(TextPart((*where, "text"), role, "message", text))
+        elif btype in _TOOL_USES:
+            arguments = expect_object(block.get("input"), (*where, "input"))
+            for leaf, text in string_leaves(arguments, (*where, "input")):
+                texts.append(TextPart(leaf, "assistant", "tool_arguments", text))
+        elif btype == "tool_result":
+            _tool_result(block.get("content"), (*where, "content"), texts)
+
+
+def _tool_result(content: object, path: JsonPath, texts: list[TextPart]) -> None:
+    """A tool result's content is optional: a string, or blocks of which only text counts."""
+    if isinstance(content, str):
+        texts.append(TextPart(path, "tool", "tool_result", content))
+    elif isinstance(content, list):
+        _text_blocks(content, path, "tool", "tool_result", texts)
+    elif content is not None:
+        raise invalid_type(path, _CONTENT, content)
+
+
+def _text_blocks(
+    blocks: list[Any], path: JsonPath, author: str, kind: str, texts: list[TextPart]
+) -> None:
+    for j, block in enumerate(blocks):
+        where = (*path, j)
+        block = expect_object(block, where)
+        if block.get("type") == "text":
+            text = expect_str(block.get("text"), (*where, "text"))
+            texts.append(TextPart((*where, "text"), author, kind, text))
+
+
+def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """Client and server tools alike carry a ``name``; server tools' ``type`` is versioned."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    names: list[str] = []
+    for i, tool in enumerate(expect_list(tools, ("tools",))):
+        tool = expect_object(tool, ("tools", i))
+        names.append(expect_str(tool.get("name"), ("tools", i, "name")))
+    return tuple(names)
+
+
+DIALECT = AnthropicMessages()

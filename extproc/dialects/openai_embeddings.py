@@ -1,0 +1,31 @@
+"""OpenAI embeddings (``/v1/embeddings``): text in, vectors out, no output tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.dialects.base import Envelope, LLMRequest
+from extproc.dialects.fields import require_model, text_or_tokens
+
+
+class OpenAIEmbeddings:
+    """Only ``input`` is text; ``dimensions`` and ``encoding_format`` are left to upstream."""
+
+    name: str = "openai.embeddings"
+    envelope: Envelope = "openai"
+
+    def parse(self, body: dict[str, Any]) -> LLMRequest:
+        model = require_model(body)
+        texts = text_or_tokens(body, "input", "input")
+        return LLMRequest(
+            dialect=self.name,
+            model=model,
+            texts=tuple(texts),
+            max_output_tokens=None,
+            stream=False,
+            tools=(),
+            body=body,
+        )
+
+
+DIALECT = OpenAIEmbeddings()

@@ -1,0 +1,136 @@
+"""OpenAI Responses (``/v1/responses``), where a conversation is a list of typed items.
+
+Texts from ``input`` have kind ``input`` whatever their role, as the base module defines
+it; tool calls and their outputs replayed in ``input`` are exposed like chat's, because
+the model reads them again. Item types that carry no text the caller wrote (reasoning,
+item references, built-in tool calls) are skipped and left for the upstream to validate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.fields import (
+    expect_list,
+    expect_object,
+    expect_str,
+    invalid_type,
+    invalid_value,
+    optional_bool,
+    optional_positive_int,
+    optional_str,
+    require_model,
+)
+
+_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_CONTENT = "a string or an array of content parts"
+# item type -> (field holding the text, author, kind)
+_TOOL_ITEMS: dict[str, tuple[str, str, str]] = {
+    "function_call": ("arguments", "assistant", "tool_arguments"),
+    "custom_tool_call": ("input", "assistant", "tool_arguments"),
+    "function_call_output": ("output", "tool", "tool_result"),
+    "custom_tool_call_output": ("output", "tool", "tool_result"),
+}
+
+
+class OpenAIResponses:
+    """The Responses API; ``input`` may be omitted when ``previous_response_id`` is set."""
+
+    name: str = "openai.responses"
+    envelope: Envelope = "openai"
+
+    def parse(self, body: dict[str, Any]) -> LLMRequest:
+        model = require_model(body)
+        max_tokens = optional_positive_int(body, "max_output_tokens")
+        stream = optional_bool(body, "stream")
+        tools = _tool_names(body)
+        texts: list[TextPart] = []
+        instructions = optional_str(body, "instructions", ())
+        if instructions is not None:
+            texts.append(TextPart(("instructions",), "system", "instructions", instructions))
+        items = body.get("input")
+        if isinstance(items, str):
+            texts.append(TextPart(("input",), "user", "input", items))
+        elif isinstance(items, list):
+            for i, item in enumerate(items):
+                _item(expect_object(item, ("input", i)), ("input", i), texts)
+        elif items is not None:
+            raise invalid_type(("input",), "a string or an array of input items", items)
+        return LLMRequest(
+            dialect=self.name,
+            model=model,
+            texts=tuple(texts),
+            max_output_tokens=max_tokens,
+            stream=stream,
+            tools=tools,
+            body=body,
+        )
+
+
+def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
+    itype = item.get("type")
+    if itype is None or itype == "message":  # the "easy" message form has no type
+        _message(item, path, texts)
+        return
+    if not isinstance(itype, str):
+        raise invalid_type((*path, "type"), "a string", itype)
+    tool_item = _TOOL_ITEMS.get(itype)
+    if tool_item is None:
+        return
+    field, author, kind = tool_item
+    value = item.get(field)
+    if isinstance(value, list) and kind == "tool_result":  # outputs may be content parts
+        _parts(value, (*path, field), author, kind, texts)
+    else:
+        text = expect_str(value, (*path, field))
+        texts.append(TextPart((*path, field), author, kind, text))
+
+
+def _message(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
+    role = item.get("role")
+    if role not in _ROLES:
+        if not isinstance(role, str):
+            raise invalid_type((*path, "role"), "a string", role)
+        raise invalid_value((*path, "role"), "one of " + ", ".join(_ROLES))
+    content = item.get("content")
+    if isinstance(content, str):
+        texts.append(TextPart((*path, "content"), role, "input", content))
+    elif isinstance(content, list):
+        _parts(content, (*path, "content"), role, "input", texts)
+    else:
+        raise invalid_type((*path, "content"), _CONTENT, content)
+
+
+def _parts(parts: list[Any], path: JsonPath, author: str, kind: str, texts: list[TextPart]) -> None:
+    """Text parts become texts; image, file and audio parts are skipped."""
+    for j, part in enumerate(parts):
+        where = (*path, j)
+        part = expect_object(part, where)
+        ptype = part.get("type")
+        if ptype in _TEXT_PARTS:
+            text = expect_str(part.get("text"), (*where, "text"))
+            texts.append(TextPart((*where, "text"), author, kind, text))
+        elif ptype == "refusal":
+            text = expect_str(part.get("refusal"), (*where, "refusal"))
+            texts.append(TextPart((*where, "refusal"), author, kind, text))
+
+
+def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """Function and custom tools by their name; built-in tools by their type."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    names: list[str] = []
+    for i, tool in enumerate(expect_list(tools, ("tools",))):
+        tool = expect_object(tool, ("tools", i))
+        ttype = expect_str(tool.get("type"), ("tools", i, "type"))
+        if ttype in ("function", "custom"):
+            names.append(expect_str(tool.get("name"), ("tools", i, "name")))
+        else:
+            names.append(ttype)
+    return tuple(names)
+
+
+DIALECT = OpenAIResponses()

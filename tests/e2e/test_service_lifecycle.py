@@ -1,0 +1,204 @@
+"""The service process itself: gRPC health, graceful SIGTERM, workers, policy hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.stack import ROOT, Ports, Stack, running
+from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, policy_copy
+
+pytestmark = pytest.mark.e2e
+
+
+def serve(policy: Path, ports: Ports, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "extproc", "serve",
+            "--policy", str(policy),
+            "--grpc", f"127.0.0.1:{ports.grpc}",
+            "--admin-port", str(ports.admin),
+            "--reload-interval", "0.2",
+            *args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError(proc.communicate()[0].decode())
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Ports]]:
+    ports = Ports.free()
+    proc = serve(policy_copy(tmp_path), ports)
+    yield proc, ports
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def headers_request(path: str, key: str) -> pb.ProcessingRequest:
+    values = [(":path", path), (":method", "POST"), ("authorization", f"Bearer {key}")]
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values])
+        )
+    )
+
+
+def body_request(payload: object) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(
+        request_body=pb.HttpBody(body=orjson.dumps(payload), end_of_stream=True)
+    )
+
+
+async def test_grpc_health_reports_serving(service: tuple[subprocess.Popen[bytes], Ports]) -> None:
+    _, ports = service
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_sigterm_lets_in_flight_stream_finish(
+    service: tuple[subprocess.Popen[bytes], Ports],
+) -> None:
+    proc, ports = service
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await call.write(headers_request("/v1/chat/completions", ADMIN_KEY))
+        first = await call.read()
+        assert first.WhichOneof("response") == "request_headers"
+
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the server is now draining
+        await call.write(
+            body_request({"model": "mini", "messages": [{"role": "user", "content": "x"}]})
+        )
+        second = await call.read()
+        await call.done_writing()
+        assert second.WhichOneof("response") == "request_body"
+        mutation = second.request_body.response.body_mutation.body
+        assert orjson.loads(mutation)["model"] == "gpt-4o-mini"
+
+        # New streams are refused while draining.
+        with pytest.raises(grpc.aio.AioRpcError):
+            fresh = pb_grpc.ExternalProcessorStub(channel).Process()
+            await fresh.write(headers_request("/v1/chat/completions", ADMIN_KEY))
+            await fresh.read()
+    assert proc.wait(timeout=20) == 0
+
+
+def test_policy_reload_keeps_last_good(
+    tmp_path: Path, service: tuple[subprocess.Popen[bytes], Ports]
+) -> None:
+    proc, ports = service
+    policy = tmp_path / "policy.yaml"
+
+    def version() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
+            return str(json.load(resp)["policy_version"])
+
+    before = version()
+    policy.write_text(policy.read_text() + "\n# an edit\n")
+    deadline = time.monotonic() + 10
+    while version() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    changed = version()
+    assert changed != before
+
+    policy.write_text("teams: {broken: {models: {allow: 1}}}\n")
+    time.sleep(1.0)
+    assert version() == changed
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=20)[0].decode()
+    assert "policy reload rejected" in output
+    assert "teams.broken.models.allow" in output
+
+
+def test_reload_changes_access_through_envoy(tmp_path: Path) -> None:
+    policy = policy_copy(tmp_path)
+    with running(Stack(policy=policy, ports=Ports.free(), log_dir=tmp_path / "logs")) as stack:
+        url = f"http://127.0.0.1:{stack.ports.gateway}/v1/models"
+
+        def models() -> set[str]:
+            req = urllib.request.Request(url, headers={"authorization": f"Bearer {RESTRICTED_KEY}"})
+            with urllib.request.urlopen(req) as resp:
+                return {m["id"] for m in json.load(resp)["data"]}
+
+        assert models() == {"gpt-4o-mini"}
+        text = policy.read_text().replace('allow: ["gpt-4o-mini"]\n', 'allow: ["*"]\n')
+        policy.write_text(text)
+        deadline = time.monotonic() + 10
+        while models() == {"gpt-4o-mini"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert models() == {"gpt-4o-mini", "claude-3-5-haiku"}
+
+
+def test_workers_share_the_port(tmp_path: Path) -> None:
+    ports = Ports.free()
+    proc = serve(policy_copy(tmp_path), ports, "--workers", "2")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
+            health = json.load(resp)
+        assert health["workers"] == 2 and health["ready"]
+        children = set(
+            subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            .stdout.split()
+        )
+        deadline = time.monotonic() + 20
+        while len(listeners := _listening_pids(ports.grpc)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(listeners) == 2 and listeners <= children
+        with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def _listening_pids(port: int) -> set[str]:
+    """Processes with a listening socket on ``port`` (SO_REUSEPORT gives one each)."""
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True)
+    return set(re.findall(r"pid=(\d+)", out.stdout))
+
+
+def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--policy", str(tmp_path / "missing.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot start, the policy is invalid" in result.stderr
+    assert "cannot read" in result.stderr
