@@ -1,0 +1,76 @@
+"""Test controls carried in request headers, applied by one middleware before any handler.
+
+Headers (not query parameters or a side channel) so that a test can drive them *through* the
+gateway exactly as a client would, and the gateway forwards them untouched:
+
+    x-mock-latency-ms: N       sleep N ms before answering (timeouts, slow upstreams)
+    x-mock-status: CODE        answer CODE (400-599) with an error body in the API's dialect
+    x-mock-chunk-delay-ms: N   streaming: write each SSE event separately, N ms apart
+                               (see :mod:`.sse`)
+
+The same middleware records every API request (:mod:`.recorder`) and renders every
+:class:`MockError` raised by a handler, so each of those is done in exactly one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import MockError, error_response
+from .recorder import RECORDER
+
+LATENCY_HEADER = "x-mock-latency-ms"
+STATUS_HEADER = "x-mock-status"
+CHUNK_DELAY_HEADER = "x-mock-chunk-delay-ms"
+
+# Control paths are never recorded or delayed: reading the record must not change it.
+_UNCONTROLLED_PREFIXES = ("/_mock/", "/healthz")
+
+
+def header_ms(request: web.Request, name: str) -> float | None:
+    """A non-negative millisecond count from header ``name``, in seconds; None if absent."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        millis = float(raw)
+    except ValueError:
+        millis = -1.0
+    if not 0.0 <= millis <= 600_000.0:
+        raise MockError(400, f"{name} must be a number of milliseconds between 0 and 600000")
+    return millis / 1000.0
+
+
+def _forced_status(request: web.Request) -> int | None:
+    raw = request.headers.get(STATUS_HEADER)
+    if raw is None:
+        return None
+    try:
+        status = int(raw)
+    except ValueError:
+        status = 0
+    if not 400 <= status <= 599:
+        raise MockError(400, f"{STATUS_HEADER} must be an HTTP status code between 400 and 599")
+    return status
+
+
+@web.middleware
+async def controls_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record, delay, force a status, and render :class:`MockError` - in that order."""
+    path = request.path
+    if path.startswith(_UNCONTROLLED_PREFIXES):
+        return await handler(request)
+    request.app[RECORDER].record(request, await request.read())
+    try:
+        latency = header_ms(request, LATENCY_HEADER)
+        if latency:
+            await asyncio.sleep(latency)
+        status = _forced_status(request)
+        if status is not None:
+            raise MockError(status, f"mock upstream forced status {status} ({STATUS_HEADER})")
+        return await handler(request)
+    except MockError as error:
+        return error_response(path, error)
