@@ -28,17 +28,33 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
     serve.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
-    serve.add_argument("--grpc", default=os.environ.get("EXTPROC_GRPC", "127.0.0.1:50051"),
-                       help="host:port for the gRPC service (default %(default)s)")
+    serve.add_argument(
+        "--grpc",
+        default=os.environ.get("EXTPROC_GRPC", "127.0.0.1:50051"),
+        help="host:port for the gRPC service (default %(default)s)",
+    )
     serve.add_argument("--admin-host", default=os.environ.get("EXTPROC_ADMIN_HOST", "127.0.0.1"))
-    serve.add_argument("--admin-port", type=int,
-                       default=int(os.environ.get("EXTPROC_ADMIN_PORT", "9464")))
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("EXTPROC_WORKERS", "1")),
-                       help="worker processes sharing the gRPC port (default %(default)s)")
-    serve.add_argument("--reload-interval", type=float, default=1.0,
-                       help="seconds between policy file checks (default %(default)s)")
-    serve.add_argument("--grace", type=float, default=20.0,
-                       help="seconds in-flight streams get to finish on SIGTERM")
+    serve.add_argument(
+        "--admin-port", type=int, default=int(os.environ.get("EXTPROC_ADMIN_PORT", "9464"))
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("EXTPROC_WORKERS", "1")),
+        help="worker processes sharing the gRPC port (default %(default)s)",
+    )
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between policy file checks (default %(default)s)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="seconds in-flight streams get to finish on SIGTERM",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy file")
@@ -91,8 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(settings)
     except PolicyError as exc:
-        print(f"extproc: cannot start, the policy is invalid:\n{_bullets(exc.problems)}",
-              file=sys.stderr)
+        print(
+            f"extproc: cannot start, the policy is invalid:\n{_bullets(exc.problems)}",
+            file=sys.stderr,
+        )
         return 1
 
 

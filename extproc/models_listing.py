@@ -21,9 +21,7 @@ _CREATED_AT = "2023-11-14T22:13:20Z"
 _JSON = (("content-type", "application/json"),)
 
 
-def list_models(
-    models: list[CatalogueModel], path: str, headers: Mapping[str, str]
-) -> Reply:
+def list_models(models: list[CatalogueModel], path: str, headers: Mapping[str, str]) -> Reply:
     """Answer ``GET /v1/models`` or ``GET /v1/models/{id}`` from ``models``."""
     anthropic = "anthropic-version" in headers
     wanted = path[len(MODELS_PATH) :].strip("/")

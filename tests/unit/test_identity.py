@@ -21,7 +21,9 @@ POLICY = make_policy()
         pytest.param({"authorization": "Bearer sk-1"}, "sk-1", id="bearer"),
         pytest.param({"authorization": "bearer   sk-1  "}, "sk-1", id="bearer-lowercase-spaces"),
         pytest.param({"x-api-key": "sk-2"}, "sk-2", id="x-api-key"),
-        pytest.param({"authorization": "Basic abc", "x-api-key": "sk-3"}, "sk-3", id="basic-falls-back"),
+        pytest.param(
+            {"authorization": "Basic abc", "x-api-key": "sk-3"}, "sk-3", id="basic-falls-back"
+        ),
         pytest.param({"authorization": "Bearer "}, None, id="empty-bearer"),
         pytest.param({}, None, id="none"),
     ],

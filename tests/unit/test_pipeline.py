@@ -18,7 +18,9 @@ def clock() -> datetime:
     return datetime(2026, 6, 1, tzinfo=UTC)
 
 
-def headers(path: str, key: str | None = "sk-admin", method: str = "POST", **extra: str) -> dict[str, str]:
+def headers(
+    path: str, key: str | None = "sk-admin", method: str = "POST", **extra: str
+) -> dict[str, str]:
     h = {":path": path, ":method": method, ":authority": "gw", "content-type": "application/json"}
     if key:
         h["authorization"] = f"Bearer {key}"
@@ -103,7 +105,9 @@ def test_body_untouched_when_model_is_canonical() -> None:
     ("key", "model", "status", "code"),
     [
         pytest.param("sk-bob", "gpt-4o", 403, "model_not_allowed", id="forbidden"),
-        pytest.param("sk-bob", "claude-3-5-haiku", 403, "model_not_allowed", id="user-narrower-than-team"),
+        pytest.param(
+            "sk-bob", "claude-3-5-haiku", 403, "model_not_allowed", id="user-narrower-than-team"
+        ),
         pytest.param("sk-admin", "gpt-5", 404, "model_not_found", id="unknown"),
     ],
 )
