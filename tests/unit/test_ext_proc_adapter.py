@@ -1,0 +1,125 @@
+"""The ext_proc adapter: core decisions become the right Envoy protobufs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
+from extproc.adapters import ext_proc
+from extproc.adapters.ext_proc import ExternalProcessor
+from extproc.policy.store import PolicyStore
+from extproc.stack import ROOT
+from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
+
+ADMIN = {"authorization": "Bearer sk-demo-admin"}
+
+
+@pytest.fixture
+def processor() -> ExternalProcessor:
+    return ExternalProcessor(PolicyStore(ROOT / "policies" / "example.yaml"))
+
+
+async def test_allowed_chat_sets_identity_and_route(processor: ExternalProcessor) -> None:
+    answers = await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", {**ADMIN, "x-gateway-team": "forged"}),
+            request_body({"model": "mini", "messages": [{"role": "user", "content": "hi"}]}),
+        ],
+    )
+    headers, body = answers
+    common = headers.request_headers.response
+    assert headers_set(common)["x-gateway-team"] == "platform"
+    assert set(common.header_mutation.remove_headers) == {"authorization", "x-gateway-team"}
+    assert not headers.HasField("mode_override")
+
+    body_common = body.request_body.response
+    assert body_common.clear_route_cache
+    new_body = body_common.body_mutation.body
+    assert orjson.loads(new_body)["model"] == "gpt-4o-mini"
+    assert headers_set(body_common) == {
+        "x-gateway-model": "gpt-4o-mini",
+        "content-length": str(len(new_body)),
+    }
+
+
+async def test_unmodified_body_is_not_sent_back(processor: ExternalProcessor) -> None:
+    _, body = await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", ADMIN),
+            request_body({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        ],
+    )
+    assert not body.request_body.response.HasField("body_mutation")
+
+
+async def test_rejection_is_an_immediate_response(processor: ExternalProcessor) -> None:
+    (answer,) = await exchange(processor, [request_headers("/v1/messages", {"x-api-key": "nope"})])
+    immediate = answer.immediate_response
+    assert immediate.status.code == 401
+    assert orjson.loads(immediate.body)["error"]["type"] == "authentication_error"
+    assert headers_set(immediate)["content-type"] == "application/json"
+
+
+async def test_passthrough_paths_skip_the_body_phase(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    example = (ROOT / "policies" / "example.yaml").read_text()
+    policy.write_text(example.replace("unknown_paths: reject", "unknown_paths: passthrough"))
+    (answer,) = await exchange(
+        ExternalProcessor(PolicyStore(policy)), [request_headers("/v1/audio/speech", ADMIN)]
+    )
+    assert answer.mode_override.request_body_mode == ProcessingMode.NONE
+
+
+async def test_jwt_metadata_identifies_the_caller(processor: ExternalProcessor) -> None:
+    claims = {"envoy.filters.http.jwt_authn": {"jwt_payload": {"sub": "carol", "team": "apps"}}}
+    (answer,) = await exchange(
+        processor, [request_headers("/v1/chat/completions", metadata=claims)]
+    )
+    set_headers = headers_set(answer.request_headers.response)
+    assert set_headers == {"x-gateway-team": "apps", "x-gateway-user": "carol"}
+
+
+async def test_unexpected_failure_fails_closed(
+    processor: ExternalProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*_: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ext_proc.pipeline, "on_request_body", explode)
+    answers = await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", ADMIN),
+            request_body({"model": "gpt-4o", "messages": []}),
+        ],
+    )
+    assert answers[-1].immediate_response.status.code == 500
+    assert orjson.loads(answers[-1].immediate_response.body)["error"]["type"] == "api_error"
+
+
+async def test_large_bodies_are_processed_off_the_event_loop(
+    processor: ExternalProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    threads: list[str] = []
+    original = ext_proc.pipeline.on_request_body
+
+    def spy(*args: object) -> object:
+        threads.append(threading.current_thread().name)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ext_proc.pipeline, "on_request_body", spy)
+    small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 300_000}]}
+    for body in (small, big):
+        await exchange(
+            processor, [request_headers("/v1/chat/completions", ADMIN), request_body(body)]
+        )
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name
