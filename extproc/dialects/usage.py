@@ -1,0 +1,156 @@
+"""What a provider says it used: token counts from JSON answers and from SSE streams.
+
+Each API family reports usage in its own shape; this module reads them all into one
+:class:`Usage`. Streams are read incrementally with a bounded carry-over buffer and only
+events that can carry usage are JSON-decoded, so metering a 50-chunk stream costs a few
+byte searches per chunk rather than 50 JSON parses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MAX_EVENT_BYTES = 1024 * 1024
+"""A single SSE event larger than this is dropped from metering instead of buffered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _openai(usage: Any) -> Usage | None:
+    """Chat, completions and embeddings: prompt/completion tokens, cached prompt details."""
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), cached)
+
+
+def _responses(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("input_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")), cached)
+
+
+def _anthropic(usage: Any) -> Usage | None:
+    """Anthropic counts cache reads and writes apart from ``input_tokens``; we add them in."""
+    if not isinstance(usage, dict):
+        return None
+    cached = _int(usage.get("cache_read_input_tokens"))
+    created = _int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        _int(usage.get("input_tokens")) + cached + created, _int(usage.get("output_tokens")), cached
+    )
+
+
+def usage_from_body(dialect: str, body: Any) -> Usage | None:
+    """Usage in a non-streamed JSON answer of ``dialect``, or ``None`` if it has none."""
+    if not isinstance(body, dict):
+        return None
+    usage = body.get("usage")
+    if dialect == "anthropic.messages":
+        return _anthropic(usage)
+    if dialect == "openai.responses":
+        return _responses(usage)
+    return _openai(usage)
+
+
+class StreamUsage:
+    """Reads usage from an SSE answer chunk by chunk.
+
+    Besides the provider's own usage report, it counts the content-bearing events it has
+    seen: providers stream about one token per event, so when a stream is cut before the
+    final usage arrives the count is the best available measure of output already sent.
+    """
+
+    __slots__ = ("_anthropic_input", "_buffer", "_dialect", "_usage", "content_events")
+
+    def __init__(self, dialect: str) -> None:
+        self._dialect = dialect
+        self._buffer = b""
+        self._usage: Usage | None = None
+        self._anthropic_input: Usage | None = None
+        self.content_events = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._buffer + chunk if self._buffer else chunk
+        data = data.replace(b"\r\n", b"\n")
+        events = data.split(b"\n\n")
+        self._buffer = events.pop()
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            self._buffer = b""
+        for event in events:
+            self._event(event)
+
+    def finish(self) -> None:
+        """The stream ended: read an unterminated last event, if any."""
+        if self._buffer.strip():
+            self._event(self._buffer)
+        self._buffer = b""
+
+    def _event(self, event: bytes) -> None:
+        if b'"usage":{' not in event and b'"usage": {' not in event:
+            # OpenAI sends "usage": null on every chunk before the last; skip the parse.
+            if b'"delta"' in event or b'"text"' in event:
+                self.content_events += 1
+            return
+        payload = _data_of(event)
+        if payload is None:
+            return
+        if self._dialect == "anthropic.messages":
+            self._anthropic_event(payload)
+        elif self._dialect == "openai.responses":
+            response = payload.get("response")
+            if isinstance(response, dict) and response.get("usage"):
+                self._usage = _responses(response["usage"])
+        elif payload.get("usage"):
+            self._usage = _openai(payload["usage"])
+        if payload.get("choices"):
+            self.content_events += 1
+
+    def _anthropic_event(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("type")
+        if kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, dict):
+                self._anthropic_input = _anthropic(message.get("usage"))
+                self._usage = self._anthropic_input
+        elif kind == "message_delta":
+            delta = _anthropic(payload.get("usage"))
+            start = self._anthropic_input or Usage(0, 0)
+            if delta is not None:
+                # message_delta carries cumulative output; input arrived in message_start
+                # (newer APIs repeat it here, in which case it is taken from here).
+                self._usage = Usage(
+                    delta.input_tokens or start.input_tokens,
+                    delta.output_tokens,
+                    delta.cached_input_tokens or start.cached_input_tokens,
+                )
+
+
+def _data_of(event: bytes) -> dict[str, Any] | None:
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        payload = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None

@@ -1,0 +1,141 @@
+"""Usage read from answers: recorded OpenAI traffic, streamed in arbitrary chunk sizes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
+
+CASSETTES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cassettes" / "openai"
+DIALECT_BY_SUFFIX = {
+    "/chat/completions": "openai.chat",
+    "/completions": "openai.completions",
+    "/embeddings": "openai.embeddings",
+}
+
+
+def recorded() -> list[Any]:
+    cases = []
+    for file in sorted(CASSETTES.glob("*.yaml")):
+        for interaction in yaml.safe_load(file.read_text())["interactions"]:
+            url = interaction["request"]["url"]
+            dialect = next((d for s, d in DIALECT_BY_SUFFIX.items() if url.endswith(s)), None)
+            response = interaction["response"]
+            if dialect and response["code"] == 200:
+                cases.append(pytest.param(dialect, response["body"], id=file.stem))
+    return cases
+
+
+def expected_from_sse(body: str) -> dict[str, Any]:
+    usages = [
+        orjson.loads(line[6:])["usage"]
+        for line in body.splitlines()
+        if line.startswith("data: {") and orjson.loads(line[6:]).get("usage")
+    ]
+    return usages[-1] if usages else {}
+
+
+def test_cassettes_are_present() -> None:
+    assert len(recorded()) >= 20, f"the shared data sets are missing: {CASSETTES}"
+
+
+@pytest.mark.parametrize(("dialect", "body"), recorded())
+def test_recorded_usage_is_read_exactly(dialect: str, body: str) -> None:
+    if body.lstrip().startswith("data:"):
+        expected = expected_from_sse(body)
+        meter = StreamUsage(dialect)
+        raw = body.encode()
+        rng = random.Random(len(raw))
+        at = 0
+        while at < len(raw):
+            step = rng.randint(1, 300)
+            meter.feed(raw[at : at + step])
+            at += step
+        meter.finish()
+        got = meter.usage
+        if not expected:
+            assert got is None
+            assert meter.content_events > 0
+            return
+    else:
+        expected = orjson.loads(body).get("usage") or {}
+        got = usage_from_body(dialect, orjson.loads(body))
+    assert got is not None
+    assert got.input_tokens == expected.get("prompt_tokens", 0)
+    assert got.output_tokens == expected.get("completion_tokens", 0)
+    details = expected.get("prompt_tokens_details") or {}
+    assert got.cached_input_tokens == details.get("cached_tokens", 0)
+
+
+ANTHROPIC_STREAM = b"""event: message_start
+data: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"cache_read_input_tokens":5,"output_tokens":1}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"""
+
+
+def test_anthropic_stream_combines_start_and_delta() -> None:
+    meter = StreamUsage("anthropic.messages")
+    for i in range(0, len(ANTHROPIC_STREAM), 7):
+        meter.feed(ANTHROPIC_STREAM[i : i + 7].replace(b"\n", b"\r\n"))
+    assert meter.usage == Usage(input_tokens=30, output_tokens=15, cached_input_tokens=5)
+    assert meter.content_events == 2
+
+
+def test_cut_stream_keeps_count_of_content_events() -> None:
+    meter = StreamUsage("anthropic.messages")
+    meter.feed(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: message_delta")])
+    assert meter.usage == Usage(input_tokens=30, output_tokens=1, cached_input_tokens=5)
+    assert meter.content_events == 2
+
+
+@pytest.mark.parametrize(
+    ("dialect", "body", "usage"),
+    [
+        pytest.param(
+            "anthropic.messages",
+            {"usage": {"input_tokens": 3, "output_tokens": 4}},
+            Usage(3, 4),
+            id="anthropic",
+        ),
+        pytest.param(
+            "openai.responses",
+            {
+                "usage": {
+                    "input_tokens": 3,
+                    "output_tokens": 4,
+                    "input_tokens_details": {"cached_tokens": 1},
+                }
+            },
+            Usage(3, 4, 1),
+            id="responses",
+        ),
+        pytest.param("openai.chat", {"usage": None}, None, id="null-usage"),
+        pytest.param(
+            "openai.chat",
+            {"usage": {"prompt_tokens": "7"}},
+            Usage(0, 0),
+            id="wrong-types-count-zero",
+        ),
+        pytest.param("openai.chat", [], None, id="not-an-object"),
+    ],
+)
+def test_usage_shapes(dialect: str, body: Any, usage: Usage | None) -> None:
+    assert usage_from_body(dialect, body) == usage
