@@ -7,6 +7,7 @@ gateway exactly as a client would, and the gateway forwards them untouched:
     x-mock-status: CODE        answer CODE (400-599) with an error body in the API's dialect
     x-mock-chunk-delay-ms: N   streaming: write each SSE event separately, N ms apart
                                (see :mod:`.sse`)
+    x-mock-cassette: NAME      answer with a real recorded response (see :mod:`.cassettes`)
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -19,6 +20,7 @@ import asyncio
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .cassettes import replay
 from .errors import MockError, error_response
 from .recorder import RECORDER
 
@@ -71,6 +73,6 @@ async def controls_middleware(request: web.Request, handler: Handler) -> web.Str
         status = _forced_status(request)
         if status is not None:
             raise MockError(status, f"mock upstream forced status {status} ({STATUS_HEADER})")
-        return await handler(request)
+        return replay(request) or await handler(request)
     except MockError as error:
         return error_response(path, error)
