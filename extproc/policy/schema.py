@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -46,12 +47,40 @@ class ModelAccess(_Strict):
     deny: list[str] = Field(default_factory=list)
 
 
+class Limit(_Strict):
+    """One budget: at most ``limit`` of ``unit`` per ``window`` for the scope it sits in.
+
+    Tokens and cost are reserved before the call (prompt tokens plus the output cap) and
+    reconciled with the provider's reported usage after it.
+    """
+
+    unit: Literal["requests", "input_tokens", "output_tokens", "total_tokens", "usd"]
+    window: Literal["minute", "hour", "day", "month"] = Field(
+        description="minute/hour/day windows start on the UTC boundary; month is the "
+        "calendar month in UTC."
+    )
+    limit: Decimal = Field(gt=0, description="A whole number, or US dollars for unit usd.")
+    per_model: bool = Field(default=False, description="Keep a separate counter for each model.")
+    models: list[str] | None = Field(
+        default=None, description="Globs: only these models count against this limit."
+    )
+
+    @model_validator(mode="after")
+    def _whole_units(self) -> Limit:
+        if self.unit != "usd" and self.limit != self.limit.to_integral_value():
+            raise ValueError(f"limit for {self.unit} must be a whole number")
+        if self.unit == "usd" and self.limit.as_tuple().exponent < -6:  # type: ignore[operator]
+            raise ValueError("usd limits have at most 6 decimal places (micro-dollars)")
+        return self
+
+
 class Team(_Strict):
     description: str = ""
     models: ModelAccess = Field(
         default_factory=ModelAccess,
         description="Models the team may use. A team without rules may use none.",
     )
+    limits: list[Limit] = Field(default_factory=list)
 
 
 class User(_Strict):
@@ -59,6 +88,7 @@ class User(_Strict):
     models: ModelAccess | None = Field(
         default=None, description="Further restricts the team's models for this user."
     )
+    limits: list[Limit] = Field(default_factory=list)
 
 
 class Key(_Strict):
@@ -73,6 +103,7 @@ class Key(_Strict):
     models: ModelAccess | None = Field(
         default=None, description="Further restricts the team's (and user's) models."
     )
+    limits: list[Limit] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _aware_expiry(self) -> Key:
@@ -81,10 +112,47 @@ class Key(_Strict):
         return self
 
 
+PerMillion = Annotated[Decimal, Field(ge=0, decimal_places=6)]
+
+
+class Pricing(_Strict):
+    """US dollars per million tokens (which is the same number as micro-dollars per token)."""
+
+    input: PerMillion
+    output: PerMillion
+    cached_input: PerMillion | None = Field(
+        default=None,
+        description="Price of prompt tokens served from the provider's cache; "
+        "defaults to the input price.",
+    )
+
+
 class Model(_Strict):
     aliases: list[Name] = Field(default_factory=list)
     owned_by: str = "system"
     description: str = ""
+    tokenizer: Literal["o200k", "cl100k", "estimate"] | None = Field(
+        default=None,
+        description="How prompt tokens are counted before the call: exact BPE for OpenAI "
+        "models, a byte-based estimate otherwise. Default: guessed from the model name.",
+    )
+    pricing: Pricing | None = None
+
+
+class Budgets(_Strict):
+    global_limits: list[Limit] = Field(
+        default_factory=list, description="Limits on all traffic through the gateway."
+    )
+    default_max_output_tokens: int = Field(
+        default=4096,
+        gt=0,
+        description="Output tokens reserved for a request that sets no max tokens.",
+    )
+    on_store_error: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed",
+        description="Redis unreachable: answer 503 (fail_closed), or admit and count locally "
+        "until Redis is back (fail_open).",
+    )
 
 
 class JwtSettings(_Strict):
@@ -110,6 +178,7 @@ class Settings(_Strict):
         "(identity is still required).",
     )
     jwt: JwtSettings | None = None
+    budgets: Budgets = Field(default_factory=Budgets)
 
 
 class Policy(_Strict):
@@ -151,9 +220,26 @@ class Policy(_Strict):
                         f"models.{name}.aliases: {alias!r} already names models.{owners[alias]}"
                     )
                 owners[alias] = name
+        problems.extend(self._unpriced_models())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _unpriced_models(self) -> list[str]:
+        """A dollar budget is only enforceable if every model it can count has a price."""
+        limits = [
+            *self.settings.budgets.global_limits,
+            *(limit for team in self.teams.values() for limit in team.limits),
+            *(limit for user in self.users.values() for limit in user.limits),
+            *(limit for key in self.keys.values() for limit in key.limits),
+        ]
+        if not any(limit.unit == "usd" for limit in limits):
+            return []
+        return [
+            f"models.{name}.pricing: required because a usd limit is configured"
+            for name, model in self.models.items()
+            if model.pricing is None
+        ]
 
 
 def header_safe(value: str) -> bool:

@@ -1,0 +1,259 @@
+"""A shared store with an explicit answer to "what if it is down?".
+
+:class:`ResilientStore` wraps a primary store (Redis) and applies the policy's fail mode
+when the primary raises :class:`~extproc.budgets.store.StoreUnavailable`:
+
+``fail_closed``
+    ``reserve`` and ``read`` raise ``StoreUnavailable`` (the caller answers 503).
+``fail_open``
+    ``reserve`` and ``read`` are served by a local :class:`MemoryStore`. Each counter
+    starts locally from the last value the primary reported for it, so limits still hold
+    for what this replica knows (other replicas' traffic during the outage is unseen).
+
+In both modes an ``adjust`` never fails: the request it accounts for already happened. Its
+deltas, and every local reservation, are queued and written back to the primary once it
+answers again, so no usage is lost (values returned while degraded are the local view).
+Each write-back carries an idempotency token and is retried with the same token after an
+ambiguous failure, so it lands exactly once; an ``adjust`` given its own token is queued
+and written back under that token. The one double count left: a primary call that timed
+out *after* the server received it (a hung server that later resumes) was applied there
+and is also counted locally, so that request is charged twice. Budgets err toward
+over-charging, never under.
+
+While degraded no request touches the primary (none waits for its timeout): a background
+task started by :meth:`ResilientStore.start` probes it with exponential backoff (50 ms
+doubling to 2 s by default, so traffic returns within ~2 s of the primary), writes the
+queue back, and only then switches traffic back, so the primary never sees new usage
+before the old. It starts by itself on the first failure if ``start`` was not called;
+:meth:`ResilientStore.stop` (or ``close``) ends it and tries a last write-back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.store import (
+    BudgetStore,
+    Counter,
+    Delta,
+    ReserveResult,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FailMode(StrEnum):
+    CLOSED = "fail_closed"
+    OPEN = "fail_open"
+
+
+@dataclass(frozen=True, slots=True)
+class ResilienceStats:
+    """Counters for metrics; monotonic except ``degraded`` and ``pending_keys``."""
+
+    degraded: bool
+    primary_errors: int
+    """Primary calls (including probes and write-backs) that raised StoreUnavailable."""
+    local_reserves: int
+    """Reservations decided by the local store (fail_open while degraded)."""
+    queued_adjusts: int
+    """Adjust calls queued for write-back instead of reaching the primary."""
+    write_backs: int
+    """Successful write-back calls to the primary."""
+    pending_keys: int
+    """Counters with a delta not yet written back."""
+
+
+class ResilientStore:
+    """A primary store with a fail mode, a local fallback and write-back."""
+
+    def __init__(
+        self,
+        primary: BudgetStore,
+        mode: FailMode,
+        *,
+        clock: Callable[[], float] = time.time,
+        backoff: tuple[float, float] = (0.05, 2.0),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._primary = primary
+        self._mode = mode
+        self._local = MemoryStore(clock=clock)
+        """What this replica counts while degraded (baseline + local deltas)."""
+        self._known = MemoryStore(clock=clock)
+        """Last values the primary reported (fail_open only): the local baseline."""
+        self._backoff = backoff
+        self._sleep = sleep
+        self._degraded = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pending: dict[str, tuple[int, int]] = {}
+        """key → (amount, expires_at) applied locally or not yet applied to the primary."""
+        self._tokened: list[tuple[str, tuple[Delta, ...]]] = []
+        """Queued adjusts that came with their own idempotency token."""
+        self._inflight: tuple[str, tuple[Delta, ...]] | None = None
+        """A write-back that failed ambiguously: retried as is, with the same token."""
+        self._errors = self._local_reserves = self._queued = self._write_backs = 0
+
+    @property
+    def mode(self) -> FailMode:
+        return self._mode
+
+    def stats(self) -> ResilienceStats:
+        return ResilienceStats(
+            degraded=self._degraded,
+            primary_errors=self._errors,
+            local_reserves=self._local_reserves,
+            queued_adjusts=self._queued,
+            write_backs=self._write_backs,
+            pending_keys=len(self._pending)
+            + sum(len(batch) for _, batch in self._tokened)
+            + (len(self._inflight[1]) if self._inflight is not None else 0),
+        )
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
+
+    async def stop(self, *, write_back: bool = True) -> int:
+        """Stop the recovery task, try a last write-back; return the keys still pending."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if write_back and self._degraded:
+            try:
+                await self._write_back()
+            except StoreUnavailable:
+                self._errors += 1
+            else:
+                self._degraded = False
+        return self.stats().pending_keys
+
+    async def reserve(self, counters: Sequence[Counter]) -> ReserveResult:
+        if not self._degraded:
+            try:
+                result = await self._primary.reserve(counters)
+            except StoreUnavailable:
+                self._failed()
+                if self._mode is FailMode.CLOSED:
+                    raise
+            else:
+                if self._mode is FailMode.OPEN:
+                    for counter, value in zip(counters, result.values, strict=True):
+                        self._known.put(counter.key, value, counter.expires_at)
+                return result
+        self._refuse_if_closed()
+        self._seed((c.key, c.expires_at) for c in counters)
+        result = await self._local.reserve(counters)
+        self._local_reserves += 1
+        if result.ok:
+            self._enqueue(Delta(c.key, c.amount, c.expires_at) for c in counters)
+        return result
+
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+        if not self._degraded:
+            try:
+                values = await self._primary.adjust(deltas, token=token)
+            except StoreUnavailable:
+                self._failed()
+            else:
+                if self._mode is FailMode.OPEN:
+                    for delta, value in zip(deltas, values, strict=True):
+                        self._known.put(delta.key, value, delta.expires_at)
+                return values
+        self._queued += 1
+        self._seed((d.key, d.expires_at) for d in deltas)
+        if token is None:
+            self._enqueue(deltas)
+        else:
+            self._tokened.append((token, tuple(deltas)))
+        return await self._local.adjust(deltas, token=token)
+
+    async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
+        if not self._degraded:
+            try:
+                return await self._primary.read(keys)
+            except StoreUnavailable:
+                self._failed()
+                if self._mode is FailMode.CLOSED:
+                    raise
+        self._refuse_if_closed()
+        return await self._local.read(keys)
+
+    async def ping(self) -> None:
+        await self._primary.ping()
+
+    async def close(self) -> None:
+        await self.stop()
+        await self._primary.close()
+
+    def _failed(self) -> None:
+        """Count a primary failure and enter degraded mode if not already in it."""
+        self._errors += 1
+        if not self._degraded:
+            log.warning("budget store unavailable, %s until it answers", self._mode.value)
+            self._degraded = True
+            self._local.clear()
+            self._wake.set()
+            if self._task is None:
+                self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
+
+    def _refuse_if_closed(self) -> None:
+        if self._mode is FailMode.CLOSED:
+            raise StoreUnavailable("budget store unavailable (fail_closed)")
+
+    def _seed(self, entries: Iterable[tuple[str, int]]) -> None:
+        for key, expires_at in entries:
+            self._local.seed(key, self._known.peek(key), expires_at)
+
+    def _enqueue(self, deltas: Iterable[Delta]) -> None:
+        for delta in deltas:
+            amount, expires_at = self._pending.get(delta.key, (0, delta.expires_at))
+            self._pending[delta.key] = (amount + delta.amount, max(expires_at, delta.expires_at))
+
+    async def _recover(self) -> None:
+        delay = self._backoff[0]
+        while True:
+            await self._wake.wait()
+            try:
+                await self._primary.ping()
+                await self._write_back()
+            except StoreUnavailable:
+                self._errors += 1
+                await self._sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            delay = self._backoff[0]
+            # No await between _write_back emptying the queue and this switch.
+            self._degraded = False
+            self._wake.clear()
+            log.warning("budget store available again, usage written back")
+
+    async def _write_back(self) -> None:
+        """Write every queued delta to the primary, until the queue is empty."""
+        while True:
+            if self._inflight is None:
+                if self._tokened:
+                    self._inflight = self._tokened.pop(0)
+                elif self._pending:
+                    batch = tuple(Delta(k, a, e) for k, (a, e) in self._pending.items() if a)
+                    self._pending.clear()
+                    self._inflight = (f"write-back:{uuid.uuid4().hex}", batch)
+                else:
+                    return
+            token, batch = self._inflight
+            if batch:
+                await self._primary.adjust(batch, token=token)
+                self._write_backs += 1
+            self._inflight = None
