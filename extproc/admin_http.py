@@ -6,8 +6,7 @@ supervising parent (``--workers N``); nothing here is on the request path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from multiprocessing.process import BaseProcess
+from collections.abc import Awaitable, Callable, Iterator
 
 import orjson
 from aiohttp import web
@@ -38,25 +37,25 @@ class _PolicyCollector(Collector):
         yield reloads
 
 
-async def start(
-    host: str, port: int, policies: PolicyStore, workers: Sequence[BaseProcess] = ()
-) -> web.AppRunner:
+Readiness = Callable[[], Awaitable[dict[str, object]]]
+"""Returns the serving state; its ``ready`` entry decides the status code of /healthz."""
+
+
+async def start(host: str, port: int, policies: PolicyStore, readiness: Readiness) -> web.AppRunner:
     """Start serving; the caller owns the returned runner and must ``cleanup()`` it."""
     registry = CollectorRegistry()
     registry.register(_PolicyCollector(policies))
 
     async def healthz(_: web.Request) -> web.Response:
-        dead = [w.name for w in workers if not w.is_alive()]
+        state = await readiness()
         status = {
-            "ready": not dead,
+            **state,
             "policy_version": policies.current.version,
             "policy_path": str(policies.path),
-            "workers": len(workers) or 1,
-            "dead_workers": dead,
         }
         return web.Response(
             body=orjson.dumps(status),
-            status=200 if not dead else 503,
+            status=200 if state.get("ready") else 503,
             content_type="application/json",
         )
 

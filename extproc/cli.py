@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing the gRPC port (default %(default)s)",
     )
     serve.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis for budgets shared by workers and replicas (default: $REDIS_URL; "
+        "without it counters live in this process)",
+    )
+    serve.add_argument(
         "--reload-interval",
         type=float,
         default=1.0,
@@ -92,7 +98,7 @@ def _logging() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from extproc.policy.loader import PolicyError
-    from extproc.server import ServeSettings, serve
+    from extproc.server import ConfigurationError, ServeSettings, serve
 
     _logging()
     settings = ServeSettings(
@@ -103,9 +109,13 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         reload_interval=args.reload_interval,
         grace_seconds=args.grace,
+        redis_url=args.redis_url,
     )
     try:
         return serve(settings)
+    except ConfigurationError as exc:
+        print(f"extproc: cannot start: {exc}", file=sys.stderr)
+        return 2
     except PolicyError as exc:
         print(
             f"extproc: cannot start, the policy is invalid:\n{_bullets(exc.problems)}",

@@ -25,6 +25,10 @@ class Forward:
     """Ask Envoy to re-pick the route because a header it routes on changed."""
     skip_request_body: bool = False
     """No stage needs the request body: tell Envoy not to buffer or send it."""
+    process_response: bool = False
+    """A stage needs the answer (usage for budgets): ask Envoy for the response headers."""
+    stream_response_body: bool = False
+    """At response headers: send the response body to the service, chunk by chunk."""
 
 
 @dataclass(frozen=True, slots=True)

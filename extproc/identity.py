@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from extproc.errors import PermissionDenied, Unauthenticated
-from extproc.policy.compiled import CompiledPolicy, key_digest
+from extproc.policy.compiled import CompiledPolicy, Limits, key_digest
 from extproc.policy.schema import JwtSettings, header_safe
 
 
@@ -28,6 +28,7 @@ class Principal:
     team: str
     user: str | None
     allowed_models: frozenset[str]
+    limits: Limits
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -79,6 +80,7 @@ def _from_key(policy: CompiledPolicy, key: str, now: datetime) -> Principal:
         team=entry.team,
         user=entry.user,
         allowed_models=entry.allowed_models,
+        limits=entry.limits,
     )
 
 
@@ -111,6 +113,7 @@ def _from_claims(
         team=team,
         user=user_name,
         allowed_models=policy.models_for(team, user_name),
+        limits=policy.limits_for(team, user_name),
     )
 
 

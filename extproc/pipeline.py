@@ -1,23 +1,36 @@
-"""The policy pipeline: pure functions from (policy snapshot, exchange phase) to a decision.
+"""The policy pipeline: from (policy snapshot, exchange phase) to a decision.
 
 Adapters (ext_proc today, ext_authz next) call one function per phase and translate the
 returned :class:`~extproc.decisions.Forward` or :class:`~extproc.decisions.Reply` into
 their protocol. Every :class:`~extproc.errors.GatewayError` raised by a stage is rendered
 here, in the caller's dialect, so adapters never decide what an error looks like.
+
+    request headers   identify → answer /v1/models → choose the phases still needed
+    request body      parse (dialect) → authorize model → count prompt tokens
+                      (``prepare_request_body``: CPU only, may run in a thread)
+                      → reserve budget → route + body rewrites (``finish_request_body``)
+    response headers  note the status; budget headers; stream the body if usage is needed
+    response body     read usage; at the end (or when the stream is cut) settle the budget
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from extproc import access, identity
-from extproc.decisions import Decision, Forward, Headers
+from extproc.budgets.meter import Cost, Meter, Reservation, prompt_tokens, usage_cost
+from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, Envelope, LLMRequest, dialect_for_path, envelope_for_path
+from extproc.dialects.base import JsonPath
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites, decode_body
+from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.identity import Principal
 from extproc.models_listing import MODELS_PATH, list_models
@@ -46,7 +59,20 @@ class Exchange:
     principal: Principal | None = None
     request: LLMRequest | None = None
     model: CatalogueModel | None = None
-    verdicts: list[str] = field(default_factory=list)
+    request_id: str = ""
+    input_tokens: int = 0
+    """Prompt tokens counted before the call (only when a budget needs them)."""
+    rewrites: dict[JsonPath, Any] = field(default_factory=dict)
+    """Body changes staged by stages, applied in one serialisation."""
+    reservation: Reservation | None = None
+    response_status: int = 0
+    response_usage: StreamUsage | None = None
+    response_tail: bytearray | None = None
+    """The JSON answer (bounded), for its usage block."""
+
+    @property
+    def metered(self) -> bool:
+        return self.principal is not None and bool(self.principal.limits)
 
 
 Clock = Callable[[], datetime]
@@ -67,16 +93,9 @@ def on_request_headers(
     exchange.method = headers.get(":method", "")
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
+    exchange.request_id = headers.get("x-request-id") or uuid.uuid4().hex
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock)
-    except GatewayError as error:
-        return render_error(error, exchange.envelope)
-
-
-def on_request_body(exchange: Exchange, raw: bytes) -> Decision:
-    """Parse the body in its dialect, authorise the model and set the route."""
-    try:
-        return _request_body(exchange, raw)
     except GatewayError as error:
         return render_error(error, exchange.envelope)
 
@@ -111,27 +130,153 @@ def _request_headers(
         raise _invalid_url(exchange)
     if end_of_stream:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
-    return Forward(set_headers=_identity_headers(principal), remove_headers=scrubbed)
-
-
-def _request_body(exchange: Exchange, raw: bytes) -> Decision:
-    dialect, principal = exchange.dialect, exchange.principal
-    if dialect is None or principal is None:
-        # Envoy only sends a body after a headers answer that asked for it.
-        raise InvalidRequest("Request body received before its headers were authorised.")
-    body = decode_body(raw)
-    request = dialect.parse(body)
-    exchange.request = request
-    model = access.authorize_model(exchange.policy, principal, request.model)
-    exchange.model = model
-    new_body = None
-    if model.name != request.model:
-        new_body = apply_rewrites(body, {("model",): model.name})
     return Forward(
-        set_headers=((HEADER_MODEL, model.name),),
-        body=new_body,
-        clear_route_cache=True,
+        set_headers=_identity_headers(principal),
+        remove_headers=scrubbed,
+        process_response=exchange.metered,
     )
+
+
+def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
+    """The CPU-only part of the body phase: parse, authorize, count prompt tokens.
+
+    Returns a :class:`Reply` to reject, ``None`` to go on with :func:`finish_request_body`.
+    Safe to run in a worker thread: it touches only this exchange.
+    """
+    try:
+        dialect, principal = exchange.dialect, exchange.principal
+        if dialect is None or principal is None:
+            # Envoy only sends a body after a headers answer that asked for it.
+            raise InvalidRequest("Request body received before its headers were authorised.")
+        request = dialect.parse(decode_body(raw))
+        exchange.request = request
+        model = access.authorize_model(exchange.policy, principal, request.model)
+        exchange.model = model
+        if model.name != request.model:
+            exchange.rewrites[("model",)] = model.name
+        if exchange.metered:
+            exchange.input_tokens = prompt_tokens(model, request)
+            exchange.rewrites.update(dialect.stream_usage_rewrites(request))
+    except GatewayError as error:
+        return render_error(error, exchange.envelope)
+    return None
+
+
+async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
+    """Reserve the budget, then route and apply every staged body change at once."""
+    request, model, principal = exchange.request, exchange.model, exchange.principal
+    assert request is not None and model is not None and principal is not None
+    dialect = exchange.dialect
+    assert dialect is not None
+    try:
+        if principal.limits:
+            reservation = await meter.reserve(
+                principal.limits,
+                model,
+                exchange.input_tokens,
+                request.max_output_tokens,
+                exchange.policy.default_max_output_tokens,
+                exchange.request_id,
+                clock(),
+            )
+            exchange.reservation = reservation
+            cap = reservation.output_cap if reservation is not None else None
+            if cap is not None and dialect.output_cap_field is not None:
+                exchange.rewrites[(dialect.output_cap_field,)] = cap
+    except GatewayError as error:
+        return render_error(error, exchange.envelope)
+    body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
+    return Forward(set_headers=((HEADER_MODEL, model.name),), body=body, clear_route_cache=True)
+
+
+def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
+    """Note the status; add budget headers; ask for the body only if usage is needed."""
+    exchange.response_status = int(headers.get(":status", "0") or 0)
+    reservation = exchange.reservation
+    if reservation is None:
+        return CONTINUE
+    wants_body = 200 <= exchange.response_status < 300
+    if wants_body and exchange.request is not None:
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            exchange.response_usage = StreamUsage(exchange.request.dialect)
+        else:
+            exchange.response_tail = bytearray()
+    return Forward(set_headers=reservation.headers, stream_response_body=wants_body)
+
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""JSON answers are kept up to this size for their usage; beyond it only the tail is kept
+(providers put ``usage`` last)."""
+_TAIL_BYTES = 64 * 1024
+
+
+def on_response_body(exchange: Exchange, chunk: bytes) -> None:
+    """Feed one chunk of the answer to the usage reader; the body itself passes untouched."""
+    if exchange.response_usage is not None:
+        exchange.response_usage.feed(chunk)
+    elif exchange.response_tail is not None:
+        exchange.response_tail += chunk
+        if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
+            del exchange.response_tail[:-_TAIL_BYTES]
+
+
+def used(exchange: Exchange) -> Cost:
+    """What the exchange used, from the provider's usage or, failing that, from what is known.
+
+    Errors answered by the provider cost nothing. A stream cut before its usage report
+    is charged the counted prompt and one token per content event already sent. A call
+    that never got an answer (client gone first) is charged its prompt.
+    """
+    model, reservation = exchange.model, exchange.reservation
+    assert model is not None and reservation is not None
+    usage = _reported_usage(exchange)
+    if usage is not None:
+        return usage_cost(model, usage)
+    status = exchange.response_status
+    if status >= 300 or (status == 0 and exchange.response_usage is None):
+        tokens_in = exchange.input_tokens if status == 0 else 0
+        return usage_cost(model, Usage(tokens_in, 0))
+    streamed = exchange.response_usage.content_events if exchange.response_usage else 0
+    return usage_cost(
+        model, Usage(exchange.input_tokens, min(streamed, reservation.reserved.output_tokens))
+    )
+
+
+async def settle(exchange: Exchange, meter: Meter) -> None:
+    """Replace the reservation with what was used (idempotent; no-op without one)."""
+    if exchange.reservation is None or exchange.reservation.settled or exchange.model is None:
+        return
+    await meter.settle(exchange.reservation, exchange.model, used(exchange))
+
+
+def _reported_usage(exchange: Exchange) -> Usage | None:
+    if exchange.response_usage is not None:
+        exchange.response_usage.finish()
+        return exchange.response_usage.usage
+    if exchange.response_tail and exchange.request is not None:
+        return usage_from_body(exchange.request.dialect, _json_or_tail(exchange.response_tail))
+    return None
+
+
+def _json_or_tail(raw: bytearray) -> Any:
+    """The parsed answer; if only its tail was kept, the ``usage`` object found in it."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    at = raw.rfind(b'"usage"')
+    start = raw.find(b"{", at) if at != -1 else -1
+    if start == -1:
+        return None
+    depth = 0
+    for end in range(start, len(raw)):
+        depth += {0x7B: 1, 0x7D: -1}.get(raw[end], 0)
+        if depth == 0:
+            try:
+                return {"usage": orjson.loads(raw[start : end + 1])}
+            except orjson.JSONDecodeError:
+                return None
+    return None
 
 
 def _scrubbed_headers(headers: Mapping[str, str]) -> tuple[str, ...]:

@@ -26,6 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import admin_http
 from extproc.adapters.ext_proc import ExternalProcessor
+from extproc.budgets import wiring
+from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,20 @@ class ServeSettings:
     workers: int = 1
     reload_interval: float = 1.0
     grace_seconds: float = 20.0
+    redis_url: str | None = None
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together; the message says what to change."""
 
 
 def serve(settings: ServeSettings) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigurationError(
+            f"--workers {settings.workers} needs a budget store the workers share: "
+            "set REDIS_URL (or --redis-url), or run one worker"
+        )
     if settings.workers <= 1:
         return _run(_serve_single(settings))
     return _supervise(settings)
@@ -59,17 +71,20 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve_single(settings: ServeSettings) -> int:
-    policies = PolicyStore(settings.policy)
-    admin = await admin_http.start(settings.admin_host, settings.admin_port, policies)
-    try:
-        await _serve_grpc(settings, policies)
-    finally:
-        await admin.cleanup()
+    await _serve_grpc(settings, PolicyStore(settings.policy), admin=True)
     return 0
 
 
-async def _serve_grpc(settings: ServeSettings, policies: PolicyStore) -> None:
-    """Serve ext_proc and health until a stop signal, then drain in-flight streams."""
+async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: bool) -> None:
+    """Serve ext_proc and health until a stop signal, then drain in-flight streams.
+
+    With ``admin`` this process also serves the admin port, which reports ready only
+    once the gRPC server accepts streams.
+    """
+    await asyncio.to_thread(wiring.warm_tokenizers, policies.current)
+    store = wiring.open_store(settings.redis_url, policies.current)
+    await wiring.start_store(store)
+    processor = ExternalProcessor(policies, Meter(store))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -77,7 +92,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore) -> None:
             ("grpc.so_reuseport", 1),
         ]
     )
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policies), server)
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
@@ -85,19 +100,31 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)
     await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", serving)
+    stop = asyncio.Event()
+
+    async def readiness() -> dict[str, object]:
+        return {"ready": not stop.is_set(), "workers": 1}
+
+    runner = None
+    if admin:
+        runner = await admin_http.start(
+            settings.admin_host, settings.admin_port, policies, readiness
+        )
     log.info(
-        "extproc serving gRPC on %s (pid %d, policy %s version %s)",
+        "extproc serving gRPC on %s (pid %d, policy %s version %s, budgets in %s)",
         settings.grpc_address,
         os.getpid(),
         settings.policy,
         policies.current.version,
+        "redis" if settings.redis_url else "this process",
     )
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(policies.watch(settings.reload_interval))
+    watcher = asyncio.create_task(
+        policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
+    )
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
@@ -105,6 +132,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     await server.stop(settings.grace_seconds)
+    await processor.drain()
+    await store.close()
+    if runner is not None:
+        await runner.cleanup()
     log.info("stopped")
 
 
@@ -117,8 +148,20 @@ def _worker_main(settings: ServeSettings) -> None:
 
 
 async def _serve_worker(settings: ServeSettings) -> int:
-    await _serve_grpc(settings, PolicyStore(settings.policy))
+    await _serve_grpc(settings, PolicyStore(settings.policy), admin=False)
     return 0
+
+
+async def _grpc_serving(address: str) -> bool:
+    """One gRPC health check of ``address`` (whichever worker the kernel picks)."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _supervise(settings: ServeSettings) -> int:
@@ -133,8 +176,14 @@ def _supervise(settings: ServeSettings) -> int:
 
     async def supervise() -> int:
         policies = PolicyStore(settings.policy)
+
+        async def readiness() -> dict[str, object]:
+            dead = [w.name for w in workers if not w.is_alive()]
+            serving = not dead and await _grpc_serving(settings.grpc_address)
+            return {"ready": serving, "workers": len(workers), "dead_workers": dead}
+
         admin = await admin_http.start(
-            settings.admin_host, settings.admin_port, policies, workers=workers
+            settings.admin_host, settings.admin_port, policies, readiness
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -73,6 +73,7 @@ class Stack:
     envoy_config: Path = GATEWAY_CONFIG
     log_dir: Path | None = None
     workers: int = 1
+    redis_url: str | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -96,6 +97,7 @@ class Stack:
                 str(self.ports.admin),
                 "--workers",
                 str(self.workers),
+                *(["--redis-url", self.redis_url] if self.redis_url else []),
             ],
         )
         # Envoy starts last so its first gRPC health check of the service succeeds.

@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 
 from extproc import pipeline
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
+from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
 from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
@@ -31,26 +32,60 @@ OFFLOAD_BODY_BYTES = 256 * 1024
 """Bodies above this are processed in a worker thread so one huge prompt never stalls
 the event loop (and every other stream on it)."""
 
-_SKIP_BODY = ProcessingMode(request_body_mode=ProcessingMode.NONE)
+# A mode override replaces the whole processing mode, so each names every phase it keeps.
+_SKIP_BODY = ProcessingMode(
+    request_body_mode=ProcessingMode.NONE, response_header_mode=ProcessingMode.SKIP
+)
+_WITH_RESPONSE_HEADERS = ProcessingMode(
+    request_body_mode=ProcessingMode.BUFFERED, response_header_mode=ProcessingMode.SEND
+)
+_STREAM_RESPONSE_BODY = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.STREAMED
+)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, policies: PolicyStore, clock: Clock = pipeline.utc_now) -> None:
+    def __init__(
+        self, policies: PolicyStore, meter: Meter, clock: Clock = pipeline.utc_now
+    ) -> None:
         self._policies = policies
+        self._meter = meter
         self._clock = clock
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(policy=self._policies.current)
-        async for request in requests:
-            try:
-                yield await self._phase(exchange, request)
-            except Exception:
-                log.exception("unexpected error in %s phase", request.WhichOneof("request"))
-                error = GatewayError("The gateway failed to process the request.")
-                yield immediate_response(render_error(error, exchange.envelope))
-                return
+        try:
+            async for request in requests:
+                try:
+                    response = await self._phase(exchange, request)
+                except Exception:
+                    log.exception("unexpected error in %s phase", request.WhichOneof("request"))
+                    error = GatewayError("The gateway failed to process the request.")
+                    yield immediate_response(render_error(error, exchange.envelope))
+                    return
+                yield response
+        finally:
+            # The client went away, the upstream failed or Envoy closed the stream early:
+            # settle from what is known. In a task of its own, because this one may be
+            # being cancelled; drain() waits for these on shutdown.
+            if exchange.reservation is not None and not exchange.reservation.settled:
+                task = asyncio.create_task(self._settle(exchange))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (called on shutdown, after streams end)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def _settle(self, exchange: Exchange) -> None:
+        try:
+            await pipeline.settle(exchange, self._meter)
+        except Exception:
+            log.exception("settling request %s failed", exchange.request_id)
 
     async def _phase(
         self, exchange: Exchange, request: pb.ProcessingRequest
@@ -64,14 +99,27 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 request.request_headers.end_of_stream,
                 self._clock,
             )
-            return _answer(decision, "request_headers")
+            return _answer(decision, phase)
         if phase == "request_body":
             body = request.request_body.body
             if len(body) > OFFLOAD_BODY_BYTES:
-                decision = await asyncio.to_thread(pipeline.on_request_body, exchange, body)
+                rejected = await asyncio.to_thread(pipeline.prepare_request_body, exchange, body)
             else:
-                decision = pipeline.on_request_body(exchange, body)
-            return _answer(decision, "request_body")
+                rejected = pipeline.prepare_request_body(exchange, body)
+            if rejected is not None:
+                return immediate_response(rejected)
+            decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
+            return _answer(decision, phase)
+        if phase == "response_headers":
+            decision = pipeline.on_response_headers(exchange, header_map(request.response_headers))
+            if request.response_headers.end_of_stream:
+                await self._settle(exchange)
+            return _answer(decision, phase)
+        if phase == "response_body":
+            pipeline.on_response_body(exchange, request.response_body.body)
+            if request.response_body.end_of_stream:
+                await self._settle(exchange)
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
         return _continue(phase)
 
 
@@ -83,16 +131,19 @@ def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:
         response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.skip_request_body:
             response.mode_override.CopyFrom(_SKIP_BODY)
+        elif decision.process_response:
+            response.mode_override.CopyFrom(_WITH_RESPONSE_HEADERS)
+        return response
+    if phase == "response_headers":
+        response = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        if decision.stream_response_body:
+            response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
         return response
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:
     """An empty answer for a phase no stage handles (Envoy's config should not send it)."""
-    if phase in ("response_headers",):
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-    if phase == "response_body":
-        return pb.ProcessingResponse(response_body=pb.BodyResponse())
     if phase == "request_trailers":
         return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

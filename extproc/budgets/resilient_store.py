@@ -108,6 +108,11 @@ class ResilientStore:
     def mode(self) -> FailMode:
         return self._mode
 
+    @mode.setter
+    def mode(self, mode: FailMode) -> None:
+        """Follows the live policy's ``on_store_error``; queued write-backs are kept."""
+        self._mode = mode
+
     def stats(self) -> ResilienceStats:
         return ResilienceStats(
             degraded=self._degraded,

@@ -46,6 +46,10 @@ class LLMRequest:
     tools: tuple[str, ...]
     body: dict[str, Any]
     """The parsed body. Treat as read-only; rewrites go through ``apply_rewrites``."""
+    chat_messages: int = 0
+    """Messages in a chat-style request: each adds framing tokens to the prompt."""
+    prompt_token_ids: int = 0
+    """Prompt tokens given directly as token ids (legacy completions, embeddings)."""
 
 
 class Dialect(Protocol):
@@ -53,6 +57,16 @@ class Dialect(Protocol):
 
     name: str
     envelope: Envelope
+    output_cap_field: str | None
+    """The body field that caps output tokens, set by the gateway when a budget can only
+    afford fewer than the caller left open; ``None`` when the API produces no tokens."""
+
+    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
+        """Body changes that make a streamed answer report its usage (empty if it does).
+
+        Budgets need the provider's own count; OpenAI sends it on a stream only when asked.
+        """
+        ...
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         """Build the common view of ``body``.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.dialects.base import JsonPath, TextPart
+from extproc.dialects.base import JsonPath, LLMRequest, TextPart
 from extproc.errors import InvalidRequest
 
 
@@ -209,6 +209,27 @@ def text_or_tokens(body: dict[str, Any], key: str, kind: str) -> list[TextPart]:
         elif not isinstance(item, int | float):
             raise invalid_type((key, i), expected, item)
     return texts
+
+
+def include_usage_rewrites(request: LLMRequest) -> dict[JsonPath, Any]:
+    """OpenAI streams report usage only with ``stream_options.include_usage``."""
+    if not request.stream:
+        return {}
+    options = request.body.get("stream_options")
+    if isinstance(options, dict):
+        if options.get("include_usage") is True:
+            return {}
+        return {("stream_options",): {**options, "include_usage": True}}
+    return {("stream_options",): {"include_usage": True}}
+
+
+def token_id_count(value: Any) -> int:
+    """How many token ids a ``prompt`` / ``input`` holds (0 for text prompts)."""
+    if not isinstance(value, list) or not value:
+        return 0
+    if _numbers_only(value):
+        return len(value)
+    return sum(len(item) for item in value if isinstance(item, list))
 
 
 def _numbers_only(items: list[Any]) -> bool:

@@ -34,8 +34,8 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, str]) -> bytes:
-    """Replace the strings at ``rewrites``' paths in ``body`` and serialise it.
+def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> bytes:
+    """Set the values at ``rewrites``' paths in ``body`` and serialise it.
 
     ``body`` is modified in place: it belongs to one request and is not shared.
     """

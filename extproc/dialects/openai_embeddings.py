@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, LLMRequest
-from extproc.dialects.fields import require_model, text_or_tokens
+from extproc.dialects.base import Envelope, JsonPath, LLMRequest
+from extproc.dialects.fields import require_model, text_or_tokens, token_id_count
 
 
 class OpenAIEmbeddings:
@@ -13,6 +13,11 @@ class OpenAIEmbeddings:
 
     name: str = "openai.embeddings"
     envelope: Envelope = "openai"
+    output_cap_field: str | None = None
+
+    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
+        """This API reports usage on every stream; nothing to ask for."""
+        return {}
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)
@@ -25,6 +30,7 @@ class OpenAIEmbeddings:
             stream=False,
             tools=(),
             body=body,
+            prompt_token_ids=token_id_count(body["input"]),
         )
 
 

@@ -40,6 +40,11 @@ class OpenAIResponses:
 
     name: str = "openai.responses"
     envelope: Envelope = "openai"
+    output_cap_field: str | None = "max_output_tokens"
+
+    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
+        """This API reports usage on every stream; nothing to ask for."""
+        return {}
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)

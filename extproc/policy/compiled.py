@@ -15,7 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from extproc.policy.schema import JwtSettings, ModelAccess, Policy
+from extproc.budgets.keys import Scope, Unit
+from extproc.budgets.pricing import Price, usd_to_micro
+from extproc.budgets.tokens import default_tokenizer
+from extproc.budgets.windows import Window
+from extproc.policy.schema import JwtSettings, Limit, ModelAccess, Policy
 
 
 def key_digest(key: str) -> bytes:
@@ -28,6 +32,29 @@ class CatalogueModel:
     name: str
     aliases: tuple[str, ...]
     owned_by: str
+    tokenizer: str
+    price: Price | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledLimit:
+    """One budget with its scope bound: which counter it is and how much it admits."""
+
+    scope: Scope
+    scope_id: str
+    unit: Unit
+    window: Window
+    limit: int
+    """Whole requests or tokens, or micro-USD for :attr:`Unit.USD`."""
+    per_model: bool
+    models: frozenset[str] | None
+    """Canonical models this limit counts; ``None`` for every model."""
+
+    def counts(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+Limits = tuple[CompiledLimit, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +66,8 @@ class CompiledKey:
     expires_at: datetime | None
     disabled: bool
     allowed_models: frozenset[str]
+    limits: Limits
+    """Every limit this key's traffic counts against: key, user, team and global."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +86,11 @@ class CompiledPolicy:
     team_models: dict[str, frozenset[str]]
     user_models: dict[str, frozenset[str]]
     """Users with their own restrictions, already intersected with their team's."""
+    team_limits: dict[str, Limits]
+    user_limits: dict[str, Limits]
+    global_limits: Limits
+    default_max_output_tokens: int
+    on_store_error: str
 
     def resolve_model(self, requested: str) -> CatalogueModel | None:
         return self.models.get(requested)
@@ -67,6 +101,11 @@ class CompiledPolicy:
         if user is not None and user in self.user_models:
             return self.user_models[user] & team_set
         return team_set
+
+    def limits_for(self, team: str, user: str | None) -> Limits:
+        """Limits of a caller identified by team and user (JWT); keys have theirs compiled."""
+        user_limits = self.user_limits.get(user, ()) if user is not None else ()
+        return (*user_limits, *self.team_limits.get(team, ()), *self.global_limits)
 
 
 class _Globs:
@@ -96,9 +135,40 @@ def _allowed(names: Iterable[str], access: ModelAccess | None) -> frozenset[str]
     return frozenset(n for n in names if globs.permits(n))
 
 
+def _limits(limits: list[Limit], scope: Scope, scope_id: str, names: list[str]) -> Limits:
+    compiled = []
+    for limit in limits:
+        unit = Unit(limit.unit)
+        amount = usd_to_micro(limit.limit, "limit") if unit is Unit.USD else int(limit.limit)
+        models = (
+            frozenset(_allowed(names, ModelAccess(allow=limit.models))) if limit.models else None
+        )
+        compiled.append(
+            CompiledLimit(
+                scope, scope_id, unit, Window(limit.window), amount, limit.per_model, models
+            )
+        )
+    return tuple(compiled)
+
+
+def _price(model_name: str, policy: Policy) -> Price | None:
+    pricing = policy.models[model_name].pricing
+    if pricing is None:
+        return None
+    return Price.from_usd(
+        input=pricing.input, output=pricing.output, cached_input=pricing.cached_input
+    )
+
+
 def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
     catalogue = tuple(
-        CatalogueModel(name=name, aliases=tuple(m.aliases), owned_by=m.owned_by)
+        CatalogueModel(
+            name=name,
+            aliases=tuple(m.aliases),
+            owned_by=m.owned_by,
+            tokenizer=m.tokenizer or default_tokenizer(name),
+            price=_price(name, policy),
+        )
         for name, m in policy.models.items()
     )
     names = [m.name for m in catalogue]
@@ -114,6 +184,14 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         for u, user in policy.users.items()
         if user.models is not None
     }
+    team_limits = {
+        t: _limits(team.limits, Scope.TEAM, t, names) for t, team in policy.teams.items()
+    }
+    user_limits = {
+        u: _limits(user.limits, Scope.USER, u, names) for u, user in policy.users.items()
+    }
+    budgets = policy.settings.budgets
+    global_limits = _limits(budgets.global_limits, Scope.GLOBAL, "*", names)
     keys: dict[bytes, CompiledKey] = {}
     for key_id, key in policy.keys.items():
         base = team_models[key.team]
@@ -128,6 +206,12 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
             expires_at=key.expires_at,
             disabled=key.disabled,
             allowed_models=_allowed(base, key.models),
+            limits=(
+                *_limits(key.limits, Scope.KEY, key_id, names),
+                *(user_limits.get(key.user, ()) if key.user else ()),
+                *team_limits[key.team],
+                *global_limits,
+            ),
         )
     return CompiledPolicy(
         version=version,
@@ -138,4 +222,9 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         catalogue=catalogue,
         team_models=team_models,
         user_models=user_models,
+        team_limits=team_limits,
+        user_limits=user_limits,
+        global_limits=global_limits,
+        default_max_output_tokens=budgets.default_max_output_tokens,
+        on_store_error=budgets.on_store_error,
     )

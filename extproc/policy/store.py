@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from extproc.policy.compiled import CompiledPolicy
@@ -61,11 +62,14 @@ class PolicyStore:
         log.info("policy reloaded: version %s from %s", policy.version, self._path)
         return True
 
-    async def watch(self, interval: float) -> None:
+    async def watch(
+        self, interval: float, on_change: Callable[[CompiledPolicy], None] | None = None
+    ) -> None:
         """Poll the file forever; polling survives editors, symlink swaps and NFS alike."""
         while True:
             await asyncio.sleep(interval)
-            self.reload_if_changed()
+            if self.reload_if_changed() and on_change is not None:
+                on_change(self._current)
 
     def _stat_signature(self) -> tuple[int, int, int] | None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -164,7 +165,8 @@ def test_reload_changes_access_through_envoy(tmp_path: Path) -> None:
 
 def test_workers_share_the_port(tmp_path: Path) -> None:
     ports = Ports.free()
-    proc = serve(policy_copy(tmp_path), ports, "--workers", "2")
+    redis = os.environ["EXTPROC_TEST_REDIS_URL"]
+    proc = serve(policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
             health = json.load(resp)

@@ -10,6 +10,8 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 
 from extproc.adapters import ext_proc
 from extproc.adapters.ext_proc import ExternalProcessor
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
@@ -19,7 +21,7 @@ ADMIN = {"authorization": "Bearer sk-demo-admin"}
 
 @pytest.fixture
 def processor() -> ExternalProcessor:
-    return ExternalProcessor(PolicyStore(ROOT / "policies" / "example.yaml"))
+    return ExternalProcessor(PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore()))
 
 
 async def test_allowed_chat_sets_identity_and_route(processor: ExternalProcessor) -> None:
@@ -34,7 +36,9 @@ async def test_allowed_chat_sets_identity_and_route(processor: ExternalProcessor
     common = headers.request_headers.response
     assert headers_set(common)["x-gateway-team"] == "platform"
     assert set(common.header_mutation.remove_headers) == {"authorization", "x-gateway-team"}
-    assert not headers.HasField("mode_override")
+    # The example policy has a global dollar budget: usage must be read from the answer.
+    assert headers.mode_override.response_header_mode == ProcessingMode.SEND
+    assert headers.mode_override.request_body_mode == ProcessingMode.BUFFERED
 
     body_common = body.request_body.response
     assert body_common.clear_route_cache
@@ -70,7 +74,8 @@ async def test_passthrough_paths_skip_the_body_phase(tmp_path: Path) -> None:
     example = (ROOT / "policies" / "example.yaml").read_text()
     policy.write_text(example.replace("unknown_paths: reject", "unknown_paths: passthrough"))
     (answer,) = await exchange(
-        ExternalProcessor(PolicyStore(policy)), [request_headers("/v1/audio/speech", ADMIN)]
+        ExternalProcessor(PolicyStore(policy), Meter(MemoryStore())),
+        [request_headers("/v1/audio/speech", ADMIN)],
     )
     assert answer.mode_override.request_body_mode == ProcessingMode.NONE
 
@@ -90,7 +95,7 @@ async def test_unexpected_failure_fails_closed(
     def explode(*_: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(ext_proc.pipeline, "on_request_body", explode)
+    monkeypatch.setattr(ext_proc.pipeline, "prepare_request_body", explode)
     answers = await exchange(
         processor,
         [
@@ -108,13 +113,13 @@ async def test_large_bodies_are_processed_off_the_event_loop(
     import threading
 
     threads: list[str] = []
-    original = ext_proc.pipeline.on_request_body
+    original = ext_proc.pipeline.prepare_request_body
 
     def spy(*args: object) -> object:
         threads.append(threading.current_thread().name)
         return original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ext_proc.pipeline, "on_request_body", spy)
+    monkeypatch.setattr(ext_proc.pipeline, "prepare_request_body", spy)
     small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 300_000}]}
     for body in (small, big):

@@ -7,8 +7,15 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from extproc.decisions import Forward, Reply
-from extproc.pipeline import Exchange, on_request_body, on_request_headers
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Meter
+from extproc.decisions import Decision, Forward, Reply
+from extproc.pipeline import (
+    Exchange,
+    finish_request_body,
+    on_request_headers,
+    prepare_request_body,
+)
 from tests.unit.policies import make_policy
 
 POLICY = make_policy()
@@ -82,22 +89,29 @@ def test_bodyless_post_is_400() -> None:
     assert isinstance(decision, Reply) and decision.status == 400
 
 
+async def on_request_body(ex: Exchange, raw: bytes) -> Decision:
+    rejected = prepare_request_body(ex, raw)
+    if rejected is not None:
+        return rejected
+    return await finish_request_body(ex, Meter(MemoryStore()), clock)
+
+
 def chat(model: str, text: str = "hi") -> bytes:
     return orjson.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
 
 
-def test_body_phase_routes_and_rewrites_alias() -> None:
+async def test_body_phase_routes_and_rewrites_alias() -> None:
     ex, _ = start("/v1/chat/completions")
-    decision = on_request_body(ex, chat("mini"))
+    decision = await on_request_body(ex, chat("mini"))
     assert isinstance(decision, Forward)
     assert decision.set_headers == (("x-gateway-model", "gpt-4o-mini"),)
     assert decision.clear_route_cache
     assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o-mini"
 
 
-def test_body_untouched_when_model_is_canonical() -> None:
+async def test_body_untouched_when_model_is_canonical() -> None:
     ex, _ = start("/v1/chat/completions")
-    decision = on_request_body(ex, chat("gpt-4o"))
+    decision = await on_request_body(ex, chat("gpt-4o"))
     assert isinstance(decision, Forward) and decision.body is None
 
 
@@ -111,16 +125,16 @@ def test_body_untouched_when_model_is_canonical() -> None:
         pytest.param("sk-admin", "gpt-5", 404, "model_not_found", id="unknown"),
     ],
 )
-def test_body_phase_rbac(key: str, model: str, status: int, code: str) -> None:
+async def test_body_phase_rbac(key: str, model: str, status: int, code: str) -> None:
     ex, _ = start("/v1/chat/completions", key=key)
-    decision = on_request_body(ex, chat(model))
+    decision = await on_request_body(ex, chat(model))
     assert isinstance(decision, Reply) and decision.status == status
     assert orjson.loads(decision.body)["error"]["code"] == code
 
 
-def test_body_errors_use_anthropic_envelope_on_messages() -> None:
+async def test_body_errors_use_anthropic_envelope_on_messages() -> None:
     ex, _ = start("/v1/messages")
-    decision = on_request_body(ex, b"{nope")
+    decision = await on_request_body(ex, b"{nope")
     assert isinstance(decision, Reply) and decision.status == 400
     body = orjson.loads(decision.body)
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"

@@ -1,0 +1,259 @@
+"""The budget stage: reserve before the call, settle with real usage after it.
+
+A request is priced at its worst case (prompt tokens plus the output cap) and that amount
+is reserved atomically on every counter its limits name; if any would overflow, nothing is
+reserved and the caller gets a 429 naming the limit, with ``retry-after`` and OpenAI-style
+``x-ratelimit-*`` headers. When the answer (or its end) is known, each counter is moved by
+the difference between what was used and what was reserved, under the request id so a
+retried settlement never counts twice. A request that set no output cap and does not fit
+is offered what is left instead (the cap is then written into its body), so a tight budget
+slows callers down before it stops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from extproc.budgets.keys import Unit, counter_key
+from extproc.budgets.pricing import FREE, cost_micro_usd, micro_to_usd
+from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
+from extproc.budgets.tokens import count_prompt_tokens
+from extproc.budgets.windows import reset_duration, seconds_to_reset, window_bounds
+from extproc.decisions import Headers
+from extproc.dialects.base import LLMRequest
+from extproc.dialects.usage import Usage
+from extproc.errors import RateLimited, ServiceUnavailable
+from extproc.policy.compiled import CatalogueModel, CompiledLimit, Limits
+
+_TOKEN_UNITS = (Unit.INPUT_TOKENS, Unit.OUTPUT_TOKENS, Unit.TOTAL_TOKENS)
+_FAMILY = {Unit.REQUESTS: "requests", Unit.USD: "usd"} | {u: "tokens" for u in _TOKEN_UNITS}
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one request uses (or is reserved for) in every unit a limit can count."""
+
+    input_tokens: int
+    output_tokens: int
+    micro_usd: int
+
+    def of(self, unit: Unit) -> int:
+        if unit is Unit.REQUESTS:
+            return 1
+        if unit is Unit.INPUT_TOKENS:
+            return self.input_tokens
+        if unit is Unit.OUTPUT_TOKENS:
+            return self.output_tokens
+        if unit is Unit.TOTAL_TOKENS:
+            return self.input_tokens + self.output_tokens
+        return self.micro_usd
+
+
+@dataclass(slots=True)
+class Reservation:
+    counters: tuple[Counter, ...]
+    limits: tuple[CompiledLimit, ...]
+    reserved: Cost
+    token: str
+    """The request id: makes settlement idempotent in the store."""
+    headers: Headers
+    """``x-ratelimit-*`` headers for the answer, from the values after reserving."""
+    output_cap: int | None = None
+    """Set when the budget afforded less than the default cap: write it into the body."""
+    settled: bool = field(default=False)
+
+
+def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
+    """Prompt tokens as the model's tokenizer counts them (ids given directly count as is)."""
+    texts = [part.text for part in request.texts]
+    return (
+        count_prompt_tokens(model.tokenizer, texts, request.chat_messages)
+        + request.prompt_token_ids
+    )
+
+
+def price(model: CatalogueModel, input_tokens: int, output_tokens: int, cached: int = 0) -> Cost:
+    micro = cost_micro_usd(
+        model.price or FREE, input_tokens, min(cached, input_tokens), output_tokens
+    )
+    return Cost(input_tokens, output_tokens, micro)
+
+
+class Meter:
+    """Reserves and settles against one store; the store decides fail-open or closed."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self._store = store
+
+    async def reserve(
+        self,
+        limits: Limits,
+        model: CatalogueModel,
+        input_tokens: int,
+        requested_output: int | None,
+        default_output: int,
+        request_id: str,
+        now: datetime,
+    ) -> Reservation | None:
+        """Reserve the request's worst case, or raise :class:`RateLimited`.
+
+        Returns ``None`` when no limit counts this model (nothing to settle later).
+        """
+        applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
+        if not applicable:
+            return None
+        output = requested_output if requested_output is not None else default_output
+        cost = price(model, input_tokens, output)
+        counters = _counters(applicable, model.name, cost, now)
+        result = await self._call_reserve(counters)
+        output_cap = None
+        if not result.ok and requested_output is None:
+            affordable = _affordable_output(
+                applicable, counters, result.values, model, input_tokens
+            )
+            if affordable >= 1:
+                output_cap = affordable
+                cost = price(model, input_tokens, affordable)
+                counters = _counters(applicable, model.name, cost, now)
+                result = await self._call_reserve(counters)
+        if not result.ok:
+            assert result.failed is not None
+            raise _rate_limited(applicable, counters, result.values, result.failed, now)
+        headers = _ratelimit_headers(applicable, counters, result.values, now)
+        return Reservation(tuple(counters), applicable, cost, request_id, headers, output_cap)
+
+    async def settle(self, reservation: Reservation, model: CatalogueModel, used: Cost) -> None:
+        """Replace the reservation with what was used. Safe to call twice (idempotent)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        deltas = [
+            Delta(c.key, used.of(limit.unit) - reservation.reserved.of(limit.unit), c.expires_at)
+            for c, limit in zip(reservation.counters, reservation.limits, strict=True)
+        ]
+        changed = [d for d in deltas if d.amount]
+        if changed:
+            await self._store.adjust(changed, token=reservation.token)
+
+    async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
+        try:
+            return await self._store.reserve(counters)
+        except StoreUnavailable:
+            raise ServiceUnavailable(
+                "The budget store is unavailable, so the request cannot be admitted.",
+                code="budget_store_unavailable",
+            ) from None
+
+
+def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:
+    return price(model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+
+
+def _dedupe(limits: list[CompiledLimit]) -> tuple[CompiledLimit, ...]:
+    """Two limits on the same counter (same scope, unit, window): the tighter one rules."""
+    best: dict[tuple[object, ...], CompiledLimit] = {}
+    for limit in limits:
+        ident = (limit.scope, limit.scope_id, limit.unit, limit.window, limit.per_model)
+        if ident not in best or limit.limit < best[ident].limit:
+            best[ident] = limit
+    return tuple(best.values())
+
+
+def _counters(
+    limits: Sequence[CompiledLimit], model: str, cost: Cost, now: datetime
+) -> list[Counter]:
+    counters = []
+    for limit in limits:
+        start, end = window_bounds(limit.window, now)
+        key = counter_key(
+            limit.scope,
+            limit.scope_id,
+            model if limit.per_model else None,
+            limit.unit,
+            limit.window,
+            start,
+        )
+        counters.append(Counter(key, limit.limit, cost.of(limit.unit), end))
+    return counters
+
+
+def _affordable_output(
+    limits: Sequence[CompiledLimit],
+    counters: Sequence[Counter],
+    values: Sequence[int],
+    model: CatalogueModel,
+    input_tokens: int,
+) -> int:
+    """The largest output cap every counter still admits (0 if the input alone is too much)."""
+    best = 1 << 62
+    for limit, counter, value in zip(limits, counters, values, strict=True):
+        room = counter.limit - value
+        if limit.unit is Unit.OUTPUT_TOKENS:
+            best = min(best, room)
+        elif limit.unit is Unit.TOTAL_TOKENS:
+            best = min(best, room - input_tokens)
+        elif limit.unit is Unit.USD:
+            prices = model.price or FREE
+            if prices.output:
+                spare = room * 1_000_000 - input_tokens * prices.input
+                best = min(best, spare // prices.output)
+        elif room < counter.amount:
+            return 0  # a request or input-token limit is exhausted: no cap can help
+    return max(0, best)
+
+
+def _rate_limited(
+    limits: Sequence[CompiledLimit],
+    counters: Sequence[Counter],
+    values: Sequence[int],
+    failed: int,
+    now: datetime,
+) -> RateLimited:
+    limit, counter = limits[failed], counters[failed]
+    retry = seconds_to_reset(limit.window, now)
+    scope = "global" if limit.scope.value == "global" else f"{limit.scope.value} '{limit.scope_id}'"
+    if counter.amount > counter.limit:
+        detail = "this request alone needs more than the whole limit; lower max tokens"
+    else:
+        detail = f"the limit resets in {reset_duration(retry)}"
+    unit = "USD" if limit.unit is Unit.USD else limit.unit.value.replace("_", " ")
+    shown = micro_to_usd(counter.limit) if limit.unit is Unit.USD else str(counter.limit)
+    headers = (
+        ("retry-after", str(retry)),
+        *_ratelimit_headers(limits, counters, values, now),
+    )
+    return RateLimited(
+        f"Budget exceeded for {scope}: {shown} {unit} per {limit.window.value}; {detail}.",
+        code="budget_exceeded",
+        headers=headers,
+    )
+
+
+def _ratelimit_headers(
+    limits: Sequence[CompiledLimit],
+    counters: Sequence[Counter],
+    values: Sequence[int],
+    now: datetime,
+) -> Headers:
+    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (+ ``-usd``),
+    each from the tightest counter of its family."""
+    tightest: dict[str, tuple[int, CompiledLimit, int]] = {}
+    for limit, counter, value in zip(limits, counters, values, strict=True):
+        family = _FAMILY[limit.unit]
+        remaining = max(0, counter.limit - value)
+        if family not in tightest or remaining < tightest[family][0]:
+            tightest[family] = (remaining, limit, counter.limit)
+    headers: list[tuple[str, str]] = []
+    for family, (remaining, limit, cap) in sorted(tightest.items()):
+        money = family == "usd"
+        headers += [
+            (f"x-ratelimit-limit-{family}", micro_to_usd(cap) if money else str(cap)),
+            (
+                f"x-ratelimit-remaining-{family}",
+                micro_to_usd(remaining) if money else str(remaining),
+            ),
+            (f"x-ratelimit-reset-{family}", reset_duration(seconds_to_reset(limit.window, now))),
+        ]
+    return tuple(headers)

@@ -1,0 +1,37 @@
+"""Choosing and running the budget store a service process uses.
+
+No Redis URL: the in-process store (one worker; counters live and die with the process).
+A Redis URL: Redis behind the resilient wrapper, whose fail mode follows the live policy's
+``settings.budgets.on_store_error``.
+"""
+
+from __future__ import annotations
+
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.redis_store import RedisStore
+from extproc.budgets.resilient_store import FailMode, ResilientStore
+from extproc.budgets.store import BudgetStore
+from extproc.budgets.tokens import warm_up
+from extproc.policy.compiled import CompiledPolicy
+
+
+def open_store(redis_url: str | None, policy: CompiledPolicy) -> BudgetStore:
+    if not redis_url:
+        return MemoryStore()
+    return ResilientStore(RedisStore.from_url(redis_url), FailMode(policy.on_store_error))
+
+
+async def start_store(store: BudgetStore) -> None:
+    if isinstance(store, ResilientStore):
+        await store.start()
+
+
+def follow_policy(store: BudgetStore, policy: CompiledPolicy) -> None:
+    """Apply a reloaded policy's fail mode to a running store."""
+    if isinstance(store, ResilientStore):
+        store.mode = FailMode(policy.on_store_error)
+
+
+def warm_tokenizers(policy: CompiledPolicy) -> None:
+    """Load the BPE tables the catalogue uses now, so no request pays for it."""
+    warm_up({model.tokenizer for model in policy.catalogue})
