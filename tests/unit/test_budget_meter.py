@@ -1,0 +1,137 @@
+"""The budget stage on the in-process store, with an injected clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Cost, Meter
+from extproc.errors import RateLimited
+from extproc.policy.compiled import CatalogueModel, Limits
+from tests.unit.policies import make_policy, sha
+
+
+def policy_with(limits: list[dict[str, object]]) -> tuple[Limits, CatalogueModel]:
+    policy = make_policy(
+        teams={"t": {"models": {"allow": ["*"]}, "limits": limits}},
+        users={},
+        keys={"k": {"sha256": sha("k"), "team": "t"}},
+        models={"gpt-4o-mini": {"tokenizer": "o200k", "pricing": {"input": 1, "output": 2}}},
+    )
+    key = next(iter(policy.keys_by_digest.values()))
+    model = policy.resolve_model("gpt-4o-mini")
+    assert model is not None
+    return key.limits, model
+
+
+async def reserve(
+    meter: Meter, limits: Limits, model: CatalogueModel, now: datetime, out: int | None = 10
+):  # type: ignore[no-untyped-def]
+    return await meter.reserve(limits, model, 5, out, 100, f"req-{now.isoformat()}-{out}", now)
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "later", "retry_after"),
+    [
+        pytest.param(
+            "minute",
+            datetime(2026, 3, 1, 12, 0, 50, tzinfo=UTC),
+            timedelta(seconds=10),
+            10,
+            id="minute",
+        ),
+        pytest.param(
+            "hour", datetime(2026, 3, 1, 12, 59, 0, tzinfo=UTC), timedelta(minutes=1), 60, id="hour"
+        ),
+        pytest.param(
+            "day", datetime(2026, 3, 1, 23, 0, 0, tzinfo=UTC), timedelta(hours=1), 3600, id="day"
+        ),
+        pytest.param(
+            "month",
+            datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC),
+            timedelta(minutes=1),
+            60,
+            id="month-jan-feb",
+        ),
+        pytest.param(
+            "month",
+            datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC),
+            timedelta(seconds=30),
+            30,
+            id="month-dec-jan",
+        ),
+        pytest.param(
+            "month",
+            datetime(2028, 2, 29, 23, 0, 0, tzinfo=UTC),
+            timedelta(hours=1),
+            3600,
+            id="month-leap-feb",
+        ),
+    ],
+)
+async def test_windows_roll_over(
+    window: str, now: datetime, later: timedelta, retry_after: int
+) -> None:
+    limits, model = policy_with([{"unit": "requests", "window": window, "limit": 2}])
+    meter = Meter(MemoryStore(clock=lambda: now.timestamp()))
+    await reserve(meter, limits, model, now)
+    await reserve(meter, limits, model, now + timedelta(seconds=1) if window != "minute" else now)
+    with pytest.raises(RateLimited) as caught:
+        await reserve(meter, limits, model, now)
+    assert dict(caught.value.headers)["retry-after"] == str(retry_after)
+    assert await reserve(meter, limits, model, now + later) is not None
+
+
+async def test_settle_replaces_the_reservation_once() -> None:
+    limits, model = policy_with(
+        [
+            {"unit": "total_tokens", "window": "day", "limit": 1000},
+            {"unit": "usd", "window": "day", "limit": 1},
+        ]
+    )
+    store = MemoryStore()
+    meter = Meter(store)
+    now = datetime.now(UTC)
+    reservation = await meter.reserve(limits, model, 50, 200, 100, "r1", now)
+    assert reservation is not None
+    # $1 / $2 per million tokens is 1 / 2 micro-dollars per token.
+    assert reservation.reserved == Cost(50, 200, 50 * 1 + 200 * 2)
+    keys = [c.key for c in reservation.counters]
+    assert await store.read(keys) == (250, 450)
+    used = Cost(40, 10, 60)
+    await meter.settle(reservation, model, used)
+    await meter.settle(reservation, model, used)
+    assert await store.read(keys) == (50, 60)
+
+
+async def test_request_without_cap_gets_what_is_left() -> None:
+    limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 120}])
+    meter = Meter(MemoryStore())
+    now = datetime.now(UTC)
+    first = await meter.reserve(limits, model, 5, None, 100, "a", now)
+    assert first is not None and first.output_cap is None  # 5 + 100 fits
+    second = await meter.reserve(limits, model, 5, None, 100, "b", now)
+    assert second is not None and second.output_cap == 120 - 105 - 5
+    with pytest.raises(RateLimited):
+        await meter.reserve(limits, model, 5, 20, 100, "c", now)  # an explicit cap is kept
+
+
+async def test_request_larger_than_the_whole_limit_says_so() -> None:
+    limits, model = policy_with([{"unit": "output_tokens", "window": "minute", "limit": 50}])
+    with pytest.raises(RateLimited) as caught:
+        await Meter(MemoryStore()).reserve(limits, model, 5, 500, 100, "x", datetime.now(UTC))
+    assert "alone needs more than the whole limit" in caught.value.message
+
+
+async def test_models_filter_and_per_model_counters() -> None:
+    limits, model = policy_with(
+        [
+            {"unit": "requests", "window": "day", "limit": 1, "models": ["claude-*"]},
+            {"unit": "requests", "window": "day", "limit": 5, "per_model": True},
+        ]
+    )
+    reservation = await Meter(MemoryStore()).reserve(limits, model, 1, 1, 1, "m", datetime.now(UTC))
+    assert reservation is not None
+    assert [c.key.split(":")[2] for c in reservation.counters] == ["gpt-4o-mini"]
