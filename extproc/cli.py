@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_POLICY = "policies/example.yaml"
 
@@ -74,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--user")
     create.add_argument("--id", dest="key_id", help="policy key id (default: random)")
     create.set_defaults(run=_keys_create)
+
+    usage = commands.add_parser(
+        "usage", help="each budget's usage, limit and reset time in its current window"
+    )
+    usage.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
+    usage.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    usage.add_argument("--team", help="only this team's budgets (its users and keys too)")
+    usage.add_argument("--json", action="store_true", help="one JSON object per budget")
+    usage.set_defaults(run=_usage)
 
     schema = commands.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(run=_schema)
@@ -147,6 +157,47 @@ def _keys_create(args: argparse.Namespace) -> int:
     print(f"Key (shown once, store it now): {key}\n")
     print("Add this entry to your policy file:\n")
     print(policy_entry(key, key_id, args.team, args.user), end="")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from extproc.budgets.redis_store import RedisStore
+    from extproc.budgets.report import format_table, usage_report
+    from extproc.budgets.store import StoreUnavailable
+    from extproc.policy.loader import PolicyError, load_policy
+
+    if not args.redis_url:
+        print(
+            "extproc usage reads the shared budget store: pass --redis-url or set REDIS_URL "
+            "(counters of a service running without Redis live inside that process only)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        policy = load_policy(Path(args.policy))
+    except PolicyError as exc:
+        print(f"{args.policy}: invalid\n{_bullets(exc.problems)}", file=sys.stderr)
+        return 1
+
+    async def report() -> list[Any]:
+        store = RedisStore.from_url(args.redis_url)
+        try:
+            return await usage_report(policy, store, datetime.now(UTC), args.team)
+        finally:
+            await store.close()
+
+    try:
+        lines = asyncio.run(report())
+    except StoreUnavailable as exc:
+        print(f"extproc usage: Redis is unavailable: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([line.as_dict() for line in lines], indent=2))
+    else:
+        print(format_table(lines) if lines else "no budgets configured")
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -286,6 +288,32 @@ def test_client_abort_mid_stream_settles_what_was_streamed(
     time.sleep(0.5)
     settled = counter(redis_server, "abort", "total_tokens")
     assert prompt + 5 <= settled < prompt + 150
+
+
+def test_usage_command_reports_the_live_counters(
+    stack: Stack, redis_server: RedisServer, policy_file: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", "--policy", str(policy_file),
+         "--redis-url", redis_server.url, "--team", "pool", "--json"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    (line,) = json.loads(result.stdout)
+    assert (line["scope"], line["scope_id"], line["unit"], line["limit"]) == (
+        "team",
+        "pool",
+        "total_tokens",
+        "3000",
+    )
+    assert int(line["used"]) == counter(redis_server, "pool", "total_tokens") > 0
+    assert int(line["remaining"]) == 3000 - int(line["used"])
+    table = subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", "--policy", str(policy_file),
+         "--redis-url", redis_server.url],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    ).stdout  # fmt: skip
+    assert table.splitlines()[0].split()[:4] == ["SCOPE", "ID", "MODEL", "UNIT"]
+    assert sum(1 for row in table.splitlines() if row.startswith("team ")) == 7
 
 
 # --- Redis going away ---------------------------------------------------------------------
