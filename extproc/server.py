@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import admin_http
 from extproc.adapters.ext_proc import ExternalProcessor
 from extproc.budgets import wiring
+from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
 
@@ -84,7 +85,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await asyncio.to_thread(wiring.warm_tokenizers, policies.current)
     store = wiring.open_store(settings.redis_url, policies.current)
     await wiring.start_store(store)
-    processor = ExternalProcessor(policies, Meter(store))
+    alerts = AlertSink(store, lambda: policies.current.alert_webhook)
+    processor = ExternalProcessor(policies, Meter(store, alerts))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -133,6 +135,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         await watcher
     await server.stop(settings.grace_seconds)
     await processor.drain()
+    await alerts.close()
     await store.close()
     if runner is not None:
         await runner.cleanup()

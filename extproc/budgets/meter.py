@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed, window_end_iso
 from extproc.budgets.keys import Unit, counter_key
 from extproc.budgets.pricing import FREE, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
@@ -84,8 +85,9 @@ def price(model: CatalogueModel, input_tokens: int, output_tokens: int, cached: 
 class Meter:
     """Reserves and settles against one store; the store decides fail-open or closed."""
 
-    def __init__(self, store: BudgetStore) -> None:
+    def __init__(self, store: BudgetStore, alerts: AlertSink | None = None) -> None:
         self._store = store
+        self._alerts = alerts
 
     async def reserve(
         self,
@@ -122,7 +124,37 @@ class Meter:
             assert result.failed is not None
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
         headers = _ratelimit_headers(applicable, counters, result.values, now)
+        if self._alerts is not None:
+            self._raise_alerts(applicable, counters, result.values, model.name)
         return Reservation(tuple(counters), applicable, cost, request_id, headers, output_cap)
+
+    def _raise_alerts(
+        self,
+        limits: Sequence[CompiledLimit],
+        counters: Sequence[Counter],
+        values: Sequence[int],
+        model: str,
+    ) -> None:
+        assert self._alerts is not None
+        for limit, counter, after in zip(limits, counters, values, strict=True):
+            if not limit.alerts:
+                continue
+            for percent in crossed(after - counter.amount, after, counter.limit, limit.alerts):
+                self._alerts.notify(
+                    ThresholdCrossed(
+                        scope=limit.scope.value,
+                        scope_id=limit.scope_id,
+                        model=model if limit.per_model else "*",
+                        unit=limit.unit.value,
+                        window=limit.window.value,
+                        window_ends_at=window_end_iso(counter.expires_at),
+                        threshold_percent=percent,
+                        used=after,
+                        limit=counter.limit,
+                        counter_key=counter.key,
+                        expires_at=counter.expires_at,
+                    )
+                )
 
     async def settle(self, reservation: Reservation, model: CatalogueModel, used: Cost) -> None:
         """Replace the reservation with what was used. Safe to call twice (idempotent)."""

@@ -49,6 +49,8 @@ class CompiledLimit:
     per_model: bool
     models: frozenset[str] | None
     """Canonical models this limit counts; ``None`` for every model."""
+    alerts: tuple[int, ...] = ()
+    """Percentages of the limit that raise an alert when crossed."""
 
     def counts(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -91,6 +93,7 @@ class CompiledPolicy:
     global_limits: Limits
     default_max_output_tokens: int
     on_store_error: str
+    alert_webhook: str | None
 
     def resolve_model(self, requested: str) -> CatalogueModel | None:
         return self.models.get(requested)
@@ -145,7 +148,14 @@ def _limits(limits: list[Limit], scope: Scope, scope_id: str, names: list[str]) 
         )
         compiled.append(
             CompiledLimit(
-                scope, scope_id, unit, Window(limit.window), amount, limit.per_model, models
+                scope,
+                scope_id,
+                unit,
+                Window(limit.window),
+                amount,
+                limit.per_model,
+                models,
+                tuple(sorted(set(limit.alerts))),
             )
         )
     return tuple(compiled)
@@ -227,4 +237,5 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         global_limits=global_limits,
         default_max_output_tokens=budgets.default_max_output_tokens,
         on_store_error=budgets.on_store_error,
+        alert_webhook=budgets.alert_webhook,
     )

@@ -64,6 +64,12 @@ class Limit(_Strict):
     models: list[str] | None = Field(
         default=None, description="Globs: only these models count against this limit."
     )
+    alerts: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=list,
+        description="Percentages of the limit (e.g. [50, 80, 100]) that raise one alert "
+        "each per window when a reservation crosses them: logged, and POSTed to "
+        "settings.budgets.alert_webhook if set.",
+    )
 
     @model_validator(mode="after")
     def _whole_units(self) -> Limit:
@@ -147,6 +153,12 @@ class Budgets(_Strict):
         default=4096,
         gt=0,
         description="Output tokens reserved for a request that sets no max tokens.",
+    )
+    alert_webhook: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="URL that receives budget alerts as JSON POSTs (retried; off the "
+        "request path).",
     )
     on_store_error: Literal["fail_closed", "fail_open"] = Field(
         default="fail_closed",

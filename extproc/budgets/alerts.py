@@ -1,0 +1,133 @@
+"""Budget threshold alerts: one event per budget, threshold and window, off the request path.
+
+The meter hands over every threshold a reservation crossed; a background task claims it
+in the budget store (an all-or-nothing counter with a limit of 1, so across workers and
+replicas exactly one claim wins per window), logs it, and POSTs it to the policy's webhook
+with retries. A full queue is counted and logged, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from extproc.budgets.store import BudgetStore, Counter, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 1024
+RETRY_DELAYS = (0.2, 1.0, 5.0)
+DRAIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdCrossed:
+    scope: str
+    scope_id: str
+    model: str
+    unit: str
+    window: str
+    window_ends_at: str
+    threshold_percent: int
+    used: int
+    limit: int
+    counter_key: str
+    expires_at: int
+
+    def payload(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["counter_key"], data["expires_at"]
+        return {"type": "budget.threshold_crossed", **data}
+
+
+def crossed(before: int, after: int, limit: int, thresholds: tuple[int, ...]) -> list[int]:
+    """Thresholds (percent of ``limit``) that ``before → after`` passed, lowest first."""
+    return [t for t in thresholds if before * 100 < t * limit <= after * 100]
+
+
+def window_end_iso(expires_at: int) -> str:
+    return datetime.fromtimestamp(expires_at, UTC).isoformat().replace("+00:00", "Z")
+
+
+class AlertSink:
+    """A bounded queue and one sender task; ``webhook`` is read per event (hot reload)."""
+
+    def __init__(self, store: BudgetStore, webhook: Callable[[], str | None]) -> None:
+        self._store = store
+        self._webhook = webhook
+        self._queue: asyncio.Queue[ThresholdCrossed] = asyncio.Queue(QUEUE_SIZE)
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.dropped = 0
+        self.sent = 0
+        self.failed = 0
+
+    def notify(self, event: ThresholdCrossed) -> None:
+        """Hand an event over without waiting; never raises."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="budget-alerts")
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.error("budget alert queue full; dropped %s", event.payload())
+
+    async def close(self) -> None:
+        """Deliver what is queued (for at most ``DRAIN_SECONDS``), then stop."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), DRAIN_SECONDS)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _run(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self._handle(event)
+            except Exception:
+                log.exception("budget alert failed")
+            finally:
+                self._queue.task_done()
+
+    async def _handle(self, event: ThresholdCrossed) -> None:
+        claim = Counter(
+            f"alert:{event.counter_key}:{event.threshold_percent}", 1, 1, event.expires_at
+        )
+        try:
+            if not (await self._store.reserve([claim])).ok:
+                return  # another worker or replica already raised this one
+        except StoreUnavailable:
+            pass  # better a duplicate alert than a missed one
+        log.warning("budget threshold crossed: %s", event.payload())
+        url = self._webhook()
+        if url:
+            await self._post(url, event.payload())
+
+    async def _post(self, url: str, payload: dict[str, Any]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                async with self._session.post(url, json=payload) as response:
+                    if response.status < 300:
+                        self.sent += 1
+                        return
+                    reason = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = type(exc).__name__
+            if delay is None:
+                self.failed += 1
+                log.error("budget alert webhook gave up after retries (%s)", reason)
+                return
+            await asyncio.sleep(delay)
