@@ -319,3 +319,30 @@ def test_wrong_method_is_rejected(raw: Http) -> None:
 def test_ready_route_skips_policy(raw: Http) -> None:
     status, _, body = raw.request("GET", "/ready")
     assert status == 200 and body == b"ok\n"
+
+
+# --- budgets with the example policy (in-process store) ------------------------------
+
+
+def test_demo_capped_key_hits_its_budget_within_a_minute(gateway_url: str) -> None:
+    capped = oai(gateway_url, "sk-demo-capped")
+    admitted = 0
+    with pytest.raises(openai.RateLimitError) as caught:
+        for _ in range(10):
+            capped.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "tell me a story " * 30}],
+                max_tokens=150,
+            )
+            admitted += 1
+    assert 1 <= admitted <= 6
+    assert "team 'capped'" in caught.value.message
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
+
+
+def test_answers_carry_remaining_budget_headers(gateway_url: str) -> None:
+    reply = oai(gateway_url).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert reply.headers["x-ratelimit-limit-usd"] == "500"
+    assert float(reply.headers["x-ratelimit-remaining-usd"]) < 500
