@@ -204,6 +204,7 @@ AI gateway is up.
   policy       {policy}
 
 Demo keys:  sk-demo-admin (every model) · sk-demo-restricted (gpt-4o-mini only)
+            sk-demo-capped (gpt-4o-mini, 1,000 tokens a minute: see a 429 and retry-after)
 
   curl -s http://127.0.0.1:{p.gateway}/v1/chat/completions \\
     -H 'Authorization: Bearer sk-demo-admin' -H 'content-type: application/json' \\
