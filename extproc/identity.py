@@ -1,9 +1,14 @@
-"""Who is calling: a gateway key from the request headers, or JWT claims Envoy verified.
+"""Who is calling, from the sources Envoy gives us, most trusted first:
+
+1. a principal our own ext_authz already resolved (mesh mode: ext_authz runs first and
+   hands it to ext_proc as dynamic metadata, which clients cannot write);
+2. a gateway key in ``Authorization: Bearer`` or ``x-api-key``;
+3. JWT claims Envoy's ``jwt_authn`` verified (dynamic metadata again);
+4. the mesh workload: the SPIFFE id of the client certificate Envoy verified (or, only
+   when the policy trusts it, the ``x-forwarded-client-cert`` header a sidecar sanitised).
 
 Keys are never stored: the policy holds SHA-256 digests and a presented key is hashed and
-compared in constant time with the digest it maps to. JWT signatures are Envoy's job
-(``jwt_authn``); this module only reads the claims Envoy put into dynamic metadata, which
-clients cannot write.
+compared in constant time with the digest it maps to.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from datetime import datetime
 from typing import Any, Literal
 
 from extproc.errors import PermissionDenied, Unauthenticated
-from extproc.policy.compiled import CompiledPolicy, Limits, key_digest
+from extproc.policy.compiled import CompiledKey, CompiledPolicy, Limits, key_digest
 from extproc.policy.schema import JwtSettings, header_safe
+
+VOUCHED_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Where ext_authz's dynamic metadata reaches ext_proc (``forwarding_namespaces``)."""
+VOUCHED_KEY = "extproc_principal"
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller and everything policy decided about it up front."""
 
-    source: Literal["key", "jwt"]
+    source: Literal["key", "jwt", "workload"]
     key_id: str | None
     team: str
     user: str | None
@@ -47,21 +56,97 @@ def identify(
     headers: Mapping[str, str],
     metadata: Mapping[str, Any] | None,
     now: datetime,
+    peer: str | None = None,
 ) -> Principal:
-    """Resolve the caller, preferring a gateway key over JWT claims.
+    """Resolve the caller from the first source that has one (see the module docstring).
 
-    Raises :class:`Unauthenticated` (401) when no credential is usable and
-    :class:`PermissionDenied` (403) when a valid JWT maps to no team of the policy.
+    ``peer`` is the URI SAN of the client certificate Envoy verified, if any. Raises
+    :class:`Unauthenticated` (401) when no credential is usable and
+    :class:`PermissionDenied` (403) when a verified identity maps to no team.
     """
+    vouched = _vouched(metadata)
+    if vouched is not None:
+        return _from_vouched(policy, vouched, now)
     key = presented_key(headers)
     if key is not None:
         return _from_key(policy, key, now)
     claims = _jwt_claims(policy.jwt, metadata)
     if claims is not None and policy.jwt is not None:
         return _from_claims(policy, policy.jwt, claims)
+    workload = peer or (
+        xfcc_uri(headers.get("x-forwarded-client-cert")) if policy.trust_xfcc else None
+    )
+    if workload is not None and workload in policy.workloads:
+        return _from_workload(policy, workload)
     raise Unauthenticated(
         "Missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         code="missing_api_key",
+    )
+
+
+def vouch(principal: Principal) -> dict[str, str]:
+    """What ext_authz hands to ext_proc so the caller is not identified twice."""
+    fields = {"source": principal.source, "team": principal.team}
+    if principal.user is not None:
+        fields["user"] = principal.user
+    if principal.key_id is not None:
+        fields["key_id"] = principal.key_id
+    return fields
+
+
+def xfcc_uri(header: str | None) -> str | None:
+    """The ``URI=`` (SPIFFE id) of the nearest client in an x-forwarded-client-cert value."""
+    if not header:
+        return None
+    nearest = header.split(",")[-1]
+    for pair in nearest.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "uri":
+            return value.strip().strip('"') or None
+    return None
+
+
+def _vouched(metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if not metadata:
+        return None
+    namespace = metadata.get(VOUCHED_NAMESPACE)
+    vouched = namespace.get(VOUCHED_KEY) if isinstance(namespace, Mapping) else None
+    return vouched if isinstance(vouched, Mapping) else None
+
+
+def _from_vouched(policy: CompiledPolicy, vouched: Mapping[str, Any], now: datetime) -> Principal:
+    """Rebuild the principal ext_authz resolved, against this process's policy snapshot."""
+    key_id = vouched.get("key_id")
+    if isinstance(key_id, str):
+        entry = policy.keys_by_id.get(key_id)
+        if entry is None:
+            raise Unauthenticated("Incorrect API key provided.")
+        return _key_principal(entry, now)
+    team, user = vouched.get("team"), vouched.get("user")
+    if not isinstance(team, str) or team not in policy.team_models:
+        raise PermissionDenied(
+            "The caller's team is not known to the gateway.", code="team_not_allowed"
+        )
+    user_name = user if isinstance(user, str) else None
+    return Principal(
+        source="workload" if vouched.get("source") == "workload" else "jwt",
+        key_id=None,
+        team=team,
+        user=user_name,
+        allowed_models=policy.models_for(team, user_name),
+        limits=policy.limits_for(team, user_name),
+    )
+
+
+def _from_workload(policy: CompiledPolicy, spiffe_id: str) -> Principal:
+    workload = policy.workloads[spiffe_id]
+    return Principal(
+        source="workload",
+        key_id=None,
+        team=workload.team,
+        user=workload.user,
+        allowed_models=policy.models_for(workload.team, workload.user),
+        limits=policy.limits_for(workload.team, workload.user),
     )
 
 
@@ -70,6 +155,10 @@ def _from_key(policy: CompiledPolicy, key: str, now: datetime) -> Principal:
     entry = policy.keys_by_digest.get(digest)
     if entry is None or not hmac.compare_digest(entry.digest, digest):
         raise Unauthenticated("Incorrect API key provided.")
+    return _key_principal(entry, now)
+
+
+def _key_principal(entry: CompiledKey, now: datetime) -> Principal:
     if entry.disabled:
         raise Unauthenticated("This API key has been disabled.", code="api_key_disabled")
     if entry.expires_at is not None and now >= entry.expires_at:

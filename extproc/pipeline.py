@@ -15,6 +15,7 @@ here, in the caller's dialect, so adapters never decide what an error looks like
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ HEADER_MODEL = "x-gateway-model"
 """The resolved canonical model; Envoy routes on it after ``clear_route_cache``."""
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
+OFFLOAD_BODY_BYTES = 256 * 1024
+"""Bodies above this are parsed and counted in a worker thread, so one huge prompt never
+stalls the event loop (and every other stream on it)."""
 
 
 @dataclass(slots=True)
@@ -88,16 +92,58 @@ def on_request_headers(
     metadata: Mapping[str, Any] | None,
     end_of_stream: bool,
     clock: Clock = utc_now,
+    peer: str | None = None,
 ) -> Decision:
-    """Identify the caller and decide everything the headers alone can decide."""
+    """Identify the caller and decide everything the headers alone can decide.
+
+    ``peer`` is the SPIFFE id of the client certificate Envoy verified, if any.
+    """
     exchange.method = headers.get(":method", "")
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
     exchange.request_id = headers.get("x-request-id") or uuid.uuid4().hex
     try:
-        return _request_headers(exchange, headers, metadata, end_of_stream, clock)
+        return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:
         return render_error(error, exchange.envelope)
+
+
+async def authorize(
+    exchange: Exchange,
+    headers: Mapping[str, str],
+    metadata: Mapping[str, Any] | None,
+    body: bytes | None,
+    peer: str | None,
+    meter: Meter,
+    clock: Clock = utc_now,
+) -> Decision:
+    """The ext_authz decision: identity, RBAC on the body's model, a budget pre-check.
+
+    The same stages as ext_proc's request phases, minus what an authorizer cannot do
+    (rewrite the body, reserve a budget it could never settle).
+    """
+    decision = on_request_headers(exchange, headers, metadata, False, clock, peer)
+    if not isinstance(decision, Forward) or exchange.dialect is None or body is None:
+        return decision
+    if len(body) > OFFLOAD_BODY_BYTES:
+        rejected = await asyncio.to_thread(prepare_request_body, exchange, body)
+    else:
+        rejected = prepare_request_body(exchange, body)
+    if rejected is not None:
+        return rejected
+    request, model, principal = exchange.request, exchange.model, exchange.principal
+    assert request is not None and model is not None and principal is not None
+    try:
+        if principal.limits:
+            await meter.precheck(
+                principal.limits, model, exchange.input_tokens, request.max_output_tokens, clock()
+            )
+    except GatewayError as error:
+        return render_error(error, exchange.envelope)
+    return Forward(
+        set_headers=(*decision.set_headers, (HEADER_MODEL, model.name)),
+        remove_headers=decision.remove_headers,
+    )
 
 
 def _request_headers(
@@ -106,9 +152,10 @@ def _request_headers(
     metadata: Mapping[str, Any] | None,
     end_of_stream: bool,
     clock: Clock,
+    peer: str | None,
 ) -> Decision:
     policy = exchange.policy
-    principal = identity.identify(policy, headers, metadata, clock())
+    principal = identity.identify(policy, headers, metadata, clock(), peer)
     exchange.principal = principal
     path = exchange.path.partition("?")[0]
     if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):

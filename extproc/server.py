@@ -21,10 +21,12 @@ from typing import Any
 
 import grpc
 import uvloop
+from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import admin_http
+from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
 from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
@@ -86,7 +88,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     store = wiring.open_store(settings.redis_url, policies.current)
     await wiring.start_store(store)
     alerts = AlertSink(store, lambda: policies.current.alert_webhook)
-    processor = ExternalProcessor(policies, Meter(store, alerts))
+    meter = Meter(store, alerts)
+    processor = ExternalProcessor(policies, meter)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -95,6 +98,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    ext_authz_grpc.add_AuthorizationServicer_to_server(Authorization(policies, meter), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
@@ -102,6 +106,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)
     await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", serving)
+    await health_servicer.set("envoy.service.auth.v3.Authorization", serving)
     stop = asyncio.Event()
 
     async def readiness() -> dict[str, object]:

@@ -28,10 +28,6 @@ from extproc.policy.store import PolicyStore
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_BODY_BYTES = 256 * 1024
-"""Bodies above this are processed in a worker thread so one huge prompt never stalls
-the event loop (and every other stream on it)."""
-
 # A mode override replaces the whole processing mode, so each names every phase it keeps.
 _SKIP_BODY = ProcessingMode(
     request_body_mode=ProcessingMode.NONE, response_header_mode=ProcessingMode.SKIP
@@ -98,11 +94,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 _metadata(request),
                 request.request_headers.end_of_stream,
                 self._clock,
+                _peer(request),
             )
             return _answer(decision, phase)
         if phase == "request_body":
             body = request.request_body.body
-            if len(body) > OFFLOAD_BODY_BYTES:
+            if len(body) > pipeline.OFFLOAD_BODY_BYTES:
                 rejected = await asyncio.to_thread(pipeline.prepare_request_body, exchange, body)
             else:
                 rejected = pipeline.prepare_request_body(exchange, body)
@@ -147,6 +144,18 @@ def _continue(phase: str | None) -> pb.ProcessingResponse:
     if phase == "request_trailers":
         return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+PEER_ATTRIBUTE = "connection.uri_san_peer_certificate"
+"""Requested in the filter's ``request_attributes``: the verified client cert's SPIFFE id."""
+
+
+def _peer(request: pb.ProcessingRequest) -> str | None:
+    for struct in request.attributes.values():
+        value = struct.fields.get(PEER_ATTRIBUTE)
+        if value is not None and value.string_value:
+            return str(value.string_value)
+    return None
 
 
 def _metadata(request: pb.ProcessingRequest) -> Mapping[str, Any] | None:

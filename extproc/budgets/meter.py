@@ -156,6 +156,33 @@ class Meter:
                     )
                 )
 
+    async def precheck(
+        self,
+        limits: Limits,
+        model: CatalogueModel,
+        input_tokens: int,
+        requested_output: int | None,
+        now: datetime,
+    ) -> None:
+        """Raise :class:`RateLimited` if the request cannot fit now, reserving nothing.
+
+        For ext_authz, which cannot see the answer and so cannot settle: the reservation
+        itself is made by ext_proc. A request without an output cap passes if at least one
+        output token fits, since ext_proc will then cap it to what is left.
+        """
+        applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
+        if not applicable:
+            return
+        output = requested_output if requested_output is not None else 1
+        counters = _counters(applicable, model.name, price(model, input_tokens, output), now)
+        try:
+            values = await self._store.read([c.key for c in counters])
+        except StoreUnavailable:
+            raise _store_unavailable() from None
+        for index, (counter, value) in enumerate(zip(counters, values, strict=True)):
+            if value + counter.amount > counter.limit:
+                raise _rate_limited(applicable, counters, values, index, now)
+
     async def settle(self, reservation: Reservation, model: CatalogueModel, used: Cost) -> None:
         """Replace the reservation with what was used. Safe to call twice (idempotent)."""
         if reservation.settled:
@@ -173,10 +200,14 @@ class Meter:
         try:
             return await self._store.reserve(counters)
         except StoreUnavailable:
-            raise ServiceUnavailable(
-                "The budget store is unavailable, so the request cannot be admitted.",
-                code="budget_store_unavailable",
-            ) from None
+            raise _store_unavailable() from None
+
+
+def _store_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The budget store is unavailable, so the request cannot be admitted.",
+        code="budget_store_unavailable",
+    )
 
 
 def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:

@@ -19,7 +19,7 @@ from extproc.budgets.keys import Scope, Unit
 from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import default_tokenizer
 from extproc.budgets.windows import Window
-from extproc.policy.schema import JwtSettings, Limit, ModelAccess, Policy
+from extproc.policy.schema import JwtSettings, Limit, ModelAccess, Policy, Workload
 
 
 def key_digest(key: str) -> bytes:
@@ -81,6 +81,10 @@ class CompiledPolicy:
     unknown_paths: str
     jwt: JwtSettings | None
     keys_by_digest: dict[bytes, CompiledKey]
+    keys_by_id: dict[str, CompiledKey]
+    workloads: dict[str, Workload]
+    """SPIFFE id → the team (and label) a mesh workload acts as."""
+    trust_xfcc: bool
     models: dict[str, CatalogueModel]
     """Canonical names and aliases, each mapped to its catalogue entry."""
     catalogue: tuple[CatalogueModel, ...]
@@ -228,6 +232,9 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         unknown_paths=policy.settings.unknown_paths,
         jwt=policy.settings.jwt,
         keys_by_digest=keys,
+        keys_by_id={k.key_id: k for k in keys.values()},
+        workloads=dict(policy.workloads),
+        trust_xfcc=policy.settings.workload_identity.trust_xfcc,
         models=models,
         catalogue=catalogue,
         team_models=team_models,

@@ -183,6 +183,26 @@ class JwtSettings(_Strict):
     )
 
 
+class Workload(_Strict):
+    """A mesh workload (by its SPIFFE id) that may call without a key, as a team member."""
+
+    team: Name
+    user: Name | None = Field(
+        default=None,
+        description="Label for the workload in audit and headers; defaults "
+        "to none (the team is the principal).",
+    )
+
+
+class WorkloadIdentity(_Strict):
+    trust_xfcc: bool = Field(
+        default=False,
+        description="Also read the SPIFFE id from x-forwarded-client-cert. Only safe behind "
+        "an Envoy that sanitises that header (Istio sidecars do: SANITIZE_SET); otherwise "
+        "only the peer certificate Envoy verified is used.",
+    )
+
+
 class Settings(_Strict):
     unknown_paths: Literal["reject", "passthrough"] = Field(
         default="reject",
@@ -190,6 +210,7 @@ class Settings(_Strict):
         "(identity is still required).",
     )
     jwt: JwtSettings | None = None
+    workload_identity: WorkloadIdentity = Field(default_factory=WorkloadIdentity)
     budgets: Budgets = Field(default_factory=Budgets)
 
 
@@ -202,10 +223,17 @@ class Policy(_Strict):
     users: dict[Name, User] = Field(default_factory=dict)
     keys: dict[Name, Key] = Field(default_factory=dict)
     models: dict[Name, Model] = Field(default_factory=dict)
+    workloads: dict[Annotated[str, Field(pattern=r"^spiffe://[^\s]+$")], Workload] = Field(
+        default_factory=dict,
+        description="SPIFFE ids of mesh workloads mapped to teams (mTLS identity).",
+    )
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
         problems: list[str] = []
+        for spiffe, workload in self.workloads.items():
+            if workload.team not in self.teams:
+                problems.append(f"workloads.{spiffe}.team: unknown team {workload.team!r}")
         for name, user in self.users.items():
             if user.team not in self.teams:
                 problems.append(f"users.{name}.team: unknown team {user.team!r}")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.errors import PermissionDenied, Unauthenticated
-from extproc.identity import identify, presented_key
+from extproc.identity import VOUCHED_KEY, VOUCHED_NAMESPACE, identify, presented_key
 from tests.unit.policies import make_policy
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -85,3 +85,46 @@ def test_jwt_ignored_when_policy_has_no_jwt_settings() -> None:
 def test_key_wins_over_jwt() -> None:
     who = identify(POLICY, {"x-api-key": "sk-admin"}, _jwt({"sub": "bob", "groups": "apps"}), NOW)
     assert who.team == "platform"
+
+
+WORKLOAD = "spiffe://cluster.local/ns/search/sa/indexer"
+POLICY_WITH_WORKLOAD = make_policy(workloads={WORKLOAD: {"team": "apps", "user": "indexer"}})
+MESH = make_policy(
+    workloads={WORKLOAD: {"team": "apps", "user": "indexer"}},
+    settings={"jwt": {"team_claim": "groups"}, "workload_identity": {"trust_xfcc": True}},
+)
+
+
+def test_verified_peer_certificate_identifies_a_workload() -> None:
+    who = identify(POLICY_WITH_WORKLOAD, {}, None, NOW, peer=WORKLOAD)
+    assert (who.source, who.team, who.user, who.key_id) == ("workload", "apps", "indexer", None)
+    assert who.allowed_models == {"gpt-4o-mini", "claude-3-5-haiku"}  # the team's models
+
+
+def test_unknown_workload_is_unauthenticated() -> None:
+    with pytest.raises(Unauthenticated):
+        identify(POLICY_WITH_WORKLOAD, {}, None, NOW, peer="spiffe://cluster.local/ns/x/sa/y")
+
+
+@pytest.mark.parametrize(
+    ("trust", "expected"),
+    [pytest.param(True, "apps", id="trusted"), pytest.param(False, None, id="not-trusted")],
+)
+def test_xfcc_only_when_trusted(trust: bool, expected: str | None) -> None:
+    policy = MESH if trust else POLICY_WITH_WORKLOAD
+    xfcc = f"By=spiffe://cluster.local/ns/gw/sa/egress;Hash=abc;URI={WORKLOAD}"
+    headers = {"x-forwarded-client-cert": xfcc}
+    if expected is None:
+        with pytest.raises(Unauthenticated):
+            identify(policy, headers, None, NOW)
+    else:
+        assert identify(policy, headers, None, NOW).team == expected
+
+
+def test_vouched_principal_from_ext_authz_is_rebuilt_from_the_policy() -> None:
+    metadata = {VOUCHED_NAMESPACE: {VOUCHED_KEY: {"source": "key", "key_id": "bob", "team": "x"}}}
+    who = identify(POLICY, {}, metadata, NOW)
+    assert (who.key_id, who.team, who.allowed_models) == ("bob", "apps", {"gpt-4o-mini"})
+    expired = {VOUCHED_NAMESPACE: {VOUCHED_KEY: {"source": "key", "key_id": "old"}}}
+    with pytest.raises(Unauthenticated):
+        identify(POLICY, {}, expired, NOW)
