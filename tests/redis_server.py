@@ -21,6 +21,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid, free port too.
+
+    Ephemeral ports go up to 60999, so a plain free port breaks the bus one time in five.
+    """
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and _bindable(port + 10000):
+            return port
+        port = free_port() - 20000
+        if port > 1024 and _bindable(port) and _bindable(port + 10000):
+            return port
+
+
 class RedisServer:
     """A ``redis-server`` child on a fixed port that a test can kill, restart and pause.
 
@@ -30,7 +53,7 @@ class RedisServer:
     def __init__(self, cluster: bool = False) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (the test suite needs it)")
-        self.port, self.cluster = free_port(), cluster
+        self.port, self.cluster = (cluster_port() if cluster else free_port()), cluster
         self.workdir = Path(tempfile.mkdtemp(prefix="extproc-test-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -84,7 +84,7 @@ async def test_allowed_request_gets_identity_headers_and_vouched_metadata(
         pytest.param({}, chat("gpt-4o"), 401, code_pb2.UNAUTHENTICATED, id="no-key"),
         pytest.param(
             {"x-api-key": "sk-demo-restricted"},
-            chat("gpt-4o"),
+            {**chat("gpt-4o"), "max_tokens": 5},
             403,
             code_pb2.PERMISSION_DENIED,
             id="forbidden-model",
