@@ -41,9 +41,14 @@ Readiness = Callable[[], Awaitable[dict[str, object]]]
 """Returns the serving state; its ``ready`` entry decides the status code of /healthz."""
 
 
-async def start(host: str, port: int, policies: PolicyStore, readiness: Readiness) -> web.AppRunner:
-    """Start serving; the caller owns the returned runner and must ``cleanup()`` it."""
-    registry = CollectorRegistry()
+async def start(
+    host: str,
+    port: int,
+    policies: PolicyStore,
+    readiness: Readiness,
+    registry: CollectorRegistry,
+) -> web.AppRunner:
+    """Start serving ``registry`` (plus the policy's state); the caller owns the runner."""
     registry.register(_PolicyCollector(policies))
 
     async def healthz(_: web.Request) -> web.Response:

@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
         "without it counters live in this process)",
     )
     serve.add_argument(
+        "--audit-file",
+        type=Path,
+        default=os.environ.get("EXTPROC_AUDIT_FILE"),
+        help="append one JSON audit record per exchange to this file (rotated at 100 MB)",
+    )
+    serve.add_argument(
+        "--audit-stdout", action="store_true", help="also write audit records to stdout"
+    )
+    serve.add_argument(
+        "--audit-redis-stream",
+        default=os.environ.get("EXTPROC_AUDIT_REDIS_STREAM"),
+        help="also XADD audit records to this Redis Stream (on --redis-url, MAXLEN ~1M)",
+    )
+    serve.add_argument(
         "--reload-interval",
         type=float,
         default=1.0,
@@ -120,6 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
         grace_seconds=args.grace,
         redis_url=args.redis_url,
+        audit_file=args.audit_file,
+        audit_stdout=args.audit_stdout,
+        audit_redis_stream=args.audit_redis_stream,
     )
     try:
         return serve(settings)

@@ -16,6 +16,7 @@ here, in the caller's dialect, so adapters never decide what an error looks like
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class Exchange:
     request: LLMRequest | None = None
     model: CatalogueModel | None = None
     request_id: str = ""
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    """Guardrail verdicts (rule, action, entity types, counts; never matched text)."""
     input_tokens: int = 0
     """Prompt tokens counted before the call (only when a budget needs them)."""
     rewrites: dict[JsonPath, Any] = field(default_factory=dict)
@@ -73,6 +76,17 @@ class Exchange:
     response_usage: StreamUsage | None = None
     response_tail: bytearray | None = None
     """The JSON answer (bounded), for its usage block."""
+    observe_response: bool = False
+    """Set by the adapter when audit or metrics need every answer's status."""
+    status: int = 0
+    """The HTTP status the caller got: ours when we answered, else the upstream's."""
+    error_code: str | None = None
+    used: Cost | None = None
+    usage_source: str = "none"
+    """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
+    started: float = field(default_factory=time.monotonic)
+    durations: dict[str, float] = field(default_factory=dict)
+    """Seconds of service time per phase (added up when a phase repeats)."""
 
     @property
     def metered(self) -> bool:
@@ -105,7 +119,7 @@ def on_request_headers(
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:
-        return render_error(error, exchange.envelope)
+        return _reject(exchange, error)
 
 
 async def authorize(
@@ -139,7 +153,7 @@ async def authorize(
                 principal.limits, model, exchange.input_tokens, request.max_output_tokens, clock()
             )
     except GatewayError as error:
-        return render_error(error, exchange.envelope)
+        return _reject(exchange, error)
     return Forward(
         set_headers=(*decision.set_headers, (HEADER_MODEL, model.name)),
         remove_headers=decision.remove_headers,
@@ -161,6 +175,7 @@ def _request_headers(
     if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
         if exchange.method != "GET":
             raise _invalid_url(exchange)
+        exchange.status = 200
         return list_models(access.visible_models(policy, principal), path, headers)
 
     scrubbed = _scrubbed_headers(headers)
@@ -180,7 +195,7 @@ def _request_headers(
     return Forward(
         set_headers=_identity_headers(principal),
         remove_headers=scrubbed,
-        process_response=exchange.metered,
+        process_response=exchange.metered or exchange.observe_response,
     )
 
 
@@ -205,7 +220,7 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
             exchange.input_tokens = prompt_tokens(model, request)
             exchange.rewrites.update(dialect.stream_usage_rewrites(request))
     except GatewayError as error:
-        return render_error(error, exchange.envelope)
+        return _reject(exchange, error)
     return None
 
 
@@ -231,7 +246,7 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
             if cap is not None and dialect.output_cap_field is not None:
                 exchange.rewrites[(dialect.output_cap_field,)] = cap
     except GatewayError as error:
-        return render_error(error, exchange.envelope)
+        return _reject(exchange, error)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
     return Forward(set_headers=((HEADER_MODEL, model.name),), body=body, clear_route_cache=True)
 
@@ -239,16 +254,24 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
 def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
     """Note the status; add budget headers; ask for the body only if usage is needed."""
     exchange.response_status = int(headers.get(":status", "0") or 0)
+    exchange.status = exchange.response_status
     reservation = exchange.reservation
-    if reservation is None:
-        return CONTINUE
-    wants_body = 200 <= exchange.response_status < 300
-    if wants_body and exchange.request is not None:
+    wants_body = (
+        200 <= exchange.response_status < 300
+        and exchange.request is not None
+        and (reservation is not None or exchange.observe_response)
+    )
+    if exchange.request is not None and wants_body:
         if headers.get("content-type", "").startswith("text/event-stream"):
             exchange.response_usage = StreamUsage(exchange.request.dialect)
         else:
             exchange.response_tail = bytearray()
-    return Forward(set_headers=reservation.headers, stream_response_body=wants_body)
+    if reservation is None and not wants_body:
+        return CONTINUE
+    return Forward(
+        set_headers=reservation.headers if reservation is not None else (),
+        stream_response_body=wants_body,
+    )
 
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -275,25 +298,41 @@ def used(exchange: Exchange) -> Cost:
     that never got an answer (client gone first) is charged its prompt.
     """
     model, reservation = exchange.model, exchange.reservation
-    assert model is not None and reservation is not None
+    assert model is not None
     usage = _reported_usage(exchange)
     if usage is not None:
+        exchange.usage_source = "provider"
         return usage_cost(model, usage)
+    exchange.usage_source = "estimate"
     status = exchange.response_status
     if status >= 300 or (status == 0 and exchange.response_usage is None):
         tokens_in = exchange.input_tokens if status == 0 else 0
         return usage_cost(model, Usage(tokens_in, 0))
     streamed = exchange.response_usage.content_events if exchange.response_usage else 0
-    return usage_cost(
-        model, Usage(exchange.input_tokens, min(streamed, reservation.reserved.output_tokens))
-    )
+    if reservation is not None:
+        streamed = min(streamed, reservation.reserved.output_tokens)
+    return usage_cost(model, Usage(exchange.input_tokens, streamed))
+
+
+def account(exchange: Exchange) -> None:
+    """Work out what the exchange used, once its answer is over (or cut).
+
+    Known for every exchange that reserved a budget or whose answer the service saw;
+    ``None`` for one forwarded without either (nothing to measure it by).
+    """
+    seen = exchange.reservation is not None or exchange.response_status != 0
+    if exchange.used is None and exchange.model is not None and seen:
+        exchange.used = used(exchange)
 
 
 async def settle(exchange: Exchange, meter: Meter) -> None:
-    """Replace the reservation with what was used (idempotent; no-op without one)."""
-    if exchange.reservation is None or exchange.reservation.settled or exchange.model is None:
+    """Account the exchange and replace its reservation with what was used (idempotent)."""
+    account(exchange)
+    reservation = exchange.reservation
+    if reservation is None or reservation.settled or exchange.model is None:
         return
-    await meter.settle(exchange.reservation, exchange.model, used(exchange))
+    assert exchange.used is not None
+    await meter.settle(reservation, exchange.model, exchange.used)
 
 
 def _reported_usage(exchange: Exchange) -> Usage | None:
@@ -324,6 +363,13 @@ def _json_or_tail(raw: bytearray) -> Any:
             except orjson.JSONDecodeError:
                 return None
     return None
+
+
+def _reject(exchange: Exchange, error: GatewayError) -> Reply:
+    """Render ``error`` for the caller and remember the outcome for audit and metrics."""
+    exchange.status = error.status
+    exchange.error_code = error.code
+    return render_error(error, exchange.envelope)
 
 
 def _scrubbed_headers(headers: Mapping[str, str]) -> tuple[str, ...]:

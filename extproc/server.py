@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,8 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
 from extproc.adapters.ext_authz import Authorization
@@ -32,6 +37,9 @@ from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
+from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdout
+from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.observer import Observer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,11 @@ class ServeSettings:
     reload_interval: float = 1.0
     grace_seconds: float = 20.0
     redis_url: str | None = None
+    audit_file: Path | None = None
+    audit_stdout: bool = False
+    audit_redis_stream: str | None = None
+    worker_index: int | None = None
+    """Set in worker processes (``--workers N``): suffixes the audit file name."""
 
 
 class ConfigurationError(Exception):
@@ -89,7 +102,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await wiring.start_store(store)
     alerts = AlertSink(store, lambda: policies.current.alert_webhook)
     meter = Meter(store, alerts)
-    processor = ExternalProcessor(policies, meter)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry if admin else None)
+    audit = AuditLog(
+        _audit_sinks(settings), on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc()
+    )
+    observer = Observer(metrics, audit)
+    processor = ExternalProcessor(policies, meter, observer)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -98,7 +117,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    ext_authz_grpc.add_AuthorizationServicer_to_server(Authorization(policies, meter), server)
+    ext_authz_grpc.add_AuthorizationServicer_to_server(
+        Authorization(policies, meter, observer), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
@@ -115,7 +136,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     runner = None
     if admin:
         runner = await admin_http.start(
-            settings.admin_host, settings.admin_port, policies, readiness
+            settings.admin_host, settings.admin_port, policies, readiness, registry
         )
     log.info(
         "extproc serving gRPC on %s (pid %d, policy %s version %s, budgets in %s)",
@@ -140,11 +161,28 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         await watcher
     await server.stop(settings.grace_seconds)
     await processor.drain()
+    await audit.close()
     await alerts.close()
     await store.close()
     if runner is not None:
         await runner.cleanup()
     log.info("stopped")
+
+
+def _audit_sinks(settings: ServeSettings) -> list[Sink]:
+    sinks: list[Sink] = []
+    if settings.audit_file is not None:
+        path = settings.audit_file
+        if settings.worker_index is not None:  # one file per worker: rotation needs one writer
+            path = path.with_name(f"{path.stem}-w{settings.worker_index}{path.suffix}")
+        sinks.append(JsonlFile(path))
+    if settings.audit_stdout:
+        sinks.append(Stdout())
+    if settings.audit_redis_stream:
+        if not settings.redis_url:
+            raise ConfigurationError("--audit-redis-stream needs --redis-url (or REDIS_URL)")
+        sinks.append(RedisStream(settings.redis_url, settings.audit_redis_stream))
+    return sinks
 
 
 def _worker_main(settings: ServeSettings) -> None:
@@ -174,9 +212,17 @@ async def _grpc_serving(address: str) -> bool:
 
 def _supervise(settings: ServeSettings) -> int:
     """Start the workers, serve the admin port, forward stop signals, reap the workers."""
+    # Workers write their metrics to files here; this process adds them up on /metrics.
+    # Set before the workers start: prometheus_client reads it when first imported.
+    metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker_main, args=(settings,), name=f"extproc-worker-{i}")
+        context.Process(
+            target=_worker_main,
+            args=(dataclasses.replace(settings, worker_index=i),),
+            name=f"extproc-worker-{i}",
+        )
         for i in range(settings.workers)
     ]
     for worker in workers:
@@ -190,8 +236,10 @@ def _supervise(settings: ServeSettings) -> int:
             serving = not dead and await _grpc_serving(settings.grpc_address)
             return {"ready": serving, "workers": len(workers), "dead_workers": dead}
 
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         admin = await admin_http.start(
-            settings.admin_host, settings.admin_port, policies, readiness
+            settings.admin_host, settings.admin_port, policies, readiness, registry
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -211,6 +259,7 @@ def _supervise(settings: ServeSettings) -> int:
         for worker in workers:
             await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
         await admin.cleanup()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         return 1 if failed else 0
 
     return _run(supervise())

@@ -74,6 +74,8 @@ class Stack:
     log_dir: Path | None = None
     workers: int = 1
     redis_url: str | None = None
+    serve_args: tuple[str, ...] = ()
+    """Extra ``extproc serve`` flags (audit sinks, …)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -98,6 +100,7 @@ class Stack:
                 "--workers",
                 str(self.workers),
                 *(["--redis-url", self.redis_url] if self.redis_url else []),
+                *self.serve_args,
             ],
         )
         # Envoy starts last so its first gRPC health check of the service succeeds.

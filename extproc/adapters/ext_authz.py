@@ -11,6 +11,7 @@ identifying the caller a second time. Body rewrites stay ext_proc's job.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -29,6 +30,7 @@ from extproc.errors import GatewayError
 from extproc.identity import VOUCHED_KEY, vouch
 from extproc.pipeline import Clock, Exchange
 from extproc.policy.store import PolicyStore
+from extproc.telemetry.observer import Observer, null_observer
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,23 @@ _GRPC_CODE = {
 
 
 class Authorization(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, policies: PolicyStore, meter: Meter, clock: Clock = pipeline.utc_now):
+    """Denials are audited here (ext_proc never sees them); allowed requests by ext_proc."""
+
+    def __init__(
+        self,
+        policies: PolicyStore,
+        meter: Meter,
+        observer: Observer | None = None,
+        clock: Clock = pipeline.utc_now,
+    ) -> None:
         self._policies = policies
         self._meter = meter
+        self._observer = observer or null_observer()
         self._clock = clock
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         exchange = Exchange(policy=self._policies.current)
+        started = time.perf_counter()
         try:
             http = request.attributes.request.http
             headers = {":path": http.path, ":method": http.method, **dict(http.headers)}
@@ -70,8 +82,13 @@ class Authorization(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         except Exception:
             log.exception("unexpected error in Check")
             error = GatewayError("The gateway failed to authorize the request.")
+            exchange.status, exchange.error_code = error.status, error.code
             decision = render_error(error, exchange.envelope)
+        elapsed = time.perf_counter() - started
+        exchange.durations["ext_authz_check"] = elapsed
+        self._observer.phase("ext_authz_check", elapsed)
         if isinstance(decision, Reply):
+            self._observer.finish(exchange)
             return _denied(decision)
         return _allowed(decision, exchange)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
 from extproc.pipeline import Clock, Exchange
 from extproc.policy.store import PolicyStore
+from extproc.telemetry.observer import Observer, null_observer
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +44,69 @@ _STREAM_RESPONSE_BODY = ProcessingMode(
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(
-        self, policies: PolicyStore, meter: Meter, clock: Clock = pipeline.utc_now
+        self,
+        policies: PolicyStore,
+        meter: Meter,
+        observer: Observer | None = None,
+        clock: Clock = pipeline.utc_now,
     ) -> None:
         self._policies = policies
         self._meter = meter
+        self._observer = observer or null_observer()
         self._clock = clock
-        self._settling: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange = Exchange(policy=self._policies.current)
+        exchange = Exchange(
+            policy=self._policies.current, observe_response=self._observer.wants_responses
+        )
         try:
             async for request in requests:
+                phase = request.WhichOneof("request") or "unknown"
+                started = time.perf_counter()
                 try:
                     response = await self._phase(exchange, request)
                 except Exception:
-                    log.exception("unexpected error in %s phase", request.WhichOneof("request"))
+                    log.exception("unexpected error in %s phase", phase)
                     error = GatewayError("The gateway failed to process the request.")
+                    exchange.status, exchange.error_code = error.status, error.code
                     yield immediate_response(render_error(error, exchange.envelope))
                     return
+                finally:
+                    elapsed = time.perf_counter() - started
+                    exchange.durations[phase] = exchange.durations.get(phase, 0.0) + elapsed
+                    self._observer.phase(phase, elapsed)
                 yield response
         finally:
-            # The client went away, the upstream failed or Envoy closed the stream early:
-            # settle from what is known. In a task of its own, because this one may be
-            # being cancelled; drain() waits for these on shutdown.
-            if exchange.reservation is not None and not exchange.reservation.settled:
-                task = asyncio.create_task(self._settle(exchange))
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+            self._finish(exchange)
+
+    def _finish(self, exchange: Exchange) -> None:
+        """Account and report the exchange once its stream is over.
+
+        A reservation still open means the client went away, the upstream failed or
+        Envoy closed the stream early: it is settled from what is known, in a task of its
+        own because this one may be being cancelled (``drain()`` waits for those).
+        """
+        if not exchange.method:
+            return  # the stream carried no request
+        if exchange.reservation is not None and not exchange.reservation.settled:
+            task = asyncio.create_task(self._settle_and_report(exchange))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return
+        pipeline.account(exchange)
+        self._observer.finish(exchange)
 
     async def drain(self) -> None:
         """Wait for settlements still running (called on shutdown, after streams end)."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        while self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    async def _settle_and_report(self, exchange: Exchange) -> None:
+        await self._settle(exchange)
+        self._observer.finish(exchange)
 
     async def _settle(self, exchange: Exchange) -> None:
         try:

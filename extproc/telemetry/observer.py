@@ -1,0 +1,35 @@
+"""Where an adapter reports phases and finished exchanges: metrics and audit in one call."""
+
+from __future__ import annotations
+
+from extproc.pipeline import Exchange
+from extproc.telemetry.audit import AuditLog
+from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.record import exchange_record
+
+
+class Observer:
+    def __init__(self, metrics: Metrics | None, audit: AuditLog) -> None:
+        self.metrics = metrics
+        self.audit = audit
+
+    @property
+    def wants_responses(self) -> bool:
+        """Statuses and usage of every answer are needed (not only metered ones)."""
+        return self.metrics is not None or self.audit.enabled
+
+    def phase(self, name: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.phase.labels(name).observe(seconds)
+
+    def finish(self, exchange: Exchange) -> None:
+        """Report one exchange that is over; called exactly once per exchange."""
+        record = exchange_record(exchange)
+        if self.metrics is not None:
+            self.metrics.observe(record)
+        self.audit.submit(record)
+
+
+def null_observer() -> Observer:
+    """For tests and tools that run the adapters without telemetry."""
+    return Observer(None, AuditLog(()))

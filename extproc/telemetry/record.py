@@ -1,0 +1,49 @@
+"""The audit record of one exchange: who, what, how it ended, what it cost.
+
+Built from the exchange's typed state once it is over. It never holds a gateway key (only
+the key's id), a prompt or an answer, and guardrail verdicts carry entity types and counts,
+never matched values: the record can be shipped anywhere.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from extproc.pipeline import Exchange
+
+
+def exchange_record(exchange: Exchange) -> dict[str, Any]:
+    principal, request, model = exchange.principal, exchange.request, exchange.model
+    used = exchange.used
+    reservation = exchange.reservation
+    if exchange.error_code == "budget_exceeded":
+        budget = "rejected"
+    elif reservation is None:
+        budget = "none"
+    else:
+        budget = "clamped" if reservation.output_cap is not None else "reserved"
+    return {
+        "request_id": exchange.request_id,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "key_id": principal.key_id if principal else None,
+        "identity": principal.source if principal else None,
+        "user": principal.user if principal else None,
+        "team": principal.team if principal else None,
+        "method": exchange.method,
+        "path": exchange.path.partition("?")[0],
+        "dialect": request.dialect if request else None,
+        "model_requested": request.model if request else None,
+        "model": model.name if model else None,
+        "stream": request.stream if request else None,
+        "status": exchange.status or None,
+        "error": exchange.error_code,
+        "input_tokens": used.input_tokens if used else None,
+        "output_tokens": used.output_tokens if used else None,
+        "cost_micro_usd": used.micro_usd if used else None,
+        "usage_source": exchange.usage_source if used else None,
+        "budget": budget,
+        "guardrails": list(exchange.verdicts),
+        "policy_version": exchange.policy.version,
+        "durations_ms": {p: round(s * 1000, 3) for p, s in exchange.durations.items()},
+    }
