@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also XADD audit records to this Redis Stream (on --redis-url, MAXLEN ~1M)",
     )
     serve.add_argument(
+        "--admin-token-env",
+        default="EXTPROC_ADMIN_TOKEN",
+        help="environment variable holding the admin API token; the API (usage, recent "
+        "audit events) is served on the gRPC port only when it is set",
+    )
+    serve.add_argument(
         "--reload-interval",
         type=float,
         default=1.0,
@@ -95,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
     usage.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    usage.add_argument(
+        "--remote",
+        metavar="HOST:PORT",
+        help="ask a running service's admin API (its gRPC port) instead of Redis; "
+        "the token comes from $EXTPROC_ADMIN_TOKEN",
+    )
     usage.add_argument("--team", help="only this team's budgets (its users and keys too)")
     usage.add_argument("--json", action="store_true", help="one JSON object per budget")
     usage.set_defaults(run=_usage)
@@ -137,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         audit_file=args.audit_file,
         audit_stdout=args.audit_stdout,
         audit_redis_stream=args.audit_redis_stream,
+        admin_token=os.environ.get(args.admin_token_env) or None,
     )
     try:
         return serve(settings)
@@ -186,10 +199,12 @@ def _usage(args: argparse.Namespace) -> int:
     from extproc.budgets.store import StoreUnavailable
     from extproc.policy.loader import PolicyError, load_policy
 
+    if args.remote:
+        return _usage_remote(args)
     if not args.redis_url:
         print(
-            "extproc usage reads the shared budget store: pass --redis-url or set REDIS_URL "
-            "(counters of a service running without Redis live inside that process only)",
+            "extproc usage reads the shared budget store: pass --redis-url (or set REDIS_URL),"
+            " or --remote HOST:PORT to ask a running service",
             file=sys.stderr,
         )
         return 2
@@ -211,6 +226,33 @@ def _usage(args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:
         print(f"extproc usage: Redis is unavailable: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps([line.as_dict() for line in lines], indent=2))
+    else:
+        print(format_table(lines) if lines else "no budgets configured")
+    return 0
+
+
+def _usage_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from extproc.admin.v1 import admin_pb2, admin_pb2_grpc
+    from extproc.budgets.report import UsageLine, format_table
+
+    token = os.environ.get("EXTPROC_ADMIN_TOKEN", "")
+    with grpc.insecure_channel(args.remote) as channel:
+        try:
+            stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+            reply = stub.GetUsage(
+                admin_pb2.GetUsageRequest(team=args.team or ""),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            print(f"extproc usage: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    fields = [f.name for f in admin_pb2.BudgetUsage.DESCRIPTOR.fields]
+    lines = [UsageLine(**{f: getattr(b, f) for f in fields}) for b in reply.budgets]
     if args.json:
         print(json.dumps([line.as_dict() for line in lines], indent=2))
     else:

@@ -31,8 +31,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
+from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
+from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
 from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
@@ -61,6 +63,8 @@ class ServeSettings:
     audit_file: Path | None = None
     audit_stdout: bool = False
     audit_redis_stream: str | None = None
+    admin_token: str | None = None
+    """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
     worker_index: int | None = None
     """Set in worker processes (``--workers N``): suffixes the audit file name."""
 
@@ -120,6 +124,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
     )
+    if settings.admin_token:
+        admin_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
+            AdminApi(policies, store, observer.recent, settings.admin_token), server
+        )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
@@ -131,7 +139,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     stop = asyncio.Event()
 
     async def readiness() -> dict[str, object]:
-        return {"ready": not stop.is_set(), "workers": 1}
+        store_state = await wiring.store_health(store, policies.current)
+        ready = not stop.is_set() and store_state != "unreachable"
+        return {"ready": ready, "workers": 1, "budget_store": store_state}
 
     runner = None
     if admin:
@@ -232,6 +242,8 @@ def _supervise(settings: ServeSettings) -> int:
         policies = PolicyStore(settings.policy)
 
         async def readiness() -> dict[str, object]:
+            # Workers' budget store is not probed here: they share one Redis, whose state
+            # each worker reports through its own admission answers (503 when fail_closed).
             dead = [w.name for w in workers if not w.is_alive()]
             serving = not dead and await _grpc_serving(settings.grpc_address)
             return {"ready": serving, "workers": len(workers), "dead_workers": dead}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.redis_store import RedisStore
 from extproc.budgets.resilient_store import FailMode, ResilientStore
-from extproc.budgets.store import BudgetStore
+from extproc.budgets.store import BudgetStore, StoreUnavailable
 from extproc.budgets.tokens import warm_up
 from extproc.policy.compiled import CompiledPolicy
 
@@ -30,6 +30,17 @@ def follow_policy(store: BudgetStore, policy: CompiledPolicy) -> None:
     """Apply a reloaded policy's fail mode to a running store."""
     if isinstance(store, ResilientStore):
         store.mode = FailMode(policy.on_store_error)
+
+
+async def store_health(store: BudgetStore, policy: CompiledPolicy) -> str:
+    """``ok``, ``degraded`` (down but fail_open admits) or ``unreachable`` (fail_closed)."""
+    if not isinstance(store, ResilientStore):
+        return "ok"
+    try:
+        await store.ping()
+    except StoreUnavailable:
+        return "degraded" if policy.on_store_error == "fail_open" else "unreachable"
+    return "ok"
 
 
 def warm_tokenizers(policy: CompiledPolicy) -> None:

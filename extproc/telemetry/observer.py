@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Any
+
 from extproc.pipeline import Exchange
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.metrics import Metrics
@@ -9,9 +12,11 @@ from extproc.telemetry.record import exchange_record
 
 
 class Observer:
-    def __init__(self, metrics: Metrics | None, audit: AuditLog) -> None:
+    def __init__(self, metrics: Metrics | None, audit: AuditLog, recent: int = 1000) -> None:
         self.metrics = metrics
         self.audit = audit
+        self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        """The latest records, for the admin API's ListAuditEvents."""
 
     @property
     def wants_responses(self) -> bool:
@@ -28,6 +33,7 @@ class Observer:
         if self.metrics is not None:
             self.metrics.observe(record)
         self.audit.submit(record)
+        self.recent.append(record)
 
 
 def null_observer() -> Observer:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -12,28 +15,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import openai
 import pytest
 import yaml
 
-from extproc.budgets.pricing import Price, cost_micro_usd
-from extproc.stack import Ports, Stack, running
+from extproc.admin.v1 import admin_pb2, admin_pb2_grpc
+from extproc.budgets.pricing import Price, cost_micro_usd, micro_to_usd
+from extproc.stack import ROOT, Ports, Stack, running
 from tests.e2e.conftest import ADMIN_KEY, EXAMPLE_POLICY, RESTRICTED_KEY, Http
 
 pytestmark = pytest.mark.e2e
 
 SECRET_EMAIL = "jane.doe.secret@example.org"
+TOKEN_ENV = "EXTPROC_TEST_ADMIN_TOKEN"
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
     logs = tmp_path_factory.mktemp("telemetry")
     audit = logs / "audit.jsonl"
+    os.environ[TOKEN_ENV] = ADMIN_TOKEN
     stack = Stack(
         policy=EXAMPLE_POLICY,
         ports=Ports.free(),
         log_dir=logs,
-        serve_args=("--audit-file", str(audit)),
+        serve_args=("--audit-file", str(audit), "--admin-token-env", TOKEN_ENV),
     )
     with running(stack):
         yield stack, audit
@@ -148,6 +156,51 @@ def test_metrics_and_audit_after_a_mix_of_traffic(audited: tuple[Stack, Path]) -
         metric_sum(metrics, "extproc_phase_duration_seconds_count", phase="request_headers") >= sent
     )
     assert re.search(r'^extproc_policy_info\{version="[0-9a-f]{12}"\} 1\.0$', metrics, re.M)
+
+    # The usage API agrees with the metrics: the global daily dollar budget holds every
+    # exchange's cost, and the capped team's minute budget every token it used.
+    usage = admin_usage(stack)
+    (global_usd,) = [b for b in usage if b["scope"] == "global"]
+    assert global_usd["used"] == micro_to_usd(int(expected_cost))
+    (capped,) = [b for b in usage if b["scope_id"] == "capped"]
+    capped_tokens = sum(
+        r["input_tokens"] + r["output_tokens"] for r in allowed if r["team"] == "capped"
+    )
+    assert int(capped["used"]) == capped_tokens
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.ports.grpc}")
+    stub = admin_pb2_grpc.AdminStub(channel)
+    rejected = stub.ListAuditEvents(
+        admin_pb2.ListAuditEventsRequest(status=429),
+        metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+    )
+    assert [e.team for e in rejected.events] == ["capped"]
+    assert json.loads(rejected.events[0].record_json)["error"] == "budget_exceeded"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetUsage(admin_pb2.GetUsageRequest(), metadata=[("authorization", "Bearer nope")])
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def admin_usage(stack: Stack) -> list[dict[str, Any]]:
+    """``extproc usage --remote``: the CLI over the admin API."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "usage",
+            "--remote",
+            f"127.0.0.1:{stack.ports.grpc}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "EXTPROC_ADMIN_TOKEN": ADMIN_TOKEN},
+        check=True,
+    )
+    return list(json.loads(result.stdout))
 
 
 def test_sigterm_under_load_loses_no_audit_record(tmp_path: Path) -> None:
