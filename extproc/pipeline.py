@@ -65,6 +65,8 @@ class Exchange:
     request: LLMRequest | None = None
     model: CatalogueModel | None = None
     request_id: str = ""
+    trace_id: str | None = None
+    """From the caller's W3C ``traceparent`` (forwarded upstream untouched by Envoy)."""
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     """Guardrail verdicts (rule, action, entity types, counts; never matched text)."""
     input_tokens: int = 0
@@ -116,6 +118,7 @@ def on_request_headers(
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
     exchange.request_id = headers.get("x-request-id") or uuid.uuid4().hex
+    exchange.trace_id = trace_id(headers.get("traceparent"))
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:
@@ -363,6 +366,20 @@ def _json_or_tail(raw: bytearray) -> Any:
             except orjson.JSONDecodeError:
                 return None
     return None
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), if valid."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    try:
+        int(parts[1], 16)
+    except ValueError:
+        return None
+    return parts[1].lower()
 
 
 def _reject(exchange: Exchange, error: GatewayError) -> Reply:

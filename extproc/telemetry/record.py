@@ -25,6 +25,7 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         budget = "clamped" if reservation.output_cap is not None else "reserved"
     return {
         "request_id": exchange.request_id,
+        "trace_id": exchange.trace_id,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "key_id": principal.key_id if principal else None,
         "identity": principal.source if principal else None,

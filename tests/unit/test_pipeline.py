@@ -138,3 +138,24 @@ async def test_body_errors_use_anthropic_envelope_on_messages() -> None:
     assert isinstance(decision, Reply) and decision.status == 400
     body = orjson.loads(decision.body)
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        pytest.param(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            id="valid",
+        ),
+        pytest.param(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", None, id="all-zero"
+        ),
+        pytest.param("00-xyz-00f067aa0ba902b7-01", None, id="malformed"),
+        pytest.param(None, None, id="absent"),
+    ],
+)
+def test_trace_id_from_traceparent(header: str | None, expected: str | None) -> None:
+    from extproc.pipeline import trace_id
+
+    assert trace_id(header) == expected
