@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: up test unit e2e lint format schema install clean
+.PHONY: up test unit e2e lint format schema compose-config install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +29,41 @@ e2e: $(STAMP)
 	$(PY) -m pytest -q tests/e2e
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check extproc tests
-	$(VENV)/bin/ruff format --check extproc tests
+	$(VENV)/bin/ruff check extproc tests deploy
+	$(VENV)/bin/ruff format --check extproc tests deploy
 	$(VENV)/bin/mypy extproc
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format extproc tests
-	$(VENV)/bin/ruff check --fix extproc tests
+	$(VENV)/bin/ruff format extproc tests deploy
+	$(VENV)/bin/ruff check --fix extproc tests deploy
+
+## make compose-config: regenerate deploy/compose/envoy.yaml from envoy/gateway.yaml
+compose-config: $(STAMP)
+	$(PY) deploy/compose/render_envoy.py
 
 schema: $(STAMP)
 	$(PY) -m extproc schema > policies/policy.schema.json
 
 clean:
 	rm -rf $(VENV) .stack build *.egg-info
+
+## make bench: the benchmark harness (bench/README.md); results go to bench/results/.
+## BENCH_ARGS=--quick for a few seconds per step, --only 0,1,5 for some scenarios.
+BENCH_VENV := bench/.venv-litellm
+BENCH_ARGS ?=
+.PHONY: bench bench-peers bench-tools
+
+bench-tools: $(STAMP)
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+		|| { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
+
+bench: $(STAMP) bench-tools
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+## make bench-peers: the same run plus LiteLLM proxy, installed into bench/.venv-litellm.
+bench-peers: $(STAMP) bench-tools
+	@test -x $(BENCH_VENV)/bin/litellm || ( $(PYTHON) -m venv $(BENCH_VENV) \
+		&& $(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip \
+		&& $(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements-litellm.txt )
+	$(PY) -m bench.run --peers $(BENCH_ARGS)

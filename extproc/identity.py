@@ -67,17 +67,24 @@ def identify(
     vouched = _vouched(metadata)
     if vouched is not None:
         return _from_vouched(policy, vouched, now)
-    key = presented_key(headers)
-    if key is not None:
-        return _from_key(policy, key, now)
-    claims = _jwt_claims(policy.jwt, metadata)
-    if claims is not None and policy.jwt is not None:
-        return _from_claims(policy, policy.jwt, claims)
     workload = peer or (
         xfcc_uri(headers.get("x-forwarded-client-cert")) if policy.trust_xfcc else None
     )
-    if workload is not None and workload in policy.workloads:
-        return _from_workload(policy, workload)
+    known_workload = workload if workload is not None and workload in policy.workloads else None
+    key = presented_key(headers)
+    if key is not None:
+        try:
+            return _from_key(policy, key, now)
+        except Unauthenticated:
+            # SDKs insist on sending some key; a verified, mapped workload still is one.
+            if known_workload is None:
+                raise
+            return _from_workload(policy, known_workload)
+    claims = _jwt_claims(policy.jwt, metadata)
+    if claims is not None and policy.jwt is not None:
+        return _from_claims(policy, policy.jwt, claims)
+    if known_workload is not None:
+        return _from_workload(policy, known_workload)
     raise Unauthenticated(
         "Missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         code="missing_api_key",

@@ -128,3 +128,10 @@ def test_vouched_principal_from_ext_authz_is_rebuilt_from_the_policy() -> None:
     expired = {VOUCHED_NAMESPACE: {VOUCHED_KEY: {"source": "key", "key_id": "old"}}}
     with pytest.raises(Unauthenticated):
         identify(POLICY, {}, expired, NOW)
+
+
+def test_workload_wins_over_an_unknown_placeholder_key() -> None:
+    headers = {"authorization": "Bearer placeholder-the-sdk-insists-on"}
+    assert identify(POLICY_WITH_WORKLOAD, headers, None, NOW, peer=WORKLOAD).source == "workload"
+    known = {"authorization": "Bearer sk-admin"}
+    assert identify(POLICY_WITH_WORKLOAD, known, None, NOW, peer=WORKLOAD).team == "platform"
