@@ -26,7 +26,7 @@ ENV EXTPROC_POLICY=/etc/extproc/policies/example.yaml
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # 50051 ext_authz + ext_proc + gRPC health · 9464 /healthz + /metrics · 8099 mock upstream
-EXPOSE 50051 9464 8099
+EXPOSE 50051 9464 8099 8098
 ENTRYPOINT ["extproc"]
 # In a container the service must listen on the container's interfaces, not loopback.
 CMD ["serve", "--grpc", "0.0.0.0:50051", "--admin-host", "0.0.0.0"]

@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     mock = commands.add_parser("mock-upstream", help="run the mock LLM upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8099)
+    mock.add_argument(
+        "--name", default="mock", help="this mock's name, for x-mock-fail (fail-over demos)"
+    )
     mock.set_defaults(run=_mock_upstream)
 
     up = commands.add_parser("up", help="run Envoy, the service and the mock upstream")
@@ -271,7 +274,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     from extproc.mock_upstream import run
 
     _logging()
-    run(args.host, args.port)
+    run(args.host, args.port, args.name)
     return 0
 
 

@@ -9,6 +9,7 @@ never sees a protobuf.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -27,8 +28,11 @@ class Forward:
     """No stage needs the request body: tell Envoy not to buffer or send it."""
     process_response: bool = False
     """A stage needs the answer (usage for budgets): ask Envoy for the response headers."""
-    stream_response_body: bool = False
-    """At response headers: send the response body to the service, chunk by chunk."""
+    response_body: Literal["streamed", "buffered"] | None = None
+    """At response headers: have Envoy send the answer's body, chunk by chunk (streamed)
+    or whole (buffered, when it must be replaced as a whole)."""
+    body_is_chunk: bool = False
+    """``body`` replaces one chunk of a streamed body (no ``content-length`` to fix)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from extproc import access, identity
+from extproc import access, identity, routing
 from extproc.budgets.meter import Cost, Meter, Reservation, prompt_tokens, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, Envelope, LLMRequest, dialect_for_path, envelope_for_path
@@ -37,14 +37,13 @@ from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.identity import Principal
 from extproc.models_listing import MODELS_PATH, list_models
 from extproc.policy.compiled import CatalogueModel, CompiledPolicy
+from extproc.routing import ResponseTranslation
 
 TRUSTED_HEADER_PREFIX = "x-gateway-"
 """Headers the gateway sets for upstreams and later filters; client copies are removed."""
 HEADER_TEAM = "x-gateway-team"
 HEADER_USER = "x-gateway-user"
 HEADER_KEY_ID = "x-gateway-key-id"
-HEADER_MODEL = "x-gateway-model"
-"""The resolved canonical model; Envoy routes on it after ``clear_route_cache``."""
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
 OFFLOAD_BODY_BYTES = 256 * 1024
@@ -78,6 +77,10 @@ class Exchange:
     response_usage: StreamUsage | None = None
     response_tail: bytearray | None = None
     """The JSON answer (bounded), for its usage block."""
+    translation: ResponseTranslation | None = None
+    """Set when an OpenAI chat request goes to an Anthropic backend."""
+    served_by: str | None = None
+    """The Envoy cluster that answered (after retries and fail-over)."""
     observe_response: bool = False
     """Set by the adapter when audit or metrics need every answer's status."""
     status: int = 0
@@ -158,7 +161,7 @@ async def authorize(
     except GatewayError as error:
         return _reject(exchange, error)
     return Forward(
-        set_headers=(*decision.set_headers, (HEADER_MODEL, model.name)),
+        set_headers=(*decision.set_headers, *routing.route_headers(model)),
         remove_headers=decision.remove_headers,
     )
 
@@ -190,6 +193,7 @@ def _request_headers(
             set_headers=_identity_headers(principal),
             remove_headers=scrubbed,
             skip_request_body=True,
+            clear_route_cache=bool(scrubbed),  # a client-set routing header must not stick
         )
     if exchange.method != "POST":
         raise _invalid_url(exchange)
@@ -217,11 +221,17 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
         exchange.request = request
         model = access.authorize_model(exchange.policy, principal, request.model)
         exchange.model = model
-        if model.name != request.model:
-            exchange.rewrites[("model",)] = model.name
+        routing.check_provider(dialect, model)
+        if routing.translates(dialect, model):
+            exchange.translation = ResponseTranslation(
+                requested_model=request.model, include_usage=routing.include_usage(request)
+            )
+        elif routing.upstream_model(model) != request.model:
+            exchange.rewrites[("model",)] = routing.upstream_model(model)
         if exchange.metered:
             exchange.input_tokens = prompt_tokens(model, request)
-            exchange.rewrites.update(dialect.stream_usage_rewrites(request))
+            if exchange.translation is None:
+                exchange.rewrites.update(dialect.stream_usage_rewrites(request))
     except GatewayError as error:
         return _reject(exchange, error)
     return None
@@ -250,31 +260,58 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
                 exchange.rewrites[(dialect.output_cap_field,)] = cap
     except GatewayError as error:
         return _reject(exchange, error)
+    headers = routing.route_headers(model)
+    if exchange.translation is not None:
+        try:
+            translated, extra = routing.translated_request(
+                request, exchange.rewrites, model, exchange.policy.default_max_output_tokens
+            )
+        except GatewayError as error:
+            return _reject(exchange, error)  # the reservation is released when the stream ends
+        return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
-    return Forward(set_headers=((HEADER_MODEL, model.name),), body=body, clear_route_cache=True)
+    return Forward(set_headers=headers, body=body, clear_route_cache=True)
 
 
 def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
-    """Note the status; add budget headers; ask for the body only if usage is needed."""
+    """Note the status; add budget headers; ask for the body if usage or translation need it."""
     exchange.response_status = int(headers.get(":status", "0") or 0)
     exchange.status = exchange.response_status
+    exchange.served_by = headers.get(routing.HEADER_SERVED_BY)
     reservation = exchange.reservation
-    wants_body = (
+    content_type = headers.get("content-type", "")
+    streamed = content_type.startswith("text/event-stream")
+    wants_usage = (
         200 <= exchange.response_status < 300
         and exchange.request is not None
         and (reservation is not None or exchange.observe_response)
     )
-    if exchange.request is not None and wants_body:
-        if headers.get("content-type", "").startswith("text/event-stream"):
-            exchange.response_usage = StreamUsage(exchange.request.dialect)
+    if wants_usage:
+        if streamed:
+            exchange.response_usage = StreamUsage(_upstream_dialect(exchange))
         else:
             exchange.response_tail = bytearray()
-    if reservation is None and not wants_body:
+    budget_headers = reservation.headers if reservation is not None else ()
+    if exchange.translation is not None:
+        # The body is rewritten: streamed chunk by chunk, or whole (answers and errors).
+        chunked = exchange.translation.start(exchange.response_status, content_type)
+        return Forward(
+            set_headers=(
+                *budget_headers,
+                ("content-type", "text/event-stream" if chunked else "application/json"),
+            ),
+            remove_headers=("content-length",) if chunked else (),
+            response_body="streamed" if chunked else "buffered",
+        )
+    if reservation is None and not wants_usage:
         return CONTINUE
-    return Forward(
-        set_headers=reservation.headers if reservation is not None else (),
-        stream_response_body=wants_body,
-    )
+    return Forward(set_headers=budget_headers, response_body="streamed" if wants_usage else None)
+
+
+def _upstream_dialect(exchange: Exchange) -> str:
+    """The API the upstream answers in (Anthropic's for a translated request)."""
+    assert exchange.request is not None
+    return "anthropic.messages" if exchange.translation else exchange.request.dialect
 
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -283,14 +320,21 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _TAIL_BYTES = 64 * 1024
 
 
-def on_response_body(exchange: Exchange, chunk: bytes) -> None:
-    """Feed one chunk of the answer to the usage reader; the body itself passes untouched."""
+def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
+    """Feed one chunk of the answer to the usage reader; translate it if needed."""
     if exchange.response_usage is not None:
         exchange.response_usage.feed(chunk)
     elif exchange.response_tail is not None:
         exchange.response_tail += chunk
         if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
             del exchange.response_tail[:-_TAIL_BYTES]
+    translation = exchange.translation
+    if translation is None:
+        return CONTINUE
+    replaced = translation.chunk(chunk, end)
+    if replaced is None:
+        return CONTINUE
+    return Forward(body=replaced, body_is_chunk=translation.stream is not None)
 
 
 def used(exchange: Exchange) -> Cost:
@@ -343,7 +387,7 @@ def _reported_usage(exchange: Exchange) -> Usage | None:
         exchange.response_usage.finish()
         return exchange.response_usage.usage
     if exchange.response_tail and exchange.request is not None:
-        return usage_from_body(exchange.request.dialect, _json_or_tail(exchange.response_tail))
+        return usage_from_body(_upstream_dialect(exchange), _json_or_tail(exchange.response_tail))
     return None
 
 

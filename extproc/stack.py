@@ -32,11 +32,12 @@ class Ports:
     grpc: int = 50051
     admin: int = 9464
     mock: int = 8099
+    mock_anthropic: int = 8098
 
     @classmethod
     def free(cls) -> Ports:
         """Ports the kernel says are free now (for tests beside a running ``make up``)."""
-        return cls(*(_free_port() for _ in range(5)))
+        return cls(*(_free_port() for _ in range(6)))
 
 
 def envoy_binary() -> str:
@@ -58,6 +59,7 @@ def render_envoy_config(template: str, ports: Ports) -> str:
         defaults.envoy_admin: ports.envoy_admin,
         defaults.grpc: ports.grpc,
         defaults.mock: ports.mock,
+        defaults.mock_anthropic: ports.mock_anthropic,
     }
     return re.sub(
         r"port_value: (\d+)",
@@ -85,7 +87,20 @@ class Stack:
         config = log_dir / "envoy.yaml"
         config.write_text(render_envoy_config(self.envoy_config.read_text(), self.ports))
         python = [sys.executable, "-m", "extproc"]
-        self._spawn("mock", [*python, "mock-upstream", "--port", str(self.ports.mock)])
+        self._spawn(
+            "mock", [*python, "mock-upstream", "--port", str(self.ports.mock), "--name", "openai"]
+        )
+        self._spawn(
+            "mock_anthropic",
+            [
+                *python,
+                "mock-upstream",
+                "--port",
+                str(self.ports.mock_anthropic),
+                "--name",
+                "anthropic",
+            ],
+        )
         self._spawn(
             "extproc",
             [
@@ -104,7 +119,7 @@ class Stack:
             ],
         )
         # Envoy starts last so its first gRPC health check of the service succeeds.
-        self._wait_ready(["mock", "extproc"], time.monotonic() + timeout)
+        self._wait_ready(["mock", "mock_anthropic", "extproc"], time.monotonic() + timeout)
         self._spawn(
             "envoy",
             [
@@ -149,6 +164,7 @@ class Stack:
     def _wait_ready(self, names: list[str], deadline: float) -> None:
         checks = {
             "mock": f"http://127.0.0.1:{self.ports.mock}/healthz",
+            "mock_anthropic": f"http://127.0.0.1:{self.ports.mock_anthropic}/healthz",
             "extproc": f"http://127.0.0.1:{self.ports.admin}/healthz",
             "envoy": f"http://127.0.0.1:{self.ports.envoy_admin}/ready",
         }
@@ -202,7 +218,7 @@ AI gateway is up.
   gateway      http://127.0.0.1:{p.gateway}/v1   (OpenAI- and Anthropic-compatible)
   service      gRPC 127.0.0.1:{p.grpc} · health/metrics http://127.0.0.1:{p.admin}/healthz
   envoy admin  http://127.0.0.1:{p.envoy_admin}
-  mock LLM     http://127.0.0.1:{p.mock}
+  mock LLMs    http://127.0.0.1:{p.mock} (openai) · http://127.0.0.1:{p.mock_anthropic} (anthropic)
   logs         {stack.log_dir}/
   policy       {policy}
 

@@ -7,11 +7,11 @@ The gateway config is the single source; for containers only addresses change:
 
 * Envoy's listener and admin bind 0.0.0.0, the container's interfaces (docker-compose.yml
   publishes them on the host's loopback only);
-* the extproc and llm_default clusters become STRICT_DNS on the compose service names
-  ``extproc`` and ``mock``: STATIC clusters take IP addresses only, and DNS follows a
-  container that restarts with a new address (or ``docker compose up --scale extproc=3``).
+* every cluster becomes STRICT_DNS on the compose service names ``extproc``, ``mock``
+  (the OpenAI mock) and ``mock-anthropic``: STATIC clusters take IP addresses only, and DNS
+  follows a container that restarts with a new address (or ``--scale extproc=3``).
 
-Ports stay as they are: the contract's 10000, 9901, 50051 and 8099. Any other change to
+Ports stay as they are: the contract's 10000, 9901, 50051 and 8099, and 8098. Any other change to
 the text fails loudly, so an edit of gateway.yaml that this script does not understand is
 caught by the tests instead of producing a subtly different compose config.
 """
@@ -30,9 +30,10 @@ ADDRESS_BY_PORT = {
     9901: "0.0.0.0",  # admin
     10000: "0.0.0.0",  # gateway listener
     50051: "extproc",  # the extproc service
-    8099: "mock",  # the mock LLM upstream
+    8099: "mock",  # the mock LLM upstream (OpenAI; the "openai" primary)
+    8098: "mock-anthropic",  # the second mock (Anthropic; the "openai" fail-over target)
 }
-DNS_CLUSTERS = ("extproc", "llm_default")
+DNS_CLUSTERS = ("extproc", "llm_default", "openai_primary", "openai_secondary", "anthropic")
 
 HEADER = """\
 # GENERATED from envoy/gateway.yaml by deploy/compose/render_envoy.py: do not edit.
@@ -51,8 +52,8 @@ def render(source: str) -> str:
         text, count = pattern.subn(
             f"socket_address: {{ address: {address}, port_value: {port} }}", text
         )
-        if count != 1:
-            raise SystemExit(f"{SOURCE}: expected one 127.0.0.1:{port} address, found {count}")
+        if count == 0:
+            raise SystemExit(f"{SOURCE}: expected a 127.0.0.1:{port} address, found none")
     for cluster in DNS_CLUSTERS:
         pattern = re.compile(r"(- name: " + re.escape(cluster) + r"\n\s+type: )STATIC\n")
         text, count = pattern.subn(r"\1STRICT_DNS\n", text)

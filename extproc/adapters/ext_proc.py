@@ -40,6 +40,9 @@ _WITH_RESPONSE_HEADERS = ProcessingMode(
 _STREAM_RESPONSE_BODY = ProcessingMode(
     response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.STREAMED
 )
+_BUFFER_RESPONSE_BODY = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.BUFFERED
+)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -144,10 +147,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         if phase == "response_body":
-            pipeline.on_response_body(exchange, request.response_body.body)
-            if request.response_body.end_of_stream:
+            end = request.response_body.end_of_stream
+            decision = pipeline.on_response_body(exchange, request.response_body.body, end)
+            if end:
                 await self._settle(exchange)
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+            return _answer(decision, phase)
         return _continue(phase)
 
 
@@ -164,9 +168,13 @@ def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:
         return response
     if phase == "response_headers":
         response = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
-        if decision.stream_response_body:
+        if decision.response_body == "streamed":
             response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
+        elif decision.response_body == "buffered":
+            response.mode_override.CopyFrom(_BUFFER_RESPONSE_BODY)
         return response
+    if phase == "response_body":
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 

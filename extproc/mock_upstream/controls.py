@@ -8,6 +8,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
     x-mock-chunk-delay-ms: N   streaming: write each SSE event separately, N ms apart
                                (see :mod:`.sse`)
     x-mock-cassette: NAME      answer with a real recorded response (see :mod:`.cassettes`)
+    x-mock-fail: NAME[,NAME]   answer 503 if this mock's ``--name`` is listed (fail-over
+                               tests: the header reaches every backend Envoy tries)
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -27,6 +29,8 @@ from .recorder import RECORDER
 LATENCY_HEADER = "x-mock-latency-ms"
 STATUS_HEADER = "x-mock-status"
 CHUNK_DELAY_HEADER = "x-mock-chunk-delay-ms"
+FAIL_HEADER = "x-mock-fail"
+MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
 _UNCONTROLLED_PREFIXES = ("/_mock/", "/healthz")
@@ -44,6 +48,10 @@ def header_ms(request: web.Request, name: str) -> float | None:
     if not 0.0 <= millis <= 600_000.0:
         raise MockError(400, f"{name} must be a number of milliseconds between 0 and 600000")
     return millis / 1000.0
+
+
+def _names(header: str | None) -> set[str]:
+    return {name.strip() for name in header.split(",")} if header else set()
 
 
 def _forced_status(request: web.Request) -> int | None:
@@ -70,6 +78,8 @@ async def controls_middleware(request: web.Request, handler: Handler) -> web.Str
         latency = header_ms(request, LATENCY_HEADER)
         if latency:
             await asyncio.sleep(latency)
+        if request.app[MOCK_NAME] in _names(request.headers.get(FAIL_HEADER)):
+            raise MockError(503, f"mock upstream {request.app[MOCK_NAME]!r} told to fail")
         status = _forced_status(request)
         if status is not None:
             raise MockError(status, f"mock upstream forced status {status} ({STATUS_HEADER})")

@@ -13,7 +13,7 @@ import asyncio
 from aiohttp import web
 
 from . import anthropic_api, embeddings, openai_api, responses_api
-from .controls import controls_middleware
+from .controls import MOCK_NAME, controls_middleware
 from .ids import ID_COUNTER, new_counter
 from .recorder import DEFAULT_LIMIT, RECORDER, Recorder
 from .replies import json_response
@@ -37,12 +37,13 @@ async def _clear_recorded(request: web.Request) -> web.Response:
 
 
 def build_app(
-    *, record_limit: int = DEFAULT_LIMIT, max_body: int = DEFAULT_MAX_BODY
+    *, record_limit: int = DEFAULT_LIMIT, max_body: int = DEFAULT_MAX_BODY, name: str = "mock"
 ) -> web.Application:
     """A fresh mock upstream app, recording the last ``record_limit`` API requests."""
     app = web.Application(middlewares=[controls_middleware], client_max_size=max_body)
     app[RECORDER] = Recorder(record_limit)
     app[ID_COUNTER] = new_counter()
+    app[MOCK_NAME] = name
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
@@ -64,19 +65,21 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(host: str, port: int) -> None:
+def run(host: str, port: int, name: str = "mock") -> None:
     """Serve the mock on ``host:port`` until interrupted (Ctrl-C / SIGTERM).
 
     No access log (it would cost more than answering), a deep accept backlog for benchmark
     concurrency, and a short shutdown grace so Ctrl-C in ``make up`` is quick.
     """
     web.run_app(
-        build_app(),
+        build_app(name=name),
         host=host,
         port=port,
         access_log=None,
         backlog=4096,
         shutdown_timeout=1.0,
         loop=_event_loop(),
-        print=lambda _: print(f"mock upstream listening on http://{host}:{port}", flush=True),
+        print=lambda _: print(
+            f"mock upstream {name!r} listening on http://{host}:{port}", flush=True
+        ),
     )

@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from extproc.budgets.keys import Scope, Unit
 from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import default_tokenizer
 from extproc.budgets.windows import Window
-from extproc.policy.schema import JwtSettings, Limit, ModelAccess, Policy, Workload
+from extproc.policy.schema import Backend, JwtSettings, Limit, ModelAccess, Policy, Workload
 
 
 def key_digest(key: str) -> bytes:
     """The SHA-256 digest under which a gateway key is stored in the policy."""
     return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBackend:
+    cluster: str
+    provider: str
+    upstream_model: str
+    credential: tuple[str, str] | None = field(default=None, repr=False)
+    """(header, value) carrying the provider key upstream; never printed or logged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +45,7 @@ class CatalogueModel:
     owned_by: str
     tokenizer: str
     price: Price | None
+    backend: CompiledBackend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +186,46 @@ def _price(model_name: str, policy: Policy) -> Price | None:
     )
 
 
+def _backend(name: str, backend: Backend | None) -> CompiledBackend | None:
+    """Resolve a backend, reading its provider key from the environment or a file.
+
+    Raises :class:`ValueError` naming the field (never the key) when the key is missing.
+    """
+    if backend is None:
+        return None
+    key: str | None = None
+    where = f"models.{name}.backend"
+    if backend.credential_env:
+        key = os.environ.get(backend.credential_env, "").strip()
+        if not key:
+            raise ValueError(
+                f"{where}.credential_env: environment variable {backend.credential_env} is not set"
+            )
+    elif backend.credential_file:
+        try:
+            key = Path(backend.credential_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{where}.credential_file: cannot read: {exc.strerror}") from None
+        if not key:
+            raise ValueError(f"{where}.credential_file: the file is empty")
+    credential = None
+    if key:
+        credential = (
+            ("x-api-key", key)
+            if backend.provider == "anthropic"
+            else (
+                "authorization",
+                f"Bearer {key}",
+            )
+        )
+    return CompiledBackend(
+        cluster=backend.cluster,
+        provider=backend.provider,
+        upstream_model=backend.model or name,
+        credential=credential,
+    )
+
+
 def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
     catalogue = tuple(
         CatalogueModel(
@@ -182,6 +234,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
             owned_by=m.owned_by,
             tokenizer=m.tokenizer or default_tokenizer(name),
             price=_price(name, policy),
+            backend=_backend(name, m.backend),
         )
         for name, m in policy.models.items()
     )

@@ -52,7 +52,10 @@ def load_policy(path: Path) -> CompiledPolicy:
     except UnicodeDecodeError:
         raise PolicyError(str(path), ["the file is not UTF-8"]) from None
     policy = parse_policy(text, str(path))
-    return compile_policy(policy, version=hashlib.sha256(raw).hexdigest()[:12])
+    try:
+        return compile_policy(policy, version=hashlib.sha256(raw).hexdigest()[:12])
+    except ValueError as exc:  # references outside the file: environment, key files
+        raise PolicyError(str(path), [str(exc)]) from None
 
 
 def _describe(error: Any) -> str:

@@ -133,6 +133,40 @@ class Pricing(_Strict):
     )
 
 
+class Backend(_Strict):
+    """Where a catalogue model is served, and how the gateway talks to it.
+
+    The gateway routes with Envoy's ``cluster_header``: ``cluster`` names an Envoy cluster,
+    typically an aggregate cluster whose children are the primary and its fail-over
+    targets (retries, outlier detection and priorities stay Envoy's job).
+    """
+
+    cluster: Name
+    provider: Literal["openai", "anthropic"] = Field(
+        default="openai",
+        description="The API the backend speaks: OpenAI-compatible (OpenAI, vLLM, Ollama, "
+        "TGI, Azure) or Anthropic's.",
+    )
+    model: str | None = Field(
+        default=None, description="The model name upstream; defaults to the catalogue name."
+    )
+    credential_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the provider key. The key itself never "
+        "appears in the policy; the gateway sends it the way the provider expects.",
+    )
+    credential_file: str | None = Field(
+        default=None, description="File holding the provider key (re-read on policy reload)."
+    )
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Backend:
+        if self.credential_env and self.credential_file:
+            raise ValueError("set credential_env or credential_file, not both")
+        return self
+
+
 class Model(_Strict):
     aliases: list[Name] = Field(default_factory=list)
     owned_by: str = "system"
@@ -143,6 +177,9 @@ class Model(_Strict):
         "models, a byte-based estimate otherwise. Default: guessed from the model name.",
     )
     pricing: Pricing | None = None
+    backend: Backend | None = Field(
+        default=None, description="Where the model is served; without one, Envoy's default route."
+    )
 
 
 class Budgets(_Strict):

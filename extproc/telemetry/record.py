@@ -36,6 +36,8 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         "dialect": request.dialect if request else None,
         "model_requested": request.model if request else None,
         "model": model.name if model else None,
+        "backend": model.backend.cluster if model and model.backend else None,
+        "served_by": exchange.served_by,
         "stream": request.stream if request else None,
         "status": exchange.status or None,
         "error": exchange.error_code,

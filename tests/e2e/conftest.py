@@ -119,7 +119,16 @@ def raw(stack: Stack) -> Http:
 
 @pytest.fixture
 def mock(stack: Stack) -> Mock:
+    """The OpenAI mock (the "openai" cluster's primary and the default route)."""
     m = Mock(stack.ports.mock)
+    m.clear()
+    return m
+
+
+@pytest.fixture
+def mock_anthropic(stack: Stack) -> Mock:
+    """The Anthropic mock (the "anthropic" cluster)."""
+    m = Mock(stack.ports.mock_anthropic)
     m.clear()
     return m
 

@@ -55,7 +55,8 @@ def test_alias_is_resolved_to_the_catalogue_model(gateway_url: str, mock: Mock) 
         model="mini", messages=[{"role": "user", "content": "alias"}]
     )
     seen = mock.last()
-    assert json.loads(seen["body"])["model"] == "gpt-4o-mini"
+    # The catalogue's backend serves gpt-4o-mini under its dated upstream name.
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini-2024-07-18"
     assert seen["headers"]["x-gateway-model"] == "gpt-4o-mini"
     assert int(seen["headers"]["content-length"]) == len(seen["body"].encode())
 
@@ -68,7 +69,7 @@ def test_completions_and_embeddings(gateway_url: str) -> None:
     assert len(emb.data) == 2
 
 
-def test_anthropic_sdk_messages(gateway_url: str, mock: Mock) -> None:
+def test_anthropic_sdk_messages(gateway_url: str, mock_anthropic: Mock) -> None:
     msg = claude(gateway_url).messages.create(
         model="claude-3-5-haiku",
         max_tokens=100,
@@ -76,7 +77,7 @@ def test_anthropic_sdk_messages(gateway_url: str, mock: Mock) -> None:
         messages=[{"role": "user", "content": "Bonjour Claude"}],
     )
     assert msg.content[0].type == "text" and msg.content[0].text == "Bonjour Claude"
-    headers = mock.last()["headers"]
+    headers = mock_anthropic.last()["headers"]
     assert "x-api-key" not in headers and "authorization" not in headers
 
 

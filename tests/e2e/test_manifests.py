@@ -151,6 +151,7 @@ def bind_mounts(service: Doc) -> dict[str, Path]:
         ("extproc", CONTRACT.grpc),
         ("extproc", CONTRACT.admin),
         ("mock", CONTRACT.mock),
+        ("mock-anthropic", CONTRACT.mock_anthropic),
     ],
 )
 def test_compose_publishes_the_contract_ports_on_loopback(
@@ -194,6 +195,17 @@ def test_compose_envoy_config_reaches_the_compose_services(services: dict[str, D
     # Validation resolves no names, so they are checked against the compose services here.
     assert cluster_address(config, "extproc") == ("STRICT_DNS", "extproc", CONTRACT.grpc)
     assert cluster_address(config, "llm_default") == ("STRICT_DNS", "mock", CONTRACT.mock)
+    assert cluster_address(config, "openai_primary") == ("STRICT_DNS", "mock", CONTRACT.mock)
+    assert cluster_address(config, "openai_secondary") == (
+        "STRICT_DNS",
+        "mock-anthropic",
+        CONTRACT.mock_anthropic,
+    )
+    assert cluster_address(config, "anthropic") == (
+        "STRICT_DNS",
+        "mock-anthropic",
+        CONTRACT.mock_anthropic,
+    )
     assert CONTRACT.grpc in published(services["extproc"])
     assert CONTRACT.mock in published(services["mock"])
 
@@ -201,7 +213,9 @@ def test_compose_envoy_config_reaches_the_compose_services(services: dict[str, D
 def test_compose_commands_are_real_extproc_commands(services: dict[str, Doc]) -> None:
     assert "command" not in services["extproc"], "the Dockerfile's CMD is the serve command"
     mock = assert_real_cli(services["mock"]["command"])
-    assert mock == {"--host": "0.0.0.0"}, "the mock keeps its default port, 8099"
+    assert mock == {"--host": "0.0.0.0", "--name": "openai"}, "the mock keeps port 8099"
+    second = assert_real_cli(services["mock-anthropic"]["command"])
+    assert second == {"--host": "0.0.0.0", "--port": "8098", "--name": "anthropic"}
 
 
 def test_compose_environment_points_at_real_things(services: dict[str, Doc]) -> None:
@@ -281,7 +295,12 @@ def test_dockerfile_serves_the_contract_ports() -> None:
     serve = assert_real_cli(exec_form("CMD"))
     assert serve == {"--grpc": f"0.0.0.0:{CONTRACT.grpc}", "--admin-host": "0.0.0.0"}
     [exposed] = instructions("EXPOSE")
-    assert set(map(int, exposed.split())) == {CONTRACT.grpc, CONTRACT.admin, CONTRACT.mock}
+    assert set(map(int, exposed.split())) == {
+        CONTRACT.grpc,
+        CONTRACT.admin,
+        CONTRACT.mock,
+        CONTRACT.mock_anthropic,
+    }
 
 
 def test_dockerignore_lets_through_what_the_dockerfile_copies() -> None:

@@ -190,7 +190,7 @@ def test_allowed_requests_carry_trusted_identity_and_ext_proc_still_rewrites(
     assert seen["headers"]["x-gateway-key-id"] == "demo-admin"
     assert "authorization" not in seen["headers"]
     # The alias was rewritten in the body: only ext_proc can do that.
-    assert json.loads(seen["body"])["model"] == "gpt-4o-mini"
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini-2024-07-18"
 
 
 def _mtls(tmp: Path, who: str) -> ssl.SSLContext:

@@ -107,7 +107,7 @@ async def test_sigterm_lets_in_flight_stream_finish(
         await call.done_writing()
         assert second.WhichOneof("response") == "request_body"
         mutation = second.request_body.response.body_mutation.body
-        assert orjson.loads(mutation)["model"] == "gpt-4o-mini"
+        assert orjson.loads(mutation)["model"] == "gpt-4o-mini-2024-07-18"
 
         # New streams are refused while draining.
         with pytest.raises(grpc.aio.AioRpcError):

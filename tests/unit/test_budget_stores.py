@@ -52,7 +52,8 @@ class Harness:
 
 async def _redis_harness(url: str, cluster: bool = False) -> AsyncIterator[Harness]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    store = RedisStore.from_url(url, prefix=prefix, cluster=cluster)
+    # A generous timeout: a loaded CI machine must not look like a Redis outage here.
+    store = RedisStore.from_url(url, prefix=prefix, cluster=cluster, timeout=2.0)
     try:
         await store.ping()
     except StoreUnavailable as error:

@@ -72,6 +72,7 @@ async def test_allowed_request_gets_identity_headers_and_vouched_metadata(
         "x-gateway-user": "alice",
         "x-gateway-key-id": "demo-admin",
         "x-gateway-model": "gpt-4o",
+        "x-gateway-cluster": "openai",
     }
     assert set(response.ok_response.headers_to_remove) == {"authorization", "x-gateway-team"}
     vouched = MessageToDict(response.dynamic_metadata)[VOUCHED_KEY]

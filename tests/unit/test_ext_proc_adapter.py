@@ -43,9 +43,11 @@ async def test_allowed_chat_sets_identity_and_route(processor: ExternalProcessor
     body_common = body.request_body.response
     assert body_common.clear_route_cache
     new_body = body_common.body_mutation.body
-    assert orjson.loads(new_body)["model"] == "gpt-4o-mini"
+    # The alias resolves to the catalogue model, sent upstream under its backend's name.
+    assert orjson.loads(new_body)["model"] == "gpt-4o-mini-2024-07-18"
     assert headers_set(body_common) == {
         "x-gateway-model": "gpt-4o-mini",
+        "x-gateway-cluster": "openai",
         "content-length": str(len(new_body)),
     }
 

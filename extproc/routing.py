@@ -1,0 +1,135 @@
+"""Where a request goes and in which API: the catalogue backend, its key, and translation.
+
+The policy names each model's backend (an Envoy cluster, the API it speaks, its upstream
+model name and where its key lives). The service tells Envoy the cluster through a header
+the route reads with ``cluster_header``; Envoy keeps the retries, fail-over and load
+balancing. An OpenAI chat request for a model served by an Anthropic backend is translated
+here on the way in, and its answer (JSON, SSE stream or error) on the way out.
+
+Limit, by design: the body is translated once, before Envoy picks an endpoint, so all the
+clusters a backend fails over between must speak the same API (see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from extproc.decisions import Headers
+from extproc.dialects.base import Dialect, JsonPath, LLMRequest
+from extproc.dialects.json_body import apply_rewrites
+from extproc.errors import InvalidRequest
+from extproc.policy.compiled import CatalogueModel
+from extproc.translate import (
+    StreamTranslator,
+    error_from_anthropic,
+    request_to_anthropic,
+    response_from_anthropic,
+)
+
+HEADER_MODEL = "x-gateway-model"
+"""The resolved canonical model (for access logs and routes that match on it)."""
+HEADER_CLUSTER = "x-gateway-cluster"
+"""The catalogue backend's Envoy cluster; the route reads it with ``cluster_header``."""
+HEADER_SERVED_BY = "x-gateway-served-by"
+"""Set on answers by the route (``%UPSTREAM_CLUSTER%``): the cluster that served."""
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def upstream_model(model: CatalogueModel) -> str:
+    return model.backend.upstream_model if model.backend else model.name
+
+
+def translates(dialect: Dialect, model: CatalogueModel) -> bool:
+    """An OpenAI chat request for a model an Anthropic backend serves."""
+    return (
+        dialect.name == "openai.chat"
+        and model.backend is not None
+        and model.backend.provider == "anthropic"
+    )
+
+
+def check_provider(dialect: Dialect, model: CatalogueModel) -> None:
+    """A backend speaks one API; other requests must be translatable to it."""
+    if model.backend is None or translates(dialect, model):
+        return
+    speaks = "anthropic" if dialect.envelope == "anthropic" else "openai"
+    if model.backend.provider != speaks:
+        path = ANTHROPIC_PATH if model.backend.provider == "anthropic" else "/v1/chat/completions"
+        raise InvalidRequest(
+            f"The model '{model.name}' is served by an {model.backend.provider} backend; "
+            f"call it through {path}.",
+            code="unsupported_api_for_model",
+            param="model",
+        )
+
+
+def route_headers(model: CatalogueModel) -> Headers:
+    """The resolved model, the cluster Envoy routes to, the provider key it must carry."""
+    headers: list[tuple[str, str]] = [(HEADER_MODEL, model.name)]
+    backend = model.backend
+    if backend is not None:
+        headers.append((HEADER_CLUSTER, backend.cluster))
+        if backend.credential is not None:
+            headers.append(backend.credential)
+    return tuple(headers)
+
+
+def translated_request(
+    request: LLMRequest,
+    rewrites: dict[JsonPath, Any],
+    model: CatalogueModel,
+    default_max_tokens: int,
+) -> tuple[bytes, Headers]:
+    """The Anthropic body for an OpenAI chat request, and the headers it needs upstream."""
+    body = request.body
+    if rewrites:
+        body = orjson.loads(apply_rewrites(body, rewrites))
+    translated = request_to_anthropic(body, upstream_model(model), default_max_tokens)
+    headers = ((":path", ANTHROPIC_PATH), ("anthropic-version", ANTHROPIC_VERSION))
+    return orjson.dumps(translated), headers
+
+
+@dataclass(slots=True)
+class ResponseTranslation:
+    """Turns one Anthropic answer back into the OpenAI chat answer the caller expects."""
+
+    requested_model: str
+    include_usage: bool
+    status: int = 0
+    stream: StreamTranslator | None = None
+    buffered: bytearray = field(default_factory=bytearray)
+
+    def start(self, status: int, content_type: str) -> bool:
+        """Note the answer's status; return whether it streams (else it comes whole)."""
+        self.status = status
+        if 200 <= status < 300 and content_type.startswith("text/event-stream"):
+            self.stream = StreamTranslator(self.requested_model, include_usage=self.include_usage)
+            return True
+        return False
+
+    def chunk(self, data: bytes, end: bool) -> bytes | None:
+        """The bytes to send instead of ``data`` (``None`` while a whole body accumulates)."""
+        if self.stream is not None:
+            out = self.stream.feed(data)
+            return out + self.stream.finish() if end else out
+        self.buffered += data
+        if not end:
+            return b""
+        raw = bytes(self.buffered)
+        if not 200 <= self.status < 300:
+            return error_from_anthropic(self.status, raw)
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return error_from_anthropic(502, raw)
+        return orjson.dumps(response_from_anthropic(answer, self.requested_model))
+
+
+def include_usage(request: LLMRequest) -> bool:
+    """Whether the caller asked for the final usage chunk of an OpenAI stream."""
+    options = request.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -1,0 +1,231 @@
+"""Routing through real Envoy: catalogue backends, provider keys, fail-over, translation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from extproc.stack import Ports, Stack, running
+from tests.e2e.conftest import ADMIN_KEY, EXAMPLE_POLICY, Mock
+
+pytestmark = pytest.mark.e2e
+
+PROVIDER_KEY_ENV = "EXTPROC_TEST_OPENAI_KEY"
+PROVIDER_KEY = "sk-provider-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
+    tmp = tmp_path_factory.mktemp("routing")
+    policy = tmp / "policy.yaml"
+    policy.write_text(
+        EXAMPLE_POLICY.read_text().replace(
+            "    backend: { cluster: openai }\n",
+            f"    backend: {{ cluster: openai, credential_env: {PROVIDER_KEY_ENV} }}\n",
+            1,  # gpt-4o
+        )
+    )
+    os.environ[PROVIDER_KEY_ENV] = PROVIDER_KEY
+    audit = tmp / "audit.jsonl"
+    stack = Stack(
+        policy=policy, ports=Ports.free(), log_dir=tmp, serve_args=("--audit-file", str(audit))
+    )
+    with running(stack):
+        yield stack, audit
+
+
+@pytest.fixture
+def mocks(routed: tuple[Stack, Path]) -> tuple[Mock, Mock]:
+    stack, _ = routed
+    primary, secondary = Mock(stack.ports.mock), Mock(stack.ports.mock_anthropic)
+    primary.clear()
+    secondary.clear()
+    return primary, secondary
+
+
+def oai(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1", api_key=ADMIN_KEY, max_retries=0
+    )
+
+
+def last_audit(audit: Path) -> dict[str, object]:
+    time.sleep(0.3)
+    return dict(json.loads(audit.read_text().splitlines()[-1]))
+
+
+def test_alias_goes_to_its_backend_under_the_upstream_name(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, audit = routed
+    primary, secondary = mocks
+    oai(stack).chat.completions.create(model="mini", messages=[{"role": "user", "content": "x"}])
+    seen = primary.last()
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini-2024-07-18"
+    assert seen["headers"]["x-gateway-cluster"] == "openai"
+    assert secondary.requests() == []
+    assert last_audit(audit)["served_by"] == "openai-primary.mock"
+
+
+def test_provider_key_upstream_never_the_gateway_key_and_never_logged(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, audit = routed
+    primary, _ = mocks
+    oai(stack).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "k"}])
+    headers = primary.last()["headers"]
+    assert headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert ADMIN_KEY not in json.dumps(primary.last())
+    for log in ("extproc", "envoy"):
+        assert PROVIDER_KEY not in stack.logs(log)
+    assert PROVIDER_KEY not in audit.read_text()
+
+
+def test_primary_failing_with_503_fails_over_to_the_secondary(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, audit = routed
+    primary, secondary = mocks
+    reply = oai(stack).chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "fail over"}],
+        extra_headers={"x-mock-fail": "openai"},
+    )
+    assert reply.choices[0].message.content == "fail over"
+    assert len(primary.requests()) == 1 and len(secondary.requests()) == 1
+    record = last_audit(audit)
+    assert record["served_by"] == "openai-secondary.mock"
+    assert record["status"] == 200 and record["output_tokens"] == 2
+
+
+def test_anthropic_sdk_passthrough_to_the_anthropic_backend(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, _ = routed
+    primary, secondary = mocks
+    claude = anthropic.Anthropic(
+        base_url=f"http://127.0.0.1:{stack.ports.gateway}", api_key=ADMIN_KEY, max_retries=0
+    )
+    msg = claude.messages.create(
+        model="claude-3-5-haiku", max_tokens=50, messages=[{"role": "user", "content": "native"}]
+    )
+    assert msg.content[0].text == "native"  # type: ignore[union-attr]
+    assert json.loads(secondary.last()["body"])["model"] == "claude-3-5-haiku-20241022"
+    assert primary.requests() == []
+
+
+def test_openai_sdk_calls_claude_through_translation(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, audit = routed
+    _, secondary = mocks
+    client = oai(stack)
+    reply = client.chat.completions.create(
+        model="claude-3-5-haiku",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "translated hello"},
+        ],
+        max_tokens=40,
+        temperature=0.2,
+        stop=["END"],
+    )
+    assert reply.choices[0].message.content == "translated hello"
+    assert reply.model == "claude-3-5-haiku"
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    upstream = secondary.last()
+    assert upstream["path"] == "/v1/messages"
+    sent = json.loads(upstream["body"])
+    assert sent["system"] == "be brief" and sent["max_tokens"] == 40
+    assert sent["stop_sequences"] == ["END"] and sent["model"] == "claude-3-5-haiku-20241022"
+    assert upstream["headers"]["anthropic-version"] == "2023-06-01"
+    assert last_audit(audit)["output_tokens"] == 2
+
+    stream = client.chat.completions.create(
+        model="claude-3-5-haiku",
+        messages=[{"role": "user", "content": "streamed through translation"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "streamed through translation"
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+def test_tool_calls_and_results_are_translated(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, _ = routed
+    _, secondary = mocks
+    oai(stack).chat.completions.create(
+        model="claude-3-5-haiku",
+        messages=[
+            {"role": "user", "content": "weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "user", "content": "thanks"},
+        ],
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
+    )
+    sent = json.loads(secondary.last()["body"])
+    assert sent["tools"][0]["name"] == "weather"
+    tool_use = sent["messages"][1]["content"][0]
+    assert tool_use == {
+        "type": "tool_use",
+        "id": "call_1",
+        "name": "weather",
+        "input": {"city": "Paris"},
+    }
+    assert sent["messages"][2]["content"][0]["type"] == "tool_result"
+
+
+def test_upstream_error_is_mapped_to_the_openai_envelope(routed: tuple[Stack, Path]) -> None:
+    stack, _ = routed
+    with pytest.raises(openai.RateLimitError) as caught:
+        oai(stack).chat.completions.create(
+            model="claude-3-5-haiku",
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"x-mock-status": "429"},
+        )
+    assert caught.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_closed_primary_port_fails_over(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, _ = routed
+    _, secondary = mocks
+    stack.processes["mock"].terminate()
+    stack.processes["mock"].wait(timeout=10)
+    reply = oai(stack).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "primary is gone"}]
+    )
+    assert reply.choices[0].message.content == "primary is gone"
+    assert json.loads(secondary.last()["body"])["model"] == "gpt-4o"
