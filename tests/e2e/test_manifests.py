@@ -38,7 +38,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from extproc.policy.loader import load_policy
+from extproc.policy.loader import PolicyError, load_policy
 from extproc.stack import ROOT, Ports, envoy_binary
 
 pytestmark = pytest.mark.e2e
@@ -360,9 +360,20 @@ def test_kustomize_builds_what_the_directory_lists(directory: Path) -> None:
             assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == NAMESPACE
 
 
-def test_k8s_policy_configmap_holds_a_valid_policy() -> None:
+def test_k8s_policy_configmap_holds_a_valid_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     [key] = one(K8S_DOCS, "ConfigMap", "extproc-policy")["data"]
-    assert load_policy(K8S / "policy" / key).workloads, "maps a SPIFFE id to a team"
+    deployment = one(K8S_DOCS, "Deployment", "extproc")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    from_secret = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    for name in from_secret:  # what the Secret provides in the cluster
+        monkeypatch.setenv(name, "sk-test")
+    policy = load_policy(K8S / "policy" / key)
+    assert policy.workloads, "maps a SPIFFE id to a team"
+    credentials = {m.backend.credential for m in policy.catalogue if m.backend}
+    assert None not in credentials, "every backend carries a provider key"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(PolicyError, match="OPENAI_API_KEY is not set"):
+        load_policy(K8S / "policy" / key)
 
 
 def test_k8s_deployment_serves_the_contract() -> None:
