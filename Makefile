@@ -29,13 +29,13 @@ e2e: $(STAMP)
 	$(PY) -m pytest -q tests/e2e
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check extproc tests deploy
-	$(VENV)/bin/ruff format --check extproc tests deploy
+	$(VENV)/bin/ruff check extproc tests deploy bench
+	$(VENV)/bin/ruff format --check extproc tests deploy bench
 	$(VENV)/bin/mypy extproc
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format extproc tests deploy
-	$(VENV)/bin/ruff check --fix extproc tests deploy
+	$(VENV)/bin/ruff format extproc tests deploy bench
+	$(VENV)/bin/ruff check --fix extproc tests deploy bench
 
 ## make compose-config: regenerate deploy/compose/envoy.yaml from envoy/gateway.yaml
 compose-config: $(STAMP)

@@ -44,5 +44,20 @@ async def store_health(store: BudgetStore, policy: CompiledPolicy) -> str:
 
 
 def warm_tokenizers(policy: CompiledPolicy) -> None:
-    """Load the BPE tables the catalogue uses now, so no request pays for it."""
-    warm_up({model.tokenizer for model in policy.catalogue})
+    """Load the BPE tables the catalogue uses now, so no request pays for it.
+
+    Only when some budget counts tokens: the tables cost ~1 s and ~70 MB each, and prompt
+    tokens are counted for metered callers only. A reload that adds budgets loads them on
+    first use.
+    """
+    if has_limits(policy):
+        warm_up({model.tokenizer for model in policy.catalogue})
+
+
+def has_limits(policy: CompiledPolicy) -> bool:
+    return bool(
+        policy.global_limits
+        or any(policy.team_limits.values())
+        or any(policy.user_limits.values())
+        or any(key.limits for key in policy.keys_by_digest.values())
+    )

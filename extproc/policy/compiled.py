@@ -147,9 +147,16 @@ def _union(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p})" for p in parts)) if parts else None
 
 
-def _allowed(names: Iterable[str], access: ModelAccess | None) -> frozenset[str]:
+def _allowed(
+    names: Iterable[str], access: ModelAccess | None, narrowing: bool = False
+) -> frozenset[str]:
+    """The names ``access`` permits. A narrowing rule (user, key) with no ``allow`` list
+    keeps everything it inherits and only applies its ``deny``; a team with no ``allow``
+    list may use nothing."""
     if access is None:
         return frozenset(names)
+    if narrowing and not access.allow:
+        access = ModelAccess(allow=["*"], deny=access.deny)
     globs = _Globs(access)
     return frozenset(n for n in names if globs.permits(n))
 
@@ -247,7 +254,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
 
     team_models = {t: _allowed(names, team.models) for t, team in policy.teams.items()}
     user_models = {
-        u: _allowed(team_models[user.team], user.models)
+        u: _allowed(team_models[user.team], user.models, narrowing=True)
         for u, user in policy.users.items()
         if user.models is not None
     }
@@ -272,7 +279,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
             user=key.user,
             expires_at=key.expires_at,
             disabled=key.disabled,
-            allowed_models=_allowed(base, key.models),
+            allowed_models=_allowed(base, key.models, narrowing=True),
             limits=(
                 *_limits(key.limits, Scope.KEY, key_id, names),
                 *(user_limits.get(key.user, ()) if key.user else ()),

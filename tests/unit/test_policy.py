@@ -131,3 +131,12 @@ def test_keys_create_prints_key_once_and_its_hash(tmp_path: Path) -> None:
     compiled = policy.keys_by_digest[key_digest(key)]
     assert (compiled.key_id, compiled.team, compiled.user) == ("bob-laptop", "apps", "bob")
     assert key not in path.read_text()
+
+
+def test_a_deny_only_key_narrows_instead_of_allowing_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        BASE + f'  k2: {{sha256: "{"b" * 64}", team: t2, models: {{deny: ["claude-*"]}}}}\n'
+    )
+    key = load_policy(path).keys_by_digest[bytes.fromhex("b" * 64)]
+    assert key.allowed_models == {"gpt-4o", "gpt-4o-mini"}

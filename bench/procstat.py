@@ -1,0 +1,106 @@
+"""What a process costs, read from the kernel's own accounting (``/proc``), and CPU pinning.
+
+* CPU time: ``utime + stime`` from ``/proc/<pid>/stat`` (fields 14 and 15, in clock ticks;
+  they include every thread of the process, live or exited). A measurement reads them for a
+  set of processes before and after a load run; the difference divided by completed requests
+  is CPU per request.
+* Peak memory: ``VmHWM`` (the resident set's high-water mark) from ``/proc/<pid>/status``.
+* Pinning: :func:`pin` sets the affinity of every thread of a process and its descendants
+  (``taskset -a -p`` for a process tree), since a process's children may be started (and
+  its threads created) before we get to pin it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    stat = (PROC / str(pid) / "stat").read_text()
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """``VmHWM``: the most resident memory the process has held since it started."""
+    for line in (PROC / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (over all its threads)."""
+    found: list[int] = []
+    for task in (PROC / str(pid) / "task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        with contextlib.suppress(OSError):
+            pids += children(pids[index])
+        index += 1
+    return pids
+
+
+def role(pid: int) -> str:
+    """``worker-<pid>`` for a multiprocessing child, ``helper-<pid>`` for its resource
+    tracker, else ``supervisor`` (for naming the processes of ``serve --workers N``)."""
+    try:
+        cmdline = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"gone-{pid}"
+    if "resource_tracker" in cmdline:
+        return f"helper-{pid}"
+    if "multiprocessing" in cmdline:
+        return f"worker-{pid}"
+    return "supervisor"
+
+
+def pin(pid: int, cpus: Iterable[int]) -> None:
+    """Restrict every thread of ``pid`` and of its descendants to ``cpus``."""
+    mask = set(cpus)
+    for member in tree(pid):
+        for task in (PROC / str(member) / "task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), mask)
+            except (ProcessLookupError, OSError):
+                continue
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU seconds per process at one moment."""
+
+    seconds: dict[int, float]
+
+    @classmethod
+    def take(cls, pids: Iterable[int]) -> CpuSample:
+        readings: dict[int, float] = {}
+        for pid in pids:
+            try:
+                readings[pid] = cpu_seconds(pid)
+            except OSError:
+                continue
+        return cls(readings)
+
+    def since(self, before: CpuSample) -> dict[int, float]:
+        """CPU seconds each process used between ``before`` and this sample."""
+        return {pid: now - before.seconds.get(pid, 0.0) for pid, now in self.seconds.items()}
