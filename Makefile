@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: up test unit e2e lint format schema compose-config install clean
+.PHONY: up test unit e2e lint format schema eval compose-config install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format extproc tests deploy bench
 	$(VENV)/bin/ruff check --fix extproc tests deploy bench
+
+## make eval: guardrail precision/recall, injection TPR/FPR on ../shared/data
+eval: $(STAMP)
+	$(PY) -m extproc eval
 
 ## make compose-config: regenerate deploy/compose/envoy.yaml from envoy/gateway.yaml
 compose-config: $(STAMP)

@@ -111,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="one JSON object per budget")
     usage.set_defaults(run=_usage)
 
+    evaluate = commands.add_parser(
+        "eval", help="measure the guardrail detectors on the shared evaluation data sets"
+    )
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data",
+        help="the data sets' folder (default: ../shared/data beside the project)",
+    )
+    evaluate.add_argument("--json", action="store_true", help="the report as JSON")
+    evaluate.set_defaults(run=_eval)
+
     schema = commands.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(run=_schema)
 
@@ -260,6 +272,17 @@ def _usage_remote(args: argparse.Namespace) -> int:
         print(json.dumps([line.as_dict() for line in lines], indent=2))
     else:
         print(format_table(lines) if lines else "no budgets configured")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from extproc.guardrails.evaluate import format_report, run_eval
+
+    if not args.data.is_dir():
+        print(f"extproc eval: no data sets at {args.data} (pass --data)", file=sys.stderr)
+        return 2
+    report = run_eval(args.data)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

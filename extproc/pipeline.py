@@ -6,37 +6,34 @@ their protocol. Every :class:`~extproc.errors.GatewayError` raised by a stage is
 here, in the caller's dialect, so adapters never decide what an error looks like.
 
     request headers   identify → answer /v1/models → choose the phases still needed
-    request body      parse (dialect) → authorize model → count prompt tokens
-                      (``prepare_request_body``: CPU only, may run in a thread)
-                      → reserve budget → route + body rewrites (``finish_request_body``)
-    response headers  note the status; budget headers; stream the body if usage is needed
-    response body     read usage; at the end (or when the stream is cut) settle the budget
+    request body      parse (dialect) → authorize model → input guardrails → count prompt
+                      tokens (``prepare_request_body``: CPU only, may run in a thread)
+                      → reserve budget → route, translate, apply every body rewrite at once
+                      (``finish_request_body``)
+
+The answer side (status, usage, translation back, output guardrails, settlement) is
+:mod:`extproc.answer`; the state both fill in is :class:`extproc.exchange.Exchange`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 from extproc import access, identity, routing
-from extproc.budgets.meter import Cost, Meter, Reservation, prompt_tokens, usage_cost
-from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
-from extproc.dialects import Dialect, Envelope, LLMRequest, dialect_for_path, envelope_for_path
-from extproc.dialects.base import JsonPath
+from extproc.budgets.meter import Meter, prompt_tokens
+from extproc.decisions import Decision, Forward, Headers, Reply
+from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites, decode_body
-from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
+from extproc.exchange import Clock, Exchange, utc_now
+from extproc.guardrails.engine import describe
 from extproc.identity import Principal
 from extproc.models_listing import MODELS_PATH, list_models
-from extproc.policy.compiled import CatalogueModel, CompiledPolicy
+from extproc.policy.compiled import CatalogueModel
 from extproc.routing import ResponseTranslation
 
 TRUSTED_HEADER_PREFIX = "x-gateway-"
@@ -49,60 +46,6 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 OFFLOAD_BODY_BYTES = 256 * 1024
 """Bodies above this are parsed and counted in a worker thread, so one huge prompt never
 stalls the event loop (and every other stream on it)."""
-
-
-@dataclass(slots=True)
-class Exchange:
-    """Typed state of one HTTP request/response pair, owned by one ext_proc stream."""
-
-    policy: CompiledPolicy
-    method: str = ""
-    path: str = ""
-    envelope: Envelope = "openai"
-    dialect: Dialect | None = None
-    principal: Principal | None = None
-    request: LLMRequest | None = None
-    model: CatalogueModel | None = None
-    request_id: str = ""
-    trace_id: str | None = None
-    """From the caller's W3C ``traceparent`` (forwarded upstream untouched by Envoy)."""
-    verdicts: list[dict[str, Any]] = field(default_factory=list)
-    """Guardrail verdicts (rule, action, entity types, counts; never matched text)."""
-    input_tokens: int = 0
-    """Prompt tokens counted before the call (only when a budget needs them)."""
-    rewrites: dict[JsonPath, Any] = field(default_factory=dict)
-    """Body changes staged by stages, applied in one serialisation."""
-    reservation: Reservation | None = None
-    response_status: int = 0
-    response_usage: StreamUsage | None = None
-    response_tail: bytearray | None = None
-    """The JSON answer (bounded), for its usage block."""
-    translation: ResponseTranslation | None = None
-    """Set when an OpenAI chat request goes to an Anthropic backend."""
-    served_by: str | None = None
-    """The Envoy cluster that answered (after retries and fail-over)."""
-    observe_response: bool = False
-    """Set by the adapter when audit or metrics need every answer's status."""
-    status: int = 0
-    """The HTTP status the caller got: ours when we answered, else the upstream's."""
-    error_code: str | None = None
-    used: Cost | None = None
-    usage_source: str = "none"
-    """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
-    started: float = field(default_factory=time.monotonic)
-    durations: dict[str, float] = field(default_factory=dict)
-    """Seconds of service time per phase (added up when a phase repeats)."""
-
-    @property
-    def metered(self) -> bool:
-        return self.principal is not None and bool(self.principal.limits)
-
-
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def on_request_headers(
@@ -202,7 +145,13 @@ def _request_headers(
     return Forward(
         set_headers=_identity_headers(principal),
         remove_headers=scrubbed,
-        process_response=exchange.metered or exchange.observe_response,
+        process_response=(
+            exchange.metered
+            or exchange.observe_response
+            or policy.guardrails.applies(
+                "output", team=principal.team, key_id=principal.key_id, model=None, path=path
+            )
+        ),
     )
 
 
@@ -228,6 +177,7 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
             )
         elif routing.upstream_model(model) != request.model:
             exchange.rewrites[("model",)] = routing.upstream_model(model)
+        _guard_input(exchange, dialect, request, model, principal)
         if exchange.metered:
             exchange.input_tokens = prompt_tokens(model, request)
             if exchange.translation is None:
@@ -235,6 +185,49 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
     except GatewayError as error:
         return _reject(exchange, error)
     return None
+
+
+def _guard_input(
+    exchange: Exchange,
+    dialect: Dialect,
+    request: LLMRequest,
+    model: CatalogueModel,
+    principal: Principal,
+) -> None:
+    """Run the input guardrails: stage their rewrites, or raise to block the prompt."""
+    guards = exchange.policy.guardrails
+    subject = subject_of(exchange, principal, model)
+    if (
+        request.stream
+        and dialect.name == "openai.responses"
+        and guards.applies("output", **subject)
+    ):
+        raise InvalidRequest(
+            "Output guardrails apply to this model, and streamed /v1/responses answers "
+            "cannot be checked yet; send the request with stream: false.",
+            code="guardrail_unsupported_stream",
+            param="stream",
+        )
+    if not guards.applies("input", **subject):
+        return
+    result = guards.check("input", request.texts, **subject)
+    exchange.verdicts.extend(describe(result))
+    if result.blocked:
+        raise InvalidRequest(
+            result.message or f"The prompt was blocked by guardrail '{result.blocked_by}'.",
+            code="guardrail_blocked",
+        )
+    exchange.rewrites.update(result.rewrites)
+
+
+def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel | None) -> Any:
+    """The keyword arguments a guardrail scope is matched against."""
+    return {
+        "team": principal.team,
+        "key_id": principal.key_id,
+        "model": model.name if model is not None else None,
+        "path": exchange.path,
+    }
 
 
 async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
@@ -271,145 +264,6 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
     return Forward(set_headers=headers, body=body, clear_route_cache=True)
-
-
-def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
-    """Note the status; add budget headers; ask for the body if usage or translation need it."""
-    exchange.response_status = int(headers.get(":status", "0") or 0)
-    exchange.status = exchange.response_status
-    exchange.served_by = headers.get(routing.HEADER_SERVED_BY)
-    reservation = exchange.reservation
-    content_type = headers.get("content-type", "")
-    streamed = content_type.startswith("text/event-stream")
-    wants_usage = (
-        200 <= exchange.response_status < 300
-        and exchange.request is not None
-        and (reservation is not None or exchange.observe_response)
-    )
-    if wants_usage:
-        if streamed:
-            exchange.response_usage = StreamUsage(_upstream_dialect(exchange))
-        else:
-            exchange.response_tail = bytearray()
-    budget_headers = reservation.headers if reservation is not None else ()
-    if exchange.translation is not None:
-        # The body is rewritten: streamed chunk by chunk, or whole (answers and errors).
-        chunked = exchange.translation.start(exchange.response_status, content_type)
-        return Forward(
-            set_headers=(
-                *budget_headers,
-                ("content-type", "text/event-stream" if chunked else "application/json"),
-            ),
-            remove_headers=("content-length",) if chunked else (),
-            response_body="streamed" if chunked else "buffered",
-        )
-    if reservation is None and not wants_usage:
-        return CONTINUE
-    return Forward(set_headers=budget_headers, response_body="streamed" if wants_usage else None)
-
-
-def _upstream_dialect(exchange: Exchange) -> str:
-    """The API the upstream answers in (Anthropic's for a translated request)."""
-    assert exchange.request is not None
-    return "anthropic.messages" if exchange.translation else exchange.request.dialect
-
-
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024
-"""JSON answers are kept up to this size for their usage; beyond it only the tail is kept
-(providers put ``usage`` last)."""
-_TAIL_BYTES = 64 * 1024
-
-
-def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
-    """Feed one chunk of the answer to the usage reader; translate it if needed."""
-    if exchange.response_usage is not None:
-        exchange.response_usage.feed(chunk)
-    elif exchange.response_tail is not None:
-        exchange.response_tail += chunk
-        if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
-            del exchange.response_tail[:-_TAIL_BYTES]
-    translation = exchange.translation
-    if translation is None:
-        return CONTINUE
-    replaced = translation.chunk(chunk, end)
-    if replaced is None:
-        return CONTINUE
-    return Forward(body=replaced, body_is_chunk=translation.stream is not None)
-
-
-def used(exchange: Exchange) -> Cost:
-    """What the exchange used, from the provider's usage or, failing that, from what is known.
-
-    Errors answered by the provider cost nothing. A stream cut before its usage report
-    is charged the counted prompt and one token per content event already sent. A call
-    that never got an answer (client gone first) is charged its prompt.
-    """
-    model, reservation = exchange.model, exchange.reservation
-    assert model is not None
-    usage = _reported_usage(exchange)
-    if usage is not None:
-        exchange.usage_source = "provider"
-        return usage_cost(model, usage)
-    exchange.usage_source = "estimate"
-    status = exchange.response_status
-    if status >= 300 or (status == 0 and exchange.response_usage is None):
-        tokens_in = exchange.input_tokens if status == 0 else 0
-        return usage_cost(model, Usage(tokens_in, 0))
-    streamed = exchange.response_usage.content_events if exchange.response_usage else 0
-    if reservation is not None:
-        streamed = min(streamed, reservation.reserved.output_tokens)
-    return usage_cost(model, Usage(exchange.input_tokens, streamed))
-
-
-def account(exchange: Exchange) -> None:
-    """Work out what the exchange used, once its answer is over (or cut).
-
-    Known for every exchange that reserved a budget or whose answer the service saw;
-    ``None`` for one forwarded without either (nothing to measure it by).
-    """
-    seen = exchange.reservation is not None or exchange.response_status != 0
-    if exchange.used is None and exchange.model is not None and seen:
-        exchange.used = used(exchange)
-
-
-async def settle(exchange: Exchange, meter: Meter) -> None:
-    """Account the exchange and replace its reservation with what was used (idempotent)."""
-    account(exchange)
-    reservation = exchange.reservation
-    if reservation is None or reservation.settled or exchange.model is None:
-        return
-    assert exchange.used is not None
-    await meter.settle(reservation, exchange.model, exchange.used)
-
-
-def _reported_usage(exchange: Exchange) -> Usage | None:
-    if exchange.response_usage is not None:
-        exchange.response_usage.finish()
-        return exchange.response_usage.usage
-    if exchange.response_tail and exchange.request is not None:
-        return usage_from_body(_upstream_dialect(exchange), _json_or_tail(exchange.response_tail))
-    return None
-
-
-def _json_or_tail(raw: bytearray) -> Any:
-    """The parsed answer; if only its tail was kept, the ``usage`` object found in it."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    at = raw.rfind(b'"usage"')
-    start = raw.find(b"{", at) if at != -1 else -1
-    if start == -1:
-        return None
-    depth = 0
-    for end in range(start, len(raw)):
-        depth += {0x7B: 1, 0x7D: -1}.get(raw[end], 0)
-        if depth == 0:
-            try:
-                return {"usage": orjson.loads(raw[start : end + 1])}
-            except orjson.JSONDecodeError:
-                return None
-    return None
 
 
 def trace_id(traceparent: str | None) -> str | None:

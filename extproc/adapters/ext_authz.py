@@ -27,8 +27,8 @@ from extproc.budgets.meter import Meter
 from extproc.decisions import Forward, Headers, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
+from extproc.exchange import Clock, Exchange, utc_now
 from extproc.identity import VOUCHED_KEY, vouch
-from extproc.pipeline import Clock, Exchange
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
 
@@ -54,7 +54,7 @@ class Authorization(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         policies: PolicyStore,
         meter: Meter,
         observer: Observer | None = None,
-        clock: Clock = pipeline.utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         self._policies = policies
         self._meter = meter

@@ -18,13 +18,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
-from extproc import pipeline
+from extproc import answer, pipeline
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
 from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
-from extproc.pipeline import Clock, Exchange
+from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
 
@@ -51,7 +51,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         policies: PolicyStore,
         meter: Meter,
         observer: Observer | None = None,
-        clock: Clock = pipeline.utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         self._policies = policies
         self._meter = meter
@@ -99,7 +99,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
             return
-        pipeline.account(exchange)
+        answer.account(exchange)
         self._observer.finish(exchange)
 
     async def drain(self) -> None:
@@ -113,7 +113,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     async def _settle(self, exchange: Exchange) -> None:
         try:
-            await pipeline.settle(exchange, self._meter)
+            await answer.settle(exchange, self._meter)
         except Exception:
             log.exception("settling request %s failed", exchange.request_id)
 
@@ -142,13 +142,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
             return _answer(decision, phase)
         if phase == "response_headers":
-            decision = pipeline.on_response_headers(exchange, header_map(request.response_headers))
+            decision = answer.on_response_headers(exchange, header_map(request.response_headers))
             if request.response_headers.end_of_stream:
                 await self._settle(exchange)
             return _answer(decision, phase)
         if phase == "response_body":
             end = request.response_body.end_of_stream
-            decision = pipeline.on_response_body(exchange, request.response_body.body, end)
+            decision = answer.on_response_body(exchange, request.response_body.body, end)
             if end:
                 await self._settle(exchange)
             return _answer(decision, phase)

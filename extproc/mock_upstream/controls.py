@@ -10,6 +10,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
     x-mock-cassette: NAME      answer with a real recorded response (see :mod:`.cassettes`)
     x-mock-fail: NAME[,NAME]   answer 503 if this mock's ``--name`` is listed (fail-over
                                tests: the header reaches every backend Envoy tries)
+    x-mock-split-chars: N      streaming: send the echo in deltas of N characters instead
+                               of one per token (an entity split across SSE events)
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -30,6 +32,7 @@ LATENCY_HEADER = "x-mock-latency-ms"
 STATUS_HEADER = "x-mock-status"
 CHUNK_DELAY_HEADER = "x-mock-chunk-delay-ms"
 FAIL_HEADER = "x-mock-fail"
+SPLIT_HEADER = "x-mock-split-chars"
 MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
@@ -48,6 +51,17 @@ def header_ms(request: web.Request, name: str) -> float | None:
     if not 0.0 <= millis <= 600_000.0:
         raise MockError(400, f"{name} must be a number of milliseconds between 0 and 600000")
     return millis / 1000.0
+
+
+def stream_deltas(request: web.Request, pieces: list[str]) -> list[str]:
+    """The deltas a stream sends: one per token, or N-character slices when asked."""
+    raw = request.headers.get(SPLIT_HEADER)
+    if raw is None:
+        return pieces
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise MockError(400, f"{SPLIT_HEADER} must be a number of characters from 1 to 10000")
+    size, text = int(raw), "".join(pieces)
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _names(header: str | None) -> set[str]:

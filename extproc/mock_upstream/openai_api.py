@@ -17,6 +17,7 @@ from aiohttp import web
 
 from . import body as fields
 from . import tokens
+from .controls import stream_deltas
 from .errors import MockError
 from .ids import next_id
 from .replies import DONE, data_event, json_response, open_object, send, text_events
@@ -47,7 +48,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": fields.model(body, "mock-echo"),
     }
     if stream:
-        return await send(request, _chat_events(head, pieces, finish, usage, body))
+        deltas = stream_deltas(request, pieces)
+        return await send(request, _chat_events(head, deltas, finish, usage, body))
     return json_response(
         {
             **head,

@@ -21,6 +21,7 @@ from extproc.budgets.keys import Scope, Unit
 from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import default_tokenizer
 from extproc.budgets.windows import Window
+from extproc.guardrails.engine import Guardrails, compile_guardrails
 from extproc.policy.schema import Backend, JwtSettings, Limit, ModelAccess, Policy, Workload
 
 
@@ -110,6 +111,7 @@ class CompiledPolicy:
     default_max_output_tokens: int
     on_store_error: str
     alert_webhook: str | None
+    guardrails: Guardrails
 
     def resolve_model(self, requested: str) -> CatalogueModel | None:
         return self.models.get(requested)
@@ -305,4 +307,5 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         default_max_output_tokens=budgets.default_max_output_tokens,
         on_store_error=budgets.on_store_error,
         alert_webhook=budgets.alert_webhook,
+        guardrails=compile_guardrails(policy.guardrails, policy.settings.guardrails),
     )

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from extproc.guardrails.config import GuardrailRule, GuardrailSettings, guardrail_problems
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 _HEADER_SAFE = re.compile(_NAME)
 
@@ -249,6 +251,7 @@ class Settings(_Strict):
     jwt: JwtSettings | None = None
     workload_identity: WorkloadIdentity = Field(default_factory=WorkloadIdentity)
     budgets: Budgets = Field(default_factory=Budgets)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
 
 class Policy(_Strict):
@@ -260,6 +263,11 @@ class Policy(_Strict):
     users: dict[Name, User] = Field(default_factory=dict)
     keys: dict[Name, Key] = Field(default_factory=dict)
     models: dict[Name, Model] = Field(default_factory=dict)
+    guardrails: list[GuardrailRule] = Field(
+        default_factory=list,
+        description="Checks on prompts (input) and answers (output), in order: PII and "
+        "secrets (rewrite or block), prompt injection, content policy.",
+    )
     workloads: dict[Annotated[str, Field(pattern=r"^spiffe://[^\s]+$")], Workload] = Field(
         default_factory=dict,
         description="SPIFFE ids of mesh workloads mapped to teams (mTLS identity).",
@@ -298,6 +306,7 @@ class Policy(_Strict):
                     )
                 owners[alias] = name
         problems.extend(self._unpriced_models())
+        problems.extend(guardrail_problems(self.guardrails, self.settings.guardrails))
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from extproc.pipeline import Exchange
+from extproc.exchange import Exchange
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.record import exchange_record

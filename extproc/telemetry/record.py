@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from extproc.pipeline import Exchange
+from extproc.exchange import Exchange
 
 
 def exchange_record(exchange: Exchange) -> dict[str, Any]:

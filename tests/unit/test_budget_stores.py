@@ -213,7 +213,7 @@ async def test_memory_store_expiry_follows_its_clock() -> None:
 
 async def test_redis_bursts_wait_for_a_connection_instead_of_failing() -> None:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    store = RedisStore.from_url(REDIS_URL, prefix=prefix, max_connections=4)
+    store = RedisStore.from_url(REDIS_URL, prefix=prefix, max_connections=4, timeout=2.0)
     try:
         await store.ping()
     except StoreUnavailable:

@@ -10,8 +10,8 @@ import pytest
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward, Reply
+from extproc.exchange import Exchange
 from extproc.pipeline import (
-    Exchange,
     finish_request_body,
     on_request_headers,
     prepare_request_body,

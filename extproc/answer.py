@@ -1,0 +1,241 @@
+"""The answer side of the pipeline: status, usage, translation back, output guardrails.
+
+response headers  note the status and the endpoint that served; budget and guardrail
+                  headers; choose whether Envoy sends the body (streamed or whole)
+response body     read usage from the upstream's bytes; translate (Anthropic → OpenAI);
+                  run the output guardrails on what the caller gets
+end (or cut)      work out what was used and settle the budget reservation
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from extproc import routing
+from extproc.budgets.meter import Cost, Meter, usage_cost
+from extproc.decisions import CONTINUE, Decision, Forward, Reply
+from extproc.dialects.envelopes import render_error
+from extproc.dialects.json_body import apply_rewrites
+from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
+from extproc.errors import InvalidRequest
+from extproc.exchange import Exchange
+from extproc.guardrails.engine import describe
+from extproc.pipeline import subject_of
+
+HEADER_GUARDRAILS = "x-gateway-guardrails"
+"""Lists the guardrail verdicts on the answer (rule, action, entity types, counts)."""
+
+
+def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
+    """Note the status; add budget and guardrail headers; ask for the body if a stage needs
+    it: usage (budgets, audit), translation, output guardrails."""
+    exchange.response_status = int(headers.get(":status", "0") or 0)
+    exchange.status = exchange.response_status
+    exchange.served_by = headers.get(routing.HEADER_SERVED_BY)
+    reservation, request = exchange.reservation, exchange.request
+    content_type = headers.get("content-type", "")
+    sse = content_type.startswith("text/event-stream")
+    ok = 200 <= exchange.response_status < 300 and request is not None
+    wants_usage = ok and (reservation is not None or exchange.observe_response)
+    if wants_usage:
+        if sse:
+            exchange.response_usage = StreamUsage(_upstream_dialect(exchange))
+        else:
+            exchange.response_tail = bytearray()
+    if ok:
+        _start_output_guard(exchange, sse)
+    set_headers = (*(reservation.headers if reservation else ()), *_verdict_header(exchange))
+    chunked = sse
+    if exchange.translation is not None:
+        # The body is rewritten: streamed chunk by chunk, or whole (answers and errors).
+        chunked = exchange.translation.start(exchange.response_status, content_type)
+        set_headers = (
+            *set_headers,
+            ("content-type", "text/event-stream" if chunked else "application/json"),
+        )
+    rewritten = exchange.translation is not None or exchange.output_guard is not None
+    if exchange.translation is not None or exchange.guard_answer:
+        mode = "streamed" if chunked else "buffered"
+    elif wants_usage or exchange.output_guard is not None:
+        mode = "streamed"
+    elif not set_headers:
+        return CONTINUE
+    else:
+        return Forward(set_headers=set_headers)
+    return Forward(
+        set_headers=set_headers,
+        remove_headers=("content-length",) if chunked and rewritten else (),
+        response_body=mode,  # type: ignore[arg-type]
+    )
+
+
+def _start_output_guard(exchange: Exchange, sse: bool) -> None:
+    assert exchange.request is not None and exchange.principal is not None
+    guards = exchange.policy.guardrails
+    subject = subject_of(exchange, exchange.principal, exchange.model)
+    if not guards.applies("output", **subject):
+        return
+    if sse:
+        exchange.output_guard = guards.stream(exchange.request.dialect, **subject)
+    else:
+        exchange.guard_answer = True
+
+
+def _verdict_header(exchange: Exchange) -> tuple[tuple[str, str], ...]:
+    """``x-gateway-guardrails: rule=action[ENTITY,...]xCOUNT; ...`` (never matched values)."""
+    if not exchange.verdicts:
+        return ()
+    items = [
+        f"{v['rule']}={v['action']}"
+        + (f"[{','.join(v['entities'])}]" if v["entities"] else "")
+        + f"x{v['count']}"
+        for v in exchange.verdicts
+    ]
+    return ((HEADER_GUARDRAILS, "; ".join(items)),)
+
+
+def _upstream_dialect(exchange: Exchange) -> str:
+    """The API the upstream answers in (Anthropic's for a translated request)."""
+    assert exchange.request is not None
+    return "anthropic.messages" if exchange.translation else exchange.request.dialect
+
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""JSON answers are kept up to this size for their usage; beyond it only the tail is kept
+(providers put ``usage`` last)."""
+_TAIL_BYTES = 64 * 1024
+
+
+def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
+    """Read usage from the upstream's bytes; translate and guard what the caller gets."""
+    if exchange.response_usage is not None:
+        exchange.response_usage.feed(chunk)
+    elif exchange.response_tail is not None:
+        exchange.response_tail += chunk
+        if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
+            del exchange.response_tail[:-_TAIL_BYTES]
+    out: bytes | None = None  # None: the chunk passes unchanged
+    translation = exchange.translation
+    if translation is not None:
+        out = translation.chunk(chunk, end)
+    chunked = translation.stream is not None if translation else True
+    if exchange.output_guard is not None:
+        out = exchange.output_guard.feed(chunk if out is None else out)
+        if end:
+            out += exchange.output_guard.finish()
+            exchange.verdicts.extend(describe(exchange.output_guard.result))
+    elif exchange.guard_answer:
+        if not end:
+            return Forward(body=b"", body_is_chunk=True) if chunked else CONTINUE
+        guarded = _guard_answer(exchange, chunk if out is None else out)
+        if isinstance(guarded, Reply):
+            return guarded
+        out = guarded if guarded is not None else out
+        return Forward(body=out, set_headers=_verdict_header(exchange)) if out else CONTINUE
+    if out is None:
+        return CONTINUE
+    return Forward(body=out, body_is_chunk=chunked)
+
+
+def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
+    """Check a whole answer: a block becomes an error in the caller's dialect, rewrites a
+    new body; ``None`` when nothing changed."""
+    assert exchange.request is not None and exchange.principal is not None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # not JSON: nothing the answer guards can read
+    result = exchange.policy.guardrails.check_answer(
+        exchange.request.dialect,
+        answer,
+        **subject_of(exchange, exchange.principal, exchange.model),
+    )
+    exchange.verdicts.extend(describe(result))
+    if result.blocked:
+        error = InvalidRequest(
+            result.message or f"The answer was blocked by guardrail '{result.blocked_by}'.",
+            code="guardrail_blocked",
+        )
+        exchange.status, exchange.error_code = error.status, error.code
+        return render_error(error, exchange.envelope)
+    if not result.rewrites:
+        return None
+    return apply_rewrites(answer, result.rewrites)
+
+
+def used(exchange: Exchange) -> Cost:
+    """What the exchange used, from the provider's usage or, failing that, from what is known.
+
+    Errors answered by the provider cost nothing. A stream cut before its usage report
+    is charged the counted prompt and one token per content event already sent. A call
+    that never got an answer (client gone first) is charged its prompt.
+    """
+    model, reservation = exchange.model, exchange.reservation
+    assert model is not None
+    usage = _reported_usage(exchange)
+    if usage is not None:
+        exchange.usage_source = "provider"
+        return usage_cost(model, usage)
+    exchange.usage_source = "estimate"
+    status = exchange.response_status
+    if status >= 300 or (status == 0 and exchange.response_usage is None):
+        tokens_in = exchange.input_tokens if status == 0 else 0
+        return usage_cost(model, Usage(tokens_in, 0))
+    streamed = exchange.response_usage.content_events if exchange.response_usage else 0
+    if reservation is not None:
+        streamed = min(streamed, reservation.reserved.output_tokens)
+    return usage_cost(model, Usage(exchange.input_tokens, streamed))
+
+
+def account(exchange: Exchange) -> None:
+    """Work out what the exchange used, once its answer is over (or cut).
+
+    Known for every exchange that reserved a budget or whose answer the service saw;
+    ``None`` for one forwarded without either (nothing to measure it by).
+    """
+    seen = exchange.reservation is not None or exchange.response_status != 0
+    if exchange.used is None and exchange.model is not None and seen:
+        exchange.used = used(exchange)
+
+
+async def settle(exchange: Exchange, meter: Meter) -> None:
+    """Account the exchange and replace its reservation with what was used (idempotent)."""
+    account(exchange)
+    reservation = exchange.reservation
+    if reservation is None or reservation.settled or exchange.model is None:
+        return
+    assert exchange.used is not None
+    await meter.settle(reservation, exchange.model, exchange.used)
+
+
+def _reported_usage(exchange: Exchange) -> Usage | None:
+    if exchange.response_usage is not None:
+        exchange.response_usage.finish()
+        return exchange.response_usage.usage
+    if exchange.response_tail and exchange.request is not None:
+        return usage_from_body(_upstream_dialect(exchange), _json_or_tail(exchange.response_tail))
+    return None
+
+
+def _json_or_tail(raw: bytearray) -> Any:
+    """The parsed answer; if only its tail was kept, the ``usage`` object found in it."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    at = raw.rfind(b'"usage"')
+    start = raw.find(b"{", at) if at != -1 else -1
+    if start == -1:
+        return None
+    depth = 0
+    for end in range(start, len(raw)):
+        depth += {0x7B: 1, 0x7D: -1}.get(raw[end], 0)
+        if depth == 0:
+            try:
+                return {"usage": orjson.loads(raw[start : end + 1])}
+            except orjson.JSONDecodeError:
+                return None
+    return None

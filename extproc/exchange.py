@@ -1,0 +1,80 @@
+"""The typed state of one exchange (one HTTP request and its answer).
+
+Owned by one ext_proc stream (or one ext_authz check); the pipeline's request side
+(:mod:`extproc.pipeline`) and answer side (:mod:`extproc.answer`) read and fill it in,
+the telemetry turns it into an audit record at the end. One policy snapshot per exchange.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from extproc.budgets.meter import Cost, Reservation
+from extproc.dialects.base import Dialect, Envelope, JsonPath, LLMRequest
+from extproc.dialects.usage import StreamUsage
+from extproc.guardrails.stream import StreamGuard
+from extproc.identity import Principal
+from extproc.policy.compiled import CatalogueModel, CompiledPolicy
+from extproc.routing import ResponseTranslation
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Typed state of one HTTP request/response pair, owned by one ext_proc stream."""
+
+    policy: CompiledPolicy
+    method: str = ""
+    path: str = ""
+    envelope: Envelope = "openai"
+    dialect: Dialect | None = None
+    principal: Principal | None = None
+    request: LLMRequest | None = None
+    model: CatalogueModel | None = None
+    request_id: str = ""
+    trace_id: str | None = None
+    """From the caller's W3C ``traceparent`` (forwarded upstream untouched by Envoy)."""
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    """Guardrail verdicts (rule, action, entity types, counts; never matched text)."""
+    input_tokens: int = 0
+    """Prompt tokens counted before the call (only when a budget needs them)."""
+    rewrites: dict[JsonPath, Any] = field(default_factory=dict)
+    """Body changes staged by stages, applied in one serialisation."""
+    reservation: Reservation | None = None
+    response_status: int = 0
+    response_usage: StreamUsage | None = None
+    response_tail: bytearray | None = None
+    """The JSON answer (bounded), for its usage block."""
+    translation: ResponseTranslation | None = None
+    """Set when an OpenAI chat request goes to an Anthropic backend."""
+    served_by: str | None = None
+    """The upstream endpoint that answered (after retries and fail-over)."""
+    output_guard: StreamGuard | None = None
+    """Checks a streamed answer's text as it passes (output guardrails)."""
+    guard_answer: bool = False
+    """Check the whole (buffered) answer with the output guardrails at its end."""
+    observe_response: bool = False
+    """Set by the adapter when the audit log needs every answer's status and usage."""
+    status: int = 0
+    """The HTTP status the caller got: ours when we answered, else the upstream's."""
+    error_code: str | None = None
+    used: Cost | None = None
+    usage_source: str = "none"
+    """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
+    started: float = field(default_factory=time.monotonic)
+    durations: dict[str, float] = field(default_factory=dict)
+    """Seconds of service time per phase (added up when a phase repeats)."""
+
+    @property
+    def metered(self) -> bool:
+        return self.principal is not None and bool(self.principal.limits)
+
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,98 @@
+"""The texts of a non-streamed answer, with their JSON paths, for output guardrails.
+
+Like a dialect's request view, but for the provider's answer: every string the model
+produced that the caller will read, so a rule can rewrite it in place
+(:func:`extproc.dialects.json_body.apply_rewrites` works on answers too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.dialects.base import JsonPath, TextPart
+from extproc.dialects.fields import string_leaves
+
+_ROLE = "assistant"
+
+
+def answer_texts(dialect: str, body: Any) -> tuple[TextPart, ...]:
+    """Texts of ``body`` (a parsed JSON answer of ``dialect``); unknown shapes give none."""
+    if not isinstance(body, dict):
+        return ()
+    texts: list[TextPart] = []
+    if dialect == "anthropic.messages":
+        _anthropic(body, texts)
+    elif dialect == "openai.responses":
+        _responses(body, texts)
+    else:
+        _openai(body, texts)
+    return tuple(texts)
+
+
+def _add(texts: list[TextPart], path: JsonPath, value: object, kind: str = "message") -> None:
+    if isinstance(value, str) and value:
+        texts.append(TextPart(path, _ROLE, kind, value))
+
+
+def _openai(body: dict[str, Any], texts: list[TextPart]) -> None:
+    """Chat completions (message content, refusal, tool calls) and completions (text)."""
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        _add(texts, ("choices", i, "text"), choice.get("text"))
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            continue
+        where: JsonPath = ("choices", i, "message")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict):
+                    _add(texts, (*where, "content", j, "text"), part.get("text"))
+        else:
+            _add(texts, (*where, "content"), content)
+        _add(texts, (*where, "refusal"), message.get("refusal"))
+        calls = message.get("tool_calls")
+        for k, call in enumerate(calls if isinstance(calls, list) else []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                path = (*where, "tool_calls", k, "function", "arguments")
+                _add(texts, path, function.get("arguments"), "tool_arguments")
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict):
+            _add(
+                texts,
+                (*where, "function_call", "arguments"),
+                legacy.get("arguments"),
+                "tool_arguments",
+            )
+
+
+def _anthropic(body: dict[str, Any], texts: list[TextPart]) -> None:
+    content = body.get("content")
+    for j, block in enumerate(content if isinstance(content, list) else []):
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            _add(texts, ("content", j, "text"), block.get("text"))
+        elif block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
+            for path, value in string_leaves(block.get("input"), ("content", j, "input")):
+                _add(texts, path, value, "tool_arguments")
+
+
+def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
+    output = body.get("output")
+    for k, item in enumerate(output if isinstance(output, list) else []):
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            content = item.get("content")
+            for m, part in enumerate(content if isinstance(content, list) else []):
+                if isinstance(part, dict):
+                    _add(texts, ("output", k, "content", m, "text"), part.get("text"))
+        elif item.get("type") in ("function_call", "custom_tool_call"):
+            key = "arguments" if item.get("type") == "function_call" else "input"
+            _add(texts, ("output", k, key), item.get(key), "tool_arguments")

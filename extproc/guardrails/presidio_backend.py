@@ -1,0 +1,171 @@
+"""Presidio's pattern recognizers, run only on small windows the prefilter chose.
+
+Presidio's recognizers bring the domain knowledge (card number ranges and the Luhn check,
+IBAN country formats and the mod-97 checksum, SSN invalidation rules, IPv6 forms), but
+they use backtracking regexes (the ``regex`` module) and per-call overhead of tens of
+microseconds. So each one is paired with an RE2 *trigger*, a generous shape of what it
+can match; it runs only on windows around trigger matches (padded, merged, at most
+:data:`MAX_WINDOW` characters each), which keeps its work proportional to the suspicious
+part of a text and bounded on any input.
+
+Importing Presidio costs ~2 s and ~100 MB (it imports spaCy for its NLP types, though no
+model is loaded), so the import happens when the first PII rule is compiled, never at
+module import. Email validation uses tldextract's bundled suffix list: the default
+extractor would try to download the list at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.guardrails.findings import Finding, merge_windows
+from extproc.guardrails.linear import Regex, Utf8, compile_re2
+
+MAX_WINDOW = 2048
+"""Characters a Presidio recognizer sees at once."""
+_WIDEN = 32
+"""How far a window edge moves to reach whitespace, so it does not cut a value."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    factory: str
+    trigger: str
+    pad: int
+    upper: bool = False
+    """Show the recognizer upper-cased text (its regex is case-sensitive, the format
+    is not: ``gb82 west …`` is a valid IBAN)."""
+
+
+SPECS: dict[str, _Spec] = {
+    "EMAIL_ADDRESS": _Spec(
+        "email",
+        # A top-level domain has at least two letters.
+        r"[\pL\pN_!#$%&'*+/=?^`{|}~-]@[\pL\pN_-]+(?:\.[\pL\pN_-]+)*\.\pL{2,}",
+        80,
+    ),
+    "CREDIT_CARD": _Spec("credit_card", r"\d(?:[ -]?\d){11,18}", 8),
+    "IBAN_CODE": _Spec("IbanRecognizer", r"(?i)[a-z]{2}\d{2}[ -]?[a-z0-9]{4}", 48, upper=True),
+    "US_SSN": _Spec("UsSsnRecognizer", r"\d{3}[- .]?\d{2}[- .]?\d{4}", 8),
+    "IP_ADDRESS": _Spec(
+        "IpRecognizer",
+        r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}",
+        48,
+    ),
+    "URL": _Spec("UrlRecognizer", r"(?i)\b(?:https?://|ftp://|www\.)", 64),
+    "MAC_ADDRESS": _Spec(
+        "MacAddressRecognizer",
+        r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.",
+        24,
+    ),
+    "CRYPTO": _Spec("CryptoRecognizer", r"\b(?:bc1|[13])[a-zA-HJ-NP-Z0-9]{25,}", 8),
+    "US_ITIN": _Spec("UsItinRecognizer", r"9\d{2}[- ]?[5-9]\d[- ]?\d{4}", 8),
+    "US_PASSPORT": _Spec("UsPassportRecognizer", r"\d{8,9}", 8),
+    "US_BANK_NUMBER": _Spec("UsBankRecognizer", r"\d{8,17}", 8),
+    "US_DRIVER_LICENSE": _Spec("UsLicenseRecognizer", r"\d{4,}", 16),
+    "UK_NHS": _Spec("NhsRecognizer", r"\d{3}[- ]?\d{3}[- ]?\d{4}", 8),
+}
+
+_CARD_EXTENDED = (
+    # Presidio's own card pattern covers 13-17 digit numbers starting 1, 3, 4, 5[0-5], 6.
+    # Issuers also use 2221-2720 (Mastercard), 2131/1800 (JCB), 50/56-69 (Maestro) and
+    # lengths 12-19; Luhn still has to pass.
+    r"\b(?:4\d{3}|5\d{3}|2[2-7]\d{2}|6\d{3}|3\d{3}|1800|2131)(?:[- ]?\d){8,15}\b"
+)
+
+
+@functools.cache
+def _presidio() -> Any:
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+    from presidio_analyzer import Pattern, predefined_recognizers
+
+    return predefined_recognizers, Pattern
+
+
+@functools.cache
+def _offline_tld() -> Any:
+    import tldextract
+
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+def _build(entity: str, factory: str) -> Any:
+    recognizers, pattern_class = _presidio()
+    if factory == "email":
+        extract = _offline_tld()
+
+        def validate_result(self: Any, pattern_text: str) -> bool:
+            return bool(extract(pattern_text).fqdn)
+
+        offline = type(
+            "OfflineEmailRecognizer",
+            (recognizers.EmailRecognizer,),
+            {"validate_result": validate_result},
+        )
+        return offline()
+    if factory == "credit_card":
+        base = recognizers.CreditCardRecognizer
+        patterns = [
+            *base.PATTERNS,
+            pattern_class("Credit card (extended ranges)", _CARD_EXTENDED, 0.3),
+        ]
+        return base(patterns=patterns)
+    return getattr(recognizers, factory)()
+
+
+@functools.cache
+def presidio_recognizer(entity: str) -> PresidioRecognizer:
+    """The shared recognizer for ``entity``: built and warmed once per process, reused by
+    every rule and policy version (it holds no per-request state)."""
+    return PresidioRecognizer(entity)
+
+
+class PresidioRecognizer:
+    """One Presidio recognizer behind an RE2 trigger."""
+
+    __slots__ = ("_pad", "_presidio", "_trigger", "_upper", "context", "entity", "trigger")
+
+    def __init__(self, entity: str) -> None:
+        spec = SPECS[entity]
+        self.entity = entity
+        self.trigger = spec.trigger
+        self._trigger: Regex = compile_re2(spec.trigger)
+        self._pad = spec.pad
+        self._upper = spec.upper
+        self._presidio = _build(entity, spec.factory)
+        self.context: tuple[str, ...] = tuple(self._presidio.context or ())
+        # Presidio compiles its regexes on first use; do it now, not on a request.
+        self._presidio.analyze("warm up 4111 1111 1111 1111 a@example.com", [entity], None)
+
+    def find(self, text: Utf8) -> list[Finding]:
+        value = text.text
+        spans = self._trigger.spans(text)
+        if not spans:
+            return []
+        found: dict[tuple[int, int], Finding] = {}
+        for lo, hi in merge_windows(spans, self._pad, len(value), MAX_WINDOW):
+            lo, hi = _widen(value, lo, hi)
+            window = value[lo:hi]
+            if self._upper and window.isascii():
+                window = window.upper()
+            for result in self._presidio.analyze(window, [self.entity], None):
+                start, end = result.start + lo, result.end + lo
+                if result.score > 0 and (start, end) not in found:
+                    found[(start, end)] = Finding(start, end, self.entity, float(result.score))
+        return list(found.values())
+
+
+def _widen(text: str, lo: int, hi: int) -> tuple[int, int]:
+    """Move window edges outwards to whitespace (at most :data:`_WIDEN` characters)."""
+    if lo > 0:
+        floor = max(0, lo - _WIDEN)
+        while lo > floor and not text[lo - 1].isspace():
+            lo -= 1
+    if hi < len(text):
+        ceiling = min(len(text), hi + _WIDEN)
+        while hi < ceiling and not text[hi].isspace():
+            hi += 1
+    return lo, hi

@@ -1,0 +1,213 @@
+"""Server-sent events of each streaming dialect: where their text is, how to rewrite it.
+
+An :class:`Event` keeps its raw bytes so an event the guard does not change is passed on
+byte for byte. A :class:`StreamDialect` knows, for one API, which parts of an event are
+answer text (*channels*: a choice's content, a tool call's arguments, a content block),
+which events end a channel, and what an error event looks like.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+ChannelKey = tuple[Any, ...]
+ALL = ("*",)
+"""Returned by :meth:`StreamDialect.ends` to end every channel."""
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\n|\r")
+
+
+@dataclass(slots=True)
+class Event:
+    raw: bytes
+    """The event as received, separator included."""
+    name: str | None
+    data: bytes | None
+    payload: Any = None
+    """The parsed JSON of ``data`` (``None`` if absent or not JSON)."""
+    other_lines: list[bytes] = field(default_factory=list)
+
+    def render(self) -> bytes:
+        """The event with its (possibly changed) payload, as SSE bytes."""
+        lines = list(self.other_lines)
+        if self.name is not None:
+            lines.insert(0, b"event: " + self.name.encode())
+        lines.append(b"data: " + orjson.dumps(self.payload))
+        return b"\n".join(lines) + b"\n\n"
+
+
+def split_events(buffer: bytearray) -> list[bytes]:
+    """Remove and return the complete events at the start of ``buffer``."""
+    events: list[bytes] = []
+    start = 0
+    for match in _EVENT_END.finditer(buffer):
+        events.append(bytes(buffer[start : match.end()]))
+        start = match.end()
+    del buffer[:start]
+    return events
+
+
+def parse_event(raw: bytes) -> Event:
+    name: str | None = None
+    data: list[bytes] = []
+    other: list[bytes] = []
+    for line in _LINE.split(raw):
+        if not line:
+            continue
+        if line.startswith(b"data:"):
+            data.append(line[5:].removeprefix(b" "))
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+        else:
+            other.append(line)
+    joined = b"\n".join(data) if data else None
+    payload = None
+    if joined is not None and joined[:1] in (b"{", b"["):
+        try:
+            payload = orjson.loads(joined)
+        except orjson.JSONDecodeError:
+            payload = None
+    return Event(raw, name, joined, payload, other)
+
+
+@dataclass(slots=True)
+class Delta:
+    channel: ChannelKey
+    text: str
+    set_text: Callable[[str], None]
+
+
+class StreamDialect:
+    name = ""
+
+    def deltas(self, event: Event) -> list[Delta]:
+        raise NotImplementedError
+
+    def ends(self, event: Event) -> tuple[ChannelKey, ...]:
+        """Channels that must be flushed before ``event`` is sent (:data:`ALL` for all)."""
+        raise NotImplementedError
+
+    def error_event(self, message: str) -> bytes:
+        raise NotImplementedError
+
+
+def _setter(container: dict[str, Any], key: str) -> Callable[[str], None]:
+    def set_text(text: str) -> None:
+        container[key] = text
+
+    return set_text
+
+
+class OpenAIStream(StreamDialect):
+    """Chat completions (``delta.content``, ``delta.refusal``, tool-call arguments) and
+    legacy completions (``text``). ``finish_reason`` ends a choice, ``[DONE]`` the stream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def deltas(self, event: Event) -> list[Delta]:
+        payload = event.payload
+        if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
+            return []
+        found: list[Delta] = []
+        for choice in payload["choices"]:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            if isinstance(choice.get("text"), str):
+                found.append(Delta(("text", index), choice["text"], _setter(choice, "text")))
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            for key in ("content", "refusal"):
+                if isinstance(delta.get(key), str):
+                    found.append(Delta((key, index), delta[key], _setter(delta, key)))
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):
+                for position, call in enumerate(calls):
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                        tool = call.get("index", position)
+                        found.append(
+                            Delta(
+                                ("tool", index, tool),
+                                function["arguments"],
+                                _setter(function, "arguments"),
+                            )
+                        )
+        return found
+
+    def ends(self, event: Event) -> tuple[ChannelKey, ...]:
+        if event.data is not None and event.data.strip() == b"[DONE]":
+            return (ALL,)
+        payload = event.payload
+        if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
+            return ()
+        return tuple(
+            ("choice", c.get("index", 0))
+            for c in payload["choices"]
+            if isinstance(c, dict) and c.get("finish_reason") is not None
+        )
+
+    def error_event(self, message: str) -> bytes:
+        error = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": "guardrail_blocked",
+                "param": None,
+            }
+        }
+        return b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
+
+
+class AnthropicStream(StreamDialect):
+    """Messages: ``content_block_delta`` text and tool-input JSON; ``content_block_stop``
+    ends a block, ``message_delta`` / ``message_stop`` end the message."""
+
+    name = "anthropic.messages"
+
+    def deltas(self, event: Event) -> list[Delta]:
+        payload = event.payload
+        if not isinstance(payload, dict):
+            return []
+        kind = payload.get("type")
+        index = payload.get("index", 0)
+        if kind == "content_block_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json"):
+                    if isinstance(delta.get(key), str):
+                        return [Delta(("block", index), delta[key], _setter(delta, key))]
+        elif kind == "content_block_start":
+            block = payload.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                return [Delta(("block", index), block["text"], _setter(block, "text"))]
+        return []
+
+    def ends(self, event: Event) -> tuple[ChannelKey, ...]:
+        payload = event.payload
+        kind = payload.get("type") if isinstance(payload, dict) else event.name
+        if kind == "content_block_stop" and isinstance(payload, dict):
+            return (("block", payload.get("index", 0)),)
+        if kind in ("message_delta", "message_stop"):
+            return (ALL,)
+        return ()
+
+    def error_event(self, message: str) -> bytes:
+        error = {"type": "error", "error": {"type": "permission_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(error) + b"\n\n"
+
+
+STREAM_DIALECTS: dict[str, Callable[[], StreamDialect]] = {
+    "openai.chat": lambda: OpenAIStream("openai.chat"),
+    "openai.completions": lambda: OpenAIStream("openai.completions"),
+    "anthropic.messages": AnthropicStream,
+}
+"""Dialects whose streamed answers the output guard understands."""

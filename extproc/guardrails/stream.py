@@ -1,0 +1,388 @@
+"""Output guardrails on streamed (SSE) answers, with a bounded hold-back window.
+
+The answer arrives as many small text deltas; a value a rule cares about (an e-mail, a
+key, a banned phrase) can be split across them. The guard therefore holds back *events*
+(not text): an event leaves when all of its text is *settled*, and it leaves byte for
+byte as it came unless a rewrite touches its text, in which case it is re-serialised.
+Events keep their order; events without text wait only behind held ones.
+
+Per *channel* (a choice's content, a tool call's arguments, a content block) text is
+settled up to the start of what may still be the beginning of something: the trailing
+token (no whitespace yet; digit groups joined by single spaces count as one token, as in
+``4111 1111``), and any finding that reaches into it. At most ``window`` characters stay
+unsettled; past that the oldest are settled, and a finding cut there goes on being
+rewritten (masked or dropped) until its token ends. The last settled characters are read
+again as context (so ``Bearer`` sent earlier still qualifies the token arriving now).
+
+A ``validate`` finding (or a ``mutate`` entity with ``action: block``) drops what is held
+and ends the stream with an error event in the dialect's format; nothing after it is
+sent. Rules in ``audit`` mode hold nothing back. The end of a channel (``finish_reason``,
+``content_block_stop``, ``[DONE]``, ``message_stop``) settles everything it holds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from extproc.guardrails.engine import Action, CompiledRule, GuardResult, Stage, Verdict
+from extproc.guardrails.findings import Finding, resolve_overlaps
+from extproc.guardrails.linear import Utf8
+from extproc.guardrails.operators import Rewrite
+from extproc.guardrails.sse import (
+    ALL,
+    STREAM_DIALECTS,
+    ChannelKey,
+    Event,
+    StreamDialect,
+    parse_event,
+    split_events,
+)
+
+MAX_EVENT_BYTES = 1024 * 1024
+"""An incomplete event larger than this cannot be inspected: the stream is ended."""
+_CONTEXT = 64
+"""Characters of settled text read again as context."""
+_ASSISTANT = "assistant"
+_STAGE: Stage = "output"
+
+
+@dataclass(slots=True)
+class _Continuation:
+    label: str
+    rewrite: Rewrite
+    keeps_length: bool
+    pem: bool
+
+
+@dataclass(slots=True)
+class _Channel:
+    """Text of one channel, in absolute character offsets since the stream began."""
+
+    buf: str = ""
+    """Received, not settled."""
+    settled: int = 0
+    """Offset up to which text is settled (judged, rewrites decided)."""
+    emitted: int = 0
+    """Offset up to which text has been sent."""
+    tail: str = ""
+    """The last settled characters (context)."""
+    rewrites: list[tuple[int, int, str]] = field(default_factory=list)
+    """(start, end, replacement) for settled text not yet sent; sorted, disjoint."""
+    continuation: _Continuation | None = None
+
+    @property
+    def received(self) -> int:
+        return self.settled + len(self.buf)
+
+
+@dataclass(slots=True)
+class _Part:
+    channel: ChannelKey
+    start: int
+    end: int
+    text: str
+    set_text: Callable[[str], None]
+
+
+@dataclass(slots=True)
+class _Queued:
+    raw: bytes
+    event: Event
+    parts: list[_Part]
+
+
+@dataclass(slots=True)
+class _Tally:
+    kind: str
+    action: Action
+    labels: set[str] = field(default_factory=set)
+    count: int = 0
+    score: float | None = None
+
+
+class StreamGuard:
+    """Guards one streamed answer; not thread-safe (one per exchange)."""
+
+    def __init__(self, rules: Sequence[CompiledRule], dialect: str, window: int = 64) -> None:
+        factory = STREAM_DIALECTS.get(dialect)
+        if factory is None:
+            raise ValueError(f"streams of {dialect!r} cannot be guarded")
+        self._dialect: StreamDialect = factory()
+        self._rules = tuple(r for r in rules if r.roles is None or _ASSISTANT in r.roles)
+        self._holds = any(r.holds_text for r in self._rules)
+        self._window = window
+        self._buffer = bytearray()
+        self._channels: dict[ChannelKey, _Channel] = {}
+        self._queue: deque[_Queued] = deque()
+        self._tallies: dict[str, _Tally] = {}
+        self._blocked: CompiledRule | None = None
+
+    @property
+    def result(self) -> GuardResult:
+        """Verdicts so far (and the blocking rule, if one fired)."""
+        verdicts = tuple(
+            Verdict(name, t.kind, _STAGE, t.action, tuple(sorted(t.labels)), t.count, t.score)
+            for name, t in self._tallies.items()
+        )
+        blocked = self._blocked
+        if blocked is None:
+            return GuardResult(verdicts)
+        return GuardResult(verdicts, {}, blocked.name, blocked.message)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send to the client now for ``chunk`` of the upstream answer."""
+        if self._blocked is not None:
+            return b""
+        self._buffer += chunk
+        out = bytearray()
+        for raw in split_events(self._buffer):
+            out += self._event(raw)
+            if self._blocked is not None:
+                self._buffer.clear()
+                return bytes(out)
+        if len(self._buffer) > MAX_EVENT_BYTES and self._holds:
+            self._buffer.clear()
+            out += self._block(self._rules[0], ["oversized_event"], None)
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """The stream ended: settle and send everything held."""
+        if self._blocked is not None:
+            return b""
+        out = bytearray()
+        if self._buffer.strip():
+            out += self._event(bytes(self._buffer) + b"\n\n")
+        self._buffer.clear()
+        if self._blocked is None:
+            for channel in self._channels.values():
+                self._settle(channel, "", final=True)
+                if self._blocked is not None:
+                    return bytes(out) + self._error()
+            out += self._release()
+        return bytes(out)
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _event(self, raw: bytes) -> bytes:
+        event = parse_event(raw)
+        parts: list[_Part] = []
+        for delta in self._dialect.deltas(event) if self._rules else []:
+            channel = self._channels.setdefault(delta.channel, _Channel())
+            start = channel.received
+            self._settle(channel, delta.text, final=False)
+            if self._blocked is not None:
+                return self._error()
+            end = start + len(delta.text)
+            parts.append(_Part(delta.channel, start, end, delta.text, delta.set_text))
+        ends = self._dialect.ends(event) if self._channels else ()
+        for key, channel in self._channels.items():
+            if any(_ends(key, end) for end in ends):
+                self._settle(channel, "", final=True)
+                if self._blocked is not None:
+                    return self._error()
+        if not self._queue and not parts:
+            return raw
+        self._queue.append(_Queued(raw, event, parts))
+        return self._release()
+
+    def _release(self) -> bytes:
+        """Send, in order, every queued event whose text is all settled."""
+        out = bytearray()
+        while self._queue:
+            queued = self._queue[0]
+            if any(p.end > self._channels[p.channel].settled for p in queued.parts):
+                break
+            self._queue.popleft()
+            changed = False
+            for part in queued.parts:
+                channel = self._channels[part.channel]
+                text = _apply(channel, part)
+                if text is not None:
+                    part.set_text(text)
+                    changed = True
+                channel.emitted = part.end
+                if channel.rewrites and channel.rewrites[0][1] <= part.end:
+                    channel.rewrites = [r for r in channel.rewrites if r[1] > part.end]
+            out += queued.event.render() if changed else queued.raw
+        return bytes(out)
+
+    def _error(self) -> bytes:
+        self._queue.clear()
+        assert self._blocked is not None
+        return self._dialect.error_event(self._blocked.message)
+
+    # --- text -----------------------------------------------------------------------------
+
+    def _settle(self, channel: _Channel, text: str, final: bool) -> None:
+        """Append ``text``; settle what may be judged now and record its rewrites."""
+        if channel.continuation is not None and text:
+            text = self._continue(channel, text)
+        channel.buf += text
+        buf = channel.buf
+        if not buf:
+            return
+        if not self._holds:
+            hold = len(buf)
+            findings = self._findings(channel, buf)
+        else:
+            findings = self._findings(channel, buf)
+            if self._blocked is not None:
+                return
+            hold = len(buf) if final else self._hold(buf, len(channel.tail), findings)
+        base = len(channel.tail)
+        origin = channel.settled - base  # absolute offset of the window's start
+        mutations: list[tuple[Finding, Rewrite]] = []
+        for rule, finding in findings:
+            if finding.end > base + hold:
+                continue  # still growing: judged once it is complete
+            self._tally(rule, finding)
+            action = rule.action(finding.label)
+            if rule.mode == "mutate" and action is not None:
+                mutations.append((finding, action.rewrite))
+                if finding.end == base + len(buf) and not final:
+                    channel.continuation = _continuation(finding, action.rewrite)
+        window = channel.tail + buf
+        for finding in resolve_overlaps(f for f, _ in mutations):
+            operator = next(op for f, op in mutations if f is finding)
+            start = max(origin + finding.start, channel.emitted)
+            end = origin + finding.end
+            if start < end:
+                value = window[start - origin : finding.end]
+                _record(channel, start, end, operator(finding.label, value))
+        channel.tail = (channel.tail + buf[:hold])[-_CONTEXT:]
+        channel.buf = buf[hold:]
+        channel.settled += hold
+
+    def _findings(self, channel: _Channel, buf: str) -> list[tuple[CompiledRule, Finding]]:
+        base = len(channel.tail)
+        window = Utf8(channel.tail + buf)
+        found: list[tuple[CompiledRule, Finding]] = []
+        for rule in self._rules:
+            findings = [f for f in rule.detector.detect(window) if f.end > base]
+            if findings and (
+                rule.mode == "validate"
+                or any((a := rule.action(f.label)) is not None and a.block for f in findings)
+            ):
+                score = max(f.score for f in findings) if rule.kind == "injection" else None
+                self._block(rule, [f.label for f in findings], score)
+                return []
+            found.extend((rule, f) for f in findings)
+        return found
+
+    def _hold(self, buf: str, base: int, found: list[tuple[CompiledRule, Finding]]) -> int:
+        """How much of ``buf`` may be settled now; the rest is held back."""
+        hold = _hold_start(buf, self._window)
+        for _, finding in found:  # a finding reaching into the held part is held whole
+            if finding.start < base + hold < finding.end:
+                hold = min(hold, max(finding.start - base, 0))
+        if len(buf) - hold > self._window:
+            # Too much held: settle the oldest text, and whole any finding cut there
+            # (a value longer than the window is rewritten, then continued).
+            hold = len(buf) - self._window
+            for _, finding in sorted(found, key=lambda item: item[1].start):
+                if finding.start < base + hold < finding.end:
+                    hold = finding.end - base
+        return hold
+
+    def _continue(self, channel: _Channel, text: str) -> str:
+        """Rewrite the rest of a value that was cut at the window edge; return the rest."""
+        state = channel.continuation
+        assert state is not None
+        end = 0
+        while end < len(text) and _continues(text[end], state.pem):
+            end += 1
+        if end < len(text):
+            channel.continuation = None
+        if end:
+            start = channel.received
+            piece = text[:end]
+            replacement = state.rewrite(state.label, piece) if state.keeps_length else ""
+            _record(channel, start, start + end, replacement)
+            channel.tail = (channel.tail + piece)[-_CONTEXT:]
+            channel.settled += end
+        return text[end:]
+
+    def _tally(self, rule: CompiledRule, finding: Finding) -> None:
+        action: Action = "recorded" if rule.mode == "audit" else "rewritten"
+        tally = self._tallies.setdefault(rule.name, _Tally(rule.kind, action))
+        tally.labels.add(finding.label)
+        tally.count += 1
+        if rule.kind == "injection":
+            tally.score = max(tally.score or 0.0, finding.score)
+
+    def _block(self, rule: CompiledRule, labels: list[str], score: float | None) -> bytes:
+        self._blocked = rule
+        tally = self._tallies.setdefault(rule.name, _Tally(rule.kind, "blocked"))
+        tally.action = "blocked"
+        tally.labels.update(labels)
+        tally.count += 1 if rule.kind == "injection" else len(labels)
+        tally.score = score
+        return self._error()
+
+
+def _record(channel: _Channel, start: int, end: int, replacement: str) -> None:
+    channel.rewrites.append((start, end, replacement))
+    channel.rewrites.sort()
+
+
+def _apply(channel: _Channel, part: _Part) -> str | None:
+    """The part's text with the channel's rewrites, or ``None`` if none touch it.
+
+    A replacement goes into the part where its span starts; the rest of the span is
+    removed from later parts, so a value split over events is replaced exactly once.
+    """
+    touching = [r for r in channel.rewrites if r[0] < part.end and part.start < r[1]]
+    if not touching:
+        return None
+    out: list[str] = []
+    position = part.start
+    for start, end, replacement in touching:
+        cut = max(start, part.start)
+        out.append(part.text[position - part.start : cut - part.start])
+        if start >= part.start:
+            out.append(replacement)
+        position = max(position, min(end, part.end))
+    out.append(part.text[position - part.start :])
+    return "".join(out)
+
+
+def _ends(key: ChannelKey, end: ChannelKey) -> bool:
+    return end == ALL or key == end or (end[0] == "choice" and key[1] == end[1])
+
+
+def _hold_start(buf: str, window: int) -> int:
+    """Where the trailing may-be-a-value region of ``buf`` starts (at most ``window`` back).
+
+    The region is the last token (no whitespace), extended backwards over single spaces
+    that join digit groups (card numbers, IBANs and phone numbers are written so).
+    """
+    i = len(buf)
+    floor = max(0, len(buf) - window)
+    while i > floor:
+        char = buf[i - 1]
+        if not char.isspace():
+            i -= 1
+            continue
+        joined = i == len(buf) or _groupish(buf[i])
+        if char == " " and i >= 2 and _groupish(buf[i - 2]) and joined:
+            i -= 1
+            continue
+        break
+    return i
+
+
+def _groupish(char: str) -> bool:
+    return char.isdigit() or char in "+()-"
+
+
+def _continues(char: str, pem: bool) -> bool:
+    if pem:
+        return char.isalnum() or char in "+/=-\r\n "
+    return not char.isspace()
+
+
+def _continuation(finding: Finding, operator: Rewrite) -> _Continuation:
+    probe = operator(finding.label, "abcd")
+    return _Continuation(finding.label, operator, len(probe) == 4, finding.label == "PRIVATE_KEY")

@@ -1,0 +1,291 @@
+"""The per-request check: scope, stages, roles, rule order, answers, and large inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from extproc.dialects import dialect_for_path
+from extproc.dialects.base import TextPart
+from extproc.dialects.json_body import apply_rewrites
+from extproc.guardrails import Guardrails, describe
+from extproc.guardrails.answer import answer_texts
+from extproc.guardrails.evaluate import default_guardrails
+from extproc.guardrails.testing import guardrails_from_yaml, user_text
+
+SCOPED = guardrails_from_yaml(
+    """
+- name: everyone
+  stage: input
+  mode: audit
+  detector: {kind: content, banned_terms: [alpha]}
+- name: scoped
+  stage: both
+  mode: audit
+  scope: {teams: [red], keys: [k1, k2], models: ["gpt-4o*"], routes: ["/v1/chat/*"]}
+  detector: {kind: content, banned_terms: [alpha]}
+- name: output-only
+  stage: output
+  mode: audit
+  detector: {kind: content, banned_terms: [alpha]}
+- name: tools-only
+  stage: input
+  mode: audit
+  roles: [tool]
+  detector: {kind: content, banned_terms: [alpha]}
+"""
+)
+
+
+def fired(
+    guardrails: Guardrails, stage: Any = "input", texts: list[TextPart] | None = None, **who: Any
+) -> list[str]:
+    subject = {
+        "team": "red",
+        "key_id": "k1",
+        "model": "gpt-4o-mini",
+        "path": "/v1/chat/completions",
+    }
+    subject.update(who)
+    result = guardrails.check(stage, texts or [user_text("alpha")], **subject)
+    return [v.rule for v in result.verdicts]
+
+
+@pytest.mark.parametrize(
+    ("who", "expected"),
+    [
+        pytest.param({}, ["everyone", "scoped"], id="in-scope"),
+        pytest.param({"team": "blue"}, ["everyone"], id="other-team"),
+        pytest.param({"key_id": "k3"}, ["everyone"], id="other-key"),
+        pytest.param({"team": None, "key_id": None}, ["everyone"], id="anonymous"),
+        pytest.param({"model": "claude-3"}, ["everyone"], id="model-glob-miss"),
+        pytest.param({"model": "gpt-4o"}, ["everyone", "scoped"], id="model-glob-hit"),
+        pytest.param({"path": "/v1/messages"}, ["everyone"], id="route-miss"),
+        pytest.param(
+            {"path": "/v1/chat/completions?x=1"}, ["everyone", "scoped"], id="query-ignored"
+        ),
+    ],
+)
+def test_scope(who: dict[str, Any], expected: list[str]) -> None:
+    assert fired(SCOPED, **who) == expected
+
+
+def test_stage_and_roles() -> None:
+    assert fired(SCOPED, "output") == ["scoped", "output-only"]
+    tool = [user_text("alpha", role="tool")]
+    assert fired(SCOPED, texts=tool) == ["everyone", "scoped", "tools-only"]
+
+
+def test_applies_lets_the_pipeline_skip_phases() -> None:
+    subject: dict[str, Any] = {
+        "team": "blue",
+        "key_id": None,
+        "model": "m",
+        "path": "/v1/embeddings",
+    }
+    assert SCOPED.applies("output", **subject)
+    only_input = guardrails_from_yaml(
+        "- {name: i, stage: input, mode: audit, detector: {kind: content, banned_terms: [x]}}"
+    )
+    assert only_input.applies("input", **subject)
+    assert not only_input.applies("output", **subject)
+    assert only_input.stream("openai.chat", **subject) is None
+
+
+ORDERED = guardrails_from_yaml(
+    """
+- name: mask-email
+  stage: input
+  mode: mutate
+  detector: {kind: pii, entities: [EMAIL_ADDRESS]}
+- name: record-topics
+  stage: input
+  mode: audit
+  detector: {kind: content, topics: {billing: [invoice]}}
+- name: no-secrets
+  stage: input
+  mode: validate
+  detector: {kind: secrets}
+- name: never-reached
+  stage: input
+  mode: audit
+  detector: {kind: content, banned_terms: [invoice]}
+"""
+)
+
+
+def check(guardrails: Guardrails, *texts: str) -> Any:
+    parts = [user_text(t, path=("messages", i, "content")) for i, t in enumerate(texts)]
+    return guardrails.check("input", parts, team=None, key_id=None, model=None, path="/")
+
+
+def test_rules_see_original_text_and_first_block_wins() -> None:
+    clean = check(ORDERED, "mail a@example.com the invoice", "no key here")
+    assert clean.blocked_by is None
+    assert clean.rewrites == {("messages", 0, "content"): "mail <EMAIL_ADDRESS> the invoice"}
+    assert describe(clean) == [
+        {"rule": "mask-email", "detector": "pii", "stage": "input", "action": "rewritten",
+         "entities": ["EMAIL_ADDRESS"], "count": 1},
+        {"rule": "record-topics", "detector": "content", "stage": "input",
+         "action": "recorded", "entities": ["topic:billing"], "count": 1},
+        {"rule": "never-reached", "detector": "content", "stage": "input",
+         "action": "recorded", "entities": ["banned_term"], "count": 1},
+    ]  # fmt: skip
+    blocked = check(ORDERED, "a@example.com", "key AKIAIOSFODNN7EXAMPLE")
+    assert blocked.blocked_by == "no-secrets"
+    assert blocked.rewrites == {}
+    assert [v.rule for v in blocked.verdicts] == ["mask-email", "no-secrets"]
+    assert blocked.verdicts[-1].action == "blocked"
+    assert "AKIA" not in repr(blocked) and "no-secrets" in (blocked.message or "")
+
+
+def test_overlapping_mutations_merge() -> None:
+    guardrails = guardrails_from_yaml(
+        """
+- name: a
+  stage: input
+  mode: mutate
+  detector: {kind: pii, entities: [EMAIL_ADDRESS], operator: mask}
+- name: b
+  stage: input
+  mode: mutate
+  detector: {kind: content, deny: ['example'], replacement: '[X]'}
+"""
+    )
+    result = check(guardrails, "to a@example.com and example")
+    assert result.rewrites == {("messages", 0, "content"): "to ************* and [X]"}
+
+
+def test_tool_call_arguments_and_results_are_checked() -> None:
+    body = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "send", "arguments": '{"to": "a@example.com"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sent to b@example.org"},
+        ],
+    }
+    dialect = dialect_for_path("/v1/chat/completions")
+    assert dialect is not None
+    request = dialect.parse(body)
+    guardrails = guardrails_from_yaml(
+        "- {name: m, stage: input, mode: mutate, detector: {kind: pii, entities: [EMAIL_ADDRESS]}}"
+    )
+    result = guardrails.check("input", request.texts, team=None, key_id=None, model=None, path="/")
+    assert result.rewrites == {
+        ("messages", 1, "tool_calls", 0, "function", "arguments"): '{"to": "<EMAIL_ADDRESS>"}',
+        ("messages", 2, "content"): "sent to <EMAIL_ADDRESS>",
+    }
+    rewritten = apply_rewrites(request.body, result.rewrites)
+    assert b"example" not in rewritten
+
+
+OUTPUT = guardrails_from_yaml(
+    "- {name: m, stage: output, mode: mutate, detector: {kind: pii, entities: [EMAIL_ADDRESS]}}"
+)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "body", "path"),
+    [
+        pytest.param(
+            "openai.chat",
+            {
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "a@example.com"}}
+                ]
+            },
+            ("choices", 0, "message", "content"),
+            id="openai-chat",
+        ),
+        pytest.param(
+            "openai.chat",
+            {
+                "choices": [
+                    {"message": {"tool_calls": [{"function": {"arguments": "a@example.com"}}]}}
+                ]
+            },
+            ("choices", 0, "message", "tool_calls", 0, "function", "arguments"),
+            id="openai-tool-call",
+        ),
+        pytest.param(
+            "openai.completions",
+            {"choices": [{"text": "a@example.com"}]},
+            ("choices", 0, "text"),
+            id="openai-completions",
+        ),
+        pytest.param(
+            "anthropic.messages",
+            {"content": [{"type": "text", "text": "a@example.com"}]},
+            ("content", 0, "text"),
+            id="anthropic-text",
+        ),
+        pytest.param(
+            "anthropic.messages",
+            {
+                "content": [
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {"to": ["a@example.com"]}}
+                ]
+            },
+            ("content", 0, "input", "to", 0),
+            id="anthropic-tool-use",
+        ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "message",
+                        "content": [{"type": "output_text", "text": "a@example.com"}],
+                    }
+                ]
+            },
+            ("output", 0, "content", 0, "text"),
+            id="responses",
+        ),
+    ],
+)
+def test_check_answer(dialect: str, body: dict[str, Any], path: tuple[Any, ...]) -> None:
+    result = OUTPUT.check_answer(dialect, body, team=None, key_id=None, model=None, path="/")
+    assert result.rewrites == {path: "<EMAIL_ADDRESS>"}
+    assert all(t.role == "assistant" for t in answer_texts(dialect, body))
+
+
+def test_unknown_answer_shapes_are_empty() -> None:
+    assert answer_texts("openai.chat", {"choices": "nope"}) == ()
+    assert answer_texts("anthropic.messages", ["not", "a", "dict"]) == ()
+
+
+@pytest.fixture(scope="module")
+def defaults() -> Guardrails:
+    return default_guardrails()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("a" * 1_000_000, id="a"),
+        pytest.param("@" * 1_000_000, id="at"),
+        pytest.param("1 " * 500_000, id="digits"),
+        pytest.param("a@b." * 250_000, id="emailish"),
+        pytest.param("sk-" * 333_333, id="key-prefixes"),
+        pytest.param("-----BEGIN RSA PRIVATE KEY-----" * 30_000, id="pem-headers"),
+        pytest.param("\u00e9" * 1_000_000, id="accents"),
+    ],
+)
+def test_default_rules_finish_on_a_megabyte(defaults: Guardrails, text: str) -> None:
+    result = defaults.check(
+        "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
+    )
+    assert result.blocked_by in (None, "mask-secrets", "block-injection")

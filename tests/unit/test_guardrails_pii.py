@@ -1,0 +1,234 @@
+"""PII and secrets: what is found, what is not, and how each operator rewrites it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from extproc.guardrails import Guardrails, GuardResult, decrypt
+from extproc.guardrails.testing import guardrails_from_yaml, user_text
+
+ENTITIES = "[EMAIL_ADDRESS, CREDIT_CARD, IBAN_CODE, US_SSN, IP_ADDRESS, PHONE_NUMBER]"
+SALT = "a-salt-of-sixteen-bytes"
+KEY = "0123456789abcdef"  # 128-bit AES key
+
+
+@pytest.fixture(scope="module")
+def audit() -> Guardrails:
+    return guardrails_from_yaml(
+        f"""
+- name: pii
+  stage: both
+  mode: audit
+  detector: {{kind: pii, entities: {ENTITIES}}}
+- name: secrets
+  stage: both
+  mode: audit
+  detector: {{kind: secrets, types: [OPENAI_API_KEY, ANTHROPIC_API_KEY, AWS_ACCESS_KEY,
+    AWS_SECRET_KEY, GITHUB_TOKEN, GITLAB_TOKEN, SLACK_TOKEN, GOOGLE_API_KEY, STRIPE_KEY,
+    PRIVATE_KEY, JWT, BEARER_TOKEN, ASSIGNED_SECRET]}}
+"""
+    )
+
+
+def found(guardrails: Guardrails, text: str) -> set[str]:
+    result = guardrails.check(
+        "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
+    )
+    return {entity for verdict in result.verdicts for entity in verdict.entities}
+
+
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0"
+    ".dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+)
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi\n"
+    "Z1BjP5CE8Du7fvGyzqYt\n-----END RSA PRIVATE KEY-----"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("write to jane.doe@example.co.uk today", {"EMAIL_ADDRESS"}, id="email"),
+        pytest.param("card 4111 1111 1111 1111 exp 12/29", {"CREDIT_CARD"}, id="card-spaced"),
+        pytest.param("card 2223003122003222 ok", {"CREDIT_CARD"}, id="card-mastercard-2-series"),
+        pytest.param("IBAN GB82 WEST 1234 5698 7654 32", {"IBAN_CODE"}, id="iban-spaced"),
+        pytest.param("my iban is gb82west12345698765432", {"IBAN_CODE"}, id="iban-lowercase"),
+        pytest.param("ssn 536-22-1234 on file", {"US_SSN"}, id="ssn"),
+        pytest.param("server at 192.168.10.7 is down", {"IP_ADDRESS"}, id="ipv4"),
+        pytest.param("v6 2001:db8:85a3::8a2e:370:7334 ok", {"IP_ADDRESS"}, id="ipv6"),
+        pytest.param("call +1 (415) 555-0100 now", {"PHONE_NUMBER"}, id="phone-us-intl"),
+        pytest.param("Phone: 0490 75 40 81", {"PHONE_NUMBER"}, id="phone-national"),
+        pytest.param("Fax: 9498777106", {"PHONE_NUMBER"}, id="phone-bare-with-context"),
+        pytest.param(
+            "key sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z", {"OPENAI_API_KEY"}, id="openai"
+        ),
+        pytest.param(
+            "sk-ant-api03-x7Yq2Lm9Zp4Rt6Wv8Bn1Cd3Fg5Hj0Kk2Ll4Mm6",
+            {"ANTHROPIC_API_KEY"},
+            id="anthropic",
+        ),
+        pytest.param("AKIAIOSFODNN7EXAMPLE is my key", {"AWS_ACCESS_KEY"}, id="aws-access-key"),
+        pytest.param(
+            "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            {"AWS_SECRET_KEY"},
+            id="aws-secret",
+        ),
+        pytest.param("ghp_1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R", {"GITHUB_TOKEN"}, id="github"),
+        pytest.param(f"token {JWT}", {"JWT"}, id="jwt"),
+        pytest.param(PEM, {"PRIVATE_KEY"}, id="pem-block"),
+        pytest.param(
+            "Authorization: Bearer 9f8e7d6c5b4a39281706f5e4d3c2b1a0", {"BEARER_TOKEN"}, id="bearer"
+        ),
+        pytest.param("password = hunter2!x", {"ASSIGNED_SECRET"}, id="assigned-secret"),
+    ],
+)
+def test_finds(audit: Guardrails, text: str, expected: set[str]) -> None:
+    assert found(audit, text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("card 4111 1111 1111 1112 fails Luhn", id="card-bad-luhn"),
+        pytest.param("IBAN GB82WEST12345698765433 bad checksum", id="iban-bad-checksum"),
+        pytest.param("ssn 000-12-3456 is invalid", id="ssn-zero-area"),
+        pytest.param("released on 2024-05-17 and 17.05.2024", id="dates"),
+        pytest.param("version 1.2.3.4567 and pi 3.14159", id="versions"),
+        pytest.param("from 1990-2020 we grew", id="year-range"),
+        pytest.param("population 1 000 000", id="thousands"),
+        pytest.param("digits 1 2 3 4 5 6 7 8 9", id="digits-one-by-one"),
+        pytest.param("mail me at john at example dot com", id="spelled-email"),
+        pytest.param("we use sk-learn and a task-list", id="sk-lookalike"),
+        pytest.param("Bearer <your-token-here>", id="bearer-placeholder"),
+        pytest.param("password: required", id="password-word"),
+        pytest.param("the eyJhbGciOi prefix starts JWTs", id="jwt-prefix"),
+        pytest.param("a@b.c is not a real address", id="email-bad-tld"),
+        pytest.param("plain prose with nothing in it at all", id="clean"),
+    ],
+)
+def test_ignores(audit: Guardrails, text: str) -> None:
+    assert found(audit, text) == set()
+
+
+def mutate(operator: str, text: str, **settings: str) -> str:
+    guardrails = guardrails_from_yaml(
+        f"""
+- name: m
+  stage: input
+  mode: mutate
+  detector: {{kind: pii, entities: [EMAIL_ADDRESS, US_SSN], operator: {operator}}}
+""",
+        settings={"hash_salt_env": "SALT", "encryption_key_env": "KEY"},
+        environ={"SALT": SALT, "KEY": KEY},
+    )
+    result = guardrails.check(
+        "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
+    )
+    return result.rewrites.get(("messages", 0, "content"), text)
+
+
+@pytest.mark.parametrize(
+    ("operator", "expected"),
+    [
+        pytest.param("replace", "mail <EMAIL_ADDRESS> ssn <US_SSN>", id="replace"),
+        pytest.param("{type: replace, new_value: '[x]'}", "mail [x] ssn [x]", id="replace-value"),
+        pytest.param("mask", "mail ************* ssn ***********", id="mask"),
+        pytest.param(
+            "{type: mask, chars_to_mask: 4, from_end: true}",
+            "mail a@example**** ssn 536-22-****",
+            id="mask-end",
+        ),
+        pytest.param("redact", "mail  ssn ", id="redact"),
+    ],
+)
+def test_operators(operator: str, expected: str) -> None:
+    assert mutate(operator, "mail a@example.com ssn 536-22-1234") == expected
+
+
+def test_hash_is_salted_and_deterministic() -> None:
+    first = mutate("hash", "a@example.com")
+    assert first == mutate("hash", "a@example.com")
+    assert first == hashlib.sha256(b"a@example.com" + SALT.encode()).hexdigest()
+    assert first != hashlib.sha256(b"a@example.com").hexdigest()
+
+
+def test_encrypt_round_trips() -> None:
+    token = mutate("encrypt", "a@example.com")
+    assert "example" not in token
+    assert decrypt(token, KEY) == "a@example.com"
+
+
+def test_per_entity_action_block_and_operator() -> None:
+    guardrails = guardrails_from_yaml(
+        """
+- name: cards
+  stage: input
+  mode: mutate
+  detector:
+    kind: pii
+    entities: [EMAIL_ADDRESS, {type: CREDIT_CARD, action: block}]
+"""
+    )
+
+    def check(text: str) -> GuardResult:
+        return guardrails.check(
+            "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
+        )
+
+    assert check("a@example.com").rewrites == {("messages", 0, "content"): "<EMAIL_ADDRESS>"}
+    blocked = check("a@example.com and 4111111111111111")
+    assert blocked.blocked_by == "cards"
+    assert blocked.verdicts[0].entities == ("CREDIT_CARD",)
+    assert blocked.rewrites == {}
+
+
+def test_allow_list_threshold_and_context() -> None:
+    guardrails = guardrails_from_yaml(
+        """
+- name: p
+  stage: input
+  mode: audit
+  detector:
+    kind: pii
+    allow_list: [support@example.com]
+    entities:
+      - EMAIL_ADDRESS
+      - {type: PHONE_NUMBER, context: [hotline]}
+      - {type: IP_ADDRESS, threshold: 0.9}
+"""
+    )
+    assert found(guardrails, "write to Support@Example.com") == set()
+    assert found(guardrails, "write to sales@example.com") == {"EMAIL_ADDRESS"}
+    assert found(guardrails, "host 10.0.0.1") == set()  # IP scores 0.6 < 0.9
+    assert found(guardrails, "dial 467 3395") == {"PHONE_NUMBER"}  # built-in context word
+    assert found(guardrails, "the hotline 467 3395") == {"PHONE_NUMBER"}  # configured one
+    assert found(guardrails, "code 467 3395") == set()  # one separator, no context
+
+
+def test_custom_entity() -> None:
+    guardrails = guardrails_from_yaml(
+        r"""
+- name: ids
+  stage: input
+  mode: mutate
+  detector:
+    kind: pii
+    entities: [EMPLOYEE_ID]
+    custom: [{name: EMPLOYEE_ID, pattern: 'EMP-\d{6}', score: 0.9}]
+"""
+    )
+    result = guardrails.check(
+        "input", [user_text("badge EMP-123456 ok")], team=None, key_id=None, model=None, path="/"
+    )
+    assert result.rewrites == {("messages", 0, "content"): "badge <EMPLOYEE_ID> ok"}
+
+
+def test_verdicts_never_carry_values(audit: Guardrails) -> None:
+    text = "a@example.com 536-22-1234 sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"
+    result = audit.check("input", [user_text(text)], team=None, key_id=None, model=None, path="/")
+    assert "example" not in repr(result) and "1234" not in repr(result)
+    assert "sk-proj" not in repr(result)

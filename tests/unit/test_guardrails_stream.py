@@ -1,0 +1,215 @@
+"""Output guardrails on SSE streams: split values caught, clean streams untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.guardrails import Guardrails, StreamGuard
+from extproc.guardrails.testing import (
+    OPENAI_DONE,
+    anthropic_event,
+    anthropic_text,
+    completion_chunk,
+    guardrails_from_yaml,
+    openai_chunk,
+    sse_payloads,
+    streamed_text,
+)
+
+GUARDS = guardrails_from_yaml(
+    """
+- name: mask-pii
+  stage: output
+  mode: mutate
+  detector: {kind: pii, entities: [EMAIL_ADDRESS, CREDIT_CARD], operator: mask}
+- name: no-secrets
+  stage: output
+  mode: validate
+  message: The answer contained a credential.
+  detector: {kind: secrets}
+"""
+)
+
+
+def guard(guardrails: Guardrails = GUARDS, dialect: str = "openai.chat") -> StreamGuard:
+    found = guardrails.stream(dialect, team=None, key_id=None, model=None, path="/")
+    assert found is not None
+    return found
+
+
+def run(stream: StreamGuard, chunks: list[bytes]) -> bytes:
+    return b"".join(stream.feed(chunk) for chunk in chunks) + stream.finish()
+
+
+OPENAI_END = [openai_chunk(finish="stop"), OPENAI_DONE]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param(["Write to john.do", "e@example.com today."], id="split-in-local-part"),
+        pytest.param(["Write to john.doe@", "example.com today."], id="split-at-at"),
+        pytest.param(["Write to john.doe@exam", "ple.c", "om", " today."], id="split-thrice"),
+        pytest.param(["Write to john.doe@example.com", " today."], id="ends-at-value"),
+        pytest.param(["Write to ", "j", "o", "h", "n.doe@example.com today."], id="char-by-char"),
+    ],
+)
+def test_email_split_across_chunks_is_masked(pieces: list[str]) -> None:
+    stream = guard()
+    out = run(stream, [openai_chunk(p) for p in pieces] + OPENAI_END)
+    assert streamed_text(out) == "Write to ******************** today."
+    assert stream.result.verdicts[0].entities == ("EMAIL_ADDRESS",)
+    assert stream.result.verdicts[0].count == 1
+    assert sse_payloads(out)[-1] == "[DONE]"
+
+
+def test_card_split_on_digit_groups_is_masked() -> None:
+    pieces = ["card 4111 1111", " 1111 1111 ok"]
+    out = run(guard(), [openai_chunk(p) for p in pieces] + OPENAI_END)
+    assert streamed_text(out) == "card ******************* ok"
+
+
+def test_clean_stream_passes_byte_identical() -> None:
+    chunks = [openai_chunk(""), openai_chunk("Hello"), openai_chunk(" there,"),
+              openai_chunk(" friend. "), *OPENAI_END]  # fmt: skip
+    stream = guard()
+    sent = [stream.feed(c) for c in chunks]
+    assert sent[0] == chunks[0]
+    assert sent[1] == b""  # "Hello" may still grow into "Hello@example.com": held
+    assert sent[2] == chunks[1]  # released as it came once the word ended
+    assert b"".join(sent) + stream.finish() == b"".join(chunks)
+    assert stream.result.verdicts == ()
+
+
+def test_clean_stream_is_identical_however_it_is_cut() -> None:
+    body = b"".join(
+        [openai_chunk("The answer is "), openai_chunk("42. "), openai_chunk("Done. "), *OPENAI_END]
+    )
+    stream = guard()
+    cut = [body[i : i + 7] for i in range(0, len(body), 7)]
+    assert run(stream, cut) == body
+
+
+def test_held_text_is_released_by_the_finish_chunk() -> None:
+    stream = guard()
+    chunks = [openai_chunk("ends with a word"), *OPENAI_END]
+    assert stream.feed(chunks[0]) == b""
+    assert stream.feed(chunks[1]) == chunks[0] + chunks[1]
+    assert stream.feed(chunks[2]) == chunks[2]
+
+
+def test_validate_ends_openai_stream_with_error_event() -> None:
+    stream = guard()
+    out = run(
+        stream,
+        [
+            openai_chunk("your key is AKIAIOSFO"),
+            openai_chunk("DNN7EXAMPLE ok"),
+            openai_chunk("more"),
+        ],
+    )
+    payloads = sse_payloads(out)
+    assert payloads[-2] == {
+        "error": {
+            "message": "The answer contained a credential.",
+            "type": "invalid_request_error",
+            "code": "guardrail_blocked",
+            "param": None,
+        }
+    }
+    assert payloads[-1] == "[DONE]"
+    assert "AKIA" not in out.decode()
+    assert streamed_text(out) == ""  # the event holding the key's start is dropped too
+    assert stream.result.blocked_by == "no-secrets"
+    assert stream.feed(openai_chunk("after")) == b""
+
+
+def test_validate_ends_anthropic_stream_with_error_event() -> None:
+    stream = guard(dialect="anthropic.messages")
+    start = anthropic_event(
+        "content_block_start", index=0, content_block={"type": "text", "text": ""}
+    )
+    out = run(
+        stream,
+        [
+            start,
+            anthropic_text("token ghp_1a2B3c4D5e6F7g8H9i0J"),
+            anthropic_text("1k2L3m4N5o6P7q8R fin"),
+        ],
+    )
+    assert out.endswith(
+        b'event: error\ndata: {"type":"error","error":{"type":"permission_error",'
+        b'"message":"The answer contained a credential."}}\n\n'
+    )
+    assert b"ghp_" not in out
+    assert out.startswith(start)
+
+
+def test_anthropic_text_deltas_are_masked_and_flushed_at_block_stop() -> None:
+    stream = guard(dialect="anthropic.messages")
+    chunks = [
+        anthropic_event("message_start", message={"id": "m", "usage": {"input_tokens": 3}}),
+        anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        anthropic_text("mail a.b@exam"),
+        anthropic_text("ple.org"),
+        anthropic_event("content_block_stop", index=0),
+        anthropic_event(
+            "message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 5}
+        ),
+        anthropic_event("message_stop"),
+    ]
+    out = run(stream, chunks)
+    assert streamed_text(out) == "mail " + "*" * len("a.b@example.org")
+    assert out.startswith(chunks[0] + chunks[1])
+    assert out.endswith(chunks[4] + chunks[5] + chunks[6])
+
+
+def test_openai_tool_call_arguments_are_guarded() -> None:
+    chunks = [
+        openai_chunk(arguments='{"to": "x.y@exa'),
+        openai_chunk(arguments='mple.com"}'),
+        *OPENAI_END,
+    ]
+    out = run(guard(), chunks)
+    assert streamed_text(out) == '{"to": "***************"}'
+
+
+def test_completions_stream() -> None:
+    chunks = [completion_chunk("mail z@exa"), completion_chunk("mple.com now"),
+              completion_chunk("", finish="stop"), OPENAI_DONE]  # fmt: skip
+    out = run(guard(dialect="openai.completions"), chunks)
+    assert streamed_text(out) == "mail ************* now"
+
+
+def test_audit_only_streams_are_untouched_but_recorded() -> None:
+    audit = guardrails_from_yaml(
+        "- {name: a, stage: output, mode: audit, detector: {kind: pii, entities: [EMAIL_ADDRESS]}}"
+    )
+    chunks = [openai_chunk("mail q@exa"), openai_chunk("mple.com ok"), *OPENAI_END]
+    stream = guard(audit)
+    assert run(stream, chunks) == b"".join(chunks)
+    assert stream.result.verdicts[0].action == "recorded"
+    assert stream.result.verdicts[0].entities == ("EMAIL_ADDRESS",)
+
+
+def test_long_value_beyond_the_window_keeps_being_rewritten() -> None:
+    masking = guardrails_from_yaml(
+        "- {name: s, stage: output, mode: mutate, detector: {kind: secrets, operator: mask}}",
+        settings={"stream_window": 48},
+    )
+    token = "ghp_" + "aB3" * 60
+    pieces = [token[i : i + 5] for i in range(0, len(token), 5)] + [" done"]
+    out = run(guard(masking), [openai_chunk(p) for p in pieces] + OPENAI_END)
+    assert streamed_text(out) == "*" * len(token) + " done"
+
+
+def test_unsupported_dialect_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"openai\.responses"):
+        guard(dialect="openai.responses")
+
+
+def test_oversized_event_fails_closed() -> None:
+    stream = guard()
+    out = stream.feed(b"data: " + b"x" * (1024 * 1024 + 10))
+    assert b"guardrail_blocked" in out
+    assert stream.result.blocked_by == "mask-pii"
