@@ -178,14 +178,17 @@ def test_allowed_requests_carry_trusted_identity_and_ext_proc_still_rewrites(
     mesh: tuple[Stack, Path], upstream: Mock
 ) -> None:
     stack, _ = mesh
+    body = {"model": "mini", "messages": [{"role": "user", "content": "mail jo@example.com"}]}
     status, _, _ = Http(stack.ports.gateway).post_json(
         "/v1/chat/completions",
-        chat("mini"),
+        body,
         key=ADMIN_KEY,
         **{"x-gateway-team": "forged", "x-gateway-key-id": "forged"},
     )
     assert status == 200
     seen = upstream.last()
+    # PII is still rewritten: body mutation is ext_proc's, after ext_authz allowed the call.
+    assert json.loads(seen["body"])["messages"][0]["content"] == "mail <EMAIL_ADDRESS>"
     assert seen["headers"]["x-gateway-team"] == "platform"
     assert seen["headers"]["x-gateway-key-id"] == "demo-admin"
     assert "authorization" not in seen["headers"]
