@@ -25,13 +25,17 @@ PROVIDER_KEY = "sk-provider-secret-0123456789"
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
     tmp = tmp_path_factory.mktemp("routing")
     policy = tmp / "policy.yaml"
-    policy.write_text(
-        EXAMPLE_POLICY.read_text().replace(
-            "    backend: { cluster: openai }\n",
-            f"    backend: {{ cluster: openai, credential_env: {PROVIDER_KEY_ENV} }}\n",
-            1,  # gpt-4o
-        )
+    text = EXAMPLE_POLICY.read_text().replace(
+        "    backend: { cluster: openai }\n",
+        f"    backend: {{ cluster: openai, credential_env: {PROVIDER_KEY_ENV} }}\n",
+        1,  # gpt-4o
     )
+    # A canary model: Envoy's weighted route sends a tenth of it to the secondary.
+    text += (
+        "  gpt-4o-canary:\n    pricing: { input: 2.5, output: 10 }\n"
+        "    backend: { cluster: openai-canary }\n"
+    )
+    policy.write_text(text)
     os.environ[PROVIDER_KEY_ENV] = PROVIDER_KEY
     audit = tmp / "audit.jsonl"
     stack = Stack(
@@ -215,6 +219,21 @@ def test_upstream_error_is_mapped_to_the_openai_envelope(routed: tuple[Stack, Pa
             extra_headers={"x-mock-status": "429"},
         )
     assert caught.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_canary_backend_splits_traffic_by_weight(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, _ = routed
+    primary, secondary = mocks
+    client = oai(stack)
+    for i in range(60):
+        client.chat.completions.create(
+            model="gpt-4o-canary", messages=[{"role": "user", "content": f"c{i}"}]
+        )
+    to_primary, to_secondary = len(primary.requests()), len(secondary.requests())
+    assert to_primary + to_secondary == 60
+    assert to_primary > to_secondary >= 1  # 90/10: both serve, the primary most
 
 
 def test_closed_primary_port_fails_over(
