@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from extproc import routing
+from extproc import routing, tools
 from extproc.budgets.meter import Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
@@ -32,6 +32,8 @@ HEADER_GUARDRAILS = "x-gateway-guardrails"
 def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
     """Note the status; add budget and guardrail headers; ask for the body if a stage needs
     it: usage (budgets, audit), translation, output guardrails."""
+    if exchange.mcp_server is not None:
+        return tools.on_response_headers(exchange, headers)
     exchange.response_status = int(headers.get(":status", "0") or 0)
     exchange.status = exchange.response_status
     exchange.served_by = headers.get(routing.HEADER_SERVED_BY)
@@ -111,6 +113,8 @@ _TAIL_BYTES = 64 * 1024
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     """Read usage from the upstream's bytes; translate and guard what the caller gets."""
+    if exchange.mcp_server is not None:
+        return tools.on_response_body(exchange, chunk, end)
     if exchange.response_usage is not None:
         exchange.response_usage.feed(chunk)
     elif exchange.response_tail is not None:

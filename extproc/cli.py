@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     mock.set_defaults(run=_mock_upstream)
 
+    demo = commands.add_parser("mcp-demo", help="run the demo MCP server (official MCP SDK)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8097)
+    demo.add_argument("--path", default="/mcp")
+    demo.add_argument("--json", action="store_true", help="answer JSON instead of SSE")
+    demo.set_defaults(run=_mcp_demo)
+
     up = commands.add_parser("up", help="run Envoy, the service and the mock upstream")
     up.add_argument("--policy", default=DEFAULT_POLICY)
     up.set_defaults(run=_up)
@@ -298,6 +305,14 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 
     _logging()
     run(args.host, args.port, args.name)
+    return 0
+
+
+def _mcp_demo(args: argparse.Namespace) -> int:
+    from extproc.mcp.demo_server import run_demo_server
+
+    _logging()
+    run_demo_server(args.host, args.port, args.path, json_response=args.json)
     return 0
 
 

@@ -8,16 +8,21 @@ the telemetry turns it into an audit record at the end. One policy snapshot per 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from extproc.budgets.meter import Cost, Reservation
+from extproc.decisions import Forward
 from extproc.dialects.base import Dialect, Envelope, JsonPath, LLMRequest
 from extproc.dialects.usage import StreamUsage
 from extproc.guardrails.stream import StreamGuard
 from extproc.identity import Principal
+from extproc.mcp.access import CompiledServer
+from extproc.mcp.enforce import McpCall
+from extproc.mcp.jsonrpc import RequestId
+from extproc.mcp.stream import SseRewriter
 from extproc.policy.compiled import CatalogueModel, CompiledPolicy
 from extproc.routing import ResponseTranslation
 
@@ -56,6 +61,14 @@ class Exchange:
     """Checks a streamed answer's text as it passes (output guardrails)."""
     guard_answer: bool = False
     """Check the whole (buffered) answer with the output guardrails at its end."""
+    mcp_server: CompiledServer | None = None
+    """Set for an MCP exchange (a path the policy's ``mcp.servers`` names)."""
+    mcp_calls: tuple[McpCall, ...] = ()
+    mcp_methods: Mapping[RequestId, str] = field(default_factory=dict)
+    """Request id → method of the calls sent on, to read the server's answers."""
+    mcp_stream: SseRewriter | None = None
+    mcp_forward: Forward | None = None
+    """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
     status: int = 0

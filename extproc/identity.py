@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from extproc.errors import PermissionDenied, Unauthenticated
+from extproc.mcp.access import McpPermissions
 from extproc.policy.compiled import CompiledKey, CompiledPolicy, Limits, key_digest
 from extproc.policy.schema import JwtSettings, header_safe
 
@@ -38,6 +39,7 @@ class Principal:
     user: str | None
     allowed_models: frozenset[str]
     limits: Limits
+    mcp: McpPermissions
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -142,6 +144,7 @@ def _from_vouched(policy: CompiledPolicy, vouched: Mapping[str, Any], now: datet
         user=user_name,
         allowed_models=policy.models_for(team, user_name),
         limits=policy.limits_for(team, user_name),
+        mcp=policy.mcp_for(team, user_name),
     )
 
 
@@ -154,6 +157,7 @@ def _from_workload(policy: CompiledPolicy, spiffe_id: str) -> Principal:
         user=workload.user,
         allowed_models=policy.models_for(workload.team, workload.user),
         limits=policy.limits_for(workload.team, workload.user),
+        mcp=policy.mcp_for(workload.team, workload.user),
     )
 
 
@@ -177,6 +181,7 @@ def _key_principal(entry: CompiledKey, now: datetime) -> Principal:
         user=entry.user,
         allowed_models=entry.allowed_models,
         limits=entry.limits,
+        mcp=entry.mcp,
     )
 
 
@@ -210,6 +215,7 @@ def _from_claims(
         user=user_name,
         allowed_models=policy.models_for(team, user_name),
         limits=policy.limits_for(team, user_name),
+        mcp=policy.mcp_for(team, user_name),
     )
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from extproc import access, identity, routing
+from extproc import access, identity, routing, tools
 from extproc.budgets.meter import Meter, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
@@ -128,6 +129,16 @@ def _request_headers(
         return list_models(access.visible_models(policy, principal), path, headers)
 
     scrubbed = _scrubbed_headers(headers)
+    server = policy.mcp_servers.for_path(path)
+    if server is not None:
+        decision = tools.on_headers(exchange, server, principal, end_of_stream)
+        if isinstance(decision, Reply):
+            return decision
+        return replace(
+            decision,
+            set_headers=(*_identity_headers(principal), *decision.set_headers),
+            remove_headers=scrubbed,
+        )
     exchange.dialect = dialect_for_path(exchange.path)
     if exchange.dialect is None:
         if policy.unknown_paths == "reject":
@@ -161,6 +172,12 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
     Returns a :class:`Reply` to reject, ``None`` to go on with :func:`finish_request_body`.
     Safe to run in a worker thread: it touches only this exchange.
     """
+    if exchange.mcp_server is not None:
+        decision = tools.on_body(exchange, raw)
+        if isinstance(decision, Reply):
+            return decision
+        exchange.mcp_forward = decision
+        return None
     try:
         dialect, principal = exchange.dialect, exchange.principal
         if dialect is None or principal is None:
@@ -232,6 +249,8 @@ def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel |
 
 async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
     """Reserve the budget, then route and apply every staged body change at once."""
+    if exchange.mcp_forward is not None:
+        return exchange.mcp_forward
     request, model, principal = exchange.request, exchange.model, exchange.principal
     assert request is not None and model is not None and principal is not None
     dialect = exchange.dialect

@@ -33,11 +33,12 @@ class Ports:
     admin: int = 9464
     mock: int = 8099
     mock_anthropic: int = 8098
+    mcp_demo: int = 8097
 
     @classmethod
     def free(cls) -> Ports:
         """Ports the kernel says are free now (for tests beside a running ``make up``)."""
-        return cls(*(_free_port() for _ in range(6)))
+        return cls(*(_free_port() for _ in range(7)))
 
 
 def envoy_binary() -> str:
@@ -60,6 +61,7 @@ def render_envoy_config(template: str, ports: Ports) -> str:
         defaults.grpc: ports.grpc,
         defaults.mock: ports.mock,
         defaults.mock_anthropic: ports.mock_anthropic,
+        defaults.mcp_demo: ports.mcp_demo,
     }
     return re.sub(
         r"port_value: (\d+)",
@@ -119,7 +121,10 @@ class Stack:
             ],
         )
         # Envoy starts last so its first gRPC health check of the service succeeds.
-        self._wait_ready(["mock", "mock_anthropic", "extproc"], time.monotonic() + timeout)
+        self._spawn("mcp_demo", [*python, "mcp-demo", "--port", str(self.ports.mcp_demo)])
+        self._wait_ready(
+            ["mock", "mock_anthropic", "mcp_demo", "extproc"], time.monotonic() + timeout
+        )
         self._spawn(
             "envoy",
             [
@@ -165,6 +170,7 @@ class Stack:
         checks = {
             "mock": f"http://127.0.0.1:{self.ports.mock}/healthz",
             "mock_anthropic": f"http://127.0.0.1:{self.ports.mock_anthropic}/healthz",
+            "mcp_demo": f"http://127.0.0.1:{self.ports.mcp_demo}/healthz",
             "extproc": f"http://127.0.0.1:{self.ports.admin}/healthz",
             "envoy": f"http://127.0.0.1:{self.ports.envoy_admin}/ready",
         }
@@ -219,6 +225,7 @@ AI gateway is up.
   service      gRPC 127.0.0.1:{p.grpc} · health/metrics http://127.0.0.1:{p.admin}/healthz
   envoy admin  http://127.0.0.1:{p.envoy_admin}
   mock LLMs    http://127.0.0.1:{p.mock} (openai) · http://127.0.0.1:{p.mock_anthropic} (anthropic)
+  MCP demo     http://127.0.0.1:{p.gateway}/mcp through the gateway (server on :{p.mcp_demo})
   logs         {stack.log_dir}/
   policy       {policy}
 

@@ -32,8 +32,16 @@ ADDRESS_BY_PORT = {
     50051: "extproc",  # the extproc service
     8099: "mock",  # the mock LLM upstream (OpenAI; the "openai" primary)
     8098: "mock-anthropic",  # the second mock (Anthropic; the "openai" fail-over target)
+    8097: "mcp-demo",  # the demo MCP server
 }
-DNS_CLUSTERS = ("extproc", "llm_default", "openai_primary", "openai_secondary", "anthropic")
+DNS_CLUSTERS = (
+    "extproc",
+    "llm_default",
+    "openai_primary",
+    "openai_secondary",
+    "mcp_demo",
+    "anthropic",
+)
 
 HEADER = """\
 # GENERATED from envoy/gateway.yaml by deploy/compose/render_envoy.py: do not edit.

@@ -22,6 +22,7 @@ from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import default_tokenizer
 from extproc.budgets.windows import Window
 from extproc.guardrails.engine import Guardrails, compile_guardrails
+from extproc.mcp.access import McpPermissions, McpRegistry, compile_access, compile_registry
 from extproc.policy.schema import Backend, JwtSettings, Limit, ModelAccess, Policy, Workload
 
 
@@ -83,6 +84,7 @@ class CompiledKey:
     allowed_models: frozenset[str]
     limits: Limits
     """Every limit this key's traffic counts against: key, user, team and global."""
+    mcp: McpPermissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,10 @@ class CompiledPolicy:
     on_store_error: str
     alert_webhook: str | None
     guardrails: Guardrails
+    mcp_servers: McpRegistry
+    team_mcp: dict[str, McpPermissions]
+    user_mcp: dict[str, McpPermissions]
+    """Users' MCP access, already combined with their team's."""
 
     def resolve_model(self, requested: str) -> CatalogueModel | None:
         return self.models.get(requested)
@@ -122,6 +128,12 @@ class CompiledPolicy:
         if user is not None and user in self.user_models:
             return self.user_models[user] & team_set
         return team_set
+
+    def mcp_for(self, team: str, user: str | None) -> McpPermissions:
+        """MCP access of a caller identified by team and user (JWT, workload)."""
+        if user is not None and user in self.user_mcp:
+            return self.user_mcp[user]
+        return self.team_mcp.get(team) or compile_access(None)
 
     def limits_for(self, team: str, user: str | None) -> Limits:
         """Limits of a caller identified by team and user (JWT); keys have theirs compiled."""
@@ -282,6 +294,11 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
             expires_at=key.expires_at,
             disabled=key.disabled,
             allowed_models=_allowed(base, key.models, narrowing=True),
+            mcp=compile_access(
+                policy.teams[key.team].mcp,
+                policy.users[key.user].mcp if key.user in policy.users else None,
+                key.mcp,
+            ),
             limits=(
                 *_limits(key.limits, Scope.KEY, key_id, names),
                 *(user_limits.get(key.user, ()) if key.user else ()),
@@ -308,4 +325,10 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         on_store_error=budgets.on_store_error,
         alert_webhook=budgets.alert_webhook,
         guardrails=compile_guardrails(policy.guardrails, policy.settings.guardrails),
+        mcp_servers=compile_registry(policy.mcp),
+        team_mcp={t: compile_access(team.mcp) for t, team in policy.teams.items()},
+        user_mcp={
+            u: compile_access(policy.teams[user.team].mcp, user.mcp)
+            for u, user in policy.users.items()
+        },
     )

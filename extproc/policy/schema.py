@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from extproc.guardrails.config import GuardrailRule, GuardrailSettings, guardrail_problems
+from extproc.mcp.config import McpAccess, McpConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 _HEADER_SAFE = re.compile(_NAME)
@@ -89,6 +90,11 @@ class Team(_Strict):
         description="Models the team may use. A team without rules may use none.",
     )
     limits: list[Limit] = Field(default_factory=list)
+    mcp: McpAccess | None = Field(
+        default=None,
+        description="MCP servers, tools, resources and prompts the team may use; a team "
+        "without an mcp entry reaches no MCP server.",
+    )
 
 
 class User(_Strict):
@@ -97,6 +103,7 @@ class User(_Strict):
         default=None, description="Further restricts the team's models for this user."
     )
     limits: list[Limit] = Field(default_factory=list)
+    mcp: McpAccess | None = Field(default=None, description="Narrows the team's MCP access.")
 
 
 class Key(_Strict):
@@ -112,6 +119,7 @@ class Key(_Strict):
         default=None, description="Further restricts the team's (and user's) models."
     )
     limits: list[Limit] = Field(default_factory=list)
+    mcp: McpAccess | None = Field(default=None, description="Narrows the team's MCP access.")
 
     @model_validator(mode="after")
     def _aware_expiry(self) -> Key:
@@ -263,6 +271,10 @@ class Policy(_Strict):
     users: dict[Name, User] = Field(default_factory=dict)
     keys: dict[Name, Key] = Field(default_factory=dict)
     models: dict[Name, Model] = Field(default_factory=dict)
+    mcp: McpConfig = Field(
+        default_factory=McpConfig,
+        description="MCP servers behind the gateway (name, Envoy cluster, path).",
+    )
     guardrails: list[GuardrailRule] = Field(
         default_factory=list,
         description="Checks on prompts (input) and answers (output), in order: PII and "

@@ -47,6 +47,11 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         "usage_source": exchange.usage_source if used else None,
         "budget": budget,
         "guardrails": list(exchange.verdicts),
+        "mcp": [
+            {"server": c.server, "method": c.method, "name": c.name, "verdict": c.verdict.value}
+            for c in exchange.mcp_calls
+        ]
+        or None,
         "policy_version": exchange.policy.version,
         "durations_ms": {p: round(s * 1000, 3) for p, s in exchange.durations.items()},
     }

@@ -117,7 +117,7 @@ def output_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         text = text.replace(
             f"  - name: {rule}\n    stage: both\n", f"  - name: {rule}\n    stage: output\n"
         )
-    assert text.count("stage: output") == 2
+    assert text.count("stage: output") == 3  # the two rewritten + block-tool-injection
     policy.write_text(text)
     with running(Stack(policy=policy, ports=Ports.free(), log_dir=tmp)) as stack:
         yield stack

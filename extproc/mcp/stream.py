@@ -1,0 +1,224 @@
+"""Reading and rewriting a server's answers: one JSON document or an SSE stream.
+
+An MCP server answers a POST either with ``application/json`` (one JSON-RPC message, or an
+array for a batch) or with ``text/event-stream``, whose ``data:`` events each carry one
+JSON-RPC message: server notifications and requests first, the answer last. Answers only
+say which request they answer by ``id``, so the request's id → method map (from
+:class:`extproc.mcp.enforce.Forward`) travels with the exchange and tells a tools/list
+result from a tools/call result.
+
+Changes are made by a :class:`Rewriter`: a function from (method, message) to a
+replacement message or ``None``. :func:`list_filter` hides what a caller may not use;
+guardrails on tool results are another rewriter, and :func:`chain` runs several. Whatever
+no rewriter touches goes out byte for byte: an unchanged JSON body is reported as
+``None``; an unchanged SSE event is re-emitted from its raw bytes (separators, ``id:``
+lines and comments included).
+
+Streams are processed incrementally: :meth:`SseRewriter.feed` returns the complete events
+of what has arrived so far and holds back the unfinished last one. An event larger than
+``max_event_bytes`` cannot be judged, so :class:`McpStreamError` is raised and the caller
+must end the stream (fail closed): passing it on unread could leak a hidden tool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import orjson
+
+from extproc.mcp.access import McpPermissions
+from extproc.mcp.enforce import filter_list_response
+from extproc.mcp.jsonrpc import RequestId
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+"""Envoy's per-request buffer limit: no legitimate single message is larger."""
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+class McpStreamError(Exception):
+    """An answer could not be read (an oversized event); end the exchange, fail closed."""
+
+
+class Rewriter(Protocol):
+    def __call__(self, method: str | None, message: dict[str, Any], /) -> dict[str, Any] | None:
+        """A replacement for ``message``, or ``None`` to keep it as it is.
+
+        ``method`` is the method of the request ``message`` answers, ``None`` for server
+        notifications and requests and for answers whose request is unknown here.
+        """
+        ...
+
+
+def chain(*rewriters: Rewriter) -> Rewriter:
+    """Run ``rewriters`` in order, each on the previous one's output."""
+
+    def run(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
+        changed: dict[str, Any] | None = None
+        for rewriter in rewriters:
+            result = rewriter(method, changed if changed is not None else message)
+            if result is not None:
+                changed = result
+        return changed
+
+    return run
+
+
+class ListFilter:
+    """The rewriter that narrows tools/list, resources/list, resources/templates/list and
+    prompts/list answers to what the caller may use; counts what it hid, for audit."""
+
+    __slots__ = ("_access", "hidden")
+
+    def __init__(self, access: McpPermissions) -> None:
+        self._access = access
+        self.hidden = 0
+
+    def __call__(self, method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
+        filtered = filter_list_response(method, message, self._access)
+        if filtered is message:
+            return None
+        self.hidden += _count(message) - _count(filtered)
+        return filtered
+
+
+def list_filter(access: McpPermissions) -> ListFilter:
+    return ListFilter(access)
+
+
+def _count(message: dict[str, Any]) -> int:
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return 0
+    return sum(len(v) for v in result.values() if isinstance(v, list))
+
+
+def is_event_stream(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def rewrite_json(body: bytes, methods: Mapping[RequestId, str], rewrite: Rewriter) -> bytes | None:
+    """Rewrite a JSON answer (one message or a batch); ``None`` when nothing changed.
+
+    A body that is not JSON-RPC is left alone (``None``): it carries nothing a rewriter
+    could judge, and the client will reject it anyway.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    changed = _rewrite_document(document, methods, rewrite)
+    return None if changed is None else orjson.dumps(changed)
+
+
+def _rewrite_document(
+    document: Any, methods: Mapping[RequestId, str], rewrite: Rewriter
+) -> Any | None:
+    """A message, or an array of them (a batch answer), rewritten; ``None`` if unchanged."""
+    if isinstance(document, dict):
+        return _rewrite_message(document, methods, rewrite)
+    if not isinstance(document, list):
+        return None
+    out: list[Any] = []
+    touched = False
+    for item in document:
+        changed = _rewrite_message(item, methods, rewrite) if isinstance(item, dict) else None
+        touched = touched or changed is not None
+        out.append(item if changed is None else changed)
+    return out if touched else None
+
+
+def _rewrite_message(
+    message: dict[str, Any], methods: Mapping[RequestId, str], rewrite: Rewriter
+) -> dict[str, Any] | None:
+    method: str | None = None
+    if "method" not in message:
+        id_ = message.get("id")
+        if isinstance(id_, str | int) and not isinstance(id_, bool):
+            method = methods.get(id_)
+    return rewrite(method, message)
+
+
+class SseRewriter:
+    """Rewrites the JSON-RPC messages of one SSE answer as its chunks arrive."""
+
+    __slots__ = ("_buffer", "_max", "_methods", "_rewrite", "changed")
+
+    def __init__(
+        self,
+        methods: Mapping[RequestId, str],
+        rewrite: Rewriter,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        self._methods = methods
+        self._rewrite = rewrite
+        self._max = max_event_bytes
+        self._buffer = bytearray()
+        self.changed = 0
+        """Events rewritten so far."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send on for ``chunk``: every event it completes (possibly none)."""
+        self._buffer += chunk
+        out = bytearray()
+        start = 0
+        for match in _EVENT_END.finditer(self._buffer):
+            out += self._event(bytes(self._buffer[start : match.end()]))
+            start = match.end()
+        del self._buffer[:start]
+        if len(self._buffer) > self._max:
+            raise McpStreamError(f"an SSE event exceeds {self._max} bytes")
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """The end of the stream: an unterminated last event is judged and sent as is."""
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return self._event(rest) if rest else b""
+
+    def _event(self, raw: bytes) -> bytes:
+        data = _data(raw)
+        if data is None or data[:1] not in (b"{", b"["):
+            return raw
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return raw
+        # One message per event in practice; MCP 2025-03-26 also allowed a batch.
+        changed = _rewrite_document(document, self._methods, self._rewrite)
+        if changed is None:
+            return raw
+        self.changed += 1
+        return _render(raw, orjson.dumps(changed))
+
+
+def _data(raw: bytes) -> bytes | None:
+    lines = [line for line in _LINE_END.split(raw) if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(_field_value(line, 5) for line in lines)
+
+
+def _field_value(line: bytes, prefix: int) -> bytes:
+    value = line[prefix:]
+    return value[1:] if value[:1] == b" " else value
+
+
+def _render(raw: bytes, data: bytes) -> bytes:
+    """``raw`` with its data lines replaced by one carrying ``data``, in the event's own
+    line endings, other fields (``event:``, ``id:``, ``retry:``, comments) kept in place."""
+    newline = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
+    lines: list[bytes] = []
+    placed = False
+    for line in _LINE_END.split(raw):
+        if not line:
+            continue
+        if line.startswith(b"data:"):
+            if not placed:
+                lines.append(b"data: " + data)
+                placed = True
+            continue
+        lines.append(line)
+    return newline.join(lines) + newline + newline

@@ -1,0 +1,132 @@
+"""The texts of MCP traffic that guardrails read, each with its JSON path.
+
+Input rules read what a caller sends a tool: every string leaf of a tools/call's
+``arguments`` (and of a prompts/get's ``arguments``), however deeply nested. Output rules
+read what comes back from a server and will be put in front of a model: tool results
+(``content[].text``, embedded resources' ``text``, string leaves of
+``structuredContent``), resource contents (``contents[].text``) and prompt messages
+(``messages[].content.text``). That is where a prompt injection hides, so all of it is
+exposed; binary content (images, audio, blobs) is not text and is skipped.
+
+Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
+``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
+:func:`apply_rewrites` on the decoded document puts a rewritten text back in place.
+
+Roles follow the LLM dialects' convention (:class:`extproc.dialects.base.TextPart`):
+arguments are ``assistant`` text of kind ``tool_arguments`` (a model wrote them), except
+prompts/get arguments, ``user`` text of kind ``input``; everything a server returns is
+``tool`` text of kind ``tool_result``, so a rule scoped to the ``tool`` role covers every
+MCP answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from extproc.dialects.base import JsonPath, TextPart
+from extproc.mcp.jsonrpc import Body, Request
+
+_ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
+    "tools/call": ("assistant", "tool_arguments"),
+    "prompts/get": ("user", "input"),
+}
+
+
+def request_texts(body: Body) -> tuple[TextPart, ...]:
+    """The argument strings of every tools/call and prompts/get in ``body``."""
+    texts: list[TextPart] = []
+    for message in body.requests:
+        texts.extend(call_texts(message))
+    return tuple(texts)
+
+
+def call_texts(request: Request) -> tuple[TextPart, ...]:
+    """The argument strings of one request (none for methods without arguments)."""
+    roles = _ARGUMENT_ROLES.get(request.method)
+    arguments = request.params.get("arguments")
+    if roles is None or not isinstance(arguments, dict):
+        return ()
+    role, kind = roles
+    prefix: JsonPath = (*_at(request.index), "params", "arguments")
+    return tuple(TextPart(path, role, kind, text) for path, text in _strings(arguments, prefix))
+
+
+def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[TextPart, ...]:
+    """The texts of one answer from a server, by the result's shape.
+
+    Shape rather than method, so an answer whose request is unknown (a resumed stream,
+    ``tasks/result``) is still read. ``prefix`` locates ``message`` in a batch answer.
+    """
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return ()
+    base: JsonPath = (*prefix, "result")
+    found: list[tuple[JsonPath, str]] = []
+    content = result.get("content")
+    if isinstance(content, list):
+        for i, block in enumerate(content):
+            found.extend(_block_texts(block, (*base, "content", i)))
+    structured = result.get("structuredContent")
+    if isinstance(structured, dict | list):
+        found.extend(_strings(structured, (*base, "structuredContent")))
+    contents = result.get("contents")
+    if isinstance(contents, list):
+        for i, item in enumerate(contents):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                found.append(((*base, "contents", i, "text"), item["text"]))
+    messages = result.get("messages")
+    if isinstance(messages, list):
+        for i, prompt_message in enumerate(messages):
+            if isinstance(prompt_message, dict):
+                where = (*base, "messages", i, "content")
+                found.extend(_block_texts(prompt_message.get("content"), where))
+    return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
+
+
+def _block_texts(block: Any, path: JsonPath) -> Iterator[tuple[JsonPath, str]]:
+    """A content block's text: ``text`` blocks, and ``resource`` blocks' embedded text."""
+    if not isinstance(block, dict):
+        return
+    if block.get("type") == "text" and isinstance(block.get("text"), str):
+        yield (*path, "text"), block["text"]
+    resource = block.get("resource")
+    if (
+        block.get("type") == "resource"
+        and isinstance(resource, dict)
+        and isinstance(resource.get("text"), str)
+    ):
+        yield (*path, "resource", "text"), resource["text"]
+
+
+def _strings(value: Any, prefix: JsonPath) -> Iterator[tuple[JsonPath, str]]:
+    """Every string leaf under ``value``, depth first, in document order.
+
+    Iterative: arguments are caller-controlled and may nest deeper than Python's stack.
+    """
+    stack: list[tuple[JsonPath, Any]] = [(prefix, value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            yield path, node
+        elif isinstance(node, dict):
+            stack.extend(((*path, k), v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(node))))
+
+
+def _at(index: int | None) -> JsonPath:
+    return () if index is None else (index,)
+
+
+def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:
+    """Put rewritten texts back at their paths in ``document`` (in place).
+
+    ``document`` is a decoded body (:attr:`Body.raw`) or answer message, owned by one
+    exchange; serialise it afterwards with :func:`extproc.mcp.jsonrpc.encode`.
+    """
+    for path, text in rewrites.items():
+        parent = document
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = text

@@ -1,0 +1,162 @@
+"""Agent and tool governance: MCP traffic through the same exchange as model calls.
+
+A request to a path the policy's ``mcp.servers`` names is an MCP exchange. The caller is
+identified as for model calls; each JSON-RPC call is judged against the caller's MCP
+access (tools, resources, prompts by glob) and refused by the gateway with a JSON-RPC
+error when not allowed, so it never reaches the server. Input guardrails read tool-call
+arguments; the server's answers (JSON or SSE) have their list results narrowed to what
+the caller may use, and output guardrails read tool results (indirect prompt injection).
+The pure parts live in :mod:`extproc.mcp`; this module wires them into the exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc import routing
+from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
+from extproc.exchange import Exchange
+from extproc.guardrails.engine import describe
+from extproc.identity import Principal
+from extproc.mcp.access import CompiledServer
+from extproc.mcp.enforce import Answer, decide, refuse
+from extproc.mcp.jsonrpc import ErrorCode, encode, error_response, parse_body
+from extproc.mcp.stream import (
+    Rewriter,
+    SseRewriter,
+    chain,
+    is_event_stream,
+    list_filter,
+    rewrite_json,
+)
+from extproc.mcp.texts import apply_rewrites, request_texts, result_texts
+
+_JSON = (("content-type", "application/json"),)
+
+
+def on_headers(
+    exchange: Exchange, server: CompiledServer, principal: Principal, end_of_stream: bool
+) -> Decision:
+    """Route the request to the server's cluster; refuse callers who may not use it."""
+    exchange.mcp_server = server
+    if not principal.mcp.may_use_server(server.name):
+        body = error_response(
+            None,
+            ErrorCode.FORBIDDEN,
+            f"Your team '{principal.team}' may not use the MCP server '{server.name}'.",
+            {"server": server.name},
+        )
+        exchange.status, exchange.error_code = 403, "mcp_forbidden"
+        return Reply(status=403, body=encode(body), headers=_JSON, details="extproc_mcp_forbidden")
+    route = ((routing.HEADER_CLUSTER, server.cluster),)
+    if exchange.method != "POST" or end_of_stream:
+        # GET (the server's notification stream) and DELETE (end of session) carry no
+        # calls; they only need the caller to be allowed on this server.
+        return Forward(set_headers=route, skip_request_body=True, clear_route_cache=True)
+    return Forward(set_headers=route, process_response=True, clear_route_cache=True)
+
+
+def on_body(exchange: Exchange, raw: bytes) -> Decision:
+    """Judge every JSON-RPC call in the body; guard the arguments of those let through."""
+    server, principal = exchange.mcp_server, exchange.principal
+    assert server is not None and principal is not None
+    body = parse_body(raw)
+    verdict = decide(server, principal.mcp, body)
+    if isinstance(verdict, Answer):
+        return _answer(exchange, verdict)
+    exchange.mcp_calls = verdict.calls
+    exchange.mcp_methods = verdict.methods
+    route: Headers = ((routing.HEADER_CLUSTER, server.cluster),)
+    guards = exchange.policy.guardrails
+    subject = _subject(exchange, principal, server)
+    if not guards.applies("input", **subject):
+        return Forward(set_headers=route, clear_route_cache=True)
+    result = guards.check("input", request_texts(body), **subject)
+    exchange.verdicts.extend(describe(result))
+    if result.blocked:
+        message = result.message or f"Blocked by guardrail '{result.blocked_by}'."
+        return _answer(exchange, refuse(server, body, ErrorCode.GUARDRAIL_BLOCKED, message))
+    if not result.rewrites:
+        return Forward(set_headers=route, clear_route_cache=True)
+    apply_rewrites(body.raw, result.rewrites)
+    return Forward(set_headers=route, body=encode(body.raw), clear_route_cache=True)
+
+
+def on_response_headers(exchange: Exchange, headers: dict[str, str] | Any) -> Decision:
+    """Have Envoy send the answer to be narrowed and guarded: SSE streamed, JSON whole."""
+    status = int(headers.get(":status", "0") or 0)
+    exchange.response_status = exchange.status = status
+    if not 200 <= status < 300:
+        return CONTINUE
+    if is_event_stream(headers.get("content-type", "")):
+        exchange.mcp_stream = SseRewriter(exchange.mcp_methods, _rewriter(exchange))
+        return Forward(remove_headers=("content-length",), response_body="streamed")
+    if headers.get("content-type", "").startswith("application/json"):
+        return Forward(response_body="buffered")
+    return CONTINUE
+
+
+def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
+    if exchange.mcp_stream is not None:
+        out = exchange.mcp_stream.feed(chunk)
+        if end:
+            out += exchange.mcp_stream.finish()
+        return Forward(body=out, body_is_chunk=True)
+    if not end:
+        return CONTINUE
+    rewritten = rewrite_json(chunk, exchange.mcp_methods, _rewriter(exchange))
+    return CONTINUE if rewritten is None else Forward(body=rewritten)
+
+
+def _rewriter(exchange: Exchange) -> Rewriter:
+    """List narrowing, then the output guardrails on what the server returned."""
+    principal, server = exchange.principal, exchange.mcp_server
+    assert principal is not None and server is not None
+    guards = exchange.policy.guardrails
+    subject = _subject(exchange, principal, server)
+    narrow = list_filter(principal.mcp)
+    if not guards.applies("output", **subject):
+        return narrow
+
+    def guard(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
+        texts = result_texts(message)
+        if not texts:
+            return None
+        result = guards.check("output", texts, **subject)
+        exchange.verdicts.extend(describe(result))
+        if result.blocked:
+            text = result.message or f"Blocked by guardrail '{result.blocked_by}'."
+            return error_response(message.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
+        if not result.rewrites:
+            return None
+        copy: dict[str, Any] = dict(message)
+        copy["result"] = _deep_copy(message.get("result"))
+        apply_rewrites(copy, result.rewrites)
+        return copy
+
+    return chain(narrow, guard)
+
+
+def _answer(exchange: Exchange, answer: Answer) -> Reply:
+    exchange.mcp_calls = answer.calls
+    exchange.status = answer.status
+    exchange.error_code = "mcp_refused"
+    return Reply(status=answer.status, body=answer.body, headers=_JSON, details="extproc_mcp")
+
+
+def _subject(exchange: Exchange, principal: Principal, server: CompiledServer) -> dict[str, Any]:
+    """Guardrail scopes see MCP traffic as the model ``mcp:<server>``."""
+    return {
+        "team": principal.team,
+        "key_id": principal.key_id,
+        "model": f"mcp:{server.name}",
+        "path": exchange.path,
+    }
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

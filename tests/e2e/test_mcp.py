@@ -1,0 +1,108 @@
+"""MCP through real Envoy and the service: the official SDK client, the demo server."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client, ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from extproc.mcp.jsonrpc import ErrorCode
+from extproc.stack import Stack
+from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY
+
+pytestmark = pytest.mark.e2e
+
+ALL_TOOLS = {
+    "github.search_issues",
+    "github.get_issue",
+    "github.create_issue",
+    "jira.create_issue",
+    "jira.search",
+    "weather.get",
+}
+
+
+def calls(stack: Stack) -> list[dict[str, Any]]:
+    """What the demo server itself received (its own record, not the gateway's)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.mcp_demo}/calls") as resp:
+        return [c for c in json.load(resp) if c["method"] == "tools/call"]
+
+
+def clear(stack: Stack) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.ports.mcp_demo}/calls", method="DELETE"
+    )
+    urllib.request.urlopen(request).close()
+
+
+def http(key: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def url(stack: Stack) -> str:
+    return f"http://127.0.0.1:{stack.ports.gateway}/mcp"
+
+
+async def test_tools_list_differs_by_key_exactly_as_the_policy_says(stack: Stack) -> None:
+    async with http(ADMIN_KEY) as h, Client(streamable_http_client(url(stack), http_client=h)) as c:
+        admin = {t.name for t in (await c.list_tools()).tools}
+    async with (
+        http(RESTRICTED_KEY) as h,
+        Client(streamable_http_client(url(stack), http_client=h)) as c,
+    ):
+        restricted = {t.name for t in (await c.list_tools()).tools}
+        prompts = [p.name for p in (await c.list_prompts()).prompts]
+    assert admin == ALL_TOOLS
+    assert restricted == {"github.search_issues", "github.get_issue", "weather.get"}
+    assert restricted < admin and prompts == ["triage_issue"]
+
+
+async def test_allowed_call_succeeds_and_a_forbidden_one_never_arrives(stack: Stack) -> None:
+    clear(stack)
+    async with (
+        http(RESTRICTED_KEY) as h,
+        streamable_http_client(url(stack), http_client=h) as (read, write),
+        ClientSession(read, write) as session,  # the classic handshake; SSE answers
+    ):
+        await session.initialize()
+        ok = await session.call_tool("weather.get", {"city": "Oslo"})
+        assert ok.structured_content == {"city": "Oslo", "forecast": "sunny", "celsius": 21}
+        with pytest.raises(MCPError) as refused:
+            await session.call_tool("jira.create_issue", {"project": "OPS", "summary": "x"})
+    assert refused.value.code == ErrorCode.FORBIDDEN
+    assert "forbidden by gateway policy" in refused.value.message
+    assert [c["name"] for c in calls(stack)] == ["weather.get"]  # the server never saw jira
+
+
+async def test_pii_in_tool_arguments_is_rewritten_before_the_server(stack: Stack) -> None:
+    clear(stack)
+    async with http(ADMIN_KEY) as h, Client(streamable_http_client(url(stack), http_client=h)) as c:
+        await c.call_tool(
+            "jira.create_issue", {"project": "OPS", "summary": "mail bob@example.com"}
+        )
+    (arrived,) = calls(stack)
+    assert arrived["arguments"]["summary"] == "mail <EMAIL_ADDRESS>"
+    assert arrived["headers"]["x-gateway-team"] == "platform"
+
+
+async def test_a_tool_result_with_an_injected_instruction_is_blocked(stack: Stack) -> None:
+    async with http(ADMIN_KEY) as h, Client(streamable_http_client(url(stack), http_client=h)) as c:
+        fine = await c.call_tool("github.get_issue", {"number": 21})
+        assert "Dark mode" in fine.content[0].text  # type: ignore[union-attr]
+        with pytest.raises(MCPError) as blocked:
+            await c.call_tool("github.get_issue", {"number": 13})
+    assert blocked.value.code == ErrorCode.GUARDRAIL_BLOCKED
+    assert "instructions aimed at the model" in blocked.value.message
+
+
+async def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
+    async with http("sk-demo-capped") as h:
+        with pytest.raises(Exception):  # noqa: B017 - the SDK wraps the 403 differently by mode
+            async with Client(streamable_http_client(url(stack), http_client=h)) as c:
+                await c.list_tools()

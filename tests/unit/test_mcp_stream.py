@@ -1,0 +1,227 @@
+"""Answers read incrementally: JSON and SSE, filtered lists, byte-identical passthrough."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.mcp.access import compile_access
+from extproc.mcp.config import McpAccess
+from extproc.mcp.jsonrpc import RequestId
+from extproc.mcp.stream import (
+    ListFilter,
+    McpStreamError,
+    SseRewriter,
+    chain,
+    is_event_stream,
+    list_filter,
+    rewrite_json,
+)
+
+RESTRICTED = compile_access(McpAccess.model_validate({"tools": {"allow": ["weather.*"]}}))
+ADMIN = compile_access(McpAccess.model_validate({"tools": {"allow": ["*"]}}))
+
+TOOLS = {"tools": [{"name": "github.create_issue"}, {"name": "weather.get"}], "ttlMs": 0}
+LIST_ANSWER = {"jsonrpc": "2.0", "id": 2, "result": TOOLS}
+CALL_ANSWER = {
+    "jsonrpc": "2.0",
+    "id": 3,
+    "result": {"content": [{"type": "text", "text": "sunny"}]},
+}
+
+
+def sse(*messages: dict[str, Any], newline: bytes = b"\r\n", extra: bytes = b"") -> bytes:
+    """Events the way the official SDK frames them: ``event: message`` then ``data:``."""
+    return b"".join(
+        extra + b"event: message" + newline + b"data: " + orjson.dumps(m) + newline + newline
+        for m in messages
+    )
+
+
+def feed_in_pieces(rewriter: SseRewriter, stream: bytes, seed: int) -> bytes:
+    rng = random.Random(seed)
+    out = bytearray()
+    at = 0
+    while at < len(stream):
+        step = rng.randint(1, 40)
+        out += rewriter.feed(stream[at : at + step])
+        at += step
+    return bytes(out + rewriter.finish())
+
+
+def data_of(stream: bytes) -> list[Any]:
+    return [
+        orjson.loads(line[6:])
+        for line in stream.replace(b"\r\n", b"\n").split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n", b"\r"], ids=["crlf", "lf", "cr"])
+@pytest.mark.parametrize("seed", range(5))
+def test_unchanged_stream_is_byte_identical(newline: bytes, seed: int) -> None:
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    stream = (
+        b": keep-alive"
+        + newline
+        + newline
+        + sse(progress, CALL_ANSWER, newline=newline, extra=b"id: ev-1" + newline)
+        + b"retry: 1000"
+        + newline
+        + newline
+        + b"data: not json"
+        + newline
+        + newline
+    )
+    rewriter = SseRewriter({3: "tools/call"}, list_filter(RESTRICTED))
+    assert feed_in_pieces(rewriter, stream, seed) == stream
+    assert rewriter.changed == 0
+
+
+def test_unchanged_stream_byte_by_byte_for_an_admin_list() -> None:
+    stream = sse(LIST_ANSWER)
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(ADMIN))
+    out = b"".join(rewriter.feed(stream[i : i + 1]) for i in range(len(stream)))
+    assert out + rewriter.finish() == stream
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tools_list_in_a_stream_is_filtered(seed: int) -> None:
+    note = {
+        "jsonrpc": "2.0",
+        "method": "notifications/message",
+        "params": {"level": "info", "data": "x"},
+    }
+    stream = sse(note, extra=b"id: 1\r\n") + sse(LIST_ANSWER, extra=b"id: 2\r\n")
+    filter_ = list_filter(RESTRICTED)
+    rewriter = SseRewriter({2: "tools/list"}, filter_)
+    out = feed_in_pieces(rewriter, stream, seed)
+    assert out.startswith(sse(note, extra=b"id: 1\r\n"))  # the untouched event, as it was
+    last = out[len(sse(note, extra=b"id: 1\r\n")) :]
+    assert last.startswith(b"id: 2\r\nevent: message\r\ndata: ")  # fields and line endings kept
+    assert last.endswith(b"\r\n\r\n")
+    assert data_of(last) == [
+        {"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "weather.get"}], "ttlMs": 0}}
+    ]
+    assert (rewriter.changed, filter_.hidden) == (1, 1)
+
+
+def test_answer_on_a_resumed_stream_is_filtered_by_shape() -> None:
+    rewriter = SseRewriter({}, list_filter(RESTRICTED))  # e.g. a GET stream after Last-Event-ID
+    out = rewriter.feed(sse(LIST_ANSWER)) + rewriter.finish()
+    assert data_of(out)[0]["result"]["tools"] == [{"name": "weather.get"}]
+
+
+def test_unterminated_last_event_is_judged_at_the_end() -> None:
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(RESTRICTED))
+    assert rewriter.feed(b"data: " + orjson.dumps(LIST_ANSWER)) == b""
+    out = rewriter.finish()
+    assert data_of(out)[0]["result"]["tools"] == [{"name": "weather.get"}]
+
+
+def test_oversized_event_fails_closed() -> None:
+    rewriter = SseRewriter({}, list_filter(RESTRICTED), max_event_bytes=64)
+    with pytest.raises(McpStreamError):
+        rewriter.feed(b"data: " + b"x" * 100)
+
+
+def test_batch_answer_in_one_event_is_filtered() -> None:
+    rewriter = SseRewriter({2: "tools/list", 3: "tools/call"}, list_filter(RESTRICTED))
+    out = rewriter.feed(b"data: " + orjson.dumps([CALL_ANSWER, LIST_ANSWER]) + b"\n\n")
+    (batch,) = data_of(out)
+    assert batch[0] == CALL_ANSWER
+    assert batch[1]["result"]["tools"] == [{"name": "weather.get"}]
+
+
+def test_multi_line_data_is_joined() -> None:
+    text = orjson.dumps(LIST_ANSWER, option=orjson.OPT_INDENT_2).split(b"\n")
+    stream = b"".join(b"data: " + line + b"\n" for line in text) + b"\n"
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(RESTRICTED))
+    out = rewriter.feed(stream)
+    assert data_of(out)[0]["result"]["tools"] == [{"name": "weather.get"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "methods", "expected"),
+    [
+        pytest.param(
+            orjson.dumps(LIST_ANSWER),
+            {2: "tools/list"},
+            {"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "weather.get"}], "ttlMs": 0}},
+            id="single",
+        ),
+        pytest.param(
+            orjson.dumps([CALL_ANSWER, LIST_ANSWER]),
+            {2: "tools/list", 3: "tools/call"},
+            [
+                CALL_ANSWER,
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "result": {"tools": [{"name": "weather.get"}], "ttlMs": 0},
+                },
+            ],
+            id="batch",
+        ),
+    ],
+)
+def test_json_answer_is_filtered(body: bytes, methods: dict[RequestId, str], expected: Any) -> None:
+    out = rewrite_json(body, methods, list_filter(RESTRICTED))
+    assert out is not None
+    assert orjson.loads(out) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "methods"),
+    [
+        pytest.param(orjson.dumps(CALL_ANSWER), {3: "tools/call"}, id="no-list"),
+        pytest.param(
+            orjson.dumps(
+                {"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "weather.get"}]}}
+            ),
+            {2: "tools/list"},
+            id="nothing-hidden",
+        ),
+        pytest.param(orjson.dumps([CALL_ANSWER, 5]), {3: "tools/call"}, id="batch-nothing-hidden"),
+        pytest.param(b"<html>bad gateway</html>", {}, id="not-json"),
+        pytest.param(b'"x"', {}, id="not-a-message"),
+    ],
+)
+def test_unchanged_json_answer_is_none(body: bytes, methods: dict[RequestId, str]) -> None:
+    assert rewrite_json(body, methods, list_filter(RESTRICTED)) is None
+
+
+def test_chain_runs_guardrail_after_list_filter() -> None:
+    seen: list[str | None] = []
+
+    def redact(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
+        seen.append(method)
+        if method != "tools/call":
+            return None
+        return {**message, "result": {"content": [{"type": "text", "text": "[redacted]"}]}}
+
+    rewrite = chain(ListFilter(RESTRICTED), redact)
+    out = rewrite_json(
+        orjson.dumps([LIST_ANSWER, CALL_ANSWER]), {2: "tools/list", 3: "tools/call"}, rewrite
+    )
+    assert out is not None
+    listed, called = orjson.loads(out)
+    assert listed["result"]["tools"] == [{"name": "weather.get"}]
+    assert called["result"]["content"][0]["text"] == "[redacted]"
+    assert seen == ["tools/list", "tools/call"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ("text/event-stream", True),
+        ("Text/Event-Stream; charset=utf-8", True),
+        ("application/json", False),
+        ("", False),
+    ],
+)
+def test_is_event_stream(content_type: str, expected: bool) -> None:
+    assert is_event_stream(content_type) is expected
