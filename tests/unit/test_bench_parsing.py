@@ -158,7 +158,6 @@ def test_targets_are_judged_from_the_document() -> None:
 
 
 def test_report_writer_produces_markdown_json_and_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     doc = _doc()
     doc["targets"] = report.targets(doc)
     json_path, md_path, png_path = report.write(doc, tmp_path, "sample")
