@@ -21,7 +21,7 @@ from extproc.guardrails.stream import StreamGuard
 from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import McpCall
-from extproc.mcp.jsonrpc import RequestId
+from extproc.mcp.jsonrpc import Body, RequestId
 from extproc.mcp.stream import SseRewriter
 from extproc.policy.compiled import CatalogueModel, CompiledPolicy
 from extproc.routing import ResponseTranslation
@@ -67,6 +67,9 @@ class Exchange:
     mcp_methods: Mapping[RequestId, str] = field(default_factory=dict)
     """Request id → method of the calls sent on, to read the server's answers."""
     mcp_stream: SseRewriter | None = None
+    mcp_body: Body | None = None
+    mcp_tools: tuple[tuple[str, str], ...] = ()
+    """(server, tool) of each tools/call let through: what tool limits count."""
     mcp_forward: Forward | None = None
     """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
     observe_response: bool = False

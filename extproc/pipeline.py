@@ -250,6 +250,10 @@ def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel |
 async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
     """Reserve the budget, then route and apply every staged body change at once."""
     if exchange.mcp_forward is not None:
+        if exchange.mcp_tools and exchange.principal and exchange.principal.limits:
+            refused = await tools.count_tool_calls(exchange, meter, clock())
+            if refused is not None:
+                return refused
         return exchange.mcp_forward
     request, model, principal = exchange.request, exchange.model, exchange.principal
     assert request is not None and model is not None and principal is not None

@@ -11,10 +11,13 @@ The pure parts live in :mod:`extproc.mcp`; this module wires them into the excha
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from extproc import routing
+from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
+from extproc.errors import RateLimited, ServiceUnavailable
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe
 from extproc.identity import Principal
@@ -66,6 +69,8 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
         return _answer(exchange, verdict)
     exchange.mcp_calls = verdict.calls
     exchange.mcp_methods = verdict.methods
+    exchange.mcp_body = body
+    exchange.mcp_tools = verdict.tools
     route: Headers = ((routing.HEADER_CLUSTER, server.cluster),)
     guards = exchange.policy.guardrails
     subject = _subject(exchange, principal, server)
@@ -80,6 +85,25 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
         return Forward(set_headers=route, clear_route_cache=True)
     apply_rewrites(body.raw, result.rewrites)
     return Forward(set_headers=route, body=encode(body.raw), clear_route_cache=True)
+
+
+async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> Reply | None:
+    """Count the body's tool calls against the caller's tool limits (requests per window);
+    a call over a limit refuses the body with a JSON-RPC error naming the limit."""
+    server, principal, body = exchange.mcp_server, exchange.principal, exchange.mcp_body
+    assert server is not None and principal is not None and body is not None
+    for _, tool in exchange.mcp_tools:
+        try:
+            await meter.reserve_tool(principal.limits, server.name, tool, now)
+        except RateLimited as limited:
+            retry = dict(limited.headers).get("retry-after")
+            data = {"retryAfter": int(retry)} if retry else None
+            refused = refuse(server, body, ErrorCode.RATE_LIMITED, limited.message, data)
+            return _answer(exchange, refused)
+        except ServiceUnavailable as down:
+            refused = refuse(server, body, ErrorCode.RATE_LIMITED, down.message)
+            return _answer(exchange, refused)
+    return None
 
 
 def on_response_headers(exchange: Exchange, headers: dict[str, str] | Any) -> Decision:

@@ -156,6 +156,27 @@ class Meter:
                     )
                 )
 
+    async def reserve_tool(self, limits: Limits, server: str, tool: str, now: datetime) -> None:
+        """Count one MCP tool call against the caller's tool limits, or raise RateLimited.
+
+        Tool limits count requests, which need no settlement afterwards. Their counters
+        are named ``mcp:<server>`` (or ``mcp:<server>:<tool>`` when ``per_model``), apart
+        from model counters of the same scope and window.
+        """
+        applicable = _dedupe([limit for limit in limits if limit.counts_tool(tool)])
+        if not applicable:
+            return
+        counters = []
+        for limit in applicable:
+            start, end = window_bounds(limit.window, now)
+            subject = f"mcp:{server}:{tool}" if limit.per_model else f"mcp:{server}"
+            key = counter_key(limit.scope, limit.scope_id, subject, limit.unit, limit.window, start)
+            counters.append(Counter(key, limit.limit, 1, end))
+        result = await self._call_reserve(counters)
+        if not result.ok:
+            assert result.failed is not None
+            raise _rate_limited(applicable, counters, result.values, result.failed, now)
+
     async def precheck(
         self,
         limits: Limits,

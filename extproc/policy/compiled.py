@@ -65,9 +65,14 @@ class CompiledLimit:
     """Canonical models this limit counts; ``None`` for every model."""
     alerts: tuple[int, ...] = ()
     """Percentages of the limit that raise an alert when crossed."""
+    tools: re.Pattern[str] | None = None
+    """For a limit on MCP tool calls: the tool names it counts (else it counts models)."""
 
     def counts(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        return self.tools is None and (self.models is None or model in self.models)
+
+    def counts_tool(self, tool: str) -> bool:
+        return self.tools is not None and self.tools.fullmatch(tool) is not None
 
 
 Limits = tuple[CompiledLimit, ...]
@@ -193,6 +198,7 @@ def _limits(limits: list[Limit], scope: Scope, scope_id: str, names: list[str]) 
                 limit.per_model,
                 models,
                 tuple(sorted(set(limit.alerts))),
+                _union(limit.tools) if limit.tools else None,
             )
         )
     return tuple(compiled)

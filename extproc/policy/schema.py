@@ -63,9 +63,16 @@ class Limit(_Strict):
         "calendar month in UTC."
     )
     limit: Decimal = Field(gt=0, description="A whole number, or US dollars for unit usd.")
-    per_model: bool = Field(default=False, description="Keep a separate counter for each model.")
+    per_model: bool = Field(
+        default=False, description="Keep a separate counter for each model (or each tool)."
+    )
     models: list[str] | None = Field(
         default=None, description="Globs: only these models count against this limit."
+    )
+    tools: list[str] | None = Field(
+        default=None,
+        description="Globs over MCP tool names (`jira.*`): a requests limit on tool calls "
+        "instead of model calls, counted per MCP server.",
     )
     alerts: list[Annotated[int, Field(ge=1, le=100)]] = Field(
         default_factory=list,
@@ -80,6 +87,8 @@ class Limit(_Strict):
             raise ValueError(f"limit for {self.unit} must be a whole number")
         if self.unit == "usd" and self.limit.as_tuple().exponent < -6:  # type: ignore[operator]
             raise ValueError("usd limits have at most 6 decimal places (micro-dollars)")
+        if self.tools is not None and (self.unit != "requests" or self.models is not None):
+            raise ValueError("a tools limit counts requests (unit: requests) and takes no models")
         return self
 
 

@@ -106,3 +106,22 @@ async def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
         with pytest.raises(Exception):  # noqa: B017 - the SDK wraps the 403 differently by mode
             async with Client(streamable_http_client(url(stack), http_client=h)) as c:
                 await c.list_tools()
+
+
+async def test_per_tool_rate_limit_refuses_with_a_json_rpc_error(stack: Stack) -> None:
+    """The example policy allows the apps team 5 weather lookups a minute."""
+    clear(stack)
+    succeeded = 0
+    async with (
+        http(RESTRICTED_KEY) as h,
+        Client(streamable_http_client(url(stack), http_client=h)) as c,
+    ):
+        with pytest.raises(MCPError) as limited:
+            for _ in range(12):  # a minute boundary mid-loop allows at most 5 more
+                await c.call_tool("weather.get", {"city": "Rome"})
+                succeeded += 1
+    assert limited.value.code == ErrorCode.RATE_LIMITED
+    assert limited.value.data["retryAfter"] >= 1
+    assert "5 requests per minute" in limited.value.message
+    assert 1 <= succeeded <= 10
+    assert len(calls(stack)) == succeeded  # the refused call never reached the server

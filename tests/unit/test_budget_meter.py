@@ -135,3 +135,26 @@ async def test_models_filter_and_per_model_counters() -> None:
     reservation = await Meter(MemoryStore()).reserve(limits, model, 1, 1, 1, "m", datetime.now(UTC))
     assert reservation is not None
     assert [c.key.split(":")[2] for c in reservation.counters] == ["gpt-4o-mini"]
+
+
+async def test_tool_limits_count_tool_calls_apart_from_model_calls() -> None:
+    limits, model = policy_with(
+        [
+            {"unit": "requests", "window": "day", "limit": 2, "tools": ["jira.*"]},
+            {"unit": "requests", "window": "day", "limit": 100},
+        ]
+    )
+    meter = Meter(MemoryStore())
+    now = datetime.now(UTC)
+    reservation = await meter.reserve(limits, model, 1, 1, 1, "model-call", now)
+    assert reservation is not None and len(reservation.counters) == 1  # the tool limit is not in it
+    await meter.reserve_tool(limits, "demo", "jira.create_issue", now)
+    await meter.reserve_tool(limits, "demo", "weather.get", now)  # not counted: not jira.*
+    await meter.reserve_tool(limits, "demo", "jira.search", now)
+    with pytest.raises(RateLimited):
+        await meter.reserve_tool(limits, "demo", "jira.create_issue", now)
+
+
+def test_a_tools_limit_must_count_requests() -> None:
+    with pytest.raises(Exception, match="unit: requests"):
+        policy_with([{"unit": "total_tokens", "window": "day", "limit": 5, "tools": ["x.*"]}])
