@@ -24,6 +24,7 @@ from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe
 from extproc.pipeline import subject_of
+from extproc.telemetry.bodies import recorded_answer
 
 HEADER_GUARDRAILS = "x-gateway-guardrails"
 """Lists the guardrail verdicts on the answer (rule, action, entity types, counts)."""
@@ -194,6 +195,18 @@ def used(exchange: Exchange) -> Cost:
     return usage_cost(model, Usage(exchange.input_tokens, streamed))
 
 
+def record_answer(exchange: Exchange) -> None:
+    """Keep the answer's redacted texts for the audit record, when the policy asks."""
+    redact, request = exchange.policy.audit_redactor, exchange.request
+    if redact is None or request is None or not exchange.response_tail:
+        return
+    try:
+        body = orjson.loads(exchange.response_tail)
+    except orjson.JSONDecodeError:
+        return  # only the tail of a huge answer was kept
+    exchange.recorded_answer = recorded_answer(redact, _upstream_dialect(exchange), body)
+
+
 def account(exchange: Exchange) -> None:
     """Work out what the exchange used, once its answer is over (or cut).
 
@@ -203,6 +216,7 @@ def account(exchange: Exchange) -> None:
     seen = exchange.reservation is not None or exchange.response_status != 0
     if exchange.used is None and exchange.model is not None and seen:
         exchange.used = used(exchange)
+        record_answer(exchange)
 
 
 async def settle(exchange: Exchange, meter: Meter) -> None:

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also XADD audit records to this Redis Stream (on --redis-url, MAXLEN ~1M)",
     )
     serve.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("EXTPROC_OTLP_ENDPOINT"),
+        help="export one span per exchange to this OTLP/HTTP traces URL "
+        "(e.g. http://collector:4318/v1/traces); off by default",
+    )
+    serve.add_argument(
         "--admin-token-env",
         default="EXTPROC_ADMIN_TOKEN",
         help="environment variable holding the admin API token; the API (usage, recent "
@@ -172,6 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
         audit_stdout=args.audit_stdout,
         audit_redis_stream=args.audit_redis_stream,
         admin_token=os.environ.get(args.admin_token_env) or None,
+        otlp_endpoint=args.otlp_endpoint,
     )
     try:
         return serve(settings)

@@ -42,6 +42,7 @@ class Exchange:
     request_id: str = ""
     trace_id: str | None = None
     """From the caller's W3C ``traceparent`` (forwarded upstream untouched by Envoy)."""
+    traceparent: str | None = None
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     """Guardrail verdicts (rule, action, entity types, counts; never matched text)."""
     input_tokens: int = 0
@@ -81,6 +82,11 @@ class Exchange:
     usage_source: str = "none"
     """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
     started: float = field(default_factory=time.monotonic)
+    started_ns: int = field(default_factory=time.time_ns)
+    """Wall-clock start, for the exchange's span."""
+    recorded_prompt: list[dict[str, str]] | None = None
+    recorded_answer: list[dict[str, str]] | None = None
+    """Redacted texts for the audit record (only when the policy records bodies)."""
     durations: dict[str, float] = field(default_factory=dict)
     """Seconds of service time per phase (added up when a phase repeats)."""
 

@@ -36,6 +36,7 @@ from extproc.identity import Principal
 from extproc.models_listing import MODELS_PATH, list_models
 from extproc.policy.compiled import CatalogueModel
 from extproc.routing import ResponseTranslation
+from extproc.telemetry.bodies import recorded
 
 TRUSTED_HEADER_PREFIX = "x-gateway-"
 """Headers the gateway sets for upstreams and later filters; client copies are removed."""
@@ -65,7 +66,8 @@ def on_request_headers(
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
     exchange.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-    exchange.trace_id = trace_id(headers.get("traceparent"))
+    exchange.traceparent = headers.get("traceparent")
+    exchange.trace_id = trace_id(exchange.traceparent)
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:
@@ -276,6 +278,10 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
                 exchange.rewrites[(dialect.output_cap_field,)] = cap
     except GatewayError as error:
         return _reject(exchange, error)
+    if exchange.policy.audit_redactor is not None:
+        exchange.recorded_prompt = recorded(
+            exchange.policy.audit_redactor, request.texts, exchange.rewrites
+        )
     headers = routing.route_headers(model)
     if exchange.translation is not None:
         try:

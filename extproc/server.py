@@ -42,6 +42,7 @@ from extproc.policy.store import PolicyStore
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdout
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.observer import Observer
+from extproc.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ServeSettings:
     audit_file: Path | None = None
     audit_stdout: bool = False
     audit_redis_stream: str | None = None
+    otlp_endpoint: str | None = None
+    """Export a span per exchange to this OTLP/HTTP traces endpoint (off when unset)."""
     admin_token: str | None = None
     """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
     worker_index: int | None = None
@@ -111,7 +114,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     audit = AuditLog(
         _audit_sinks(settings), on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc()
     )
-    observer = Observer(metrics, audit)
+    tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
+    observer = Observer(metrics, audit, tracing=tracing)
     processor = ExternalProcessor(policies, meter, observer)
     server = grpc.aio.server(
         options=[
@@ -172,6 +176,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await server.stop(settings.grace_seconds)
     await processor.drain()
     await audit.close()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)
     await alerts.close()
     await store.close()
     if runner is not None:

@@ -24,6 +24,7 @@ from extproc.budgets.windows import Window
 from extproc.guardrails.engine import Guardrails, compile_guardrails
 from extproc.mcp.access import McpPermissions, McpRegistry, compile_access, compile_registry
 from extproc.policy.schema import Backend, JwtSettings, Limit, ModelAccess, Policy, Workload
+from extproc.telemetry.bodies import redactor
 
 
 def key_digest(key: str) -> bytes:
@@ -119,6 +120,8 @@ class CompiledPolicy:
     on_store_error: str
     alert_webhook: str | None
     guardrails: Guardrails
+    audit_redactor: Guardrails | None
+    """Set when the policy records prompts and answers in the audit log."""
     mcp_servers: McpRegistry
     team_mcp: dict[str, McpPermissions]
     user_mcp: dict[str, McpPermissions]
@@ -331,6 +334,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         on_store_error=budgets.on_store_error,
         alert_webhook=budgets.alert_webhook,
         guardrails=compile_guardrails(policy.guardrails, policy.settings.guardrails),
+        audit_redactor=redactor() if policy.settings.audit.record_bodies else None,
         mcp_servers=compile_registry(policy.mcp),
         team_mcp={t: compile_access(team.mcp) for t, team in policy.teams.items()},
         user_mcp={

@@ -259,6 +259,14 @@ class WorkloadIdentity(_Strict):
     )
 
 
+class AuditSettings(_Strict):
+    record_bodies: bool = Field(
+        default=False,
+        description="Add prompts and non-streamed answers to audit records, after a "
+        "redaction of every structured PII entity and secret. Off: no text is recorded.",
+    )
+
+
 class Settings(_Strict):
     unknown_paths: Literal["reject", "passthrough"] = Field(
         default="reject",
@@ -268,6 +276,7 @@ class Settings(_Strict):
     jwt: JwtSettings | None = None
     workload_identity: WorkloadIdentity = Field(default_factory=WorkloadIdentity)
     budgets: Budgets = Field(default_factory=Budgets)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
 

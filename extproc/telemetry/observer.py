@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -9,12 +10,20 @@ from extproc.exchange import Exchange
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.record import exchange_record
+from extproc.telemetry.tracing import Tracing
 
 
 class Observer:
-    def __init__(self, metrics: Metrics | None, audit: AuditLog, recent: int = 1000) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        audit: AuditLog,
+        recent: int = 1000,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.metrics = metrics
         self.audit = audit
+        self.tracing = tracing
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         """The latest records, for the admin API's ListAuditEvents."""
 
@@ -39,6 +48,8 @@ class Observer:
             self.metrics.observe(record)
         self.audit.submit(record)
         self.recent.append(record)
+        if self.tracing is not None:
+            self.tracing.record(record, exchange.traceparent, exchange.started_ns, time.time_ns())
 
 
 def null_observer() -> Observer:

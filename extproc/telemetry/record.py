@@ -53,5 +53,7 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         ]
         or None,
         "policy_version": exchange.policy.version,
+        **({"prompt": exchange.recorded_prompt} if exchange.recorded_prompt is not None else {}),
+        **({"answer": exchange.recorded_answer} if exchange.recorded_answer is not None else {}),
         "durations_ms": {p: round(s * 1000, 3) for p, s in exchange.durations.items()},
     }

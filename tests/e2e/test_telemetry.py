@@ -139,6 +139,7 @@ def test_metrics_and_audit_after_a_mix_of_traffic(audited: tuple[Stack, Path]) -
     raw = audit.read_text()
     for secret in (ADMIN_KEY, RESTRICTED_KEY, "sk-demo-capped", "sk-wrong", SECRET_EMAIL):
         assert secret not in raw
+    assert all("prompt" not in r and "answer" not in r for r in found)  # not asked for
 
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.admin}/metrics") as resp:
         metrics = resp.read().decode()
@@ -237,3 +238,33 @@ def test_sigterm_under_load_loses_no_audit_record(tmp_path: Path) -> None:
     assert len(ok) == 12, answered  # in-flight streams were allowed to finish
     logged = [r["request_id"] for r in records(audit, at_least=12)]
     assert sorted(logged) == sorted(ok)
+
+
+def test_bodies_are_recorded_only_when_asked_and_always_redacted(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    policy = tmp_path / "policy.yaml"
+    text = EXAMPLE_POLICY.read_text().replace(
+        "settings:\n", "settings:\n  audit: { record_bodies: true }\n", 1
+    )
+    # Let the e-mail reach the provider unmasked: only the audit redaction stands between it
+    # and the audit file.
+    text = text.replace(
+        "  - name: mask-pii\n    stage: both\n", "  - name: mask-pii\n    stage: output\n"
+    )
+    policy.write_text(text)
+    stack = Stack(
+        policy=policy, ports=Ports.free(), log_dir=tmp_path, serve_args=("--audit-file", str(audit))
+    )
+    with running(stack):
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1", api_key=ADMIN_KEY, max_retries=0
+        )
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": f"write to {SECRET_EMAIL} now"}]
+        )
+        (record,) = records(audit, at_least=1)
+    assert record["prompt"] == [
+        {"role": "user", "kind": "message", "text": "write to <EMAIL_ADDRESS> now"}
+    ]
+    assert record["answer"][0]["text"] == "write to <EMAIL_ADDRESS> now"
+    assert SECRET_EMAIL not in audit.read_text()

@@ -1,0 +1,89 @@
+"""Optional OpenTelemetry spans: one per exchange, exported over OTLP, off by default.
+
+The span continues the caller's W3C trace (``traceparent``), carries the gen_ai semantic
+convention attributes (system, request and response model, token usage) and the gateway's
+own (team, status, guardrail and budget decisions), and is exported by a batch processor
+on its own thread, never on the request path. Without ``--otlp-endpoint`` nothing of this
+runs; Envoy still forwards ``traceparent`` upstream and the audit record keeps the trace id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from extproc import __version__
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_NANOS = 1_000_000_000
+
+
+class Tracing:
+    """Turns finished exchanges' audit records into spans."""
+
+    def __init__(self, exporter: SpanExporter, service_name: str = "extproc") -> None:
+        resource = Resource.create({"service.name": service_name, "service.version": __version__})
+        self._provider = TracerProvider(resource=resource)
+        self._provider.add_span_processor(BatchSpanProcessor(exporter))
+        self._tracer: Tracer = self._provider.get_tracer("extproc")
+
+    @classmethod
+    def otlp(cls, endpoint: str) -> Tracing:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return cls(OTLPSpanExporter(endpoint=endpoint))
+
+    def record(
+        self, record: dict[str, Any], traceparent: str | None, start_ns: int, end_ns: int
+    ) -> None:
+        parent: Context | None = None
+        if traceparent:
+            parent = _PROPAGATOR.extract({"traceparent": traceparent})
+        model = record.get("model")
+        span = self._tracer.start_span(
+            f"chat {model}" if model else f"{record.get('method')} {record.get('path')}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=start_ns,
+            attributes=_attributes(record),
+        )
+        status = record.get("status") or 0
+        if status >= 500 or record.get("error"):
+            span.set_status(Status(StatusCode.ERROR, record.get("error") or str(status)))
+        span.end(end_time=end_ns)
+
+    def shutdown(self) -> None:
+        """Flush what is batched (on SIGTERM, after the audit log)."""
+        self._provider.shutdown()
+
+
+def _attributes(record: dict[str, Any]) -> dict[str, Any]:
+    dialect = record.get("dialect") or ""
+    values = {
+        "gen_ai.system": "anthropic" if dialect.startswith("anthropic") else "openai",
+        "gen_ai.operation.name": dialect.partition(".")[2] or None,
+        "gen_ai.request.model": record.get("model_requested"),
+        "gen_ai.response.model": record.get("model"),
+        "gen_ai.usage.input_tokens": record.get("input_tokens"),
+        "gen_ai.usage.output_tokens": record.get("output_tokens"),
+        "http.request.method": record.get("method"),
+        "url.path": record.get("path"),
+        "http.response.status_code": record.get("status"),
+        "extproc.request_id": record.get("request_id"),
+        "extproc.team": record.get("team"),
+        "extproc.key_id": record.get("key_id"),
+        "extproc.backend": record.get("backend"),
+        "extproc.cost_micro_usd": record.get("cost_micro_usd"),
+        "extproc.budget": record.get("budget"),
+        "extproc.error": record.get("error"),
+        "extproc.guardrails": [
+            f"{v['rule']}={v['action']}" for v in record.get("guardrails") or []
+        ],
+    }
+    return {k: v for k, v in values.items() if v not in (None, [], "")}
