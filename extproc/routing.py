@@ -19,7 +19,7 @@ import orjson
 
 from extproc.decisions import Headers
 from extproc.dialects.base import Dialect, JsonPath, LLMRequest
-from extproc.dialects.json_body import apply_rewrites
+from extproc.dialects.json_body import set_values
 from extproc.errors import InvalidRequest
 from extproc.policy.compiled import CatalogueModel
 from extproc.translate import (
@@ -85,10 +85,8 @@ def translated_request(
     default_max_tokens: int,
 ) -> tuple[bytes, Headers]:
     """The Anthropic body for an OpenAI chat request, and the headers it needs upstream."""
-    body = request.body
-    if rewrites:
-        body = orjson.loads(apply_rewrites(body, rewrites))
-    translated = request_to_anthropic(body, upstream_model(model), default_max_tokens)
+    set_values(request.body, rewrites)  # the translation reads the rewritten texts
+    translated = request_to_anthropic(request.body, upstream_model(model), default_max_tokens)
     headers = ((":path", ANTHROPIC_PATH), ("anthropic-version", ANTHROPIC_VERSION))
     return orjson.dumps(translated), headers
 

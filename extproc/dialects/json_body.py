@@ -34,16 +34,21 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> bytes:
-    """Set the values at ``rewrites``' paths in ``body`` and serialise it.
+def set_values(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> None:
+    """Set the values at ``rewrites``' paths in ``body``, in place.
 
-    ``body`` is modified in place: it belongs to one request and is not shared.
+    ``body`` belongs to one request and is not shared.
     """
-    for path, text in rewrites.items():
+    for path, value in rewrites.items():
         parent: Any = body
         for step in path[:-1]:
             parent = parent[step]
-        parent[path[-1]] = text
+        parent[path[-1]] = value
+
+
+def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> bytes:
+    """:func:`set_values`, then serialise the body once."""
+    set_values(body, rewrites)
     return orjson.dumps(body)
 
 
