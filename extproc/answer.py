@@ -10,7 +10,7 @@ end (or cut)      work out what was used and settle the budget reservation
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -60,6 +60,7 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
             ("content-type", "text/event-stream" if chunked else "application/json"),
         )
     rewritten = exchange.translation is not None or exchange.output_guard is not None
+    mode: Literal["streamed", "buffered"]
     if exchange.translation is not None or exchange.guard_answer:
         mode = "streamed" if chunked else "buffered"
     elif wants_usage or exchange.output_guard is not None:
@@ -71,7 +72,7 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     return Forward(
         set_headers=set_headers,
         remove_headers=("content-length",) if chunked and rewritten else (),
-        response_body=mode,  # type: ignore[arg-type]
+        response_body=mode,
     )
 
 

@@ -10,9 +10,11 @@ these at the boundary where they occur; nothing else is allowed to escape to the
     ├── Unauthenticated          401  missing, unknown, expired or disabled credential
     ├── PermissionDenied         403  model or tool not allowed for this caller
     ├── NotFound                 404  unknown model, unknown path under /v1/
-    ├── PayloadTooLarge          413  body over the configured limit
     ├── RateLimited              429  rate limit or budget exhausted (carries retry-after)
     └── ServiceUnavailable       503  a store the policy depends on is down (fail-closed)
+
+A body over the size limit (413) never reaches the service: Envoy refuses it, and its
+``local_reply_config`` renders the same envelopes (envoy/gateway.yaml).
 """
 
 from __future__ import annotations
@@ -73,13 +75,6 @@ class NotFound(GatewayError):
     openai_type = "invalid_request_error"
     anthropic_type = "not_found_error"
     default_code = "not_found"
-
-
-class PayloadTooLarge(GatewayError):
-    status = 413
-    openai_type = "invalid_request_error"
-    anthropic_type = "request_too_large"
-    default_code = "request_too_large"
 
 
 class RateLimited(GatewayError):

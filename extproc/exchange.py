@@ -81,7 +81,6 @@ class Exchange:
     used: Cost | None = None
     usage_source: str = "none"
     """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
-    started: float = field(default_factory=time.monotonic)
     started_ns: int = field(default_factory=time.time_ns)
     """Wall-clock start, for the exchange's span."""
     recorded_prompt: list[dict[str, str]] | None = None

@@ -11,6 +11,7 @@ The pure parts live in :mod:`extproc.mcp`; this module wires them into the excha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -106,7 +107,7 @@ async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> R
     return None
 
 
-def on_response_headers(exchange: Exchange, headers: dict[str, str] | Any) -> Decision:
+def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
     """Have Envoy send the answer to be narrowed and guarded: SSE streamed, JSON whole."""
     status = int(headers.get(":status", "0") or 0)
     exchange.response_status = exchange.status = status

@@ -117,17 +117,3 @@ def check_counters(counters: Sequence[Counter]) -> None:
     for counter in counters:
         if counter.amount < 0:
             raise ValueError(f"negative reservation on {counter.key}; use adjust()")
-
-
-def merge_deltas(deltas: Sequence[Delta]) -> list[Delta]:
-    """Sum deltas per key (first-seen order), dropping those that cancel out."""
-    merged: dict[str, Delta] = {}
-    for delta in deltas:
-        seen = merged.get(delta.key)
-        if seen is None:
-            merged[delta.key] = delta
-        else:
-            merged[delta.key] = Delta(
-                delta.key, seen.amount + delta.amount, max(seen.expires_at, delta.expires_at)
-            )
-    return [d for d in merged.values() if d.amount]

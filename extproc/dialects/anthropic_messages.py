@@ -16,7 +16,7 @@ from extproc.dialects.fields import (
     expect_object,
     expect_str,
     invalid_type,
-    invalid_value,
+    message_role,
     optional_bool,
     require_model,
     required_positive_int,
@@ -68,11 +68,7 @@ class AnthropicMessages:
 
 
 def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
-    role = message.get("role")
-    if role not in _ROLES:
-        if not isinstance(role, str):
-            raise invalid_type((*path, "role"), "a string", role)
-        raise invalid_value((*path, "role"), "one of " + ", ".join(_ROLES))
+    role = message_role(message, path, _ROLES)
     content = message.get("content")
     if isinstance(content, str):
         texts.append(TextPart((*path, "content"), role, "message", content))

@@ -69,6 +69,17 @@ def invalid_type(path: JsonPath, expected: str, value: object) -> InvalidRequest
     )
 
 
+def message_role(message: dict[str, Any], path: JsonPath, roles: tuple[str, ...]) -> str:
+    """The message's ``role``, one of ``roles``; an unknown role is refused, so nothing
+    reaches a model under a role policy does not know."""
+    role = message.get("role")
+    if role not in roles:
+        if not isinstance(role, str):
+            raise invalid_type((*path, "role"), "a string", role)
+        raise invalid_value((*path, "role"), "one of " + ", ".join(roles))
+    return str(role)
+
+
 def invalid_value(path: JsonPath, expected: str) -> InvalidRequest:
     param = format_param(path)
     return InvalidRequest(

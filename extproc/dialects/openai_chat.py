@@ -17,7 +17,7 @@ from extproc.dialects.fields import (
     expect_str,
     include_usage_rewrites,
     invalid_type,
-    invalid_value,
+    message_role,
     optional_bool,
     optional_positive_int,
     optional_str,
@@ -69,11 +69,7 @@ class OpenAIChat:
 
 
 def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
-    role = message.get("role")
-    if role not in _ROLES:
-        if not isinstance(role, str):
-            raise invalid_type((*path, "role"), "a string", role)
-        raise invalid_value((*path, "role"), "one of " + ", ".join(_ROLES))
+    role = message_role(message, path, _ROLES)
     # Legacy "function" results are tool results; policy sees one closed set of roles.
     author, kind = ("tool", "tool_result") if role in ("tool", "function") else (role, "message")
     content = message.get("content")

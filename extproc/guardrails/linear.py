@@ -142,12 +142,6 @@ class Utf8:
             table[offset] = last_char
         return table
 
-    def byte_offset(self, char_offset: int) -> int:
-        """The byte offset of a character offset (for bounding a search to a window)."""
-        if self.is_ascii:
-            return char_offset
-        return len(self.text[:char_offset].encode("utf-8", "surrogatepass"))
-
 
 def glob_to_re2(glob: str) -> str:
     """Translate a shell glob (``*``, ``?``, ``[abc]``) into an anchored RE2 pattern."""
