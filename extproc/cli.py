@@ -94,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(run=_check)
 
+    envoy_config = commands.add_parser(
+        "envoy-config",
+        help="render Envoy's clusters and canary routes from a policy's upstreams",
+        description="Prints BASE (an Envoy bootstrap) with the policy's upstreams as its "
+        "clusters and split routes. --check instead exits 1 if BASE does not match.",
+    )
+    envoy_config.add_argument("policy", type=Path)
+    envoy_config.add_argument(
+        "--base", type=Path, default=None, help="Envoy config to render onto (envoy/gateway.yaml)"
+    )
+    envoy_config.add_argument("--check", action="store_true", help="verify BASE, print nothing")
+    envoy_config.set_defaults(run=_envoy_config)
+
     keys = commands.add_parser("keys", help="manage gateway keys")
     key_commands = keys.add_subparsers(metavar="ACTION")
     create = key_commands.add_parser("create", help="mint a key; prints it once with its entry")
@@ -205,6 +218,37 @@ def _check(args: argparse.Namespace) -> int:
         f"{args.file}: ok (version {policy.version}; {len(policy.team_models)} teams, "
         f"{len(policy.keys_by_digest)} keys, {len(policy.catalogue)} models)"
     )
+    return 0
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from extproc.envoy_config import RenderError, differences, render_text
+    from extproc.policy.loader import PolicyError, parse_policy
+    from extproc.stack import GATEWAY_CONFIG
+
+    base_path: Path = args.base or GATEWAY_CONFIG
+    try:
+        policy = parse_policy(args.policy.read_text(), str(args.policy))
+        base_text = base_path.read_text()
+        if args.check:
+            problems = differences(policy, yaml.safe_load(base_text))
+            if problems:
+                print(
+                    f"{base_path}: does not match {args.policy}'s upstreams\n{_bullets(problems)}",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{base_path}: matches {args.policy}")
+            return 0
+        print(render_text(policy, base_text, str(args.policy)), end="")
+    except PolicyError as exc:
+        print(f"{args.policy}: invalid\n{_bullets(exc.problems)}", file=sys.stderr)
+        return 1
+    except (OSError, yaml.YAMLError, RenderError) as exc:
+        print(f"envoy-config: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from extproc.envoy_config import has_catalogue_route, render_text
+from extproc.policy.loader import parse_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_CONFIG = ROOT / "envoy" / "gateway.yaml"
 
@@ -87,7 +92,7 @@ class Stack:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
         config = log_dir / "envoy.yaml"
-        config.write_text(render_envoy_config(self.envoy_config.read_text(), self.ports))
+        config.write_text(render_envoy_config(self._envoy_template(), self.ports))
         python = [sys.executable, "-m", "extproc"]
         self._spawn(
             "mock", [*python, "mock-upstream", "--port", str(self.ports.mock), "--name", "openai"]
@@ -141,6 +146,15 @@ class Stack:
         deadline = time.monotonic() + timeout
         self._wait_ready(["envoy"], deadline)
         self._wait_extproc_cluster_healthy(deadline)
+
+    def _envoy_template(self) -> str:
+        """The Envoy config with the policy's upstreams rendered in, when it routes by the
+        catalogue: a backend added to the policy is served without editing Envoy's file."""
+        text = self.envoy_config.read_text()
+        policy = parse_policy(self.policy.read_text(), str(self.policy))
+        if not policy.upstreams or not has_catalogue_route(yaml.safe_load(text)):
+            return text
+        return render_text(policy, text, str(self.policy))
 
     def stop(self) -> None:
         for proc in self.processes.values():

@@ -152,6 +152,41 @@ class Pricing(_Strict):
     )
 
 
+class Upstream(_Strict):
+    """An Envoy cluster rendered from the policy by ``extproc envoy-config``.
+
+    Exactly one of ``url`` (one endpoint), ``failover`` (an aggregate cluster that tries
+    these upstreams in order: 5xx, 429 and connect failures move on to the next) or
+    ``split`` (a weighted route across upstreams, for canaries). Retries, outlier
+    ejection and the retry budget stay Envoy's; this only saves writing the same
+    cluster twice, once here and once in Envoy's config.
+    """
+
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?$",
+        description="http(s)://host[:port] of an endpoint, no path. https verifies the "
+        "server's certificate against the system's CAs and sends the host as SNI; a DNS "
+        "name is re-resolved as it changes.",
+    )
+    failover: list[Name] = Field(
+        default_factory=list,
+        description="Upstreams (each with a url) tried in this order: an aggregate cluster.",
+    )
+    split: dict[Name, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Upstreams (each with a url) and their relative weights: a weighted route.",
+    )
+    connect_timeout_ms: int = Field(default=1000, gt=0, le=60_000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Upstream:
+        kinds = [bool(self.url), bool(self.failover), bool(self.split)]
+        if sum(kinds) != 1:
+            raise ValueError("set exactly one of url, failover or split")
+        return self
+
+
 class Backend(_Strict):
     """Where a catalogue model is served, and how the gateway talks to it.
 
@@ -298,6 +333,12 @@ class Policy(_Strict):
         description="Checks on prompts (input) and answers (output), in order: PII and "
         "secrets (rewrite or block), prompt injection, content policy.",
     )
+    upstreams: dict[Name, Upstream] = Field(
+        default_factory=dict,
+        description="Envoy clusters for the catalogue's backends and MCP servers, rendered "
+        "into Envoy's config by `extproc envoy-config` (and by `extproc up`). Left empty, "
+        "the clusters are Envoy's own business (a mesh, a hand-written config).",
+    )
     workloads: dict[Annotated[str, Field(pattern=r"^spiffe://[^\s]+$")], Workload] = Field(
         default_factory=dict,
         description="SPIFFE ids of mesh workloads mapped to teams (mTLS identity).",
@@ -336,10 +377,37 @@ class Policy(_Strict):
                     )
                 owners[alias] = name
         problems.extend(self._unpriced_models())
+        problems.extend(self._upstream_references())
         problems.extend(guardrail_problems(self.guardrails, self.settings.guardrails))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _upstream_references(self) -> list[str]:
+        """With upstreams declared, every cluster the policy names must be one of them."""
+        if not self.upstreams:
+            return []
+        problems: list[str] = []
+        for name, upstream in self.upstreams.items():
+            for member in [*upstream.failover, *upstream.split]:
+                target = self.upstreams.get(member)
+                if target is None or not target.url:
+                    problems.append(f"upstreams.{name}: {member!r} is not an upstream with a url")
+        clusters = {
+            f"models.{name}.backend.cluster": model.backend.cluster
+            for name, model in self.models.items()
+            if model.backend is not None
+        }
+        clusters.update(
+            {
+                f"mcp.servers.{name}.cluster": server.cluster
+                for name, server in self.mcp.servers.items()
+            }
+        )
+        for where, cluster in clusters.items():
+            if cluster not in self.upstreams:
+                problems.append(f"{where}: {cluster!r} is not one of the policy's upstreams")
+        return problems
 
     def _unpriced_models(self) -> list[str]:
         """A dollar budget is only enforceable if every model it can count has a price."""

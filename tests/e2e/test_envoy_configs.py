@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,28 @@ def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "envoy" / "gateway.yaml").read_text().replace("SEND", "SENDD", 1))
     assert validate(broken).returncode != 0
+
+
+def test_envoy_accepts_every_kind_of_rendered_upstream(tmp_path: Path) -> None:
+    """TLS to a provider by DNS name, a self-hosted server, fail-over and a canary split."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "teams: { t: {} }\n"
+        "upstreams:\n"
+        '  openai_api: { url: "https://api.openai.com" }\n'
+        '  vllm: { url: "http://vllm.internal:8000", connect_timeout_ms: 500 }\n'
+        '  ollama: { url: "http://[::1]:11434" }\n'
+        "  chat: { failover: [openai_api, vllm] }\n"
+        "  canary: { split: { openai_api: 95, ollama: 5 } }\n"
+        "models:\n"
+        "  gpt-4o: { backend: { cluster: chat } }\n"
+        "  llama: { backend: { cluster: canary, model: llama3 } }\n"
+    )
+    rendered = tmp_path / "envoy.yaml"
+    with rendered.open("w") as out:
+        subprocess.run(
+            [sys.executable, "-m", "extproc", "envoy-config", str(policy)], stdout=out, check=True
+        )
+    assert "name: openai_api" in rendered.read_text()
+    result = validate(rendered)
+    assert result.returncode == 0, result.stdout + result.stderr

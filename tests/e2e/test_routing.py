@@ -30,6 +30,14 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
         f"    backend: {{ cluster: openai, credential_env: {PROVIDER_KEY_ENV} }}\n",
         1,  # gpt-4o
     )
+    # A backend that exists only in the policy: the stack renders its cluster.
+    text = text.replace(
+        "upstreams:\n", 'upstreams:\n  policy_only: { url: "http://127.0.0.1:8098" }\n', 1
+    )
+    text += (
+        "  gpt-4o-elsewhere:\n    pricing: { input: 1, output: 1 }\n"
+        "    backend: { cluster: policy_only, model: moved }\n"
+    )
     # A canary model: Envoy's weighted route sends a tenth of it to the secondary.
     text += (
         "  gpt-4o-canary:\n    pricing: { input: 2.5, output: 10 }\n"
@@ -75,7 +83,20 @@ def test_alias_goes_to_its_backend_under_the_upstream_name(
     assert json.loads(seen["body"])["model"] == "gpt-4o-mini-2024-07-18"
     assert seen["headers"]["x-gateway-cluster"] == "openai"
     assert secondary.requests() == []
-    assert last_audit(audit)["served_by"] == "openai-primary.mock"
+    assert last_audit(audit)["served_by"] == "openai_primary"
+
+
+def test_a_backend_added_to_the_policy_alone_serves(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    stack, audit = routed
+    primary, secondary = mocks
+    oai(stack).chat.completions.create(
+        model="gpt-4o-elsewhere", messages=[{"role": "user", "content": "moved"}]
+    )
+    assert json.loads(secondary.last()["body"])["model"] == "moved"
+    assert primary.requests() == []
+    assert last_audit(audit)["served_by"] == "policy_only"
 
 
 def test_provider_key_upstream_never_the_gateway_key_and_never_logged(
@@ -105,7 +126,7 @@ def test_primary_failing_with_503_fails_over_to_the_secondary(
     assert reply.choices[0].message.content == "fail over"
     assert len(primary.requests()) == 1 and len(secondary.requests()) == 1
     record = last_audit(audit)
-    assert record["served_by"] == "openai-secondary.mock"
+    assert record["served_by"] == "openai_secondary"
     assert record["status"] == 200 and record["output_tokens"] == 2
 
 

@@ -92,7 +92,11 @@ def test_unreadable_output_is_an_error(output: str) -> None:
         load.parse(output)
 
 
-def test_wrk_argv_pins_and_passes_script_arguments(tmp_path: Path) -> None:
+def test_wrk_argv_pins_and_passes_script_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The argv only: the test suite does not need wrk installed.
+    monkeypatch.setattr(load.shutil, "which", lambda name: f"/usr/bin/{name}")
     argv = load.wrk_argv(
         "http://127.0.0.1:1/x",
         tmp_path / "body.json",
@@ -100,7 +104,7 @@ def test_wrk_argv_pins_and_passes_script_arguments(tmp_path: Path) -> None:
         {"Authorization": "Bearer k"},
         cpus=[0],
     )
-    assert argv[:3] == ["taskset", "-c", "0"]
+    assert argv[:4] == ["taskset", "-c", "0", "/usr/bin/wrk"]
     assert "-c8" in argv and "-d5s" in argv and "--latency" in argv
     assert argv[-4:] == ["--", str(tmp_path / "body.json"), "300", "Authorization: Bearer k"]
 
