@@ -31,14 +31,14 @@ from bench import load as wrk
 from bench import machine, measure, payloads, peers, procstat, profile, report, services
 from bench.load import Load
 from bench.measure import Plan, Target
-from bench.scenarios import NOT_YET, Route, Scenario, by_key
+from bench.scenarios import Route, Scenario, by_key
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 LOGS = BENCH / ".logs"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 """Database 14 of the local Redis: away from the tests' database 15 and from db 0."""
-PROFILED = ("3", "4")
+PROFILED = ("5", "7")
 
 Doc = dict[str, Any]
 T = TypeVar("T")
@@ -224,7 +224,6 @@ def _scenario(
         "key": scenario.key,
         "title": scenario.title,
         "measures": scenario.measures,
-        "pending": list(scenario.pending),
         "policy": str(scenario.policy.relative_to(BENCH.parent)) if scenario.policy else None,
     }
     if scenario.route is Route.UPSTREAM:
@@ -447,8 +446,6 @@ def _notes(plan: Plan) -> list[str]:
         "CPU per request: utime + stime of the processes in /proc, sampled before and after "
         "each run, divided by completed requests; Redis is shared with other users of the "
         "machine, so its figure is approximate.",
-        "Scenarios 5 and 6 do not include " + ", ".join(NOT_YET) + ": not yet implemented "
-        "in the policy format when these policy files were written (bench/policies/).",
     ]
 
 

@@ -2,9 +2,8 @@
 
 Each scenario is data: which processes serve the request, which policy file (in
 ``bench/policies/``) the service loads, whether budgets live in Redis, and what answer the
-upstream sends. Stages the policy cannot express yet are listed in ``pending`` and shown as
-"not yet implemented" in the results, never simulated; when guardrails or audit land, add
-them to the policy file and drop them from ``pending``.
+upstream sends, and how the service accounts for answers (scenarios 7 and 8 are 5 and 6
+with ``accounting: envoy``, generated from the same policy file).
 """
 
 from __future__ import annotations
@@ -13,12 +12,22 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import yaml
+
 from bench import payloads
 
 POLICIES = Path(__file__).resolve().parent / "policies"
-NOT_YET = ("guardrails (input/output)", "audit log sinks")
-"""Not configured by the bench policies. The telemetry observer (Prometheus metrics) is not
-policy-driven: it runs in every gateway scenario, and it asks for the response phases."""
+GENERATED = Path(__file__).resolve().parent / ".logs" / "policies"
+
+
+def with_accounting_envoy(policy: Path) -> Path:
+    """``policy`` with ``settings.accounting: envoy``: one policy file, two ways to account."""
+    data = yaml.safe_load(policy.read_text())
+    data.setdefault("settings", {})["accounting"] = "envoy"
+    GENERATED.mkdir(parents=True, exist_ok=True)
+    out = GENERATED / f"{policy.stem}-accounting-envoy.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
 
 
 class Route(StrEnum):
@@ -42,7 +51,8 @@ class Scenario:
     redis: bool = False
     stream: bool = False
     path: str = payloads.CHAT_PATH
-    pending: tuple[str, ...] = ()
+    audit: bool = False
+    """Run the service with an audit log (a JSON-lines file in the run's log directory)."""
 
     @property
     def service(self) -> bool:
@@ -103,11 +113,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "5",
         "full policy",
-        "identity, RBAC, five budgets (key, user, team x2, global) on Redis",
+        "identity, RBAC, five budgets (key, user, team x2, global) on Redis, the PII and "
+        "secrets guardrails on the prompt, audit log (file) and metrics; the answer read "
+        "through ext_proc's response phases (accounting: service, the default)",
         Route.GATEWAY,
         POLICIES / "s5-full.yaml",
         redis=True,
-        pending=NOT_YET,
+        audit=True,
     ),
     Scenario(
         "6",
@@ -118,7 +130,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         POLICIES / "s5-full.yaml",
         redis=True,
         stream=True,
-        pending=NOT_YET,
+        audit=True,
+    ),
+    Scenario(
+        "7",
+        "full policy, accounting: envoy",
+        "scenario 5 with accounting: envoy: Envoy lifts the answer's usage "
+        "(json_to_metadata) and its gRPC access log hands it to the service, which sees "
+        "only the request headers and body",
+        Route.GATEWAY,
+        with_accounting_envoy(POLICIES / "s5-full.yaml"),
+        redis=True,
+        audit=True,
+    ),
+    Scenario(
+        "8",
+        "full policy, accounting: envoy, SSE x50",
+        "scenario 7 on the streamed answer of scenario 6 (usage lifted by sse_to_metadata)",
+        Route.GATEWAY,
+        with_accounting_envoy(POLICIES / "s5-full.yaml"),
+        redis=True,
+        stream=True,
+        audit=True,
     ),
 )
 

@@ -226,6 +226,7 @@ def gateway(
         log_dir=log_dir,
         workers=workers,
         redis_url=redis_url if scenario.redis or workers > 1 else None,
+        serve_args=("--audit-file", str(log_dir / "audit.jsonl")) if scenario.audit else (),
     )
     stack.start()
     try:

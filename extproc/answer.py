@@ -22,12 +22,9 @@ from extproc.dialects.json_body import apply_rewrites
 from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
-from extproc.guardrails.engine import describe
+from extproc.guardrails.engine import describe, verdict_header
 from extproc.pipeline import subject_of
 from extproc.telemetry.bodies import recorded_answer
-
-HEADER_GUARDRAILS = "x-gateway-guardrails"
-"""Lists the guardrail verdicts on the answer (rule, action, entity types, counts)."""
 
 
 def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
@@ -50,7 +47,8 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
             exchange.response_tail = bytearray()
     if ok:
         _start_output_guard(exchange, sse)
-    set_headers = (*(reservation.headers if reservation else ()), *_verdict_header(exchange))
+    verdicts = verdict_header(exchange.verdicts)
+    set_headers = (*(reservation.headers if reservation else ()), *verdicts)
     chunked = sse
     if exchange.translation is not None:
         # The body is rewritten: streamed chunk by chunk, or whole (answers and errors).
@@ -86,19 +84,6 @@ def _start_output_guard(exchange: Exchange, sse: bool) -> None:
         exchange.output_guard = guards.stream(exchange.request.dialect, **subject)
     else:
         exchange.guard_answer = True
-
-
-def _verdict_header(exchange: Exchange) -> tuple[tuple[str, str], ...]:
-    """``x-gateway-guardrails: rule=action[ENTITY,...]xCOUNT; ...`` (never matched values)."""
-    if not exchange.verdicts:
-        return ()
-    items = [
-        f"{v['rule']}={v['action']}"
-        + (f"[{','.join(v['entities'])}]" if v["entities"] else "")
-        + f"x{v['count']}"
-        for v in exchange.verdicts
-    ]
-    return ((HEADER_GUARDRAILS, "; ".join(items)),)
 
 
 def _upstream_dialect(exchange: Exchange) -> str:
@@ -140,7 +125,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
         if isinstance(guarded, Reply):
             return guarded
         out = guarded if guarded is not None else out
-        return Forward(body=out, set_headers=_verdict_header(exchange)) if out else CONTINUE
+        return Forward(body=out, set_headers=verdict_header(exchange.verdicts)) if out else CONTINUE
     if out is None:
         return CONTINUE
     return Forward(body=out, body_is_chunk=chunked)

@@ -75,6 +75,8 @@ class Exchange:
     """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
+    accounted_by_envoy: bool = False
+    """The answer is read by Envoy and accounted from its access log (accounting.py)."""
     status: int = 0
     """The HTTP status the caller got: ours when we answered, else the upstream's."""
     error_code: str | None = None

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from extproc import access, identity, routing, tools
+from extproc import access, accounting, identity, routing, tools
 from extproc.budgets.meter import Meter, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
@@ -31,7 +31,7 @@ from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.exchange import Clock, Exchange, utc_now
-from extproc.guardrails.engine import describe
+from extproc.guardrails.engine import describe, verdict_header
 from extproc.identity import Principal
 from extproc.models_listing import MODELS_PATH, list_models
 from extproc.policy.compiled import CatalogueModel
@@ -155,10 +155,12 @@ def _request_headers(
         raise _invalid_url(exchange)
     if end_of_stream:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
+    exchange.accounted_by_envoy = accounting.hands_to_envoy(exchange, principal, path)
     return Forward(
         set_headers=_identity_headers(principal),
         remove_headers=scrubbed,
-        process_response=(
+        process_response=not exchange.accounted_by_envoy
+        and (
             exchange.metered
             or exchange.observe_response
             or policy.guardrails.applies(
@@ -292,6 +294,19 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
             return _reject(exchange, error)  # the reservation is released when the stream ends
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
+    if exchange.accounted_by_envoy:
+        # The service will not see the answer: Envoy lifts its usage and adds the
+        # budget and guardrail headers the response phase would have set.
+        answer_headers = (
+            *(exchange.reservation.headers if exchange.reservation else ()),
+            *verdict_header(exchange.verdicts),
+        )
+        return Forward(
+            set_headers=(*headers, (accounting.HEADER, "envoy")),
+            body=body,
+            clear_route_cache=True,
+            answer_headers=answer_headers,
+        )
     return Forward(set_headers=headers, body=body, clear_route_cache=True)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import uvloop
+from envoy.service.accesslog.v3 import als_pb2_grpc as access_log_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
+from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
@@ -125,6 +127,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    access_log_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogReceiver(processor.pending), server
+    )
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
     )
@@ -167,14 +172,17 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     watcher = asyncio.create_task(
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
+    expiry = asyncio.create_task(_expire_pending(processor))
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in (watcher, expiry):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await server.stop(settings.grace_seconds)
     await processor.drain()
+    await processor.pending.drain()
     await audit.close()
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
@@ -183,6 +191,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     if runner is not None:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _expire_pending(processor: ExternalProcessor, every: float = 30.0) -> None:
+    """Settle, as reserved, answers whose access-log record never came (accounting.py)."""
+    while True:
+        await asyncio.sleep(every)
+        await processor.pending.expire()
 
 
 def _audit_sinks(settings: ServeSettings) -> list[Sink]:

@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from extproc import answer, pipeline
+from extproc.accounting import PendingAnswers
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
@@ -29,6 +30,9 @@ from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
 
 log = logging.getLogger(__name__)
+
+ANSWER_HEADERS_NAMESPACE = "extproc.answer_headers"
+"""Dynamic metadata Envoy's route config turns into answer headers (envoy/gateway.yaml)."""
 
 # A mode override replaces the whole processing mode, so each names every phase it keeps.
 _SKIP_BODY = ProcessingMode(
@@ -52,12 +56,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         meter: Meter,
         observer: Observer | None = None,
         clock: Clock = utc_now,
+        pending: PendingAnswers | None = None,
     ) -> None:
         self._policies = policies
         self._meter = meter
         self._observer = observer or null_observer()
         self._clock = clock
         self._finishing: set[asyncio.Task[None]] = set()
+        self.pending = pending or PendingAnswers(meter, self._observer)
+        """Exchanges whose answers Envoy accounts for, awaiting their access-log record."""
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
@@ -92,8 +99,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         Envoy closed the stream early: it is settled from what is known, in a task of its
         own because this one may be being cancelled (``drain()`` waits for those).
         """
-        if not exchange.method:
-            return  # the stream carried no request
+        if not exchange.method or exchange.accounted_by_envoy:
+            return  # no request; or the access log will report it (accounting.py)
         if exchange.reservation is not None and not exchange.reservation.settled:
             task = asyncio.create_task(self._settle_and_report(exchange))
             self._finishing.add(task)
@@ -138,8 +145,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             else:
                 rejected = pipeline.prepare_request_body(exchange, body)
             if rejected is not None:
+                exchange.accounted_by_envoy = False
                 return immediate_response(rejected)
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
+            if exchange.accounted_by_envoy:
+                if isinstance(decision, Forward):
+                    self.pending.add(exchange)
+                else:
+                    exchange.accounted_by_envoy = False
             return _answer(decision, phase)
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
@@ -175,7 +188,10 @@ def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:
         return response
     if phase == "response_body":
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    response = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    if decision.answer_headers:
+        response.dynamic_metadata.update({ANSWER_HEADERS_NAMESPACE: dict(decision.answer_headers)})
+    return response
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

@@ -419,3 +419,20 @@ def describe(result: GuardResult) -> list[dict[str, Any]]:
         }
         for v in result.verdicts
     ]
+
+
+HEADER_GUARDRAILS = "x-gateway-guardrails"
+"""Lists the guardrail verdicts on the answer (rule, action, entity types, counts)."""
+
+
+def verdict_header(verdicts: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """``x-gateway-guardrails: rule=action[ENTITY,...]xCOUNT; ...`` (never matched values)."""
+    if not verdicts:
+        return ()
+    items = [
+        f"{v['rule']}={v['action']}"
+        + (f"[{','.join(v['entities'])}]" if v["entities"] else "")
+        + f"x{v['count']}"
+        for v in verdicts
+    ]
+    return ((HEADER_GUARDRAILS, "; ".join(items)),)

@@ -110,6 +110,8 @@ class CompiledPolicy:
     """Canonical names and aliases, each mapped to its catalogue entry."""
     catalogue: tuple[CatalogueModel, ...]
     """Canonical entries in policy-file order (what /v1/models lists from)."""
+    anthropic_models: frozenset[str]
+    """Models on an Anthropic backend (an OpenAI chat request for one is translated)."""
     team_models: dict[str, frozenset[str]]
     user_models: dict[str, frozenset[str]]
     """Users with their own restrictions, already intersected with their team's."""
@@ -119,6 +121,8 @@ class CompiledPolicy:
     default_max_output_tokens: int
     on_store_error: str
     alert_webhook: str | None
+    accounting: str
+    """``service`` (ext_proc's response phases) or ``envoy`` (access log; accounting.py)."""
     guardrails: Guardrails
     audit_redactor: Guardrails | None
     """Set when the policy records prompts and answers in the audit log."""
@@ -325,6 +329,9 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         trust_xfcc=policy.settings.workload_identity.trust_xfcc,
         models=models,
         catalogue=catalogue,
+        anthropic_models=frozenset(
+            m.name for m in catalogue if m.backend is not None and m.backend.provider == "anthropic"
+        ),
         team_models=team_models,
         user_models=user_models,
         team_limits=team_limits,
@@ -333,6 +340,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
         default_max_output_tokens=budgets.default_max_output_tokens,
         on_store_error=budgets.on_store_error,
         alert_webhook=budgets.alert_webhook,
+        accounting=policy.settings.accounting,
         guardrails=compile_guardrails(policy.guardrails, policy.settings.guardrails),
         audit_redactor=redactor() if policy.settings.audit.record_bodies else None,
         mcp_servers=compile_registry(policy.mcp),

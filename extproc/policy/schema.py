@@ -303,6 +303,16 @@ class AuditSettings(_Strict):
 
 
 class Settings(_Strict):
+    accounting: Literal["service", "envoy"] = Field(
+        default="service",
+        description="Where answers are read for budgets, metrics and audit. service: "
+        "through ext_proc's response phases, settled before the answer ends. envoy: Envoy "
+        "lifts the usage (json_to_metadata / sse_to_metadata) and its gRPC access log "
+        "hands it over once the answer ends: two gRPC messages fewer per request, settled "
+        "a moment later. Answers the service must rewrite or check (translation, output "
+        "guardrails, MCP) are always read by the service. Needs envoy/gateway.yaml's "
+        "lifting filters and access log.",
+    )
     unknown_paths: Literal["reject", "passthrough"] = Field(
         default="reject",
         description="Requests to paths no dialect serves: answer 404, or forward untouched "

@@ -55,6 +55,8 @@ SERVICE_HOST = f"extproc.{NAMESPACE}.svc.cluster.local"
 # 1.27: the oldest release with gRPC probes and every API version used here generally available.
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 EXT_PROC = "envoy.filters.http.ext_proc"
+LIFT_USAGE = ["lift-usage-json", "lift-usage-sse"]
+"""accounting: envoy - the filters that lift usage from answers (extproc/accounting.py)."""
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 
 
@@ -669,7 +671,7 @@ def test_mesh_config_runs_ext_authz_then_ext_proc_on_every_filter_chain() -> Non
     assert tls["filter_chain_match"] == {"transport_protocol": "tls"}
     assert tls["filters"] == plain["filters"]
     names = [f["name"] for f in hcm(MESH)["http_filters"]]
-    assert names == [EXT_AUTHZ, EXT_PROC, "envoy.filters.http.router"]
+    assert names == [EXT_AUTHZ, EXT_PROC, *LIFT_USAGE, "envoy.filters.http.router"]
     authz = http_filter(MESH, EXT_AUTHZ)
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc"
     assert authz["include_peer_certificate"] is True

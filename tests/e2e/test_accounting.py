@@ -1,0 +1,248 @@
+"""accounting: envoy — answers read by Envoy and settled from its gRPC access log.
+
+The same real recorded OpenAI traffic as the budget tests, through real Envoy lifting the
+usage (json_to_metadata, sse_to_metadata), two service workers sharing one Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from extproc.budgets.pricing import Price, cost_micro_usd
+from extproc.budgets.tokens import count_prompt_tokens
+from extproc.stack import Ports, Stack, running
+from tests.e2e.conftest import Http, Mock
+from tests.e2e.test_budgets import POLICY, counter, recorded_usage, recorded_with_usage
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, Path]]:
+    tmp = tmp_path_factory.mktemp("accounting")
+    policy = tmp / "policy.yaml"
+    text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n")
+    # Served through a catalogue backend, so answers name the endpoint that served them.
+    text = text.replace("  gpt-4o-mini: {", "  gpt-4o-mini: { backend: { cluster: openai },")
+    policy.write_text(text)
+    audit = tmp / "audit.jsonl"
+    with running(
+        Stack(
+            policy=policy,
+            ports=Ports.free(),
+            log_dir=tmp,
+            workers=2,
+            redis_url=redis_server.url,
+            serve_args=("--audit-file", str(audit)),
+        )
+    ) as s:
+        yield s, audit
+
+
+@pytest.fixture
+def raw(stack: tuple[Stack, Path]) -> Http:
+    return Http(stack[0].ports.gateway)
+
+
+def eventually(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Settlement follows the answer by one access-log flush (50 ms); wait for it."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def ext_proc_messages(stack: Stack) -> int:
+    url = f"http://127.0.0.1:{stack.ports.envoy_admin}/stats?filter=ext_proc.stream_msgs_sent"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(int(line.rsplit(":", 1)[1]) for line in lines if line.strip())
+
+
+def audit_records(audit: Path) -> list[dict[str, Any]]:
+    files = sorted(audit.parent.glob(f"{audit.stem}*{audit.suffix}"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("name", "path", "request_body", "response_body"), recorded_with_usage())
+def test_recorded_usage_is_accounted_exactly_from_envoy(
+    redis_server: RedisServer,
+    raw: Http,
+    name: str,
+    path: str,
+    request_body: str,
+    response_body: str,
+) -> None:
+    units = ("input_tokens", "output_tokens", "requests", "usd")
+    before = {u: counter(redis_server, "meter", u) for u in units}
+    status, _, _ = raw.request(
+        "POST",
+        path,
+        request_body.encode(),
+        {
+            "authorization": "Bearer sk-test-meter",
+            "content-type": "application/json",
+            "x-mock-cassette": name,
+        },
+    )
+    assert status == 200
+    usage = recorded_usage(response_body)
+    prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens", 0)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    prices = yaml.safe_load(POLICY.read_text())["models"][json.loads(request_body)["model"]][
+        "pricing"
+    ]
+    price = Price.from_usd(
+        input=str(prices["input"]),
+        output=str(prices["output"]),
+        cached_input=str(prices.get("cached_input", prices["input"])),
+    )
+    expected = {
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "requests": 1,
+        "usd": cost_micro_usd(price, prompt, cached, completion),
+    }
+
+    def settled() -> bool:
+        after = {u: counter(redis_server, "meter", u) for u in units}
+        return {u: after[u] - before[u] for u in units} == expected
+
+    eventually(settled, f"counters never settled to {expected}")
+
+
+def test_only_the_request_phases_reach_the_service(stack: tuple[Stack, Path], raw: Http) -> None:
+    gateway, audit = stack
+    before = ext_proc_messages(gateway)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{gateway.ports.gateway}/v1",
+        api_key="sk-test-meter",
+        max_retries=0,
+    )
+    reply = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}]
+    )
+    assert ext_proc_messages(gateway) - before == 2  # request headers and body, no more
+    # The budget headers the response phase would have set, added by Envoy.
+    assert reply.headers["x-ratelimit-limit-tokens"] == "1000000000"
+    assert "x-ratelimit-remaining-usd" in reply.headers
+    request_id = reply.headers["x-request-id"]
+    answer = reply.parse()
+    assert answer.usage is not None
+
+    def recorded() -> bool:
+        return any(r["request_id"] == request_id for r in audit_records(audit))
+
+    eventually(recorded, "no audit record for the answer")
+    record = next(r for r in audit_records(audit) if r["request_id"] == request_id)
+    assert record["status"] == 200 and record["usage_source"] == "provider"
+    assert record["output_tokens"] == answer.usage.completion_tokens
+    # From the answer's x-gateway-served-by, carried by the access log.
+    assert record["served_by"] == "openai_primary"
+
+
+def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
+    stack: tuple[Stack, Path], redis_server: RedisServer
+) -> None:
+    gateway, _ = stack
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{gateway.ports.gateway}/v1",
+        api_key="sk-test-meter",
+        max_retries=0,
+    )
+    before = counter(redis_server, "meter", "output_tokens")
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "one two three four five"}],
+            stream=True,
+        )
+    )
+    usage = chunks[-1].usage  # asked for by the gateway (stream_options.include_usage)
+    assert usage is not None
+    eventually(
+        lambda: counter(redis_server, "meter", "output_tokens") - before == usage.completion_tokens,
+        "the stream was not settled from its usage chunk",
+    )
+
+
+def test_anthropic_answers_are_lifted_too(
+    stack: tuple[Stack, Path], raw: Http, redis_server: RedisServer
+) -> None:
+    gateway, _ = stack
+    upstream = Mock(gateway.ports.mock)
+    body = {
+        "model": "claude-3-5-haiku",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "alpha beta gamma"}],
+    }
+    for stream in (False, True):
+        before = counter(redis_server, "meter", "output_tokens")
+        status, _, answer = raw.request(
+            "POST",
+            "/v1/messages",
+            json.dumps({**body, "stream": stream}).encode(),
+            {"x-api-key": "sk-test-meter", "content-type": "application/json"},
+        )
+        assert status == 200, answer
+        sent = json.loads(upstream.last()["body"])
+        assert sent["stream"] is stream
+        eventually(
+            lambda start=before: counter(redis_server, "meter", "output_tokens") - start == 3,
+            f"the Anthropic answer (stream={stream}) was not settled from its usage",
+        )
+
+
+def test_client_abort_mid_stream_settles_from_what_was_sent(
+    stack: tuple[Stack, Path], redis_server: RedisServer
+) -> None:
+    gateway, _ = stack
+    words = " ".join(f"w{i}" for i in range(150))
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": words}],
+            "max_tokens": 200,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer sk-test-abort\r\nx-mock-chunk-delay-ms: 40\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.ports.gateway), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while received.count(b"data: ") < 10:
+            received += sock.recv(65536)
+    # The caller left after ~10 events and no usage arrived: the reservation (prompt +
+    # 200) is replaced by the prompt plus an estimate from the bytes Envoy sent.
+    prompt = count_prompt_tokens("o200k", [words], 1)
+    eventually(
+        lambda: counter(redis_server, "abort", "total_tokens") < prompt + 200,
+        "the reservation was never settled",
+        seconds=10,
+    )
+    assert counter(redis_server, "abort", "total_tokens") >= prompt

@@ -1,0 +1,157 @@
+"""accounting: envoy in memory: which answers are handed to Envoy, and how records settle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf.json_format import MessageToDict
+
+from extproc.accounting import LoggedAnswer
+from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcessor
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Meter
+from extproc.policy.store import PolicyStore
+from extproc.stack import ROOT
+from extproc.telemetry.audit import AuditLog
+from extproc.telemetry.observer import Observer
+from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi a@b.com"}]}
+
+
+def policy_file(tmp_path: Path, accounting: str = "envoy", output_guard: bool = False) -> Path:
+    policy = yaml.safe_load((ROOT / "policies" / "example.yaml").read_text())
+    policy["settings"]["accounting"] = accounting
+    for rule in policy["guardrails"]:
+        if rule["name"] in ("mask-pii", "mask-secrets") and not output_guard:
+            rule["stage"] = "input"
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def processor(path: Path) -> ExternalProcessor:
+    return ExternalProcessor(PolicyStore(path), Meter(MemoryStore()), Observer(None, AuditLog([])))
+
+
+async def send(
+    proc: ExternalProcessor, key: str, path: str = "/v1/chat/completions", body: object = CHAT
+) -> list[pb.ProcessingResponse]:
+    headers = {"authorization": f"Bearer {key}", "x-request-id": "req-1"}
+    return await exchange(proc, [request_headers(path, headers), request_body(body)])
+
+
+def answers_asked(responses: list[pb.ProcessingResponse]) -> bool:
+    first = responses[0]
+    return first.mode_override.response_header_mode == ProcessingMode.SEND
+
+
+async def test_an_answer_needed_only_for_accounting_is_handed_to_envoy(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    responses = await send(proc, "sk-demo-restricted")
+    assert not answers_asked(responses)
+    body = responses[1].request_body.response
+    assert headers_set(body)["x-gateway-accounting"] == "envoy"
+    answer_headers = MessageToDict(responses[1].dynamic_metadata)[ANSWER_HEADERS_NAMESPACE]
+    assert answer_headers["x-ratelimit-limit-usd"] == "500"
+    assert answer_headers["x-gateway-guardrails"] == "mask-pii=rewritten[EMAIL_ADDRESS]x1"
+    assert len(proc.pending) == 1
+    assert not proc._observer.recent  # the access-log record will report it
+
+
+@pytest.mark.parametrize(
+    ("accounting", "output_guard", "key"),
+    [
+        ("service", False, "sk-demo-restricted"),  # the default reads answers itself
+        ("envoy", True, "sk-demo-restricted"),  # an output guardrail must see the answer
+        ("envoy", False, "sk-demo-admin"),  # may call Claude: a chat answer may be translated
+    ],
+)
+async def test_answers_the_service_must_read_keep_the_response_phases(
+    tmp_path: Path, accounting: str, output_guard: bool, key: str
+) -> None:
+    proc = processor(policy_file(tmp_path, accounting, output_guard))
+    responses = await send(proc, key)
+    assert answers_asked(responses)
+    assert "x-gateway-accounting" not in headers_set(responses[1].request_body.response)
+    assert len(proc.pending) == 0
+
+
+async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    responses = await send(proc, "sk-demo-restricted", body={"model": "gpt-4o"})  # not allowed
+    assert responses[1].immediate_response.status.code in (400, 403)
+    assert len(proc.pending) == 0
+    assert len(proc._observer.recent) == 1
+
+
+async def test_the_log_record_settles_and_reports_with_the_providers_usage(
+    tmp_path: Path,
+) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted")
+    logged = LoggedAnswer(
+        request_id="req-1",
+        status=200,
+        usage={"prompt_tokens": 7, "completion_tokens": 3, "cached_tokens": 2},
+        served_by="openai_primary",
+        response_bytes=300,
+    )
+    assert await proc.pending.settle(logged)
+    assert not await proc.pending.settle(logged)  # once only
+    [record] = proc._observer.recent
+    assert (record["input_tokens"], record["output_tokens"]) == (7, 3)
+    assert record["usage_source"] == "provider"
+    assert record["served_by"] == "openai_primary" and record["status"] == 200
+
+
+async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    body = {"model": "claude-3-5-haiku", "max_tokens": 20, "messages": CHAT["messages"]}
+    await send(proc, "sk-demo-admin", path="/v1/messages", body=body)
+    usage = {"input_tokens": 5, "output_tokens": 4, "cache_read_input_tokens": 10}
+    await proc.pending.settle(LoggedAnswer("req-1", 200, usage, None, 100))
+    [record] = proc._observer.recent
+    assert (record["input_tokens"], record["output_tokens"]) == (15, 4)
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "expected_output"),
+    [
+        (200, 400, 100),  # no usage block: estimated from the bytes of a JSON answer
+        (502, 400, 0),  # an error answer used nothing
+        (0, 0, 0),  # the client left before any answer: the prompt is still charged
+    ],
+)
+async def test_without_usage_the_answer_is_estimated(
+    tmp_path: Path, status: int, sent: int, expected_output: int
+) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted")
+    await proc.pending.settle(LoggedAnswer("req-1", status, {}, None, sent))
+    [record] = proc._observer.recent
+    assert record["output_tokens"] == expected_output
+    assert (record["input_tokens"] > 0) is (status < 300)  # the prompt reached the provider
+    assert record["usage_source"] == "estimate"
+
+
+async def test_a_record_that_never_comes_is_settled_as_reserved(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted")
+    assert await proc.pending.expire(now=0.0) == 0  # not yet due
+    assert await proc.pending.expire(now=float("inf")) == 1
+    [record] = proc._observer.recent
+    assert record["usage_source"] == "reserved"
+    assert record["output_tokens"] == 4096  # the reservation: the default output cap
+
+
+async def test_shutdown_settles_what_is_still_waiting(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted")
+    await proc.pending.drain()
+    assert len(proc.pending) == 0
+    assert proc._observer.recent[0]["usage_source"] == "reserved"
