@@ -127,9 +127,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    access_log_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogReceiver(processor.pending), server
-    )
+    access_log = AccessLogReceiver(processor.pending)
+    access_log_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
     )
@@ -180,7 +179,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await server.stop(settings.grace_seconds)
+    stopping = asyncio.create_task(server.stop(settings.grace_seconds))
+    await _quiesce(processor, settings.grace_seconds)
+    access_log.close()
+    await stopping
     await processor.drain()
     await processor.pending.drain()
     await audit.close()
@@ -191,6 +193,21 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     if runner is not None:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _quiesce(processor: ExternalProcessor, grace: float) -> None:
+    """Wait (up to ``grace``) for in-flight exchanges and the access-log records that
+    settle them, so that closing the log streams loses none."""
+    deadline = asyncio.get_running_loop().time() + grace
+    while asyncio.get_running_loop().time() < deadline:
+        if processor.streams == 0 and len(processor.pending) == 0:
+            return
+        await asyncio.sleep(0.05)
+    log.warning(
+        "stopping with %d streams open and %d answers awaiting their access-log record",
+        processor.streams,
+        len(processor.pending),
+    )
 
 
 async def _expire_pending(processor: ExternalProcessor, every: float = 30.0) -> None:

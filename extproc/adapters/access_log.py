@@ -7,6 +7,7 @@ Envoy's gateway config sends one record per exchange the service handed to it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,23 +25,55 @@ USAGE_NAMESPACE = "extproc.usage"
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy keeps its log streams open for good; :meth:`close` ends them on shutdown, once
+    the exchanges they report on are over, so a graceful stop does not wait for them."""
+
     def __init__(self, pending: PendingAnswers) -> None:
         self._pending = pending
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
 
     async def StreamAccessLogs(
         self, messages: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
-        async for message in messages:
-            for entry in message.http_logs.log_entry:
-                logged = logged_answer(entry)
-                if logged is None:
-                    continue
+        closing = asyncio.ensure_future(self._closing.wait())
+        incoming = aiter(messages)
+        try:
+            while True:
+                message = asyncio.ensure_future(anext(incoming))
+                await asyncio.wait({message, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not message.done():
+                    # Its outcome no longer matters (it may end the stream as it goes).
+                    message.add_done_callback(_discard)
+                    message.cancel()
+                    break
                 try:
-                    if not await self._pending.settle(logged):
-                        log.debug("access-log record for unknown request %s", logged.request_id)
-                except Exception:
-                    log.exception("accounting request %s failed", logged.request_id)
+                    batch = message.result()
+                except StopAsyncIteration:
+                    break
+                await self._settle(batch)
+        finally:
+            closing.cancel()
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _settle(self, batch: als_pb2.StreamAccessLogsMessage) -> None:
+        """Settle a batch's records together: their budget adjusts share one store call."""
+        logged = [answer for e in batch.http_logs.log_entry if (answer := logged_answer(e))]
+        outcomes = await asyncio.gather(
+            *(self._pending.settle(answer) for answer in logged), return_exceptions=True
+        )
+        for answer, outcome in zip(logged, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("accounting request %s failed: %r", answer.request_id, outcome)
+            elif not outcome:
+                log.debug("access-log record for unknown request %s", answer.request_id)
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:

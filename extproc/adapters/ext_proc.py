@@ -65,6 +65,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._finishing: set[asyncio.Task[None]] = set()
         self.pending = pending or PendingAnswers(meter, self._observer)
         """Exchanges whose answers Envoy accounts for, awaiting their access-log record."""
+        self.streams = 0
+        """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
@@ -72,6 +74,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
+        self.streams += 1
         try:
             async for request in requests:
                 phase = request.WhichOneof("request") or "unknown"
@@ -90,6 +93,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     self._observer.phase(phase, elapsed)
                 yield response
         finally:
+            self.streams -= 1
             self._finish(exchange)
 
     def _finish(self, exchange: Exchange) -> None:

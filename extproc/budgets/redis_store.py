@@ -1,8 +1,10 @@
 """The shared budget store: Redis or Redis Cluster, through redis-py's asyncio client.
 
 Each call is one Lua script (reserve, adjust) or one MGET/PING: one round trip, atomic on
-the server. Scripts are sent once and then run by SHA (EVALSHA); after a server restart or
-SCRIPT FLUSH redis-py reloads them on the NOSCRIPT reply by itself.
+the server; reservations (and adjusts) made in the same turn of the event loop share one
+script call. Scripts
+are sent once and then run by SHA (EVALSHA); after a server restart or SCRIPT FLUSH
+redis-py reloads them on the NOSCRIPT reply by itself.
 
 Key layout (``prefix`` defaults to ``budget``)::
 
@@ -33,9 +35,10 @@ counters takes ~0.4 ms round trip sequentially (the in-process store: ~20 µs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Awaitable, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Generic, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -56,56 +59,129 @@ DEFAULT_PREFIX: Final = "budget"
 DEFAULT_TIMEOUT: Final = 0.25
 DEFAULT_MAX_CONNECTIONS: Final = 64
 
-# KEYS: the counters. ARGV: limit, amount, expire-at (epoch s) for each counter in turn.
-# Returns {0, value...} after incrementing all, or {i, value...} (nothing changed) when
+# Reservations made together (requests whose bodies arrived in the same turn of the event
+# loop) go out as one script call, applied in order, each all-or-nothing. KEYS: each
+# reservation's counters in turn. ARGV, for each reservation: its counter count, then
+# limit, amount and expire-at (epoch s) per counter. Returns, for each reservation in turn,
+# 0 and the values after incrementing all, or i and the values (nothing changed) when its
 # counter i (1-based) would go over its limit.
 RESERVE_LUA: Final = """
-local n = #KEYS
-local values = {}
-for i = 1, n do
-  values[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-end
-local failed = 0
-for i = 1, n do
-  if values[i] + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then
-    failed = i
-    break
-  end
-end
-if failed == 0 then
+local out = {}
+local k, a = 0, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local values = {}
   for i = 1, n do
-    values[i] = redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
-    redis.call('EXPIREAT', KEYS[i], ARGV[3 * i])
+    values[i] = tonumber(redis.call('GET', KEYS[k + i]) or '0')
   end
+  local failed = 0
+  for i = 1, n do
+    local j = a + 3 * (i - 1)
+    if values[i] + tonumber(ARGV[j + 1]) > tonumber(ARGV[j]) then
+      failed = i
+      break
+    end
+  end
+  if failed == 0 then
+    for i = 1, n do
+      local j = a + 3 * (i - 1)
+      values[i] = redis.call('INCRBY', KEYS[k + i], ARGV[j + 1])
+      redis.call('EXPIREAT', KEYS[k + i], ARGV[j + 2])
+    end
+  end
+  out[#out + 1] = failed
+  for i = 1, n do out[#out + 1] = values[i] end
+  k = k + n
+  a = a + 3 * n
 end
-local out = {failed}
-for i = 1, n do out[i + 1] = values[i] end
 return out
 """
 
-# KEYS[1]: the idempotency key; KEYS[2..]: the counters. ARGV[1]: "1" to honour the
-# idempotency key, ARGV[2]: its TTL; then amount, expire-at for each counter in turn.
-# Returns the counters' values (unchanged when the token was seen before).
+# Adjusts applied together: every adjust() made while the event loop runs one batch of
+# callbacks (the records of one access-log batch, settlements of streams ending together)
+# goes out as one script call. KEYS, for each adjust in turn: its idempotency key (or any
+# of its counters, when it has no token), then its counters. ARGV: the token TTL, then for
+# each adjust: 1 if it has a token else 0, its counter count, then amount and expire-at
+# (epoch s) per counter. Returns every counter's new value in order; an adjust whose token
+# was already used changes nothing and returns the current values.
 ADJUST_LUA: Final = """
 local out = {}
-if ARGV[1] == '1' and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
-  for i = 2, #KEYS do out[i - 1] = tonumber(redis.call('GET', KEYS[i]) or '0') end
-  return out
-end
-for i = 2, #KEYS do
-  out[i - 1] = redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
-  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i])
+local k, a = 1, 2
+while a <= #ARGV do
+  local tokened, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local applied = tokened ~= '1' or redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1])
+  for i = 1, n do
+    local key = KEYS[k + i]
+    if applied then
+      out[#out + 1] = redis.call('INCRBY', key, ARGV[a])
+      redis.call('EXPIREAT', key, ARGV[a + 1])
+    else
+      out[#out + 1] = tonumber(redis.call('GET', key) or '0')
+    end
+    a = a + 2
+  end
+  k = k + n + 1
 end
 return out
 """
 
 RedisClient = Redis | RedisCluster
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Batcher(Generic[T, R]):
+    """Calls made during one turn of the event loop, sent as one.
+
+    Each caller awaits its own result; one failure fails every call of the batch (they
+    shared one round trip). Under load many requests reach the same stage together, and a
+    Redis call costs the client far more CPU than the script costs the server.
+    """
+
+    __slots__ = ("_queued", "_send", "_sending")
+
+    def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._send = send
+        self._queued: list[tuple[T, asyncio.Future[R]]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        if self._sending is None:
+            self._sending = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # the other calls of this turn join the batch
+        batch, self._queued, self._sending = self._queued, [], None
+        try:
+            results = await self._send([item for item, _ in batch])
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 class RedisStore:
     """Budget counters in Redis; see the module docstring for keys, scripts and errors."""
 
-    __slots__ = ("_adjust", "_client", "_reserve", "_slack", "_tag", "_token_prefix")
+    __slots__ = (
+        "_adjust",
+        "_adjusts",
+        "_client",
+        "_reserve",
+        "_reserves",
+        "_slack",
+        "_tag",
+        "_token_prefix",
+    )
 
     def __init__(
         self,
@@ -122,6 +198,8 @@ class RedisStore:
         self._slack = slack
         self._reserve = client.register_script(RESERVE_LUA)
         self._adjust = client.register_script(ADJUST_LUA)
+        self._reserves = _Batcher(self._send_reserves)
+        self._adjusts = _Batcher(self._send_adjusts)
 
     @classmethod
     def from_url(
@@ -165,28 +243,54 @@ class RedisStore:
         check_counters(counters)
         if not counters:
             return ReserveResult(True, ())
-        args: list[int] = []
-        for c in counters:
-            args += (c.limit, c.amount, c.expires_at + self._slack)
-        keys = [self._tag + c.key for c in counters]
-        reply = await self._call(self._reserve(keys=keys, args=args))
-        failed = int(reply[0])
-        values = tuple(int(v) for v in reply[1:])
-        if failed == 0:
-            return ReserveResult(True, values)
-        return ReserveResult(False, values, failed - 1, counters[failed - 1].key)
+        return await self._reserves(tuple(counters))
 
     async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
         if not deltas:
             return ()
-        args: list[int | str] = ["0" if token is None else "1", TOKEN_TTL_SECONDS]
-        for d in deltas:
-            args += (d.amount, d.expires_at + self._slack)
-        # Without a token KEYS[1] is never touched; a counter key keeps the call single-slot.
-        first = self._token_prefix + token if token is not None else self._tag + deltas[0].key
-        keys = [first, *(self._tag + d.key for d in deltas)]
-        reply = await self._call(self._adjust(keys=keys, args=args))
-        return tuple(int(v) for v in reply)
+        return await self._adjusts((token, tuple(deltas)))
+
+    async def _send_reserves(self, batch: list[tuple[Counter, ...]]) -> list[ReserveResult]:
+        keys: list[str] = []
+        args: list[int] = []
+        for counters in batch:
+            keys += [self._tag + c.key for c in counters]
+            args.append(len(counters))
+            for c in counters:
+                args += (c.limit, c.amount, c.expires_at + self._slack)
+        reply = [int(v) for v in await self._call(self._reserve(keys=keys, args=args))]
+        results: list[ReserveResult] = []
+        at = 0
+        for counters in batch:
+            failed, values = reply[at], tuple(reply[at + 1 : at + 1 + len(counters)])
+            at += 1 + len(counters)
+            if failed == 0:
+                results.append(ReserveResult(True, values))
+            else:
+                results.append(ReserveResult(False, values, failed - 1, counters[failed - 1].key))
+        return results
+
+    async def _send_adjusts(
+        self, batch: list[tuple[str | None, tuple[Delta, ...]]]
+    ) -> list[tuple[int, ...]]:
+        keys: list[str] = []
+        args: list[int | str] = [TOKEN_TTL_SECONDS]
+        for token, deltas in batch:
+            if token:
+                keys.append(self._token_prefix + token)
+            else:  # never touched; a counter key keeps the call on one slot
+                keys.append(self._tag + deltas[0].key)
+            keys += [self._tag + d.key for d in deltas]
+            args += ["1" if token else "0", len(deltas)]
+            for d in deltas:
+                args += (d.amount, d.expires_at + self._slack)
+        values = [int(v) for v in await self._call(self._adjust(keys=keys, args=args))]
+        results: list[tuple[int, ...]] = []
+        at = 0
+        for _, deltas in batch:
+            results.append(tuple(values[at : at + len(deltas)]))
+            at += len(deltas)
+        return results
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
         if not keys:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
 from extproc.accounting import LoggedAnswer
+from extproc.adapters.access_log import USAGE_NAMESPACE, AccessLogReceiver, logged_answer
 from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcessor
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
@@ -155,3 +160,43 @@ async def test_shutdown_settles_what_is_still_waiting(tmp_path: Path) -> None:
     await proc.pending.drain()
     assert len(proc.pending) == 0
     assert proc._observer.recent[0]["usage_source"] == "reserved"
+
+
+def log_entry(request_id: str, status: int, usage: dict[str, float]) -> HTTPAccessLogEntry:
+    entry = HTTPAccessLogEntry()
+    entry.request.request_id = request_id
+    entry.response.response_code.value = status
+    entry.response.response_body_bytes = 321
+    entry.response.response_headers["x-gateway-served-by"] = "openai_primary"
+    if usage:
+        entry.common_properties.metadata.filter_metadata[USAGE_NAMESPACE].update(usage)
+    return entry
+
+
+def test_a_log_entry_reads_as_a_logged_answer() -> None:
+    logged = logged_answer(log_entry("r1", 200, {"prompt_tokens": 7.0, "completion_tokens": 3.0}))
+    assert logged == LoggedAnswer(
+        "r1", 200, {"prompt_tokens": 7, "completion_tokens": 3}, "openai_primary", 321
+    )
+    assert logged_answer(HTTPAccessLogEntry()) is None  # no request id: not one of ours
+
+
+async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted")
+    receiver = AccessLogReceiver(proc.pending)
+    delivered = asyncio.Event()
+
+    async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        message = als_pb2.StreamAccessLogsMessage()
+        message.http_logs.log_entry.append(log_entry("req-1", 200, {"prompt_tokens": 4.0}))
+        yield message
+        delivered.set()
+        await asyncio.Event().wait()  # Envoy keeps its log stream open for good
+
+    stream = asyncio.create_task(receiver.StreamAccessLogs(envoy(), None))
+    await delivered.wait()
+    await asyncio.sleep(0)
+    assert len(proc.pending) == 0 and len(proc._observer.recent) == 1
+    receiver.close()  # shutdown: the stream ends instead of holding the server open
+    assert isinstance(await asyncio.wait_for(stream, 5), als_pb2.StreamAccessLogsResponse)

@@ -153,6 +153,39 @@ async def test_adjust_with_a_token_applies_once(harness: Harness) -> None:
     assert await harness.store.adjust(deltas, token="req-2") == (8, -2)
 
 
+async def test_reservations_made_together_are_judged_in_turn(harness: Harness) -> None:
+    """On Redis, reservations of one event-loop turn share a script call; each stays
+    all-or-nothing and sees the ones before it."""
+    end = window_end()
+    results = await asyncio.gather(
+        *(
+            harness.store.reserve([Counter("shared", 10, 4, end), Counter(f"own-{i}", 9, 1, end)])
+            for i in range(3)
+        )
+    )
+    assert [r.ok for r in results] == [True, True, False]
+    assert [r.values for r in results] == [(4, 1), (8, 1), (8, 0)]
+    assert results[2].failed_key == "shared"
+    assert await harness.store.read(["shared", "own-2"]) == (8, 0)
+
+
+async def test_concurrent_adjusts_each_apply_once_with_their_own_values(
+    harness: Harness,
+) -> None:
+    """Adjusts made together (one access-log batch) go out together on Redis: each must still
+    apply once under its token and get back its own counters' values."""
+    end = window_end()
+    first = [Delta("a", 3, end), Delta("b", 1, end)]
+    results = await asyncio.gather(
+        harness.store.adjust(first, token="t-1"),
+        harness.store.adjust([Delta("a", 2, end)]),
+        harness.store.adjust(first, token="t-1"),  # a retried settlement: no effect
+        harness.store.adjust([Delta("c", -4, end), Delta("a", 1, end)], token="t-2"),
+    )
+    assert results == [(3, 1), (5,), (5, 1), (-4, 6)]
+    assert await harness.store.read(["a", "b", "c"]) == (6, 1, -4)
+
+
 async def test_read_missing_counters_is_zero(harness: Harness) -> None:
     assert await harness.store.read(["nope", "nada"]) == (0, 0)
     assert await harness.store.read([]) == ()
