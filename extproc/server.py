@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -139,6 +140,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
+    _freeze_startup_objects()
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)
@@ -193,6 +195,18 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     if runner is not None:
         await runner.cleanup()
     log.info("stopped")
+
+
+def _freeze_startup_objects() -> None:
+    """Keep the garbage collector away from what start-up loaded.
+
+    The guardrails' recognisers (and the spaCy modules Presidio imports), the tokenizers and
+    the compiled policy are a few hundred thousand long-lived objects; every full collection
+    walked them all, stalling the event loop for 50-100 ms (the benchmark's p99 at
+    concurrency 1 went from 8 to 57 ms). Frozen, they are never scanned again.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _quiesce(processor: ExternalProcessor, grace: float) -> None:
