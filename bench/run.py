@@ -5,7 +5,7 @@ Order of a run (``--quick`` shortens every step to a few seconds):
 1. the upstream: our aiohttp mock and an Envoy ``direct_response`` listener, each measured
    directly (JSON and 50-chunk SSE answers); the faster serves every later scenario;
 2. scenarios 0-6 (:mod:`bench.scenarios`), each on a fresh stack: a check request, then the
-   load series (:mod:`bench.measure`), a py-spy profile for scenarios 3 and 4, peak RSS, and
+   load series (:mod:`bench.measure`), a py-spy profile for scenarios 5 and 7, peak RSS, and
    the service's start-up time with that policy;
 3. ``--workers 1`` vs ``--workers 2`` on scenario 5;
 4. with ``--peers``, LiteLLM proxy in its two database-free modes (:mod:`bench.peers`).
