@@ -152,7 +152,7 @@ class PendingAnswers:
 
 
 def _used(exchange: Exchange, logged: LoggedAnswer) -> tuple[Usage | None, str]:
-    """What the exchange used: the provider's report, else the answers's best estimate."""
+    """What the exchange used: the provider's report, else the answer's best estimate."""
     dialect = exchange.dialect
     if logged.usage and dialect is not None:
         reported = usage_from_body(dialect.name, {"usage": _provider_shape(logged.usage)})

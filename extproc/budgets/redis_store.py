@@ -1,10 +1,9 @@
 """The shared budget store: Redis or Redis Cluster, through redis-py's asyncio client.
 
 Each call is one Lua script (reserve, adjust) or one MGET/PING: one round trip, atomic on
-the server; reservations (and adjusts) made in the same turn of the event loop share one
-script call. Scripts
-are sent once and then run by SHA (EVALSHA); after a server restart or SCRIPT FLUSH
-redis-py reloads them on the NOSCRIPT reply by itself.
+the server. Reservations (and adjusts) made in the same turn of the event loop share one
+script call. Scripts are sent once and then run by SHA (EVALSHA); after a server restart or
+SCRIPT FLUSH redis-py reloads them on the NOSCRIPT reply by itself.
 
 Key layout (``prefix`` defaults to ``budget``)::
 
@@ -159,6 +158,10 @@ class _Batcher(Generic[T, R]):
         batch, self._queued, self._sending = self._queued, [], None
         try:
             results = await self._send([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as error:
             for _, future in batch:
                 if not future.done():

@@ -246,3 +246,30 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
         seconds=10,
     )
     assert counter(redis_server, "abort", "total_tokens") >= prompt
+
+
+def test_an_upstream_error_releases_the_reservation(
+    stack: tuple[Stack, Path], raw: Http, redis_server: RedisServer
+) -> None:
+    gateway, audit = stack
+    before = counter(redis_server, "meter", "output_tokens")
+    status, headers, _ = raw.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        {
+            "authorization": "Bearer sk-test-meter",
+            "content-type": "application/json",
+            "x-mock-status": "503",
+        },
+    )
+    assert status == 503
+    request_id = headers["x-request-id"]
+    eventually(
+        lambda: any(r["request_id"] == request_id for r in audit_records(audit)),
+        "no audit record for the failed call",
+    )
+    record = next(r for r in audit_records(audit) if r["request_id"] == request_id)
+    assert record["status"] == 503 and record["output_tokens"] == 0
+    # The 200 output tokens reserved for it were given back.
+    assert counter(redis_server, "meter", "output_tokens") == before
