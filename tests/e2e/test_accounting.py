@@ -251,12 +251,14 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
 def test_an_upstream_error_releases_the_reservation(
     stack: tuple[Stack, Path], raw: Http, redis_server: RedisServer
 ) -> None:
-    gateway, audit = stack
+    _, audit = stack
     before = counter(redis_server, "meter", "output_tokens")
     status, headers, _ = raw.request(
         "POST",
         "/v1/chat/completions",
-        json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        json.dumps(
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        ).encode(),
         {
             "authorization": "Bearer sk-test-meter",
             "content-type": "application/json",
