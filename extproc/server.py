@@ -110,10 +110,14 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await asyncio.to_thread(wiring.warm_tokenizers, policies.current)
     store = wiring.open_store(settings.redis_url, policies.current)
     await wiring.start_store(store)
-    alerts = AlertSink(store, lambda: policies.current.alert_webhook)
-    meter = Meter(store, alerts)
     registry = CollectorRegistry()
     metrics = Metrics(registry if admin else None)
+    alerts = AlertSink(
+        store,
+        lambda: policies.current.alert_webhook,
+        on_outcome=lambda outcome: metrics.budget_alerts.labels(outcome).inc(),
+    )
+    meter = Meter(store, alerts)
     audit = AuditLog(
         _audit_sinks(settings), on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc()
     )
@@ -294,12 +298,20 @@ def _supervise(settings: ServeSettings) -> int:
     async def supervise() -> int:
         policies = PolicyStore(settings.policy)
 
+        # The workers share one Redis; the supervisor probes it the way a single worker
+        # does, so /healthz means the same with or without --workers.
+        probe = wiring.open_store(settings.redis_url, policies.current)
+
         async def readiness() -> dict[str, object]:
-            # Workers' budget store is not probed here: they share one Redis, whose state
-            # each worker reports through its own admission answers (503 when fail_closed).
             dead = [w.name for w in workers if not w.is_alive()]
             serving = not dead and await _grpc_serving(settings.grpc_address)
-            return {"ready": serving, "workers": len(workers), "dead_workers": dead}
+            store_state = await wiring.store_health(probe, policies.current)
+            return {
+                "ready": serving and store_state != "unreachable",
+                "workers": len(workers),
+                "dead_workers": dead,
+                "budget_store": store_state,
+            }
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
@@ -324,6 +336,7 @@ def _supervise(settings: ServeSettings) -> int:
         for worker in workers:
             await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
         await admin.cleanup()
+        await probe.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         return 1 if failed else 0
 

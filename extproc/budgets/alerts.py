@@ -59,9 +59,16 @@ def window_end_iso(expires_at: int) -> str:
 class AlertSink:
     """A bounded queue and one sender task; ``webhook`` is read per event (hot reload)."""
 
-    def __init__(self, store: BudgetStore, webhook: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        store: BudgetStore,
+        webhook: Callable[[], str | None],
+        on_outcome: Callable[[str], None] = lambda outcome: None,
+    ) -> None:
         self._store = store
         self._webhook = webhook
+        self._on_outcome = on_outcome
+        """Called with ``sent``, ``failed`` or ``dropped`` per webhook delivery (metrics)."""
         self._queue: asyncio.Queue[ThresholdCrossed] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -77,6 +84,7 @@ class AlertSink:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.dropped += 1
+            self._on_outcome("dropped")
             log.error("budget alert queue full; dropped %s", event.payload())
 
     async def close(self) -> None:
@@ -122,12 +130,14 @@ class AlertSink:
                 async with self._session.post(url, json=payload) as response:
                     if response.status < 300:
                         self.sent += 1
+                        self._on_outcome("sent")
                         return
                     reason = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = type(exc).__name__
             if delay is None:
                 self.failed += 1
+                self._on_outcome("failed")
                 log.error("budget alert webhook gave up after retries (%s)", reason)
                 return
             await asyncio.sleep(delay)

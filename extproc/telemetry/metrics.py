@@ -52,6 +52,12 @@ class Metrics:
         self.store_errors = counter(
             "extproc_budget_store_errors", "Requests that found the budget store down.", ["mode"]
         )
+        self.budget_alerts = counter(
+            "extproc_budget_alerts",
+            "Budget alert webhook deliveries by outcome: sent, failed (after retries), "
+            "dropped (queue full).",
+            ["outcome"],
+        )
         self.audit_dropped = counter(
             "extproc_audit_dropped",
             "Audit records lost to a full queue or a failed sink.",

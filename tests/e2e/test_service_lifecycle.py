@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.stack import ROOT, Ports, Stack, running
 from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, policy_copy
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -183,6 +185,30 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:
+    """With --workers, /healthz probes the Redis the workers share, as one worker does."""
+    redis = RedisServer()
+    redis.start()
+    ports = Ports.free()
+    proc = serve(policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis.url)
+    try:
+        redis.stop()  # fail_closed (the example's default): no admission, so not ready
+        status, health = 0, {}
+        deadline = time.monotonic() + 10
+        while status != 503 and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
+                    status, health = resp.status, json.load(resp)
+            except urllib.error.HTTPError as error:
+                status, health = error.code, json.load(error)
+            time.sleep(0.1)
+        assert status == 503
+        assert health["budget_store"] == "unreachable" and health["workers"] == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

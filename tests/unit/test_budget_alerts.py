@@ -52,7 +52,8 @@ async def test_thresholds_post_once_per_window_with_retries(
             [{"unit": "total_tokens", "window": "day", "limit": 100, "alerts": [50, 80, 100]}]
         )
         store = MemoryStore()
-        sink = AlertSink(store, lambda: str(server.make_url("/hook")))
+        outcomes: list[str] = []
+        sink = AlertSink(store, lambda: str(server.make_url("/hook")), outcomes.append)
         meter = Meter(store, sink)
         now = datetime.now(UTC)
         first = await meter.reserve(limits, model, 30, 30, 0, "a", now)  # 0 → 60: crosses 50
@@ -69,6 +70,7 @@ async def test_thresholds_post_once_per_window_with_retries(
         "total_tokens",
     )
     assert sink.sent == 2 and sink.failed == 0
+    assert outcomes == ["sent", "sent"]  # what /metrics counts (extproc_budget_alerts)
 
 
 async def test_alerts_never_block_the_request_path(monkeypatch: pytest.MonkeyPatch) -> None:
