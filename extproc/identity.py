@@ -137,27 +137,28 @@ def _from_vouched(policy: CompiledPolicy, vouched: Mapping[str, Any], now: datet
             "The caller's team is not known to the gateway.", code="team_not_allowed"
         )
     user_name = user if isinstance(user, str) else None
-    return Principal(
-        source="workload" if vouched.get("source") == "workload" else "jwt",
-        key_id=None,
-        team=team,
-        user=user_name,
-        allowed_models=policy.models_for(team, user_name),
-        limits=policy.limits_for(team, user_name),
-        mcp=policy.mcp_for(team, user_name),
-    )
+    if vouched.get("source") == "workload":
+        return _team_principal(policy, "workload", team, user_name)
+    return _team_principal(policy, "jwt", team, user_name)
 
 
 def _from_workload(policy: CompiledPolicy, spiffe_id: str) -> Principal:
     workload = policy.workloads[spiffe_id]
+    return _team_principal(policy, "workload", workload.team, workload.user)
+
+
+def _team_principal(
+    policy: CompiledPolicy, source: Literal["jwt", "workload"], team: str, user: str | None
+) -> Principal:
+    """A caller known by team and user only (no key): the policy's access for those."""
     return Principal(
-        source="workload",
+        source=source,
         key_id=None,
-        team=workload.team,
-        user=workload.user,
-        allowed_models=policy.models_for(workload.team, workload.user),
-        limits=policy.limits_for(workload.team, workload.user),
-        mcp=policy.mcp_for(workload.team, workload.user),
+        team=team,
+        user=user,
+        allowed_models=policy.models_for(team, user),
+        limits=policy.limits_for(team, user),
+        mcp=policy.mcp_for(team, user),
     )
 
 
@@ -208,15 +209,7 @@ def _from_claims(
             f"The token's '{settings.team_claim}' claim names no team known to the gateway.",
             code="team_not_allowed",
         )
-    return Principal(
-        source="jwt",
-        key_id=None,
-        team=team,
-        user=user_name,
-        allowed_models=policy.models_for(team, user_name),
-        limits=policy.limits_for(team, user_name),
-        mcp=policy.mcp_for(team, user_name),
-    )
+    return _team_principal(policy, "jwt", team, user_name)
 
 
 def _first_known_team(policy: CompiledPolicy, claim: object) -> str | None:

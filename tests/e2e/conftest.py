@@ -112,8 +112,9 @@ def gateway_url(stack: Stack) -> str:
     return f"http://127.0.0.1:{stack.ports.gateway}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def raw(stack: Stack) -> Http:
+    """Plain HTTP to the gateway of ``stack`` (a module's own ``stack`` overrides it)."""
     return Http(stack.ports.gateway)
 
 

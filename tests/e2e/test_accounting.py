@@ -7,7 +7,6 @@ usage (json_to_metadata, sse_to_metadata), two service workers sharing one Redis
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,10 +18,15 @@ import pytest
 import yaml
 
 from extproc.budgets.pricing import Price, cost_micro_usd
-from extproc.budgets.tokens import count_prompt_tokens
 from extproc.stack import Ports, Stack, running
 from tests.e2e.conftest import Http, Mock
-from tests.e2e.test_budgets import POLICY, counter, recorded_usage, recorded_with_usage
+from tests.e2e.test_budgets import (
+    POLICY,
+    abandon_stream,
+    counter,
+    recorded_usage,
+    recorded_with_usage,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -37,16 +41,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Stack, Path]]:
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("accounting")
     policy = tmp / "policy.yaml"
     text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n")
     # Served through a catalogue backend, so answers name the endpoint that served them.
     text = text.replace("  gpt-4o-mini: {", "  gpt-4o-mini: { backend: { cluster: openai },")
     policy.write_text(text)
-    audit = tmp / "audit.jsonl"
     with running(
         Stack(
             policy=policy,
@@ -54,15 +55,17 @@ def stack(
             log_dir=tmp,
             workers=2,
             redis_url=redis_server.url,
-            serve_args=("--audit-file", str(audit)),
+            serve_args=("--audit-file", str(tmp / "audit.jsonl")),
         )
     ) as s:
-        yield s, audit
+        yield s
 
 
 @pytest.fixture
-def raw(stack: tuple[Stack, Path]) -> Http:
-    return Http(stack[0].ports.gateway)
+def audit(stack: Stack) -> Path:
+    """The audit log's path (each worker writes its own file beside it)."""
+    assert stack.log_dir is not None
+    return stack.log_dir / "audit.jsonl"
 
 
 def eventually(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
@@ -132,18 +135,17 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     eventually(settled, f"counters never settled to {expected}")
 
 
-def test_only_the_request_phases_reach_the_service(stack: tuple[Stack, Path], raw: Http) -> None:
-    gateway, audit = stack
-    before = ext_proc_messages(gateway)
+def test_only_the_request_phases_reach_the_service(stack: Stack, audit: Path) -> None:
+    before = ext_proc_messages(stack)
     client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.ports.gateway}/v1",
+        base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1",
         api_key="sk-test-meter",
         max_retries=0,
     )
     reply = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}]
     )
-    assert ext_proc_messages(gateway) - before == 2  # request headers and body, no more
+    assert ext_proc_messages(stack) - before == 2  # request headers and body, no more
     # The budget headers the response phase would have set, added by Envoy.
     assert reply.headers["x-ratelimit-limit-tokens"] == "1000000000"
     assert "x-ratelimit-remaining-usd" in reply.headers
@@ -163,11 +165,10 @@ def test_only_the_request_phases_reach_the_service(stack: tuple[Stack, Path], ra
 
 
 def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
-    stack: tuple[Stack, Path], redis_server: RedisServer
+    stack: Stack, redis_server: RedisServer
 ) -> None:
-    gateway, _ = stack
     client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.ports.gateway}/v1",
+        base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1",
         api_key="sk-test-meter",
         max_retries=0,
     )
@@ -188,10 +189,9 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
 
 
 def test_anthropic_answers_are_lifted_too(
-    stack: tuple[Stack, Path], raw: Http, redis_server: RedisServer
+    stack: Stack, raw: Http, redis_server: RedisServer
 ) -> None:
-    gateway, _ = stack
-    upstream = Mock(gateway.ports.mock)
+    upstream = Mock(stack.ports.mock)
     body = {
         "model": "claude-3-5-haiku",
         "max_tokens": 50,
@@ -215,31 +215,11 @@ def test_anthropic_answers_are_lifted_too(
 
 
 def test_client_abort_mid_stream_settles_from_what_was_sent(
-    stack: tuple[Stack, Path], redis_server: RedisServer
+    stack: Stack, redis_server: RedisServer
 ) -> None:
-    gateway, _ = stack
-    words = " ".join(f"w{i}" for i in range(150))
-    body = json.dumps(
-        {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": words}],
-            "max_tokens": 200,
-            "stream": True,
-        }
-    ).encode()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer sk-test-abort\r\nx-mock-chunk-delay-ms: 40\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", gateway.ports.gateway), timeout=10) as sock:
-        sock.sendall(head + body)
-        received = b""
-        while received.count(b"data: ") < 10:
-            received += sock.recv(65536)
+    prompt = abandon_stream(stack.ports.gateway, "sk-test-abort")
     # The caller left after ~10 events and no usage arrived: the reservation (prompt +
     # 200) is replaced by the prompt plus an estimate from the bytes Envoy sent.
-    prompt = count_prompt_tokens("o200k", [words], 1)
     eventually(
         lambda: counter(redis_server, "abort", "total_tokens") < prompt + 200,
         "the reservation was never settled",
@@ -249,9 +229,8 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
 
 
 def test_an_upstream_error_releases_the_reservation(
-    stack: tuple[Stack, Path], raw: Http, redis_server: RedisServer
+    raw: Http, audit: Path, redis_server: RedisServer
 ) -> None:
-    _, audit = stack
     before = counter(redis_server, "meter", "output_tokens")
     status, headers, _ = raw.request(
         "POST",

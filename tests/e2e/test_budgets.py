@@ -63,18 +63,6 @@ def stack(
         yield s
 
 
-@pytest.fixture
-def raw(stack: Stack) -> Http:
-    return Http(stack.ports.gateway)
-
-
-@pytest.fixture
-def mock(stack: Stack) -> Mock:
-    m = Mock(stack.ports.mock)
-    m.clear()
-    return m
-
-
 def client(stack: Stack, name: str) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1",
@@ -256,9 +244,8 @@ def test_streamed_answer_is_settled_from_its_usage_chunk(
     )
 
 
-def test_client_abort_mid_stream_settles_what_was_streamed(
-    stack: Stack, redis_server: RedisServer
-) -> None:
+def abandon_stream(gateway_port: int, key: str, events: int = 10) -> int:
+    """Start a slow 200-token stream, leave after ``events`` SSE events; its prompt tokens."""
     words = " ".join(f"w{i}" for i in range(150))
     body = json.dumps(
         {
@@ -270,17 +257,23 @@ def test_client_abort_mid_stream_settles_what_was_streamed(
     ).encode()
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer sk-test-abort\r\nx-mock-chunk-delay-ms: 40\r\n"
+        f"authorization: Bearer {key}\r\nx-mock-chunk-delay-ms: 40\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", stack.ports.gateway), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", gateway_port), timeout=10) as sock:
         sock.sendall(head + body)
         received = b""
-        while received.count(b"data: ") < 10:
+        while received.count(b"data: ") < events:
             received += sock.recv(65536)
+    return count_prompt_tokens("o200k", [words], 1)
+
+
+def test_client_abort_mid_stream_settles_what_was_streamed(
+    stack: Stack, redis_server: RedisServer
+) -> None:
+    prompt = abandon_stream(stack.ports.gateway, "sk-test-abort")
     # The caller is gone after ~10 events. The reservation (prompt + 200) must shrink to
     # the prompt plus what was streamed, not stay reserved.
-    prompt = count_prompt_tokens("o200k", [words], 1)
     deadline = time.monotonic() + 10
     while counter(redis_server, "abort", "total_tokens") >= prompt + 200:
         assert time.monotonic() < deadline, "the reservation was never settled"
