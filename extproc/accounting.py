@@ -95,6 +95,7 @@ class PendingAnswers:
         return len(self._waiting)
 
     def add(self, exchange: Exchange) -> None:
+        exchange.handed_to_envoy = True
         deadline = time.monotonic() + self._deadline_seconds
         self._waiting[exchange.request_id] = (exchange, deadline)
 
@@ -128,22 +129,17 @@ class PendingAnswers:
 
     async def _finish_reserved(self, exchange: Exchange) -> None:
         reservation = exchange.reservation
-        if reservation is None:
-            exchange.usage_source = "reserved"
-            self._observer.finish(exchange)
-            return
-        reserved = reservation.reserved
-        await self._finish(
-            exchange, Usage(reserved.input_tokens, reserved.output_tokens), "reserved"
-        )
+        if reservation is not None:
+            exchange.used, exchange.usage_source = reservation.reserved, "reserved"
+        self._observer.finish(exchange)  # a reservation kept as it is needs no store call
 
-    async def _finish(self, exchange: Exchange, usage: Usage | None, source: str) -> None:
+    async def _finish(self, exchange: Exchange, usage: Usage, source: str) -> None:
         model, reservation = exchange.model, exchange.reservation
-        if model is not None and usage is not None:
-            exchange.used = usage_cost(model, usage)
-            exchange.usage_source = source
+        if model is not None:
+            exchange.used, exchange.usage_source = usage_cost(model, usage), source
         try:
-            if reservation is not None and model is not None and exchange.used is not None:
+            if reservation is not None and exchange.used is not None:
+                assert model is not None
                 await self._meter.settle(reservation, model, exchange.used)
         except Exception:
             log.exception("settling request %s failed", exchange.request_id)
@@ -151,7 +147,7 @@ class PendingAnswers:
             self._observer.finish(exchange)
 
 
-def _used(exchange: Exchange, logged: LoggedAnswer) -> tuple[Usage | None, str]:
+def _used(exchange: Exchange, logged: LoggedAnswer) -> tuple[Usage, str]:
     """What the exchange used: the provider's report, else the answer's best estimate."""
     dialect = exchange.dialect
     if logged.usage and dialect is not None:

@@ -157,16 +157,17 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
     return apply_rewrites(answer, result.rewrites)
 
 
-def used(exchange: Exchange) -> Cost:
+def used(exchange: Exchange, answer: Any = None) -> Cost:
     """What the exchange used, from the provider's usage or, failing that, from what is known.
 
     Errors answered by the provider cost nothing. A stream cut before its usage report
     is charged the counted prompt and one token per content event already sent. A call
-    that never got an answer (client gone first) is charged its prompt.
+    that never got an answer (client gone first) is charged its prompt. ``answer`` is the
+    JSON answer, parsed (or the ``usage`` found in its kept tail).
     """
     model, reservation = exchange.model, exchange.reservation
     assert model is not None
-    usage = _reported_usage(exchange)
+    usage = _reported_usage(exchange, answer)
     if usage is not None:
         exchange.usage_source = "provider"
         return usage_cost(model, usage)
@@ -181,16 +182,12 @@ def used(exchange: Exchange) -> Cost:
     return usage_cost(model, Usage(exchange.input_tokens, streamed))
 
 
-def record_answer(exchange: Exchange) -> None:
+def record_answer(exchange: Exchange, answer: Any) -> None:
     """Keep the answer's redacted texts for the audit record, when the policy asks."""
     redact, request = exchange.policy.audit_redactor, exchange.request
-    if redact is None or request is None or not exchange.response_tail:
+    if redact is None or request is None or answer is None:
         return
-    try:
-        body = orjson.loads(exchange.response_tail)
-    except orjson.JSONDecodeError:
-        return  # only the tail of a huge answer was kept
-    exchange.recorded_answer = recorded_answer(redact, _upstream_dialect(exchange), body)
+    exchange.recorded_answer = recorded_answer(redact, _upstream_dialect(exchange), answer)
 
 
 def account(exchange: Exchange) -> None:
@@ -201,8 +198,10 @@ def account(exchange: Exchange) -> None:
     """
     seen = exchange.reservation is not None or exchange.response_status != 0
     if exchange.used is None and exchange.model is not None and seen:
-        exchange.used = used(exchange)
-        record_answer(exchange)
+        # A JSON answer is parsed once here, for its usage and for the audit record.
+        whole, usage_only = _parsed_answer(exchange.response_tail)
+        exchange.used = used(exchange, whole if whole is not None else usage_only)
+        record_answer(exchange, whole)
 
 
 async def settle(exchange: Exchange, meter: Meter) -> None:
@@ -215,31 +214,37 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
     await meter.settle(reservation, exchange.model, exchange.used)
 
 
-def _reported_usage(exchange: Exchange) -> Usage | None:
+def _reported_usage(exchange: Exchange, answer: Any) -> Usage | None:
     if exchange.response_usage is not None:
         exchange.response_usage.finish()
         return exchange.response_usage.usage
-    if exchange.response_tail and exchange.request is not None:
-        return usage_from_body(_upstream_dialect(exchange), _json_or_tail(exchange.response_tail))
+    if answer is not None and exchange.request is not None:
+        return usage_from_body(_upstream_dialect(exchange), answer)
     return None
 
 
-def _json_or_tail(raw: bytearray) -> Any:
-    """The parsed answer; if only its tail was kept, the ``usage`` object found in it."""
+_BRACE_DEPTH = {0x7B: 1, 0x7D: -1}
+
+
+def _parsed_answer(raw: bytearray | None) -> tuple[Any, Any]:
+    """``(answer, None)`` for a whole JSON answer; ``(None, {"usage": ...})`` when only its
+    tail was kept (providers put ``usage`` last); ``(None, None)`` when neither parses."""
+    if not raw:
+        return None, None
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), None
     except orjson.JSONDecodeError:
         pass
     at = raw.rfind(b'"usage"')
     start = raw.find(b"{", at) if at != -1 else -1
     if start == -1:
-        return None
+        return None, None
     depth = 0
     for end in range(start, len(raw)):
-        depth += {0x7B: 1, 0x7D: -1}.get(raw[end], 0)
+        depth += _BRACE_DEPTH.get(raw[end], 0)
         if depth == 0:
             try:
-                return {"usage": orjson.loads(raw[start : end + 1])}
+                return None, {"usage": orjson.loads(raw[start : end + 1])}
             except orjson.JSONDecodeError:
-                return None
-    return None
+                return None, None
+    return None, None

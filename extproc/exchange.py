@@ -76,7 +76,9 @@ class Exchange:
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
     accounted_by_envoy: bool = False
-    """The answer is read by Envoy and accounted from its access log (accounting.py)."""
+    """Decided at the request headers: Envoy reads the answer (accounting.py)."""
+    handed_to_envoy: bool = False
+    """The request went on with that mark: the access-log record reports the exchange."""
     status: int = 0
     """The HTTP status the caller got: ours when we answered, else the upstream's."""
     error_code: str | None = None

@@ -28,6 +28,7 @@ from extproc.budgets.meter import Meter, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
 from extproc.dialects.envelopes import render_error
+from extproc.dialects.fields import asked_for_usage, include_usage_rewrites
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.exchange import Clock, Exchange, utc_now
@@ -91,10 +92,7 @@ async def authorize(
     decision = on_request_headers(exchange, headers, metadata, False, clock, peer)
     if not isinstance(decision, Forward) or exchange.dialect is None or body is None:
         return decision
-    if len(body) > OFFLOAD_BODY_BYTES:
-        rejected = await asyncio.to_thread(prepare_request_body, exchange, body)
-    else:
-        rejected = prepare_request_body(exchange, body)
+    rejected = await read_request_body(exchange, body)
     if rejected is not None:
         return rejected
     request, model, principal = exchange.request, exchange.model, exchange.principal
@@ -170,6 +168,14 @@ def _request_headers(
     )
 
 
+async def read_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
+    """:func:`prepare_request_body`, in a worker thread for a body over
+    :data:`OFFLOAD_BODY_BYTES` so a huge prompt does not stall the event loop."""
+    if len(raw) > OFFLOAD_BODY_BYTES:
+        return await asyncio.to_thread(prepare_request_body, exchange, raw)
+    return prepare_request_body(exchange, raw)
+
+
 def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
     """The CPU-only part of the body phase: parse, authorize, count prompt tokens.
 
@@ -194,15 +200,15 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
         routing.check_provider(dialect, model)
         if routing.translates(dialect, model):
             exchange.translation = ResponseTranslation(
-                requested_model=request.model, include_usage=routing.include_usage(request)
+                requested_model=request.model, include_usage=asked_for_usage(request)
             )
-        elif routing.upstream_model(model) != request.model:
-            exchange.rewrites[("model",)] = routing.upstream_model(model)
+        elif (upstream := routing.upstream_model(model)) != request.model:
+            exchange.rewrites[("model",)] = upstream
         _guard_input(exchange, dialect, request, model, principal)
         if exchange.metered:
             exchange.input_tokens = prompt_tokens(model, request)
-            if exchange.translation is None:
-                exchange.rewrites.update(dialect.stream_usage_rewrites(request))
+            if exchange.translation is None and dialect.asks_stream_usage:
+                exchange.rewrites.update(include_usage_rewrites(request))
     except GatewayError as error:
         return _reject(exchange, error)
     return None
@@ -254,7 +260,7 @@ def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel |
 async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
     """Reserve the budget, then route and apply every staged body change at once."""
     if exchange.mcp_forward is not None:
-        if exchange.mcp_tools and exchange.principal and exchange.principal.limits:
+        if exchange.mcp_tools and exchange.metered:
             refused = await tools.count_tool_calls(exchange, meter, clock())
             if refused is not None:
                 return refused

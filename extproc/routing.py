@@ -56,8 +56,7 @@ def check_provider(dialect: Dialect, model: CatalogueModel) -> None:
     """A backend speaks one API; other requests must be translatable to it."""
     if model.backend is None or translates(dialect, model):
         return
-    speaks = "anthropic" if dialect.envelope == "anthropic" else "openai"
-    if model.backend.provider != speaks:
+    if model.backend.provider != dialect.envelope:
         path = ANTHROPIC_PATH if model.backend.provider == "anthropic" else "/v1/chat/completions"
         raise InvalidRequest(
             f"The model '{model.name}' is served by an {model.backend.provider} backend; "
@@ -125,9 +124,3 @@ class ResponseTranslation:
         except orjson.JSONDecodeError:
             return error_from_anthropic(502, raw)
         return orjson.dumps(response_from_anthropic(answer, self.requested_model))
-
-
-def include_usage(request: LLMRequest) -> bool:
-    """Whether the caller asked for the final usage chunk of an OpenAI stream."""
-    options = request.body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True

@@ -103,7 +103,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         Envoy closed the stream early: it is settled from what is known, in a task of its
         own because this one may be being cancelled (``drain()`` waits for those).
         """
-        if not exchange.method or exchange.accounted_by_envoy:
+        if not exchange.method or exchange.handed_to_envoy:
             return  # no request; or the access log will report it (accounting.py)
         if exchange.reservation is not None and not exchange.reservation.settled:
             task = asyncio.create_task(self._settle_and_report(exchange))
@@ -143,20 +143,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             )
             return _answer(decision, phase)
         if phase == "request_body":
-            body = request.request_body.body
-            if len(body) > pipeline.OFFLOAD_BODY_BYTES:
-                rejected = await asyncio.to_thread(pipeline.prepare_request_body, exchange, body)
-            else:
-                rejected = pipeline.prepare_request_body(exchange, body)
+            rejected = await pipeline.read_request_body(exchange, request.request_body.body)
             if rejected is not None:
-                exchange.accounted_by_envoy = False
                 return immediate_response(rejected)
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
-            if exchange.accounted_by_envoy:
-                if isinstance(decision, Forward):
-                    self.pending.add(exchange)
-                else:
-                    exchange.accounted_by_envoy = False
+            if exchange.accounted_by_envoy and isinstance(decision, Forward):
+                self.pending.add(exchange)
             return _answer(decision, phase)
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))

@@ -77,7 +77,7 @@ class MemoryStore:
 
     def seed(self, key: str, value: int, expires_at: int) -> None:
         """Start an absent (or expired) counter at ``value``; a live counter is kept."""
-        now = self._clock()
+        now = self._tick()
         entry = self._entries.get(key)
         if entry is None or entry[1] <= now:
             self._add(key, value, expires_at, now)
@@ -88,7 +88,7 @@ class MemoryStore:
 
     def put(self, key: str, value: int, expires_at: int) -> None:
         """Set ``key`` to ``value`` outright (e.g. the last value seen in another store)."""
-        now = self._clock()
+        now = self._tick()
         self._entries.pop(key, None)
         self._add(key, value, expires_at, now)
 

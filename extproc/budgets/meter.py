@@ -208,7 +208,6 @@ class Meter:
         """Replace the reservation with what was used. Safe to call twice (idempotent)."""
         if reservation.settled:
             return
-        reservation.settled = True
         deltas = [
             Delta(c.key, used.of(limit.unit) - reservation.reserved.of(limit.unit), c.expires_at)
             for c, limit in zip(reservation.counters, reservation.limits, strict=True)
@@ -216,6 +215,9 @@ class Meter:
         changed = [d for d in deltas if d.amount]
         if changed:
             await self._store.adjust(changed, token=reservation.token)
+        # Marked after the store has it: a settlement cut short can run again (the
+        # request-id token keeps a repeat from counting twice).
+        reservation.settled = True
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:

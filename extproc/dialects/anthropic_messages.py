@@ -34,10 +34,7 @@ class AnthropicMessages:
     name: str = "anthropic.messages"
     envelope: Envelope = "anthropic"
     output_cap_field: str | None = "max_tokens"
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """This API reports usage on every stream; nothing to ask for."""
-        return {}
+    asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)

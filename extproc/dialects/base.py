@@ -60,13 +60,11 @@ class Dialect(Protocol):
     output_cap_field: str | None
     """The body field that caps output tokens, set by the gateway when a budget can only
     afford fewer than the caller left open; ``None`` when the API produces no tokens."""
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """Body changes that make a streamed answer report its usage (empty if it does).
-
-        Budgets need the provider's own count; OpenAI sends it on a stream only when asked.
-        """
-        ...
+    asks_stream_usage: bool
+    """Whether a stream reports its usage only when asked (OpenAI's
+    ``stream_options.include_usage``): budgets need the provider's own count, so the
+    gateway asks, and the caller then also receives that chunk (one more event with empty
+    ``choices``, which the official SDKs expect and skip)."""
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         """Build the common view of ``body``.

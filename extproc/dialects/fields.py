@@ -222,16 +222,23 @@ def text_or_tokens(body: dict[str, Any], key: str, kind: str) -> list[TextPart]:
     return texts
 
 
+def asked_for_usage(request: LLMRequest) -> bool:
+    """Whether the caller asked for the final usage chunk of an OpenAI stream."""
+    options = request.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def include_usage_rewrites(request: LLMRequest) -> dict[JsonPath, Any]:
     """OpenAI streams report usage only with ``stream_options.include_usage``."""
-    if not request.stream:
+    if not request.stream or asked_for_usage(request):
         return {}
     options = request.body.get("stream_options")
-    if isinstance(options, dict):
-        if options.get("include_usage") is True:
-            return {}
-        return {("stream_options",): {**options, "include_usage": True}}
-    return {("stream_options",): {"include_usage": True}}
+    return {
+        ("stream_options",): {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    }
 
 
 def token_id_count(value: Any) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from extproc.dialects.base import JsonPath
+from extproc.dialects.fields import json_type
 from extproc.errors import InvalidRequest
 
 
@@ -30,7 +31,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
             raise InvalidRequest("The request body is not valid UTF-8.") from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
-        raise InvalidRequest(f"The request body must be a JSON object, not {_json_type(body)}.")
+        raise InvalidRequest(f"The request body must be a JSON object, not {json_type(body)}.")
     return body
 
 
@@ -50,15 +51,3 @@ def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> by
     """:func:`set_values`, then serialise the body once."""
     set_values(body, rewrites)
     return orjson.dumps(body)
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "null"

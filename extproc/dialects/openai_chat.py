@@ -15,7 +15,6 @@ from extproc.dialects.fields import (
     expect_list,
     expect_object,
     expect_str,
-    include_usage_rewrites,
     invalid_type,
     message_role,
     optional_bool,
@@ -37,14 +36,7 @@ class OpenAIChat:
     name: str = "openai.chat"
     envelope: Envelope = "openai"
     output_cap_field: str | None = "max_completion_tokens"
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """Ask for the final usage chunk (``stream_options.include_usage``) if not asked.
-
-        The caller then also receives that chunk: one more event with empty ``choices``,
-        which the official SDKs expect and skip.
-        """
-        return include_usage_rewrites(request)
+    asks_stream_usage = True
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)

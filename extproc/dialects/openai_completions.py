@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.base import Envelope, LLMRequest, TextPart
 from extproc.dialects.fields import (
-    include_usage_rewrites,
     optional_bool,
     optional_positive_int,
     optional_str,
@@ -22,14 +21,7 @@ class OpenAICompletions:
     name: str = "openai.completions"
     envelope: Envelope = "openai"
     output_cap_field: str | None = "max_tokens"
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """Ask for the final usage chunk (``stream_options.include_usage``) if not asked.
-
-        The caller then also receives that chunk: one more event with empty ``choices``,
-        which the official SDKs expect and skip.
-        """
-        return include_usage_rewrites(request)
+    asks_stream_usage = True
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, JsonPath, LLMRequest
+from extproc.dialects.base import Envelope, LLMRequest
 from extproc.dialects.fields import require_model, text_or_tokens, token_id_count
 
 
@@ -14,10 +14,7 @@ class OpenAIEmbeddings:
     name: str = "openai.embeddings"
     envelope: Envelope = "openai"
     output_cap_field: str | None = None
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """This API reports usage on every stream; nothing to ask for."""
-        return {}
+    asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)

@@ -16,7 +16,7 @@ from extproc.dialects.fields import (
     expect_object,
     expect_str,
     invalid_type,
-    invalid_value,
+    message_role,
     optional_bool,
     optional_positive_int,
     optional_str,
@@ -41,10 +41,7 @@ class OpenAIResponses:
     name: str = "openai.responses"
     envelope: Envelope = "openai"
     output_cap_field: str | None = "max_output_tokens"
-
-    def stream_usage_rewrites(self, request: LLMRequest) -> dict[JsonPath, Any]:
-        """This API reports usage on every stream; nothing to ask for."""
-        return {}
+    asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:
         model = require_model(body)
@@ -94,11 +91,7 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
 
 
 def _message(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
-    role = item.get("role")
-    if role not in _ROLES:
-        if not isinstance(role, str):
-            raise invalid_type((*path, "role"), "a string", role)
-        raise invalid_value((*path, "role"), "one of " + ", ".join(_ROLES))
+    role = message_role(item, path, _ROLES)
     content = item.get("content")
     if isinstance(content, str):
         texts.append(TextPart((*path, "content"), role, "input", content))

@@ -65,7 +65,12 @@ class JsonlFile:
 
 class Stdout:
     async def write(self, lines: Sequence[bytes]) -> None:
-        sys.stdout.buffer.write(b"".join(lines))
+        # A full pipe to the log collector must block a worker thread, not every stream.
+        await asyncio.to_thread(self._write, b"".join(lines))
+
+    @staticmethod
+    def _write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
     async def close(self) -> None:

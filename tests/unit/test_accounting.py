@@ -200,3 +200,15 @@ async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path
     assert len(proc.pending) == 0 and len(proc._observer.recent) == 1
     receiver.close()  # shutdown: the stream ends instead of holding the server open
     assert isinstance(await asyncio.wait_for(stream, 5), als_pb2.StreamAccessLogsResponse)
+
+
+async def test_a_stream_that_ends_before_its_body_is_reported_by_the_stream(
+    tmp_path: Path,
+) -> None:
+    """Marked for Envoy at the headers, but never handed over: the stream still reports it."""
+    proc = processor(policy_file(tmp_path))
+    headers = {"authorization": "Bearer sk-demo-restricted", "x-request-id": "req-1"}
+    responses = await exchange(proc, [request_headers("/v1/chat/completions", headers)])
+    assert not answers_asked(responses)  # the headers answer did hand the answer to Envoy
+    assert len(proc.pending) == 0
+    assert len(proc._observer.recent) == 1

@@ -244,6 +244,16 @@ async def test_memory_store_expiry_follows_its_clock() -> None:
     assert len(store) == 0
 
 
+def test_memory_store_put_sweeps_expired_entries() -> None:
+    """fail_open remembers Redis's values with put(): windows gone by must not pile up."""
+    now = [1_000.0]
+    store = MemoryStore(clock=lambda: now[0], slack=10)
+    for minute in range(100):
+        now[0] = 1_000.0 + 60 * minute
+        store.put(f"m{minute}", 1, int(now[0]) + 60)
+    assert len(store) <= 3
+
+
 async def test_redis_bursts_wait_for_a_connection_instead_of_failing() -> None:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     store = RedisStore.from_url(REDIS_URL, prefix=prefix, max_connections=4, timeout=2.0)
