@@ -7,8 +7,10 @@
 # pip's caches stay in this stage.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+COPY protos ./protos
 COPY extproc ./extproc
+# setup.py compiles protos/ (the admin API) into extproc/admin/ while building the wheel.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Runtime stage: only the installed wheels, the example policy and an unprivileged user.

@@ -254,7 +254,7 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
 
 def _worker_main(settings: ServeSettings) -> None:
     logging.basicConfig(
-        level=logging.INFO,
+        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     _run(_serve_worker(settings))

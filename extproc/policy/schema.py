@@ -211,7 +211,8 @@ class Backend(_Strict):
         "appears in the policy; the gateway sends it the way the provider expects.",
     )
     credential_file: str | None = Field(
-        default=None, description="File holding the provider key (re-read on policy reload)."
+        default=None,
+        description="File holding the provider key (read again when the policy file changes).",
     )
 
     @model_validator(mode="after")
