@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from extproc.stack import ROOT, Ports, Stack, running
+from tests.redis_server import RedisServer
 
 EXAMPLE_POLICY = ROOT / "policies" / "example.yaml"
 ADMIN_KEY = "sk-demo-admin"
@@ -98,6 +99,15 @@ class Mock:
             f"http://127.0.0.1:{self.port}/_mock/requests", method="DELETE"
         )
         urllib.request.urlopen(req).close()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis for one module's stack (budget counters read directly)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

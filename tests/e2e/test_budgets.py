@@ -32,14 +32,6 @@ CASSETTES = ROOT.parent / "shared" / "data" / "cassettes" / "openai"
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("budget-policy") / "policy.yaml"
     path.write_text(POLICY.read_text())
@@ -264,7 +256,9 @@ def abandon_stream(gateway_port: int, key: str, events: int = 10) -> int:
         sock.sendall(head + body)
         received = b""
         while received.count(b"data: ") < events:
-            received += sock.recv(65536)
+            chunk = sock.recv(65536)
+            assert chunk, f"the gateway closed the stream early: {received!r}"
+            received += chunk
     return count_prompt_tokens("o200k", [words], 1)
 
 

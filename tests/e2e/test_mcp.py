@@ -14,7 +14,7 @@ from mcp.shared.exceptions import MCPError
 
 from extproc.mcp.jsonrpc import ErrorCode
 from extproc.stack import Stack
-from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY
+from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, Http
 
 pytestmark = pytest.mark.e2e
 
@@ -101,11 +101,31 @@ async def test_a_tool_result_with_an_injected_instruction_is_blocked(stack: Stac
     assert "instructions aimed at the model" in blocked.value.message
 
 
-async def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
-    async with http("sk-demo-capped") as h:
-        with pytest.raises(Exception):  # noqa: B017 - the SDK wraps the 403 differently by mode
-            async with Client(streamable_http_client(url(stack), http_client=h)) as c:
-                await c.list_tools()
+def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    status, _, body = Http(stack.ports.gateway).post_json(
+        "/mcp", initialize, key="sk-demo-capped", accept="application/json, text/event-stream"
+    )
+    assert status == 403
+    # Refused on the headers, before the body (and its id) is read: JSON-RPC's null id.
+    assert body == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": ErrorCode.FORBIDDEN,
+            "message": "Your team 'capped' may not use the MCP server 'demo'.",
+            "data": {"server": "demo"},
+        },
+    }
 
 
 async def test_per_tool_rate_limit_refuses_with_a_json_rpc_error(stack: Stack) -> None:

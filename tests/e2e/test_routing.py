@@ -68,9 +68,17 @@ def oai(stack: Stack) -> openai.OpenAI:
     )
 
 
-def last_audit(audit: Path) -> dict[str, object]:
-    time.sleep(0.3)
-    return dict(json.loads(audit.read_text().splitlines()[-1]))
+def audit_of(audit: Path, request_id: str | None) -> dict[str, object]:
+    """This request's audit record (written once its exchange is over)."""
+    assert request_id, "the gateway answers with x-request-id"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in audit.read_text().splitlines():
+            record = json.loads(line)
+            if record["request_id"] == request_id:
+                return dict(record)
+        time.sleep(0.05)
+    raise AssertionError(f"no audit record for request {request_id}")
 
 
 def test_alias_goes_to_its_backend_under_the_upstream_name(
@@ -78,12 +86,14 @@ def test_alias_goes_to_its_backend_under_the_upstream_name(
 ) -> None:
     stack, audit = routed
     primary, secondary = mocks
-    oai(stack).chat.completions.create(model="mini", messages=[{"role": "user", "content": "x"}])
+    reply = oai(stack).chat.completions.create(
+        model="mini", messages=[{"role": "user", "content": "x"}]
+    )
     seen = primary.last()
     assert json.loads(seen["body"])["model"] == "gpt-4o-mini-2024-07-18"
     assert seen["headers"]["x-gateway-cluster"] == "openai"
     assert secondary.requests() == []
-    assert last_audit(audit)["served_by"] == "openai_primary"
+    assert audit_of(audit, reply._request_id)["served_by"] == "openai_primary"
 
 
 def test_a_backend_added_to_the_policy_alone_serves(
@@ -91,12 +101,12 @@ def test_a_backend_added_to_the_policy_alone_serves(
 ) -> None:
     stack, audit = routed
     primary, secondary = mocks
-    oai(stack).chat.completions.create(
+    reply = oai(stack).chat.completions.create(
         model="gpt-4o-elsewhere", messages=[{"role": "user", "content": "moved"}]
     )
     assert json.loads(secondary.last()["body"])["model"] == "moved"
     assert primary.requests() == []
-    assert last_audit(audit)["served_by"] == "policy_only"
+    assert audit_of(audit, reply._request_id)["served_by"] == "policy_only"
 
 
 def test_provider_key_upstream_never_the_gateway_key_and_never_logged(
@@ -125,7 +135,7 @@ def test_primary_failing_with_503_fails_over_to_the_secondary(
     )
     assert reply.choices[0].message.content == "fail over"
     assert len(primary.requests()) == 1 and len(secondary.requests()) == 1
-    record = last_audit(audit)
+    record = audit_of(audit, reply._request_id)
     assert record["served_by"] == "openai_secondary"
     assert record["status"] == 200 and record["output_tokens"] == 2
 
@@ -171,7 +181,7 @@ def test_openai_sdk_calls_claude_through_translation(
     assert sent["system"] == "be brief" and sent["max_tokens"] == 40
     assert sent["stop_sequences"] == ["END"] and sent["model"] == "claude-3-5-haiku-20241022"
     assert upstream["headers"]["anthropic-version"] == "2023-06-01"
-    assert last_audit(audit)["output_tokens"] == 2
+    assert audit_of(audit, reply._request_id)["output_tokens"] == 2
 
     stream = client.chat.completions.create(
         model="claude-3-5-haiku",
@@ -239,6 +249,8 @@ def test_upstream_error_is_mapped_to_the_openai_envelope(routed: tuple[Stack, Pa
             messages=[{"role": "user", "content": "x"}],
             extra_headers={"x-mock-status": "429"},
         )
+    # In OpenAI's envelope: an Anthropic body passed through would have no "code".
+    assert caught.value.code == "rate_limit_exceeded"
     assert caught.value.body["type"] == "rate_limit_error"  # type: ignore[index]
 
 

@@ -88,10 +88,12 @@ async def test_answers_the_service_must_read_keep_the_response_phases(
 
 async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
-    responses = await send(proc, "sk-demo-restricted", body={"model": "gpt-4o"})  # not allowed
-    assert responses[1].immediate_response.status.code in (400, 403)
+    body = {**CHAT, "model": "gpt-4o"}  # not allowed for this key
+    responses = await send(proc, "sk-demo-restricted", body=body)
+    assert responses[1].immediate_response.status.code == 403
     assert len(proc.pending) == 0
-    assert len(proc._observer.recent) == 1
+    [record] = proc._observer.recent
+    assert record["error"] == "model_not_allowed"
 
 
 async def test_the_log_record_settles_and_reports_with_the_providers_usage(
@@ -102,14 +104,16 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     logged = LoggedAnswer(
         request_id="req-1",
         status=200,
-        usage={"prompt_tokens": 7, "completion_tokens": 3, "cached_tokens": 2},
+        usage={"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000},
         served_by="openai_primary",
         response_bytes=300,
     )
     assert await proc.pending.settle(logged)
     assert not await proc.pending.settle(logged)  # once only
     [record] = proc._observer.recent
-    assert (record["input_tokens"], record["output_tokens"]) == (7, 3)
+    assert (record["input_tokens"], record["output_tokens"]) == (1000, 3)
+    # 1,000 cached prompt tokens at $0.075/M and 3 output tokens at $0.60/M, rounded up.
+    assert record["cost_micro_usd"] == 77
     assert record["usage_source"] == "provider"
     assert record["served_by"] == "openai_primary" and record["status"] == 200
 
@@ -141,6 +145,24 @@ async def test_without_usage_the_answer_is_estimated(
     [record] = proc._observer.recent
     assert record["output_tokens"] == expected_output
     assert (record["input_tokens"] > 0) is (status < 300)  # the prompt reached the provider
+    assert record["usage_source"] == "estimate"
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected_output"),
+    [
+        (6400, 100),  # a stream cut before its usage: one token per 64 bytes sent
+        (10**9, 4096),  # never more than was reserved (the default output cap)
+    ],
+)
+async def test_a_stream_without_usage_is_estimated_from_the_bytes_sent(
+    tmp_path: Path, sent: int, expected_output: int
+) -> None:
+    proc = processor(policy_file(tmp_path))
+    await send(proc, "sk-demo-restricted", body={**CHAT, "stream": True})
+    await proc.pending.settle(LoggedAnswer("req-1", 200, {}, None, sent))
+    [record] = proc._observer.recent
+    assert record["output_tokens"] == expected_output
     assert record["usage_source"] == "estimate"
 
 

@@ -415,6 +415,7 @@ async def test_a_tokened_adjust_is_written_back_under_its_token(flaky: Flaky) ->
     primary.down = False
     await store.start()
     await until(lambda: not store.stats().degraded)
+    assert await primary.inner.read(["a"]) == (7,)  # the settlement reached Redis
     assert await primary.inner.adjust([Delta("a", 7, end)], token="req-9") == (7,)
 
 

@@ -15,25 +15,31 @@ PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "or", "le", "and", "w
 
 
 def exported_series() -> set[str]:
+    """The series the service exports, produced the way the service produces them."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.observe(
-        {
-            "team": "t",
-            "model": "m",
-            "dialect": "openai.chat",
-            "status": 200,
-            "input_tokens": 3,
-            "output_tokens": 4,
-            "cost_micro_usd": 5,
-            "error": None,
-            "guardrails": [{"rule": "r", "action": "rewritten"}],
-        }
-    )
+    answered = {
+        "team": "t",
+        "model": "m",
+        "dialect": "openai.chat",
+        "status": 200,
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "cost_micro_usd": 5,
+        "error": None,
+        "guardrails": [{"rule": "r", "action": "rewritten"}],
+    }
+    refused = {**answered, "status": 429, "input_tokens": None, "guardrails": []}
+    metrics.observe(answered)
+    metrics.observe({**refused, "error": "budget_exceeded"})
+    metrics.observe({**refused, "status": 503, "error": "budget_store_unavailable"})
     metrics.phase.labels("request_headers").observe(0.0001)
-    metrics.budget_rejections.labels("t").inc()
-    metrics.store_errors.labels("fail_closed").inc()
     metrics.audit_dropped.labels("queue_full").inc()
+    metrics.budget_alerts.labels("sent").inc()
+    assert registry.get_sample_value("extproc_budget_rejections_total", {"team": "t"}) == 1
+    assert (
+        registry.get_sample_value("extproc_budget_store_errors_total", {"mode": "fail_closed"}) == 1
+    )
     text = generate_latest(registry).decode()
     return {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")

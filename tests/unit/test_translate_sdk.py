@@ -313,19 +313,25 @@ def test_tool_call_round_trip(client: openai.OpenAI, script: Script) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "kind", "exception"),
+    ("status", "kind", "exception", "openai_type", "code"),
     [
-        (400, "invalid_request_error", openai.BadRequestError),
-        (401, "authentication_error", openai.AuthenticationError),
-        (403, "permission_error", openai.PermissionDeniedError),
-        (404, "not_found_error", openai.NotFoundError),
-        (429, "rate_limit_error", openai.RateLimitError),
-        (500, "api_error", openai.InternalServerError),
-        (529, "overloaded_error", openai.InternalServerError),
+        (400, "invalid_request_error", openai.BadRequestError, "invalid_request_error", "invalid_request"),
+        (401, "authentication_error", openai.AuthenticationError, "invalid_request_error", "invalid_api_key"),
+        (403, "permission_error", openai.PermissionDeniedError, "invalid_request_error", "permission_denied"),
+        (404, "not_found_error", openai.NotFoundError, "invalid_request_error", "not_found"),
+        (429, "rate_limit_error", openai.RateLimitError, "rate_limit_error", "rate_limit_exceeded"),
+        (500, "api_error", openai.InternalServerError, "server_error", "upstream_error"),
+        (529, "overloaded_error", openai.InternalServerError, "server_error", "overloaded"),
     ],
-)
+)  # fmt: skip
 def test_sdk_raises_its_own_exception_for_upstream_errors(
-    client: openai.OpenAI, script: Script, status: int, kind: str, exception: type[Exception]
+    client: openai.OpenAI,
+    script: Script,
+    status: int,
+    kind: str,
+    exception: type[Exception],
+    openai_type: str,
+    code: str,
 ) -> None:
     script.status = status
     script.body = orjson.dumps(
@@ -335,7 +341,14 @@ def test_sdk_raises_its_own_exception_for_upstream_errors(
         client.chat.completions.create(model=MODEL, messages=QUESTION)
     assert isinstance(caught.value, openai.APIStatusError)
     assert caught.value.status_code == status
-    assert "Claude says no" in caught.value.message
+    # OpenAI's envelope, not Anthropic's passed through: the SDK reads type and code from it.
+    assert caught.value.body == {  # type: ignore[attr-defined]
+        "message": "Claude says no",
+        "type": openai_type,
+        "code": code,
+        "param": None,
+    }
+    assert (caught.value.type, caught.value.code) == (openai_type, code)  # type: ignore[attr-defined]
 
 
 def test_sdk_sees_a_refused_field_with_its_param(client: openai.OpenAI, script: Script) -> None:
