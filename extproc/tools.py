@@ -93,17 +93,17 @@ async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> R
     a call over a limit refuses the body with a JSON-RPC error naming the limit."""
     server, principal, body = exchange.mcp_server, exchange.principal, exchange.mcp_body
     assert server is not None and principal is not None and body is not None
-    for _, tool in exchange.mcp_tools:
-        try:
-            await meter.reserve_tool(principal.limits, server.name, tool, now)
-        except RateLimited as limited:
-            retry = dict(limited.headers).get("retry-after")
-            data = {"retryAfter": int(retry)} if retry else None
-            refused = refuse(server, body, ErrorCode.RATE_LIMITED, limited.message, data)
-            return _answer(exchange, refused)
-        except ServiceUnavailable as down:
-            refused = refuse(server, body, ErrorCode.RATE_LIMITED, down.message)
-            return _answer(exchange, refused)
+    tools = [tool for _, tool in exchange.mcp_tools]
+    try:
+        await meter.reserve_tools(principal.limits, server.name, tools, now)
+    except RateLimited as limited:
+        retry = dict(limited.headers).get("retry-after")
+        data = {"retryAfter": int(retry)} if retry else None
+        refused = refuse(server, body, ErrorCode.RATE_LIMITED, limited.message, data)
+        return _answer(exchange, refused)
+    except ServiceUnavailable as down:
+        refused = refuse(server, body, ErrorCode.RATE_LIMITED, down.message)
+        return _answer(exchange, refused)
     return None
 
 

@@ -13,7 +13,7 @@ slows callers down before it stops them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed, window_end_iso
@@ -156,22 +156,30 @@ class Meter:
                     )
                 )
 
-    async def reserve_tool(self, limits: Limits, server: str, tool: str, now: datetime) -> None:
-        """Count one MCP tool call against the caller's tool limits, or raise RateLimited.
+    async def reserve_tools(
+        self, limits: Limits, server: str, tools: Sequence[str], now: datetime
+    ) -> None:
+        """Count a body's MCP tool calls against the caller's tool limits, all or none, or
+        raise RateLimited (a refused batch runs no call, so none of it is counted).
 
         Tool limits count requests, which need no settlement afterwards. Their counters
         are named ``mcp:<server>`` (or ``mcp:<server>:<tool>`` when ``per_model``), apart
-        from model counters of the same scope and window.
+        from model counters of the same scope and window; calls sharing a counter add up.
         """
-        applicable = _dedupe([limit for limit in limits if limit.counts_tool(tool)])
-        if not applicable:
+        by_key: dict[str, tuple[CompiledLimit, Counter]] = {}
+        for tool in tools:
+            for limit in _dedupe([limit for limit in limits if limit.counts_tool(tool)]):
+                start, end = window_bounds(limit.window, now)
+                subject = f"mcp:{server}:{tool}" if limit.per_model else f"mcp:{server}"
+                key = counter_key(
+                    limit.scope, limit.scope_id, subject, limit.unit, limit.window, start
+                )
+                _, seen = by_key.get(key, (limit, Counter(key, limit.limit, 0, end)))
+                by_key[key] = (limit, replace(seen, amount=seen.amount + 1))
+        if not by_key:
             return
-        counters = []
-        for limit in applicable:
-            start, end = window_bounds(limit.window, now)
-            subject = f"mcp:{server}:{tool}" if limit.per_model else f"mcp:{server}"
-            key = counter_key(limit.scope, limit.scope_id, subject, limit.unit, limit.window, start)
-            counters.append(Counter(key, limit.limit, 1, end))
+        applicable = [limit for limit, _ in by_key.values()]
+        counters = [counter for _, counter in by_key.values()]
         result = await self._call_reserve(counters)
         if not result.ok:
             assert result.failed is not None

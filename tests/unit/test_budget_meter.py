@@ -148,11 +148,26 @@ async def test_tool_limits_count_tool_calls_apart_from_model_calls() -> None:
     now = datetime.now(UTC)
     reservation = await meter.reserve(limits, model, 1, 1, 1, "model-call", now)
     assert reservation is not None and len(reservation.counters) == 1  # the tool limit is not in it
-    await meter.reserve_tool(limits, "demo", "jira.create_issue", now)
-    await meter.reserve_tool(limits, "demo", "weather.get", now)  # not counted: not jira.*
-    await meter.reserve_tool(limits, "demo", "jira.search", now)
+    await meter.reserve_tools(limits, "demo", ["jira.create_issue"], now)
+    await meter.reserve_tools(limits, "demo", ["weather.get"], now)  # not counted: not jira.*
+    await meter.reserve_tools(limits, "demo", ["jira.search"], now)
     with pytest.raises(RateLimited):
-        await meter.reserve_tool(limits, "demo", "jira.create_issue", now)
+        await meter.reserve_tools(limits, "demo", ["jira.create_issue"], now)
+
+
+async def test_a_refused_batch_of_tool_calls_counts_none_of_them() -> None:
+    limits, _ = policy_with(
+        [{"unit": "requests", "window": "day", "limit": 2, "tools": ["jira.*"]}]
+    )
+    store = MemoryStore()
+    meter = Meter(store)
+    now = datetime.now(UTC)
+    await meter.reserve_tools(limits, "demo", ["jira.search"], now)
+    with pytest.raises(RateLimited):  # two more calls than the one left: the batch is refused
+        await meter.reserve_tools(limits, "demo", ["jira.search", "jira.create_issue"], now)
+    await meter.reserve_tools(limits, "demo", ["jira.create_issue"], now)  # the one left
+    with pytest.raises(RateLimited):
+        await meter.reserve_tools(limits, "demo", ["jira.search"], now)
 
 
 def test_a_tools_limit_must_count_requests() -> None:
