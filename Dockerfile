@@ -27,8 +27,9 @@ COPY policies/example.yaml /etc/extproc/policies/example.yaml
 ENV EXTPROC_POLICY=/etc/extproc/policies/example.yaml
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
-# 50051 ext_authz + ext_proc + gRPC health · 9464 /healthz + /metrics · 8099 mock upstream
-EXPOSE 50051 9464 8099 8098
+# 50051 ext_authz + ext_proc + gRPC health · 50052 HTTP authorizer (envoy/gateway.yaml)
+# · 9464 /healthz + /metrics · 8099 mock upstream
+EXPOSE 50051 50052 9464 8099 8098
 ENTRYPOINT ["extproc"]
 # In a container the service must listen on the container's interfaces, not loopback.
-CMD ["serve", "--grpc", "0.0.0.0:50051", "--admin-host", "0.0.0.0"]
+CMD ["serve", "--grpc", "0.0.0.0:50051", "--authz", "0.0.0.0:50052", "--admin-host", "0.0.0.0"]

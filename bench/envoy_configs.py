@@ -1,7 +1,8 @@
 """Envoy configs for the benchmark, all derived from what ships (``envoy/gateway.yaml``).
 
 * :func:`gateway` - the shipped gateway pointed at the benchmark upstream, optionally without
-  its ``ext_proc`` filter (scenario 1: what Envoy alone costs) and with a ``/passthrough/``
+  the filters that call the service (``ext_authz`` and the ``ext_proc`` behind it; scenario 1:
+  what Envoy alone costs) and with a ``/passthrough/``
   route that strips that prefix (scenario 2: a path no dialect serves, so the service sees
   only the request headers while the upstream still gets ``/v1/chat/completions``).
 * :func:`upstream` - a second Envoy whose one listener answers every request itself with a
@@ -24,7 +25,8 @@ import yaml
 from bench import payloads
 from extproc.stack import GATEWAY_CONFIG
 
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+SERVICE_FILTERS = ("envoy.filters.http.ext_authz", "ext-proc-when-handed-over")
+"""The filters that call the service: the HTTP authorizer, and ext_proc behind it."""
 UPSTREAM_CLUSTER = "llm_default"
 
 Config = dict[str, Any]
@@ -43,10 +45,11 @@ def gateway(upstream_port: int, *, ext_proc: bool = True, passthrough_route: boo
     hcm = _connection_manager(config)
     routes: list[Config] = hcm["route_config"]["virtual_hosts"][0]["routes"]
     if not ext_proc:
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != EXT_PROC_FILTER]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in SERVICE_FILTERS]
         for route in routes:
             per_filter = route.get("typed_per_filter_config", {})
-            per_filter.pop(EXT_PROC_FILTER, None)
+            for name in SERVICE_FILTERS:
+                per_filter.pop(name, None)
             if not per_filter:
                 route.pop("typed_per_filter_config", None)
     if passthrough_route:

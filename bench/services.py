@@ -156,6 +156,8 @@ def service_alone(
         str(policy),
         "--grpc",
         f"127.0.0.1:{free_port()}",
+        "--authz",
+        f"127.0.0.1:{free_port()}",
         "--admin-port",
         str(admin),
         "--workers",

@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("EXTPROC_GRPC", "127.0.0.1:50051"),
         help="host:port for the gRPC service (default %(default)s)",
     )
+    serve.add_argument(
+        "--authz",
+        default=os.environ.get("EXTPROC_AUTHZ", "127.0.0.1:50052"),
+        help="host:port for the HTTP authorizer, Envoy's ext_authz http_service in "
+        "envoy/gateway.yaml; 'off' to serve gRPC only (default %(default)s)",
+    )
     serve.add_argument("--admin-host", default=os.environ.get("EXTPROC_ADMIN_HOST", "127.0.0.1"))
     serve.add_argument(
         "--admin-port", type=int, default=int(os.environ.get("EXTPROC_ADMIN_PORT", "9464"))
@@ -181,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         policy=Path(args.policy),
         grpc_address=args.grpc,
+        authz_address=None if args.authz == "off" else args.authz,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
         workers=args.workers,

@@ -13,6 +13,10 @@ here, in the caller's dialect, so adapters never decide what an error looks like
 
 The answer side (status, usage, translation back, output guardrails, settlement) is
 :mod:`extproc.answer`; the state both fill in is :class:`extproc.exchange.Exchange`.
+
+:func:`decide_request` runs both request phases in one call, for the HTTP authorizer that
+sees headers and body together (``adapters/ext_authz_http.py``): a request it can finish
+costs one cheap HTTP call instead of an ext_proc stream.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from extproc import access, accounting, identity, routing, tools
-from extproc.budgets.meter import Meter, prompt_tokens
+from extproc.budgets.meter import Meter, OutputCapNeeded, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
 from extproc.dialects.envelopes import render_error
@@ -107,6 +111,46 @@ async def authorize(
     return Forward(
         set_headers=(*decision.set_headers, *routing.route_headers(model)),
         remove_headers=decision.remove_headers,
+    )
+
+
+async def decide_request(
+    exchange: Exchange,
+    headers: Mapping[str, str],
+    body: bytes,
+    meter: Meter,
+    clock: Clock = utc_now,
+) -> Decision | None:
+    """Both request phases at once, or ``None``: ext_proc must process this request.
+
+    Only a request whose whole remaining life Envoy can carry is decided here: an LLM
+    call whose answer Envoy accounts for (``accounting: envoy``) and whose body goes up
+    unchanged. Everything else, found before any side effect (nothing is reserved), is
+    handed over whole and ext_proc decides it from scratch: an answer the service must
+    read, a body to rewrite (alias, translation, masking, ``stream_options``, an output
+    cap a tight budget needs), MCP, paths no dialect serves, ``/v1/models``, and a caller
+    identified only by what ext_proc is sent and this call is not (JWT claims in dynamic
+    metadata, a verified client certificate).
+    """
+    decided = on_request_headers(exchange, headers, None, not body, clock)
+    if not isinstance(decided, Forward) or not exchange.accounted_by_envoy:
+        return None
+    rejected = await read_request_body(exchange, body)
+    if rejected is not None:
+        return rejected
+    if exchange.translation is not None or exchange.rewrites:
+        return None
+    try:
+        forward = await finish_request_body(exchange, meter, clock, may_cap_output=False)
+    except OutputCapNeeded:
+        return None
+    if not isinstance(forward, Forward):
+        return forward
+    assert forward.body is None, "nothing was staged to rewrite"
+    return replace(
+        forward,
+        set_headers=(*decided.set_headers, *forward.set_headers),
+        remove_headers=decided.remove_headers,
     )
 
 
@@ -257,8 +301,17 @@ def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel |
     }
 
 
-async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = utc_now) -> Decision:
-    """Reserve the budget, then route and apply every staged body change at once."""
+async def finish_request_body(
+    exchange: Exchange,
+    meter: Meter,
+    clock: Clock = utc_now,
+    *,
+    may_cap_output: bool = True,
+) -> Decision:
+    """Reserve the budget, then route and apply every staged body change at once.
+
+    ``may_cap_output`` is passed to :meth:`Meter.reserve`.
+    """
     if exchange.mcp_forward is not None:
         if exchange.mcp_tools and exchange.metered:
             refused = await tools.count_tool_calls(exchange, meter, clock())
@@ -279,6 +332,7 @@ async def finish_request_body(exchange: Exchange, meter: Meter, clock: Clock = u
                 exchange.policy.default_max_output_tokens,
                 exchange.request_id,
                 clock(),
+                may_cap_output=may_cap_output,
             )
             exchange.reservation = reservation
             cap = reservation.output_cap if reservation is not None else None

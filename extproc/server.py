@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
+from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
@@ -58,6 +59,8 @@ body Envoy accepted is never refused by gRPC on its way to or back from us."""
 class ServeSettings:
     policy: Path
     grpc_address: str = "127.0.0.1:50051"
+    authz_address: str | None = "127.0.0.1:50052"
+    """The HTTP authorizer (envoy/gateway.yaml's ext_authz ``http_service``); off if None."""
     admin_host: str = "127.0.0.1"
     admin_port: int = 9464
     workers: int = 1
@@ -141,6 +144,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         admin_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
             AdminApi(policies, store, observer.recent, settings.admin_token), server
         )
+    authorizer = ext_authz_http.HttpAuthorizer(
+        policies, meter, observer, processor.pending, decide=settings.workers <= 1
+    )
+    authz_server = None
+    if settings.authz_address:
+        host, _, port = settings.authz_address.rpartition(":")
+        authz_server = await ext_authz_http.start(authorizer, host, int(port))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
@@ -163,8 +173,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
             settings.admin_host, settings.admin_port, policies, readiness, registry
         )
     log.info(
-        "extproc serving gRPC on %s (pid %d, policy %s version %s, budgets in %s)",
+        "extproc serving gRPC on %s, HTTP authorizer on %s (pid %d, policy %s version %s, "
+        "budgets in %s)",
         settings.grpc_address,
+        settings.authz_address or "off",
         os.getpid(),
         settings.policy,
         policies.current.version,
@@ -185,8 +197,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if authz_server is not None:
+        authz_server.close()
     stopping = asyncio.create_task(server.stop(settings.grace_seconds))
-    await _quiesce(processor, settings.grace_seconds)
+    await _quiesce(processor, authorizer, settings.grace_seconds)
     access_log.close()
     await stopping
     await processor.drain()
@@ -214,17 +228,21 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _quiesce(processor: ExternalProcessor, grace: float) -> None:
+async def _quiesce(
+    processor: ExternalProcessor, authorizer: ext_authz_http.HttpAuthorizer, grace: float
+) -> None:
     """Wait (up to ``grace``) for in-flight exchanges and the access-log records that
     settle them, so that closing the log streams loses none."""
     deadline = asyncio.get_running_loop().time() + grace
     while asyncio.get_running_loop().time() < deadline:
-        if processor.streams == 0 and len(processor.pending) == 0:
+        if processor.streams == 0 and authorizer.checks == 0 and len(processor.pending) == 0:
             return
         await asyncio.sleep(0.05)
     log.warning(
-        "stopping with %d streams open and %d answers awaiting their access-log record",
+        "stopping with %d streams and %d checks open and %d answers awaiting their "
+        "access-log record",
         processor.streams,
+        authorizer.checks,
         len(processor.pending),
     )
 

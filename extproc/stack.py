@@ -6,6 +6,7 @@ tests run the same class on free ports, so what the tests prove is what ``make u
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -39,11 +40,12 @@ class Ports:
     mock: int = 8099
     mock_anthropic: int = 8098
     mcp_demo: int = 8097
+    authz: int = 50052
 
     @classmethod
     def free(cls) -> Ports:
         """Ports the kernel says are free now (for tests beside a running ``make up``)."""
-        return cls(*(_free_port() for _ in range(7)))
+        return cls(*(_free_port() for _ in dataclasses.fields(cls)))
 
 
 def envoy_binary() -> str:
@@ -67,6 +69,7 @@ def render_envoy_config(template: str, ports: Ports) -> str:
         defaults.mock: ports.mock,
         defaults.mock_anthropic: ports.mock_anthropic,
         defaults.mcp_demo: ports.mcp_demo,
+        defaults.authz: ports.authz,
     }
     return re.sub(
         r"port_value: (\d+)",
@@ -117,6 +120,8 @@ class Stack:
                 str(self.policy),
                 "--grpc",
                 f"127.0.0.1:{self.ports.grpc}",
+                "--authz",
+                f"127.0.0.1:{self.ports.authz}",
                 "--admin-port",
                 str(self.ports.admin),
                 "--workers",

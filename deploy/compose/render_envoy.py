@@ -11,9 +11,9 @@ The gateway config is the single source; for containers only addresses change:
   (the OpenAI mock) and ``mock-anthropic``: STATIC clusters take IP addresses only, and DNS
   follows a container that restarts with a new address (or ``--scale extproc=3``).
 
-Ports stay as they are: the contract's 10000, 9901, 50051 and 8099, and 8098. Any other change to
-the text fails loudly, so an edit of gateway.yaml that this script does not understand is
-caught by the tests instead of producing a subtly different compose config.
+Ports stay as they are: the contract's 10000, 9901, 50051, 50052 and 8099, and 8098. Any
+other change to the text fails loudly, so an edit of gateway.yaml that this script does not
+understand is caught by the tests instead of producing a subtly different compose config.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ ADDRESS_BY_PORT = {
     9901: "0.0.0.0",  # admin
     10000: "0.0.0.0",  # gateway listener
     50051: "extproc",  # the extproc service
+    50052: "extproc",  # its HTTP authorizer
     8099: "mock",  # the mock LLM upstream (OpenAI; the "openai" primary)
     8098: "mock-anthropic",  # the second mock (Anthropic; the "openai" fail-over target)
     8097: "mcp-demo",  # the demo MCP server
 }
 DNS_CLUSTERS = (
     "extproc",
+    "extproc_authz",
     "llm_default",
     "openai_primary",
     "openai_secondary",

@@ -82,6 +82,11 @@ def price(model: CatalogueModel, input_tokens: int, output_tokens: int, cached: 
     return Cost(input_tokens, output_tokens, micro)
 
 
+class OutputCapNeeded(Exception):
+    """The request fits only with an output cap written into its body, and the caller
+    (the authorizer, which cannot change a body) asked for no cap. Nothing was reserved."""
+
+
 class Meter:
     """Reserves and settles against one store; the store decides fail-open or closed."""
 
@@ -98,10 +103,14 @@ class Meter:
         default_output: int,
         request_id: str,
         now: datetime,
+        *,
+        may_cap_output: bool = True,
     ) -> Reservation | None:
         """Reserve the request's worst case, or raise :class:`RateLimited`.
 
-        Returns ``None`` when no limit counts this model (nothing to settle later).
+        Returns ``None`` when no limit counts this model (nothing to settle later). With
+        ``may_cap_output`` false, a request that would fit only capped raises
+        :class:`OutputCapNeeded` instead, having reserved nothing.
         """
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
@@ -116,6 +125,8 @@ class Meter:
                 applicable, counters, result.values, model, input_tokens
             )
             if affordable >= 1:
+                if not may_cap_output:
+                    raise OutputCapNeeded
                 output_cap = affordable
                 cost = price(model, input_tokens, affordable)
                 counters = _counters(applicable, model.name, cost, now)

@@ -32,8 +32,15 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["authorizer-decides", "two-workers"])
+def stack(
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[Stack]:
+    """One worker: the HTTP authorizer decides these requests alone (no ext_proc stream).
+    Two workers: it hands every request to ext_proc, whose stream keeps a request and its
+    access-log record on one worker."""
     tmp = tmp_path_factory.mktemp("accounting")
     policy = tmp / "policy.yaml"
     text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n")
@@ -45,7 +52,7 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             policy=policy,
             ports=Ports.free(),
             log_dir=tmp,
-            workers=2,
+            workers=request.param,
             redis_url=redis_server.url,
             serve_args=("--audit-file", str(tmp / "audit.jsonl")),
         )
@@ -131,9 +138,17 @@ def test_only_the_request_phases_reach_the_service(stack: Stack, audit: Path) ->
     before = ext_proc_messages(stack)
     meter = client(stack, "meter")
     reply = meter.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}]
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "count me"}],
+        extra_headers={"x-gateway-team": "forged", "x-gateway-processing": "forged"},
     )
-    assert ext_proc_messages(stack) - before == 2  # request headers and body, no more
+    # One worker: the authorizer's one HTTP call decided it. Two: the request headers
+    # and body went through ext_proc, and no more.
+    assert ext_proc_messages(stack) - before == (0 if stack.workers == 1 else 2)
+    sent = Mock(stack.ports.mock).last()["headers"]
+    assert sent["x-gateway-team"] == "meter"  # set by the gateway, not the client
+    assert "x-gateway-processing" not in sent
+    assert sent.get("authorization") != "Bearer sk-test-meter"  # never the gateway key
     # The budget headers the response phase would have set, added by Envoy.
     assert reply.headers["x-ratelimit-limit-tokens"] == "1000000000"
     assert "x-ratelimit-remaining-usd" in reply.headers
@@ -201,16 +216,17 @@ def test_anthropic_answers_are_lifted_too(
 def test_client_abort_mid_stream_settles_from_what_was_sent(
     stack: Stack, redis_server: RedisServer
 ) -> None:
+    before = counter(redis_server, "abort", "total_tokens")
     prompt = abandon_stream(stack.ports.gateway, "sk-test-abort")
     # The caller left after ~10 events and no usage arrived: the reservation (prompt +
     # 200) is replaced by the prompt plus an estimate from the bytes Envoy sent.
     eventually(
-        lambda: counter(redis_server, "abort", "total_tokens") < prompt + 200,
+        lambda: counter(redis_server, "abort", "total_tokens") - before < prompt + 200,
         "the reservation was never settled",
         seconds=10,
     )
     # ~10 events of 100+ bytes each were sent: more than 5 tokens' worth at 64 bytes each.
-    assert counter(redis_server, "abort", "total_tokens") >= prompt + 5
+    assert counter(redis_server, "abort", "total_tokens") - before >= prompt + 5
 
 
 def test_an_upstream_error_releases_the_reservation(

@@ -58,6 +58,7 @@ EXT_PROC = "envoy.filters.http.ext_proc"
 LIFT_USAGE = ["lift-usage-json", "lift-usage-sse"]
 """accounting: envoy - the filters that lift usage from answers (extproc/accounting.py)."""
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+HANDED_OVER = "ext-proc-when-handed-over"
 
 
 def documents(path: Path) -> list[Doc]:
@@ -106,6 +107,16 @@ def hcm(config: Doc) -> Doc:
 def http_filter(config: Doc, name: str) -> Doc:
     [found] = [f for f in hcm(config)["http_filters"] if f["name"] == name]
     return dict(found["typed_config"])
+
+
+def gateway_processor() -> Doc:
+    """gateway.yaml's ext_proc config: behind a composite filter, on when the HTTP
+    authorizer hands a request over."""
+    composite = http_filter(GATEWAY, HANDED_OVER)
+    action = composite["xds_matcher"]["matcher_tree"]["exact_match_map"]["map"]["ext_proc"]
+    delegated = action["action"]["typed_config"]["typed_config"]
+    assert delegated["name"] == EXT_PROC
+    return dict(delegated["typed_config"])
 
 
 def cluster(config: Doc, name: str) -> Doc:
@@ -296,10 +307,15 @@ def test_dockerfile_runs_as_the_unprivileged_user_kubernetes_expects() -> None:
 def test_dockerfile_serves_the_contract_ports() -> None:
     assert exec_form("ENTRYPOINT") == ["extproc"]
     serve = assert_real_cli(exec_form("CMD"))
-    assert serve == {"--grpc": f"0.0.0.0:{CONTRACT.grpc}", "--admin-host": "0.0.0.0"}
+    assert serve == {
+        "--grpc": f"0.0.0.0:{CONTRACT.grpc}",
+        "--authz": f"0.0.0.0:{CONTRACT.authz}",
+        "--admin-host": "0.0.0.0",
+    }
     [exposed] = instructions("EXPOSE")
     assert set(map(int, exposed.split())) == {
         CONTRACT.grpc,
+        CONTRACT.authz,
         CONTRACT.admin,
         CONTRACT.mock,
         CONTRACT.mock_anthropic,
@@ -607,7 +623,11 @@ def envoyfilter_bootstrap(patches: list[Doc]) -> Doc:
     """A minimal Envoy config with the EnvoyFilter's patches applied, for the real Envoy."""
     socket = {"address": "127.0.0.1", "port_value": CONTRACT.gateway}
     listener: Doc = {"name": "patched", "address": {"socket_address": socket}}
-    filters = [copy.deepcopy(f) for f in hcm(GATEWAY)["http_filters"] if f["name"] != EXT_PROC]
+    filters = [
+        copy.deepcopy(f)
+        for f in hcm(GATEWAY)["http_filters"]
+        if f["name"] not in (EXT_AUTHZ, HANDED_OVER)
+    ]
     vhosts: list[Doc] = []
     clusters: list[Doc] = []
     for patch in patches:
@@ -643,7 +663,7 @@ def test_istio_envoyfilter_patches_are_accepted_by_envoy(name: str, tmp_path: Pa
     inserted = patches[1]["patch"]["value"]
     assert inserted["name"] == EXT_PROC and inserted["disabled"] is True
     processor = inserted["typed_config"]
-    assert processor["processing_mode"] == http_filter(GATEWAY, EXT_PROC)["processing_mode"]
+    assert processor["processing_mode"] == gateway_processor()["processing_mode"]
     assert processor["failure_mode_allow"] is False
     grpc = processor["grpc_service"]["envoy_grpc"]
     expected = (f"outbound|{CONTRACT.grpc}||{SERVICE_HOST}", SERVICE_HOST)
@@ -678,15 +698,14 @@ def test_mesh_config_runs_ext_authz_then_ext_proc_on_every_filter_chain() -> Non
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
     processor = http_filter(MESH, EXT_PROC)
-    gateway_processor = http_filter(GATEWAY, EXT_PROC)
-    assert processor["processing_mode"] == gateway_processor["processing_mode"]
-    assert processor["grpc_service"] == gateway_processor["grpc_service"]
+    assert processor["processing_mode"] == gateway_processor()["processing_mode"]
+    assert processor["grpc_service"] == gateway_processor()["grpc_service"]
     forwarded = processor["metadata_options"]["forwarding_namespaces"]["untyped"]
     assert EXT_AUTHZ in forwarded, "ext_proc reads the principal ext_authz resolved"
 
 
 def test_egress_config_processes_like_the_gateway() -> None:
-    assert http_filter(EGRESS, EXT_PROC) == http_filter(GATEWAY, EXT_PROC)
+    assert http_filter(EGRESS, EXT_PROC) == gateway_processor()
 
 
 def test_mesh_and_egress_answer_envoy_errors_in_the_same_envelopes() -> None:

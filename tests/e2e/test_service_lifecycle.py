@@ -36,6 +36,7 @@ def serve(policy: Path, ports: Ports, *args: str) -> subprocess.Popen[bytes]:
             sys.executable, "-m", "extproc", "serve",
             "--policy", str(policy),
             "--grpc", f"127.0.0.1:{ports.grpc}",
+            "--authz", f"127.0.0.1:{ports.authz}",
             "--admin-port", str(ports.admin),
             "--reload-interval", "0.2",
             *args,

@@ -1,0 +1,220 @@
+"""The HTTP authorizer: Envoy's ext_authz ``http_service`` in, a whole request decided.
+
+Why a second front door beside ext_proc: transport, not policy, was the largest cost the
+benchmark measured. A no-op grpc.aio server spends ~290 µs of CPU per ext_proc exchange
+on the benchmark machine (gRPC's poller thread hands every event to the event loop); a
+no-op HTTP/1.1 server on the event loop itself, ~30 µs. Envoy's ext_authz filter with
+``with_request_body`` sends the request's headers and buffered body as one HTTP request on
+a kept-alive connection, and takes the answer as:
+
+* **200** with the headers to set upstream (``allowed_upstream_headers`` in
+  envoy/gateway.yaml), the client headers to drop (``x-envoy-auth-headers-to-remove``)
+  and the answer's headers (``allowed_client_headers_on_success``): a request decided
+  here, whose answer Envoy accounts for (:mod:`extproc.accounting`);
+* **200** with ``x-gateway-processing: ext_proc`` and nothing else: handed over; the
+  header switches on the ext_proc filter behind this one, which decides the request from
+  scratch (see :func:`extproc.pipeline.decide_request` for which requests);
+* any other status: the refusal, with its body and headers, in the caller's dialect.
+
+The wire format is parsed by httptools (llhttp, the parser uvicorn uses); this module only
+frames answers. Requests on one connection are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+
+from extproc import pipeline
+from extproc.accounting import PendingAnswers
+from extproc.budgets.meter import Meter
+from extproc.decisions import Forward, Headers, Reply
+from extproc.exchange import Clock, Exchange, utc_now
+from extproc.policy.store import PolicyStore
+from extproc.telemetry.observer import Observer
+
+log = logging.getLogger(__name__)
+
+HEADER_PROCESSING = "x-gateway-processing"
+"""Set on a handed-over request: envoy/gateway.yaml runs ext_proc only when it says so."""
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+"""Envoy's ext_authz removes the request headers this answer header lists."""
+_HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+
+
+@dataclass(slots=True)
+class Check:
+    """One authorization request: the client request's method, path, headers and body."""
+
+    method: str = ""
+    path: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: list[bytes] = field(default_factory=list)
+
+
+class HttpAuthorizer:
+    """Decides what it can (:func:`extproc.pipeline.decide_request`), hands over the rest.
+
+    With ``decide`` false every request is handed over: with ``--workers N`` an
+    access-log record may reach a worker other than the one holding the exchange, and
+    only ext_proc's stream keeps the two on one connection (accounting.py).
+    """
+
+    def __init__(
+        self,
+        policies: PolicyStore,
+        meter: Meter,
+        observer: Observer,
+        pending: PendingAnswers,
+        clock: Clock = utc_now,
+        decide: bool = True,
+    ) -> None:
+        self._policies = policies
+        self._meter = meter
+        self._observer = observer
+        self._pending = pending
+        self._clock = clock
+        self._decide = decide
+        self.checks = 0
+        """Checks being answered now (shutdown waits for them)."""
+
+    async def answer(self, check: Check) -> bytes:
+        """The HTTP answer to one check; never raises (a failure hands the request over)."""
+        if not self._decide:
+            return _HANDED_OVER
+        exchange = Exchange(
+            policy=self._policies.current, observe_response=self._observer.wants_responses
+        )
+        self.checks += 1
+        started = time.perf_counter()
+        try:
+            decision = await pipeline.decide_request(
+                exchange,
+                {":method": check.method, ":path": check.path, **check.headers},
+                b"".join(check.body),
+                self._meter,
+                self._clock,
+            )
+            return self._render(decision, exchange)
+        except Exception:
+            # ext_proc decides it again and fails closed on its own if it must.
+            log.exception("unexpected error in the HTTP authorizer; handing over")
+            return _HANDED_OVER
+        finally:
+            self.checks -= 1
+            elapsed = time.perf_counter() - started
+            exchange.durations["ext_authz_http"] = elapsed
+            self._observer.phase("ext_authz_http", elapsed)
+
+    def _render(self, decision: Forward | Reply | None, exchange: Exchange) -> bytes:
+        if decision is None:
+            return _HANDED_OVER
+        if isinstance(decision, Forward):
+            allowed = _allowed(decision)
+            self._pending.add(exchange)  # its access-log record settles and reports it
+            return allowed
+        if decision.status >= 500:
+            # Envoy's local-reply mappers rewrite 5xx refusals as "service unreachable";
+            # ext_proc's refusal keeps its own message. Nothing was reserved yet.
+            return _HANDED_OVER
+        self._observer.finish(exchange)
+        return _refused(decision)
+
+
+def _allowed(forward: Forward) -> bytes:
+    setting = {name for name, _ in forward.set_headers}
+    removed = ",".join(name for name in forward.remove_headers if name not in setting)
+    headers: Headers = (*forward.set_headers, *forward.answer_headers)
+    if removed:
+        headers = (*headers, (HEADERS_TO_REMOVE, removed))
+    return _frame(200, headers, b"")
+
+
+def _refused(reply: Reply) -> bytes:
+    return _frame(reply.status, reply.headers, reply.body)
+
+
+def _frame(status: int, headers: Headers, body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Refused')}"]
+    lines += [f"{name}: {_safe(value)}" for name, value in headers if name != "content-length"]
+    lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+
+
+def _safe(value: str) -> str:
+    """A header value cannot carry a line break (it would forge headers)."""
+    if "\r" in value or "\n" in value:
+        raise ValueError("header value with a line break")
+    return value
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive connection from Envoy; its checks are answered in arrival order."""
+
+    def __init__(self, answer: Callable[[Check], Awaitable[bytes]]) -> None:
+        self._answer = answer
+        self._parser = httptools.HttpRequestParser(self)
+        self._check = Check()
+        self._header_name = b""
+        self._queue: deque[Check] = deque()
+        self._serving: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self._transport is not None
+            self._transport.write(_BAD_REQUEST)
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self._check.path += url.decode("utf-8", "replace")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._check.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
+
+    def on_body(self, body: bytes) -> None:
+        self._check.body.append(body)
+
+    def on_message_complete(self) -> None:
+        check, self._check = self._check, Check()
+        check.method = self._parser.get_method().decode("ascii")
+        self._queue.append(check)
+        if self._serving is None:
+            self._serving = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue:
+                answer = await self._answer(self._queue.popleft())
+                if self._transport is None:
+                    return
+                self._transport.write(answer)
+        finally:
+            self._serving = None
+
+
+async def start(authorizer: HttpAuthorizer, host: str, port: int) -> asyncio.Server:
+    """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _Connection(authorizer.answer), host, port, reuse_port=True
+    )

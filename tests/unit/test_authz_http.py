@@ -1,0 +1,269 @@
+"""The HTTP authorizer: which requests it decides alone, and what it answers Envoy.
+
+The decisions are driven through :func:`extproc.pipeline.decide_request` with the
+in-memory budget store; the wire through a real socket (the e2e tests run it behind Envoy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from extproc import accounting, pipeline, routing
+from extproc.accounting import PendingAnswers
+from extproc.adapters import ext_authz_http
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Meter
+from extproc.decisions import Forward, Reply
+from extproc.exchange import Exchange
+from extproc.pipeline import decide_request
+from extproc.policy.store import PolicyStore
+from extproc.stack import GATEWAY_CONFIG
+from extproc.telemetry.audit import AuditLog
+from extproc.telemetry.observer import Observer
+from tests.unit.policies import make_policy, sha
+
+LIMITED = {
+    "platform": {"models": {"allow": ["*"]}},
+    "apps": {
+        "models": {"allow": ["gpt-4o-mini"]},
+        "limits": [{"unit": "total_tokens", "window": "hour", "limit": 300}],
+    },
+}
+
+
+def policy(accounting: str = "envoy", **overrides: Any) -> Any:
+    settings = {"jwt": {"team_claim": "groups"}, "accounting": accounting}
+    return make_policy(settings=settings, teams=LIMITED, **overrides)
+
+
+def clock() -> datetime:
+    return datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def chat(model: str = "gpt-4o-mini", text: str = "hi", **fields: Any) -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": text}], **fields})
+
+
+def client_headers(
+    key: str | None = "sk-apps", path: str = "/v1/chat/completions"
+) -> dict[str, str]:
+    headers = {":method": "POST", ":path": path, "x-request-id": "req-1"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    return headers
+
+
+async def decide(
+    body: bytes,
+    key: str | None = "sk-apps",
+    path: str = "/v1/chat/completions",
+    meter: Meter | None = None,
+    **policy_kw: Any,
+) -> tuple[Exchange, Forward | Reply | None]:
+    exchange = Exchange(policy=policy(**policy_kw))
+    meter = meter or Meter(MemoryStore())
+    decision = await decide_request(exchange, client_headers(key, path), body, meter, clock)
+    return exchange, decision
+
+
+async def budget_left_whole(meter: Meter) -> bool:
+    """Whether a request needing the whole 300-token budget still fits: nothing reserved."""
+    probe, _ = await decide(chat(max_tokens=1))
+    whole = 300 - probe.input_tokens
+    _, decision = await decide(chat(max_tokens=whole), meter=meter)
+    return isinstance(decision, Forward)
+
+
+async def test_an_unchanged_body_accounted_by_envoy_is_decided_alone() -> None:
+    exchange, decision = await decide(chat(max_tokens=50))
+    assert isinstance(decision, Forward)
+    headers = dict(decision.set_headers)
+    assert headers["x-gateway-team"] == "apps"
+    assert headers["x-gateway-model"] == "gpt-4o-mini"
+    assert headers["x-gateway-accounting"] == "envoy"
+    assert "authorization" in decision.remove_headers
+    assert decision.body is None
+    assert exchange.reservation is not None  # settled later from Envoy's access log
+    assert dict(decision.answer_headers)["x-ratelimit-limit-tokens"] == "300"
+
+
+@pytest.mark.parametrize(
+    ("why", "body", "key", "path", "accounting"),
+    [
+        ("the service reads the answer", chat(max_tokens=5), "sk-apps", None, "service"),
+        ("an alias is rewritten", chat("mini", max_tokens=5), "sk-apps", None, "envoy"),
+        ("stream_options is added", chat(max_tokens=5, stream=True), "sk-apps", None, "envoy"),
+        ("JWT claims reach ext_proc only", chat(), None, None, "envoy"),
+        ("models are listed by ext_proc", b"", "sk-apps", "/v1/models", "envoy"),
+        ("no dialect serves the path", b"{}", "sk-apps", "/v1/files", "envoy"),
+    ],
+)
+async def test_requests_ext_proc_must_see_are_handed_over(
+    why: str, body: bytes, key: str | None, path: str | None, accounting: str
+) -> None:
+    meter = Meter(MemoryStore())
+    _, decision = await decide(
+        body, key, path or "/v1/chat/completions", meter, accounting=accounting
+    )
+    assert decision is None, why
+    assert await budget_left_whole(meter), "nothing may be reserved before a hand-over"
+
+
+async def test_a_request_that_fits_only_capped_is_handed_over_unreserved() -> None:
+    meter = Meter(MemoryStore())
+    # 300 tokens an hour; the default output cap alone is larger, so only a cap fits.
+    _, decision = await decide(chat(), meter=meter)
+    assert decision is None
+    assert await budget_left_whole(meter)
+
+
+async def test_refusals_are_answered_here() -> None:
+    _, denied = await decide(chat("gpt-4o"))
+    assert isinstance(denied, Reply) and denied.status == 403
+    _, limited = await decide(chat(max_tokens=400))
+    assert isinstance(limited, Reply) and limited.status == 429
+
+
+# -- the wire ---------------------------------------------------------------------------
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        super().__init__(None, AuditLog([]))
+        self.finished: list[Exchange] = []
+
+    def finish(self, exchange: Exchange) -> None:
+        self.finished.append(exchange)
+        super().finish(exchange)
+
+
+@pytest.fixture
+async def authz(tmp_path: Any) -> AsyncIterator[tuple[int, ext_authz_http.HttpAuthorizer]]:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        orjson.dumps(
+            {
+                "settings": {"accounting": "envoy"},
+                "teams": LIMITED,
+                "keys": {"apps": {"sha256": sha("sk-apps"), "team": "apps"}},
+                "models": {"gpt-4o-mini": {"aliases": ["mini"]}, "gpt-4o": {}},
+            }
+        ).decode()
+    )
+    meter = Meter(MemoryStore())
+    observer = Recorder()
+    authorizer = ext_authz_http.HttpAuthorizer(
+        PolicyStore(path), meter, observer, PendingAnswers(meter, observer)
+    )
+    server = await ext_authz_http.start(authorizer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield port, authorizer
+    server.close()
+
+
+def raw_check(body: bytes, key: str = "sk-apps", extra: str = "") -> bytes:
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: extproc\r\nauthorization: Bearer {key}\r\n"
+        f"x-request-id: r-{len(body)}\r\n{extra}content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def read_answers(
+    reader: asyncio.StreamReader, count: int
+) -> list[tuple[int, dict[str, str], bytes]]:
+    answers = []
+    for _ in range(count):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        status_line, *lines = head.strip().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines)
+        body = await reader.readexactly(int(headers["content-length"]))
+        answers.append((int(status_line.split()[1]), headers, body))
+    return answers
+
+
+async def test_checks_on_one_connection_are_answered_in_order(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+) -> None:
+    port, authorizer = authz
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    allowed = raw_check(chat(max_tokens=10), extra="x-gateway-team: forged\r\n")
+    refused = raw_check(chat("gpt-4o", max_tokens=10))
+    handed_over = raw_check(chat("mini", max_tokens=10))
+    writer.write(allowed + refused[:40])  # the second check arrives in pieces
+    await asyncio.sleep(0.01)
+    writer.write(refused[40:] + handed_over)
+    (ok, ok_headers, _), (no, _, no_body), (over, over_headers, _) = await read_answers(reader, 3)
+    writer.close()
+
+    assert ok == 200
+    assert ok_headers["x-gateway-team"] == "apps"
+    assert ok_headers["x-gateway-accounting"] == "envoy"
+    assert ok_headers["x-ratelimit-limit-tokens"] == "300"
+    # The forged copy is overwritten, not removed after being set.
+    assert ok_headers[ext_authz_http.HEADERS_TO_REMOVE] == "authorization"
+    assert ext_authz_http.HEADER_PROCESSING not in ok_headers
+    assert len(authorizer._pending) == 1  # settled by its access-log record
+
+    assert no == 403
+    assert orjson.loads(no_body)["error"]["code"] == "model_not_allowed"
+
+    assert over == 200 and over_headers == {
+        "content-length": "0",
+        ext_authz_http.HEADER_PROCESSING: "ext_proc",
+    }
+    observer = authorizer._observer
+    assert isinstance(observer, Recorder)
+    assert [e.status for e in observer.finished] == [403]  # only the refusal is reported here
+
+
+async def test_a_malformed_check_is_refused_and_the_connection_closed(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+) -> None:
+    port, _ = authz
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+    writer.close()
+
+
+async def test_with_workers_every_check_is_handed_over(tmp_path: Any) -> None:
+    meter = Meter(MemoryStore())
+    observer = Observer(None, AuditLog([]))
+    path = tmp_path / "p.yaml"
+    path.write_text("{}")
+    authorizer = ext_authz_http.HttpAuthorizer(
+        PolicyStore(path), meter, observer, PendingAnswers(meter, observer), decide=False
+    )
+    check = ext_authz_http.Check("POST", "/v1/chat/completions", {}, [chat(max_tokens=1)])
+    assert await authorizer.answer(check) == ext_authz_http._HANDED_OVER
+
+
+def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
+    """Envoy drops answer headers its allow-lists do not name: keep them in step."""
+    config = yaml.safe_load(GATEWAY_CONFIG.read_text())
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = {f["name"]: f["typed_config"] for f in manager["typed_config"]["http_filters"]}
+    response = filters["envoy.filters.http.ext_authz"]["http_service"]["authorization_response"]
+    upstream = {p["exact"] for p in response["allowed_upstream_headers"]["patterns"]}
+    assert upstream == {
+        pipeline.HEADER_TEAM,
+        pipeline.HEADER_USER,
+        pipeline.HEADER_KEY_ID,
+        routing.HEADER_MODEL,
+        routing.HEADER_CLUSTER,
+        accounting.HEADER,
+        ext_authz_http.HEADER_PROCESSING,
+        *pipeline.CREDENTIAL_HEADERS,  # a backend's provider key
+    }
+    tree = filters["ext-proc-when-handed-over"]["xds_matcher"]["matcher_tree"]
+    assert tree["input"]["typed_config"]["header_name"] == ext_authz_http.HEADER_PROCESSING
+    assert ext_authz_http._HANDED_OVER.endswith(
+        f"{ext_authz_http.HEADER_PROCESSING}: ext_proc\r\n\r\n".encode()
+    )
