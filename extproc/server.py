@@ -50,6 +50,8 @@ from extproc.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between young-generation collections (CPython's default is 700)."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 """Above Envoy's request buffer limit (envoy/gateway.yaml) plus protobuf framing, so a
 body Envoy accepted is never refused by gRPC on its way to or back from us."""
@@ -226,6 +228,10 @@ def _freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+    # Young collections cost in proportion to what survives them (the requests in flight),
+    # not to what was allocated: collecting every 50,000 allocations instead of 700 cut the
+    # collector's share of the event loop from ~11 % in the benchmark.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _quiesce(

@@ -10,6 +10,7 @@ rollover is testable with an injected clock.
 from __future__ import annotations
 
 import calendar
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final
@@ -26,12 +27,12 @@ class Window(StrEnum):
 
 def window_bounds(window: Window, now: datetime) -> tuple[int, int]:
     """``(start, end)`` of the window containing ``now``, as UTC epoch seconds."""
-    utc = _utc(now)
     seconds = _FIXED_SECONDS.get(window)
     if seconds is not None:
         # Epoch seconds have no leap seconds, so fixed windows are plain arithmetic.
-        start = calendar.timegm(utc.timetuple()) // seconds * seconds
+        start = _epoch_seconds(now) // seconds * seconds
         return start, start + seconds
+    utc = _utc(now)
     year, month = utc.year, utc.month
     start = calendar.timegm((year, month, 1, 0, 0, 0))
     next_year, next_month = (year + 1, 1) if month == 12 else (year, month + 1)
@@ -44,7 +45,7 @@ def seconds_to_reset(window: Window, now: datetime) -> int:
     This is what a ``retry-after`` header says: retrying after it lands in the next window.
     """
     _, end = window_bounds(window, now)
-    return end - calendar.timegm(_utc(now).timetuple())
+    return end - _epoch_seconds(now)
 
 
 def reset_duration(seconds: int) -> str:
@@ -56,6 +57,13 @@ def reset_duration(seconds: int) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+def _epoch_seconds(now: datetime) -> int:
+    """Whole UTC epoch seconds of ``now`` (floored; what ``timegm`` of its UTC time gives)."""
+    if now.tzinfo is None:
+        raise ValueError("window arithmetic needs an aware datetime (UTC offset)")
+    return math.floor(now.timestamp())
 
 
 def _utc(now: datetime) -> datetime:

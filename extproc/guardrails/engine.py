@@ -146,14 +146,20 @@ class CompiledRule:
         return self.mode != "audit"
 
 
+APPLIES_CACHE_LIMIT = 4_096
+
+
 class Guardrails:
     """The compiled rules of one policy version."""
 
-    __slots__ = ("rules", "stream_window")
+    __slots__ = ("_applies", "rules", "stream_window")
 
     def __init__(self, rules: Sequence[CompiledRule], stream_window: int = 64) -> None:
         self.rules = tuple(rules)
         self.stream_window = stream_window
+        self._applies: dict[tuple[str, Subject], bool] = {}
+        """Answers of :meth:`applies`, asked two or three times per request; the rules of a
+        policy version never change, so an answer holds until the policy is replaced."""
 
     def rules_for(
         self,
@@ -178,7 +184,12 @@ class Guardrails:
     ) -> bool:
         """Whether any rule would look at this stage: if not, skip the phase entirely."""
         subject = Subject(team, key_id, model, path)
-        return any(rule.applies(stage, subject) for rule in self.rules)
+        known = self._applies.get((stage, subject))
+        if known is None:
+            known = any(rule.applies(stage, subject) for rule in self.rules)
+            if len(self._applies) < APPLIES_CACHE_LIMIT:  # paths may be endless
+                self._applies[(stage, subject)] = known
+        return known
 
     def check(
         self,

@@ -102,7 +102,8 @@ def test_rerendering_replaces_the_previous_rendering_and_keeps_hand_written_clus
     )
     rendered = render(moved, gateway())
     names = set(clusters(rendered))
-    assert names == {"extproc", "extproc_authz", "llm_default", "only"}  # the example's upstreams are gone
+    # The example's upstreams are gone.
+    assert names == {"extproc", "extproc_authz", "llm_default", "only"}
     route_names = [r.get("name") for r in routes(rendered)]
     assert "split:openai-canary" not in route_names
     assert route_names.index("split:canary") == route_names.index("catalogue") - 1
