@@ -3,7 +3,10 @@
 Each call is one Lua script (reserve, adjust) or one MGET/PING: one round trip, atomic on
 the server. Reservations (and adjusts) made in the same turn of the event loop share one
 script call. Scripts are sent once and then run by SHA (EVALSHA); after a server restart or
-SCRIPT FLUSH redis-py reloads them on the NOSCRIPT reply by itself.
+SCRIPT FLUSH they are sent again on the NOSCRIPT reply. On a single server reached over
+TCP or a Unix socket the two scripts go through :mod:`extproc.budgets.script_link`, one
+pipelined connection that costs the event loop far less than redis-py; everything else,
+and Redis Cluster and TLS, goes through redis-py.
 
 Key layout (``prefix`` defaults to ``budget``)::
 
@@ -40,10 +43,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from extproc.budgets.script_link import Address, ScriptLink
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
     TOKEN_TTL_SECONDS,
@@ -179,6 +184,7 @@ class RedisStore:
         "_adjust",
         "_adjusts",
         "_client",
+        "_link",
         "_reserve",
         "_reserves",
         "_slack",
@@ -192,13 +198,16 @@ class RedisStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         slack: int = EXPIRY_SLACK_SECONDS,
+        link: ScriptLink | None = None,
     ) -> None:
+        """``link``, when given, runs the reserve and adjust scripts instead of ``client``."""
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be non-empty and without braces: {prefix!r}")
         self._client = client
         self._tag = f"{{{prefix}}}:"
         self._token_prefix = f"{self._tag}idem:"
         self._slack = slack
+        self._link = link
         self._reserve = client.register_script(RESERVE_LUA)
         self._adjust = client.register_script(ADJUST_LUA)
         self._reserves = _Batcher(self._send_reserves)
@@ -233,7 +242,7 @@ class RedisStore:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=None, **options
         )
-        return cls(Redis.from_pool(pool), prefix=prefix)
+        return cls(Redis.from_pool(pool), prefix=prefix, link=_script_link(pool, timeout))
 
     @property
     def client(self) -> RedisClient:
@@ -263,7 +272,7 @@ class RedisStore:
             args.append(len(counters))
             for c in counters:
                 args += (c.limit, c.amount, c.expires_at + self._slack)
-        reply = [int(v) for v in await self._call(self._reserve(keys=keys, args=args))]
+        reply = [int(v) for v in await self._run(RESERVE_LUA, keys, args)]
         results: list[ReserveResult] = []
         at = 0
         for counters in batch:
@@ -289,7 +298,7 @@ class RedisStore:
             args += ["1" if token else "0", len(deltas)]
             for d in deltas:
                 args += (d.amount, d.expires_at + self._slack)
-        values = [int(v) for v in await self._call(self._adjust(keys=keys, args=args))]
+        values = [int(v) for v in await self._run(ADJUST_LUA, keys, args)]
         results: list[tuple[int, ...]] = []
         at = 0
         for _, deltas in batch:
@@ -307,8 +316,16 @@ class RedisStore:
         await self._call(self._client.ping())
 
     async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
+
+    async def _run(self, script: str, keys: list[str], args: Sequence[int | str]) -> Any:
+        if self._link is not None:
+            return await self._link.run(script, keys, args)
+        registered = self._reserve if script is RESERVE_LUA else self._adjust
+        return await self._call(registered(keys=keys, args=args))
 
     @staticmethod
     async def _call(pending: Awaitable[Any]) -> Any:
@@ -316,3 +333,22 @@ class RedisStore:
             return await pending
         except (RedisError, OSError) as error:
             raise StoreUnavailable(f"redis: {type(error).__name__}: {error}") from error
+
+
+def _script_link(pool: BlockingConnectionPool, timeout: float) -> ScriptLink | None:
+    """A :class:`ScriptLink` to the pool's server, for plain TCP and Unix sockets (TLS and
+    anything else stays with redis-py)."""
+    settings = pool.connection_kwargs
+    if pool.connection_class is Connection:
+        where: dict[str, Any] = {"host": settings["host"], "port": int(settings["port"])}
+    elif pool.connection_class is UnixDomainSocketConnection:
+        where = {"path": settings["path"]}
+    else:
+        return None
+    address = Address(
+        **where,
+        db=int(settings.get("db") or 0),
+        username=settings.get("username"),
+        password=settings.get("password"),
+    )
+    return ScriptLink(address, timeout)
