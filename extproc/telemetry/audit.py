@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 10_000
 BATCH = 256
+LINGER_SECONDS = 0.05
+"""How long the writer waits after a record for others to join its batch: a sink write is
+a hop to a worker thread (or a Redis round trip), far dearer than the record itself."""
 
 
 class Sink(Protocol):
@@ -135,6 +138,7 @@ class AuditLog:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             lines = [orjson.dumps(record) + b"\n" for record in batch]
