@@ -75,6 +75,8 @@ class LoggedAnswer:
     """Usage fields lifted from the answer, under the provider's own names."""
     served_by: str | None
     response_bytes: int
+    owner: int | None = None
+    """The worker holding the exchange, when the HTTP authorizer named one (--workers)."""
 
 
 class PendingAnswers:

@@ -38,6 +38,7 @@ from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
+from extproc.adapters.record_relay import RecordRelay
 from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
 from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
@@ -78,6 +79,8 @@ class ServeSettings:
     """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
     worker_index: int | None = None
     """Set in worker processes (``--workers N``): suffixes the audit file name."""
+    relay_dir: Path | None = None
+    """Set in worker processes: where they pass access-log records to each other."""
 
 
 class ConfigurationError(Exception):
@@ -137,7 +140,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    access_log = AccessLogReceiver(processor.pending)
+    relay = None
+    if settings.relay_dir is not None and settings.worker_index is not None:
+        relay = RecordRelay(
+            settings.relay_dir, settings.worker_index, lambda answers: access_log.settle(answers)
+        )
+        await relay.start()
+    access_log = AccessLogReceiver(processor.pending, relay)
     access_log_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
@@ -147,7 +156,12 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
             AdminApi(policies, store, observer.recent, settings.admin_token), server
         )
     authorizer = ext_authz_http.HttpAuthorizer(
-        policies, meter, observer, processor.pending, decide=settings.workers <= 1
+        policies,
+        meter,
+        observer,
+        processor.pending,
+        decide=settings.workers <= 1 or relay is not None,
+        owner=relay.index if relay is not None else None,
     )
     authz_server = None
     if settings.authz_address:
@@ -205,6 +219,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await _quiesce(processor, authorizer, settings.grace_seconds)
     access_log.close()
     await stopping
+    if relay is not None:
+        await relay.close()
     await processor.drain()
     await processor.pending.drain()
     await audit.close()
@@ -307,11 +323,12 @@ def _supervise(settings: ServeSettings) -> int:
     # Set before the workers start: prometheus_client reads it when first imported.
     metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    relay_dir = Path(tempfile.mkdtemp(prefix="extproc-relay-"))
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
             target=_worker_main,
-            args=(dataclasses.replace(settings, worker_index=i),),
+            args=(dataclasses.replace(settings, worker_index=i, relay_dir=relay_dir),),
             name=f"extproc-worker-{i}",
         )
         for i in range(settings.workers)
@@ -362,6 +379,7 @@ def _supervise(settings: ServeSettings) -> int:
         await admin.cleanup()
         await probe.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(relay_dir, ignore_errors=True)
         return 1 if failed else 0
 
     return _run(supervise())

@@ -9,27 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.accounting import LoggedAnswer, PendingAnswers
+from extproc.adapters.record_relay import HEADER_OWNER, RecordRelay
 from extproc.routing import HEADER_SERVED_BY
 
 log = logging.getLogger(__name__)
 
 USAGE_NAMESPACE = "extproc.usage"
 """Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the owner)."""
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Envoy keeps its log streams open for good; :meth:`close` ends them on shutdown, once
     the exchanges they report on are over, so a graceful stop does not wait for them."""
 
-    def __init__(self, pending: PendingAnswers) -> None:
+    def __init__(self, pending: PendingAnswers, relay: RecordRelay | None = None) -> None:
         self._pending = pending
+        self._relay = relay
         self._closing = asyncio.Event()
 
     def close(self) -> None:
@@ -59,8 +63,23 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         return als_pb2.StreamAccessLogsResponse()
 
     async def _settle(self, batch: als_pb2.StreamAccessLogsMessage) -> None:
-        """Settle a batch's records together: their budget adjusts share one store call."""
+        """Settle a batch's own records together (their budget adjusts share one store
+        call); pass the others to the workers holding their exchanges."""
         logged = [answer for e in batch.http_logs.log_entry if (answer := logged_answer(e))]
+        relay = self._relay
+        if relay is not None:
+            elsewhere: dict[int, list[LoggedAnswer]] = {}
+            for answer in logged:
+                if answer.owner is not None and answer.owner != relay.index:
+                    elsewhere.setdefault(answer.owner, []).append(answer)
+            if elsewhere:
+                logged = [a for a in logged if a.owner is None or a.owner == relay.index]
+                for owner, answers in elsewhere.items():
+                    await relay.forward(owner, answers)
+        await self.settle(logged)
+
+    async def settle(self, logged: Sequence[LoggedAnswer]) -> None:
+        """Settle records of exchanges this worker holds (also those relayed to it)."""
         outcomes = await asyncio.gather(
             *(self._pending.settle(answer) for answer in logged), return_exceptions=True
         )
@@ -87,7 +106,10 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
         else {}
     )
     response = entry.response
+    authz = entry.common_properties.metadata.filter_metadata.get(AUTHZ_NAMESPACE)
+    owner = authz.fields.get(HEADER_OWNER) if authz is not None else None
     return LoggedAnswer(
+        owner=int(owner.string_value) if owner is not None and owner.string_value else None,
         request_id=request_id,
         status=response.response_code.value,
         usage=usage,

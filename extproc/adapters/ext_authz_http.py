@@ -34,6 +34,7 @@ import httptools
 
 from extproc import pipeline
 from extproc.accounting import PendingAnswers
+from extproc.adapters.record_relay import HEADER_OWNER
 from extproc.budgets.meter import Meter
 from extproc.decisions import Forward, Headers, Reply
 from extproc.exchange import Clock, Exchange, utc_now
@@ -64,9 +65,10 @@ class Check:
 class HttpAuthorizer:
     """Decides what it can (:func:`extproc.pipeline.decide_request`), hands over the rest.
 
-    With ``decide`` false every request is handed over: with ``--workers N`` an
-    access-log record may reach a worker other than the one holding the exchange, and
-    only ext_proc's stream keeps the two on one connection (accounting.py).
+    With ``--workers N`` an access-log record may reach a worker other than the one
+    holding the exchange: ``owner`` (this worker's index) goes into every allowed answer so
+    that the record can be passed on (:mod:`extproc.adapters.record_relay`). With
+    ``decide`` false every request is handed over to ext_proc.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class HttpAuthorizer:
         pending: PendingAnswers,
         clock: Clock = utc_now,
         decide: bool = True,
+        owner: int | None = None,
     ) -> None:
         self._policies = policies
         self._meter = meter
@@ -84,6 +87,7 @@ class HttpAuthorizer:
         self._pending = pending
         self._clock = clock
         self._decide = decide
+        self._owner = () if owner is None else ((HEADER_OWNER, str(owner)),)
         self.checks = 0
         """Checks being answered now (shutdown waits for them)."""
 
@@ -119,7 +123,7 @@ class HttpAuthorizer:
         if decision is None:
             return _HANDED_OVER
         if isinstance(decision, Forward):
-            allowed = _allowed(decision)
+            allowed = _allowed(decision, self._owner)
             self._pending.add(exchange)  # its access-log record settles and reports it
             return allowed
         if decision.status >= 500:
@@ -130,10 +134,10 @@ class HttpAuthorizer:
         return _refused(decision)
 
 
-def _allowed(forward: Forward) -> bytes:
+def _allowed(forward: Forward, owner: Headers) -> bytes:
     setting = {name for name, _ in forward.set_headers}
     removed = ",".join(name for name in forward.remove_headers if name not in setting)
-    headers: Headers = (*forward.set_headers, *forward.answer_headers)
+    headers: Headers = (*forward.set_headers, *forward.answer_headers, *owner)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))
     return _frame(200, headers, b"")

@@ -15,8 +15,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
 from extproc.accounting import LoggedAnswer
-from extproc.adapters.access_log import USAGE_NAMESPACE, AccessLogReceiver, logged_answer
+from extproc.adapters.access_log import (
+    AUTHZ_NAMESPACE,
+    USAGE_NAMESPACE,
+    AccessLogReceiver,
+    logged_answer,
+)
 from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcessor
+from extproc.adapters.record_relay import HEADER_OWNER, RecordRelay
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
@@ -234,3 +240,37 @@ async def test_a_stream_that_ends_before_its_body_is_reported_by_the_stream(
     assert not answers_asked(responses)  # the headers answer did hand the answer to Envoy
     assert len(proc.pending) == 0
     assert len(proc._observer.recent) == 1
+
+
+async def test_a_record_reaching_the_wrong_worker_is_passed_to_its_owner(tmp_path: Path) -> None:
+    """--workers 2: worker 0 holds the exchange, worker 1 gets Envoy's log stream."""
+    owner, other = processor(policy_file(tmp_path)), processor(policy_file(tmp_path))
+    await send(owner, "sk-demo-restricted")
+    assert len(owner.pending) == 1
+    receivers: dict[int, AccessLogReceiver] = {}
+    relays = [
+        RecordRelay(tmp_path, index, lambda answers, i=index: receivers[i].settle(answers))
+        for index in (0, 1)
+    ]
+    receivers[0] = AccessLogReceiver(owner.pending, relays[0])
+    receivers[1] = AccessLogReceiver(other.pending, relays[1])
+    for relay in relays:
+        await relay.start()
+    entry = log_entry("req-1", 200, {"prompt_tokens": 4.0, "completion_tokens": 2.0})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update({HEADER_OWNER: "0"})
+    assert logged_answer(entry) is not None and logged_answer(entry).owner == 0
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    await receivers[1]._settle(message)
+    for _ in range(100):
+        if not owner.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert len(owner.pending) == 0, "the owner settled it"
+    [record] = owner._observer.recent
+    assert record["output_tokens"] == 2 and record["usage_source"] == "provider"
+    assert not other._observer.recent
+    # A worker that is gone: the record is let go, with a warning, not an error.
+    await relays[1].forward(7, [logged_answer(entry)])  # type: ignore[list-item]
+    for relay in relays:
+        await relay.close()
