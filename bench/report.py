@@ -200,7 +200,7 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
         )
         lines += ["", f"Chosen: {doc.get('upstream_chosen', '?')}."]
     if doc.get("workers"):
-        lines += ["", "## Workers (scenario 5, service and Envoy on all cores)", ""]
+        lines += ["", "## Workers (scenario 7, service and Envoy on all cores)", ""]
         lines += _table(
             ["workers", "req/s", "p50", "p99", "service CPU us/req", "CPU split over processes"],
             [
@@ -297,7 +297,7 @@ def _scenario_table(scenarios: Iterable[Doc], plan: Doc, group: str = "service")
 def _peer_ratios(doc: Doc) -> list[str]:
     lines = []
     for peer in doc.get("peers", []):
-        for key in ("3", "5"):
+        for key in ("3", "5", "7"):
             ours = scenario_of(doc, key)
             if ours is None:
                 continue

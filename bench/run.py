@@ -7,7 +7,8 @@ Order of a run (``--quick`` shortens every step to a few seconds):
 2. scenarios 0-6 (:mod:`bench.scenarios`), each on a fresh stack: a check request, then the
    load series (:mod:`bench.measure`), a py-spy profile for scenarios 5 and 7, peak RSS, and
    the service's start-up time with that policy;
-3. ``--workers 1`` vs ``--workers 2`` on scenario 5;
+3. ``--workers 1`` vs ``--workers 2`` on scenario 7 (the full policy, decided by the HTTP
+   authorizer);
 4. with ``--peers``, LiteLLM proxy in its two database-free modes (:mod:`bench.peers`).
 
 Results go to ``bench/results/<date>-<host>[-quick].{md,json,png}``; the table is printed.
@@ -39,6 +40,8 @@ LOGS = BENCH / ".logs"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 """Database 14 of the local Redis: away from the tests' database 15 and from db 0."""
 PROFILED = ("5", "7")
+WORKERS_SCENARIO = "7"
+"""Compared with --workers 1 and 2: the full policy as the HTTP authorizer decides it."""
 
 Doc = dict[str, Any]
 T = TypeVar("T")
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             if result is not None:
                 doc["scenarios"].append(result)
-        if not args.no_workers and any(s.key == "5" for s in scenarios):
+        if not args.no_workers and any(s.key == WORKERS_SCENARIO for s in scenarios):
             doc["workers"] = []
             for n in (1, 2):
                 workers = _guarded(
@@ -278,8 +281,8 @@ def _scenario(
 def _workers(
     n: int, upstream_port: int, plan: Plan, layout: Layout, redis_url: str, log_dir: Path
 ) -> Doc:
-    scenario = by_key("5")[0]
-    _log(f"workers: scenario 5 with --workers {n}")
+    scenario = by_key(WORKERS_SCENARIO)[0]
+    _log(f"workers: scenario {WORKERS_SCENARIO} with --workers {n}")
     with services.gateway(
         scenario, upstream_port, log_dir / f"workers-{n}", None, redis_url, workers=n
     ) as gw:

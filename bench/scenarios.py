@@ -80,15 +80,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "1",
         "Envoy only",
-        "the shipped gateway config without the ext_proc filter: what Envoy costs",
+        "the shipped gateway config without the filters that call the service: what Envoy costs",
         Route.ENVOY,
     ),
     Scenario(
         "2",
         "+ service, headers only",
-        "the fixed cost of the ext_proc hop: one gRPC stream, request headers only "
-        "(identify the key, scrub headers, skip the body); a path no dialect serves, "
-        "unknown_paths: passthrough",
+        "the fixed cost of the service hop: one HTTP authorizer call that identifies the "
+        "key and scrubs headers; a path no dialect serves, unknown_paths: passthrough",
         Route.GATEWAY,
         POLICIES / "s2-headers-only.yaml",
         path=payloads.PASSTHROUGH_PREFIX + payloads.CHAT_PATH,
@@ -96,8 +95,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "3",
         "+ identity, RBAC",
-        "identity on the headers, then the buffered body: parse the chat request, check "
-        "the model (no budgets, response not processed)",
+        "identity, then the buffered body: parse the chat request, check the model (no "
+        "budgets, response not processed); accounting: service, so the authorizer hands "
+        "the request to ext_proc",
         Route.GATEWAY,
         POLICIES / "s3-identity-rbac.yaml",
     ),
@@ -115,7 +115,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "full policy",
         "identity, RBAC, five budgets (key, user, team x2, global) on Redis, the PII and "
         "secrets guardrails on the prompt, audit log (file) and metrics; the answer read "
-        "through ext_proc's response phases (accounting: service, the default)",
+        "through ext_proc's response phases (accounting: service, the default), so the "
+        "authorizer hands the request to ext_proc",
         Route.GATEWAY,
         POLICIES / "s5-full.yaml",
         redis=True,
@@ -135,9 +136,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "7",
         "full policy, accounting: envoy",
-        "scenario 5 with accounting: envoy: Envoy lifts the answer's usage "
-        "(json_to_metadata) and its gRPC access log hands it to the service, which sees "
-        "only the request headers and body",
+        "scenario 5 with accounting: envoy: the HTTP authorizer decides the request in one "
+        "call (no ext_proc stream); Envoy lifts the answer's usage (json_to_metadata) and "
+        "its gRPC access log hands it to the service",
         Route.GATEWAY,
         with_accounting_envoy(POLICIES / "s5-full.yaml"),
         redis=True,
@@ -146,7 +147,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "8",
         "full policy, accounting: envoy, SSE x50",
-        "scenario 7 on the streamed answer of scenario 6 (usage lifted by sse_to_metadata)",
+        "scenario 7 on the streamed answer of scenario 6 (usage lifted by sse_to_metadata); "
+        "the gateway adds stream_options.include_usage, a body rewrite, so ext_proc "
+        "processes the request",
         Route.GATEWAY,
         with_accounting_envoy(POLICIES / "s5-full.yaml"),
         redis=True,

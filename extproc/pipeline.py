@@ -128,12 +128,17 @@ async def decide_request(
     unchanged. Everything else, found before any side effect (nothing is reserved), is
     handed over whole and ext_proc decides it from scratch: an answer the service must
     read, a body to rewrite (alias, translation, masking, ``stream_options``, an output
-    cap a tight budget needs), MCP, paths no dialect serves, ``/v1/models``, and a caller
-    identified only by what ext_proc is sent and this call is not (JWT claims in dynamic
-    metadata, a verified client certificate).
+    cap a tight budget needs), MCP, ``/v1/models``, and a caller identified only by what
+    ext_proc is sent and this call is not (JWT claims in dynamic metadata, a verified
+    client certificate). A path no dialect serves (``unknown_paths: passthrough``) needs
+    only its caller identified, and is decided here too.
     """
     decided = on_request_headers(exchange, headers, None, not body, clock)
-    if not isinstance(decided, Forward) or not exchange.accounted_by_envoy:
+    if not isinstance(decided, Forward) or exchange.mcp_server is not None:
+        return None
+    if decided.skip_request_body:
+        return decided  # a path no dialect serves: identified and scrubbed, nothing more
+    if not exchange.accounted_by_envoy:
         return None
     rejected = await read_request_body(exchange, body)
     if rejected is not None:

@@ -124,7 +124,10 @@ class HttpAuthorizer:
             return _HANDED_OVER
         if isinstance(decision, Forward):
             allowed = _allowed(decision, self._owner)
-            self._pending.add(exchange)  # its access-log record settles and reports it
+            if exchange.accounted_by_envoy:
+                self._pending.add(exchange)  # its access-log record settles and reports it
+            else:
+                self._observer.finish(exchange)  # passed through: nothing more to learn
             return allowed
         if decision.status >= 500:
             # Envoy's local-reply mappers rewrite 5xx refusals as "service unreachable";

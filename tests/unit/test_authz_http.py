@@ -40,6 +40,7 @@ LIMITED = {
 
 def policy(accounting: str = "envoy", **overrides: Any) -> Any:
     settings = {"jwt": {"team_claim": "groups"}, "accounting": accounting}
+    settings["unknown_paths"] = "passthrough"
     return make_policy(settings=settings, teams=LIMITED, **overrides)
 
 
@@ -102,7 +103,6 @@ async def test_an_unchanged_body_accounted_by_envoy_is_decided_alone() -> None:
         ("stream_options is added", chat(max_tokens=5, stream=True), "sk-apps", None, "envoy"),
         ("JWT claims reach ext_proc only", chat(), None, None, "envoy"),
         ("models are listed by ext_proc", b"", "sk-apps", "/v1/models", "envoy"),
-        ("no dialect serves the path", b"{}", "sk-apps", "/v1/files", "envoy"),
     ],
 )
 async def test_requests_ext_proc_must_see_are_handed_over(
@@ -114,6 +114,16 @@ async def test_requests_ext_proc_must_see_are_handed_over(
     )
     assert decision is None, why
     assert await budget_left_whole(meter), "nothing may be reserved before a hand-over"
+
+
+async def test_a_path_no_dialect_serves_is_passed_through_with_its_caller_identified() -> None:
+    exchange, decision = await decide(b"{}", path="/v1/files", accounting="service")
+    assert isinstance(decision, Forward)
+    assert dict(decision.set_headers) == {"x-gateway-team": "apps", "x-gateway-key-id": "apps"}
+    assert decision.remove_headers == ("authorization",)
+    assert not exchange.accounted_by_envoy  # nothing to settle: reported at once
+    _, refused = await decide(b"{}", key="sk-wrong", path="/v1/files")
+    assert refused is None  # ext_proc decides who it is (it may have JWT claims)
 
 
 async def test_a_request_that_fits_only_capped_is_handed_over_unreserved() -> None:
