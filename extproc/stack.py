@@ -241,7 +241,8 @@ def run_stack(policy: Path) -> int:
         f"""
 AI gateway is up.
   gateway      http://127.0.0.1:{p.gateway}/v1   (OpenAI- and Anthropic-compatible)
-  service      gRPC 127.0.0.1:{p.grpc} · health/metrics http://127.0.0.1:{p.admin}/healthz
+  service      gRPC 127.0.0.1:{p.grpc} · HTTP authorizer 127.0.0.1:{p.authz}
+               health/metrics http://127.0.0.1:{p.admin}/healthz
   envoy admin  http://127.0.0.1:{p.envoy_admin}
   mock LLMs    http://127.0.0.1:{p.mock} (openai) · http://127.0.0.1:{p.mock_anthropic} (anthropic)
   MCP demo     http://127.0.0.1:{p.gateway}/mcp through the gateway (server on :{p.mcp_demo})

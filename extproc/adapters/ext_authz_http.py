@@ -35,7 +35,7 @@ import httptools
 from extproc import pipeline
 from extproc.accounting import PendingAnswers
 from extproc.adapters.record_relay import HEADER_OWNER
-from extproc.budgets.meter import Meter
+from extproc.budgets.meter import Cost, Meter
 from extproc.decisions import Forward, Headers, Reply
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
@@ -48,6 +48,7 @@ HEADER_PROCESSING = "x-gateway-processing"
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
+NOTHING_USED = Cost(0, 0, 0)
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
 
@@ -112,12 +113,27 @@ class HttpAuthorizer:
         except Exception:
             # ext_proc decides it again and fails closed on its own if it must.
             log.exception("unexpected error in the HTTP authorizer; handing over")
+            await self._release(exchange)
             return _HANDED_OVER
         finally:
             self.checks -= 1
             elapsed = time.perf_counter() - started
             exchange.durations["ext_authz_http"] = elapsed
             self._observer.phase("ext_authz_http", elapsed)
+
+    async def _release(self, exchange: Exchange) -> None:
+        """Give back a reservation made before a failure: ext_proc will reserve afresh.
+
+        Settled as nothing used, so tokens and dollars return; a request counter keeps
+        the one request (the store cannot un-count it), so it counts twice in this case.
+        """
+        reservation, model = exchange.reservation, exchange.model
+        if reservation is None or model is None or reservation.settled:
+            return
+        try:
+            await self._meter.settle(reservation, model, NOTHING_USED)
+        except Exception:
+            log.exception("releasing request %s failed", exchange.request_id)
 
     def _render(self, decision: Forward | Reply | None, exchange: Exchange) -> bytes:
         if decision is None:

@@ -277,3 +277,28 @@ def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
     assert ext_authz_http._HANDED_OVER.endswith(
         f"{ext_authz_http.HEADER_PROCESSING}: ext_proc\r\n\r\n".encode()
     )
+
+
+async def test_a_failure_after_reserving_gives_the_reservation_back(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext_proc decides a handed-over request afresh: what was reserved must not stay."""
+    _, authorizer = authz
+
+    def broken(*_: object) -> bytes:
+        raise ValueError("header value with a line break")
+
+    monkeypatch.setattr(ext_authz_http, "_allowed", broken)
+    check = ext_authz_http.Check(
+        "POST",
+        "/v1/chat/completions",
+        {"authorization": "Bearer sk-apps", "x-request-id": "r-broken"},
+        [chat(max_tokens=250)],
+    )
+    assert await authorizer.answer(check) == ext_authz_http._HANDED_OVER
+    monkeypatch.undo()
+    # The 300-token budget is whole again: the same request fits a second time.
+    again = ext_authz_http.Check(
+        "POST", check.path, {**check.headers, "x-request-id": "r2"}, check.body
+    )
+    assert b"x-gateway-accounting: envoy" in await authorizer.answer(again)
