@@ -20,6 +20,7 @@ log) is settled at its deadline as reserved and reported with ``usage_source:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ from extproc.telemetry.observer import Observer
 
 log = logging.getLogger(__name__)
 
+HEADER_EXCHANGE = "x-gateway-exchange"
+"""The HTTP authorizer's answer header naming a handed-over exchange's key; Envoy keeps it
+as dynamic metadata (``dynamic_metadata_from_headers``), so the access log carries it."""
+EXCHANGE_NAMESPACE = "extproc.exchange"
+"""ext_proc's dynamic metadata namespace for the same key (``{"key": ...}``)."""
 HEADER = "x-gateway-accounting"
 """Set on a request whose answer Envoy accounts for; switches the usage-lifting filters on."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
@@ -69,6 +75,10 @@ class LoggedAnswer:
     """What Envoy's access log says about one finished exchange."""
 
     request_id: str
+    """For logs only: callers choose it, so it cannot tell two exchanges apart."""
+    key: str | None
+    """The key :meth:`PendingAnswers.add` gave the exchange, from the request's dynamic
+    metadata; ``None`` for a record of an exchange that was not handed over."""
     status: int
     """The status the caller got; 0 when the client left before any answer."""
     usage: Mapping[str, int]
@@ -96,14 +106,29 @@ class PendingAnswers:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, exchange: Exchange) -> None:
+    def add(self, exchange: Exchange) -> str:
+        """Hold ``exchange`` for its record; the key to hand Envoy as dynamic metadata.
+
+        The key is ours, not the request id: a caller may send any ``x-request-id``, also
+        one another exchange waiting here already has.
+        """
         exchange.handed_to_envoy = True
         deadline = time.monotonic() + self._deadline_seconds
-        self._waiting[exchange.request_id] = (exchange, deadline)
+        key = secrets.token_hex(12)
+        self._waiting[key] = (exchange, deadline)
+        return key
+
+    def withdraw(self, key: str) -> Exchange | None:
+        """Take back an exchange whose answer never reached Envoy (no record will come)."""
+        entry = self._waiting.pop(key, None)
+        if entry is None:
+            return None
+        entry[0].handed_to_envoy = False
+        return entry[0]
 
     async def settle(self, logged: LoggedAnswer) -> bool:
         """Settle and report the exchange ``logged`` describes; ``False`` if not ours."""
-        entry = self._waiting.pop(logged.request_id, None)
+        entry = self._waiting.pop(logged.key, None) if logged.key else None
         if entry is None:
             return False
         exchange = entry[0]
@@ -116,10 +141,12 @@ class PendingAnswers:
     async def expire(self, now: float | None = None) -> int:
         """Settle, as reserved, the exchanges whose record is overdue; how many there were."""
         now = time.monotonic() if now is None else now
-        overdue = [rid for rid, (_, deadline) in self._waiting.items() if deadline <= now]
-        for request_id in overdue:
-            exchange, _ = self._waiting.pop(request_id)
-            log.warning("no access-log record for request %s: settled as reserved", request_id)
+        overdue = [key for key, (_, deadline) in self._waiting.items() if deadline <= now]
+        for key in overdue:
+            exchange, _ = self._waiting.pop(key)
+            log.warning(
+                "no access-log record for request %s: settled as reserved", exchange.request_id
+            )
             await self._finish_reserved(exchange)
         return len(overdue)
 

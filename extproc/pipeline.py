@@ -1,6 +1,6 @@
 """The policy pipeline: from (policy snapshot, exchange phase) to a decision.
 
-Adapters (ext_proc today, ext_authz next) call one function per phase and translate the
+Adapters (ext_proc, the gRPC and HTTP ext_authz) call these functions and translate the
 returned :class:`~extproc.decisions.Forward` or :class:`~extproc.decisions.Reply` into
 their protocol. Every :class:`~extproc.errors.GatewayError` raised by a stage is rendered
 here, in the caller's dialect, so adapters never decide what an error looks like.

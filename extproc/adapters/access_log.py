@@ -15,7 +15,7 @@ from typing import Any
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from extproc.accounting import LoggedAnswer, PendingAnswers
+from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_EXCHANGE, LoggedAnswer, PendingAnswers
 from extproc.adapters.record_relay import HEADER_OWNER, RecordRelay
 from extproc.routing import HEADER_SERVED_BY
 
@@ -95,21 +95,28 @@ def _discard(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _string(metadata: Any, namespace: str, key: str) -> str | None:
+    struct = metadata.get(namespace)
+    value = struct.fields.get(key) if struct is not None else None
+    return str(value.string_value) if value is not None and value.string_value else None
+
+
 def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
     request_id = entry.request.request_id
     if not request_id:
         return None
-    usage_struct = entry.common_properties.metadata.filter_metadata.get(USAGE_NAMESPACE)
+    metadata = entry.common_properties.metadata.filter_metadata
+    usage_struct = metadata.get(USAGE_NAMESPACE)
     usage = (
         {name: int(value.number_value) for name, value in usage_struct.fields.items()}
         if usage_struct is not None
         else {}
     )
     response = entry.response
-    authz = entry.common_properties.metadata.filter_metadata.get(AUTHZ_NAMESPACE)
-    owner = authz.fields.get(HEADER_OWNER) if authz is not None else None
     return LoggedAnswer(
-        owner=int(owner.string_value) if owner is not None and owner.string_value else None,
+        key=_string(metadata, AUTHZ_NAMESPACE, HEADER_EXCHANGE)
+        or _string(metadata, EXCHANGE_NAMESPACE, "key"),
+        owner=int(owner) if (owner := _string(metadata, AUTHZ_NAMESPACE, HEADER_OWNER)) else None,
         request_id=request_id,
         status=response.response_code.value,
         usage=usage,

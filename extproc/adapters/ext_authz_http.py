@@ -26,14 +26,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
 
 from extproc import pipeline
-from extproc.accounting import PendingAnswers
+from extproc.accounting import HEADER_EXCHANGE, PendingAnswers
 from extproc.adapters.record_relay import HEADER_OWNER
 from extproc.budgets.meter import Cost, Meter
 from extproc.decisions import Forward, Headers, Reply
@@ -51,6 +51,8 @@ _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: e
 NOTHING_USED = Cost(0, 0, 0)
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+Write = Callable[[bytes], bool]
+"""Writes one answer to Envoy; ``False`` if the connection is gone."""
 
 
 @dataclass(slots=True)
@@ -92,10 +94,13 @@ class HttpAuthorizer:
         self.checks = 0
         """Checks being answered now (shutdown waits for them)."""
 
-    async def answer(self, check: Check) -> bytes:
-        """The HTTP answer to one check; never raises (a failure hands the request over)."""
+    async def answer(self, check: Check, write: Write) -> None:
+        """Decide ``check`` and ``write`` the answer; never raises (a failure hands the
+        request over). ``write`` returns ``False`` when Envoy has gone (it gave up on the
+        check, or the caller left): a decided exchange then gives its reservation back."""
         if not self._decide:
-            return _HANDED_OVER
+            write(_HANDED_OVER)
+            return
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
@@ -109,23 +114,63 @@ class HttpAuthorizer:
                 self._meter,
                 self._clock,
             )
-            return self._render(decision, exchange)
+            await self._deliver(decision, exchange, write)
         except Exception:
             # ext_proc decides it again and fails closed on its own if it must.
             log.exception("unexpected error in the HTTP authorizer; handing over")
             await self._release(exchange)
-            return _HANDED_OVER
+            write(_HANDED_OVER)
         finally:
             self.checks -= 1
             elapsed = time.perf_counter() - started
             exchange.durations["ext_authz_http"] = elapsed
             self._observer.phase("ext_authz_http", elapsed)
 
+    async def _deliver(
+        self, decision: Forward | Reply | None, exchange: Exchange, write: Write
+    ) -> None:
+        if decision is None:
+            write(_HANDED_OVER)
+            return
+        if isinstance(decision, Reply):
+            if decision.status >= 500:
+                # Envoy's local-reply mappers rewrite 5xx refusals as "service
+                # unreachable"; ext_proc's refusal keeps its own message. Nothing was
+                # reserved yet.
+                write(_HANDED_OVER)
+                return
+            refused = _refused(decision)
+            write(refused)
+            self._observer.finish(exchange)
+            return
+        extra = self._owner
+        key = None
+        if exchange.accounted_by_envoy:  # its access-log record settles and reports it
+            key = self._pending.add(exchange)
+            extra = (*extra, (HEADER_EXCHANGE, key))
+        try:
+            allowed = _allowed(decision, extra)
+        except Exception:
+            if key is not None:
+                self._pending.withdraw(key)
+            raise
+        if write(allowed):
+            if key is None:
+                self._observer.finish(exchange)  # passed through: nothing more to learn
+            return
+        # Nothing went upstream: no charge, and no record will come for it.
+        if key is not None:
+            self._pending.withdraw(key)
+        await self._release(exchange)
+        exchange.status, exchange.error_code = 0, "check_abandoned"
+        self._observer.finish(exchange)
+
     async def _release(self, exchange: Exchange) -> None:
-        """Give back a reservation made before a failure: ext_proc will reserve afresh.
+        """Give back a reservation for a request that will not go up from here (ext_proc
+        reserves afresh for one handed over).
 
         Settled as nothing used, so tokens and dollars return; a request counter keeps
-        the one request (the store cannot un-count it), so it counts twice in this case.
+        the one request (the store cannot un-count it).
         """
         reservation, model = exchange.reservation, exchange.model
         if reservation is None or model is None or reservation.settled:
@@ -134,23 +179,6 @@ class HttpAuthorizer:
             await self._meter.settle(reservation, model, NOTHING_USED)
         except Exception:
             log.exception("releasing request %s failed", exchange.request_id)
-
-    def _render(self, decision: Forward | Reply | None, exchange: Exchange) -> bytes:
-        if decision is None:
-            return _HANDED_OVER
-        if isinstance(decision, Forward):
-            allowed = _allowed(decision, self._owner)
-            if exchange.accounted_by_envoy:
-                self._pending.add(exchange)  # its access-log record settles and reports it
-            else:
-                self._observer.finish(exchange)  # passed through: nothing more to learn
-            return allowed
-        if decision.status >= 500:
-            # Envoy's local-reply mappers rewrite 5xx refusals as "service unreachable";
-            # ext_proc's refusal keeps its own message. Nothing was reserved yet.
-            return _HANDED_OVER
-        self._observer.finish(exchange)
-        return _refused(decision)
 
 
 def _allowed(forward: Forward, owner: Headers) -> bytes:
@@ -183,29 +211,40 @@ def _safe(value: str) -> str:
 class _Connection(asyncio.Protocol):
     """One kept-alive connection from Envoy; its checks are answered in arrival order."""
 
-    def __init__(self, answer: Callable[[Check], Awaitable[bytes]]) -> None:
-        self._answer = answer
+    def __init__(self, authorizer: HttpAuthorizer, open_connections: set[_Connection]) -> None:
+        self._authorizer = authorizer
+        self._open = open_connections
         self._parser = httptools.HttpRequestParser(self)
         self._check = Check()
-        self._header_name = b""
         self._queue: deque[Check] = deque()
         self._serving: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._closing = False
+
+    def close_when_idle(self) -> None:
+        """Shutdown: close now if no check is being answered, else after its answer."""
+        self._closing = True
+        if self._serving is None and self._transport is not None:
+            self._transport.close()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._open.add(self)
 
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Not a request this server can read: Envoy answers the caller 503 (fail
+            # closed) and opens a new connection for the next check.
             assert self._transport is not None
             self._transport.write(_BAD_REQUEST)
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._open.discard(self)
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
@@ -224,20 +263,46 @@ class _Connection(asyncio.Protocol):
         if self._serving is None:
             self._serving = asyncio.get_running_loop().create_task(self._serve())
 
+    def _write(self, answer: bytes) -> bool:
+        if self._transport is None or self._transport.is_closing():
+            return False
+        self._transport.write(answer)
+        return True
+
     async def _serve(self) -> None:
         try:
             while self._queue:
-                answer = await self._answer(self._queue.popleft())
-                if self._transport is None:
-                    return
-                self._transport.write(answer)
+                await self._authorizer.answer(self._queue.popleft(), self._write)
         finally:
             self._serving = None
+            if self._closing and self._transport is not None:
+                self._transport.close()
 
 
-async def start(authorizer: HttpAuthorizer, host: str, port: int) -> asyncio.Server:
+class AuthorizerServer:
+    """The listening socket and the connections Envoy keeps open to it."""
+
+    def __init__(self, server: asyncio.Server, connections: set[_Connection]) -> None:
+        self._server = server
+        self._connections = connections
+
+    @property
+    def port(self) -> int:
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        """Stop taking connections and checks: idle connections close now, busy ones once
+        their check is answered (Envoy fails closed on checks it can no longer send)."""
+        self._server.close()
+        for connection in list(self._connections):
+            connection.close_when_idle()
+
+
+async def start(authorizer: HttpAuthorizer, host: str, port: int) -> AuthorizerServer:
     """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _Connection(authorizer.answer), host, port, reuse_port=True
+    connections: set[_Connection] = set()
+    server = await loop.create_server(
+        lambda: _Connection(authorizer, connections), host, port, reuse_port=True
     )
+    return AuthorizerServer(server, connections)

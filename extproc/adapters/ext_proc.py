@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from extproc import answer, pipeline
-from extproc.accounting import PendingAnswers
+from extproc.accounting import EXCHANGE_NAMESPACE, PendingAnswers
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
@@ -147,9 +147,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             if rejected is not None:
                 return immediate_response(rejected)
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
+            response = _answer(decision, phase)
             if exchange.accounted_by_envoy and isinstance(decision, Forward):
-                self.pending.add(exchange)
-            return _answer(decision, phase)
+                # Envoy copies the key into the access-log record that settles the exchange.
+                key = self.pending.add(exchange)
+                response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"key": key}})
+            return response
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
             if request.response_headers.end_of_stream:

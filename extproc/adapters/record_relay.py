@@ -41,6 +41,7 @@ class RecordRelay:
         self._deliver = deliver
         self._server: asyncio.Server | None = None
         self._peers: dict[int, asyncio.StreamWriter] = {}
+        self._connecting: dict[int, asyncio.Lock] = {}
         self._handlers: set[asyncio.Task[None]] = set()
 
     def socket(self, index: int) -> Path:
@@ -55,10 +56,11 @@ class RecordRelay:
         """Pass ``answers`` to worker ``owner``; on failure log them and let them go."""
         payload = orjson.dumps(list(answers))
         try:
-            writer = self._peers.get(owner)
-            if writer is None or writer.is_closing():
-                _, writer = await asyncio.open_unix_connection(self.socket(owner))
-                self._peers[owner] = writer
+            async with self._connecting.setdefault(owner, asyncio.Lock()):
+                writer = self._peers.get(owner)
+                if writer is None or writer.is_closing():
+                    _, writer = await asyncio.open_unix_connection(self.socket(owner))
+                    self._peers[owner] = writer
             writer.write(_LENGTH.pack(len(payload)) + payload)
             await writer.drain()
         except OSError as error:
@@ -87,6 +89,8 @@ class RecordRelay:
                 await self._deliver([LoggedAnswer(**fields) for fields in frame])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the sending worker stopped
+        except Exception:
+            log.exception("unreadable records from another worker; connection dropped")
         finally:
             self._handlers.discard(task)
             with contextlib.suppress(Exception):

@@ -12,10 +12,13 @@ Everything else (MGET, PING, health, Redis Cluster, TLS) stays with redis-py;
 :meth:`RedisStore.from_url` uses this link only for plain TCP and Unix-socket servers, with
 the address, database and credentials redis-py parsed from the URL.
 
-Failures: a call that gets no reply within ``timeout`` closes the connection (a late
-reply would be matched to the wrong caller) and fails every call waiting on it; the next
-call reconnects. Error replies, refused connections and timeouts all raise
-:class:`~extproc.budgets.store.StoreUnavailable`, as redis-py's errors do.
+Failures: a call that gets no reply within ``timeout`` fails alone (as one redis-py call
+would); the calls queued behind it on the connection keep waiting for their replies, which
+arrive in order, while new calls open a fresh connection and the old one closes once no
+call waits on it. A lost connection fails the calls waiting on it. Error replies, refused
+connections and timeouts all raise :class:`~extproc.budgets.store.StoreUnavailable`, as
+redis-py's errors do. As with any client, a call that timed out may still have run on the
+server (see the fail modes in :mod:`extproc.budgets.resilient_store`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class _Protocol(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
+        self.retiring = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -73,11 +77,22 @@ class _Protocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             future = self.waiting.popleft()
             if future.done():
-                continue  # its caller gave up; the connection is being closed anyway
+                continue  # its caller gave up waiting; the reply is read and dropped
             if isinstance(reply, hiredis.ReplyError):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        self._close_if_retired()
+
+    def retire(self) -> None:
+        """Close once every call still queued here is answered or has given up."""
+        self.retiring = True
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        waited_on = any(not future.done() for future in self.waiting)
+        if self.retiring and self.transport is not None and not waited_on:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -137,14 +152,15 @@ class ScriptLink:
             timer.cancel()
 
     def _expire(self, protocol: _Protocol, future: asyncio.Future[Any]) -> None:
+        """Fail the call that waited too long, and only it: the calls queued behind it
+        may still get their replies (Redis may well have run them all). New calls go to
+        a fresh connection; this one closes once no call waits on it any more."""
         if future.done():
             return
-        error = StoreUnavailable(f"redis: no reply within {self._timeout}s")
-        protocol.fail(error)
-        if protocol.transport is not None:
-            protocol.transport.close()
+        future.set_exception(StoreUnavailable(f"redis: no reply within {self._timeout}s"))
         if self._protocol is protocol:
             self._protocol = None
+        protocol.retire()
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol

@@ -12,6 +12,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
                                tests: the header reaches every backend Envoy tries)
     x-mock-split-chars: N      streaming: send the echo in deltas of N characters instead
                                of one per token (an entity split across SSE events)
+    x-mock-ratelimit: N        answer with the provider's own ``x-ratelimit-limit-tokens: N``
+                               (as OpenAI does), which the gateway's budget headers replace
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -33,6 +35,7 @@ STATUS_HEADER = "x-mock-status"
 CHUNK_DELAY_HEADER = "x-mock-chunk-delay-ms"
 FAIL_HEADER = "x-mock-fail"
 SPLIT_HEADER = "x-mock-split-chars"
+RATELIMIT_HEADER = "x-mock-ratelimit"
 MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
@@ -100,3 +103,10 @@ async def controls_middleware(request: web.Request, handler: Handler) -> web.Str
         return replay(request) or await handler(request)
     except MockError as error:
         return error_response(path, error)
+
+
+async def provider_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the headers a real provider adds to every answer."""
+    limit = request.headers.get(RATELIMIT_HEADER)
+    if limit is not None:
+        response.headers["x-ratelimit-limit-tokens"] = limit

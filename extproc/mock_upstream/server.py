@@ -13,7 +13,7 @@ import asyncio
 from aiohttp import web
 
 from . import anthropic_api, embeddings, openai_api, responses_api
-from .controls import MOCK_NAME, controls_middleware
+from .controls import MOCK_NAME, controls_middleware, provider_headers
 from .ids import ID_COUNTER, new_counter
 from .recorder import DEFAULT_LIMIT, RECORDER, Recorder
 from .replies import json_response
@@ -41,6 +41,7 @@ def build_app(
 ) -> web.Application:
     """A fresh mock upstream app, recording the last ``record_limit`` API requests."""
     app = web.Application(middlewares=[controls_middleware], client_max_size=max_body)
+    app.on_response_prepare.append(provider_headers)
     app[RECORDER] = Recorder(record_limit)
     app[ID_COUNTER] = new_counter()
     app[MOCK_NAME] = name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,7 +15,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
-from extproc.accounting import LoggedAnswer
+from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_EXCHANGE, LoggedAnswer
 from extproc.adapters.access_log import (
     AUTHZ_NAMESPACE,
     USAGE_NAMESPACE,
@@ -54,6 +55,12 @@ async def send(
 ) -> list[pb.ProcessingResponse]:
     headers = {"authorization": f"Bearer {key}", "x-request-id": "req-1"}
     return await exchange(proc, [request_headers(path, headers), request_body(body)])
+
+
+async def handed(proc: ExternalProcessor, key: str, **kw: Any) -> str:
+    """Send a request Envoy will account for; the exchange key Envoy is given for it."""
+    responses = await send(proc, key, **kw)
+    return str(MessageToDict(responses[1].dynamic_metadata)[EXCHANGE_NAMESPACE]["key"])
 
 
 def answers_asked(responses: list[pb.ProcessingResponse]) -> bool:
@@ -106,9 +113,10 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     tmp_path: Path,
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted")
+    key = await handed(proc, "sk-demo-restricted")
     logged = LoggedAnswer(
         request_id="req-1",
+        key=key,
         status=200,
         usage={"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000},
         served_by="openai_primary",
@@ -127,9 +135,9 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
 async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
     body = {"model": "claude-3-5-haiku", "max_tokens": 20, "messages": CHAT["messages"]}
-    await send(proc, "sk-demo-admin", path="/v1/messages", body=body)
+    key = await handed(proc, "sk-demo-admin", path="/v1/messages", body=body)
     usage = {"input_tokens": 5, "output_tokens": 4, "cache_read_input_tokens": 10}
-    await proc.pending.settle(LoggedAnswer("req-1", 200, usage, None, 100))
+    await proc.pending.settle(LoggedAnswer("req-1", key, 200, usage, None, 100))
     [record] = proc._observer.recent
     assert (record["input_tokens"], record["output_tokens"]) == (15, 4)
 
@@ -146,8 +154,8 @@ async def test_without_usage_the_answer_is_estimated(
     tmp_path: Path, status: int, sent: int, expected_output: int
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted")
-    await proc.pending.settle(LoggedAnswer("req-1", status, {}, None, sent))
+    key = await handed(proc, "sk-demo-restricted")
+    await proc.pending.settle(LoggedAnswer("req-1", key, status, {}, None, sent))
     [record] = proc._observer.recent
     assert record["output_tokens"] == expected_output
     assert (record["input_tokens"] > 0) is (status < 300)  # the prompt reached the provider
@@ -165,8 +173,8 @@ async def test_a_stream_without_usage_is_estimated_from_the_bytes_sent(
     tmp_path: Path, sent: int, expected_output: int
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted", body={**CHAT, "stream": True})
-    await proc.pending.settle(LoggedAnswer("req-1", 200, {}, None, sent))
+    key = await handed(proc, "sk-demo-restricted", body={**CHAT, "stream": True})
+    await proc.pending.settle(LoggedAnswer("req-1", key, 200, {}, None, sent))
     [record] = proc._observer.recent
     assert record["output_tokens"] == expected_output
     assert record["usage_source"] == "estimate"
@@ -190,9 +198,13 @@ async def test_shutdown_settles_what_is_still_waiting(tmp_path: Path) -> None:
     assert proc._observer.recent[0]["usage_source"] == "reserved"
 
 
-def log_entry(request_id: str, status: int, usage: dict[str, float]) -> HTTPAccessLogEntry:
+def log_entry(
+    request_id: str, status: int, usage: dict[str, float], key: str | None = None
+) -> HTTPAccessLogEntry:
     entry = HTTPAccessLogEntry()
     entry.request.request_id = request_id
+    if key is not None:  # from ext_proc's answer (the HTTP authorizer's: its own namespace)
+        entry.common_properties.metadata.filter_metadata[EXCHANGE_NAMESPACE].update({"key": key})
     entry.response.response_code.value = status
     entry.response.response_body_bytes = 321
     entry.response.response_headers["x-gateway-served-by"] = "openai_primary"
@@ -202,22 +214,47 @@ def log_entry(request_id: str, status: int, usage: dict[str, float]) -> HTTPAcce
 
 
 def test_a_log_entry_reads_as_a_logged_answer() -> None:
-    logged = logged_answer(log_entry("r1", 200, {"prompt_tokens": 7.0, "completion_tokens": 3.0}))
+    usage = {"prompt_tokens": 7.0, "completion_tokens": 3.0}
+    logged = logged_answer(log_entry("r1", 200, usage, key="k1"))
     assert logged == LoggedAnswer(
-        "r1", 200, {"prompt_tokens": 7, "completion_tokens": 3}, "openai_primary", 321
+        "r1", "k1", 200, {"prompt_tokens": 7, "completion_tokens": 3}, "openai_primary", 321
     )
     assert logged_answer(HTTPAccessLogEntry()) is None  # no request id: not one of ours
+    entry = log_entry("r2", 200, {})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
+        {HEADER_EXCHANGE: "k2", HEADER_OWNER: "1"}
+    )
+    from_authorizer = logged_answer(entry)
+    assert from_authorizer is not None
+    assert (from_authorizer.key, from_authorizer.owner) == ("k2", 1)
+
+
+async def test_a_caller_reusing_a_request_id_cannot_settle_another_exchange(
+    tmp_path: Path,
+) -> None:
+    """Callers choose x-request-id: two exchanges waiting under one id stay apart."""
+    proc = processor(policy_file(tmp_path))
+    first = await handed(proc, "sk-demo-restricted")
+    second = await handed(proc, "sk-demo-restricted", body={**CHAT, "max_tokens": 900})
+    assert first != second and len(proc.pending) == 2
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    # A record without the key (or another exchange's) settles nothing.
+    assert not await proc.pending.settle(LoggedAnswer("req-1", None, 200, usage, None, 9))
+    assert await proc.pending.settle(LoggedAnswer("req-1", second, 200, usage, None, 9))
+    [record] = proc._observer.recent
+    assert record["output_tokens"] == 1 and len(proc.pending) == 1
 
 
 async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted")
+    key = await handed(proc, "sk-demo-restricted")
     receiver = AccessLogReceiver(proc.pending)
     delivered = asyncio.Event()
 
     async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
         message = als_pb2.StreamAccessLogsMessage()
-        message.http_logs.log_entry.append(log_entry("req-1", 200, {"prompt_tokens": 4.0}))
+        entry = log_entry("req-1", 200, {"prompt_tokens": 4.0}, key=key)
+        message.http_logs.log_entry.append(entry)
         yield message
         delivered.set()
         await asyncio.Event().wait()  # Envoy keeps its log stream open for good
@@ -245,7 +282,7 @@ async def test_a_stream_that_ends_before_its_body_is_reported_by_the_stream(
 async def test_a_record_reaching_the_wrong_worker_is_passed_to_its_owner(tmp_path: Path) -> None:
     """--workers 2: worker 0 holds the exchange, worker 1 gets Envoy's log stream."""
     owner, other = processor(policy_file(tmp_path)), processor(policy_file(tmp_path))
-    await send(owner, "sk-demo-restricted")
+    key = await handed(owner, "sk-demo-restricted")
     assert len(owner.pending) == 1
     receivers: dict[int, AccessLogReceiver] = {}
     relays = [
@@ -257,7 +294,9 @@ async def test_a_record_reaching_the_wrong_worker_is_passed_to_its_owner(tmp_pat
     for relay in relays:
         await relay.start()
     entry = log_entry("req-1", 200, {"prompt_tokens": 4.0, "completion_tokens": 2.0})
-    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update({HEADER_OWNER: "0"})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
+        {HEADER_OWNER: "0", HEADER_EXCHANGE: key}
+    )
     assert logged_answer(entry) is not None and logged_answer(entry).owner == 0
     message = als_pb2.StreamAccessLogsMessage()
     message.http_logs.log_entry.append(entry)

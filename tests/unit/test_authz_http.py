@@ -18,10 +18,12 @@ import yaml
 from extproc import accounting, pipeline, routing
 from extproc.accounting import PendingAnswers
 from extproc.adapters import ext_authz_http
+from extproc.adapters.record_relay import HEADER_OWNER
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.decisions import Forward, Reply
 from extproc.exchange import Exchange
+from extproc.guardrails.engine import HEADER_GUARDRAILS
 from extproc.pipeline import decide_request
 from extproc.policy.store import PolicyStore
 from extproc.stack import GATEWAY_CONFIG
@@ -173,7 +175,7 @@ async def authz(tmp_path: Any) -> AsyncIterator[tuple[int, ext_authz_http.HttpAu
         PolicyStore(path), meter, observer, PendingAnswers(meter, observer)
     )
     server = await ext_authz_http.start(authorizer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = server.port
     yield port, authorizer
     server.close()
 
@@ -219,7 +221,8 @@ async def test_checks_on_one_connection_are_answered_in_order(
     # The forged copy is overwritten, not removed after being set.
     assert ok_headers[ext_authz_http.HEADERS_TO_REMOVE] == "authorization"
     assert ext_authz_http.HEADER_PROCESSING not in ok_headers
-    assert len(authorizer._pending) == 1  # settled by its access-log record
+    # Settled by its access-log record, which carries this key (not the request id).
+    assert len(authorizer._pending) == 1 and len(ok_headers[accounting.HEADER_EXCHANGE]) == 24
 
     assert no == 403
     assert orjson.loads(no_body)["error"]["code"] == "model_not_allowed"
@@ -243,7 +246,15 @@ async def test_a_malformed_check_is_refused_and_the_connection_closed(
     writer.close()
 
 
-async def test_with_workers_every_check_is_handed_over(tmp_path: Any) -> None:
+async def answer(authorizer: ext_authz_http.HttpAuthorizer, check: ext_authz_http.Check) -> bytes:
+    """What the authorizer writes back for ``check`` on a live connection."""
+    written: list[bytes] = []
+    await authorizer.answer(check, lambda data: written.append(data) is None)
+    [data] = written
+    return data
+
+
+async def test_with_decide_off_every_check_is_handed_over(tmp_path: Any) -> None:
     meter = Meter(MemoryStore())
     observer = Observer(None, AuditLog([]))
     path = tmp_path / "p.yaml"
@@ -252,7 +263,7 @@ async def test_with_workers_every_check_is_handed_over(tmp_path: Any) -> None:
         PolicyStore(path), meter, observer, PendingAnswers(meter, observer), decide=False
     )
     check = ext_authz_http.Check("POST", "/v1/chat/completions", {}, [chat(max_tokens=1)])
-    assert await authorizer.answer(check) == ext_authz_http._HANDED_OVER
+    assert await answer(authorizer, check) == ext_authz_http._HANDED_OVER
 
 
 def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
@@ -272,6 +283,14 @@ def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
         ext_authz_http.HEADER_PROCESSING,
         *pipeline.CREDENTIAL_HEADERS,  # a backend's provider key
     }
+    kept = response["dynamic_metadata_from_headers"]["patterns"]
+    assert {p.get("exact") or p["prefix"] for p in kept} == {
+        "x-ratelimit-",
+        HEADER_GUARDRAILS,
+        accounting.HEADER_EXCHANGE,
+        HEADER_OWNER,
+    }
+    assert "allowed_client_headers_on_success" not in response  # appended, not replaced
     tree = filters["ext-proc-when-handed-over"]["xds_matcher"]["matcher_tree"]
     assert tree["input"]["typed_config"]["header_name"] == ext_authz_http.HEADER_PROCESSING
     assert ext_authz_http._HANDED_OVER.endswith(
@@ -295,10 +314,34 @@ async def test_a_failure_after_reserving_gives_the_reservation_back(
         {"authorization": "Bearer sk-apps", "x-request-id": "r-broken"},
         [chat(max_tokens=250)],
     )
-    assert await authorizer.answer(check) == ext_authz_http._HANDED_OVER
+    assert await answer(authorizer, check) == ext_authz_http._HANDED_OVER
     monkeypatch.undo()
     # The 300-token budget is whole again: the same request fits a second time.
     again = ext_authz_http.Check(
         "POST", check.path, {**check.headers, "x-request-id": "r2"}, check.body
     )
-    assert b"x-gateway-accounting: envoy" in await authorizer.answer(again)
+    assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)
+
+
+async def test_a_check_envoy_gave_up_on_is_not_charged(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+) -> None:
+    """Envoy timed out or the caller left: the answer cannot be written, nothing went up."""
+    _, authorizer = authz
+    check = ext_authz_http.Check(
+        "POST",
+        "/v1/chat/completions",
+        {"authorization": "Bearer sk-apps", "x-request-id": "r-gone"},
+        [chat(max_tokens=250)],
+    )
+    await authorizer.answer(check, lambda data: False)
+    assert len(authorizer._pending) == 0  # no record will come for it
+    observer = authorizer._observer
+    assert isinstance(observer, Recorder)
+    [gone] = observer.finished
+    assert (gone.status, gone.error_code) == (0, "check_abandoned")
+    # The 300-token budget is whole again: the same request fits.
+    again = ext_authz_http.Check(
+        "POST", check.path, {**check.headers, "x-request-id": "r2"}, check.body
+    )
+    assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)

@@ -68,11 +68,13 @@ async def test_the_database_of_the_url_is_selected() -> None:
 
 
 class FakeRedis:
-    """Records every command; answers ``:7`` to each, except on the connections it is
-    told to ignore (numbered from 0)."""
+    """Records every command; answers ``:7``, ``:8``, … in order, except on the connections
+    it is told to ignore (numbered from 0), after ``delay`` seconds for the first command."""
 
-    def __init__(self, silent: set[int]) -> None:
+    def __init__(self, silent: set[int], delay: float = 0.0) -> None:
         self.silent = silent
+        self.delay = delay
+        self.answered = 7
         self.connections: list[list[list[bytes]]] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -84,8 +86,16 @@ class FakeRedis:
             parser.feed(data)
             while (command := parser.gets()) is not False:
                 commands.append(command)
-                if number not in self.silent:
-                    writer.write(b"+OK\r\n" if command[0] in (b"AUTH", b"SELECT") else b":7\r\n")
+                if number in self.silent:
+                    continue
+                if command[0] in (b"AUTH", b"SELECT"):
+                    writer.write(b"+OK\r\n")
+                    continue
+                delay, self.delay = self.delay, 0.0
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(b":%d\r\n" % self.answered)
+                self.answered += 1
         writer.close()
 
 
@@ -103,6 +113,23 @@ async def test_a_silent_server_times_out_and_the_next_call_reconnects() -> None:
         await link.run(ECHO, ["k"], [1])
     assert time.monotonic() - started < 1.0
     assert await link.run(ECHO, ["k"], [1]) == 7
+    assert len(fake.connections) == 2
+    await link.close()
+    server.close()
+
+
+async def test_a_slow_reply_fails_only_its_own_call() -> None:
+    """Calls queued behind a slow one still get their replies; new calls reconnect."""
+    fake = FakeRedis(silent=set(), delay=0.6)
+    server, port = await serve(fake)
+    link = ScriptLink(Address(host="127.0.0.1", port=port), timeout=0.5)
+    slow = asyncio.ensure_future(link.run(ECHO, ["a"], [1]))
+    await asyncio.sleep(0.3)
+    queued = asyncio.ensure_future(link.run(ECHO, ["b"], [2]))  # deadline at 0.8 s
+    with pytest.raises(StoreUnavailable, match="no reply"):
+        await slow
+    assert await link.run(ECHO, ["c"], [3]) == 7  # a fresh connection, served at once
+    assert await queued == 9  # its reply came, in order, after the slow one's (8)
     assert len(fake.connections) == 2
     await link.close()
     server.close()
