@@ -49,7 +49,7 @@ HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
 NOTHING_USED = Cost(0, 0, 0)
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
 Write = Callable[[bytes], bool]
 """Writes one answer to Envoy; ``False`` if the connection is gone."""
@@ -236,10 +236,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Not a request this server can read: Envoy answers the caller 503 (fail
-            # closed) and opens a new connection for the next check.
+            # A check this parser cannot read (llhttp knows fewer methods than Envoy):
+            # ext_proc decides the request instead. The connection's framing is lost, so
+            # it closes; Envoy opens a new one for the next check.
             assert self._transport is not None
-            self._transport.write(_BAD_REQUEST)
+            self._transport.write(_HANDED_OVER_AND_CLOSE)
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
