@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,18 @@ def test_metrics_and_audit_after_a_mix_of_traffic(audited: tuple[Stack, Path]) -
     (global_usd,) = [b for b in usage if b["scope"] == "global"]
     assert global_usd["used"] == micro_to_usd(int(expected_cost))
     (capped,) = [b for b in usage if b["scope_id"] == "capped"]
-    capped_tokens = sum(
-        r["input_tokens"] + r["output_tokens"] for r in allowed if r["team"] == "capped"
-    )
-    assert int(capped["used"]) == capped_tokens
+    # The capped budget is per minute: count what was recorded in the window it reports
+    # (the test may straddle a minute boundary).
+    ends = datetime.fromisoformat(capped["resets_at"].replace("Z", "+00:00"))
+    in_window = [
+        r
+        for r in allowed
+        if r["team"] == "capped"
+        and ends - timedelta(minutes=1)
+        <= datetime.fromisoformat(r["time"].replace("Z", "+00:00"))
+        < ends
+    ]
+    assert int(capped["used"]) == sum(r["input_tokens"] + r["output_tokens"] for r in in_window)
 
     channel = grpc.insecure_channel(f"127.0.0.1:{stack.ports.grpc}")
     stub = admin_pb2_grpc.AdminStub(channel)
