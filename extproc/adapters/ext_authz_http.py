@@ -8,9 +8,11 @@ no-op HTTP/1.1 server on the event loop itself, ~30 µs. Envoy's ext_authz filte
 a kept-alive connection, and takes the answer as:
 
 * **200** with the headers to set upstream (``allowed_upstream_headers`` in
-  envoy/gateway.yaml), the client headers to drop (``x-envoy-auth-headers-to-remove``)
-  and the answer's headers (``allowed_client_headers_on_success``): a request decided
-  here, whose answer Envoy accounts for (:mod:`extproc.accounting`);
+  envoy/gateway.yaml), the client headers to drop (``x-envoy-auth-headers-to-remove``),
+  and, kept by Envoy as dynamic metadata (``dynamic_metadata_from_headers``), the
+  answer's budget and guardrail headers (set by the virtual host), the exchange's key and
+  its worker: a request decided here, whose answer Envoy accounts for
+  (:mod:`extproc.accounting`);
 * **200** with ``x-gateway-processing: ext_proc`` and nothing else: handed over; the
   header switches on the ext_proc filter behind this one, which decides the request from
   scratch (see :func:`extproc.pipeline.decide_request` for which requests);
@@ -48,9 +50,10 @@ HEADER_PROCESSING = "x-gateway-processing"
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
-NOTHING_USED = Cost(0, 0, 0)
 _HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+NOTHING_USED = Cost(0, 0, 0)
+"""Settling a reservation with this gives all of it back (but the request count)."""
 Write = Callable[[bytes], bool]
 """Writes one answer to Envoy; ``False`` if the connection is gone."""
 
