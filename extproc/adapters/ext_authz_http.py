@@ -137,9 +137,9 @@ class HttpAuthorizer:
             return
         if isinstance(decision, Reply):
             if decision.status >= 500:
-                # Envoy's local-reply mappers rewrite 5xx refusals as "service
-                # unreachable"; ext_proc's refusal keeps its own message. Nothing was
-                # reserved yet.
+                # Envoy takes a 5xx from an HTTP authorization service for the service
+                # failing (ext_authz_error: its own 503, the body dropped); ext_proc sends
+                # the refusal as it is. Nothing was reserved yet.
                 write(_HANDED_OVER)
                 return
             refused = _refused(decision)

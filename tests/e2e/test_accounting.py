@@ -13,19 +13,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
-import yaml
 
-from extproc.budgets.pricing import Price, cost_micro_usd
 from extproc.stack import Ports, Stack, running
 from tests.e2e.conftest import Http, Mock
 from tests.e2e.test_budgets import (
+    METERED_UNITS,
     POLICY,
     abandon_stream,
     client,
     counter,
-    recorded_usage,
+    meter_counters,
+    recorded_charge,
     recorded_with_usage,
+    send_recorded,
 )
 from tests.redis_server import RedisServer
 
@@ -96,40 +98,13 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     request_body: str,
     response_body: str,
 ) -> None:
-    units = ("input_tokens", "output_tokens", "requests", "usd")
-    before = {u: counter(redis_server, "meter", u) for u in units}
-    status, _, _ = raw.request(
-        "POST",
-        path,
-        request_body.encode(),
-        {
-            "authorization": "Bearer sk-test-meter",
-            "content-type": "application/json",
-            "x-mock-cassette": name,
-        },
-    )
-    assert status == 200
-    usage = recorded_usage(response_body)
-    prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens", 0)
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    prices = yaml.safe_load(POLICY.read_text())["models"][json.loads(request_body)["model"]][
-        "pricing"
-    ]
-    price = Price.from_usd(
-        input=str(prices["input"]),
-        output=str(prices["output"]),
-        cached_input=str(prices.get("cached_input", prices["input"])),
-    )
-    expected = {
-        "input_tokens": prompt,
-        "output_tokens": completion,
-        "requests": 1,
-        "usd": cost_micro_usd(price, prompt, cached, completion),
-    }
+    before = meter_counters(redis_server)
+    send_recorded(raw, name, path, request_body)
+    expected = recorded_charge(request_body, response_body)
 
     def settled() -> bool:
-        after = {u: counter(redis_server, "meter", u) for u in units}
-        return {u: after[u] - before[u] for u in units} == expected
+        after = meter_counters(redis_server)
+        return {u: after[u] - before[u] for u in METERED_UNITS} == expected
 
     eventually(settled, f"counters never settled to {expected}")
 
@@ -259,3 +234,28 @@ def test_an_upstream_error_releases_the_reservation(
     assert record["status"] == 503 and record["output_tokens"] == 0
     # The 200 output tokens reserved for it were given back.
     assert counter(redis_server, "meter", "output_tokens") == before
+
+
+def test_a_budget_store_outage_is_refused_in_the_callers_dialect(
+    stack: Stack, redis_server: RedisServer
+) -> None:
+    """fail_closed: Envoy would take a 503 from the HTTP authorizer for the authorizer
+    failing and drop its body, so the authorizer hands the request to ext_proc, whose
+    refusal reaches the caller as sent."""
+    before = ext_proc_messages(stack)
+    redis_server.kill()
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(stack, "meter").chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], max_tokens=5
+            )
+    finally:
+        redis_server.start()
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "budget_store_unavailable"  # type: ignore[index]
+    assert ext_proc_messages(stack) > before  # handed over
+    # Back to normal once Redis answers again.
+    reply = client(stack, "meter").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "ping"}], max_tokens=5
+    )
+    assert reply.choices[0].message.content == "ping"

@@ -112,17 +112,16 @@ def test_cassettes_with_usage_are_found() -> None:
     assert len(recorded_with_usage()) >= 20, f"the shared data sets are missing: {CASSETTES}"
 
 
-@pytest.mark.parametrize(("name", "path", "request_body", "response_body"), recorded_with_usage())
-def test_recorded_usage_is_accounted_exactly(
-    redis_server: RedisServer,
-    raw: Http,
-    name: str,
-    path: str,
-    request_body: str,
-    response_body: str,
-) -> None:
-    units = ("input_tokens", "output_tokens", "requests", "usd")
-    before = {u: counter(redis_server, "meter", u) for u in units}
+METERED_UNITS = ("input_tokens", "output_tokens", "requests", "usd")
+
+
+def meter_counters(redis_server: RedisServer) -> dict[str, int]:
+    """The ``meter`` team's counters, the ones a recorded exchange moves."""
+    return {unit: counter(redis_server, "meter", unit) for unit in METERED_UNITS}
+
+
+def send_recorded(raw: Http, name: str, path: str, request_body: str) -> None:
+    """Replay one recorded request as ``sk-test-meter``; the mock answers the recording."""
     status, _, _ = raw.request(
         "POST",
         path,
@@ -134,7 +133,10 @@ def test_recorded_usage_is_accounted_exactly(
         },
     )
     assert status == 200
-    after = {u: counter(redis_server, "meter", u) for u in units}
+
+
+def recorded_charge(request_body: str, response_body: str) -> dict[str, int]:
+    """What the recorded exchange must add to each counter: its usage at the policy's price."""
     usage = recorded_usage(response_body)
     prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens", 0)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
@@ -146,10 +148,28 @@ def test_recorded_usage_is_accounted_exactly(
         output=str(prices["output"]),
         cached_input=str(prices.get("cached_input", prices["input"])),
     )
-    assert after["input_tokens"] - before["input_tokens"] == prompt
-    assert after["output_tokens"] - before["output_tokens"] == completion
-    assert after["requests"] - before["requests"] == 1
-    assert after["usd"] - before["usd"] == cost_micro_usd(price, prompt, cached, completion)
+    return {
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "requests": 1,
+        "usd": cost_micro_usd(price, prompt, cached, completion),
+    }
+
+
+@pytest.mark.parametrize(("name", "path", "request_body", "response_body"), recorded_with_usage())
+def test_recorded_usage_is_accounted_exactly(
+    redis_server: RedisServer,
+    raw: Http,
+    name: str,
+    path: str,
+    request_body: str,
+    response_body: str,
+) -> None:
+    before = meter_counters(redis_server)
+    send_recorded(raw, name, path, request_body)
+    after = meter_counters(redis_server)
+    charged = {unit: after[unit] - before[unit] for unit in METERED_UNITS}
+    assert charged == recorded_charge(request_body, response_body)
 
 
 # --- limits under concurrency, headers, the SDK's view -------------------------------------
