@@ -118,13 +118,10 @@ class PendingAnswers:
         self._waiting[key] = (exchange, deadline)
         return key
 
-    def withdraw(self, key: str) -> Exchange | None:
+    def withdraw(self, key: str) -> None:
         """Take back an exchange whose answer never reached Envoy (no record will come)."""
-        entry = self._waiting.pop(key, None)
-        if entry is None:
-            return None
-        entry[0].handed_to_envoy = False
-        return entry[0]
+        exchange, _ = self._waiting.pop(key)
+        exchange.handed_to_envoy = False
 
     async def settle(self, logged: LoggedAnswer) -> bool:
         """Settle and report the exchange ``logged`` describes; ``False`` if not ours."""

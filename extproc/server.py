@@ -160,7 +160,6 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         meter,
         observer,
         processor.pending,
-        decide=settings.workers <= 1 or relay is not None,
         owner=relay.index if relay is not None else None,
     )
     authz_server = None

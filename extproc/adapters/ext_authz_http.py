@@ -60,10 +60,9 @@ Write = Callable[[bytes], bool]
 
 @dataclass(slots=True)
 class Check:
-    """One authorization request: the client request's method, path, headers and body."""
+    """One authorization request: the client request's headers, with ``:method`` and
+    ``:path`` as ext_proc names them, and its body."""
 
-    method: str = ""
-    path: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     body: list[bytes] = field(default_factory=list)
 
@@ -73,8 +72,7 @@ class HttpAuthorizer:
 
     With ``--workers N`` an access-log record may reach a worker other than the one
     holding the exchange: ``owner`` (this worker's index) goes into every allowed answer so
-    that the record can be passed on (:mod:`extproc.adapters.record_relay`). With
-    ``decide`` false every request is handed over to ext_proc.
+    that the record can be passed on (:mod:`extproc.adapters.record_relay`).
     """
 
     def __init__(
@@ -84,7 +82,6 @@ class HttpAuthorizer:
         observer: Observer,
         pending: PendingAnswers,
         clock: Clock = utc_now,
-        decide: bool = True,
         owner: int | None = None,
     ) -> None:
         self._policies = policies
@@ -92,7 +89,6 @@ class HttpAuthorizer:
         self._observer = observer
         self._pending = pending
         self._clock = clock
-        self._decide = decide
         self._owner = () if owner is None else ((HEADER_OWNER, str(owner)),)
         self.checks = 0
         """Checks being answered now (shutdown waits for them)."""
@@ -101,9 +97,6 @@ class HttpAuthorizer:
         """Decide ``check`` and ``write`` the answer; never raises (a failure hands the
         request over). ``write`` returns ``False`` when Envoy has gone (it gave up on the
         check, or the caller left): a decided exchange then gives its reservation back."""
-        if not self._decide:
-            write(_HANDED_OVER)
-            return
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
@@ -112,7 +105,7 @@ class HttpAuthorizer:
         try:
             decision = await pipeline.decide_request(
                 exchange,
-                {":method": check.method, ":path": check.path, **check.headers},
+                check.headers,
                 b"".join(check.body),
                 self._meter,
                 self._clock,
@@ -252,7 +245,8 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
-        self._check.path += url.decode("utf-8", "replace")
+        path = self._check.headers.get(":path", "") + url.decode("utf-8", "replace")
+        self._check.headers[":path"] = path
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._check.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
@@ -262,7 +256,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         check, self._check = self._check, Check()
-        check.method = self._parser.get_method().decode("ascii")
+        check.headers[":method"] = self._parser.get_method().decode("ascii")
         self._queue.append(check)
         if self._serving is None:
             self._serving = asyncio.get_running_loop().create_task(self._serve())

@@ -156,8 +156,11 @@ class Recorder(Observer):
         super().finish(exchange)
 
 
+Served = tuple[ext_authz_http.AuthorizerServer, ext_authz_http.HttpAuthorizer]
+
+
 @pytest.fixture
-async def authz(tmp_path: Any) -> AsyncIterator[tuple[int, ext_authz_http.HttpAuthorizer]]:
+async def served(tmp_path: Any) -> AsyncIterator[Served]:
     path = tmp_path / "policy.yaml"
     path.write_text(
         orjson.dumps(
@@ -175,9 +178,14 @@ async def authz(tmp_path: Any) -> AsyncIterator[tuple[int, ext_authz_http.HttpAu
         PolicyStore(path), meter, observer, PendingAnswers(meter, observer)
     )
     server = await ext_authz_http.start(authorizer, "127.0.0.1", 0)
-    port = server.port
-    yield port, authorizer
+    yield server, authorizer
     server.close()
+
+
+@pytest.fixture
+def authz(served: Served) -> tuple[int, ext_authz_http.HttpAuthorizer]:
+    server, authorizer = served
+    return server.port, authorizer
 
 
 def raw_check(body: bytes, key: str = "sk-apps", extra: str = "") -> bytes:
@@ -236,6 +244,17 @@ async def test_checks_on_one_connection_are_answered_in_order(
     assert [e.status for e in observer.finished] == [403]  # only the refusal is reported here
 
 
+async def test_shutdown_closes_idle_connections(served: Served) -> None:
+    """On SIGTERM Envoy's kept-alive connections close; Envoy then fails checks closed."""
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(raw_check(chat(max_tokens=10)))
+    await read_answers(reader, 1)
+    server.close()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    writer.close()
+
+
 async def test_a_check_the_parser_cannot_read_is_handed_over_and_the_connection_closed(
     authz: tuple[int, ext_authz_http.HttpAuthorizer],
 ) -> None:
@@ -249,24 +268,23 @@ async def test_a_check_the_parser_cannot_read_is_handed_over_and_the_connection_
     writer.close()
 
 
+def chat_check(request_id: str) -> ext_authz_http.Check:
+    """A check as Envoy sends it for a chat request of the 300-token team."""
+    headers = {
+        ":method": "POST",
+        ":path": "/v1/chat/completions",
+        "authorization": "Bearer sk-apps",
+        "x-request-id": request_id,
+    }
+    return ext_authz_http.Check(headers, [chat(max_tokens=250)])
+
+
 async def answer(authorizer: ext_authz_http.HttpAuthorizer, check: ext_authz_http.Check) -> bytes:
     """What the authorizer writes back for ``check`` on a live connection."""
     written: list[bytes] = []
     await authorizer.answer(check, lambda data: written.append(data) is None)
     [data] = written
     return data
-
-
-async def test_with_decide_off_every_check_is_handed_over(tmp_path: Any) -> None:
-    meter = Meter(MemoryStore())
-    observer = Observer(None, AuditLog([]))
-    path = tmp_path / "p.yaml"
-    path.write_text("{}")
-    authorizer = ext_authz_http.HttpAuthorizer(
-        PolicyStore(path), meter, observer, PendingAnswers(meter, observer), decide=False
-    )
-    check = ext_authz_http.Check("POST", "/v1/chat/completions", {}, [chat(max_tokens=1)])
-    assert await answer(authorizer, check) == ext_authz_http._HANDED_OVER
 
 
 def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
@@ -311,18 +329,11 @@ async def test_a_failure_after_reserving_gives_the_reservation_back(
         raise ValueError("header value with a line break")
 
     monkeypatch.setattr(ext_authz_http, "_allowed", broken)
-    check = ext_authz_http.Check(
-        "POST",
-        "/v1/chat/completions",
-        {"authorization": "Bearer sk-apps", "x-request-id": "r-broken"},
-        [chat(max_tokens=250)],
-    )
+    check = chat_check("r-broken")
     assert await answer(authorizer, check) == ext_authz_http._HANDED_OVER
     monkeypatch.undo()
     # The 300-token budget is whole again: the same request fits a second time.
-    again = ext_authz_http.Check(
-        "POST", check.path, {**check.headers, "x-request-id": "r2"}, check.body
-    )
+    again = chat_check("r2")
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)
 
 
@@ -331,12 +342,7 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
 ) -> None:
     """Envoy timed out or the caller left: the answer cannot be written, nothing went up."""
     _, authorizer = authz
-    check = ext_authz_http.Check(
-        "POST",
-        "/v1/chat/completions",
-        {"authorization": "Bearer sk-apps", "x-request-id": "r-gone"},
-        [chat(max_tokens=250)],
-    )
+    check = chat_check("r-gone")
     await authorizer.answer(check, lambda data: False)
     assert len(authorizer._pending) == 0  # no record will come for it
     observer = authorizer._observer
@@ -344,7 +350,5 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
     [gone] = observer.finished
     assert (gone.status, gone.error_code) == (0, "check_abandoned")
     # The 300-token budget is whole again: the same request fits.
-    again = ext_authz_http.Check(
-        "POST", check.path, {**check.headers, "x-request-id": "r2"}, check.body
-    )
+    again = chat_check("r2")
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)
