@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +233,24 @@ def test_documented_gap_on_recorded_usage(name: str, recorded: dict[str, tuple[i
 
 def test_every_recorded_usage_is_classified(recorded: dict[str, tuple[int, int]]) -> None:
     assert set(recorded) == set(EXACT) | set(KNOWN_GAPS)
+
+
+def test_loading_the_tables_skips_the_packages_python_registry() -> None:
+    """Start-up loads only the Rust extension: bpe-openai's ``__init__`` would decode every
+    rank file into Python dicts (~1 s and ~60 MB) that counting never reads."""
+    script = (
+        "import sys\n"
+        "from extproc.budgets import tokens\n"
+        "tokens.warm_up()\n"
+        "print(tokens.count_text_tokens('o200k', 'Hello world'),"
+        " tokens.count_text_tokens('cl100k', 'Hello world'),"
+        " 'bpe_openai.compat' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    assert out.split() == ["2", "2", "False"]
