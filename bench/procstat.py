@@ -39,6 +39,16 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: private pages plus a 1/n share of each page shared with n
+    processes. Forked workers share the supervisor's tables, which RSS counts in full for
+    every process; the PSS of all processes adds up to the memory they really use."""
+    for line in (PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (over all its threads)."""
     found: list[int] = []
@@ -60,18 +70,19 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def role(pid: int) -> str:
-    """``worker-<pid>`` for a multiprocessing child, ``helper-<pid>`` for its resource
-    tracker, else ``supervisor`` (for naming the processes of ``serve --workers N``)."""
+def role(pid: int, supervisor: int) -> str:
+    """``supervisor``, ``helper-<pid>`` for a multiprocessing resource tracker, else
+    ``worker-<pid>`` (for naming the processes of ``serve --workers N``, whose workers are
+    forked from the supervisor and so share its command line)."""
+    if pid == supervisor:
+        return "supervisor"
     try:
         cmdline = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return f"gone-{pid}"
     if "resource_tracker" in cmdline:
         return f"helper-{pid}"
-    if "multiprocessing" in cmdline:
-        return f"worker-{pid}"
-    return "supervisor"
+    return f"worker-{pid}"
 
 
 def pin(pid: int, cpus: Iterable[int]) -> None:

@@ -166,6 +166,12 @@ def targets(doc: Doc) -> list[Doc]:
 # --- markdown ------------------------------------------------------------------------------
 
 
+def _memory_split(by_process: dict[str, float]) -> str:
+    if not by_process:
+        return "—"
+    return f"{', '.join(f'{mb:g}' for mb in by_process.values())} ({sum(by_process.values()):g})"
+
+
 def markdown(doc: Doc, chart: str | None = None) -> str:
     meta = doc["meta"]
     lines = [
@@ -202,7 +208,16 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
     if doc.get("workers"):
         lines += ["", "## Workers (scenario 7, service and Envoy on all cores)", ""]
         lines += _table(
-            ["workers", "req/s", "p50", "p99", "service CPU us/req", "CPU split over processes"],
+            [
+                "workers",
+                "req/s",
+                "p50",
+                "p99",
+                "service CPU us/req",
+                "CPU split over processes",
+                "peak RSS MB",
+                "PSS MB (total)",
+            ],
             [
                 [
                     w["title"],
@@ -214,6 +229,8 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
                         f"{x:.0%}"
                         for x in (run_of(w, "load") or {}).get("cpu_share", {}).get("service", [])
                     ),
+                    ", ".join(f"{mb:g}" for mb in w.get("peak_rss_mb", {}).values()),
+                    _memory_split(w.get("pss_mb", {})),
                 ]
                 for w in doc["workers"]
             ],

@@ -306,6 +306,9 @@ def _workers(
         run = measure.measured(target, "load", load, layout.client or ())
         _log(f"  {run.result.rps:.0f} req/s, CPU split {run.cpu_share.get('service')}")
         rss = _rss(pids)
+        pss = {
+            procstat.role(pid, pids[0]): round(procstat.pss_bytes(pid) / 2**20, 1) for pid in pids
+        }
     alone = services.service_alone(
         scenario.policy or Path(), log_dir / f"workers-{n}-ready", redis_url, workers=n
     )
@@ -316,6 +319,7 @@ def _workers(
         "title": f"--workers {n}",
         "runs": [run.as_dict()],
         "peak_rss_mb": rss,
+        "pss_mb": pss,
         "ready_s": ready,
     }
 
@@ -399,7 +403,7 @@ def _series(target: Target, plan: Plan, layout: Layout, paced: bool = True) -> l
 def _rss(pids: list[int], names: list[str] | None = None) -> dict[str, float]:
     """Peak RSS (MB) by process: ``service`` alone, or the supervisor and its workers."""
     if names is None:
-        names = ["service"] if len(pids) == 1 else [procstat.role(pid) for pid in pids]
+        names = ["service"] if len(pids) == 1 else [procstat.role(pid, pids[0]) for pid in pids]
     peaks: dict[str, float] = {}
     for index, (label, pid) in enumerate(zip(names, pids, strict=False)):
         key = label if label not in peaks else f"{label}-{index}"

@@ -179,7 +179,21 @@ def _logging() -> None:
     )
 
 
+def _multiprocess_metrics() -> None:
+    """Have workers write their metrics to files that the supervisor adds up on /metrics.
+
+    prometheus_client chooses that mode from ``PROMETHEUS_MULTIPROC_DIR`` when it is first
+    imported, and the workers are forked from a supervisor that has already imported
+    everything (server.py), so the directory is made before any import of the server.
+    """
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="extproc-metrics-")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        _multiprocess_metrics()
     from extproc.policy.loader import PolicyError
     from extproc.server import ConfigurationError, ServeSettings, serve
 

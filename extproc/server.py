@@ -51,6 +51,9 @@ from extproc.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+"""Where workers write their metrics for the supervisor (prometheus_client's multiprocess
+mode, chosen when that library is first imported)."""
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections (CPython's default is 700)."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -93,6 +96,11 @@ def serve(settings: ServeSettings) -> int:
         raise ConfigurationError(
             f"--workers {settings.workers} needs a budget store the workers share: "
             "set REDIS_URL (or --redis-url), or run one worker"
+        )
+    if settings.workers > 1 and METRICS_DIR_VARIABLE not in os.environ:
+        raise ConfigurationError(
+            f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
+            "prometheus_client is imported; `extproc serve` does that"
         )
     if settings.workers <= 1:
         return _run(_serve_single(settings))
@@ -292,9 +300,11 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
 
 
 def _worker_main(settings: ServeSettings) -> None:
+    # Forked: the supervisor's logging handlers came along; replace them to name the worker.
     logging.basicConfig(
         level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     _run(_serve_worker(settings))
 
@@ -316,14 +326,33 @@ async def _grpc_serving(address: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _load_shared(policies: PolicyStore) -> None:
+    """Load, before the workers fork, what every worker would otherwise load for itself.
+
+    Compiling the policy imports Presidio (and the spaCy modules its package imports) and
+    builds the recognisers; the budgets load the BPE tables. Forked after this, the workers
+    share those pages with the supervisor instead of each holding a copy (~200 MB per
+    worker) and start serving without repeating the ~2 s of loading. Frozen first, so that
+    no collection in a worker writes to (and so copies) the pages holding those objects:
+    CPython's documented recipe for fork without exec.
+    """
+    wiring.warm_tokenizers(policies.current)
+    gc.collect()
+    gc.freeze()
+
+
 def _supervise(settings: ServeSettings) -> int:
-    """Start the workers, serve the admin port, forward stop signals, reap the workers."""
+    """Load what the workers share, fork them, serve the admin port, forward stop signals,
+    reap the workers."""
     # Workers write their metrics to files here; this process adds them up on /metrics.
-    # Set before the workers start: prometheus_client reads it when first imported.
-    metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # The CLI sets it before prometheus_client is first imported (cli._multiprocess_metrics).
+    metrics_dir = os.environ[METRICS_DIR_VARIABLE]
     relay_dir = Path(tempfile.mkdtemp(prefix="extproc-relay-"))
-    context = multiprocessing.get_context("spawn")
+    policies = PolicyStore(settings.policy)
+    _load_shared(policies)
+    # No event loop, gRPC object or Python thread exists yet, so forking is safe (numpy,
+    # which Presidio imports, has started OpenBLAS's pool: it re-creates it after a fork).
+    context = multiprocessing.get_context("fork")
     workers = [
         context.Process(
             target=_worker_main,
@@ -336,8 +365,6 @@ def _supervise(settings: ServeSettings) -> int:
         worker.start()
 
     async def supervise() -> int:
-        policies = PolicyStore(settings.policy)
-
         # The workers share one Redis; the supervisor probes it the way a single worker
         # does, so /healthz means the same with or without --workers.
         probe = wiring.open_store(settings.redis_url, policies.current)

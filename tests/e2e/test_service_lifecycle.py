@@ -186,6 +186,23 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        # Each refusal goes over its own connection, so the kernel spreads them over both
+        # workers; the supervisor's /metrics adds up what each worker counted.
+        refusals = 12
+        for _ in range(refusals):
+            with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+                stream = pb_grpc.ExternalProcessorStub(channel).Process(
+                    iter([headers_request("/v1/chat/completions", "sk-not-a-key")])
+                )
+                answer = next(iter(stream))
+                assert answer.immediate_response.status.code == 401
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/metrics") as resp:
+            exposition = resp.read().decode()
+        counted = re.findall(
+            r'^extproc_requests_total\{[^}]*status="401"[^}]*\} (\S+)$', exposition, re.M
+        )
+        assert sum(float(n) for n in counted) == refusals
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
