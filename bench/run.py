@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -314,14 +315,33 @@ def _workers(
     )
     with services.running(alone):
         ready = round(alone.ready_seconds, 3)
+        direct = _authorizer_alone(alone, scenario, plan)
     return {
         "key": f"workers-{n}",
         "title": f"--workers {n}",
-        "runs": [run.as_dict()],
+        "runs": [run.as_dict(), direct.as_dict()],
         "peak_rss_mb": rss,
         "pss_mb": pss,
         "ready_s": ready,
     }
+
+
+def _authorizer_alone(alone: services.Process, scenario: Scenario, plan: Plan) -> measure.Run:
+    """The service by itself: wrk sends the scenario's request straight to the HTTP
+    authorizer, as Envoy would, so the workers have the cores without Envoy and the
+    upstream beside them (wrk and Redis still run on the same cores)."""
+    url = f"http://127.0.0.1:{services.port_of(alone)}{scenario.path}"
+    request = urllib.request.Request(url, scenario.body, dict(scenario.headers), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        if answer.headers.get("x-gateway-processing"):
+            raise measure.BadAnswer("the authorizer handed the request to ext_proc")
+    groups = {"service": procstat.tree(alone.pid), "redis": machine.redis_server_pids()}
+    target = Target(url, scenario.body, scenario.headers, groups)
+    load = Load(plan.workers_connections, plan.load_s)
+    wrk.run(url, scenario.body, Load(load.connections, plan.warmup_s), scenario.headers)
+    run = measure.measured(target, "authorizer", load, ())
+    _log(f"  authorizer alone: {run.result.rps:.0f} req/s")
+    return run
 
 
 def _peer(

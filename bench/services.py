@@ -145,8 +145,9 @@ def port_of(process: Process) -> int:
 def service_alone(
     policy: Path, log_dir: Path, redis_url: str | None, workers: int = 1, name: str = "service"
 ) -> Process:
-    """``extproc serve`` on free ports: its start-up time is ``ready_seconds`` after start."""
-    admin = free_port()
+    """``extproc serve`` on free ports: its start-up time is ``ready_seconds`` after start;
+    :func:`port_of` gives its HTTP authorizer's port."""
+    admin, authz = free_port(), free_port()
     argv = [
         sys.executable,
         "-m",
@@ -157,14 +158,16 @@ def service_alone(
         "--grpc",
         f"127.0.0.1:{free_port()}",
         "--authz",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{authz}",
         "--admin-port",
         str(admin),
         "--workers",
         str(workers),
         *(["--redis-url", redis_url] if redis_url else []),
     ]
-    return Process(name, argv, f"http://127.0.0.1:{admin}/healthz", log_dir)
+    return Process(
+        name, argv, f"http://127.0.0.1:{admin}/healthz", log_dir, {"BENCH_PORT": str(authz)}
+    )
 
 
 @dataclass
