@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,21 +181,35 @@ def _logging() -> None:
     )
 
 
-def _multiprocess_metrics() -> None:
-    """Have workers write their metrics to files that the supervisor adds up on /metrics.
+@contextlib.contextmanager
+def _multiprocess_metrics(workers: int) -> Iterator[None]:
+    """With ``workers`` > 1, have them write their metrics to files in a fresh directory,
+    which the supervisor adds up on /metrics and which is removed on exit.
 
     prometheus_client chooses that mode from ``PROMETHEUS_MULTIPROC_DIR`` when it is first
     imported, and the workers are forked from a supervisor that has already imported
-    everything (server.py), so the directory is made before any import of the server.
+    everything (server.py), so the directory is set before anything imports the server.
     """
+    if workers <= 1:
+        yield
+        return
+    import shutil
     import tempfile
 
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="extproc-metrics-")
+    folder = tempfile.mkdtemp(prefix="extproc-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.workers > 1:
-        _multiprocess_metrics()
+    with _multiprocess_metrics(args.workers):
+        return _serve_with(args)
+
+
+def _serve_with(args: argparse.Namespace) -> int:
     from extproc.policy.loader import PolicyError
     from extproc.server import ConfigurationError, ServeSettings, serve
 

@@ -345,10 +345,19 @@ def _supervise(settings: ServeSettings) -> int:
     """Load what the workers share, fork them, serve the admin port, forward stop signals,
     reap the workers."""
     # Workers write their metrics to files here; this process adds them up on /metrics.
-    # The CLI sets it before prometheus_client is first imported (cli._multiprocess_metrics).
+    # The CLI makes it (and removes it on exit) before prometheus_client is first imported.
     metrics_dir = os.environ[METRICS_DIR_VARIABLE]
-    relay_dir = Path(tempfile.mkdtemp(prefix="extproc-relay-"))
     policies = PolicyStore(settings.policy)
+    relay_dir = Path(tempfile.mkdtemp(prefix="extproc-relay-"))
+    try:
+        return _fork_and_supervise(settings, policies, metrics_dir, relay_dir)
+    finally:
+        shutil.rmtree(relay_dir, ignore_errors=True)
+
+
+def _fork_and_supervise(
+    settings: ServeSettings, policies: PolicyStore, metrics_dir: str, relay_dir: Path
+) -> int:
     _load_shared(policies)
     # No event loop, gRPC object or Python thread exists yet, so forking is safe (numpy,
     # which Presidio imports, has started OpenBLAS's pool: it re-creates it after a fork).
@@ -404,8 +413,6 @@ def _supervise(settings: ServeSettings) -> int:
             await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
         await admin.cleanup()
         await probe.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        shutil.rmtree(relay_dir, ignore_errors=True)
         return 1 if failed else 0
 
     return _run(supervise())
