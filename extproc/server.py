@@ -213,10 +213,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
     expiry = asyncio.create_task(_expire_pending(processor))
+    background = [watcher, expiry]
+    if settings.worker_index is not None:
+        background.append(asyncio.create_task(_stop_when_orphaned(stop)))
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    for task in (watcher, expiry):
+    for task in background:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -274,6 +277,22 @@ async def _quiesce(
         authorizer.checks,
         len(processor.pending),
     )
+
+
+async def _stop_when_orphaned(stop: asyncio.Event, every: float = 1.0) -> None:
+    """Stop this worker, gracefully, once its supervisor is gone.
+
+    A supervisor killed without a chance to stop its workers (SIGKILL, the OOM killer)
+    would leave them serving: sharing the ports (SO_REUSEPORT) with the workers of the next
+    supervisor, with an old policy, and reporting to nobody's /metrics.
+    """
+    supervisor = os.getppid()
+    while True:
+        await asyncio.sleep(every)
+        if os.getppid() != supervisor:
+            break
+    log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+    stop.set()
 
 
 async def _expire_pending(processor: ExternalProcessor, every: float = 30.0) -> None:

@@ -208,6 +208,26 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """A supervisor killed outright must not leave workers serving its ports."""
+    ports = Ports.free()
+    redis = os.environ["EXTPROC_TEST_REDIS_URL"]
+    proc = serve(policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis)
+    try:
+        deadline = time.monotonic() + 20
+        while len(listeners := _listening_pids(ports.grpc)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(listeners) == 2
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(map(_alive, listeners)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, listeners))
+    assert not _listening_pids(ports.grpc)
+
+
 def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:
     """With --workers, /healthz probes the Redis the workers share, as one worker does."""
     redis = RedisServer()
@@ -230,6 +250,15 @@ def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def _alive(pid: str) -> bool:
+    """Running: neither gone nor a zombie (orphans' parent here may not reap them)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _listening_pids(port: int) -> set[str]:
