@@ -9,6 +9,7 @@ end (or cut)      work out what was used and settle the budget reservation
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
-from extproc.pipeline import subject_of
+from extproc.pipeline import OFFLOAD_BODY_BYTES, subject_of
 from extproc.telemetry.bodies import recorded_answer
 
 
@@ -96,6 +97,16 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 """JSON answers are kept up to this size for their usage; beyond it only the tail is kept
 (providers put ``usage`` last)."""
 _TAIL_BYTES = 64 * 1024
+
+
+async def read_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
+    """:func:`on_response_body`, in a worker thread for a chunk over
+    :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES`: a buffered answer arrives whole (up to
+    Envoy's 8 MiB limit), and translating, guarding and reading it would stall every other
+    stream. Safe in a thread: it touches only this exchange, whose stream waits for it."""
+    if len(chunk) > OFFLOAD_BODY_BYTES:
+        return await asyncio.to_thread(on_response_body, exchange, chunk, end)
+    return on_response_body(exchange, chunk, end)
 
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
@@ -205,8 +216,15 @@ def account(exchange: Exchange) -> None:
 
 
 async def settle(exchange: Exchange, meter: Meter) -> None:
-    """Account the exchange and replace its reservation with what was used (idempotent)."""
-    account(exchange)
+    """Account the exchange and replace its reservation with what was used (idempotent).
+
+    Accounting parses a kept JSON answer; one over
+    :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES` is parsed in a worker thread."""
+    kept = exchange.response_tail
+    if kept is not None and len(kept) > OFFLOAD_BODY_BYTES:
+        await asyncio.to_thread(account, exchange)
+    else:
+        account(exchange)
     reservation = exchange.reservation
     if reservation is None or reservation.settled or exchange.model is None:
         return

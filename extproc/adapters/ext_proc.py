@@ -160,7 +160,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             return _answer(decision, phase)
         if phase == "response_body":
             end = request.response_body.end_of_stream
-            decision = answer.on_response_body(exchange, request.response_body.body, end)
+            decision = await answer.read_response_body(exchange, request.response_body.body, end)
             if end:
                 await self._settle(exchange)
             return _answer(decision, phase)

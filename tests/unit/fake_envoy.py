@@ -42,6 +42,24 @@ def request_body(payload: object | bytes) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True))
 
 
+def response_headers(
+    status: int = 200, content_type: str = "application/json"
+) -> pb.ProcessingRequest:
+    values = {":status": str(status), "content-type": content_type}
+    return pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=HeaderMap(
+                headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+            )
+        )
+    )
+
+
+def response_body(payload: object | bytes) -> pb.ProcessingRequest:
+    raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=raw, end_of_stream=True))
+
+
 async def exchange(
     processor: ExternalProcessor, messages: Iterable[pb.ProcessingRequest]
 ) -> list[pb.ProcessingResponse]:

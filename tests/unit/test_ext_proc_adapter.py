@@ -14,7 +14,14 @@ from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
-from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
+from tests.unit.fake_envoy import (
+    exchange,
+    headers_set,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+)
 
 ADMIN = {"authorization": "Bearer sk-demo-admin"}
 
@@ -130,3 +137,44 @@ async def test_large_bodies_are_processed_off_the_event_loop(
         )
     assert threads[0] == threading.main_thread().name
     assert threads[1] != threading.main_thread().name
+
+
+async def test_large_answers_are_processed_off_the_event_loop(
+    processor: ExternalProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffered answer arrives whole; a big one is read, guarded and accounted in a
+    worker thread, and the caller still gets it unchanged and charged from its usage."""
+    import threading
+
+    threads: dict[str, list[str]] = {"body": [], "parse": []}
+    for name, stage in (("body", "on_response_body"), ("parse", "_parsed_answer")):
+        original = getattr(ext_proc.answer, stage)
+
+        def spy(*args: object, _name: str = name, _original: object = original) -> object:
+            threads[_name].append(threading.current_thread().name)
+            return _original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(ext_proc.answer, stage, spy)
+    request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    usage = {"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}
+    for size in (10, 300_000):
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * size}}],
+            "usage": usage,
+        }
+        answers = await exchange(
+            processor,
+            [
+                request_headers("/v1/chat/completions", {"authorization": "Bearer sk-demo-capped"}),
+                request_body(request),
+                response_headers(),
+                response_body(answer),
+            ],
+        )
+        assert not answers[-1].response_body.response.HasField("body_mutation")
+    main = threading.main_thread().name
+    assert threads["body"][0] == main and threads["body"][1] != main
+    assert threads["parse"][0] == main and threads["parse"][1] != main
