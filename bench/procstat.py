@@ -71,9 +71,9 @@ def tree(pid: int) -> list[int]:
 
 
 def role(pid: int, supervisor: int) -> str:
-    """``supervisor``, ``helper-<pid>`` for a multiprocessing resource tracker, else
-    ``worker-<pid>`` (for naming the processes of ``serve --workers N``, whose workers are
-    forked from the supervisor and so share its command line)."""
+    """``supervisor`` or ``worker-<pid>``, for naming the processes of ``serve --workers N``
+    (forked workers share the supervisor's command line); ``helper-<pid>`` for any other
+    multiprocessing child, such as a resource tracker."""
     if pid == supervisor:
         return "supervisor"
     try:

@@ -163,6 +163,10 @@ def service_alone(
         str(admin),
         "--workers",
         str(workers),
+        # Requests sent straight to its authorizer leave answers waiting for access-log
+        # records that never come: do not wait long for them when stopping.
+        "--grace",
+        "2",
         *(["--redis-url", redis_url] if redis_url else []),
     ]
     return Process(

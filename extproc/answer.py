@@ -9,7 +9,6 @@ end (or cut)      work out what was used and settle the budget reservation
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
-from extproc.pipeline import OFFLOAD_BODY_BYTES, subject_of
+from extproc.pipeline import OFFLOAD_BODY_BYTES, in_worker_thread, subject_of
 from extproc.telemetry.bodies import recorded_answer
 
 
@@ -102,10 +101,10 @@ _TAIL_BYTES = 64 * 1024
 async def read_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     """:func:`on_response_body`, in a worker thread for a chunk over
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES`: a buffered answer arrives whole (up to
-    Envoy's 8 MiB limit), and translating, guarding and reading it would stall every other
-    stream. Safe in a thread: it touches only this exchange, whose stream waits for it."""
+    Envoy's 8 MiB limit), and translating, guarding and reading it in one go on the event
+    loop would hold up every other stream. It touches only this exchange."""
     if len(chunk) > OFFLOAD_BODY_BYTES:
-        return await asyncio.to_thread(on_response_body, exchange, chunk, end)
+        return await in_worker_thread(on_response_body, exchange, chunk, end)
     return on_response_body(exchange, chunk, end)
 
 
@@ -220,9 +219,8 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
 
     Accounting parses a kept JSON answer; one over
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES` is parsed in a worker thread."""
-    kept = exchange.response_tail
-    if kept is not None and len(kept) > OFFLOAD_BODY_BYTES:
-        await asyncio.to_thread(account, exchange)
+    if keeps_large_answer(exchange):
+        await in_worker_thread(account, exchange)
     else:
         account(exchange)
     reservation = exchange.reservation
@@ -230,6 +228,12 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
         return
     assert exchange.used is not None
     await meter.settle(reservation, exchange.model, exchange.used)
+
+
+def keeps_large_answer(exchange: Exchange) -> bool:
+    """Whether accounting would parse a kept answer too big to parse on the event loop."""
+    kept = exchange.response_tail
+    return kept is not None and len(kept) > OFFLOAD_BODY_BYTES
 
 
 def _reported_usage(exchange: Exchange, answer: Any) -> Usage | None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,8 +206,15 @@ def _multiprocess_metrics(workers: int) -> Iterator[None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Until the event loop takes SIGTERM over, let it unwind the stack (so the metrics
+    # directory is removed) instead of killing the process during its seconds of loading.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with _multiprocess_metrics(args.workers):
         return _serve_with(args)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _serve_with(args: argparse.Namespace) -> int:

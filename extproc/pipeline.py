@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from extproc import access, accounting, identity, routing, tools
 from extproc.budgets.meter import Meter, OutputCapNeeded, prompt_tokens
@@ -50,6 +50,8 @@ HEADER_USER = "x-gateway-user"
 HEADER_KEY_ID = "x-gateway-key-id"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
+T = TypeVar("T")
+
 OFFLOAD_BODY_BYTES = 256 * 1024
 """Bodies above this are parsed and counted in a worker thread, so one huge prompt never
 stalls the event loop (and every other stream on it)."""
@@ -221,8 +223,24 @@ async def read_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
     """:func:`prepare_request_body`, in a worker thread for a body over
     :data:`OFFLOAD_BODY_BYTES` so a huge prompt does not stall the event loop."""
     if len(raw) > OFFLOAD_BODY_BYTES:
-        return await asyncio.to_thread(prepare_request_body, exchange, raw)
+        return await in_worker_thread(prepare_request_body, exchange, raw)
     return prepare_request_body(exchange, raw)
+
+
+async def in_worker_thread(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in a worker thread, for CPU work on one exchange's big body.
+
+    Other streams are served meanwhile (the GIL still alternates between the two every few
+    milliseconds). If this stream is cancelled (Envoy reset it), the thread is waited for
+    before the cancellation goes on: it is still changing the exchange that the stream's
+    clean-up then accounts and reports.
+    """
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait({running})
+        raise
 
 
 def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:

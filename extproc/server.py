@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,12 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
     expiry = asyncio.create_task(_expire_pending(processor))
-    background = [watcher, expiry]
     if settings.worker_index is not None:
-        background.append(asyncio.create_task(_stop_when_orphaned(stop)))
+        _stop_when_orphaned(stop)
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    for task in background:
+    for task in (watcher, expiry):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -279,20 +278,27 @@ async def _quiesce(
     )
 
 
-async def _stop_when_orphaned(stop: asyncio.Event, every: float = 1.0) -> None:
-    """Stop this worker, gracefully, once its supervisor is gone.
+def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """In a worker: stop, gracefully, once the supervisor is gone.
 
     A supervisor killed without a chance to stop its workers (SIGKILL, the OOM killer)
     would leave them serving: sharing the ports (SO_REUSEPORT) with the workers of the next
-    supervisor, with an old policy, and reporting to nobody's /metrics.
+    supervisor, with an old policy, and reporting to nobody's /metrics. multiprocessing
+    gives a worker the read end of a pipe its parent holds open; it becomes readable when
+    the parent exits, also if that happened before this worker got here.
     """
-    supervisor = os.getppid()
-    while True:
-        await asyncio.sleep(every)
-        if os.getppid() != supervisor:
-            break
-    log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
-    stop.set()
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+    loop = asyncio.get_running_loop()
+    sentinel = parent.sentinel
+
+    def gone() -> None:
+        loop.remove_reader(sentinel)
+        log.warning("the supervisor (pid %s) is gone: stopping", parent.pid)
+        stop.set()
+
+    loop.add_reader(sentinel, gone)
 
 
 async def _expire_pending(processor: ExternalProcessor, every: float = 30.0) -> None:
@@ -318,18 +324,18 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
     return sinks
 
 
-def _worker_main(settings: ServeSettings) -> None:
+def _worker_main(settings: ServeSettings, policies: PolicyStore) -> None:
     # Forked: the supervisor's logging handlers came along; replace them to name the worker.
     logging.basicConfig(
         level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    _run(_serve_worker(settings))
+    _run(_serve_worker(settings, policies))
 
 
-async def _serve_worker(settings: ServeSettings) -> int:
-    await _serve_grpc(settings, PolicyStore(settings.policy), admin=False)
+async def _serve_worker(settings: ServeSettings, policies: PolicyStore) -> int:
+    await _serve_grpc(settings, policies, admin=False)
     return 0
 
 
@@ -384,7 +390,8 @@ def _fork_and_supervise(
     workers = [
         context.Process(
             target=_worker_main,
-            args=(dataclasses.replace(settings, worker_index=i, relay_dir=relay_dir),),
+            # Forked, not pickled: each worker starts from the policy compiled here.
+            args=(dataclasses.replace(settings, worker_index=i, relay_dir=relay_dir), policies),
             name=f"extproc-worker-{i}",
         )
         for i in range(settings.workers)
@@ -393,9 +400,34 @@ def _fork_and_supervise(
         worker.start()
 
     async def supervise() -> int:
-        # The workers share one Redis; the supervisor probes it the way a single worker
-        # does, so /healthz means the same with or without --workers.
-        probe = wiring.open_store(settings.redis_url, policies.current)
+        try:
+            return await _supervise_workers(settings, policies, metrics_dir, workers)
+        finally:
+            # Also when the admin port or the Redis probe failed: the relay and metrics
+            # directories are removed next, and live workers would keep the exit waiting.
+            for worker in workers:
+                if worker.is_alive() and worker.pid is not None:
+                    os.kill(worker.pid, signal.SIGTERM)
+            for worker in workers:
+                await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
+                if worker.is_alive():
+                    worker.kill()
+
+    return _run(supervise())
+
+
+async def _supervise_workers(
+    settings: ServeSettings,
+    policies: PolicyStore,
+    metrics_dir: str,
+    workers: Sequence[multiprocessing.process.BaseProcess],
+) -> int:
+    """Serve the admin port and follow the policy file until a stop signal or a worker's
+    death; the caller stops the workers."""
+    # The workers share one Redis; the supervisor probes it the way a single worker
+    # does, so /healthz means the same with or without --workers.
+    probe = wiring.open_store(settings.redis_url, policies.current)
+    try:
 
         async def readiness() -> dict[str, object]:
             dead = [w.name for w in workers if not w.is_alive()]
@@ -418,20 +450,16 @@ def _fork_and_supervise(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(policies.watch(settings.reload_interval))
-        while not stop.is_set() and all(w.is_alive() for w in workers):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-        watcher.cancel()
-        failed = not stop.is_set()
-        if failed:
+        try:
+            while not stop.is_set() and all(w.is_alive() for w in workers):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+        finally:
+            watcher.cancel()
+            await admin.cleanup()
+        if not stop.is_set():
             log.error("a worker exited unexpectedly; stopping the others")
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGTERM)
-        for worker in workers:
-            await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
-        await admin.cleanup()
+            return 1
+        return 0
+    finally:
         await probe.close()
-        return 1 if failed else 0
-
-    return _run(supervise())

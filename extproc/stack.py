@@ -162,16 +162,22 @@ class Stack:
         return render_text(policy, text, str(self.policy))
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop the service first, while Envoy still delivers the access-log records of the
+        answers it is waiting for (stopped together, it would wait out its grace period for
+        records that never come), then everything else."""
+        service = {name: proc for name, proc in self.processes.items() if name == "extproc"}
+        others = {name: proc for name, proc in self.processes.items() if name != "extproc"}
+        for group, seconds in ((service, 30), (others, 15)):
+            for proc in group.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + seconds
+            for proc in group.values():
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def logs(self, name: str) -> str:
         assert self.log_dir is not None

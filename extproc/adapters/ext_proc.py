@@ -101,11 +101,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
         A reservation still open means the client went away, the upstream failed or
         Envoy closed the stream early: it is settled from what is known, in a task of its
-        own because this one may be being cancelled (``drain()`` waits for those).
+        own because this one may be being cancelled (``drain()`` waits for those). A large
+        kept answer is accounted that way too, its parse in a worker thread.
         """
         if not exchange.method or exchange.handed_to_envoy:
             return  # no request; or the access log will report it (accounting.py)
-        if exchange.reservation is not None and not exchange.reservation.settled:
+        unsettled = exchange.reservation is not None and not exchange.reservation.settled
+        if unsettled or answer.keeps_large_answer(exchange):
             task = asyncio.create_task(self._settle_and_report(exchange))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)

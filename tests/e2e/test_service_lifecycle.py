@@ -30,7 +30,9 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.e2e
 
 
-def serve(policy: Path, ports: Ports, *args: str) -> subprocess.Popen[bytes]:
+def serve(
+    policy: Path, ports: Ports, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "extproc", "serve",
@@ -42,6 +44,7 @@ def serve(policy: Path, ports: Ports, *args: str) -> subprocess.Popen[bytes]:
             *args,
         ],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -197,12 +200,11 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
                 )
                 answer = next(iter(stream))
                 assert answer.immediate_response.status.code == 401
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/metrics") as resp:
-            exposition = resp.read().decode()
-        counted = re.findall(
-            r'^extproc_requests_total\{[^}]*status="401"[^}]*\} (\S+)$', exposition, re.M
-        )
-        assert sum(float(n) for n in counted) == refusals
+        # A worker counts a refusal as its stream ends, just after answering: poll.
+        deadline = time.monotonic() + 10
+        while (counted := _refusals_counted(ports)) < refusals and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert counted == refusals
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -212,20 +214,28 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     """A supervisor killed outright must not leave workers serving its ports."""
     ports = Ports.free()
     redis = os.environ["EXTPROC_TEST_REDIS_URL"]
-    proc = serve(policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis)
+    # A killed supervisor cannot remove its temporary directories: keep them in tmp_path.
+    proc = serve(
+        policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis,
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    listeners: set[str] = set()
     try:
         deadline = time.monotonic() + 20
         while len(listeners := _listening_pids(ports.grpc)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(listeners) == 2
-    finally:
         proc.kill()
         proc.wait(timeout=10)
-    deadline = time.monotonic() + 15
-    while any(map(_alive, listeners)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(map(_alive, listeners))
-    assert not _listening_pids(ports.grpc)
+        deadline = time.monotonic() + 15
+        while any(map(_alive, listeners)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, listeners))
+        assert not _listening_pids(ports.grpc)
+    finally:
+        proc.kill()
+        for pid in filter(_alive, listeners):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:
@@ -250,6 +260,16 @@ def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def _refusals_counted(ports: Ports) -> float:
+    """The 401s counted by all workers, as the supervisor's /metrics adds them up."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/metrics") as resp:
+        exposition = resp.read().decode()
+    counted = re.findall(
+        r'^extproc_requests_total\{[^}]*status="401"[^}]*\} (\S+)$', exposition, re.M
+    )
+    return sum(float(n) for n in counted)
 
 
 def _alive(pid: str) -> bool:

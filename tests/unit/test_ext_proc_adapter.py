@@ -142,8 +142,8 @@ async def test_large_bodies_are_processed_off_the_event_loop(
 async def test_large_answers_are_processed_off_the_event_loop(
     processor: ExternalProcessor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A buffered answer arrives whole; a big one is read, guarded and accounted in a
-    worker thread, and the caller still gets it unchanged and charged from its usage."""
+    """A buffered answer arrives whole; a big one is read and its usage parsed in a worker
+    thread, and the caller still gets it unchanged."""
     import threading
 
     threads: dict[str, list[str]] = {"body": [], "parse": []}
