@@ -356,8 +356,9 @@ def _load_shared(policies: PolicyStore) -> None:
 
     Compiling the policy imports Presidio (and the spaCy modules its package imports) and
     builds the recognisers; the budgets load the BPE tables. Forked after this, the workers
-    share those pages with the supervisor instead of each holding a copy (~200 MB per
-    worker) and start serving without repeating the ~2 s of loading. Frozen first, so that
+    share those pages with the supervisor instead of each holding a copy (measured: 70 MB
+    of PSS per worker, against 238 MB for a process of its own) and start serving without
+    repeating the seconds of loading. Frozen first, so that
     no collection in a worker writes to (and so copies) the pages holding those objects:
     CPython's documented recipe for fork without exec.
     """
@@ -393,6 +394,8 @@ def _fork_and_supervise(
             # Forked, not pickled: each worker starts from the policy compiled here.
             args=(dataclasses.replace(settings, worker_index=i, relay_dir=relay_dir), policies),
             name=f"extproc-worker-{i}",
+            # Daemonic: however this process exits, multiprocessing stops them first.
+            daemon=True,
         )
         for i in range(settings.workers)
     ]
