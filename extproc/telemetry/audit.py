@@ -105,7 +105,6 @@ class AuditLog:
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
         self._on_drop = on_drop or (lambda reason: None)
-        self.written = 0
         self.dropped = 0
 
     @property
@@ -144,7 +143,6 @@ class AuditLog:
             lines = [orjson.dumps(record) + b"\n" for record in batch]
             for sink in self._sinks:
                 await self._write(sink, lines)
-            self.written += len(batch)
             for _ in batch:
                 self._queue.task_done()
 
