@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import uuid
@@ -21,11 +20,10 @@ def record(i: int) -> dict[str, object]:
 
 async def test_file_sink_writes_one_line_per_record_and_rotates(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    log = AuditLog([JsonlFile(path, max_bytes=200, backups=2)])
-    for i in range(20):
-        log.submit(record(i))
-        await asyncio.sleep(0.01)  # one write per record
-    await log.close()
+    sink = JsonlFile(path, max_bytes=200, backups=2)
+    for i in range(20):  # one write per record (AuditLog would batch them by time)
+        await sink.write([json.dumps(record(i)).encode() + b"\n"])
+    await sink.close()
     backups = [path.with_name("audit.jsonl.1"), path.with_name("audit.jsonl.2")]
     assert all(f.exists() for f in backups)
     assert not path.with_name("audit.jsonl.3").exists()  # only `backups` are kept
