@@ -19,9 +19,9 @@ import pytest
 from extproc.stack import Ports, Stack, running
 from tests.e2e.conftest import Http, Mock
 from tests.e2e.test_budgets import (
-    METERED_UNITS,
     POLICY,
     abandon_stream,
+    charged_since,
     client,
     counter,
     meter_counters,
@@ -103,8 +103,7 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     expected = recorded_charge(request_body, response_body)
 
     def settled() -> bool:
-        after = meter_counters(redis_server)
-        return {u: after[u] - before[u] for u in METERED_UNITS} == expected
+        return charged_since(redis_server, before) == expected
 
     eventually(settled, f"counters never settled to {expected}")
 

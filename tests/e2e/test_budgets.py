@@ -120,6 +120,12 @@ def meter_counters(redis_server: RedisServer) -> dict[str, int]:
     return {unit: counter(redis_server, "meter", unit) for unit in METERED_UNITS}
 
 
+def charged_since(redis_server: RedisServer, before: dict[str, int]) -> dict[str, int]:
+    """What the ``meter`` team was charged since ``before`` (:func:`meter_counters`)."""
+    after = meter_counters(redis_server)
+    return {unit: after[unit] - before[unit] for unit in METERED_UNITS}
+
+
 def send_recorded(raw: Http, name: str, path: str, request_body: str) -> None:
     """Replay one recorded request as ``sk-test-meter``; the mock answers the recording."""
     status, _, _ = raw.request(
@@ -167,9 +173,7 @@ def test_recorded_usage_is_accounted_exactly(
 ) -> None:
     before = meter_counters(redis_server)
     send_recorded(raw, name, path, request_body)
-    after = meter_counters(redis_server)
-    charged = {unit: after[unit] - before[unit] for unit in METERED_UNITS}
-    assert charged == recorded_charge(request_body, response_body)
+    assert charged_since(redis_server, before) == recorded_charge(request_body, response_body)
 
 
 # --- limits under concurrency, headers, the SDK's view -------------------------------------
