@@ -23,7 +23,7 @@ from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
-from extproc.pipeline import OFFLOAD_BODY_BYTES, in_worker_thread, subject_of
+from extproc.pipeline import OFFLOAD_BODY_BYTES, offloaded, subject_of
 from extproc.telemetry.bodies import recorded_answer
 
 
@@ -103,9 +103,7 @@ async def read_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Dec
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES`: a buffered answer arrives whole (up to
     Envoy's 8 MiB limit), and translating, guarding and reading it in one go on the event
     loop would hold up every other stream. It touches only this exchange."""
-    if len(chunk) > OFFLOAD_BODY_BYTES:
-        return await in_worker_thread(on_response_body, exchange, chunk, end)
-    return on_response_body(exchange, chunk, end)
+    return await offloaded(len(chunk), on_response_body, exchange, chunk, end)
 
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
@@ -219,10 +217,7 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
 
     Accounting parses a kept JSON answer; one over
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES` is parsed in a worker thread."""
-    if keeps_large_answer(exchange):
-        await in_worker_thread(account, exchange)
-    else:
-        account(exchange)
+    await offloaded(_unaccounted_bytes(exchange), account, exchange)
     reservation = exchange.reservation
     if reservation is None or reservation.settled or exchange.model is None:
         return
@@ -231,9 +226,14 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
 
 
 def keeps_large_answer(exchange: Exchange) -> bool:
-    """Whether accounting would parse a kept answer too big to parse on the event loop."""
+    """Whether accounting has yet to parse a kept answer too big to parse on the event loop."""
+    return _unaccounted_bytes(exchange) > OFFLOAD_BODY_BYTES
+
+
+def _unaccounted_bytes(exchange: Exchange) -> int:
+    """The kept answer :func:`account` would parse (0 once the exchange is accounted)."""
     kept = exchange.response_tail
-    return kept is not None and len(kept) > OFFLOAD_BODY_BYTES
+    return 0 if kept is None or exchange.used is not None else len(kept)
 
 
 def _reported_usage(exchange: Exchange, answer: Any) -> Usage | None:

@@ -222,9 +222,15 @@ def _request_headers(
 async def read_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
     """:func:`prepare_request_body`, in a worker thread for a body over
     :data:`OFFLOAD_BODY_BYTES` so a huge prompt does not stall the event loop."""
-    if len(raw) > OFFLOAD_BODY_BYTES:
-        return await in_worker_thread(prepare_request_body, exchange, raw)
-    return prepare_request_body(exchange, raw)
+    return await offloaded(len(raw), prepare_request_body, exchange, raw)
+
+
+async def offloaded(size: int, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on the event loop, or in a worker thread (:func:`in_worker_thread`)
+    when the body it works on, ``size`` bytes, is over :data:`OFFLOAD_BODY_BYTES`."""
+    if size > OFFLOAD_BODY_BYTES:
+        return await in_worker_thread(work, *args)
+    return work(*args)
 
 
 async def in_worker_thread(work: Callable[..., T], *args: Any) -> T:

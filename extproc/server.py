@@ -363,8 +363,7 @@ def _load_shared(policies: PolicyStore) -> None:
     CPython's documented recipe for fork without exec.
     """
     wiring.warm_tokenizers(policies.current)
-    gc.collect()
-    gc.freeze()
+    _freeze_startup_objects()
 
 
 def _supervise(settings: ServeSettings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -155,6 +156,14 @@ async def test_large_answers_are_processed_off_the_event_loop(
             return _original(*args)  # type: ignore[operator]
 
         monkeypatch.setattr(ext_proc.answer, stage, spy)
+    handed: list[str] = []
+    to_thread = ext_proc.pipeline.in_worker_thread
+
+    async def counted(work: Any, *args: object) -> object:
+        handed.append(work.__name__)
+        return await to_thread(work, *args)
+
+    monkeypatch.setattr(ext_proc.pipeline, "in_worker_thread", counted)
     request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     usage = {"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}
     for size in (10, 300_000):
@@ -178,3 +187,7 @@ async def test_large_answers_are_processed_off_the_event_loop(
     main = threading.main_thread().name
     assert threads["body"][0] == main and threads["body"][1] != main
     assert threads["parse"][0] == main and threads["parse"][1] != main
+    assert handed == [
+        "spy",
+        "account",
+    ]  # the big answer's body (spied), then its accounting: once each
