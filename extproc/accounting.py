@@ -19,6 +19,7 @@ log) is settled at its deadline as reserved and reported with ``usage_source:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -102,26 +103,26 @@ class PendingAnswers:
         self._observer = observer
         self._deadline_seconds = deadline_seconds
         self._waiting: dict[str, tuple[Exchange, float]] = {}
+        self._key_prefix = secrets.token_hex(8)
+        self._key_count = itertools.count()
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, exchange: Exchange) -> str:
-        """Hold ``exchange`` for its record; the key to hand Envoy as dynamic metadata.
+    def new_key(self) -> str:
+        """A key to hand Envoy as dynamic metadata, then to :meth:`add` the exchange under.
 
         The key is ours, not the request id: a caller may send any ``x-request-id``, also
-        one another exchange waiting here already has.
+        one another exchange waiting here already has. A random prefix per process (so a
+        record buffered across a restart finds nothing) and a counter: no system call per
+        request.
         """
-        exchange.handed_to_envoy = True
-        deadline = time.monotonic() + self._deadline_seconds
-        key = secrets.token_hex(12)
-        self._waiting[key] = (exchange, deadline)
-        return key
+        return f"{self._key_prefix}{next(self._key_count):08x}"
 
-    def withdraw(self, key: str) -> None:
-        """Take back an exchange whose answer never reached Envoy (no record will come)."""
-        exchange, _ = self._waiting.pop(key)
-        exchange.handed_to_envoy = False
+    def add(self, exchange: Exchange, key: str) -> None:
+        """Hold ``exchange`` for its record, once Envoy has its answer."""
+        exchange.handed_to_envoy = True
+        self._waiting[key] = (exchange, time.monotonic() + self._deadline_seconds)
 
     async def settle(self, logged: LoggedAnswer) -> bool:
         """Settle and report the exchange ``logged`` describes; ``False`` if not ours."""

@@ -142,21 +142,16 @@ class HttpAuthorizer:
         extra = self._owner
         key = None
         if exchange.accounted_by_envoy:  # its access-log record settles and reports it
-            key = self._pending.add(exchange)
+            key = self._pending.new_key()
             extra = (*extra, (HEADER_EXCHANGE, key))
-        try:
-            allowed = _allowed(decision, extra)
-        except Exception:
-            if key is not None:
-                self._pending.withdraw(key)
-            raise
-        if write(allowed):
+        if write(_allowed(decision, extra)):
             if key is None:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
+            else:
+                # Before any await: the record cannot arrive before this returns.
+                self._pending.add(exchange, key)
             return
         # Nothing went upstream: no charge, and no record will come for it.
-        if key is not None:
-            self._pending.withdraw(key)
         await self._release(exchange)
         exchange.status, exchange.error_code = 0, "check_abandoned"
         self._observer.finish(exchange)

@@ -152,7 +152,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             response = _answer(decision, phase)
             if exchange.accounted_by_envoy and isinstance(decision, Forward):
                 # Envoy copies the key into the access-log record that settles the exchange.
-                key = self.pending.add(exchange)
+                key = self.pending.new_key()
+                self.pending.add(exchange, key)
                 response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"key": key}})
             return response
         if phase == "response_headers":
