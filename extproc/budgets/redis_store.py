@@ -40,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from extproc.budgets.script_link import Address, ScriptLink
@@ -272,7 +273,7 @@ class RedisStore:
             args.append(len(counters))
             for c in counters:
                 args += (c.limit, c.amount, c.expires_at + self._slack)
-        reply = [int(v) for v in await self._run(RESERVE_LUA, keys, args)]
+        reply = [int(v) for v in await self._run(self._reserve, keys, args)]
         results: list[ReserveResult] = []
         at = 0
         for counters in batch:
@@ -298,7 +299,7 @@ class RedisStore:
             args += ["1" if token else "0", len(deltas)]
             for d in deltas:
                 args += (d.amount, d.expires_at + self._slack)
-        values = [int(v) for v in await self._run(ADJUST_LUA, keys, args)]
+        values = [int(v) for v in await self._run(self._adjust, keys, args)]
         results: list[tuple[int, ...]] = []
         at = 0
         for _, deltas in batch:
@@ -321,11 +322,11 @@ class RedisStore:
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
 
-    async def _run(self, script: str, keys: list[str], args: Sequence[int | str]) -> Any:
+    async def _run(self, script: AsyncScript, keys: list[str], args: Sequence[int | str]) -> Any:
+        """One budget script: over the pipelined link when there is one, else redis-py."""
         if self._link is not None:
-            return await self._link.run(script, keys, args)
-        registered = self._reserve if script is RESERVE_LUA else self._adjust
-        return await self._call(registered(keys=keys, args=args))
+            return await self._link.run(cast(str, script.script), keys, args)  # our str source
+        return await self._call(script(keys=keys, args=args))
 
     @staticmethod
     async def _call(pending: Awaitable[Any]) -> Any:

@@ -40,8 +40,11 @@ async def link() -> AsyncIterator[ScriptLink]:
 async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(
     link: ScriptLink,
 ) -> None:
+    await link.run(ECHO, ["first"], [0])
+    connection = link._protocol
     replies = await asyncio.gather(*(link.run(ECHO, [f"k{i}"], [i]) for i in range(200)))
     assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(200)]
+    assert connection is not None and link._protocol is connection
 
 
 async def test_a_flushed_script_is_sent_again(link: ScriptLink) -> None:
@@ -59,10 +62,12 @@ async def test_an_error_reply_fails_that_call_only(link: ScriptLink) -> None:
 
 async def test_the_database_of_the_url_is_selected() -> None:
     key = f"test-db-{uuid.uuid4().hex[:8]}"
-    link = ScriptLink(Address(host="127.0.0.1", port=6379, db=15), timeout=1.0)
-    await link.run("return redis.call('SET', KEYS[1], '1')", [key], [])
-    await link.close()
-    async with Redis.from_url("redis://127.0.0.1:6379/15") as db15:
+    url = f"{REDIS_URL.rsplit('/', 1)[0]}/15" if REDIS_URL.count("/") > 2 else f"{REDIS_URL}/15"
+    store = RedisStore.from_url(url, prefix="test-db")
+    assert store._link is not None
+    await store._link.run("return redis.call('SET', KEYS[1], '1')", [key], [])
+    await store.close()
+    async with Redis.from_url(url) as db15:
         assert await db15.get(key) == b"1"
         await db15.delete(key)
 
