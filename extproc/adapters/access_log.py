@@ -65,18 +65,24 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     async def _settle(self, batch: als_pb2.StreamAccessLogsMessage) -> None:
         """Settle a batch's own records together (their budget adjusts share one store
         call); pass the others to the workers holding their exchanges."""
-        logged = [answer for e in batch.http_logs.log_entry if (answer := logged_answer(e))]
         relay = self._relay
-        if relay is not None:
-            elsewhere: dict[int, list[LoggedAnswer]] = {}
-            for answer in logged:
-                if answer.owner is not None and answer.owner != relay.index:
-                    elsewhere.setdefault(answer.owner, []).append(answer)
-            if elsewhere:
-                logged = [a for a in logged if a.owner is None or a.owner == relay.index]
-                for owner, answers in elsewhere.items():
-                    await relay.forward(owner, answers)
-        await self.settle(logged)
+        here: list[LoggedAnswer] = []
+        elsewhere: dict[int, list[LoggedAnswer]] = {}
+        for entry in batch.http_logs.log_entry:
+            answer = logged_answer(entry)
+            if answer is None:
+                continue
+            if relay is None or answer.owner is None or answer.owner == relay.index:
+                here.append(answer)
+            else:
+                elsewhere.setdefault(answer.owner, []).append(answer)
+        if not elsewhere:
+            await self.settle(here)
+            return
+        assert relay is not None
+        await asyncio.gather(
+            self.settle(here), *(relay.forward(owner, a) for owner, a in elsewhere.items())
+        )
 
     async def settle(self, logged: Sequence[LoggedAnswer]) -> None:
         """Settle records of exchanges this worker holds (also those relayed to it)."""
