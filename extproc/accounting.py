@@ -6,39 +6,39 @@ only to account for them: usage for the budget, status for metrics and audit. Fo
 Envoy can do the reading: the service marks the request (``x-gateway-accounting:
 envoy``), which switches on ``json_to_metadata`` / ``sse_to_metadata`` for its answer,
 and the gateway's gRPC access log delivers status, lifted usage and the serving endpoint
-once the exchange is over. The exchange waits here, in the process that reserved its
-budget, until that record arrives; then it is settled and reported exactly as the
-response phases would have done.
+once the exchange is over. The record carries the exchange's signed ticket
+(:mod:`extproc.ticket`), so whichever worker or replica receives it settles the
+reservation and reports the exchange exactly as the response phases would have done.
 
 Answers the service must read itself keep the response phases: translated ones, those
-an output guardrail may check, MCP, and dialects whose usage Envoy is not told to lift.
-An exchange whose record never comes (a log stream lost, a config without the access
-log) is settled at its deadline as reserved and reported with ``usage_source:
-"reserved"``: a budget is never under-charged and no audit record is lost.
+an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift, and
+every answer of a policy that records bodies in its audit log. A record Envoy drops
+(``access_logs.grpc_access_log.logs_dropped``) leaves its reservation charged as
+reserved: a budget is never under-charged, but that exchange has no audit record.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from extproc.budgets.meter import Meter, usage_cost
+from extproc.budgets.meter import Meter, priced
 from extproc.dialects.usage import Usage, usage_from_body
 from extproc.exchange import Exchange
 from extproc.identity import Principal
 from extproc.telemetry.observer import Observer
+from extproc.telemetry.record import record_time
+from extproc.ticket import InvalidTicket, Ticket, TicketSigner
 
 log = logging.getLogger(__name__)
 
-HEADER_EXCHANGE = "x-gateway-exchange"
-"""The HTTP authorizer's answer header naming a handed-over exchange's key; Envoy keeps it
-as dynamic metadata (``dynamic_metadata_from_headers``), so the access log carries it."""
+HEADER_TICKET = "x-gateway-ticket"
+"""The HTTP authorizer's answer header carrying a handed-over exchange's ticket; Envoy
+keeps it as dynamic metadata (``dynamic_metadata_from_headers``), so the access log
+carries it."""
 EXCHANGE_NAMESPACE = "extproc.exchange"
-"""ext_proc's dynamic metadata namespace for the same key (``{"key": ...}``)."""
+"""ext_proc's dynamic metadata namespace for the same ticket (``{"ticket": ...}``)."""
 HEADER = "x-gateway-accounting"
 """Set on a request whose answer Envoy accounts for; switches the usage-lifting filters on."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
@@ -48,8 +48,6 @@ BYTES_PER_TOKEN = 4
 STREAM_BYTES_PER_TOKEN = 64
 """For a stream cut before its usage arrived. An SSE event carries about one token in
 150-250 bytes of JSON; 64 errs towards charging more than was sent, never much less."""
-DEFAULT_DEADLINE_SECONDS = 900.0
-"""How long an exchange waits for its access-log record (beyond the longest stream)."""
 
 
 def hands_to_envoy(exchange: Exchange, principal: Principal, path: str) -> bool:
@@ -61,6 +59,8 @@ def hands_to_envoy(exchange: Exchange, principal: Principal, path: str) -> bool:
     policy, dialect = exchange.policy, exchange.dialect
     if policy.accounting != "envoy" or dialect is None or dialect.name not in LIFTED_DIALECTS:
         return False
+    if policy.audit_redactor is not None:
+        return False  # the audit record wants the answer's text, which Envoy does not give
     if policy.guardrails.applies(
         "output", team=principal.team, key_id=principal.key_id, model=None, path=path
     ):
@@ -77,118 +77,75 @@ class LoggedAnswer:
 
     request_id: str
     """For logs only: callers choose it, so it cannot tell two exchanges apart."""
-    key: str | None
-    """The key :meth:`PendingAnswers.add` gave the exchange, from the request's dynamic
-    metadata; ``None`` for a record of an exchange that was not handed over."""
+    ticket: str | None
+    """The exchange's ticket, from the request's dynamic metadata; ``None`` for a record
+    of an exchange that was not handed over."""
     status: int
     """The status the caller got; 0 when the client left before any answer."""
     usage: Mapping[str, int]
     """Usage fields lifted from the answer, under the provider's own names."""
     served_by: str | None
     response_bytes: int
-    owner: int | None = None
-    """The worker holding the exchange, when the HTTP authorizer named one (--workers)."""
 
 
-class PendingAnswers:
-    """Exchanges handed to Envoy, each waiting for its access-log record."""
+class Accountant:
+    """Settles and reports the exchanges Envoy's access log says are over, from their
+    tickets alone (this process need not have decided them)."""
 
-    def __init__(
-        self,
-        meter: Meter,
-        observer: Observer,
-        deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
-    ) -> None:
+    def __init__(self, meter: Meter, observer: Observer, tickets: TicketSigner) -> None:
         self._meter = meter
         self._observer = observer
-        self._deadline_seconds = deadline_seconds
-        self._waiting: dict[str, tuple[Exchange, float]] = {}
-        self._key_prefix = secrets.token_hex(8)
-        self._key_count = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def new_key(self) -> str:
-        """A key to hand Envoy as dynamic metadata, then to :meth:`add` the exchange under.
-
-        The key is ours, not the request id: a caller may send any ``x-request-id``, also
-        one another exchange waiting here already has. A random prefix per process (so a
-        record buffered across a restart finds nothing) and a counter: no system call per
-        request.
-        """
-        return f"{self._key_prefix}{next(self._key_count):08x}"
-
-    def add(self, exchange: Exchange, key: str) -> None:
-        """Hold ``exchange`` for its record, once Envoy has its answer."""
-        exchange.handed_to_envoy = True
-        self._waiting[key] = (exchange, time.monotonic() + self._deadline_seconds)
+        self._tickets = tickets
 
     async def settle(self, logged: LoggedAnswer) -> bool:
-        """Settle and report the exchange ``logged`` describes; ``False`` if not ours."""
-        entry = self._waiting.pop(logged.key, None) if logged.key else None
-        if entry is None:
+        """Settle and report the exchange ``logged`` describes; ``False`` if it carries no
+        ticket this service signed."""
+        if logged.ticket is None:
             return False
-        exchange = entry[0]
-        exchange.response_status = logged.status
-        exchange.status = logged.status
-        exchange.served_by = logged.served_by
-        await self._finish(exchange, *_used(exchange, logged))
+        try:
+            ticket = self._tickets.read(logged.ticket)
+        except InvalidTicket as error:
+            log.warning(
+                "access-log record for request %s not settled: %s", logged.request_id, error
+            )
+            return False
+        record = ticket.record
+        record.update(time=record_time(), status=logged.status or None, served_by=logged.served_by)
+        try:
+            if record["model"] is not None:
+                usage, source = _used(ticket, logged)
+                used = priced(
+                    ticket.price, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+                )
+                record.update(
+                    input_tokens=used.input_tokens,
+                    output_tokens=used.output_tokens,
+                    cost_micro_usd=used.micro_usd,
+                    usage_source=source,
+                )
+                if ticket.settlement is not None:
+                    await self._meter.apply(ticket.settlement, used)
+        except Exception:
+            log.exception("settling request %s failed", logged.request_id)
+        finally:
+            self._observer.report(record, ticket.traceparent, ticket.started_ns)
         return True
 
-    async def expire(self, now: float | None = None) -> int:
-        """Settle, as reserved, the exchanges whose record is overdue; how many there were."""
-        now = time.monotonic() if now is None else now
-        overdue = [key for key, (_, deadline) in self._waiting.items() if deadline <= now]
-        for key in overdue:
-            exchange, _ = self._waiting.pop(key)
-            log.warning(
-                "no access-log record for request %s: settled as reserved", exchange.request_id
-            )
-            await self._finish_reserved(exchange)
-        return len(overdue)
 
-    async def drain(self) -> None:
-        """On shutdown: settle every exchange still waiting, as reserved."""
-        while self._waiting:
-            _, (exchange, _) = self._waiting.popitem()
-            await self._finish_reserved(exchange)
-
-    async def _finish_reserved(self, exchange: Exchange) -> None:
-        reservation = exchange.reservation
-        if reservation is not None:
-            exchange.used, exchange.usage_source = reservation.reserved, "reserved"
-        self._observer.finish(exchange)  # a reservation kept as it is needs no store call
-
-    async def _finish(self, exchange: Exchange, usage: Usage, source: str) -> None:
-        model, reservation = exchange.model, exchange.reservation
-        if model is not None:
-            exchange.used, exchange.usage_source = usage_cost(model, usage), source
-        try:
-            if reservation is not None and exchange.used is not None:
-                assert model is not None
-                await self._meter.settle(reservation, model, exchange.used)
-        except Exception:
-            log.exception("settling request %s failed", exchange.request_id)
-        finally:
-            self._observer.finish(exchange)
-
-
-def _used(exchange: Exchange, logged: LoggedAnswer) -> tuple[Usage, str]:
+def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     """What the exchange used: the provider's report, else the answer's best estimate."""
-    dialect = exchange.dialect
-    if logged.usage and dialect is not None:
-        reported = usage_from_body(dialect.name, {"usage": _provider_shape(logged.usage)})
+    if logged.usage:
+        reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
             return reported, "provider"
     if logged.status == 0 or logged.status >= 300:
         # No answer at all: the prompt was sent, nothing came back; an error: nothing used.
-        return Usage(exchange.input_tokens if logged.status == 0 else 0, 0), "estimate"
-    streamed = exchange.request is not None and exchange.request.stream
-    output = logged.response_bytes // (STREAM_BYTES_PER_TOKEN if streamed else BYTES_PER_TOKEN)
-    if exchange.reservation is not None:
-        output = min(output, exchange.reservation.reserved.output_tokens)
-    return Usage(exchange.input_tokens, output), "estimate"
+        return Usage(ticket.input_tokens if logged.status == 0 else 0, 0), "estimate"
+    per_token = STREAM_BYTES_PER_TOKEN if ticket.stream else BYTES_PER_TOKEN
+    output = logged.response_bytes // per_token
+    if ticket.settlement is not None:
+        output = min(output, ticket.settlement.reserved.output_tokens)
+    return Usage(ticket.input_tokens, output), "estimate"
 
 
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:

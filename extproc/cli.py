@@ -220,6 +220,7 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 def _serve_with(args: argparse.Namespace) -> int:
     from extproc.policy.loader import PolicyError
     from extproc.server import ConfigurationError, ServeSettings, serve
+    from extproc.ticket import KEY_VARIABLE, signing_key
 
     _logging()
     settings = ServeSettings(
@@ -237,6 +238,7 @@ def _serve_with(args: argparse.Namespace) -> int:
         audit_redis_stream=args.audit_redis_stream,
         admin_token=os.environ.get(args.admin_token_env) or None,
         otlp_endpoint=args.otlp_endpoint,
+        ticket_key=signing_key(secret) if (secret := os.environ.get(KEY_VARIABLE)) else None,
     )
     try:
         return serve(settings)

@@ -15,11 +15,9 @@ import gc
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +31,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
+from extproc.accounting import Accountant
 from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
-from extproc.adapters.record_relay import RecordRelay
 from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
 from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
@@ -48,6 +46,7 @@ from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdo
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.tracing import Tracing
+from extproc.ticket import TicketSigner, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +81,9 @@ class ServeSettings:
     """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
     worker_index: int | None = None
     """Set in worker processes (``--workers N``): suffixes the audit file name."""
-    relay_dir: Path | None = None
-    """Set in worker processes: where they pass access-log records to each other."""
+    ticket_key: bytes | None = field(default=None, repr=False)
+    """Signs exchange tickets (:mod:`extproc.ticket`); every process of one service must
+    share it. ``None``: a random key made at start (and inherited by the workers)."""
 
 
 class ConfigurationError(Exception):
@@ -102,6 +102,8 @@ def serve(settings: ServeSettings) -> int:
             f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
             "prometheus_client is imported; `extproc serve` does that"
         )
+    if settings.ticket_key is None:
+        settings = dataclasses.replace(settings, ticket_key=signing_key(None))
     if settings.workers <= 1:
         return _run(_serve_single(settings))
     return _supervise(settings)
@@ -139,7 +141,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     )
     tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
     observer = Observer(metrics, audit, tracing=tracing)
-    processor = ExternalProcessor(policies, meter, observer)
+    tickets = TicketSigner(settings.ticket_key or signing_key(None))
+    processor = ExternalProcessor(policies, meter, observer, tickets=tickets)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -148,13 +151,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    relay = None
-    if settings.relay_dir is not None and settings.worker_index is not None:
-        relay = RecordRelay(
-            settings.relay_dir, settings.worker_index, lambda answers: access_log.settle(answers)
-        )
-        await relay.start()
-    access_log = AccessLogReceiver(processor.pending, relay)
+    access_log = AccessLogReceiver(Accountant(meter, observer, tickets))
     access_log_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
@@ -163,13 +160,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         admin_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
             AdminApi(policies, store, observer.recent, settings.admin_token), server
         )
-    authorizer = ext_authz_http.HttpAuthorizer(
-        policies,
-        meter,
-        observer,
-        processor.pending,
-        owner=relay.index if relay is not None else None,
-    )
+    authorizer = ext_authz_http.HttpAuthorizer(policies, meter, observer, tickets)
     authz_server = None
     if settings.authz_address:
         host, _, port = settings.authz_address.rpartition(":")
@@ -212,26 +203,21 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     watcher = asyncio.create_task(
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
-    expiry = asyncio.create_task(_expire_pending(processor))
     if settings.worker_index is not None:
         _stop_when_orphaned(stop)
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    for task in (watcher, expiry):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
     if authz_server is not None:
         authz_server.close()
     stopping = asyncio.create_task(server.stop(settings.grace_seconds))
     await _quiesce(processor, authorizer, settings.grace_seconds)
     access_log.close()
     await stopping
-    if relay is not None:
-        await relay.close()
     await processor.drain()
-    await processor.pending.drain()
     await audit.close()
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
@@ -262,20 +248,18 @@ def _freeze_startup_objects() -> None:
 async def _quiesce(
     processor: ExternalProcessor, authorizer: ext_authz_http.HttpAuthorizer, grace: float
 ) -> None:
-    """Wait (up to ``grace``) for in-flight exchanges and the access-log records that
-    settle them, so that closing the log streams loses none."""
+    """Wait (up to ``grace``) for the exchanges this process is serving.
+
+    The access-log streams stay open meanwhile, so records of answers that end in that
+    time settle here; later ones Envoy sends on a new stream, to whichever process of the
+    service then answers (their tickets let any of them settle them).
+    """
     deadline = asyncio.get_running_loop().time() + grace
     while asyncio.get_running_loop().time() < deadline:
-        if processor.streams == 0 and authorizer.checks == 0 and len(processor.pending) == 0:
+        if processor.streams == 0 and authorizer.checks == 0:
             return
         await asyncio.sleep(0.05)
-    log.warning(
-        "stopping with %d streams and %d checks open and %d answers awaiting their "
-        "access-log record",
-        processor.streams,
-        authorizer.checks,
-        len(processor.pending),
-    )
+    log.warning("stopping with %d streams and %d checks open", processor.streams, authorizer.checks)
 
 
 def _stop_when_orphaned(stop: asyncio.Event) -> None:
@@ -299,13 +283,6 @@ def _stop_when_orphaned(stop: asyncio.Event) -> None:
         stop.set()
 
     loop.add_reader(sentinel, gone)
-
-
-async def _expire_pending(processor: ExternalProcessor, every: float = 30.0) -> None:
-    """Settle, as reserved, answers whose access-log record never came (accounting.py)."""
-    while True:
-        await asyncio.sleep(every)
-        await processor.pending.expire()
 
 
 def _audit_sinks(settings: ServeSettings) -> list[Sink]:
@@ -373,16 +350,6 @@ def _supervise(settings: ServeSettings) -> int:
     # The CLI makes it (and removes it on exit) before prometheus_client is first imported.
     metrics_dir = os.environ[METRICS_DIR_VARIABLE]
     policies = PolicyStore(settings.policy)
-    relay_dir = Path(tempfile.mkdtemp(prefix="extproc-relay-"))
-    try:
-        return _fork_and_supervise(settings, policies, metrics_dir, relay_dir)
-    finally:
-        shutil.rmtree(relay_dir, ignore_errors=True)
-
-
-def _fork_and_supervise(
-    settings: ServeSettings, policies: PolicyStore, metrics_dir: str, relay_dir: Path
-) -> int:
     _load_shared(policies)
     # No event loop, gRPC object or Python thread exists yet, so forking is safe (numpy,
     # which Presidio imports, has started OpenBLAS's pool: it re-creates it after a fork).
@@ -391,7 +358,7 @@ def _fork_and_supervise(
         context.Process(
             target=_worker_main,
             # Forked, not pickled: each worker starts from the policy compiled here.
-            args=(dataclasses.replace(settings, worker_index=i, relay_dir=relay_dir), policies),
+            args=(dataclasses.replace(settings, worker_index=i), policies),
             name=f"extproc-worker-{i}",
             # Daemonic: however this process exits, multiprocessing stops them first.
             daemon=True,
@@ -405,8 +372,8 @@ def _fork_and_supervise(
         try:
             return await _supervise_workers(settings, policies, metrics_dir, workers)
         finally:
-            # Also when the admin port or the Redis probe failed: the relay and metrics
-            # directories are removed next, and live workers would keep the exit waiting.
+            # Also when the admin port or the Redis probe failed: the metrics directory is
+            # removed next, and live workers would keep the exit waiting.
             for worker in workers:
                 if worker.is_alive() and worker.pid is not None:
                     os.kill(worker.pid, signal.SIGTERM)

@@ -2,7 +2,8 @@
 
 Envoy's gateway config sends one record per exchange the service handed to it
 (``x-gateway-accounting: envoy``), batched on a long-lived stream; each becomes a
-:class:`~extproc.accounting.LoggedAnswer` for :class:`~extproc.accounting.PendingAnswers`.
+:class:`~extproc.accounting.LoggedAnswer` that the :class:`~extproc.accounting.Accountant`
+settles from the ticket it carries, whichever process decided the request.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_EXCHANGE, LoggedAnswer, PendingAnswers
-from extproc.adapters.record_relay import HEADER_OWNER, RecordRelay
+from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_TICKET, Accountant, LoggedAnswer
 from extproc.routing import HEADER_SERVED_BY
 
 log = logging.getLogger(__name__)
@@ -24,16 +24,16 @@ log = logging.getLogger(__name__)
 USAGE_NAMESPACE = "extproc.usage"
 """Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-"""Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the owner)."""
+"""Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the ticket)."""
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Envoy keeps its log streams open for good; :meth:`close` ends them on shutdown, once
-    the exchanges they report on are over, so a graceful stop does not wait for them."""
+    the exchanges this process serves are over, so a graceful stop does not wait for them
+    (Envoy sends later records on a new stream, to whichever process then answers)."""
 
-    def __init__(self, pending: PendingAnswers, relay: RecordRelay | None = None) -> None:
-        self._pending = pending
-        self._relay = relay
+    def __init__(self, accountant: Accountant) -> None:
+        self._accountant = accountant
         self._closing = asyncio.Event()
 
     def close(self) -> None:
@@ -63,37 +63,18 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         return als_pb2.StreamAccessLogsResponse()
 
     async def _settle(self, batch: als_pb2.StreamAccessLogsMessage) -> None:
-        """Settle a batch's own records together (their budget adjusts share one store
-        call); pass the others to the workers holding their exchanges."""
-        relay = self._relay
-        here: list[LoggedAnswer] = []
-        elsewhere: dict[int, list[LoggedAnswer]] = {}
-        for entry in batch.http_logs.log_entry:
-            answer = logged_answer(entry)
-            if answer is None:
-                continue
-            if relay is None or answer.owner is None or answer.owner == relay.index:
-                here.append(answer)
-            else:
-                elsewhere.setdefault(answer.owner, []).append(answer)
-        if not elsewhere:
-            await self.settle(here)
-            return
-        assert relay is not None
-        await asyncio.gather(
-            self.settle(here), *(relay.forward(owner, a) for owner, a in elsewhere.items())
-        )
+        """Settle a batch's records together (their budget adjusts share one store call)."""
+        await self.settle([a for e in batch.http_logs.log_entry if (a := logged_answer(e))])
 
     async def settle(self, logged: Sequence[LoggedAnswer]) -> None:
-        """Settle records of exchanges this worker holds (also those relayed to it)."""
         outcomes = await asyncio.gather(
-            *(self._pending.settle(answer) for answer in logged), return_exceptions=True
+            *(self._accountant.settle(answer) for answer in logged), return_exceptions=True
         )
         for answer, outcome in zip(logged, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("accounting request %s failed: %r", answer.request_id, outcome)
             elif not outcome:
-                log.debug("access-log record for unknown request %s", answer.request_id)
+                log.debug("access-log record without a ticket: request %s", answer.request_id)
 
 
 def _discard(future: asyncio.Future[Any]) -> None:
@@ -120,9 +101,8 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
     )
     response = entry.response
     return LoggedAnswer(
-        key=_string(metadata, AUTHZ_NAMESPACE, HEADER_EXCHANGE)
-        or _string(metadata, EXCHANGE_NAMESPACE, "key"),
-        owner=int(owner) if (owner := _string(metadata, AUTHZ_NAMESPACE, HEADER_OWNER)) else None,
+        ticket=_string(metadata, AUTHZ_NAMESPACE, HEADER_TICKET)
+        or _string(metadata, EXCHANGE_NAMESPACE, "ticket"),
         request_id=request_id,
         status=response.response_code.value,
         usage=usage,

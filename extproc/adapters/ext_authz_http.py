@@ -10,8 +10,8 @@ a kept-alive connection, and takes the answer as:
 * **200** with the headers to set upstream (``allowed_upstream_headers`` in
   envoy/gateway.yaml), the client headers to drop (``x-envoy-auth-headers-to-remove``),
   and, kept by Envoy as dynamic metadata (``dynamic_metadata_from_headers``), the
-  answer's budget and guardrail headers (set by the virtual host), the exchange's key and
-  its worker: a request decided here, whose answer Envoy accounts for
+  answer's budget and guardrail headers (set by the virtual host) and the exchange's
+  ticket: a request decided here, whose answer Envoy accounts for
   (:mod:`extproc.accounting`);
 * **200** with ``x-gateway-processing: ext_proc`` and nothing else: handed over; the
   header switches on the ext_proc filter behind this one, which decides the request from
@@ -35,13 +35,13 @@ from typing import cast
 import httptools
 
 from extproc import pipeline
-from extproc.accounting import HEADER_EXCHANGE, PendingAnswers
-from extproc.adapters.record_relay import HEADER_OWNER
+from extproc.accounting import HEADER_TICKET
 from extproc.budgets.meter import Cost, Meter
 from extproc.decisions import Forward, Headers, Reply
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer
+from extproc.ticket import TicketSigner
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ _HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: clo
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
 NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
+MAX_TICKET_CHARS = 16 * 1024
+"""A ticket longer than this goes through ext_proc's metadata instead of an answer header
+(Envoy takes at most 60 KiB of headers from the authorization service); only a caller's
+oversized ids make one this long."""
 Write = Callable[[bytes], bool]
 """Writes one answer to Envoy; ``False`` if the connection is gone."""
 
@@ -68,28 +72,21 @@ class Check:
 
 
 class HttpAuthorizer:
-    """Decides what it can (:func:`extproc.pipeline.decide_request`), hands over the rest.
-
-    With ``--workers N`` an access-log record may reach a worker other than the one
-    holding the exchange: ``owner`` (this worker's index) goes into every allowed answer so
-    that the record can be passed on (:mod:`extproc.adapters.record_relay`).
-    """
+    """Decides what it can (:func:`extproc.pipeline.decide_request`), hands over the rest."""
 
     def __init__(
         self,
         policies: PolicyStore,
         meter: Meter,
         observer: Observer,
-        pending: PendingAnswers,
+        tickets: TicketSigner,
         clock: Clock = utc_now,
-        owner: int | None = None,
     ) -> None:
         self._policies = policies
         self._meter = meter
         self._observer = observer
-        self._pending = pending
+        self._tickets = tickets
         self._clock = clock
-        self._owner = () if owner is None else ((HEADER_OWNER, str(owner)),)
         self.checks = 0
         """Checks being answered now (shutdown waits for them)."""
 
@@ -110,6 +107,8 @@ class HttpAuthorizer:
                 self._meter,
                 self._clock,
             )
+            # Before delivering: the ticket carries the audit record's durations.
+            exchange.durations["ext_authz_http"] = time.perf_counter() - started
             await self._deliver(decision, exchange, write)
         except Exception:
             # ext_proc decides it again and fails closed on its own if it must.
@@ -118,9 +117,7 @@ class HttpAuthorizer:
             write(_HANDED_OVER)
         finally:
             self.checks -= 1
-            elapsed = time.perf_counter() - started
-            exchange.durations["ext_authz_http"] = elapsed
-            self._observer.phase("ext_authz_http", elapsed)
+            self._observer.phase("ext_authz_http", time.perf_counter() - started)
 
     async def _deliver(
         self, decision: Forward | Reply | None, exchange: Exchange, write: Write
@@ -139,17 +136,17 @@ class HttpAuthorizer:
             write(refused)
             self._observer.finish(exchange)
             return
-        extra = self._owner
-        key = None
+        ticket: Headers = ()
         if exchange.accounted_by_envoy:  # its access-log record settles and reports it
-            key = self._pending.new_key()
-            extra = (*extra, (HEADER_EXCHANGE, key))
-        if write(_allowed(decision, extra)):
-            if key is None:
+            issued = self._tickets.issue(exchange)
+            if len(issued) > MAX_TICKET_CHARS:
+                await self._release(exchange)
+                write(_HANDED_OVER)
+                return
+            ticket = ((HEADER_TICKET, issued),)
+        if write(_allowed(decision, ticket)):
+            if not ticket:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
-            else:
-                # Before any await: the record cannot arrive before this returns.
-                self._pending.add(exchange, key)
             return
         # Nothing went upstream: no charge, and no record will come for it.
         await self._release(exchange)
@@ -172,10 +169,10 @@ class HttpAuthorizer:
             log.exception("releasing request %s failed", exchange.request_id)
 
 
-def _allowed(forward: Forward, owner: Headers) -> bytes:
+def _allowed(forward: Forward, metadata: Headers) -> bytes:
     setting = {name for name, _ in forward.set_headers}
     removed = ",".join(name for name in forward.remove_headers if name not in setting)
-    headers: Headers = (*forward.set_headers, *forward.answer_headers, *owner)
+    headers: Headers = (*forward.set_headers, *forward.answer_headers, *metadata)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))
     return _frame(200, headers, b"")

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from extproc import answer, pipeline
-from extproc.accounting import EXCHANGE_NAMESPACE, PendingAnswers
+from extproc.accounting import EXCHANGE_NAMESPACE
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
@@ -28,6 +28,7 @@ from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
+from extproc.ticket import TicketSigner, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         meter: Meter,
         observer: Observer | None = None,
         clock: Clock = utc_now,
-        pending: PendingAnswers | None = None,
+        tickets: TicketSigner | None = None,
     ) -> None:
         self._policies = policies
         self._meter = meter
         self._observer = observer or null_observer()
         self._clock = clock
         self._finishing: set[asyncio.Task[None]] = set()
-        self.pending = pending or PendingAnswers(meter, self._observer)
-        """Exchanges whose answers Envoy accounts for, awaiting their access-log record."""
+        self._tickets = tickets or TicketSigner(signing_key(None))
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
@@ -151,10 +151,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
             response = _answer(decision, phase)
             if exchange.accounted_by_envoy and isinstance(decision, Forward):
-                # Envoy copies the key into the access-log record that settles the exchange.
-                key = self.pending.new_key()
-                self.pending.add(exchange, key)
-                response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"key": key}})
+                # Envoy copies it into the access-log record that settles the exchange.
+                ticket = self._tickets.issue(exchange)
+                exchange.handed_to_envoy = True
+                response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
             return response
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))

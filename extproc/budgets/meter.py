@@ -18,7 +18,7 @@ from datetime import datetime
 
 from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed, window_end_iso
 from extproc.budgets.keys import Unit, counter_key
-from extproc.budgets.pricing import FREE, cost_micro_usd, micro_to_usd
+from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
 from extproc.budgets.tokens import count_prompt_tokens
 from extproc.budgets.windows import reset_duration, seconds_to_reset, window_bounds
@@ -65,6 +65,34 @@ class Reservation:
     """Set when the budget afforded less than the default cap: write it into the body."""
     settled: bool = field(default=False)
 
+    @property
+    def settlement(self) -> Settlement:
+        units = (limit.unit for limit in self.limits)
+        counters = tuple(
+            (c.key, u, c.expires_at) for c, u in zip(self.counters, units, strict=True)
+        )
+        return Settlement(self.token, self.reserved, counters)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What settling a reservation takes, in plain values that can travel in an exchange's
+    ticket (:mod:`extproc.ticket`) to whichever process settles it: each counter's key,
+    unit and window end, what was reserved, and the token that has the store apply it
+    once."""
+
+    token: str
+    reserved: Cost
+    counters: tuple[tuple[str, Unit, int], ...]
+
+    def deltas(self, used: Cost) -> list[Delta]:
+        """The changes that replace what was reserved with what was ``used``."""
+        reserved = self.reserved
+        return [
+            Delta(key, used.of(unit) - reserved.of(unit), expires_at)
+            for key, unit, expires_at in self.counters
+        ]
+
 
 def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
     """Prompt tokens as the model's tokenizer counts them (ids given directly count as is)."""
@@ -76,9 +104,12 @@ def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
 
 
 def price(model: CatalogueModel, input_tokens: int, output_tokens: int, cached: int = 0) -> Cost:
-    micro = cost_micro_usd(
-        model.price or FREE, input_tokens, min(cached, input_tokens), output_tokens
-    )
+    return priced(model.price, input_tokens, output_tokens, cached)
+
+
+def priced(prices: Price | None, input_tokens: int, output_tokens: int, cached: int = 0) -> Cost:
+    """What the tokens cost at ``prices`` (``None``: a model without a price is free)."""
+    micro = cost_micro_usd(prices or FREE, input_tokens, min(cached, input_tokens), output_tokens)
     return Cost(input_tokens, output_tokens, micro)
 
 
@@ -227,16 +258,16 @@ class Meter:
         """Replace the reservation with what was used. Safe to call twice (idempotent)."""
         if reservation.settled:
             return
-        deltas = [
-            Delta(c.key, used.of(limit.unit) - reservation.reserved.of(limit.unit), c.expires_at)
-            for c, limit in zip(reservation.counters, reservation.limits, strict=True)
-        ]
-        changed = [d for d in deltas if d.amount]
-        if changed:
-            await self._store.adjust(changed, token=reservation.token)
+        await self.apply(reservation.settlement, used)
         # Marked after the store has it: a settlement cut short can run again (the
         # request-id token keeps a repeat from counting twice).
         reservation.settled = True
+
+    async def apply(self, settlement: Settlement, used: Cost) -> None:
+        """Replace what ``settlement`` reserved with what was ``used`` (once per token)."""
+        changed = [delta for delta in settlement.deltas(used) if delta.amount]
+        if changed:
+            await self._store.adjust(changed, token=settlement.token)
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:

@@ -43,13 +43,17 @@ class Observer:
 
     def finish(self, exchange: Exchange) -> None:
         """Report one exchange that is over; called exactly once per exchange."""
-        record = exchange_record(exchange)
+        self.report(exchange_record(exchange), exchange.traceparent, exchange.started_ns)
+
+    def report(self, record: dict[str, Any], traceparent: str | None, started_ns: int) -> None:
+        """Report a finished exchange by its record (also one settled from its ticket, in a
+        process that never held the exchange)."""
         if self.metrics is not None:
             self.metrics.observe(record)
         self.audit.submit(record)
         self.recent.append(record)
         if self.tracing is not None:
-            self.tracing.record(record, exchange.traceparent, exchange.started_ns, time.time_ns())
+            self.tracing.record(record, traceparent, started_ns, time.time_ns())
 
 
 def null_observer() -> Observer:

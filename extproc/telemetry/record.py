@@ -26,7 +26,7 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
     return {
         "request_id": exchange.request_id,
         "trace_id": exchange.trace_id,
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": record_time(),
         "key_id": principal.key_id if principal else None,
         "identity": principal.source if principal else None,
         "user": principal.user if principal else None,
@@ -57,3 +57,8 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         **({"answer": exchange.recorded_answer} if exchange.recorded_answer is not None else {}),
         "durations_ms": {p: round(s * 1000, 3) for p, s in exchange.durations.items()},
     }
+
+
+def record_time() -> str:
+    """Now, as the record's ``time`` (UTC, milliseconds)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

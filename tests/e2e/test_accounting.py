@@ -1,22 +1,29 @@
 """accounting: envoy — answers read by Envoy and settled from its gRPC access log.
 
 The same real recorded OpenAI traffic as the budget tests, through real Envoy lifting the
-usage (json_to_metadata, sse_to_metadata), two service workers sharing one Redis.
+usage (json_to_metadata, sse_to_metadata), with one service worker, two workers sharing one
+Redis, and two separate replicas: one decides every request, the other gets Envoy's
+access-log stream and settles them from their tickets.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from extproc.stack import Ports, Stack, running
+from extproc.stack import GATEWAY_CONFIG, ROOT, Ports, Stack, running
+from extproc.ticket import KEY_VARIABLE
 from tests.e2e.conftest import Http, Mock
 from tests.e2e.test_budgets import (
     POLICY,
@@ -33,33 +40,89 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
+REPLICA_AUDIT = "audit-replica.jsonl"
+"""The audit file of the replica that settles what the other decided (two-replicas)."""
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-worker", "two-workers"])
+
+@pytest.fixture(scope="module", params=["one-worker", "two-workers", "two-replicas"])
 def stack(
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> Iterator[Stack]:
     """The HTTP authorizer decides these requests alone (no ext_proc stream). With two
-    workers, an access-log record often reaches the worker that does not hold its
-    exchange, and is passed on to the one that does."""
+    workers, an access-log record often reaches the worker that did not decide it; with
+    two replicas, always."""
     tmp = tmp_path_factory.mktemp("accounting")
     policy = tmp / "policy.yaml"
     text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n")
     # Served through a catalogue backend, so answers name the endpoint that served them.
     text = text.replace("  gpt-4o-mini: {", "  gpt-4o-mini: { backend: { cluster: openai },")
     policy.write_text(text)
-    with running(
-        Stack(
-            policy=policy,
-            ports=Ports.free(),
-            log_dir=tmp,
-            workers=request.param,
-            redis_url=redis_server.url,
-            serve_args=("--audit-file", str(tmp / "audit.jsonl")),
-        )
-    ) as s:
-        yield s
+    setting = Stack(
+        policy=policy,
+        ports=Ports.free(),
+        log_dir=tmp,
+        workers=2 if request.param == "two-workers" else 1,
+        redis_url=redis_server.url,
+        serve_args=("--audit-file", str(tmp / "audit.jsonl")),
+    )
+    with ExitStack() as cleanup, pytest.MonkeyPatch.context() as env:
+        if request.param == "two-replicas":
+            env.setenv(KEY_VARIABLE, "shared by the replicas of this test")
+            replica = Ports.free()
+            cleanup.enter_context(serving_replica(policy, replica, redis_server.url, tmp))
+            setting.envoy_config = tmp / "gateway-log-to-replica.yaml"
+            setting.envoy_config.write_text(access_log_to(replica.grpc))
+        yield cleanup.enter_context(running(setting))
+
+
+def access_log_to(port: int) -> str:
+    """envoy/gateway.yaml with its access log sent to the service on ``port`` only."""
+    text = GATEWAY_CONFIG.read_text()
+    logged = "grpc_service: { envoy_grpc: { cluster_name: extproc } }\n" + " " * 24
+    logged += "buffer_flush_interval"
+    assert text.count(logged) == 1
+    text = text.replace(logged, logged.replace("cluster_name: extproc ", "cluster_name: replica "))
+    cluster = (
+        "    - name: replica\n      type: STATIC\n      connect_timeout: 1s\n"
+        "      typed_extension_protocol_options:\n"
+        "        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
+        '          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n'
+        "          explicit_http_config: { http2_protocol_options: {} }\n"
+        "      load_assignment:\n        cluster_name: replica\n        endpoints:\n"
+        "          - lb_endpoints:\n              - endpoint:\n                  address:\n"
+        f"                    socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+    )
+    assert text.count("\n  clusters:\n") == 1
+    return text.replace("\n  clusters:\n", "\n  clusters:\n" + cluster)
+
+
+@contextmanager
+def serving_replica(policy: Path, ports: Ports, redis_url: str, tmp: Path) -> Iterator[None]:
+    """A second service on the same policy, Redis and ticket key, without an authorizer."""
+    command = [
+        *(sys.executable, "-m", "extproc", "serve", "--policy", str(policy)),
+        *("--grpc", f"127.0.0.1:{ports.grpc}", "--authz", "off"),
+        *("--admin-port", str(ports.admin), "--redis-url", redis_url),
+        *("--audit-file", str(tmp / REPLICA_AUDIT), "--grace", "2"),
+    ]
+    with (tmp / "replica.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        eventually(lambda: ready(ports.admin), "the replica never became ready", seconds=30)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def ready(admin_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @pytest.fixture
@@ -108,7 +171,9 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     eventually(settled, f"counters never settled to {expected}")
 
 
-def test_only_the_request_phases_reach_the_service(stack: Stack, audit: Path) -> None:
+def test_only_the_request_phases_reach_the_service(
+    stack: Stack, audit: Path, request: pytest.FixtureRequest
+) -> None:
     before = ext_proc_messages(stack)
     meter = client(stack, "meter")
     reply = meter.chat.completions.with_raw_response.create(
@@ -143,6 +208,11 @@ def test_only_the_request_phases_reach_the_service(stack: Stack, audit: Path) ->
     assert record["output_tokens"] == answer.usage.completion_tokens
     # From the answer's x-gateway-served-by, carried by the access log.
     assert record["served_by"] == "openai_primary"
+    if request.node.callspec.params["stack"] == "two-replicas":
+        # Settled and reported by the replica that never saw the request.
+        replica = audit_records(audit.with_name(REPLICA_AUDIT))
+        assert [r["request_id"] for r in replica].count(request_id) == 1
+        assert record["team"] == "meter" and record["budget"] == "reserved"
 
 
 def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(

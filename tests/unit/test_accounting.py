@@ -1,9 +1,10 @@
-"""accounting: envoy in memory: which answers are handed to Envoy, and how records settle."""
+"""accounting: envoy in memory: which answers are handed to Envoy, and how records settle
+from the tickets they carry."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
-from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_EXCHANGE, LoggedAnswer
+from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_TICKET, Accountant, LoggedAnswer
 from extproc.adapters.access_log import (
     AUTHZ_NAMESPACE,
     USAGE_NAMESPACE,
@@ -23,13 +24,14 @@ from extproc.adapters.access_log import (
     logged_answer,
 )
 from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcessor
-from extproc.adapters.record_relay import HEADER_OWNER, RecordRelay
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
+from extproc.budgets.store import BudgetStore
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
+from extproc.ticket import TicketSigner, signing_key
 from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi a@b.com"}]}
@@ -46,8 +48,26 @@ def policy_file(tmp_path: Path, accounting: str = "envoy", output_guard: bool = 
     return path
 
 
-def processor(path: Path) -> ExternalProcessor:
-    return ExternalProcessor(PolicyStore(path), Meter(MemoryStore()), Observer(None, AuditLog([])))
+KEY = signing_key("shared by the service's processes")
+
+
+def processor(path: Path, store: BudgetStore | None = None, key: bytes = KEY) -> ExternalProcessor:
+    return ExternalProcessor(
+        PolicyStore(path),
+        Meter(store if store is not None else MemoryStore()),
+        Observer(None, AuditLog([])),
+        tickets=TicketSigner(key),
+    )
+
+
+def accountant(proc: ExternalProcessor) -> Accountant:
+    """What settles the access-log records of ``proc``'s process."""
+    return Accountant(proc._meter, proc._observer, proc._tickets)
+
+
+def ticket_of(responses: list[pb.ProcessingResponse]) -> str | None:
+    metadata = MessageToDict(responses[1].dynamic_metadata).get(EXCHANGE_NAMESPACE)
+    return None if metadata is None else str(metadata["ticket"])
 
 
 async def send(
@@ -58,9 +78,10 @@ async def send(
 
 
 async def handed(proc: ExternalProcessor, key: str, **kw: Any) -> str:
-    """Send a request Envoy will account for; the exchange key Envoy is given for it."""
-    responses = await send(proc, key, **kw)
-    return str(MessageToDict(responses[1].dynamic_metadata)[EXCHANGE_NAMESPACE]["key"])
+    """Send a request Envoy will account for; the ticket Envoy is given for it."""
+    ticket = ticket_of(await send(proc, key, **kw))
+    assert ticket is not None
+    return ticket
 
 
 def answers_asked(responses: list[pb.ProcessingResponse]) -> bool:
@@ -77,7 +98,7 @@ async def test_an_answer_needed_only_for_accounting_is_handed_to_envoy(tmp_path:
     answer_headers = MessageToDict(responses[1].dynamic_metadata)[ANSWER_HEADERS_NAMESPACE]
     assert answer_headers["x-ratelimit-limit-usd"] == "500"
     assert answer_headers["x-gateway-guardrails"] == "mask-pii=rewritten[EMAIL_ADDRESS]x1"
-    assert len(proc.pending) == 1
+    assert ticket_of(responses) is not None
     assert not proc._observer.recent  # the access-log record will report it
 
 
@@ -96,7 +117,17 @@ async def test_answers_the_service_must_read_keep_the_response_phases(
     responses = await send(proc, key)
     assert answers_asked(responses)
     assert "x-gateway-accounting" not in headers_set(responses[1].request_body.response)
-    assert len(proc.pending) == 0
+    assert ticket_of(responses) is None
+
+
+async def test_a_policy_recording_bodies_reads_every_answer(tmp_path: Path) -> None:
+    """The audit record then holds the answer's text, which Envoy's log does not carry."""
+    path = policy_file(tmp_path)
+    policy = yaml.safe_load(path.read_text())
+    policy["settings"].setdefault("audit", {})["record_bodies"] = True
+    path.write_text(yaml.safe_dump(policy))
+    responses = await send(processor(path), "sk-demo-restricted")
+    assert answers_asked(responses) and ticket_of(responses) is None
 
 
 async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> None:
@@ -104,7 +135,6 @@ async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> No
     body = {**CHAT, "model": "gpt-4o"}  # not allowed for this key
     responses = await send(proc, "sk-demo-restricted", body=body)
     assert responses[1].immediate_response.status.code == 403
-    assert len(proc.pending) == 0
     [record] = proc._observer.recent
     assert record["error"] == "model_not_allowed"
 
@@ -113,17 +143,16 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     tmp_path: Path,
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    key = await handed(proc, "sk-demo-restricted")
+    ticket = await handed(proc, "sk-demo-restricted")
     logged = LoggedAnswer(
         request_id="req-1",
-        key=key,
+        ticket=ticket,
         status=200,
         usage={"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000},
         served_by="openai_primary",
         response_bytes=300,
     )
-    assert await proc.pending.settle(logged)
-    assert not await proc.pending.settle(logged)  # once only
+    assert await accountant(proc).settle(logged)
     [record] = proc._observer.recent
     assert (record["input_tokens"], record["output_tokens"]) == (1000, 3)
     # 1,000 cached prompt tokens at $0.075/M and 3 output tokens at $0.60/M, rounded up.
@@ -135,9 +164,9 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
 async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
     body = {"model": "claude-3-5-haiku", "max_tokens": 20, "messages": CHAT["messages"]}
-    key = await handed(proc, "sk-demo-admin", path="/v1/messages", body=body)
+    ticket = await handed(proc, "sk-demo-admin", path="/v1/messages", body=body)
     usage = {"input_tokens": 5, "output_tokens": 4, "cache_read_input_tokens": 10}
-    await proc.pending.settle(LoggedAnswer("req-1", key, 200, usage, None, 100))
+    await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 100))
     [record] = proc._observer.recent
     assert (record["input_tokens"], record["output_tokens"]) == (15, 4)
 
@@ -154,8 +183,8 @@ async def test_without_usage_the_answer_is_estimated(
     tmp_path: Path, status: int, sent: int, expected_output: int
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    key = await handed(proc, "sk-demo-restricted")
-    await proc.pending.settle(LoggedAnswer("req-1", key, status, {}, None, sent))
+    ticket = await handed(proc, "sk-demo-restricted")
+    await accountant(proc).settle(LoggedAnswer("req-1", ticket, status, {}, None, sent))
     [record] = proc._observer.recent
     assert record["output_tokens"] == expected_output
     assert (record["input_tokens"] > 0) is (status < 300)  # the prompt reached the provider
@@ -173,38 +202,21 @@ async def test_a_stream_without_usage_is_estimated_from_the_bytes_sent(
     tmp_path: Path, sent: int, expected_output: int
 ) -> None:
     proc = processor(policy_file(tmp_path))
-    key = await handed(proc, "sk-demo-restricted", body={**CHAT, "stream": True})
-    await proc.pending.settle(LoggedAnswer("req-1", key, 200, {}, None, sent))
+    ticket = await handed(proc, "sk-demo-restricted", body={**CHAT, "stream": True})
+    await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, {}, None, sent))
     [record] = proc._observer.recent
     assert record["output_tokens"] == expected_output
     assert record["usage_source"] == "estimate"
 
 
-async def test_a_record_that_never_comes_is_settled_as_reserved(tmp_path: Path) -> None:
-    proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted")
-    assert await proc.pending.expire(now=0.0) == 0  # not yet due
-    assert await proc.pending.expire(now=float("inf")) == 1
-    [record] = proc._observer.recent
-    assert record["usage_source"] == "reserved"
-    assert record["output_tokens"] == 4096  # the reservation: the default output cap
-
-
-async def test_shutdown_settles_what_is_still_waiting(tmp_path: Path) -> None:
-    proc = processor(policy_file(tmp_path))
-    await send(proc, "sk-demo-restricted")
-    await proc.pending.drain()
-    assert len(proc.pending) == 0
-    assert proc._observer.recent[0]["usage_source"] == "reserved"
-
-
 def log_entry(
-    request_id: str, status: int, usage: dict[str, float], key: str | None = None
+    request_id: str, status: int, usage: dict[str, float], ticket: str | None = None
 ) -> HTTPAccessLogEntry:
     entry = HTTPAccessLogEntry()
     entry.request.request_id = request_id
-    if key is not None:  # from ext_proc's answer (the HTTP authorizer's: its own namespace)
-        entry.common_properties.metadata.filter_metadata[EXCHANGE_NAMESPACE].update({"key": key})
+    if ticket is not None:  # from ext_proc's answer (the HTTP authorizer's: its own namespace)
+        metadata = entry.common_properties.metadata.filter_metadata
+        metadata[EXCHANGE_NAMESPACE].update({"ticket": ticket})
     entry.response.response_code.value = status
     entry.response.response_body_bytes = 321
     entry.response.response_headers["x-gateway-served-by"] = "openai_primary"
@@ -215,45 +227,41 @@ def log_entry(
 
 def test_a_log_entry_reads_as_a_logged_answer() -> None:
     usage = {"prompt_tokens": 7.0, "completion_tokens": 3.0}
-    logged = logged_answer(log_entry("r1", 200, usage, key="k1"))
+    logged = logged_answer(log_entry("r1", 200, usage, ticket="t1.a.b"))
     assert logged == LoggedAnswer(
-        "r1", "k1", 200, {"prompt_tokens": 7, "completion_tokens": 3}, "openai_primary", 321
+        "r1", "t1.a.b", 200, {"prompt_tokens": 7, "completion_tokens": 3}, "openai_primary", 321
     )
     assert logged_answer(HTTPAccessLogEntry()) is None  # no request id: not one of ours
     entry = log_entry("r2", 200, {})
     entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
-        {HEADER_EXCHANGE: "k2", HEADER_OWNER: "1"}
+        {HEADER_TICKET: "t1.c.d"}
     )
     from_authorizer = logged_answer(entry)
-    assert from_authorizer is not None
-    assert (from_authorizer.key, from_authorizer.owner) == ("k2", 1)
+    assert from_authorizer is not None and from_authorizer.ticket == "t1.c.d"
 
 
-async def test_a_caller_reusing_a_request_id_cannot_settle_another_exchange(
-    tmp_path: Path,
-) -> None:
-    """Callers choose x-request-id: two exchanges waiting under one id stay apart."""
+async def test_two_exchanges_under_one_request_id_settle_apart(tmp_path: Path) -> None:
+    """Callers choose x-request-id: each record settles the exchange its ticket names."""
     proc = processor(policy_file(tmp_path))
-    first = await handed(proc, "sk-demo-restricted")
+    await handed(proc, "sk-demo-restricted")
     second = await handed(proc, "sk-demo-restricted", body={**CHAT, "max_tokens": 900})
-    assert first != second and len(proc.pending) == 2
     usage = {"prompt_tokens": 4, "completion_tokens": 1}
-    # A record without the key (or another exchange's) settles nothing.
-    assert not await proc.pending.settle(LoggedAnswer("req-1", None, 200, usage, None, 9))
-    assert await proc.pending.settle(LoggedAnswer("req-1", second, 200, usage, None, 9))
+    # A record without a ticket settles nothing.
+    assert not await accountant(proc).settle(LoggedAnswer("req-1", None, 200, usage, None, 9))
+    assert await accountant(proc).settle(LoggedAnswer("req-1", second, 200, usage, None, 9))
     [record] = proc._observer.recent
-    assert record["output_tokens"] == 1 and len(proc.pending) == 1
+    assert record["output_tokens"] == 1 and record["budget"] == "reserved"
 
 
 async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
-    key = await handed(proc, "sk-demo-restricted")
-    receiver = AccessLogReceiver(proc.pending)
+    ticket = await handed(proc, "sk-demo-restricted")
+    receiver = AccessLogReceiver(accountant(proc))
     delivered = asyncio.Event()
 
     async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
         message = als_pb2.StreamAccessLogsMessage()
-        entry = log_entry("req-1", 200, {"prompt_tokens": 4.0}, key=key)
+        entry = log_entry("req-1", 200, {"prompt_tokens": 4.0}, ticket=ticket)
         message.http_logs.log_entry.append(entry)
         yield message
         delivered.set()
@@ -262,7 +270,7 @@ async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path
     stream = asyncio.create_task(receiver.StreamAccessLogs(envoy(), None))
     await delivered.wait()
     await asyncio.sleep(0)
-    assert len(proc.pending) == 0 and len(proc._observer.recent) == 1
+    assert len(proc._observer.recent) == 1
     receiver.close()  # shutdown: the stream ends instead of holding the server open
     assert isinstance(await asyncio.wait_for(stream, 5), als_pb2.StreamAccessLogsResponse)
 
@@ -275,41 +283,48 @@ async def test_a_stream_that_ends_before_its_body_is_reported_by_the_stream(
     headers = {"authorization": "Bearer sk-demo-restricted", "x-request-id": "req-1"}
     responses = await exchange(proc, [request_headers("/v1/chat/completions", headers)])
     assert not answers_asked(responses)  # the headers answer did hand the answer to Envoy
-    assert len(proc.pending) == 0
     assert len(proc._observer.recent) == 1
 
 
-async def test_a_record_reaching_the_wrong_worker_is_passed_to_its_owner(tmp_path: Path) -> None:
-    """--workers 2: worker 0 holds the exchange, worker 1 gets Envoy's log stream."""
-    owner, other = processor(policy_file(tmp_path)), processor(policy_file(tmp_path))
-    key = await handed(owner, "sk-demo-restricted")
-    assert len(owner.pending) == 1
-    receivers: dict[int, AccessLogReceiver] = {}
-    relays = [
-        RecordRelay(tmp_path, index, lambda answers, i=index: receivers[i].settle(answers))
-        for index in (0, 1)
-    ]
-    receivers[0] = AccessLogReceiver(owner.pending, relays[0])
-    receivers[1] = AccessLogReceiver(other.pending, relays[1])
-    for relay in relays:
-        await relay.start()
-    entry = log_entry("req-1", 200, {"prompt_tokens": 4.0, "completion_tokens": 2.0})
-    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
-        {HEADER_OWNER: "0", HEADER_EXCHANGE: key}
+async def test_another_process_of_the_service_settles_the_record_exactly(
+    tmp_path: Path,
+) -> None:
+    """--workers or replicas: the process Envoy's log stream reaches never saw the request,
+    yet its ticket settles the shared budget as the deciding process would have."""
+    store = MemoryStore()  # stands in for the Redis the processes share
+    deciding, other = (
+        processor(policy_file(tmp_path), store),
+        processor(policy_file(tmp_path), store),
     )
-    assert logged_answer(entry) is not None and logged_answer(entry).owner == 0
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.append(entry)
-    await receivers[1]._settle(message)
-    for _ in range(100):
-        if not owner.pending:
-            break
-        await asyncio.sleep(0.01)
-    assert len(owner.pending) == 0, "the owner settled it"
-    [record] = owner._observer.recent
-    assert record["output_tokens"] == 2 and record["usage_source"] == "provider"
-    assert not other._observer.recent
-    # A worker that is gone: the record is let go, with a warning, not an error.
-    await relays[1].forward(7, [logged_answer(entry)])  # type: ignore[list-item]
-    for relay in relays:
-        await relay.close()
+    ticket = await handed(deciding, "sk-demo-restricted")
+    [(counter, (reserved, _))] = store._entries.items()  # the global daily USD limit
+    usage = {"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000}
+    assert await accountant(other).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 9))
+    assert not deciding._observer.recent
+    [record] = other._observer.recent
+    assert record["team"] == "apps" and record["model"] == "gpt-4o-mini"
+    assert record["cost_micro_usd"] == 77 and record["usage_source"] == "provider"
+    # The counter now holds what was used instead of what was reserved.
+    assert reserved > 77 and store._entries[counter][0] == 77
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # signature changed
+        lambda t: t.replace("t1.", "t1.e30", 1),  # payload changed
+        lambda t: "t9" + t[2:],  # a version this service does not know
+    ],
+)
+async def test_a_forged_or_foreign_ticket_settles_nothing(
+    tmp_path: Path, tamper: Callable[[str], str]
+) -> None:
+    """The access-log port is the gRPC port: a forged record must not give budget back."""
+    proc = processor(policy_file(tmp_path))
+    ticket = await handed(proc, "sk-demo-restricted")
+    usage = {"prompt_tokens": 1, "completion_tokens": 0}
+    assert not await accountant(proc).settle(LoggedAnswer("r", tamper(ticket), 200, usage, None, 0))
+    # Signed with another service's key (replicas without one EXTPROC_TICKET_KEY).
+    stranger = processor(policy_file(tmp_path), key=signing_key("another service"))
+    assert not await accountant(stranger).settle(LoggedAnswer("r", ticket, 200, usage, None, 0))
+    assert not proc._observer.recent and not stranger._observer.recent

@@ -16,9 +16,7 @@ import pytest
 import yaml
 
 from extproc import accounting, pipeline, routing
-from extproc.accounting import PendingAnswers
 from extproc.adapters import ext_authz_http
-from extproc.adapters.record_relay import HEADER_OWNER
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.decisions import Forward, Reply
@@ -29,6 +27,7 @@ from extproc.policy.store import PolicyStore
 from extproc.stack import GATEWAY_CONFIG
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
+from extproc.ticket import TicketSigner, signing_key
 from tests.unit.policies import make_policy, sha
 
 LIMITED = {
@@ -175,7 +174,7 @@ async def served(tmp_path: Any) -> AsyncIterator[Served]:
     meter = Meter(MemoryStore())
     observer = Recorder()
     authorizer = ext_authz_http.HttpAuthorizer(
-        PolicyStore(path), meter, observer, PendingAnswers(meter, observer)
+        PolicyStore(path), meter, observer, TicketSigner(signing_key("test"))
     )
     server = await ext_authz_http.start(authorizer, "127.0.0.1", 0)
     yield server, authorizer
@@ -229,8 +228,10 @@ async def test_checks_on_one_connection_are_answered_in_order(
     # The forged copy is overwritten, not removed after being set.
     assert ok_headers[ext_authz_http.HEADERS_TO_REMOVE] == "authorization"
     assert ext_authz_http.HEADER_PROCESSING not in ok_headers
-    # Settled by its access-log record, which carries this key (not the request id).
-    assert len(authorizer._pending) == 1 and len(ok_headers[accounting.HEADER_EXCHANGE]) == 24
+    # Settled by its access-log record, which carries this ticket.
+    ticket = TicketSigner(signing_key("test")).read(ok_headers[accounting.HEADER_TICKET])
+    assert ticket.record["team"] == "apps" and ticket.record["model"] == "gpt-4o-mini"
+    assert ticket.settlement is not None and ticket.settlement.reserved.output_tokens == 10
 
     assert no == 403
     assert orjson.loads(no_body)["error"]["code"] == "model_not_allowed"
@@ -308,8 +309,7 @@ def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
     assert {p.get("exact") or p["prefix"] for p in kept} == {
         "x-ratelimit-",
         HEADER_GUARDRAILS,
-        accounting.HEADER_EXCHANGE,
-        HEADER_OWNER,
+        accounting.HEADER_TICKET,
     }
     assert "allowed_client_headers_on_success" not in response  # appended, not replaced
     tree = filters["ext-proc-when-handed-over"]["xds_matcher"]["matcher_tree"]
@@ -344,7 +344,6 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
     _, authorizer = authz
     check = chat_check("r-gone")
     await authorizer.answer(check, lambda data: False)
-    assert len(authorizer._pending) == 0  # no record will come for it
     observer = authorizer._observer
     assert isinstance(observer, Recorder)
     [gone] = observer.finished
@@ -352,3 +351,14 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
     # The 300-token budget is whole again: the same request fits.
     again = chat_check("r2")
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)
+
+
+async def test_a_ticket_too_long_for_a_header_hands_the_request_over(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+) -> None:
+    """A caller's 20 KB request id would make the answer's headers too long for Envoy:
+    ext_proc decides the request instead (its metadata has no such limit)."""
+    _, authorizer = authz
+    assert await answer(authorizer, chat_check("r" * 20_000)) == ext_authz_http._HANDED_OVER
+    # Nothing stays reserved for it: the 300-token budget fits the same request again.
+    assert b"x-gateway-accounting: envoy" in await answer(authorizer, chat_check("r2"))
