@@ -143,9 +143,9 @@ def _table(tp: Counter[str], fp: Counter[str], fn: Counter[str]) -> dict[str, An
 
 def _presidio_phone(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Presidio's own phone recognizer on the same texts, for the record of the choice."""
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+    from extproc.guardrails.presidio_import import recognizer_class
 
-    recognizer: Any = PhoneRecognizer()
+    recognizer: Any = recognizer_class("PhoneRecognizer")()
     tp: Counter[str] = Counter()
     fp: Counter[str] = Counter()
     fn: Counter[str] = Counter()

@@ -21,6 +21,7 @@ from extproc.guardrails.config import (
     RedactOperator,
     ReplaceOperator,
 )
+from extproc.guardrails.presidio_import import anonymizer_operators
 
 Rewrite = Callable[[str, str], str]
 """(entity type, original value) → replacement text."""
@@ -56,15 +57,11 @@ def build_operator(
 
 def decrypt(token: str, key: str) -> str:
     """Restore a value rewritten by an ``encrypt`` operator."""
-    from presidio_anonymizer.operators import Decrypt
-
-    return str(Decrypt().operate(token, {"key": key}))
+    return str(anonymizer_operators().Decrypt().operate(token, {"key": key}))
 
 
 def _mask(operator: MaskOperator) -> Rewrite:
-    from presidio_anonymizer.operators import Mask
-
-    implementation = Mask()
+    implementation = anonymizer_operators().Mask()
     char, count, from_end = operator.masking_char, operator.chars_to_mask, operator.from_end
 
     def mask(entity: str, value: str) -> str:
@@ -88,7 +85,7 @@ def _secret(name: str | None, environ: Mapping[str, str], what: str) -> str:
 
 
 def _presidio_operator(name: str, params: dict[str, Any]) -> Rewrite:
-    from presidio_anonymizer import operators
+    operators = anonymizer_operators()
     from presidio_anonymizer.entities import InvalidParamError
 
     implementation = getattr(operators, name)()

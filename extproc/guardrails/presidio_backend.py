@@ -8,21 +8,20 @@ can match; it runs only on windows around trigger matches (padded, merged, at mo
 :data:`MAX_WINDOW` characters each), which keeps its work proportional to the suspicious
 part of a text and bounded on any input.
 
-Importing Presidio costs ~2 s and ~100 MB (it imports spaCy for its NLP types, though no
-model is loaded), so the import happens when the first PII rule is compiled, never at
-module import. Email validation uses tldextract's bundled suffix list: the default
-extractor would try to download the list at run time.
+Only the recognizer modules are imported (:mod:`extproc.guardrails.presidio_import`), when
+the first PII rule is compiled, never at module import. Email validation uses tldextract's
+bundled suffix list: the default extractor would try to download the list at run time.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from extproc.guardrails.findings import Finding, merge_windows
 from extproc.guardrails.linear import Regex, Utf8, compile_re2
+from extproc.guardrails.presidio_import import pattern_class, recognizer_class
 
 MAX_WINDOW = 2048
 """Characters a Presidio recognizer sees at once."""
@@ -78,14 +77,6 @@ _CARD_EXTENDED = (
 
 
 @functools.cache
-def _presidio() -> Any:
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
-    from presidio_analyzer import Pattern, predefined_recognizers
-
-    return predefined_recognizers, Pattern
-
-
-@functools.cache
 def _offline_tld() -> Any:
     import tldextract
 
@@ -93,7 +84,6 @@ def _offline_tld() -> Any:
 
 
 def _build(entity: str, factory: str) -> Any:
-    recognizers, pattern_class = _presidio()
     if factory == "email":
         extract = _offline_tld()
 
@@ -102,18 +92,18 @@ def _build(entity: str, factory: str) -> Any:
 
         offline = type(
             "OfflineEmailRecognizer",
-            (recognizers.EmailRecognizer,),
+            (recognizer_class("EmailRecognizer"),),
             {"validate_result": validate_result},
         )
         return offline()
     if factory == "credit_card":
-        base = recognizers.CreditCardRecognizer
+        base = recognizer_class("CreditCardRecognizer")
         patterns = [
             *base.PATTERNS,
-            pattern_class("Credit card (extended ranges)", _CARD_EXTENDED, 0.3),
+            pattern_class()("Credit card (extended ranges)", _CARD_EXTENDED, 0.3),
         ]
         return base(patterns=patterns)
-    return getattr(recognizers, factory)()
+    return recognizer_class(factory)()
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ def stack(
         if request.param == "two-replicas":
             env.setenv(KEY_VARIABLE, "shared by the replicas of this test")
             replica = Ports.free()
+            while set(astuple(replica)) & set(astuple(setting.ports)):
+                replica = Ports.free()  # the kernel may hand a just-closed port out again
             cleanup.enter_context(serving_replica(policy, replica, redis_server.url, tmp))
             setting.envoy_config = tmp / "gateway-log-to-replica.yaml"
             setting.envoy_config.write_text(access_log_to(replica.grpc))
