@@ -222,7 +222,7 @@ async def settle(exchange: Exchange, meter: Meter) -> None:
     if reservation is None or reservation.settled or exchange.model is None:
         return
     assert exchange.used is not None
-    await meter.settle(reservation, exchange.model, exchange.used)
+    await meter.settle(reservation, exchange.used)
 
 
 def keeps_large_answer(exchange: Exchange) -> bool:

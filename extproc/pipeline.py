@@ -359,7 +359,6 @@ async def finish_request_body(
                 exchange.input_tokens,
                 request.max_output_tokens,
                 exchange.policy.default_max_output_tokens,
-                exchange.request_id,
                 clock(),
                 may_cap_output=may_cap_output,
             )

@@ -46,7 +46,7 @@ from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdo
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.tracing import Tracing
-from extproc.ticket import TicketSigner, signing_key
+from extproc.ticket import KEY_VARIABLE, TicketSigner, shared_key, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ServeSettings:
     """Set in worker processes (``--workers N``): suffixes the audit file name."""
     ticket_key: bytes | None = field(default=None, repr=False)
     """Signs exchange tickets (:mod:`extproc.ticket`); every process of one service must
-    share it. ``None``: a random key made at start (and inherited by the workers)."""
+    share it. ``None``: :func:`serve` picks one before the workers fork (``_ticket_key``)."""
 
 
 class ConfigurationError(Exception):
@@ -103,10 +103,24 @@ def serve(settings: ServeSettings) -> int:
             "prometheus_client is imported; `extproc serve` does that"
         )
     if settings.ticket_key is None:
-        settings = dataclasses.replace(settings, ticket_key=signing_key(None))
+        settings = dataclasses.replace(settings, ticket_key=_ticket_key(settings.redis_url))
     if settings.workers <= 1:
         return _run(_serve_single(settings))
     return _supervise(settings)
+
+
+def _ticket_key(redis_url: str | None) -> bytes:
+    """Without EXTPROC_TICKET_KEY: the key the replicas sharing this Redis share, else one
+    of this start's own (made before the workers fork, so they share it)."""
+    key = shared_key(redis_url) if redis_url else None
+    if key is None and redis_url:
+        log.warning(
+            "tickets are signed with a key of this start only: access-log records of "
+            "accounting: envoy that reach another replica, or this one after a restart, "
+            "will not settle (set %s on every replica)",
+            KEY_VARIABLE,
+        )
+    return key or signing_key(None)
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
@@ -141,7 +155,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     )
     tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
     observer = Observer(metrics, audit, tracing=tracing)
-    tickets = TicketSigner(settings.ticket_key or signing_key(None))
+    assert settings.ticket_key is not None, "serve() chooses it before any worker starts"
+    tickets = TicketSigner(settings.ticket_key)
     processor = ExternalProcessor(policies, meter, observer, tickets=tickets)
     server = grpc.aio.server(
         options=[

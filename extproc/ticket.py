@@ -10,10 +10,13 @@ deciding process writes that state into the request's dynamic metadata, which En
 copies into the record: the HTTP authorizer as an answer header Envoy keeps
 (``dynamic_metadata_from_headers``), ext_proc in its own namespace.
 
-A ticket is signed (HMAC-SHA256). The access-log port is the gRPC port, so a forged
-record could otherwise give budget back or write audit records; the processes of one
-service share the key (``EXTPROC_TICKET_KEY``, or a random one each start for the
-workers of one supervisor).
+A ticket is signed (HMAC-SHA256) and honoured for a day. The access-log port is the gRPC
+port, so a forged record could otherwise give budget back or write audit records. A
+ticket is seen only by Envoy and the service; were one replayed, its budget would still
+settle once (the store remembers a reservation's token for as long as a ticket lives),
+but its exchange would be reported again: keep the gRPC port reachable from Envoy only.
+The processes of one service share the key: ``EXTPROC_TICKET_KEY`` if set, else one kept
+in the budget store's Redis (:func:`shared_key`), else a random one per start.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +36,22 @@ import orjson
 from extproc.budgets.keys import Unit
 from extproc.budgets.meter import Cost, Settlement
 from extproc.budgets.pricing import Price
+from extproc.budgets.redis_store import DEFAULT_PREFIX
+from extproc.budgets.store import TOKEN_TTL_SECONDS
 from extproc.exchange import Exchange
 from extproc.telemetry.record import exchange_record
+
+log = logging.getLogger(__name__)
 
 VERSION = "t1"
 """First part of every ticket; a process reads only the versions it knows."""
 KEY_VARIABLE = "EXTPROC_TICKET_KEY"
 """The secret replicas share so that each settles the others' tickets."""
+REDIS_KEY = f"{{{DEFAULT_PREFIX}}}:ticket-key"
+"""Where :func:`shared_key` keeps the key, beside the budget counters (same hash tag)."""
+LIFETIME_SECONDS = TOKEN_TTL_SECONDS
+"""How long a ticket is honoured: no longer than the store remembers a settlement, so a
+replay can never settle a reservation twice."""
 
 
 class InvalidTicket(ValueError):
@@ -58,6 +72,7 @@ class Ticket:
     """The budget reservation to settle; ``None`` when nothing was reserved."""
     traceparent: str | None
     started_ns: int
+    """When the exchange began (epoch ns): its span's start, and the ticket's age."""
 
 
 def signing_key(configured: str | None) -> bytes:
@@ -66,6 +81,28 @@ def signing_key(configured: str | None) -> bytes:
     if configured:
         return hashlib.sha256(configured.encode("utf-8")).digest()
     return secrets.token_bytes(32)
+
+
+def shared_key(redis_url: str) -> bytes | None:
+    """A random key kept in the budget store's Redis, made by the first process to ask.
+
+    Replicas that share budgets then share the key, also across restarts (a record Envoy
+    re-sends to a restarted service still settles), with nothing to configure. Whoever
+    can read it could forge tickets, but could as well rewrite the budgets beside it.
+    ``None`` if Redis does not answer now.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.set(REDIS_KEY, secrets.token_bytes(32), nx=True)
+        value = client.get(REDIS_KEY)
+    except redis.RedisError as error:
+        log.warning("the ticket key could not be read from Redis (%s)", error)
+        return None
+    finally:
+        client.close()
+    return bytes(value) if value else None
 
 
 class TicketSigner:
@@ -87,25 +124,29 @@ class TicketSigner:
             "traceparent": exchange.traceparent,
             "started_ns": exchange.started_ns,
         }
-        body = base64.urlsafe_b64encode(orjson.dumps(payload))
-        return f"{VERSION}.{body.decode('ascii')}.{self._mac(body)}"
+        signed = f"{VERSION}.{base64.urlsafe_b64encode(orjson.dumps(payload)).decode('ascii')}"
+        return f"{signed}.{self._mac(signed.encode('ascii'))}"
 
-    def read(self, text: str) -> Ticket:
+    def read(self, text: str, now_ns: int | None = None) -> Ticket:
         """The ticket ``text`` carries, or :class:`InvalidTicket`."""
-        version, _, rest = text.partition(".")
-        body, _, mac = rest.partition(".")
-        if version != VERSION:
+        raw = text.encode("utf-8", "replace")
+        signed, _, mac = raw.rpartition(b".")
+        version, _, body = signed.partition(b".")
+        if version != VERSION.encode():
             raise InvalidTicket(f"unknown ticket version {version[:8]!r}")
-        if not hmac.compare_digest(mac, self._mac(body.encode("ascii", "replace"))):
+        if not hmac.compare_digest(mac, self._mac(signed).encode("ascii")):
             raise InvalidTicket(f"signature does not match (replicas need one {KEY_VARIABLE})")
         try:
-            fields = orjson.loads(base64.urlsafe_b64decode(body))
-            return _ticket(fields)
+            ticket = _ticket(orjson.loads(base64.urlsafe_b64decode(body)))
         except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise InvalidTicket(f"unreadable ticket: {e}") from None
+        age = ((time.time_ns() if now_ns is None else now_ns) - ticket.started_ns) / 1e9
+        if age > LIFETIME_SECONDS:
+            raise InvalidTicket(f"expired ticket ({age / 3600:.0f} hours old)")
+        return ticket
 
-    def _mac(self, body: bytes) -> str:
-        digest = hmac.new(self._key, body, hashlib.sha256).digest()
+    def _mac(self, signed: bytes) -> str:
+        digest = hmac.new(self._key, signed, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode("ascii")
 
 

@@ -160,11 +160,11 @@ class HttpAuthorizer:
         Settled as nothing used, so tokens and dollars return; a request counter keeps
         the one request (the store cannot un-count it).
         """
-        reservation, model = exchange.reservation, exchange.model
-        if reservation is None or model is None or reservation.settled:
+        reservation = exchange.reservation
+        if reservation is None or reservation.settled:
             return
         try:
-            await self._meter.settle(reservation, model, NOTHING_USED)
+            await self._meter.settle(reservation, NOTHING_USED)
         except Exception:
             log.exception("releasing request %s failed", exchange.request_id)
 

@@ -65,6 +65,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._clock = clock
         self._finishing: set[asyncio.Task[None]] = set()
         self._tickets = tickets or TicketSigner(signing_key(None))
+        """Signs the tickets of requests whose answers Envoy accounts for (ticket.py)."""
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
@@ -91,7 +92,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     elapsed = time.perf_counter() - started
                     exchange.durations[phase] = exchange.durations.get(phase, 0.0) + elapsed
                     self._observer.phase(phase, elapsed)
+                handing = phase == "request_body" and _hands_to_envoy(exchange, response)
+                if handing:
+                    # Envoy copies it into the access-log record that settles the exchange
+                    # (issued last, so that the record it holds has every duration).
+                    ticket = self._tickets.issue(exchange)
+                    response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
                 yield response
+                # Sent: from here the record reports it (a stream cut before this point
+                # is settled and reported by the stream, as one never handed over).
+                exchange.handed_to_envoy = exchange.handed_to_envoy or handing
         finally:
             self.streams -= 1
             self._finish(exchange)
@@ -149,13 +159,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             if rejected is not None:
                 return immediate_response(rejected)
             decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
-            response = _answer(decision, phase)
-            if exchange.accounted_by_envoy and isinstance(decision, Forward):
-                # Envoy copies it into the access-log record that settles the exchange.
-                ticket = self._tickets.issue(exchange)
-                exchange.handed_to_envoy = True
-                response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
-            return response
+            return _answer(decision, phase)
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
             if request.response_headers.end_of_stream:
@@ -168,6 +172,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         return _continue(phase)
+
+
+def _hands_to_envoy(exchange: Exchange, response: pb.ProcessingResponse) -> bool:
+    """Whether ``response`` lets a request go up whose answer Envoy accounts for."""
+    return exchange.accounted_by_envoy and response.HasField("request_body")
 
 
 def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:

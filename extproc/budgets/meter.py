@@ -12,6 +12,7 @@ slows callers down before it stops them.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -58,7 +59,8 @@ class Reservation:
     limits: tuple[CompiledLimit, ...]
     reserved: Cost
     token: str
-    """The request id: makes settlement idempotent in the store."""
+    """Random, one per reservation: makes settlement idempotent in the store. Not the
+    request id, which callers choose (two exchanges under one id would settle as one)."""
     headers: Headers
     """``x-ratelimit-*`` headers for the answer, from the values after reserving."""
     output_cap: int | None = None
@@ -132,7 +134,6 @@ class Meter:
         input_tokens: int,
         requested_output: int | None,
         default_output: int,
-        request_id: str,
         now: datetime,
         *,
         may_cap_output: bool = True,
@@ -168,7 +169,8 @@ class Meter:
         headers = _ratelimit_headers(applicable, counters, result.values, now)
         if self._alerts is not None:
             self._raise_alerts(applicable, counters, result.values, model.name)
-        return Reservation(tuple(counters), applicable, cost, request_id, headers, output_cap)
+        token = secrets.token_hex(12)
+        return Reservation(tuple(counters), applicable, cost, token, headers, output_cap)
 
     def _raise_alerts(
         self,
@@ -254,13 +256,13 @@ class Meter:
             if value + counter.amount > counter.limit:
                 raise _rate_limited(applicable, counters, values, index, now)
 
-    async def settle(self, reservation: Reservation, model: CatalogueModel, used: Cost) -> None:
+    async def settle(self, reservation: Reservation, used: Cost) -> None:
         """Replace the reservation with what was used. Safe to call twice (idempotent)."""
         if reservation.settled:
             return
         await self.apply(reservation.settlement, used)
         # Marked after the store has it: a settlement cut short can run again (the
-        # request-id token keeps a repeat from counting twice).
+        # reservation's token keeps a repeat from counting twice).
         reservation.settled = True
 
     async def apply(self, settlement: Settlement, used: Cost) -> None:

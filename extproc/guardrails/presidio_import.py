@@ -19,16 +19,19 @@ hold that the recognizers found here are Presidio's and detect as they do when i
 the ordinary way, and that spaCy is not imported.
 
 If the real package was imported first (a tool that uses Presidio's engine in the same
-process), it is used as it is.
+process), it is used as it is. Once the bare package is in place, the rest of Presidio's
+analyzer (``AnalyzerEngine``, the package's re-exports) cannot be imported in the same
+process; nothing in the service does.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import sys
+import threading
 import types
 from typing import Any
 
@@ -61,6 +64,7 @@ RECOGNIZER_MODULES = {
     "NhsRecognizer": "country_specific.uk.uk_nhs_recognizer",
 }
 """Where each predefined recognizer the guardrails use lives in the package."""
+_INSTALLING = threading.Lock()
 
 
 class NlpArtifacts:
@@ -69,24 +73,22 @@ class NlpArtifacts:
 
 def recognizer_class(name: str) -> Any:
     """Presidio's predefined recognizer class ``name`` (a key of RECOGNIZER_MODULES)."""
+    _install_bare_package()
     if _real_package_loaded():
         return getattr(importlib.import_module(f"{PACKAGE}.predefined_recognizers"), name)
-    _install_bare_package()
     module = importlib.import_module(f"{PACKAGE}.predefined_recognizers.{RECOGNIZER_MODULES[name]}")
     return getattr(module, name)
 
 
 def pattern_class() -> Any:
     """Presidio's ``Pattern``, for recognizers given extra patterns."""
-    if not _real_package_loaded():
-        _install_bare_package()
+    _install_bare_package()
     return sys.modules[PACKAGE].Pattern
 
 
 def anonymizer_operators() -> types.ModuleType:
     """``presidio_anonymizer.operators`` (Mask, Hash, Encrypt, Decrypt, …)."""
-    if not _real_package_loaded():
-        _install_bare_package()  # else importing the anonymizer imports the whole analyzer
+    _install_bare_package()  # else importing the anonymizer imports the whole analyzer
     return importlib.import_module("presidio_anonymizer.operators")
 
 
@@ -95,34 +97,48 @@ def _real_package_loaded() -> bool:
     return package is not None and not getattr(package, _BARE, False)
 
 
-@functools.cache
 def _install_bare_package() -> None:
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{PACKAGE} is not installed")
-    root = next(iter(spec.submodule_search_locations))
-    package = _bare(PACKAGE, root)
-    for module_name, name in _CORE:
-        setattr(package, name, getattr(importlib.import_module(f"{PACKAGE}.{module_name}"), name))
-    nlp_engine = _bare(f"{PACKAGE}.nlp_engine", None)
-    nlp_engine.NlpArtifacts = NlpArtifacts  # type: ignore[attr-defined]
-    for subpackage in (
-        "predefined_recognizers",
-        "predefined_recognizers.generic",
-        "predefined_recognizers.country_specific",
-        "predefined_recognizers.country_specific.us",
-        "predefined_recognizers.country_specific.uk",
-    ):
-        _bare(f"{PACKAGE}.{subpackage}", f"{root}/{subpackage.replace('.', '/')}")
+    """Put the bare package in place unless a ``presidio_analyzer`` (bare or real) already
+    is: once per process, also when threads race to it; on failure ``sys.modules`` is
+    left as it was."""
+    with _INSTALLING:
+        if PACKAGE in sys.modules:
+            return
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+        spec = importlib.util.find_spec(PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"{PACKAGE} is not installed")
+        root = next(iter(spec.submodule_search_locations))
+        before = set(sys.modules)
+        try:
+            package = _bare(PACKAGE, root)
+            for module_name, name in _CORE:
+                module = importlib.import_module(f"{PACKAGE}.{module_name}")
+                setattr(package, name, getattr(module, name))
+            _bare(f"{PACKAGE}.nlp_engine", None).NlpArtifacts = NlpArtifacts  # type: ignore[attr-defined]
+            for subpackage in (
+                "predefined_recognizers",
+                "predefined_recognizers.generic",
+                "predefined_recognizers.country_specific",
+                "predefined_recognizers.country_specific.us",
+                "predefined_recognizers.country_specific.uk",
+            ):
+                _bare(f"{PACKAGE}.{subpackage}", f"{root}/{subpackage.replace('.', '/')}")
+        except BaseException:
+            for name in set(sys.modules) - before:
+                del sys.modules[name]
+            raise
 
 
 def _bare(name: str, directory: str | None) -> types.ModuleType:
     """A package module whose ``__init__`` is not run: its submodules import from
-    ``directory``, and importing it by name finds this module."""
+    ``directory``, and importing it by name finds this module. Its spec says so, for
+    tools that look a package up (``importlib.util.find_spec``)."""
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
     if directory is not None:
         module.__path__ = [directory]
+        module.__spec__.submodule_search_locations = [directory]
     setattr(module, _BARE, True)
     sys.modules[name] = module
     return module

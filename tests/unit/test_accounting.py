@@ -31,7 +31,7 @@ from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
-from extproc.ticket import TicketSigner, signing_key
+from extproc.ticket import LIFETIME_SECONDS, InvalidTicket, TicketSigner, signing_key
 from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi a@b.com"}]}
@@ -314,6 +314,8 @@ async def test_another_process_of_the_service_settles_the_record_exactly(
         lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # signature changed
         lambda t: t.replace("t1.", "t1.e30", 1),  # payload changed
         lambda t: "t9" + t[2:],  # a version this service does not know
+        lambda t: t + "é",  # not even ASCII
+        lambda t: "t1.%%%." + t.rpartition(".")[2],  # not base64 (and not signed)
     ],
 )
 async def test_a_forged_or_foreign_ticket_settles_nothing(
@@ -328,3 +330,15 @@ async def test_a_forged_or_foreign_ticket_settles_nothing(
     stranger = processor(policy_file(tmp_path), key=signing_key("another service"))
     assert not await accountant(stranger).settle(LoggedAnswer("r", ticket, 200, usage, None, 0))
     assert not proc._observer.recent and not stranger._observer.recent
+
+
+async def test_a_ticket_older_than_the_stores_memory_of_settlements_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A replay a day later could otherwise settle the same reservation a second time."""
+    proc = processor(policy_file(tmp_path))
+    ticket = proc._tickets.read(await handed(proc, "sk-demo-restricted"))
+    text = await handed(proc, "sk-demo-restricted")
+    day_later = ticket.started_ns + (LIFETIME_SECONDS + 60) * 10**9
+    with pytest.raises(InvalidTicket, match="expired"):
+        proc._tickets.read(text, now_ns=day_later)

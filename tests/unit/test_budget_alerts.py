@@ -56,11 +56,11 @@ async def test_thresholds_post_once_per_window_with_retries(
         sink = AlertSink(store, lambda: str(server.make_url("/hook")), outcomes.append)
         meter = Meter(store, sink)
         now = datetime.now(UTC)
-        first = await meter.reserve(limits, model, 30, 30, 0, "a", now)  # 0 → 60: crosses 50
+        first = await meter.reserve(limits, model, 30, 30, 0, now)  # 0 → 60: crosses 50
         assert first is not None
-        await meter.settle(first, model, Cost(10, 10, 0))  # back down to 20
-        await meter.reserve(limits, model, 20, 20, 0, "b", now)  # 20 → 60: 50 again, same window
-        await meter.reserve(limits, model, 10, 15, 0, "c", now)  # 60 → 85: crosses 80
+        await meter.settle(first, Cost(10, 10, 0))  # back down to 20
+        await meter.reserve(limits, model, 20, 20, 0, now)  # 20 → 60: 50 again, same window
+        await meter.reserve(limits, model, 10, 15, 0, now)  # 60 → 85: crosses 80
         await sink.close()
     assert [(e["threshold_percent"], e["used"]) for e in received] == [(50, 60), (80, 85)]
     assert received[0]["type"] == "budget.threshold_crossed"
@@ -79,7 +79,7 @@ async def test_alerts_never_block_the_request_path(monkeypatch: pytest.MonkeyPat
     store = MemoryStore()
     sink = AlertSink(store, lambda: "http://127.0.0.1:9/unreachable")
     meter = Meter(store, sink)
-    await meter.reserve(limits, model, 1, 1, 1, "x", datetime.now(UTC))
+    await meter.reserve(limits, model, 1, 1, 1, datetime.now(UTC))
     # The reservation returned with the alert still queued: delivery happens later.
     assert sink._queue.qsize() == 1
     await sink.close()

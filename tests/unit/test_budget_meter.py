@@ -29,7 +29,7 @@ def policy_with(limits: list[dict[str, object]]) -> tuple[Limits, CatalogueModel
 async def reserve(
     meter: Meter, limits: Limits, model: CatalogueModel, now: datetime, out: int | None = 10
 ):  # type: ignore[no-untyped-def]
-    return await meter.reserve(limits, model, 5, out, 100, f"req-{now.isoformat()}-{out}", now)
+    return await meter.reserve(limits, model, 5, out, 100, now)
 
 
 @pytest.mark.parametrize(
@@ -94,34 +94,49 @@ async def test_settle_replaces_the_reservation_once() -> None:
     store = MemoryStore()
     meter = Meter(store)
     now = datetime.now(UTC)
-    reservation = await meter.reserve(limits, model, 50, 200, 100, "r1", now)
+    reservation = await meter.reserve(limits, model, 50, 200, 100, now)
     assert reservation is not None
     # $1 / $2 per million tokens is 1 / 2 micro-dollars per token.
     assert reservation.reserved == Cost(50, 200, 50 * 1 + 200 * 2)
     keys = [c.key for c in reservation.counters]
     assert await store.read(keys) == (250, 450)
     used = Cost(40, 10, 60)
-    await meter.settle(reservation, model, used)
-    await meter.settle(reservation, model, used)
+    await meter.settle(reservation, used)
+    await meter.settle(reservation, used)
     assert await store.read(keys) == (50, 60)
+
+
+async def test_two_reservations_settle_apart() -> None:
+    """Each reservation has a token of its own: callers choose x-request-id, and a request
+    handed from the authorizer to ext_proc is reserved again under the same id."""
+    limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 1000}])
+    store = MemoryStore()
+    meter = Meter(store)
+    now = datetime.now(UTC)
+    first = await meter.reserve(limits, model, 50, 200, 100, now)
+    second = await meter.reserve(limits, model, 50, 200, 100, now)
+    assert first is not None and second is not None and first.token != second.token
+    await meter.settle(first, Cost(0, 0, 0))  # given back (the authorizer's hand-over)
+    await meter.settle(second, Cost(40, 10, 0))
+    assert await store.read([c.key for c in second.counters]) == (50,)
 
 
 async def test_request_without_cap_gets_what_is_left() -> None:
     limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 120}])
     meter = Meter(MemoryStore())
     now = datetime.now(UTC)
-    first = await meter.reserve(limits, model, 5, None, 100, "a", now)
+    first = await meter.reserve(limits, model, 5, None, 100, now)
     assert first is not None and first.output_cap is None  # 5 + 100 fits
-    second = await meter.reserve(limits, model, 5, None, 100, "b", now)
+    second = await meter.reserve(limits, model, 5, None, 100, now)
     assert second is not None and second.output_cap == 120 - 105 - 5
     with pytest.raises(RateLimited):
-        await meter.reserve(limits, model, 5, 20, 100, "c", now)  # an explicit cap is kept
+        await meter.reserve(limits, model, 5, 20, 100, now)  # an explicit cap is kept
 
 
 async def test_request_larger_than_the_whole_limit_says_so() -> None:
     limits, model = policy_with([{"unit": "output_tokens", "window": "minute", "limit": 50}])
     with pytest.raises(RateLimited) as caught:
-        await Meter(MemoryStore()).reserve(limits, model, 5, 500, 100, "x", datetime.now(UTC))
+        await Meter(MemoryStore()).reserve(limits, model, 5, 500, 100, datetime.now(UTC))
     assert "alone needs more than the whole limit" in caught.value.message
 
 
@@ -132,7 +147,7 @@ async def test_models_filter_and_per_model_counters() -> None:
             {"unit": "requests", "window": "day", "limit": 5, "per_model": True},
         ]
     )
-    reservation = await Meter(MemoryStore()).reserve(limits, model, 1, 1, 1, "m", datetime.now(UTC))
+    reservation = await Meter(MemoryStore()).reserve(limits, model, 1, 1, 1, datetime.now(UTC))
     assert reservation is not None
     assert [c.key.split(":")[2] for c in reservation.counters] == ["gpt-4o-mini"]
 
@@ -146,7 +161,7 @@ async def test_tool_limits_count_tool_calls_apart_from_model_calls() -> None:
     )
     meter = Meter(MemoryStore())
     now = datetime.now(UTC)
-    reservation = await meter.reserve(limits, model, 1, 1, 1, "model-call", now)
+    reservation = await meter.reserve(limits, model, 1, 1, 1, now)
     assert reservation is not None and len(reservation.counters) == 1  # the tool limit is not in it
     await meter.reserve_tools(limits, "demo", ["jira.create_issue"], now)
     await meter.reserve_tools(limits, "demo", ["weather.get"], now)  # not counted: not jira.*
