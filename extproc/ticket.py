@@ -102,7 +102,7 @@ def shared_key(redis_url: str) -> bytes | None:
         return None
     finally:
         client.close()
-    return bytes(value) if value else None
+    return value if isinstance(value, bytes) and value else None
 
 
 class TicketSigner:
