@@ -148,8 +148,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "8",
         "full policy, accounting: envoy, SSE x50",
         "scenario 7 on the streamed answer of scenario 6 (usage lifted by sse_to_metadata); "
-        "the gateway adds stream_options.include_usage, a body rewrite, so ext_proc "
-        "processes the request",
+        "the authorizer decides it and Envoy's Lua filter adds stream_options.include_usage",
         Route.GATEWAY,
         with_accounting_envoy(POLICIES / "s5-full.yaml"),
         redis=True,

@@ -41,6 +41,10 @@ EXCHANGE_NAMESPACE = "extproc.exchange"
 """ext_proc's dynamic metadata namespace for the same ticket (``{"ticket": ...}``)."""
 HEADER = "x-gateway-accounting"
 """Set on a request whose answer Envoy accounts for; switches the usage-lifting filters on."""
+HEADER_STREAM_USAGE = "x-gateway-stream-usage"
+"""Set (``include``) by the HTTP authorizer on an OpenAI stream it decided whose caller
+sent no ``stream_options``: envoy/gateway.yaml then adds ``include_usage`` to the body, so
+that the provider reports the usage Envoy lifts."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
 """Dialects whose usage fields envoy/gateway.yaml lifts, in JSON answers and SSE streams."""
 BYTES_PER_TOKEN = 4

@@ -127,10 +127,12 @@ async def decide_request(
 
     Only a request whose whole remaining life Envoy can carry is decided here: an LLM
     call whose answer Envoy accounts for (``accounting: envoy``) and whose body goes up
-    unchanged. Everything else, found before any side effect (nothing is reserved), is
-    handed over whole and ext_proc decides it from scratch: an answer the service must
-    read, a body to rewrite (alias, translation, masking, ``stream_options``, an output
-    cap a tight budget needs), MCP, ``/v1/models``, and a caller identified only by what
+    unchanged, or with only ``stream_options.include_usage`` added, which Envoy does
+    (:func:`_stream_usage_by_envoy`). Everything else, found before any side effect
+    (nothing is reserved), is handed over whole and ext_proc decides it from scratch: an
+    answer the service must read, a body to rewrite (alias, translation, masking, other
+    ``stream_options``, an output cap a tight budget needs), MCP, ``/v1/models``, and a
+    caller identified only by what
     ext_proc is sent and this call is not (JWT claims in dynamic metadata, a verified
     client certificate). A path no dialect serves (``unknown_paths: passthrough``) needs
     only its caller identified, and is decided here too.
@@ -145,6 +147,7 @@ async def decide_request(
     rejected = await read_request_body(exchange, body)
     if rejected is not None:
         return rejected
+    envoy_adds_usage = _stream_usage_by_envoy(exchange)
     if exchange.translation is not None or exchange.rewrites:
         return None
     try:
@@ -154,11 +157,24 @@ async def decide_request(
     if not isinstance(forward, Forward):
         return forward
     assert forward.body is None, "nothing was staged to rewrite"
+    marks = ((accounting.HEADER_STREAM_USAGE, "include"),) if envoy_adds_usage else ()
     return replace(
         forward,
-        set_headers=(*decided.set_headers, *forward.set_headers),
+        set_headers=(*decided.set_headers, *forward.set_headers, *marks),
         remove_headers=decided.remove_headers,
     )
+
+
+def _stream_usage_by_envoy(exchange: Exchange) -> bool:
+    """Take the staged ``stream_options`` rewrite off an OpenAI stream whose caller sent
+    none, for envoy/gateway.yaml's Lua filter to add instead (switched on by
+    :data:`~extproc.accounting.HEADER_STREAM_USAGE`): the member it inserts,
+    ``{"include_usage": true}``, is then exactly the rewrite. With ``stream_options`` in
+    the body, merging is left to ext_proc."""
+    request = exchange.request
+    if request is None or "stream_options" in request.body:
+        return False
+    return exchange.rewrites.pop(("stream_options",), None) is not None
 
 
 def _request_headers(

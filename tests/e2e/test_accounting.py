@@ -186,6 +186,7 @@ def test_only_the_request_phases_reach_the_service(
         extra_headers={
             "x-gateway-team": "forged",
             "x-gateway-processing": "forged",
+            "x-gateway-stream-usage": "include",  # would have Envoy change the body
             "x-mock-ratelimit": "7",  # the provider's own x-ratelimit-limit-tokens
         },
     )
@@ -193,7 +194,8 @@ def test_only_the_request_phases_reach_the_service(
     assert ext_proc_messages(stack) - before == 0
     sent = Mock(stack.ports.mock).last()["headers"]
     assert sent["x-gateway-team"] == "meter"  # set by the gateway, not the client
-    assert "x-gateway-processing" not in sent
+    assert "x-gateway-processing" not in sent and "x-gateway-stream-usage" not in sent
+    assert "stream_options" not in json.loads(Mock(stack.ports.mock).last()["body"])
     assert sent.get("authorization") != "Bearer sk-test-meter"  # never the gateway key
     # The budget headers the response phase would have set, added by Envoy in place of
     # the provider's.
@@ -224,6 +226,7 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
 ) -> None:
     meter = client(stack, "meter")
     before = counter(redis_server, "meter", "output_tokens")
+    messages_before = ext_proc_messages(stack)
     chunks = list(
         meter.chat.completions.create(
             model="gpt-4o-mini",
@@ -233,6 +236,11 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
     )
     usage = chunks[-1].usage  # asked for by the gateway (stream_options.include_usage)
     assert usage is not None
+    # Envoy added it to the body (the authorizer decided the request: no ext_proc stream).
+    sent = Mock(stack.ports.mock).last()
+    assert json.loads(sent["body"])["stream_options"] == {"include_usage": True}
+    assert "x-gateway-stream-usage" not in sent["headers"]
+    assert ext_proc_messages(stack) == messages_before
     eventually(
         lambda: counter(redis_server, "meter", "output_tokens") - before == usage.completion_tokens,
         "the stream was not settled from its usage chunk",

@@ -101,7 +101,13 @@ async def test_an_unchanged_body_accounted_by_envoy_is_decided_alone() -> None:
     [
         ("the service reads the answer", chat(max_tokens=5), "sk-apps", None, "service"),
         ("an alias is rewritten", chat("mini", max_tokens=5), "sk-apps", None, "envoy"),
-        ("stream_options is added", chat(max_tokens=5, stream=True), "sk-apps", None, "envoy"),
+        (
+            "stream_options is merged",
+            chat(max_tokens=5, stream=True, stream_options={"include_usage": False}),
+            "sk-apps",
+            None,
+            "envoy",
+        ),
         ("JWT claims reach ext_proc only", chat(), None, None, "envoy"),
         ("models are listed by ext_proc", b"", "sk-apps", "/v1/models", "envoy"),
     ],
@@ -115,6 +121,26 @@ async def test_requests_ext_proc_must_see_are_handed_over(
     )
     assert decision is None, why
     assert await budget_left_whole(meter), "nothing may be reserved before a hand-over"
+
+
+@pytest.mark.parametrize(
+    ("options", "envoy_adds"),
+    [
+        (None, True),  # none sent: Envoy inserts {"include_usage": true}
+        ({"include_usage": True}, False),  # asked for already: nothing to add
+    ],
+)
+async def test_a_stream_is_decided_alone_when_envoy_can_ask_for_its_usage(
+    options: dict[str, bool] | None, envoy_adds: bool
+) -> None:
+    fields: dict[str, Any] = {"stream": True, "max_tokens": 5}
+    if options is not None:
+        fields["stream_options"] = options
+    _, decision = await decide(chat(**fields))
+    assert isinstance(decision, Forward) and decision.body is None
+    headers = dict(decision.set_headers)
+    assert headers["x-gateway-accounting"] == "envoy"
+    assert (headers.get(accounting.HEADER_STREAM_USAGE) == "include") is envoy_adds
 
 
 async def test_a_path_no_dialect_serves_is_passed_through_with_its_caller_identified() -> None:
@@ -302,6 +328,7 @@ def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
         routing.HEADER_MODEL,
         routing.HEADER_CLUSTER,
         accounting.HEADER,
+        accounting.HEADER_STREAM_USAGE,
         ext_authz_http.HEADER_PROCESSING,
         *pipeline.CREDENTIAL_HEADERS,  # a backend's provider key
     }
