@@ -29,7 +29,7 @@ from extproc.exchange import Exchange
 from extproc.identity import Principal
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.record import record_time
-from extproc.ticket import InvalidTicket, Ticket, TicketSigner
+from extproc.ticket import InvalidTicket, Ticket, TicketSigner, UnknownSignature
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Accountant:
         if logged.ticket is None:
             return False
         try:
-            ticket = self._tickets.read(logged.ticket)
+            ticket = await self._read(logged.ticket)
         except InvalidTicket as error:
             log.warning(
                 "access-log record for request %s not settled: %s", logged.request_id, error
@@ -134,6 +134,14 @@ class Accountant:
         finally:
             self._observer.report(record, ticket.traceparent, ticket.started_ns)
         return True
+
+    async def _read(self, text: str) -> Ticket:
+        try:
+            return self._tickets.read(text)
+        except UnknownSignature:
+            if not await self._tickets.refresh():
+                raise
+            return self._tickets.read(text)
 
 
 def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:

@@ -220,7 +220,7 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 def _serve_with(args: argparse.Namespace) -> int:
     from extproc.policy.loader import PolicyError
     from extproc.server import ConfigurationError, ServeSettings, serve
-    from extproc.ticket import KEY_VARIABLE, signing_key
+    from extproc.ticket import KEY_VARIABLE
 
     _logging()
     settings = ServeSettings(
@@ -238,7 +238,7 @@ def _serve_with(args: argparse.Namespace) -> int:
         audit_redis_stream=args.audit_redis_stream,
         admin_token=os.environ.get(args.admin_token_env) or None,
         otlp_endpoint=args.otlp_endpoint,
-        ticket_key=signing_key(secret) if (secret := os.environ.get(KEY_VARIABLE)) else None,
+        ticket_secret=os.environ.get(KEY_VARIABLE) or None,
     )
     try:
         return serve(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import multiprocessing
@@ -81,9 +82,12 @@ class ServeSettings:
     """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
     worker_index: int | None = None
     """Set in worker processes (``--workers N``): suffixes the audit file name."""
+    ticket_secret: str | None = field(default=None, repr=False)
+    """``EXTPROC_TICKET_KEY``: the secret every replica signs exchange tickets with."""
     ticket_key: bytes | None = field(default=None, repr=False)
-    """Signs exchange tickets (:mod:`extproc.ticket`); every process of one service must
-    share it. ``None``: :func:`serve` picks one before the workers fork (``_ticket_key``)."""
+    """The key tickets are signed with (:mod:`extproc.ticket`), which every process of one
+    service must share: from ``ticket_secret``, else chosen by :func:`serve` before the
+    workers fork (``_ticket_key``)."""
 
 
 class ConfigurationError(Exception):
@@ -103,7 +107,12 @@ def serve(settings: ServeSettings) -> int:
             "prometheus_client is imported; `extproc serve` does that"
         )
     if settings.ticket_key is None:
-        settings = dataclasses.replace(settings, ticket_key=_ticket_key(settings.redis_url))
+        key = (
+            signing_key(settings.ticket_secret)
+            if settings.ticket_secret
+            else _ticket_key(settings.redis_url)
+        )
+        settings = dataclasses.replace(settings, ticket_key=key)
     if settings.workers <= 1:
         return _run(_serve_single(settings))
     return _supervise(settings)
@@ -115,9 +124,9 @@ def _ticket_key(redis_url: str | None) -> bytes:
     key = shared_key(redis_url) if redis_url else None
     if key is None and redis_url:
         log.warning(
-            "tickets are signed with a key of this start only: access-log records of "
-            "accounting: envoy that reach another replica, or this one after a restart, "
-            "will not settle (set %s on every replica)",
+            "tickets are signed with a key of this start until Redis answers: access-log "
+            "records of accounting: envoy that reach another replica meanwhile will not "
+            "settle (or set %s on every replica)",
             KEY_VARIABLE,
         )
     return key or signing_key(None)
@@ -156,7 +165,11 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
     observer = Observer(metrics, audit, tracing=tracing)
     assert settings.ticket_key is not None, "serve() chooses it before any worker starts"
-    tickets = TicketSigner(settings.ticket_key)
+    redis_url = None if settings.ticket_secret else settings.redis_url  # the key kept there
+    tickets = TicketSigner(
+        settings.ticket_key,
+        refresh=functools.partial(shared_key, redis_url) if redis_url else None,
+    )
     processor = ExternalProcessor(policies, meter, observer, tickets=tickets)
     server = grpc.aio.server(
         options=[

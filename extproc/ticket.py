@@ -21,13 +21,16 @@ in the budget store's Redis (:func:`shared_key`), else a random one per start.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +52,22 @@ KEY_VARIABLE = "EXTPROC_TICKET_KEY"
 """The secret replicas share so that each settles the others' tickets."""
 REDIS_KEY = f"{{{DEFAULT_PREFIX}}}:ticket-key"
 """Where :func:`shared_key` keeps the key, beside the budget counters (same hash tag)."""
-LIFETIME_SECONDS = TOKEN_TTL_SECONDS
-"""How long a ticket is honoured: no longer than the store remembers a settlement, so a
-replay can never settle a reservation twice."""
+LIFETIME_SECONDS = TOKEN_TTL_SECONDS - 3600
+"""How long a ticket is honoured: an hour less than the store remembers a settlement (a
+margin for clocks that disagree), so a replay can never settle a reservation twice."""
+KEY_BYTES = 32
+REFRESH_SECONDS = 10.0
+"""How often at most an unknown signature has a process fetch the shared key again."""
+MAX_KEYS = 3
+"""Keys a process still reads tickets with (the newest signs)."""
 
 
 class InvalidTicket(ValueError):
     """Not a ticket this service signed (forged, corrupted, or another key's)."""
+
+
+class UnknownSignature(InvalidTicket):
+    """Signed with none of the keys this process knows (forged, or another key's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,22 +104,53 @@ def shared_key(redis_url: str) -> bytes | None:
     ``None`` if Redis does not answer now.
     """
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = redis.Redis.from_url(
+        redis_url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
     try:
-        client.set(REDIS_KEY, secrets.token_bytes(32), nx=True)
+        client.set(REDIS_KEY, secrets.token_bytes(KEY_BYTES), nx=True)
         value = client.get(REDIS_KEY)
     except redis.RedisError as error:
         log.warning("the ticket key could not be read from Redis (%s)", error)
         return None
     finally:
         client.close()
-    return value if isinstance(value, bytes) and value else None
+    if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+        log.warning("%s in Redis is not a %d-byte key: not used", REDIS_KEY, KEY_BYTES)
+        return None
+    return value
 
 
 class TicketSigner:
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+    """Signs with one key and reads with any it knows.
+
+    With a key kept in Redis (``refresh``), a ticket signed with a key this process does
+    not know has it fetch the key again: after Redis lost its data, processes started
+    since then made a new one, and records reaching the older processes still settle.
+    """
+
+    def __init__(self, key: bytes, refresh: Callable[[], bytes | None] | None = None) -> None:
+        self._keys = [key]
+        """Newest first: the first signs."""
+        self._refresh = refresh
+        self._refreshed_at = -math.inf
+
+    async def refresh(self) -> bool:
+        """Fetch the shared key again (at most every :data:`REFRESH_SECONDS`); from then on
+        sign with it and still read the older ones. Whether a key not known before came."""
+        now = time.monotonic()
+        if self._refresh is None or now - self._refreshed_at < REFRESH_SECONDS:
+            return False
+        self._refreshed_at = now
+        key = await asyncio.to_thread(self._refresh)
+        if key is None or key in self._keys:
+            return False
+        log.warning("the ticket key in Redis changed (Redis lost its data?): signing with it")
+        self._keys = [key, *self._keys][:MAX_KEYS]
+        return True
 
     def issue(self, exchange: Exchange) -> str:
         """The ticket of ``exchange``, whose request goes upstream now."""
@@ -125,7 +168,7 @@ class TicketSigner:
             "started_ns": exchange.started_ns,
         }
         signed = f"{VERSION}.{base64.urlsafe_b64encode(orjson.dumps(payload)).decode('ascii')}"
-        return f"{signed}.{self._mac(signed.encode('ascii'))}"
+        return f"{signed}.{self._mac(self._keys[0], signed.encode('ascii')).decode('ascii')}"
 
     def read(self, text: str, now_ns: int | None = None) -> Ticket:
         """The ticket ``text`` carries, or :class:`InvalidTicket`."""
@@ -134,8 +177,8 @@ class TicketSigner:
         version, _, body = signed.partition(b".")
         if version != VERSION.encode():
             raise InvalidTicket(f"unknown ticket version {version[:8]!r}")
-        if not hmac.compare_digest(mac, self._mac(signed).encode("ascii")):
-            raise InvalidTicket(f"signature does not match (replicas need one {KEY_VARIABLE})")
+        if not any(hmac.compare_digest(mac, self._mac(key, signed)) for key in self._keys):
+            raise UnknownSignature(f"signature does not match (replicas need one {KEY_VARIABLE})")
         try:
             ticket = _ticket(orjson.loads(base64.urlsafe_b64decode(body)))
         except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -145,9 +188,9 @@ class TicketSigner:
             raise InvalidTicket(f"expired ticket ({age / 3600:.0f} hours old)")
         return ticket
 
-    def _mac(self, signed: bytes) -> str:
-        digest = hmac.new(self._key, signed, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).decode("ascii")
+    @staticmethod
+    def _mac(key: bytes, signed: bytes) -> bytes:
+        return base64.urlsafe_b64encode(hmac.new(key, signed, hashlib.sha256).digest())
 
 
 def _settlement_fields(settlement: Settlement) -> dict[str, Any]:

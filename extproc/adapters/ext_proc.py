@@ -84,9 +84,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     response = await self._phase(exchange, request)
                 except Exception:
                     log.exception("unexpected error in %s phase", phase)
-                    error = GatewayError("The gateway failed to process the request.")
-                    exchange.status, exchange.error_code = error.status, error.code
-                    yield immediate_response(render_error(error, exchange.envelope))
+                    yield _failed(exchange)
                     return
                 finally:
                     elapsed = time.perf_counter() - started
@@ -96,7 +94,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if handing:
                     # Envoy copies it into the access-log record that settles the exchange
                     # (issued last, so that the record it holds has every duration).
-                    ticket = self._tickets.issue(exchange)
+                    try:
+                        ticket = self._tickets.issue(exchange)
+                    except Exception:
+                        log.exception("issuing the ticket of request %s", exchange.request_id)
+                        yield _failed(exchange)
+                        return
                     response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
                 yield response
                 # Sent: from here the record reports it (a stream cut before this point
@@ -172,6 +175,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         return _continue(phase)
+
+
+def _failed(exchange: Exchange) -> pb.ProcessingResponse:
+    """The 500 for a phase that failed unexpectedly, in the caller's dialect."""
+    error = GatewayError("The gateway failed to process the request.")
+    exchange.status, exchange.error_code = error.status, error.code
+    return immediate_response(render_error(error, exchange.envelope))
 
 
 def _hands_to_envoy(exchange: Exchange, response: pb.ProcessingResponse) -> bool:

@@ -4,10 +4,10 @@ A request is priced at its worst case (prompt tokens plus the output cap) and th
 is reserved atomically on every counter its limits name; if any would overflow, nothing is
 reserved and the caller gets a 429 naming the limit, with ``retry-after`` and OpenAI-style
 ``x-ratelimit-*`` headers. When the answer (or its end) is known, each counter is moved by
-the difference between what was used and what was reserved, under the request id so a
-retried settlement never counts twice. A request that set no output cap and does not fit
-is offered what is left instead (the cap is then written into its body), so a tight budget
-slows callers down before it stops them.
+the difference between what was used and what was reserved, under the reservation's own
+token so a retried or replayed settlement never counts twice. A request that set no
+output cap and does not fit is offered what is left instead (the cap is then written into
+its body), so a tight budget slows callers down before it stops them.
 """
 
 from __future__ import annotations
@@ -267,9 +267,13 @@ class Meter:
 
     async def apply(self, settlement: Settlement, used: Cost) -> None:
         """Replace what ``settlement`` reserved with what was ``used`` (once per token)."""
-        changed = [delta for delta in settlement.deltas(used) if delta.amount]
-        if changed:
-            await self._store.adjust(changed, token=settlement.token)
+        deltas = settlement.deltas(used)
+        if deltas:
+            # Also when nothing changes (used exactly what was reserved): the store then
+            # remembers the token, so a replayed settlement cannot apply other figures.
+            await self._store.adjust(
+                [d for d in deltas if d.amount] or deltas, token=settlement.token
+            )
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:

@@ -126,7 +126,8 @@ def _install_bare_package() -> None:
                 _bare(f"{PACKAGE}.{subpackage}", f"{root}/{subpackage.replace('.', '/')}")
         except BaseException:
             for name in set(sys.modules) - before:
-                del sys.modules[name]
+                if name == PACKAGE or name.startswith(f"{PACKAGE}."):
+                    del sys.modules[name]
             raise
 
 

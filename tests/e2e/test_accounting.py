@@ -247,6 +247,34 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
     )
 
 
+def test_a_forged_stream_usage_mark_is_removed_on_the_ext_proc_path_too(
+    stack: Stack, raw: Http
+) -> None:
+    """stream_options to merge: handed to ext_proc, which drops the client's copy of the
+    mark before Envoy's Lua filter could act on it (it would add a second member)."""
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "stream_options": {"include_usage": False},
+    }
+    status, _, _ = raw.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {
+            "authorization": "Bearer sk-test-meter",
+            "content-type": "application/json",
+            "x-gateway-stream-usage": "include",
+        },
+    )
+    assert status == 200
+    sent = Mock(stack.ports.mock).last()
+    assert sent["body"].count("stream_options") == 1
+    assert json.loads(sent["body"])["stream_options"] == {"include_usage": True}
+    assert "x-gateway-stream-usage" not in sent["headers"]
+
+
 def test_anthropic_answers_are_lifted_too(
     stack: Stack, raw: Http, redis_server: RedisServer
 ) -> None:

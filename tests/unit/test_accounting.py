@@ -51,12 +51,17 @@ def policy_file(tmp_path: Path, accounting: str = "envoy", output_guard: bool = 
 KEY = signing_key("shared by the service's processes")
 
 
-def processor(path: Path, store: BudgetStore | None = None, key: bytes = KEY) -> ExternalProcessor:
+def processor(
+    path: Path,
+    store: BudgetStore | None = None,
+    key: bytes = KEY,
+    refresh: Callable[[], bytes | None] | None = None,
+) -> ExternalProcessor:
     return ExternalProcessor(
         PolicyStore(path),
         Meter(store if store is not None else MemoryStore()),
         Observer(None, AuditLog([])),
-        tickets=TicketSigner(key),
+        tickets=TicketSigner(key, refresh),
     )
 
 
@@ -342,3 +347,32 @@ async def test_a_ticket_older_than_the_stores_memory_of_settlements_is_refused(
     day_later = ticket.started_ns + (LIFETIME_SECONDS + 60) * 10**9
     with pytest.raises(InvalidTicket, match="expired"):
         proc._tickets.read(text, now_ns=day_later)
+
+
+async def test_a_process_fetches_the_shared_key_again_for_a_ticket_it_cannot_read(
+    tmp_path: Path,
+) -> None:
+    """Redis lost the key kept there: processes started since then sign with a new one."""
+    old, new = signing_key("kept before Redis restarted"), signing_key("made after")
+    path = policy_file(tmp_path)
+    fetched: list[bytes] = []
+
+    def fetch() -> bytes:
+        fetched.append(new)
+        return new
+
+    running = processor(path, key=old, refresh=fetch)
+    started_later = processor(path, key=new)
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    earlier = await handed(running, "sk-demo-restricted")  # signed with the old key
+    ticket = await handed(started_later, "sk-demo-restricted")
+    assert await accountant(running).settle(LoggedAnswer("r1", ticket, 200, usage, None, 9))
+    assert fetched == [new]
+    # Its own earlier tickets still settle, and it now signs with the new key.
+    assert await accountant(running).settle(LoggedAnswer("r2", earlier, 200, usage, None, 9))
+    started_later._tickets.read(await handed(running, "sk-demo-restricted"))
+    # A forged ticket does not have it fetch again at once.
+    forged = ticket[:-4] + ("AAAA" if not ticket.endswith("AAAA") else "BBBB")
+    assert not await accountant(running).settle(LoggedAnswer("r3", forged, 200, usage, None, 9))
+    assert fetched == [new]
+    assert len(running._observer.recent) == 2

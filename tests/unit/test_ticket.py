@@ -25,3 +25,13 @@ def test_without_redis_there_is_no_shared_key() -> None:
 def test_a_configured_secret_gives_every_replica_the_same_key() -> None:
     assert signing_key("s3cret") == signing_key("s3cret") != signing_key("other")
     assert signing_key(None) != signing_key(None)  # one of this start only
+
+
+def test_a_value_in_redis_that_is_not_a_key_is_not_used() -> None:
+    url = os.environ["EXTPROC_TEST_REDIS_URL"]
+    client = redis.Redis.from_url(url)
+    client.set(REDIS_KEY, b"short")
+    try:
+        assert shared_key(url) is None
+    finally:
+        client.delete(REDIS_KEY)
