@@ -247,18 +247,21 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
     )
 
 
-def test_a_forged_stream_usage_mark_is_removed_on_the_ext_proc_path_too(
-    stack: Stack, raw: Http
+def test_a_stream_handed_to_ext_proc_settles_from_its_ticket_and_drops_a_forged_mark(
+    stack: Stack, raw: Http, redis_server: RedisServer
 ) -> None:
-    """stream_options to merge: handed to ext_proc, which drops the client's copy of the
-    mark before Envoy's Lua filter could act on it (it would add a second member)."""
+    """stream_options to merge: handed to ext_proc, which merges it, drops the client's copy
+    of the mark before Envoy's Lua filter could act on it (it would add a second member),
+    and hands the answer to Envoy with a ticket in its own metadata namespace (with two
+    replicas, the one Envoy's log stream reaches settles it)."""
+    before = counter(redis_server, "pool", "total_tokens")
     body = {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "x"}],
         "stream": True,
         "stream_options": {"include_usage": False},
     }
-    status, _, _ = raw.request(
+    status, _, answer = raw.request(
         "POST",
         "/v1/chat/completions",
         json.dumps(body).encode(),
@@ -275,6 +278,15 @@ def test_a_forged_stream_usage_mark_is_removed_on_the_ext_proc_path_too(
     assert sent["body"].count("stream_options") == 1
     assert json.loads(sent["body"])["stream_options"] == {"include_usage": True}
     assert "x-gateway-stream-usage" not in sent["headers"]
+    [usage] = [
+        event["usage"]
+        for line in answer.decode().splitlines()
+        if line.startswith("data: {") and (event := json.loads(line[6:])).get("usage")
+    ]
+    eventually(
+        lambda: counter(redis_server, "pool", "total_tokens") - before == usage["total_tokens"],
+        "the stream ext_proc handed to Envoy was not settled from its usage chunk",
+    )
 
 
 def test_anthropic_answers_are_lifted_too(
