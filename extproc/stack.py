@@ -6,6 +6,7 @@ tests run the same class on free ports, so what the tests prove is what ``make u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -44,8 +45,12 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Ports the kernel says are free now (for tests beside a running ``make up``)."""
-        return cls(*(_free_port() for _ in dataclasses.fields(cls)))
+        """Ports the kernel says are free now (for tests beside a running ``make up``), all
+        different: each is held until every one is chosen (one closed at once could be
+        handed out again for the next)."""
+        with contextlib.ExitStack() as held:
+            ports = [_free_port(held) for _ in dataclasses.fields(cls)]
+        return cls(*ports)
 
 
 def envoy_binary() -> str:
@@ -296,7 +301,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(held: contextlib.ExitStack) -> int:
+    s = held.enter_context(socket.socket())
+    s.bind(("127.0.0.1", 0))
+    return int(s.getsockname()[1])
