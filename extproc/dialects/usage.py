@@ -24,7 +24,8 @@ class Usage:
     cached_input_tokens: int = 0
 
 
-def _int(value: object) -> int:
+def token_count(value: object) -> int:
+    """A provider's token count: a non-negative int, anything else reads as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
@@ -33,27 +34,28 @@ def _openai(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), cached)
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(token_count(prompt), token_count(completion), cached)
 
 
 def _responses(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     details = usage.get("input_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")), cached)
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    return Usage(token_count(prompt), token_count(completion), cached)
 
 
-def _anthropic(usage: Any) -> Usage | None:
+def anthropic_usage(usage: Any) -> Usage | None:
     """Anthropic counts cache reads and writes apart from ``input_tokens``; we add them in."""
     if not isinstance(usage, dict):
         return None
-    cached = _int(usage.get("cache_read_input_tokens"))
-    created = _int(usage.get("cache_creation_input_tokens"))
-    return Usage(
-        _int(usage.get("input_tokens")) + cached + created, _int(usage.get("output_tokens")), cached
-    )
+    cached = token_count(usage.get("cache_read_input_tokens"))
+    created = token_count(usage.get("cache_creation_input_tokens"))
+    prompt = token_count(usage.get("input_tokens")) + cached + created
+    return Usage(prompt, token_count(usage.get("output_tokens")), cached)
 
 
 def usage_from_body(dialect: str, body: Any) -> Usage | None:
@@ -62,7 +64,7 @@ def usage_from_body(dialect: str, body: Any) -> Usage | None:
         return None
     usage = body.get("usage")
     if dialect == "anthropic.messages":
-        return _anthropic(usage)
+        return anthropic_usage(usage)
     if dialect == "openai.responses":
         return _responses(usage)
     return _openai(usage)
@@ -130,10 +132,10 @@ class StreamUsage:
         if kind == "message_start":
             message = payload.get("message")
             if isinstance(message, dict):
-                self._anthropic_input = _anthropic(message.get("usage"))
+                self._anthropic_input = anthropic_usage(message.get("usage"))
                 self._usage = self._anthropic_input
         elif kind == "message_delta":
-            delta = _anthropic(payload.get("usage"))
+            delta = anthropic_usage(payload.get("usage"))
             start = self._anthropic_input or Usage(0, 0)
             if delta is not None:
                 # message_delta carries cumulative output; input arrived in message_start

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from extproc.dialects.usage import Usage, anthropic_usage, token_count
+
 _FINISH = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -30,27 +32,21 @@ def finish_reason(stop_reason: object) -> str:
     return _FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def openai_usage(usage: object) -> dict[str, Any]:
-    """OpenAI's ``usage`` object from Anthropic's (missing counts read as 0)."""
-    fields = usage if isinstance(usage, dict) else {}
-    cached = _count(fields.get("cache_read_input_tokens"))
-    prompt = _count(fields.get("input_tokens")) + cached
-    prompt += _count(fields.get("cache_creation_input_tokens"))
-    completion = _count(fields.get("output_tokens"))
+    """OpenAI's ``usage`` object from Anthropic's (missing counts read as 0), counted as
+    budgets count it (:func:`extproc.dialects.usage.anthropic_usage`)."""
+    counted = anthropic_usage(usage) or Usage(0, 0)
+    prompt, completion = counted.input_tokens, counted.output_tokens
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": {"cached_tokens": counted.cached_input_tokens},
     }
-    details = fields.get("output_tokens_details")
+    details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
     if isinstance(details, dict) and "thinking_tokens" in details:
         out["completion_tokens_details"] = {
-            "reasoning_tokens": _count(details.get("thinking_tokens"))
+            "reasoning_tokens": token_count(details.get("thinking_tokens"))
         }
     return out
 
