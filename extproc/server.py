@@ -47,7 +47,13 @@ from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdo
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.tracing import Tracing
-from extproc.ticket import KEY_VARIABLE, TicketSigner, shared_key, signing_key
+from extproc.ticket import (
+    FOLLOW_SECONDS,
+    KEY_VARIABLE,
+    TicketSigner,
+    shared_key,
+    signing_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +130,10 @@ def _ticket_key(redis_url: str | None) -> bytes:
     key = shared_key(redis_url) if redis_url else None
     if key is None and redis_url:
         log.warning(
-            "tickets are signed with a key of this start until Redis answers: access-log "
-            "records of accounting: envoy that reach another replica meanwhile will not "
-            "settle (or set %s on every replica)",
+            "tickets are signed with a key of this start until Redis answers (it is asked "
+            "again every %.0f s): access-log records of accounting: envoy that reach another "
+            "replica meanwhile will not settle (or set %s on every replica)",
+            FOLLOW_SECONDS,
             KEY_VARIABLE,
         )
     return key or signing_key(None)
@@ -231,14 +238,18 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     watcher = asyncio.create_task(
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
+    background = [watcher]
+    if redis_url:
+        background.append(asyncio.create_task(_follow_ticket_key(tickets)))
     if settings.worker_index is not None:
         _stop_when_orphaned(stop)
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in background:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     if authz_server is not None:
         authz_server.close()
     stopping = asyncio.create_task(server.stop(settings.grace_seconds))
@@ -276,11 +287,14 @@ def _freeze_startup_objects() -> None:
 async def _quiesce(
     processor: ExternalProcessor, authorizer: ext_authz_http.HttpAuthorizer, grace: float
 ) -> None:
-    """Wait (up to ``grace``) for the exchanges this process is serving.
+    """Wait (up to ``grace``) for the ext_proc streams and authorizer checks in flight.
 
     The access-log streams stay open meanwhile, so records of answers that end in that
-    time settle here; later ones Envoy sends on a new stream, to whichever process of the
-    service then answers (their tickets let any of them settle them).
+    time settle here. An answer the authorizer let through may still be streaming after
+    that: Envoy sends its record on a new stream, to whichever process of the service then
+    answers (another replica, or this one restarted: the key is shared), retrying a batch
+    it could not send at its next flush. With no process to take it, its reservation
+    stays charged as reserved and it has no audit record.
     """
     deadline = asyncio.get_running_loop().time() + grace
     while asyncio.get_running_loop().time() < deadline:
@@ -288,6 +302,16 @@ async def _quiesce(
             return
         await asyncio.sleep(0.05)
     log.warning("stopping with %d streams and %d checks open", processor.streams, authorizer.checks)
+
+
+async def _follow_ticket_key(tickets: TicketSigner) -> None:
+    """Keep signing with the key kept in Redis, whatever it was at start (extproc.ticket)."""
+    while True:
+        await asyncio.sleep(FOLLOW_SECONDS)
+        try:
+            await tickets.refresh()
+        except Exception:
+            log.exception("fetching the ticket key from Redis failed")
 
 
 def _stop_when_orphaned(stop: asyncio.Event) -> None:

@@ -168,8 +168,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the service first, while Envoy still delivers the access-log records of the
-        answers it is waiting for (stopped together, it would wait out its grace period for
-        records that never come), then everything else."""
+        answers in flight (Envoy stopped first would leave them unsent), then the rest."""
         service = {name: proc for name, proc in self.processes.items() if name == "extproc"}
         others = {name: proc for name, proc in self.processes.items() if name != "extproc"}
         for group, seconds in ((service, 30), (others, 15)):

@@ -10,7 +10,7 @@ deciding process writes that state into the request's dynamic metadata, which En
 copies into the record: the HTTP authorizer as an answer header Envoy keeps
 (``dynamic_metadata_from_headers``), ext_proc in its own namespace.
 
-A ticket is signed (HMAC-SHA256) and honoured for a day. The access-log port is the gRPC
+A ticket is signed (HMAC-SHA256) and honoured for 23 hours. The access-log port is the gRPC
 port, so a forged record could otherwise give budget back or write audit records. A
 ticket is seen only by Envoy and the service; were one replayed, its budget would still
 settle once (the store remembers a reservation's token for as long as a ticket lives),
@@ -58,6 +58,8 @@ margin for clocks that disagree), so a replay can never settle a reservation twi
 KEY_BYTES = 32
 REFRESH_SECONDS = 10.0
 """How often at most an unknown signature has a process fetch the shared key again."""
+FOLLOW_SECONDS = 30.0
+"""How often a process fetches the shared key again anyway."""
 MAX_KEYS = 3
 """Keys a process still reads tickets with (the newest signs)."""
 
@@ -95,7 +97,7 @@ def signing_key(configured: str | None) -> bytes:
     return secrets.token_bytes(32)
 
 
-def shared_key(redis_url: str) -> bytes | None:
+def shared_key(redis_url: str, name: str = REDIS_KEY) -> bytes | None:
     """A random key kept in the budget store's Redis, made by the first process to ask.
 
     Replicas that share budgets then share the key, also across restarts (a record Envoy
@@ -111,15 +113,15 @@ def shared_key(redis_url: str) -> bytes | None:
         redis_url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
     )
     try:
-        client.set(REDIS_KEY, secrets.token_bytes(KEY_BYTES), nx=True)
-        value = client.get(REDIS_KEY)
+        client.set(name, secrets.token_bytes(KEY_BYTES), nx=True)
+        value = client.get(name)
     except redis.RedisError as error:
         log.warning("the ticket key could not be read from Redis (%s)", error)
         return None
     finally:
         client.close()
     if not isinstance(value, bytes) or len(value) != KEY_BYTES:
-        log.warning("%s in Redis is not a %d-byte key: not used", REDIS_KEY, KEY_BYTES)
+        log.warning("%s in Redis is not a %d-byte key: not used", name, KEY_BYTES)
         return None
     return value
 
@@ -127,9 +129,10 @@ def shared_key(redis_url: str) -> bytes | None:
 class TicketSigner:
     """Signs with one key and reads with any it knows.
 
-    With a key kept in Redis (``refresh``), a ticket signed with a key this process does
-    not know has it fetch the key again: after Redis lost its data, processes started
-    since then made a new one, and records reaching the older processes still settle.
+    With a key kept in Redis (``refresh``), the server fetches it again every
+    :data:`FOLLOW_SECONDS`, and a ticket signed with a key this process does not know has
+    it fetch at once: a process that started while Redis was down, or after Redis lost
+    its data, comes to sign with the key the others use, and reads the older ones still.
     """
 
     def __init__(self, key: bytes, refresh: Callable[[], bytes | None] | None = None) -> None:

@@ -140,6 +140,7 @@ class HttpAuthorizer:
         if exchange.accounted_by_envoy:  # its access-log record settles and reports it
             issued = self._tickets.issue(exchange)
             if len(issued) > MAX_TICKET_CHARS:
+                # ext_proc reserves again: a requests-per-window limit counts it twice.
                 await self._release(exchange)
                 write(_HANDED_OVER)
                 return

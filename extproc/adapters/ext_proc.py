@@ -103,7 +103,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
                 yield response
                 # Sent: from here the record reports it (a stream cut before this point
-                # is settled and reported by the stream, as one never handed over).
+                # is settled and reported by the stream, as one never handed over; cut
+                # right after Envoy took the answer, it is reported twice, settled once).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
         finally:
             self.streams -= 1

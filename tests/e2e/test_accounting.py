@@ -111,14 +111,23 @@ def serving_replica(policy: Path, ports: Ports, redis_url: str, tmp: Path) -> It
         *("--admin-port", str(ports.admin), "--redis-url", redis_url),
         *("--audit-file", str(tmp / REPLICA_AUDIT), "--grace", "2"),
     ]
-    with (tmp / "replica.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    log = tmp / "replica.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        eventually(lambda: ready(ports.admin), "the replica never became ready", seconds=30)
+        deadline = time.monotonic() + 30
+        while not ready(ports.admin):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the replica did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
         yield
     finally:
         process.terminate()
-        process.wait(timeout=15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def ready(admin_port: int) -> bool:
