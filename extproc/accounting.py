@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.budgets.meter import Meter, priced
-from extproc.dialects.usage import Usage, usage_from_body
+from extproc.dialects.usage import Usage, estimated, usage_from_body
 from extproc.exchange import Exchange
 from extproc.identity import Principal
 from extproc.telemetry.observer import Observer
@@ -150,14 +150,11 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
             return reported, "provider"
-    if logged.status == 0 or logged.status >= 300:
-        # No answer at all: the prompt was sent, nothing came back; an error: nothing used.
-        return Usage(ticket.input_tokens if logged.status == 0 else 0, 0), "estimate"
     per_token = STREAM_BYTES_PER_TOKEN if ticket.stream else BYTES_PER_TOKEN
+    settlement = ticket.settlement
+    cap = settlement.reserved.output_tokens if settlement is not None else None
     output = logged.response_bytes // per_token
-    if ticket.settlement is not None:
-        output = min(output, ticket.settlement.reserved.output_tokens)
-    return Usage(ticket.input_tokens, output), "estimate"
+    return estimated(logged.status, ticket.input_tokens, output, cap), "estimate"
 
 
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:

@@ -19,7 +19,7 @@ from extproc.budgets.meter import Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites
-from extproc.dialects.usage import StreamUsage, Usage, usage_from_body
+from extproc.dialects.usage import StreamUsage, Usage, estimated, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
@@ -180,14 +180,11 @@ def used(exchange: Exchange, answer: Any = None) -> Cost:
         exchange.usage_source = "provider"
         return usage_cost(model, usage)
     exchange.usage_source = "estimate"
-    status = exchange.response_status
-    if status >= 300 or (status == 0 and exchange.response_usage is None):
-        tokens_in = exchange.input_tokens if status == 0 else 0
-        return usage_cost(model, Usage(tokens_in, 0))
     streamed = exchange.response_usage.content_events if exchange.response_usage else 0
-    if reservation is not None:
-        streamed = min(streamed, reservation.reserved.output_tokens)
-    return usage_cost(model, Usage(exchange.input_tokens, streamed))
+    cap = reservation.reserved.output_tokens if reservation is not None else None
+    return usage_cost(
+        model, estimated(exchange.response_status, exchange.input_tokens, streamed, cap)
+    )
 
 
 def record_answer(exchange: Exchange, answer: Any) -> None:

@@ -24,6 +24,15 @@ class Usage:
     cached_input_tokens: int = 0
 
 
+def estimated(status: int, input_tokens: int, output_seen: int, cap: int | None) -> Usage:
+    """What an exchange whose provider reported no usage is charged: an error answer
+    nothing; no answer at all (the caller left first) its prompt; otherwise its prompt and
+    the output seen, never more than was reserved (``cap``)."""
+    if status == 0 or status >= 300:
+        return Usage(input_tokens if status == 0 else 0, 0)
+    return Usage(input_tokens, output_seen if cap is None else min(output_seen, cap))
+
+
 def token_count(value: object) -> int:
     """A provider's token count: a non-negative int, anything else reads as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
