@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Redis for budgets shared by workers and replicas (default: $REDIS_URL; "
         "without it counters live in this process)",
     )
+    _redis_layout(serve)
     serve.add_argument(
         "--audit-file",
         type=Path,
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
     usage.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    _redis_layout(usage)
     usage.add_argument(
         "--remote",
         metavar="HOST:PORT",
@@ -179,6 +181,22 @@ def _logging() -> None:
     logging.basicConfig(
         level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _redis_layout(command: argparse.ArgumentParser) -> None:
+    """The options that say how keys sit in Redis; ``serve`` and ``usage`` must agree."""
+    command.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=os.environ.get("EXTPROC_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
+        help="--redis-url names a node of a Redis Cluster (default: $EXTPROC_REDIS_CLUSTER)",
+    )
+    command.add_argument(
+        "--redis-prefix",
+        default=os.environ.get("EXTPROC_REDIS_PREFIX", "budget"),
+        help="the prefix (hash tag) of every key; one per deployment sharing a Redis "
+        "(default %(default)s, or $EXTPROC_REDIS_PREFIX)",
     )
 
 
@@ -233,6 +251,8 @@ def _serve_with(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
         grace_seconds=args.grace,
         redis_url=args.redis_url,
+        redis_cluster=args.redis_cluster,
+        redis_prefix=args.redis_prefix,
         audit_file=args.audit_file,
         audit_stdout=args.audit_stdout,
         audit_redis_stream=args.audit_redis_stream,
@@ -314,7 +334,7 @@ def _usage(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import UTC, datetime
 
-    from extproc.budgets.redis_store import RedisStore
+    from extproc.budgets.redis_store import RedisStore, RedisTarget
     from extproc.budgets.report import format_table, usage_report
     from extproc.budgets.store import StoreUnavailable
     from extproc.policy.loader import PolicyError, load_policy
@@ -335,7 +355,7 @@ def _usage(args: argparse.Namespace) -> int:
         return 1
 
     async def report() -> list[Any]:
-        store = RedisStore.from_url(args.redis_url)
+        store = RedisStore.at(RedisTarget(args.redis_url, args.redis_cluster, args.redis_prefix))
         try:
             return await usage_report(policy, store, datetime.now(UTC), args.team)
         finally:

@@ -42,6 +42,7 @@ from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
 from extproc.budgets import wiring
 from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
+from extproc.budgets.redis_store import DEFAULT_PREFIX, RedisTarget, check_prefix
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdout
 from extproc.telemetry.metrics import Metrics
@@ -79,6 +80,10 @@ class ServeSettings:
     reload_interval: float = 1.0
     grace_seconds: float = 20.0
     redis_url: str | None = None
+    redis_cluster: bool = False
+    """``redis_url`` names a node of a Redis Cluster."""
+    redis_prefix: str = DEFAULT_PREFIX
+    """The prefix (hash tag) of every key this service keeps in Redis."""
     audit_file: Path | None = None
     audit_stdout: bool = False
     audit_redis_stream: str | None = None
@@ -95,6 +100,13 @@ class ServeSettings:
     service must share: from ``ticket_secret``, else chosen by :func:`serve` before the
     workers fork (``_ticket_key``)."""
 
+    @property
+    def redis(self) -> RedisTarget | None:
+        """The shared budget store, if there is one."""
+        if self.redis_url is None:
+            return None
+        return RedisTarget(self.redis_url, self.redis_cluster, self.redis_prefix)
+
 
 class ConfigurationError(Exception):
     """Settings that cannot work together; the message says what to change."""
@@ -107,6 +119,12 @@ def serve(settings: ServeSettings) -> int:
             f"--workers {settings.workers} needs a budget store the workers share: "
             "set REDIS_URL (or --redis-url), or run one worker"
         )
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigurationError("--redis-cluster needs --redis-url (or REDIS_URL)")
+    try:
+        check_prefix(settings.redis_prefix)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
     if settings.workers > 1 and METRICS_DIR_VARIABLE not in os.environ:
         raise ConfigurationError(
             f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
@@ -116,7 +134,7 @@ def serve(settings: ServeSettings) -> int:
         key = (
             signing_key(settings.ticket_secret)
             if settings.ticket_secret
-            else _ticket_key(settings.redis_url)
+            else _ticket_key(settings.redis)
         )
         settings = dataclasses.replace(settings, ticket_key=key)
     if settings.workers <= 1:
@@ -124,11 +142,11 @@ def serve(settings: ServeSettings) -> int:
     return _supervise(settings)
 
 
-def _ticket_key(redis_url: str | None) -> bytes:
+def _ticket_key(redis: RedisTarget | None) -> bytes:
     """Without EXTPROC_TICKET_KEY: the key the replicas sharing this Redis share, else one
     of this start's own (made before the workers fork, so they share it)."""
-    key = shared_key(redis_url) if redis_url else None
-    if key is None and redis_url:
+    key = shared_key(redis) if redis is not None else None
+    if key is None and redis is not None:
         log.warning(
             "tickets are signed with a key of this start until Redis answers (it is asked "
             "again every %.0f s): access-log records of accounting: envoy that reach another "
@@ -156,7 +174,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     once the gRPC server accepts streams.
     """
     await asyncio.to_thread(wiring.warm_tokenizers, policies.current)
-    store = wiring.open_store(settings.redis_url, policies.current)
+    store = wiring.open_store(settings.redis, policies.current)
     await wiring.start_store(store)
     registry = CollectorRegistry()
     metrics = Metrics(registry if admin else None)
@@ -172,10 +190,10 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
     observer = Observer(metrics, audit, tracing=tracing)
     assert settings.ticket_key is not None, "serve() chooses it before any worker starts"
-    redis_url = None if settings.ticket_secret else settings.redis_url  # the key kept there
+    kept_in = None if settings.ticket_secret else settings.redis  # the key kept there
     tickets = TicketSigner(
         settings.ticket_key,
-        refresh=functools.partial(shared_key, redis_url) if redis_url else None,
+        refresh=functools.partial(shared_key, kept_in) if kept_in is not None else None,
     )
     processor = ExternalProcessor(policies, meter, observer, tickets=tickets)
     server = grpc.aio.server(
@@ -239,7 +257,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
     )
     background = [watcher]
-    if redis_url:
+    if kept_in is not None:
         background.append(asyncio.create_task(_follow_ticket_key(tickets)))
     if settings.worker_index is not None:
         _stop_when_orphaned(stop)
@@ -349,7 +367,8 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
     if settings.audit_redis_stream:
         if not settings.redis_url:
             raise ConfigurationError("--audit-redis-stream needs --redis-url (or REDIS_URL)")
-        sinks.append(RedisStream(settings.redis_url, settings.audit_redis_stream))
+        assert settings.redis is not None
+        sinks.append(RedisStream(settings.redis, settings.audit_redis_stream))
     return sinks
 
 
@@ -446,7 +465,7 @@ async def _supervise_workers(
     death; the caller stops the workers."""
     # The workers share one Redis; the supervisor probes it the way a single worker
     # does, so /healthz means the same with or without --workers.
-    probe = wiring.open_store(settings.redis_url, policies.current)
+    probe = wiring.open_store(settings.redis, policies.current)
     try:
 
         async def readiness() -> dict[str, object]:

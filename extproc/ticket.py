@@ -39,7 +39,7 @@ import orjson
 from extproc.budgets.keys import Unit
 from extproc.budgets.meter import Cost, Settlement
 from extproc.budgets.pricing import Price
-from extproc.budgets.redis_store import DEFAULT_PREFIX
+from extproc.budgets.redis_store import RedisTarget
 from extproc.budgets.store import TOKEN_TTL_SECONDS
 from extproc.exchange import Exchange
 from extproc.telemetry.record import exchange_record
@@ -50,8 +50,8 @@ VERSION = "t1"
 """First part of every ticket; a process reads only the versions it knows."""
 KEY_VARIABLE = "EXTPROC_TICKET_KEY"
 """The secret replicas share so that each settles the others' tickets."""
-REDIS_KEY = f"{{{DEFAULT_PREFIX}}}:ticket-key"
-"""Where :func:`shared_key` keeps the key, beside the budget counters (same hash tag)."""
+KEY_NAME = "ticket-key"
+"""Where :func:`shared_key` keeps the key, after the budget keys' prefix."""
 LIFETIME_SECONDS = TOKEN_TTL_SECONDS - 3600
 """How long a ticket is honoured: an hour less than the store remembers a settlement (a
 margin for clocks that disagree), so a replay can never settle a reservation twice."""
@@ -97,31 +97,35 @@ def signing_key(configured: str | None) -> bytes:
     return secrets.token_bytes(32)
 
 
-def shared_key(redis_url: str, name: str = REDIS_KEY) -> bytes | None:
+def shared_key(redis: RedisTarget, name: str = KEY_NAME) -> bytes | None:
     """A random key kept in the budget store's Redis, made by the first process to ask.
 
     Replicas that share budgets then share the key, also across restarts (a record Envoy
     re-sends to a restarted service still settles), with nothing to configure. Whoever
     can read it could forge tickets, but could as well rewrite the budgets beside it.
-    ``None`` if Redis does not answer now.
+    It is kept under ``name`` beside the budget counters (same prefix, same slot). ``None``
+    if Redis does not answer now.
     """
-    import redis
+    from redis import Redis, RedisCluster
     from redis.backoff import NoBackoff
+    from redis.exceptions import RedisClusterException, RedisError
     from redis.retry import Retry
 
-    client = redis.Redis.from_url(
-        redis_url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    kind = RedisCluster if redis.cluster else Redis
+    client = kind.from_url(
+        redis.url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
     )
+    key = redis.key(name)
     try:
-        client.set(name, secrets.token_bytes(KEY_BYTES), nx=True)
-        value = client.get(name)
-    except redis.RedisError as error:
+        client.set(key, secrets.token_bytes(KEY_BYTES), nx=True)
+        value = client.get(key)
+    except (RedisError, RedisClusterException) as error:
         log.warning("the ticket key could not be read from Redis (%s)", error)
         return None
     finally:
         client.close()
     if not isinstance(value, bytes) or len(value) != KEY_BYTES:
-        log.warning("%s in Redis is not a %d-byte key: not used", name, KEY_BYTES)
+        log.warning("%s in Redis is not a %d-byte key: not used", key, KEY_BYTES)
         return None
     return value
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -63,6 +64,30 @@ from extproc.budgets.store import (
 DEFAULT_PREFIX: Final = "budget"
 DEFAULT_TIMEOUT: Final = 0.25
 DEFAULT_MAX_CONNECTIONS: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where the shared budget store lives: a URL, whether it names a node of a Redis
+    Cluster, and the prefix of every key (its hash tag): give each deployment sharing one
+    Redis its own."""
+
+    url: str
+    cluster: bool = False
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+
+    def key(self, name: str) -> str:
+        """A key of this deployment's, in the budget counters' slot."""
+        return f"{{{self.prefix}}}:{name}"
+
+
+def check_prefix(prefix: str) -> None:
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError(f"the Redis key prefix must be non-empty and without braces: {prefix!r}")
+
 
 # Reservations made together (requests whose bodies arrived in the same turn of the event
 # loop) go out as one script call, applied in order, each all-or-nothing. KEYS: each
@@ -202,8 +227,7 @@ class RedisStore:
         link: ScriptLink | None = None,
     ) -> None:
         """``link``, when given, runs the reserve and adjust scripts instead of ``client``."""
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be non-empty and without braces: {prefix!r}")
+        check_prefix(prefix)
         self._client = client
         self._tag = f"{{{prefix}}}:"
         self._token_prefix = f"{self._tag}idem:"
@@ -213,6 +237,11 @@ class RedisStore:
         self._adjust = client.register_script(ADJUST_LUA)
         self._reserves = _Batcher(self._send_reserves)
         self._adjusts = _Batcher(self._send_adjusts)
+
+    @classmethod
+    def at(cls, target: RedisTarget) -> RedisStore:
+        """The store ``target`` names (see :meth:`from_url`)."""
+        return cls.from_url(target.url, prefix=target.prefix, cluster=target.cluster)
 
     @classmethod
     def from_url(

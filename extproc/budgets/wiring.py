@@ -1,24 +1,24 @@
 """Choosing and running the budget store a service process uses.
 
-No Redis URL: the in-process store (one worker; counters live and die with the process).
-A Redis URL: Redis behind the resilient wrapper, whose fail mode follows the live policy's
-``settings.budgets.on_store_error``.
+No Redis: the in-process store (one worker; counters live and die with the process).
+Redis (a node, or a node of a Redis Cluster): Redis behind the resilient wrapper, whose
+fail mode follows the live policy's ``settings.budgets.on_store_error``.
 """
 
 from __future__ import annotations
 
 from extproc.budgets.memory_store import MemoryStore
-from extproc.budgets.redis_store import RedisStore
+from extproc.budgets.redis_store import RedisStore, RedisTarget
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import BudgetStore, StoreUnavailable
 from extproc.budgets.tokens import warm_up
 from extproc.policy.compiled import CompiledPolicy
 
 
-def open_store(redis_url: str | None, policy: CompiledPolicy) -> BudgetStore:
-    if not redis_url:
+def open_store(redis: RedisTarget | None, policy: CompiledPolicy) -> BudgetStore:
+    if redis is None:
         return MemoryStore()
-    return ResilientStore(RedisStore.from_url(redis_url), FailMode(policy.on_store_error))
+    return ResilientStore(RedisStore.at(redis), FailMode(policy.on_store_error))
 
 
 async def start_store(store: BudgetStore) -> None:

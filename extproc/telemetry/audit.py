@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+
+from extproc.budgets.redis_store import RedisTarget
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ class Stdout:
 class RedisStream:
     """``XADD stream MAXLEN ~ maxlen * record <json>``, one pipeline round trip per batch."""
 
-    def __init__(self, url: str, stream: str, maxlen: int = 1_000_000) -> None:
-        self._redis: Redis = Redis.from_url(url, socket_timeout=2.0)
+    def __init__(self, redis: RedisTarget, stream: str, maxlen: int = 1_000_000) -> None:
+        kind = RedisCluster if redis.cluster else Redis
+        self._redis: Redis | RedisCluster = kind.from_url(redis.url, socket_timeout=2.0)
         self._stream, self._maxlen = stream, maxlen
 
     async def write(self, lines: Sequence[bytes]) -> None:

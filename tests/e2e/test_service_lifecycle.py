@@ -298,3 +298,25 @@ def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot start, the policy is invalid" in result.stderr
     assert "cannot read" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--redis-cluster"], "--redis-cluster needs --redis-url"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--redis-prefix", "a{b}"], "without braces"),
+    ],
+)
+def test_a_redis_layout_that_cannot_work_is_refused_before_start(
+    flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr

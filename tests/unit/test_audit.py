@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from extproc.budgets.redis_store import RedisTarget
 from extproc.telemetry import audit
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream
 
@@ -36,7 +37,7 @@ async def test_file_sink_writes_one_line_per_record_and_rotates(tmp_path: Path) 
 async def test_redis_stream_sink_is_bounded_and_complete() -> None:
     url = os.environ["EXTPROC_TEST_REDIS_URL"]
     stream = f"test-audit-{uuid.uuid4().hex[:8]}"
-    log = AuditLog([RedisStream(url, stream, maxlen=1000)])
+    log = AuditLog([RedisStream(RedisTarget(url), stream, maxlen=1000)])
     for i in range(5):
         log.submit(record(i))
     await log.close()

@@ -13,26 +13,42 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from extproc.budgets.redis_store import RedisTarget
 from extproc.ticket import shared_key, signing_key
+from tests.redis_server import RedisServer
+
+TARGET = RedisTarget(os.environ["EXTPROC_TEST_REDIS_URL"])
 
 
 @pytest.fixture
 def name() -> Iterator[str]:
-    key = f"{{budget}}:ticket-key-test-{uuid.uuid4().hex}"
+    key = f"ticket-key-test-{uuid.uuid4().hex}"
     yield key
-    redis.Redis.from_url(os.environ["EXTPROC_TEST_REDIS_URL"]).delete(key)
+    redis.Redis.from_url(TARGET.url).delete(TARGET.key(key))
 
 
 def test_processes_sharing_a_redis_share_the_key_it_keeps(name: str) -> None:
-    url = os.environ["EXTPROC_TEST_REDIS_URL"]
-    first, second = shared_key(url, name), shared_key(url, name)  # two replicas starting
+    first, second = shared_key(TARGET, name), shared_key(TARGET, name)  # two replicas start
     assert first is not None and len(first) == 32
     assert second == first  # the second kept the first one's, not a fresh one
-    assert redis.Redis.from_url(url).get(name) == first
+    # Beside the budget counters: the same prefix, so the same Redis Cluster slot.
+    assert redis.Redis.from_url(TARGET.url).get(f"{{budget}}:{name}") == first
+
+
+def test_a_redis_cluster_keeps_it_under_the_deployments_prefix() -> None:
+    cluster = RedisServer(cluster=True)
+    cluster.start()
+    try:
+        target = RedisTarget(cluster.url, cluster=True, prefix="acme")
+        key = shared_key(target)
+        assert key is not None and shared_key(target) == key
+        assert redis.Redis.from_url(cluster.url).get("{acme}:ticket-key") == key
+    finally:
+        cluster.stop()
 
 
 def test_without_redis_there_is_no_shared_key() -> None:
-    assert shared_key("redis://127.0.0.1:1/0") is None
+    assert shared_key(RedisTarget("redis://127.0.0.1:1/0")) is None
 
 
 def test_a_configured_secret_gives_every_replica_the_same_key() -> None:
@@ -41,6 +57,5 @@ def test_a_configured_secret_gives_every_replica_the_same_key() -> None:
 
 
 def test_a_value_in_redis_that_is_not_a_key_is_not_used(name: str) -> None:
-    url = os.environ["EXTPROC_TEST_REDIS_URL"]
-    redis.Redis.from_url(url).set(name, b"short")
-    assert shared_key(url, name) is None
+    redis.Redis.from_url(TARGET.url).set(TARGET.key(name), b"short")
+    assert shared_key(TARGET, name) is None
