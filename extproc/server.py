@@ -258,7 +258,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     )
     background = [watcher]
     if kept_in is not None:
-        background.append(asyncio.create_task(_follow_ticket_key(tickets)))
+        background.append(asyncio.create_task(follow_ticket_key(tickets)))
     if settings.worker_index is not None:
         _stop_when_orphaned(stop)
     await stop.wait()
@@ -322,10 +322,10 @@ async def _quiesce(
     log.warning("stopping with %d streams and %d checks open", processor.streams, authorizer.checks)
 
 
-async def _follow_ticket_key(tickets: TicketSigner) -> None:
+async def follow_ticket_key(tickets: TicketSigner, every: float = FOLLOW_SECONDS) -> None:
     """Keep signing with the key kept in Redis, whatever it was at start (extproc.ticket)."""
     while True:
-        await asyncio.sleep(FOLLOW_SECONDS)
+        await asyncio.sleep(every)
         try:
             await tickets.refresh()
         except Exception:

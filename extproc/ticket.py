@@ -94,7 +94,7 @@ def signing_key(configured: str | None) -> bytes:
     only this process and the workers it forks can read its tickets)."""
     if configured:
         return hashlib.sha256(configured.encode("utf-8")).digest()
-    return secrets.token_bytes(32)
+    return secrets.token_bytes(KEY_BYTES)
 
 
 def shared_key(redis: RedisTarget, name: str = KEY_NAME) -> bytes | None:

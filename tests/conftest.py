@@ -14,6 +14,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.redis_server import RedisServer
 
 
 def _answers(port: int) -> bool:
@@ -64,3 +69,12 @@ if "EXTPROC_TEST_REDIS_URL" not in os.environ:
     os.environ["EXTPROC_TEST_REDIS_URL"] = (
         "redis://127.0.0.1:6379/15" if _answers(6379) else _private_redis()
     )
+
+
+@pytest.fixture(scope="module")
+def cluster_server() -> Iterator[RedisServer]:
+    """A private single-node Redis Cluster holding every slot, for one test module."""
+    spawned = RedisServer(cluster=True)
+    spawned.start()
+    yield spawned
+    spawned.stop()

@@ -26,15 +26,7 @@ LAYOUT = ("--redis-cluster", "--redis-prefix", "acme")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisServer]:
-    server = RedisServer(cluster=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(cluster: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(cluster_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("layout")
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n"))
@@ -42,7 +34,7 @@ def stack(cluster: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
         policy=policy,
         ports=Ports.free(),
         log_dir=tmp,
-        redis_url=cluster.url,
+        redis_url=cluster_server.url,
         serve_args=(*LAYOUT, "--audit-redis-stream", "audit"),
     )
     with running(setting) as s:
@@ -50,13 +42,13 @@ def stack(cluster: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def test_budgets_ticket_key_and_audit_go_to_the_cluster_under_the_prefix(
-    stack: Stack, cluster: RedisServer
+    stack: Stack, cluster_server: RedisServer
 ) -> None:
     answer = client(stack, "meter").chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}], max_tokens=5
     )
     assert answer.usage is not None
-    store = redis.Redis.from_url(cluster.url)
+    store = redis.Redis.from_url(cluster_server.url)
     deadline = time.monotonic() + 10
     while not store.exists("audit"):  # written once the access-log record settled it
         assert time.monotonic() < deadline, "no audit record reached the cluster's stream"
@@ -67,7 +59,7 @@ def test_budgets_ticket_key_and_audit_go_to_the_cluster_under_the_prefix(
     assert not any(key.startswith("{budget}:") for key in keys)
 
     command = [sys.executable, "-m", "extproc", "usage", "--policy", str(stack.policy)]
-    command += ["--redis-url", cluster.url, *LAYOUT, "--team", "meter", "--json"]
+    command += ["--redis-url", cluster_server.url, *LAYOUT, "--team", "meter", "--json"]
     report = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     [output] = [line for line in json.loads(report.stdout) if line["unit"] == "output_tokens"]
     assert output["used"] == str(answer.usage.completion_tokens)

@@ -28,6 +28,7 @@ from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.budgets.store import BudgetStore
 from extproc.policy.store import PolicyStore
+from extproc.server import follow_ticket_key
 from extproc.stack import ROOT
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
@@ -246,16 +247,21 @@ def test_a_log_entry_reads_as_a_logged_answer() -> None:
 
 
 async def test_two_exchanges_under_one_request_id_settle_apart(tmp_path: Path) -> None:
-    """Callers choose x-request-id: each record settles the exchange its ticket names."""
-    proc = processor(policy_file(tmp_path))
-    await handed(proc, "sk-demo-restricted")
+    """Callers choose x-request-id: each record settles the reservation its ticket names,
+    and the second is not taken for a repeat of the first."""
+    store = MemoryStore()
+    proc = processor(policy_file(tmp_path), store)
+    first = await handed(proc, "sk-demo-restricted")  # both sent as x-request-id req-1
     second = await handed(proc, "sk-demo-restricted", body={**CHAT, "max_tokens": 900})
-    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    usage = {"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000}
     # A record without a ticket settles nothing.
     assert not await accountant(proc).settle(LoggedAnswer("req-1", None, 200, usage, None, 9))
-    assert await accountant(proc).settle(LoggedAnswer("req-1", second, 200, usage, None, 9))
-    [record] = proc._observer.recent
-    assert record["output_tokens"] == 1 and record["budget"] == "reserved"
+    for ticket in (first, second):
+        assert await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 9))
+    assert [r["cost_micro_usd"] for r in proc._observer.recent] == [77, 77]
+    # The global daily USD counter holds both exchanges' cost, not a reservation.
+    [(value, _)] = store._entries.values()
+    assert value == 2 * 77
 
 
 async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path) -> None:
@@ -376,3 +382,19 @@ async def test_a_process_fetches_the_shared_key_again_for_a_ticket_it_cannot_rea
     assert not await accountant(running).settle(LoggedAnswer("r3", forged, 200, usage, None, 9))
     assert fetched == [new]
     assert len(running._observer.recent) == 2
+
+
+async def test_a_process_follows_the_shared_key_without_meeting_a_ticket(
+    tmp_path: Path,
+) -> None:
+    """One that only decides requests (its log stream goes elsewhere) and started with a
+    key of its own while Redis was down comes to sign with the shared key."""
+    shared = signing_key("kept in Redis")
+    deciding = processor(policy_file(tmp_path), key=signing_key("own"), refresh=lambda: shared)
+    following = asyncio.create_task(follow_ticket_key(deciding._tickets, every=0.01))
+    try:
+        await asyncio.sleep(0.2)
+    finally:
+        following.cancel()
+    ticket = await handed(deciding, "sk-demo-restricted")
+    TicketSigner(shared).read(ticket)  # the replicas using the shared key can read it

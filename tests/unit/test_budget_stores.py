@@ -292,14 +292,6 @@ def server() -> Iterator[RedisServer]:
     spawned.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster_server() -> Iterator[RedisServer]:
-    spawned = RedisServer(cluster=True)
-    spawned.start()
-    yield spawned
-    spawned.stop()
-
-
 Flaky = tuple["FlakyStore", Callable[[FailMode], ResilientStore]]
 
 # --- ResilientStore ---------------------------------------------------------------------------

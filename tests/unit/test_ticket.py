@@ -35,16 +35,13 @@ def test_processes_sharing_a_redis_share_the_key_it_keeps(name: str) -> None:
     assert redis.Redis.from_url(TARGET.url).get(f"{{budget}}:{name}") == first
 
 
-def test_a_redis_cluster_keeps_it_under_the_deployments_prefix() -> None:
-    cluster = RedisServer(cluster=True)
-    cluster.start()
-    try:
-        target = RedisTarget(cluster.url, cluster=True, prefix="acme")
-        key = shared_key(target)
-        assert key is not None and shared_key(target) == key
-        assert redis.Redis.from_url(cluster.url).get("{acme}:ticket-key") == key
-    finally:
-        cluster.stop()
+def test_a_redis_cluster_keeps_it_under_the_deployments_prefix(
+    cluster_server: RedisServer,
+) -> None:
+    target = RedisTarget(cluster_server.url, cluster=True, prefix="acme")
+    key = shared_key(target)
+    assert key is not None and shared_key(target) == key
+    assert redis.Redis.from_url(cluster_server.url).get("{acme}:ticket-key") == key
 
 
 def test_without_redis_there_is_no_shared_key() -> None:
