@@ -109,7 +109,7 @@ def targets(doc: Doc) -> list[Doc]:
             "<= 5 ms",
             p99,
             None if p99 is None or achieved is None else p99 <= 5 and achieved >= 0.95 * rate,
-            f"p99 {_num(p99, 2)} ms at {_num(achieved, 0)} requests/s achieved",
+            f"p99 {_num(p99, 2)} ms at {_num(achieved, 0)} requests/s achieved" + _repeats(paced),
         )
 
         ratio = peer_cpu / value if peer_cpu and value else None
@@ -395,6 +395,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+def _repeats(paced: Doc | None) -> str:
+    repeats = paced.get("repeats_p99", []) if paced else []
+    if len(repeats) < 2:
+        return ""
+    each = ", ".join(_num(p99, 2) for p99 in repeats)
+    return f" (median of {len(repeats)} runs: {each} ms)"
 
 
 def _num(value: float | None, digits: int = 0) -> str:
