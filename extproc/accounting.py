@@ -1,18 +1,26 @@
-"""Answers accounted from Envoy's access log (policy ``settings.accounting: envoy``).
+"""Answers accounted from their exchange's ticket, by whichever process reads them.
 
-Reading an answer through ext_proc costs two more gRPC messages per request (response
-headers and body), the largest single cost the benchmark measures. Most answers are read
-only to account for them: usage for the budget, status for metrics and audit. For those,
-Envoy can do the reading: the service marks the request (``x-gateway-accounting:
-envoy``), which switches on ``json_to_metadata`` / ``sse_to_metadata`` for its answer,
-and the gateway's gRPC access log delivers status, lifted usage and the serving endpoint
-once the exchange is over. The record carries the exchange's signed ticket
-(:mod:`extproc.ticket`), so whichever worker or replica receives it settles the
-reservation and reports the exchange exactly as the response phases would have done.
+Most answers are read only to account for them: usage for the budget, status for metrics
+and audit. For those the request side is decided in one call (the HTTP authorizer), and
+the exchange's signed ticket (:mod:`extproc.ticket`) travels with the request in Envoy's
+dynamic metadata, so whichever worker or replica reads the answer settles the reservation
+and reports the exchange exactly as a full ext_proc stream would have done. Who reads it
+follows the policy's ``settings.accounting``:
 
-Answers the service must read itself keep the response phases: translated ones, those
-an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift, and
-every answer of a policy that records bodies in its audit log. A record Envoy drops
+``envoy``
+    Envoy: the service marks the request (``x-gateway-accounting: envoy``), which switches
+    on ``json_to_metadata`` / ``sse_to_metadata`` for its answer, and the gateway's gRPC
+    access log delivers status, lifted usage and the serving endpoint once the exchange
+    is over (:class:`LoggedAnswer`). No gRPC message of the request's own.
+``service``
+    An answer-only ext_proc stream (``x-gateway-processing: answer``): response headers
+    and body, read by :class:`AnswerReading`, settled before the answer's end reaches the
+    caller. Two ext_proc messages instead of four: the request phases are the
+    authorizer's.
+
+Answers the service must rewrite or check keep a full ext_proc stream: translated ones,
+those an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift,
+and every answer of a policy that records bodies in its audit log. A record Envoy drops
 (``access_logs.grpc_access_log.logs_dropped``) leaves its reservation charged as
 reserved: a budget is never under-charged, but that exchange has no audit record.
 """
@@ -24,9 +32,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.budgets.meter import Meter, priced
-from extproc.dialects.usage import Usage, estimated, usage_from_body
+from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
 from extproc.exchange import Exchange
 from extproc.identity import Principal
+from extproc.routing import HEADER_SERVED_BY
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.record import record_time
 from extproc.ticket import InvalidTicket, Ticket, TicketSigner, UnknownSignature
@@ -37,8 +46,14 @@ HEADER_TICKET = "x-gateway-ticket"
 """The HTTP authorizer's answer header carrying a handed-over exchange's ticket; Envoy
 keeps it as dynamic metadata (``dynamic_metadata_from_headers``), so the access log
 carries it."""
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the ticket)."""
 EXCHANGE_NAMESPACE = "extproc.exchange"
-"""ext_proc's dynamic metadata namespace for the same ticket (``{"ticket": ...}``)."""
+"""ext_proc's dynamic metadata namespace for the same ticket (``{"ticket": ...}``), and
+for the mark an answer-only stream leaves (``{"answered": "ext_proc"}``)."""
+ANSWERED = "answered"
+"""Set by an answer-only ext_proc stream that took the answer: the access-log record of a
+caller who then left (Envoy logs those) must not report the exchange a second time."""
 HEADER = "x-gateway-accounting"
 """Set on a request whose answer Envoy accounts for; switches the usage-lifting filters on."""
 HEADER_STREAM_USAGE = "x-gateway-stream-usage"
@@ -54,14 +69,15 @@ STREAM_BYTES_PER_TOKEN = 64
 150-250 bytes of JSON; 64 errs towards charging more than was sent, never much less."""
 
 
-def hands_to_envoy(exchange: Exchange, principal: Principal, path: str) -> bool:
-    """Whether this request's answer is needed only to account for it.
+def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
+    """Whether this request's answer is needed only to account for it, which its ticket
+    lets any process do (Envoy's access log, or an answer-only ext_proc stream).
 
     Decided at the request headers, before the model is known (Envoy takes a change of
     processing mode only then), so every model the caller may use must qualify.
     """
     policy, dialect = exchange.policy, exchange.dialect
-    if policy.accounting != "envoy" or dialect is None or dialect.name not in LIFTED_DIALECTS:
+    if dialect is None or dialect.name not in LIFTED_DIALECTS:
         return False
     if policy.audit_redactor is not None:
         return False  # the audit record wants the answer's text, which Envoy does not give
@@ -90,6 +106,8 @@ class LoggedAnswer:
     """Usage fields lifted from the answer, under the provider's own names."""
     served_by: str | None
     response_bytes: int
+    reported: Usage | None = None
+    """The provider's usage as the service read it (an answer-only ext_proc stream)."""
 
 
 class Accountant:
@@ -107,12 +125,17 @@ class Accountant:
         if logged.ticket is None:
             return False
         try:
-            ticket = await self._read(logged.ticket)
+            ticket = await self.read(logged.ticket)
         except InvalidTicket as error:
             log.warning(
                 "access-log record for request %s not settled: %s", logged.request_id, error
             )
             return False
+        await self.settle_ticket(ticket, logged)
+        return True
+
+    async def settle_ticket(self, ticket: Ticket, logged: LoggedAnswer) -> None:
+        """Settle ``ticket``'s reservation with what ``logged`` says was used; report it."""
         record = ticket.record
         record.update(time=record_time(), status=logged.status or None, served_by=logged.served_by)
         try:
@@ -133,9 +156,9 @@ class Accountant:
             log.exception("settling request %s failed", logged.request_id)
         finally:
             self._observer.report(record, ticket.traceparent, ticket.started_ns)
-        return True
 
-    async def _read(self, text: str) -> Ticket:
+    async def read(self, text: str) -> Ticket:
+        """The ticket ``text`` carries, or :class:`~extproc.ticket.InvalidTicket`."""
         try:
             return self._tickets.read(text)
         except UnknownSignature:
@@ -146,6 +169,8 @@ class Accountant:
 
 def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     """What the exchange used: the provider's report, else the answer's best estimate."""
+    if logged.reported is not None:
+        return logged.reported, "provider"
     if logged.usage:
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
@@ -163,3 +188,63 @@ def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:
     if "cached_tokens" in lifted:
         usage["prompt_tokens_details"] = {"cached_tokens": lifted["cached_tokens"]}
     return usage
+
+
+class AnswerReading:
+    """An answer-only ext_proc stream's exchange (``accounting: service``): what Envoy's
+    access log would have said about the answer, read from its bytes by the service."""
+
+    def __init__(self, ticket: Ticket, text: str) -> None:
+        self.ticket = ticket
+        self._text = text
+        self._status = 0
+        self._served_by: str | None = None
+        self._stream: StreamUsage | None = None
+        self._tail: bytearray | None = None
+        self._bytes = 0
+
+    def on_headers(self, headers: Mapping[str, str]) -> bool:
+        """Note the status and the endpoint; whether the body has usage to read."""
+        self._status = int(headers.get(":status", "0") or 0)
+        self._served_by = headers.get(HEADER_SERVED_BY)
+        if not 200 <= self._status < 300:
+            return False  # an error costs nothing: no usage to read
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            self._stream = StreamUsage(self.ticket.dialect)
+        else:
+            self._tail = bytearray()
+        return True
+
+    def on_body(self, chunk: bytes) -> None:
+        self._bytes += len(chunk)
+        if self._stream is not None:
+            self._stream.feed(chunk)
+        elif self._tail is not None:
+            self._tail += chunk
+            if len(self._tail) > 2 * KEPT_BYTES:
+                del self._tail[:-KEPT_BYTES]
+
+    def logged(self) -> LoggedAnswer:
+        """The answer as far as it went (all of it, or up to where it was cut)."""
+        return LoggedAnswer(
+            request_id=str(self.ticket.record.get("request_id") or ""),
+            ticket=self._text,
+            status=self._status,
+            usage={},
+            served_by=self._served_by,
+            response_bytes=self._bytes,
+            reported=self._reported(),
+        )
+
+    def _reported(self) -> Usage | None:
+        if self._stream is not None:
+            self._stream.finish()
+            return self._stream.usage
+        whole, usage_only = parsed_answer(self._tail)
+        answer = whole if whole is not None else usage_only
+        return None if answer is None else usage_from_body(self.ticket.dialect, answer)
+
+
+KEPT_BYTES = 64 * 1024
+"""Of a JSON answer only its last 64-128 KiB are kept: providers put ``usage`` last, and
+nothing else of it is needed (a policy recording answers keeps a full ext_proc stream)."""

@@ -19,7 +19,7 @@ from extproc.budgets.meter import Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites
-from extproc.dialects.usage import StreamUsage, Usage, estimated, usage_from_body
+from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
@@ -204,7 +204,7 @@ def account(exchange: Exchange) -> None:
     seen = exchange.reservation is not None or exchange.response_status != 0
     if exchange.used is None and exchange.model is not None and seen:
         # A JSON answer is parsed once here, for its usage and for the audit record.
-        whole, usage_only = _parsed_answer(exchange.response_tail)
+        whole, usage_only = parsed_answer(exchange.response_tail)
         exchange.used = used(exchange, whole if whole is not None else usage_only)
         record_answer(exchange, whole)
 
@@ -240,30 +240,3 @@ def _reported_usage(exchange: Exchange, answer: Any) -> Usage | None:
     if answer is not None and exchange.request is not None:
         return usage_from_body(_upstream_dialect(exchange), answer)
     return None
-
-
-_BRACE_DEPTH = {0x7B: 1, 0x7D: -1}
-
-
-def _parsed_answer(raw: bytearray | None) -> tuple[Any, Any]:
-    """``(answer, None)`` for a whole JSON answer; ``(None, {"usage": ...})`` when only its
-    tail was kept (providers put ``usage`` last); ``(None, None)`` when neither parses."""
-    if not raw:
-        return None, None
-    try:
-        return orjson.loads(raw), None
-    except orjson.JSONDecodeError:
-        pass
-    at = raw.rfind(b'"usage"')
-    start = raw.find(b"{", at) if at != -1 else -1
-    if start == -1:
-        return None, None
-    depth = 0
-    for end in range(start, len(raw)):
-        depth += _BRACE_DEPTH.get(raw[end], 0)
-        if depth == 0:
-            try:
-                return None, {"usage": orjson.loads(raw[start : end + 1])}
-            except orjson.JSONDecodeError:
-                return None, None
-    return None, None

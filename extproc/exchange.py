@@ -75,8 +75,14 @@ class Exchange:
     """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
+    only_accounted: bool = False
+    """Decided at the request headers: the answer is needed only to account for it, which
+    the exchange's ticket lets any process do (accounting.py)."""
     accounted_by_envoy: bool = False
-    """Decided at the request headers: Envoy reads the answer (accounting.py)."""
+    """``only_accounted`` under ``accounting: envoy``: Envoy reads the answer."""
+    ticketed: bool = False
+    """Decided by the HTTP authorizer: whoever reads the answer settles it from its ticket
+    (Envoy's access log, or an answer-only ext_proc stream)."""
     handed_to_envoy: bool = False
     """The request went on with that mark: the access-log record reports the exchange."""
     status: int = 0

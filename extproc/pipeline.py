@@ -125,12 +125,14 @@ async def decide_request(
 ) -> Decision | None:
     """Both request phases at once, or ``None``: ext_proc must process this request.
 
-    Only a request whose whole remaining life Envoy can carry is decided here: an LLM
-    call whose answer Envoy accounts for (``accounting: envoy``) and whose body goes up
-    unchanged, or with only ``stream_options.include_usage`` added, which Envoy does
+    Only a request whose answer is needed just to account for it is decided here (an LLM
+    call whose answer is read by Envoy's access log, ``accounting: envoy``, or by an
+    answer-only ext_proc stream, ``service``, either settling it from the exchange's
+    ticket) and whose body goes up unchanged, or with only
+    ``stream_options.include_usage`` added, which Envoy does
     (:func:`_stream_usage_by_envoy`). Everything else, found before any side effect
     (nothing is reserved), is handed over whole and ext_proc decides it from scratch: an
-    answer the service must read, a body to rewrite (alias, translation, masking, other
+    answer the service must rewrite or check, a body to rewrite (alias, translation, masking, other
     ``stream_options``, an output cap a tight budget needs), MCP, ``/v1/models``, and a
     caller identified only by what
     ext_proc is sent and this call is not (JWT claims in dynamic metadata, a verified
@@ -142,7 +144,7 @@ async def decide_request(
         return None
     if decided.skip_request_body:
         return decided  # a path no dialect serves: identified and scrubbed, nothing more
-    if not exchange.accounted_by_envoy:
+    if not exchange.only_accounted:
         return None
     rejected = await read_request_body(exchange, body)
     if rejected is not None:
@@ -150,6 +152,7 @@ async def decide_request(
     envoy_adds_usage = _stream_usage_by_envoy(exchange)
     if exchange.translation is not None or exchange.rewrites:
         return None
+    exchange.ticketed = True
     try:
         forward = await finish_request_body(exchange, meter, clock, may_cap_output=False)
     except OutputCapNeeded:
@@ -220,7 +223,8 @@ def _request_headers(
         raise _invalid_url(exchange)
     if end_of_stream:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
-    exchange.accounted_by_envoy = accounting.hands_to_envoy(exchange, principal, path)
+    exchange.only_accounted = accounting.only_accounted(exchange, principal, path)
+    exchange.accounted_by_envoy = exchange.only_accounted and policy.accounting == "envoy"
     return Forward(
         set_headers=_identity_headers(principal),
         remove_headers=scrubbed,
@@ -398,15 +402,16 @@ async def finish_request_body(
             return _reject(exchange, error)  # the reservation is released when the stream ends
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
-    if exchange.accounted_by_envoy:
-        # The service will not see the answer: Envoy lifts its usage and adds the
-        # budget and guardrail headers the response phase would have set.
+    if exchange.accounted_by_envoy or exchange.ticketed:
+        # No response phase of this stream will set the budget and guardrail headers:
+        # Envoy adds them from metadata. Under accounting: envoy it also lifts the usage.
         answer_headers = (
             *(exchange.reservation.headers if exchange.reservation else ()),
             *verdict_header(exchange.verdicts),
         )
+        marks = ((accounting.HEADER, "envoy"),) if exchange.accounted_by_envoy else ()
         return Forward(
-            set_headers=(*headers, (accounting.HEADER, "envoy")),
+            set_headers=(*headers, *marks),
             body=body,
             clear_route_cache=True,
             answer_headers=answer_headers,

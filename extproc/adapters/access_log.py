@@ -16,15 +16,21 @@ from typing import Any
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_TICKET, Accountant, LoggedAnswer
+from extproc.accounting import (
+    ANSWERED,
+    AUTHZ_NAMESPACE,
+    EXCHANGE_NAMESPACE,
+    HEADER_TICKET,
+    Accountant,
+    LoggedAnswer,
+)
+from extproc.adapters.envoy_proto import metadata_string
 from extproc.routing import HEADER_SERVED_BY
 
 log = logging.getLogger(__name__)
 
 USAGE_NAMESPACE = "extproc.usage"
 """Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-"""Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the ticket)."""
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -82,17 +88,13 @@ def _discard(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _string(metadata: Any, namespace: str, key: str) -> str | None:
-    struct = metadata.get(namespace)
-    value = struct.fields.get(key) if struct is not None else None
-    return str(value.string_value) if value is not None and value.string_value else None
-
-
 def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
     request_id = entry.request.request_id
     if not request_id:
         return None
     metadata = entry.common_properties.metadata.filter_metadata
+    if metadata_string(metadata, EXCHANGE_NAMESPACE, ANSWERED):
+        return None  # an answer-only ext_proc stream took the answer and reports it
     usage_struct = metadata.get(USAGE_NAMESPACE)
     usage = (
         {name: int(value.number_value) for name, value in usage_struct.fields.items()}
@@ -101,8 +103,8 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
     )
     response = entry.response
     return LoggedAnswer(
-        ticket=_string(metadata, AUTHZ_NAMESPACE, HEADER_TICKET)
-        or _string(metadata, EXCHANGE_NAMESPACE, "ticket"),
+        ticket=metadata_string(metadata, AUTHZ_NAMESPACE, HEADER_TICKET)
+        or metadata_string(metadata, EXCHANGE_NAMESPACE, "ticket"),
         request_id=request_id,
         status=response.response_code.value,
         usage=usage,

@@ -7,6 +7,7 @@ the loop stays short (the service-extensions callouts' style).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -15,6 +16,13 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from extproc.decisions import Forward, Headers, Reply
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def metadata_string(metadata: Any, namespace: str, key: str) -> str | None:
+    """A string of Envoy's dynamic metadata (``filter_metadata``), or ``None``."""
+    struct = metadata.get(namespace)
+    value = struct.fields.get(key) if struct is not None else None
+    return str(value.string_value) if value is not None and value.string_value else None
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:

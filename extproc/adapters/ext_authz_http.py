@@ -11,8 +11,9 @@ a kept-alive connection, and takes the answer as:
   envoy/gateway.yaml), the client headers to drop (``x-envoy-auth-headers-to-remove``),
   and, kept by Envoy as dynamic metadata (``dynamic_metadata_from_headers``), the
   answer's budget and guardrail headers (set by the virtual host) and the exchange's
-  ticket: a request decided here, whose answer Envoy accounts for
-  (:mod:`extproc.accounting`);
+  ticket: a request decided here, whose answer is read only to account for it
+  (:mod:`extproc.accounting`), by Envoy's access log or, with ``x-gateway-processing:
+  answer``, by an answer-only ext_proc stream;
 * **200** with ``x-gateway-processing: ext_proc`` and nothing else: handed over; the
   header switches on the ext_proc filter behind this one, which decides the request from
   scratch (see :func:`extproc.pipeline.decide_request` for which requests);
@@ -46,7 +47,9 @@ from extproc.ticket import TicketSigner
 log = logging.getLogger(__name__)
 
 HEADER_PROCESSING = "x-gateway-processing"
-"""Set on a handed-over request: envoy/gateway.yaml runs ext_proc only when it says so."""
+"""Set on a handed-over request: envoy/gateway.yaml runs ext_proc only when it says so
+(``ext_proc``: the whole exchange; ``answer``: only its answer, settled from its ticket)."""
+PROCESSING_ANSWER = "answer"
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
@@ -137,7 +140,7 @@ class HttpAuthorizer:
             self._observer.finish(exchange)
             return
         ticket: Headers = ()
-        if exchange.accounted_by_envoy:  # its access-log record settles and reports it
+        if _answer_is_read(exchange):
             issued = self._tickets.issue(exchange)
             if len(issued) > MAX_TICKET_CHARS:
                 # ext_proc reserves again: a requests-per-window limit counts it twice.
@@ -145,6 +148,8 @@ class HttpAuthorizer:
                 write(_HANDED_OVER)
                 return
             ticket = ((HEADER_TICKET, issued),)
+            if not exchange.accounted_by_envoy:
+                ticket = (*ticket, (HEADER_PROCESSING, PROCESSING_ANSWER))
         if write(_allowed(decision, ticket)):
             if not ticket:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
@@ -170,10 +175,23 @@ class HttpAuthorizer:
             log.exception("releasing request %s failed", exchange.request_id)
 
 
-def _allowed(forward: Forward, metadata: Headers) -> bytes:
-    setting = {name for name, _ in forward.set_headers}
+def _answer_is_read(exchange: Exchange) -> bool:
+    """Whether a decided exchange's answer is read, and settled from its ticket: by Envoy's
+    access log (``accounting: envoy``; also an LLM call nothing meters, for metrics), or
+    by an answer-only ext_proc stream when something needs the answer (a budget, the
+    audit log)."""
+    if not exchange.ticketed:
+        return False  # a path no dialect serves: nothing to account
+    return exchange.accounted_by_envoy or exchange.metered or exchange.observe_response
+
+
+def _allowed(forward: Forward, extra: Headers) -> bytes:
+    """The 200 that lets the request go on; ``extra``: the ticket and hand-over marks.
+    A header set here is not also listed for removal (Envoy removes after it sets: a
+    client's copy is overwritten instead)."""
+    setting = {name for name, _ in (*forward.set_headers, *extra)}
     removed = ",".join(name for name in forward.remove_headers if name not in setting)
-    headers: Headers = (*forward.set_headers, *forward.answer_headers, *metadata)
+    headers: Headers = (*forward.set_headers, *forward.answer_headers, *extra)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))
     return _frame(200, headers, b"")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -19,8 +19,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from extproc import answer, pipeline
-from extproc.accounting import EXCHANGE_NAMESPACE
-from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
+from extproc.accounting import (
+    ANSWERED,
+    AUTHZ_NAMESPACE,
+    EXCHANGE_NAMESPACE,
+    HEADER_TICKET,
+    Accountant,
+    AnswerReading,
+)
+from extproc.adapters.envoy_proto import (
+    common_response,
+    header_map,
+    immediate_response,
+    metadata_string,
+)
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
 from extproc.dialects.envelopes import render_error
@@ -28,7 +40,7 @@ from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
-from extproc.ticket import TicketSigner, signing_key
+from extproc.ticket import InvalidTicket, TicketSigner, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +78,40 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._finishing: set[asyncio.Task[None]] = set()
         self._tickets = tickets or TicketSigner(signing_key(None))
         """Signs the tickets of requests whose answers Envoy accounts for (ticket.py)."""
+        self._accountant = Accountant(meter, self._observer, self._tickets)
+        """Settles the answers of answer-only streams from their tickets."""
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        self.streams += 1
+        incoming = aiter(requests)
+        try:
+            first = await anext(incoming, None)
+            if first is None:
+                return
+            responses = (
+                self._answer(first, incoming)
+                if first.WhichOneof("request") == "response_headers"
+                else self._exchange(_prepended(first, incoming))
+            )
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+        finally:
+            self.streams -= 1
+
+    async def _exchange(
+        self, requests: AsyncIterator[pb.ProcessingRequest]
+    ) -> AsyncGenerator[pb.ProcessingResponse, None]:
+        """A whole exchange: the request phases, then the answer's if it asked for them."""
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
-        self.streams += 1
         try:
             async for request in requests:
                 phase = request.WhichOneof("request") or "unknown"
@@ -107,8 +143,61 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 # right after Envoy took the answer, it is reported twice, settled once).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
         finally:
-            self.streams -= 1
             self._finish(exchange)
+
+    async def _answer(
+        self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]
+    ) -> AsyncGenerator[pb.ProcessingResponse, None]:
+        """An answer-only stream (``x-gateway-processing: answer``, accounting.py): the
+        HTTP authorizer decided the request; its ticket, forwarded as metadata, says what
+        to settle. The answer passes unchanged. Settled at its end, before Envoy sends the
+        caller its last bytes; a stream cut short is settled from what was seen. The
+        response-headers answer leaves a mark in the metadata, so that the access-log
+        record Envoy writes for a caller who leaves (``DC``) does not report it again;
+        a record without the mark, of a caller who left before the answer began (no
+        stream then opens), settles the exchange instead."""
+        started = time.perf_counter()
+        text = metadata_string(
+            first.metadata_context.filter_metadata, AUTHZ_NAMESPACE, HEADER_TICKET
+        )
+        try:
+            ticket = await self._accountant.read(text) if text else None
+        except InvalidTicket as error:
+            log.warning("answer-only stream not settled: %s", error)
+            ticket = None
+        if ticket is None or text is None:
+            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            return
+        reading = AnswerReading(ticket, text)
+        settled = False
+        try:
+            headers = first.response_headers
+            response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
+            if reading.on_headers(header_map(headers)) and not headers.end_of_stream:
+                response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
+            else:
+                settled = True
+                await self._accountant.settle_ticket(ticket, reading.logged())
+            self._observer.phase("answer_headers", time.perf_counter() - started)
+            yield response
+            async for request in requests:
+                started = time.perf_counter()
+                phase = request.WhichOneof("request")
+                if phase != "response_body":
+                    yield _continue(phase)
+                    continue
+                reading.on_body(request.response_body.body)
+                if request.response_body.end_of_stream and not settled:
+                    settled = True
+                    await self._accountant.settle_ticket(ticket, reading.logged())
+                self._observer.phase("answer_body", time.perf_counter() - started)
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+        finally:
+            if not settled:
+                # Cut short (client gone, upstream reset): in a task, as this one may be
+                # being cancelled (drain() waits for it).
+                self._spawn(self._accountant.settle_ticket(ticket, reading.logged()))
 
     def _finish(self, exchange: Exchange) -> None:
         """Account and report the exchange once its stream is over.
@@ -122,12 +211,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             return  # no request; or the access log will report it (accounting.py)
         unsettled = exchange.reservation is not None and not exchange.reservation.settled
         if unsettled or answer.keeps_large_answer(exchange):
-            task = asyncio.create_task(self._settle_and_report(exchange))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            self._spawn(self._settle_and_report(exchange))
             return
         answer.account(exchange)
         self._observer.finish(exchange)
+
+    def _spawn(self, settling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(settling)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def drain(self) -> None:
         """Wait for settlements still running (called on shutdown, after streams end)."""
@@ -176,6 +268,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         return _continue(phase)
+
+
+async def _prepended(
+    first: pb.ProcessingRequest, rest: AsyncIterator[pb.ProcessingRequest]
+) -> AsyncIterator[pb.ProcessingRequest]:
+    yield first
+    async for request in rest:
+        yield request
 
 
 def _failed(exchange: Exchange) -> pb.ProcessingResponse:

@@ -165,3 +165,30 @@ def _data_of(event: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return payload if isinstance(payload, dict) else None
+
+
+_BRACE_DEPTH = {0x7B: 1, 0x7D: -1}
+
+
+def parsed_answer(raw: bytearray | None) -> tuple[Any, Any]:
+    """``(answer, None)`` for a whole JSON answer; ``(None, {"usage": ...})`` when only its
+    tail was kept (providers put ``usage`` last); ``(None, None)`` when neither parses."""
+    if not raw:
+        return None, None
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError:
+        pass
+    at = raw.rfind(b'"usage"')
+    start = raw.find(b"{", at) if at != -1 else -1
+    if start == -1:
+        return None, None
+    depth = 0
+    for end in range(start, len(raw)):
+        depth += _BRACE_DEPTH.get(raw[end], 0)
+        if depth == 0:
+            try:
+                return None, {"usage": orjson.loads(raw[start : end + 1])}
+            except orjson.JSONDecodeError:
+                return None, None
+    return None, None

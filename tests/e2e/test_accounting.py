@@ -1,9 +1,13 @@
-"""accounting: envoy — answers read by Envoy and settled from its gRPC access log.
+"""Answers settled from their tickets: requests the HTTP authorizer decides alone.
 
-The same real recorded OpenAI traffic as the budget tests, through real Envoy lifting the
-usage (json_to_metadata, sse_to_metadata), with one service worker, two workers sharing one
+accounting: envoy — answers read by Envoy and settled from its gRPC access log: the same
+real recorded OpenAI traffic as the budget tests, through real Envoy lifting the usage
+(json_to_metadata, sse_to_metadata), with one service worker, two workers sharing one
 Redis, and two separate replicas: one decides every request, the other gets Envoy's
 access-log stream and settles them from their tickets.
+
+accounting: service (``answer-stream``) — the same requests, each answer read by an
+answer-only ext_proc stream (response headers and body) that settles it from the ticket.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ REPLICA_AUDIT = "audit-replica.jsonl"
 """The audit file of the replica that settles what the other decided (two-replicas)."""
 
 
-@pytest.fixture(scope="module", params=["one-worker", "two-workers", "two-replicas"])
+@pytest.fixture(
+    scope="module", params=["one-worker", "two-workers", "two-replicas", "answer-stream"]
+)
 def stack(
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
@@ -56,7 +62,8 @@ def stack(
     two replicas, always."""
     tmp = tmp_path_factory.mktemp("accounting")
     policy = tmp / "policy.yaml"
-    text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: envoy\n")
+    accounting = "service" if request.param == "answer-stream" else "envoy"
+    text = POLICY.read_text().replace("settings:\n", f"settings:\n  accounting: {accounting}\n")
     # Served through a catalogue backend, so answers name the endpoint that served them.
     text = text.replace("  gpt-4o-mini: {", "  gpt-4o-mini: { backend: { cluster: openai },")
     policy.write_text(text)
@@ -184,7 +191,22 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     eventually(settled, f"counters never settled to {expected}")
 
 
-def test_only_the_request_phases_reach_the_service(
+def answer_stream(request: pytest.FixtureRequest) -> bool:
+    return bool(request.node.callspec.params["stack"] == "answer-stream")
+
+
+def answer_messages(stack: Stack, before: int, request: pytest.FixtureRequest) -> None:
+    """No ext_proc stream for the request: the authorizer decided it. Under accounting:
+    service an answer-only stream reads the answer: its headers and its body (one or two
+    chunks, as the upstream wrote it)."""
+    sent = ext_proc_messages(stack) - before
+    if answer_stream(request):
+        assert 2 <= sent <= 3, sent
+    else:
+        assert sent == 0
+
+
+def test_the_authorizer_decides_the_request_alone(
     stack: Stack, audit: Path, request: pytest.FixtureRequest
 ) -> None:
     before = ext_proc_messages(stack)
@@ -199,8 +221,7 @@ def test_only_the_request_phases_reach_the_service(
             "x-mock-ratelimit": "7",  # the provider's own x-ratelimit-limit-tokens
         },
     )
-    # The authorizer's one HTTP call decided it: no ext_proc stream at all.
-    assert ext_proc_messages(stack) - before == 0
+    answer_messages(stack, before, request)
     sent = Mock(stack.ports.mock).last()["headers"]
     assert sent["x-gateway-team"] == "meter"  # set by the gateway, not the client
     assert "x-gateway-processing" not in sent and "x-gateway-stream-usage" not in sent
@@ -230,8 +251,8 @@ def test_only_the_request_phases_reach_the_service(
         assert record["team"] == "meter" and record["budget"] == "reserved"
 
 
-def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
-    stack: Stack, redis_server: RedisServer
+def test_streamed_answer_is_settled_from_its_usage_chunk(
+    stack: Stack, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     meter = client(stack, "meter")
     before = counter(redis_server, "meter", "output_tokens")
@@ -245,11 +266,12 @@ def test_streamed_answer_is_settled_from_the_lifted_usage_chunk(
     )
     usage = chunks[-1].usage  # asked for by the gateway (stream_options.include_usage)
     assert usage is not None
-    # Envoy added it to the body (the authorizer decided the request: no ext_proc stream).
+    # Envoy added it to the body (the authorizer decided the request).
     sent = Mock(stack.ports.mock).last()
     assert json.loads(sent["body"])["stream_options"] == {"include_usage": True}
     assert "x-gateway-stream-usage" not in sent["headers"]
-    assert ext_proc_messages(stack) == messages_before
+    if not answer_stream(request):
+        assert ext_proc_messages(stack) == messages_before
     eventually(
         lambda: counter(redis_server, "meter", "output_tokens") - before == usage.completion_tokens,
         "the stream was not settled from its usage chunk",

@@ -99,7 +99,6 @@ async def test_an_unchanged_body_accounted_by_envoy_is_decided_alone() -> None:
 @pytest.mark.parametrize(
     ("why", "body", "key", "path", "accounting"),
     [
-        ("the service reads the answer", chat(max_tokens=5), "sk-apps", None, "service"),
         ("an alias is rewritten", chat("mini", max_tokens=5), "sk-apps", None, "envoy"),
         (
             "stream_options is merged",
@@ -121,6 +120,77 @@ async def test_requests_ext_proc_must_see_are_handed_over(
     )
     assert decision is None, why
     assert await budget_left_whole(meter), "nothing may be reserved before a hand-over"
+
+
+@pytest.mark.parametrize("accounting", ["service", "envoy"])
+async def test_an_answer_an_output_guardrail_checks_is_handed_over(accounting: str) -> None:
+    guard = {"name": "no-keys-out", "stage": "output", "mode": "validate",
+             "detector": {"kind": "secrets"}}  # fmt: skip
+    meter = Meter(MemoryStore())
+    _, decision = await decide(
+        chat(max_tokens=5), meter=meter, accounting=accounting, guardrails=[guard]
+    )
+    assert decision is None
+    assert await budget_left_whole(meter), "nothing may be reserved before a hand-over"
+
+
+async def test_under_accounting_service_an_answer_read_only_for_its_usage_is_decided_here() -> None:
+    """The request side is decided here; an answer-only ext_proc stream reads the answer
+    and settles it from the ticket (x-gateway-processing: answer), no lifting filters."""
+    exchange, decision = await decide(chat(max_tokens=50), accounting="service")
+    assert isinstance(decision, Forward)
+    headers = dict(decision.set_headers)
+    assert headers["x-gateway-model"] == "gpt-4o-mini"
+    assert accounting.HEADER not in headers
+    assert exchange.ticketed and not exchange.accounted_by_envoy
+    assert exchange.reservation is not None and not exchange.reservation.settled
+    assert dict(decision.answer_headers)["x-ratelimit-limit-tokens"] == "300"
+
+
+@pytest.mark.parametrize(
+    ("key", "audit", "read"),
+    [
+        ("sk-apps", False, True),  # a budget to settle
+        ("sk-admin", True, True),  # no budget, but the audit log wants every answer
+        ("sk-admin", False, False),  # nothing needs the answer: passed through, reported now
+    ],
+)
+async def test_under_accounting_service_the_answer_is_read_when_something_needs_it(
+    tmp_path: Any, key: str, audit: bool, read: bool
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        orjson.dumps(
+            {
+                "settings": {"accounting": "service"},
+                "teams": LIMITED,
+                "keys": {
+                    "apps": {"sha256": sha("sk-apps"), "team": "apps"},
+                    "admin": {"sha256": sha("sk-admin"), "team": "platform"},
+                },
+                "models": {"gpt-4o-mini": {}},
+            }
+        ).decode()
+    )
+    observer = Recorder(audited=audit)
+    signer = TicketSigner(signing_key("test"))
+    authorizer = ext_authz_http.HttpAuthorizer(
+        PolicyStore(path), Meter(MemoryStore()), observer, signer
+    )
+    check = chat_check("r-1")
+    check.headers["authorization"] = f"Bearer {key}"
+    written = (await answer(authorizer, check)).decode()
+    head = dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)
+    assert written.startswith("HTTP/1.1 200")
+    assert "x-gateway-accounting" not in head
+    if read:
+        assert head[ext_authz_http.HEADER_PROCESSING] == "answer"
+        assert signer.read(head[accounting.HEADER_TICKET]).record["model"] == "gpt-4o-mini"
+        assert observer.finished == []  # the answer-only stream reports it
+    else:
+        assert ext_authz_http.HEADER_PROCESSING not in head
+        assert accounting.HEADER_TICKET not in head
+        assert len(observer.finished) == 1
 
 
 @pytest.mark.parametrize(
@@ -172,9 +242,14 @@ async def test_refusals_are_answered_here() -> None:
 
 
 class Recorder(Observer):
-    def __init__(self) -> None:
+    def __init__(self, audited: bool = False) -> None:
         super().__init__(None, AuditLog([]))
         self.finished: list[Exchange] = []
+        self._audited = audited
+
+    @property
+    def wants_responses(self) -> bool:
+        return self._audited
 
     def finish(self, exchange: Exchange) -> None:
         self.finished.append(exchange)

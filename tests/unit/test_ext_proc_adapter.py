@@ -148,7 +148,7 @@ async def test_large_answers_are_processed_off_the_event_loop(
     import threading
 
     threads: dict[str, list[str]] = {"body": [], "parse": []}
-    for name, stage in (("body", "on_response_body"), ("parse", "_parsed_answer")):
+    for name, stage in (("body", "on_response_body"), ("parse", "parsed_answer")):
         original = getattr(ext_proc.answer, stage)
 
         def spy(*args: object, _name: str = name, _original: object = original) -> object:
