@@ -307,11 +307,12 @@ class Settings(_Strict):
     accounting: Literal["service", "envoy"] = Field(
         default="service",
         description="Where answers are read for budgets, metrics and audit. service: "
-        "through ext_proc's response phases, settled before the answer ends. envoy: Envoy "
+        "through ext_proc's response phases (only those, on a stream of their own, for a "
+        "request the HTTP authorizer decided), settled before the answer ends. envoy: Envoy "
         "lifts the usage (json_to_metadata / sse_to_metadata) and its gRPC access log "
-        "hands it over once the answer ends: two gRPC messages fewer per request, settled "
+        "hands it over once the answer ends: no ext_proc stream for such a request, settled "
         "a moment later. Answers the service must rewrite or check (translation, output "
-        "guardrails, MCP) are always read by the service. Needs envoy/gateway.yaml's "
+        "guardrails, MCP) are always read by the service. envoy needs envoy/gateway.yaml's "
         "lifting filters and access log.",
     )
     unknown_paths: Literal["reject", "passthrough"] = Field(
