@@ -1,9 +1,12 @@
 """The access-log adapter: Envoy's ``StreamAccessLogs`` in, finished answers out.
 
 Envoy's gateway config sends one record per exchange the service handed to it
-(``x-gateway-accounting: envoy``), batched on a long-lived stream; each becomes a
-:class:`~extproc.accounting.LoggedAnswer` that the :class:`~extproc.accounting.Accountant`
-settles from the ticket it carries, whichever process decided the request.
+(``x-gateway-accounting: envoy``), per exchange whose caller left, and per exchange the
+HTTP authorizer decided whose answer no answer-only ext_proc stream took, batched on a
+long-lived stream; each becomes a :class:`~extproc.accounting.LoggedAnswer` that the
+:class:`~extproc.accounting.Accountant` settles from the ticket it carries, whichever
+process decided the request. A record carrying an answer-only stream's mark is that
+stream's to report.
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ class HttpAuthorizer:
             self._observer.finish(exchange)
             return
         ticket: Headers = ()
+        mark: Headers = ()
         if _answer_is_read(exchange):
             issued = self._tickets.issue(exchange)
             if len(issued) > MAX_TICKET_CHARS:
@@ -149,8 +150,8 @@ class HttpAuthorizer:
                 return
             ticket = ((HEADER_TICKET, issued),)
             if not exchange.accounted_by_envoy:
-                ticket = (*ticket, (HEADER_PROCESSING, PROCESSING_ANSWER))
-        if write(_allowed(decision, ticket)):
+                mark = ((HEADER_PROCESSING, PROCESSING_ANSWER),)
+        if write(_allowed(decision, ticket, mark)):
             if not ticket:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
             return
@@ -185,13 +186,15 @@ def _answer_is_read(exchange: Exchange) -> bool:
     return exchange.accounted_by_envoy or exchange.metered or exchange.observe_response
 
 
-def _allowed(forward: Forward, extra: Headers) -> bytes:
-    """The 200 that lets the request go on; ``extra``: the ticket and hand-over marks.
-    A header set here is not also listed for removal (Envoy removes after it sets: a
-    client's copy is overwritten instead)."""
-    setting = {name for name, _ in (*forward.set_headers, *extra)}
+def _allowed(forward: Forward, metadata: Headers, mark: Headers) -> bytes:
+    """The 200 that lets the request go on. ``metadata``: kept by Envoy as dynamic
+    metadata (the ticket); ``mark``: set on the request (the answer-only hand-over). A
+    header set on the request is not also listed for removal: Envoy removes after it
+    sets, so a client's copy is overwritten instead."""
+    upstream = (*forward.set_headers, *mark)
+    setting = {name for name, _ in upstream}
     removed = ",".join(name for name in forward.remove_headers if name not in setting)
-    headers: Headers = (*forward.set_headers, *forward.answer_headers, *extra)
+    headers: Headers = (*upstream, *forward.answer_headers, *metadata)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))
     return _frame(200, headers, b"")

@@ -151,11 +151,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         """An answer-only stream (``x-gateway-processing: answer``, accounting.py): the
         HTTP authorizer decided the request; its ticket, forwarded as metadata, says what
         to settle. The answer passes unchanged. Settled at its end, before Envoy sends the
-        caller its last bytes; a stream cut short is settled from what was seen. The
-        response-headers answer leaves a mark in the metadata, so that the access-log
-        record Envoy writes for a caller who leaves (``DC``) does not report it again;
-        a record without the mark, of a caller who left before the answer began (no
-        stream then opens), settles the exchange instead."""
+        caller its last bytes; a stream cut short is settled from what was seen.
+
+        The response-headers answer leaves a mark in the request's metadata: Envoy's
+        access log (envoy/gateway.yaml) writes a record for an exchange with a ticket and
+        without the mark (no stream opened: the caller left before the answer began, or
+        the service could not be reached), and that record settles it instead; a record
+        of a caller who left later carries the mark and is skipped.
+        """
         started = time.perf_counter()
         text = metadata_string(
             first.metadata_context.filter_metadata, AUTHZ_NAMESPACE, HEADER_TICKET
@@ -170,17 +173,27 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             return
         reading = AnswerReading(ticket, text)
         settled = False
+
+        async def settle() -> None:
+            """Settle once; shielded, so that a stream cancelled meanwhile (the caller
+            left) does not cut the settlement short."""
+            nonlocal settled
+            settled = True
+            await asyncio.shield(
+                self._spawn(self._accountant.settle_ticket(ticket, reading.logged()))
+            )
+
         try:
             headers = first.response_headers
             response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
             response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
-            if reading.on_headers(header_map(headers)) and not headers.end_of_stream:
+            body_follows = reading.on_headers(header_map(headers)) and not headers.end_of_stream
+            if body_follows:
                 response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
-            else:
-                settled = True
-                await self._accountant.settle_ticket(ticket, reading.logged())
             self._observer.phase("answer_headers", time.perf_counter() - started)
-            yield response
+            yield response  # the mark first: a record written from here on skips it
+            if not body_follows:
+                await settle()  # nothing more to read (an error, or no body)
             async for request in requests:
                 started = time.perf_counter()
                 phase = request.WhichOneof("request")
@@ -189,8 +202,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     continue
                 reading.on_body(request.response_body.body)
                 if request.response_body.end_of_stream and not settled:
-                    settled = True
-                    await self._accountant.settle_ticket(ticket, reading.logged())
+                    await settle()
                 self._observer.phase("answer_body", time.perf_counter() - started)
                 yield pb.ProcessingResponse(response_body=pb.BodyResponse())
         finally:
@@ -216,10 +228,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         answer.account(exchange)
         self._observer.finish(exchange)
 
-    def _spawn(self, settling: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``settling`` in a task of its own, which :meth:`drain` waits for."""
         task = asyncio.create_task(settling)
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for settlements still running (called on shutdown, after streams end)."""

@@ -312,8 +312,9 @@ class Settings(_Strict):
         "lifts the usage (json_to_metadata / sse_to_metadata) and its gRPC access log "
         "hands it over once the answer ends: no ext_proc stream for such a request, settled "
         "a moment later. Answers the service must rewrite or check (translation, output "
-        "guardrails, MCP) are always read by the service. envoy needs envoy/gateway.yaml's "
-        "lifting filters and access log.",
+        "guardrails, MCP) are always read by the service. Behind the HTTP authorizer both "
+        "need envoy/gateway.yaml's filters and access log (service: the ext_proc matcher's "
+        "answer branch; envoy: the lifting filters).",
     )
     unknown_paths: Literal["reject", "passthrough"] = Field(
         default="reject",

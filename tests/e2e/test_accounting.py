@@ -13,6 +13,7 @@ answer-only ext_proc stream (response headers and body) that settles it from the
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -95,18 +96,23 @@ def access_log_to(port: int) -> str:
     logged += "buffer_flush_interval"
     assert text.count(logged) == 1
     text = text.replace(logged, logged.replace("cluster_name: extproc ", "cluster_name: replica "))
+    return with_grpc_cluster(text, "replica", port)
+
+
+def with_grpc_cluster(config: str, name: str, port: int) -> str:
+    """``config`` with one more cluster: gRPC (HTTP/2) to ``port`` on loopback."""
     cluster = (
-        "    - name: replica\n      type: STATIC\n      connect_timeout: 1s\n"
+        f"    - name: {name}\n      type: STATIC\n      connect_timeout: 1s\n"
         "      typed_extension_protocol_options:\n"
         "        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
         '          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n'
         "          explicit_http_config: { http2_protocol_options: {} }\n"
-        "      load_assignment:\n        cluster_name: replica\n        endpoints:\n"
+        f"      load_assignment:\n        cluster_name: {name}\n        endpoints:\n"
         "          - lb_endpoints:\n              - endpoint:\n                  address:\n"
         f"                    socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
     )
-    assert text.count("\n  clusters:\n") == 1
-    return text.replace("\n  clusters:\n", "\n  clusters:\n" + cluster)
+    assert config.count("\n  clusters:\n") == 1
+    return config.replace("\n  clusters:\n", "\n  clusters:\n" + cluster)
 
 
 @contextmanager
@@ -362,6 +368,60 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
     assert counter(redis_server, "abort", "total_tokens") - before >= prompt + 5
 
 
+def leave(gateway_port: int, request_id: str, control: str, until: bytes | None) -> None:
+    """Send a 200-token stream request for the abort team and leave: once ``until`` has
+    arrived, or (``None``) right away, before any answer."""
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "leaving early"}],
+            "max_tokens": 200,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer sk-test-abort\r\nx-request-id: {request_id}\r\n{control}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway_port), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while until is not None and until not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"the gateway closed the stream early: {received!r}"
+            received += chunk
+        if until is None:
+            time.sleep(0.3)  # the authorizer has decided it; the upstream is still waiting
+
+
+@pytest.mark.parametrize(
+    ("when", "control", "until"),
+    [
+        ("before the answer", "x-mock-latency-ms: 1500", None),
+        ("mid-stream", "x-mock-chunk-delay-ms: 40", b"data: {" * 1),
+    ],
+)
+def test_a_caller_who_leaves_is_settled_and_reported_once(
+    stack: Stack, audit: Path, when: str, control: str, until: bytes | None
+) -> None:
+    """Envoy logs every exchange whose caller left; an answer-only stream that took the
+    answer reports it itself, so each exchange has one audit record either way."""
+    request_id = f"leaves-{when.replace(' ', '-')}-{time.monotonic_ns()}"
+    leave(stack.ports.gateway, request_id, control, until)
+
+    def reported() -> list[dict[str, Any]]:
+        return [r for r in audit_records(audit) if r["request_id"] == request_id]
+
+    eventually(lambda: bool(reported()), f"no audit record for a caller who left {when}", 10)
+    time.sleep(0.3)  # a second report would come within a log flush or two
+    [record] = reported()
+    assert record["usage_source"] == "estimate" and record["budget"] == "reserved"
+    if until is None:
+        # No answer: the prompt is charged, none of the 200 output tokens reserved.
+        assert record["output_tokens"] == 0
+
+
 def test_an_upstream_error_releases_the_reservation(
     raw: Http, audit: Path, redis_server: RedisServer
 ) -> None:
@@ -420,3 +480,59 @@ def test_a_budget_store_outage_is_refused_in_the_callers_dialect(
         return True
 
     eventually(admitted, "requests were still refused after Redis came back", seconds=10)
+
+
+@pytest.fixture(scope="module")
+def unreachable_answers(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """accounting: service with the answer-only ext_proc filter pointed at a port nothing
+    listens on: every answer-only stream fails to open."""
+    tmp = tmp_path_factory.mktemp("unreachable-answers")
+    policy = tmp / "policy.yaml"
+    text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: service\n")
+    policy.write_text(text)
+    config = GATEWAY_CONFIG.read_text()
+    answer_branch = config.index("name: ext-proc-answer")
+    target = "cluster_name: extproc\n"
+    at = config.index(target, answer_branch)
+    config = config[:at] + "cluster_name: nowhere\n" + config[at + len(target) :]
+    ports = Ports.free()
+    nowhere = Ports.free()  # held until chosen, then released: nothing listens there
+    while set(astuple(nowhere)) & set(astuple(ports)):
+        nowhere = Ports.free()
+    config = with_grpc_cluster(config, "nowhere", nowhere.grpc)
+    setting = Stack(
+        policy=policy,
+        ports=ports,
+        log_dir=tmp,
+        redis_url=redis_server.url,
+        serve_args=("--audit-file", str(tmp / "audit.jsonl")),
+        envoy_config=tmp / "gateway-answers-unreachable.yaml",
+    )
+    setting.envoy_config.write_text(config)
+    with running(setting) as stack:
+        yield stack
+
+
+def test_an_answer_no_stream_could_read_is_settled_from_the_access_log(
+    unreachable_answers: Stack,
+) -> None:
+    """The request was admitted and has gone up: the caller gets its answer, and the
+    access log, seeing a ticket without the answered mark, settles and reports it."""
+    stack = unreachable_answers
+    reply = client(stack, "meter").chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "read me"}], max_tokens=20
+    )
+    assert reply.http_response.status_code == 200
+    request_id = reply.headers["x-request-id"]
+    assert stack.log_dir is not None
+    audit = stack.log_dir / "audit.jsonl"
+
+    def reported() -> list[dict[str, Any]]:
+        return [r for r in audit_records(audit) if r["request_id"] == request_id]
+
+    eventually(lambda: bool(reported()), "the unread answer was never reported", 10)
+    [record] = reported()
+    assert record["status"] == 200 and record["usage_source"] == "estimate"
+    assert record["output_tokens"] is not None and record["output_tokens"] > 0

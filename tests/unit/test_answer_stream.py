@@ -3,7 +3,9 @@ the answer and settles the exchange from the ticket the authorizer issued."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import orjson
 import yaml
@@ -11,7 +13,13 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
-from extproc.accounting import ANSWERED, AUTHZ_NAMESPACE, EXCHANGE_NAMESPACE, HEADER_TICKET
+from extproc.accounting import (
+    ANSWERED,
+    AUTHZ_NAMESPACE,
+    EXCHANGE_NAMESPACE,
+    HEADER_TICKET,
+    Accountant,
+)
 from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import logged_answer
 from extproc.adapters.ext_proc import ExternalProcessor
@@ -190,3 +198,41 @@ def test_the_access_log_leaves_an_answer_the_stream_took_to_the_stream() -> None
         {ANSWERED: "ext_proc"}
     )
     assert logged_answer(entry) is None
+
+
+class SlowStore(MemoryStore):
+    """Holds every settlement until released: the caller leaves meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def adjust(self, deltas: Any, *, token: str | None = None) -> tuple[int, ...]:
+        self.entered.set()
+        await self.release.wait()
+        return await super().adjust(deltas, token=token)
+
+
+async def test_a_settlement_under_way_when_the_caller_leaves_completes(tmp_path: Path) -> None:
+    """Envoy cancels the stream while the budget is being settled: the settlement goes on
+    to the end (not cut short, not started a second time)."""
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    slow = SlowStore()
+    slow._entries = processes.store._entries  # the reservation the authorizer made
+    processes.processor._accountant = Accountant(
+        Meter(slow), processes.processor._observer, processes.processor._tickets
+    )
+    streaming = asyncio.ensure_future(
+        exchange(processes.processor, [answer_headers(ticket), response_body(ANSWER)])
+    )
+    await asyncio.wait_for(slow.entered.wait(), 5)
+    streaming.cancel()
+    await asyncio.gather(streaming, return_exceptions=True)
+    slow.release.set()
+    await processes.processor.drain()
+    [record] = processes.recent
+    assert record["cost_micro_usd"] == 77
+    [(reserved, _)] = slow._entries.values()
+    assert reserved == 77
