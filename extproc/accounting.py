@@ -80,7 +80,7 @@ def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
     if dialect is None or dialect.name not in LIFTED_DIALECTS:
         return False
     if policy.audit_redactor is not None:
-        return False  # the audit record wants the answer's text, which Envoy does not give
+        return False  # the audit record wants the answer's text, which no ticket keeps
     if policy.guardrails.applies(
         "output", team=principal.team, key_id=principal.key_id, model=None, path=path
     ):

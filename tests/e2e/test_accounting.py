@@ -13,7 +13,6 @@ answer-only ext_proc stream (response headers and body) that settles it from the
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -368,47 +367,23 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
     assert counter(redis_server, "abort", "total_tokens") - before >= prompt + 5
 
 
-def leave(gateway_port: int, request_id: str, control: str, until: bytes | None) -> None:
-    """Send a 200-token stream request for the abort team and leave: once ``until`` has
-    arrived, or (``None``) right away, before any answer."""
-    body = json.dumps(
-        {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "leaving early"}],
-            "max_tokens": 200,
-            "stream": True,
-        }
-    ).encode()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer sk-test-abort\r\nx-request-id: {request_id}\r\n{control}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", gateway_port), timeout=10) as sock:
-        sock.sendall(head + body)
-        received = b""
-        while until is not None and until not in received:
-            chunk = sock.recv(65536)
-            assert chunk, f"the gateway closed the stream early: {received!r}"
-            received += chunk
-        if until is None:
-            time.sleep(0.3)  # the authorizer has decided it; the upstream is still waiting
-
-
 @pytest.mark.parametrize(
-    ("when", "control", "until"),
+    ("when", "control", "events"),
     [
-        ("before the answer", "x-mock-latency-ms: 1500", None),
-        ("mid-stream", "x-mock-chunk-delay-ms: 40", b"data: {" * 1),
+        ("before the answer", ("x-mock-latency-ms", "1500"), 0),
+        ("mid-stream", ("x-mock-chunk-delay-ms", "40"), 1),
     ],
 )
 def test_a_caller_who_leaves_is_settled_and_reported_once(
-    stack: Stack, audit: Path, when: str, control: str, until: bytes | None
+    stack: Stack, audit: Path, when: str, control: tuple[str, str], events: int
 ) -> None:
     """Envoy logs every exchange whose caller left; an answer-only stream that took the
     answer reports it itself, so each exchange has one audit record either way."""
     request_id = f"leaves-{when.replace(' ', '-')}-{time.monotonic_ns()}"
-    leave(stack.ports.gateway, request_id, control, until)
+    # Before the answer: leave once the authorizer has decided (the upstream still waits).
+    linger = 0.3 if not events else 0.0
+    headers = (("x-request-id", request_id), control)
+    abandon_stream(stack.ports.gateway, "sk-test-abort", events, headers, linger)
 
     def reported() -> list[dict[str, Any]]:
         return [r for r in audit_records(audit) if r["request_id"] == request_id]
@@ -417,7 +392,7 @@ def test_a_caller_who_leaves_is_settled_and_reported_once(
     time.sleep(0.3)  # a second report would come within a log flush or two
     [record] = reported()
     assert record["usage_source"] == "estimate" and record["budget"] == "reserved"
-    if until is None:
+    if not events:
         # No answer: the prompt is charged, none of the 200 output tokens reserved.
         assert record["output_tokens"] == 0
 

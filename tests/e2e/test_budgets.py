@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -260,8 +260,15 @@ def test_streamed_answer_is_settled_from_its_usage_chunk(
     )
 
 
-def abandon_stream(gateway_port: int, key: str, events: int = 10) -> int:
-    """Start a slow 200-token stream, leave after ``events`` SSE events; its prompt tokens."""
+def abandon_stream(
+    gateway_port: int,
+    key: str,
+    events: int = 10,
+    headers: Sequence[tuple[str, str]] = (("x-mock-chunk-delay-ms", "40"),),
+    linger: float = 0.0,
+) -> int:
+    """Start a slow 200-token stream, leave after ``events`` SSE events (0: before any
+    answer, ``linger`` seconds after sending); its prompt tokens."""
     words = " ".join(f"w{i}" for i in range(150))
     body = json.dumps(
         {
@@ -271,10 +278,10 @@ def abandon_stream(gateway_port: int, key: str, events: int = 10) -> int:
             "stream": True,
         }
     ).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {key}\r\nx-mock-chunk-delay-ms: 40\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"authorization: Bearer {key}\r\n{extra}content-length: {len(body)}\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", gateway_port), timeout=10) as sock:
         sock.sendall(head + body)
@@ -283,6 +290,7 @@ def abandon_stream(gateway_port: int, key: str, events: int = 10) -> int:
             chunk = sock.recv(65536)
             assert chunk, f"the gateway closed the stream early: {received!r}"
             received += chunk
+        time.sleep(linger)
     return count_prompt_tokens("o200k", [words], 1)
 
 
