@@ -16,7 +16,8 @@ follows the policy's ``settings.accounting``:
     An answer-only ext_proc stream (``x-gateway-processing: answer``): response headers
     and body, read by :class:`AnswerReading`, settled before the answer's end reaches the
     caller. Two ext_proc messages instead of four: the request phases are the
-    authorizer's.
+    authorizer's. An answer the stream did not read to its end (the caller left, the
+    stream failed) is settled from its access-log record, as under ``envoy``.
 
 Answers the service must rewrite or check keep a full ext_proc stream: translated ones,
 those an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift,
@@ -225,7 +226,7 @@ class AnswerReading:
                 del self._tail[:-KEPT_BYTES]
 
     def logged(self) -> LoggedAnswer:
-        """The answer as far as it went (all of it, or up to where it was cut)."""
+        """What was read of the answer, for :meth:`Accountant.settle_ticket`."""
         return LoggedAnswer(
             request_id=str(self.ticket.record.get("request_id") or ""),
             ticket=self._text,

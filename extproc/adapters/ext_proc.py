@@ -150,14 +150,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """An answer-only stream (``x-gateway-processing: answer``, accounting.py): the
         HTTP authorizer decided the request; its ticket, forwarded as metadata, says what
-        to settle. The answer passes unchanged. Settled at its end, before Envoy sends the
-        caller its last bytes; a stream cut short is settled from what was seen.
+        to settle. The answer passes unchanged.
 
-        The response-headers answer leaves a mark in the request's metadata: Envoy's
-        access log (envoy/gateway.yaml) writes a record for an exchange with a ticket and
-        without the mark (no stream opened: the caller left before the answer began, or
-        the service could not be reached), and that record settles it instead; a record
-        of a caller who left later carries the mark and is skipped.
+        The stream settles the exchange only at the answer's end, before Envoy sends the
+        caller its last bytes (or, for an answer without a body, its headers), and marks
+        it there (``answered``, in the request's metadata). Envoy's access log
+        (envoy/gateway.yaml) writes a record for every exchange with a ticket and without
+        the mark, and that record settles it instead: a caller who left before the end,
+        an upstream reset, a stream that could not open or failed (the filter lets the
+        answer through) — from the bytes Envoy sent, as under ``accounting: envoy``.
         """
         started = time.perf_counter()
         text = metadata_string(
@@ -172,44 +173,35 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
             return
         reading = AnswerReading(ticket, text)
-        settled = False
+        headers = first.response_headers
+        response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        if reading.on_headers(header_map(headers)) and not headers.end_of_stream:
+            response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
+        else:
+            await self._settle_answer(reading, response)  # an error, or no body
+        self._observer.phase("answer_headers", time.perf_counter() - started)
+        yield response
+        async for request in requests:
+            started = time.perf_counter()
+            phase = request.WhichOneof("request")
+            if phase != "response_body":
+                yield _continue(phase)
+                continue
+            reading.on_body(request.response_body.body)
+            response = pb.ProcessingResponse(response_body=pb.BodyResponse())
+            if request.response_body.end_of_stream:
+                await self._settle_answer(reading, response)
+            self._observer.phase("answer_body", time.perf_counter() - started)
+            yield response
 
-        async def settle() -> None:
-            """Settle once; shielded, so that a stream cancelled meanwhile (the caller
-            left) does not cut the settlement short."""
-            nonlocal settled
-            settled = True
-            await asyncio.shield(
-                self._spawn(self._accountant.settle_ticket(ticket, reading.logged()))
-            )
-
-        try:
-            headers = first.response_headers
-            response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-            response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
-            body_follows = reading.on_headers(header_map(headers)) and not headers.end_of_stream
-            if body_follows:
-                response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
-            self._observer.phase("answer_headers", time.perf_counter() - started)
-            yield response  # the mark first: a record written from here on skips it
-            if not body_follows:
-                await settle()  # nothing more to read (an error, or no body)
-            async for request in requests:
-                started = time.perf_counter()
-                phase = request.WhichOneof("request")
-                if phase != "response_body":
-                    yield _continue(phase)
-                    continue
-                reading.on_body(request.response_body.body)
-                if request.response_body.end_of_stream and not settled:
-                    await settle()
-                self._observer.phase("answer_body", time.perf_counter() - started)
-                yield pb.ProcessingResponse(response_body=pb.BodyResponse())
-        finally:
-            if not settled:
-                # Cut short (client gone, upstream reset): in a task, as this one may be
-                # being cancelled (drain() waits for it).
-                self._spawn(self._accountant.settle_ticket(ticket, reading.logged()))
+    async def _settle_answer(self, reading: AnswerReading, response: pb.ProcessingResponse) -> None:
+        """Settle the answer ``reading`` read whole and mark ``response`` (it goes to Envoy
+        next). Shielded: if Envoy drops the stream meanwhile (the caller left at the last
+        moment), the settlement still completes; the mark then never arrives, and the
+        access-log record reports the exchange a second time (its budget settles once)."""
+        logged = reading.logged()
+        await asyncio.shield(self._spawn(self._accountant.settle_ticket(reading.ticket, logged)))
+        response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
 
     def _finish(self, exchange: Exchange) -> None:
         """Account and report the exchange once its stream is over.

@@ -377,8 +377,9 @@ def test_client_abort_mid_stream_settles_from_what_was_sent(
 def test_a_caller_who_leaves_is_settled_and_reported_once(
     stack: Stack, audit: Path, when: str, control: tuple[str, str], events: int
 ) -> None:
-    """Envoy logs every exchange whose caller left; an answer-only stream that took the
-    answer reports it itself, so each exchange has one audit record either way."""
+    """Envoy logs every exchange whose caller left, and the access log settles and reports
+    it (an answer-only stream marks only an answer it read to the end): one audit record
+    each, whether the caller leaves before the answer or in the middle of it."""
     request_id = f"leaves-{when.replace(' ', '-')}-{time.monotonic_ns()}"
     # Before the answer: leave once the authorizer has decided (the upstream still waits).
     linger = 0.3 if not events else 0.0
@@ -511,3 +512,25 @@ def test_an_answer_no_stream_could_read_is_settled_from_the_access_log(
     [record] = reported()
     assert record["status"] == 200 and record["usage_source"] == "estimate"
     assert record["output_tokens"] is not None and record["output_tokens"] > 0
+
+
+def access_log_records(stack: Stack) -> int:
+    """Records Envoy's gRPC access log has written (sent or buffered)."""
+    url = f"http://127.0.0.1:{stack.ports.envoy_admin}/stats?filter=grpc_access_log"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(int(line.rsplit(":", 1)[1]) for line in lines if "logs_written" in line)
+
+
+def test_an_answer_its_stream_took_has_no_access_log_record(
+    stack: Stack, request: pytest.FixtureRequest
+) -> None:
+    """Only what the access log must settle goes to it: an answer the answer-only stream
+    read to its end (marked) has no record; under accounting: envoy each exchange has one."""
+    before = access_log_records(stack)
+    client(stack, "meter").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], max_tokens=5
+    )
+    time.sleep(0.2)  # a record would be written when the exchange ends
+    expected = 0 if answer_stream(request) else 1
+    assert access_log_records(stack) - before == expected

@@ -102,6 +102,12 @@ def answer_headers(
     return message
 
 
+def marked(response: pb.ProcessingResponse) -> bool:
+    """Whether ``response`` marks the exchange as reported by this stream."""
+    metadata = MessageToDict(response.dynamic_metadata).get(EXCHANGE_NAMESPACE)
+    return metadata == {ANSWERED: "ext_proc"}
+
+
 def body_chunk(data: bytes, end: bool) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
 
@@ -113,9 +119,10 @@ async def test_the_answer_settles_the_reservation_with_the_providers_usage(
     ticket = await processes.decide()
     [(counter, (reserved, _))] = processes.store._entries.items()  # the global USD limit
     responses = await exchange(processes.processor, [answer_headers(ticket), response_body(ANSWER)])
-    first = responses[0]
+    first, last = responses
     assert first.mode_override.response_body_mode == ProcessingMode.STREAMED
-    assert MessageToDict(first.dynamic_metadata)[EXCHANGE_NAMESPACE] == {ANSWERED: "ext_proc"}
+    assert not first.HasField("dynamic_metadata")  # not marked until the answer's end
+    assert marked(last)
     assert not first.response_headers.response.HasField("header_mutation")  # unchanged
     assert not responses[1].response_body.response.HasField("body_mutation")
     [record] = processes.recent
@@ -151,28 +158,27 @@ async def test_an_error_answer_gives_the_reservation_back_without_reading_it(
     [counter] = processes.store._entries
     responses = await exchange(processes.processor, [answer_headers(ticket, status=429)])
     assert not responses[0].HasField("mode_override")  # its body is not asked for
+    assert marked(responses[0])
     [record] = processes.recent
     assert record["status"] == 429 and record["cost_micro_usd"] == 0
     assert processes.store._entries[counter][0] == 0
 
 
-async def test_an_answer_cut_short_is_settled_from_what_was_seen(tmp_path: Path) -> None:
-    """The client left, or the upstream reset: Envoy ends the stream before the body's
-    end. The prompt and an estimate of the output seen are charged, once."""
+async def test_an_answer_cut_short_is_left_to_the_access_log(tmp_path: Path) -> None:
+    """The caller left, or the upstream reset: Envoy ends the stream before the body's
+    end. Unmarked, the exchange gets an access-log record, which settles it from the
+    bytes Envoy sent; the stream settles nothing (it saw only part of what was sent)."""
     processes = Processes(tmp_path)
     ticket = await processes.decide()
-    [counter] = processes.store._entries
+    [(counter, (reserved, _))] = processes.store._entries.items()
     partial = orjson.dumps(ANSWER)[:40]
-    await exchange(processes.processor, [answer_headers(ticket), body_chunk(partial, False)])
+    responses = await exchange(
+        processes.processor, [answer_headers(ticket), body_chunk(partial, False)]
+    )
     await processes.processor.drain()
-    [record] = processes.recent
-    assert record["usage_source"] == "estimate"
-    assert record["input_tokens"] == processes_prompt_tokens(ticket, processes)
-    assert processes.store._entries[counter][0] == record["cost_micro_usd"] > 0
-
-
-def processes_prompt_tokens(ticket: str, processes: Processes) -> int:
-    return processes.processor._tickets.read(ticket).input_tokens
+    assert not any(marked(response) for response in responses)
+    assert processes.recent == []
+    assert processes.store._entries[counter][0] == reserved
 
 
 async def test_without_a_ticket_it_could_read_the_answer_passes_untouched(
