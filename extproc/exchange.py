@@ -78,11 +78,6 @@ class Exchange:
     only_accounted: bool = False
     """Decided at the request headers: the answer is needed only to account for it, which
     the exchange's ticket lets any process do (accounting.py)."""
-    accounted_by_envoy: bool = False
-    """``only_accounted`` under ``accounting: envoy``: Envoy reads the answer."""
-    ticketed: bool = False
-    """Decided by the HTTP authorizer: whoever reads the answer settles it from its ticket
-    (Envoy's access log, or an answer-only ext_proc stream)."""
     handed_to_envoy: bool = False
     """The request went on with that mark: the access-log record reports the exchange."""
     status: int = 0
@@ -102,6 +97,11 @@ class Exchange:
     @property
     def metered(self) -> bool:
         return self.principal is not None and bool(self.principal.limits)
+
+    @property
+    def accounted_by_envoy(self) -> bool:
+        """``only_accounted`` under ``accounting: envoy``: Envoy reads the answer."""
+        return self.only_accounted and self.policy.accounting == "envoy"
 
 
 Clock = Callable[[], datetime]

@@ -152,9 +152,10 @@ async def decide_request(
     envoy_adds_usage = _stream_usage_by_envoy(exchange)
     if exchange.translation is not None or exchange.rewrites:
         return None
-    exchange.ticketed = True
     try:
-        forward = await finish_request_body(exchange, meter, clock, may_cap_output=False)
+        forward = await finish_request_body(
+            exchange, meter, clock, may_cap_output=False, ticketed=True
+        )
     except OutputCapNeeded:
         return None
     if not isinstance(forward, Forward):
@@ -224,7 +225,6 @@ def _request_headers(
     if end_of_stream:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     exchange.only_accounted = accounting.only_accounted(exchange, principal, path)
-    exchange.accounted_by_envoy = exchange.only_accounted and policy.accounting == "envoy"
     return Forward(
         set_headers=_identity_headers(principal),
         remove_headers=scrubbed,
@@ -356,10 +356,14 @@ async def finish_request_body(
     clock: Clock = utc_now,
     *,
     may_cap_output: bool = True,
+    ticketed: bool = False,
 ) -> Decision:
     """Reserve the budget, then route and apply every staged body change at once.
 
-    ``may_cap_output`` is passed to :meth:`Meter.reserve`.
+    ``may_cap_output`` is passed to :meth:`Meter.reserve`. ``ticketed``: decided by the
+    HTTP authorizer, whose answer-reader (Envoy's access log, or an answer-only ext_proc
+    stream) settles it from its ticket, so no response phase of this stream sets the
+    answer's headers.
     """
     if exchange.mcp_forward is not None:
         if exchange.mcp_tools and exchange.metered:
@@ -402,7 +406,7 @@ async def finish_request_body(
             return _reject(exchange, error)  # the reservation is released when the stream ends
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
-    if exchange.accounted_by_envoy or exchange.ticketed:
+    if exchange.accounted_by_envoy or ticketed:
         # No response phase of this stream will set the budget and guardrail headers:
         # Envoy adds them from metadata. Under accounting: envoy it also lifts the usage.
         answer_headers = (

@@ -32,7 +32,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
-from extproc.accounting import Accountant
 from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
@@ -149,8 +148,8 @@ def _ticket_key(redis: RedisTarget | None) -> bytes:
     if key is None and redis is not None:
         log.warning(
             "tickets are signed with a key of this start until Redis answers (it is asked "
-            "again every %.0f s): access-log records of accounting: envoy that reach another "
-            "replica meanwhile will not settle (or set %s on every replica)",
+            "again every %.0f s): tickets that reach another replica meanwhile (access-log "
+            "records, answer-only streams) will not settle (or set %s on every replica)",
             FOLLOW_SECONDS,
             KEY_VARIABLE,
         )
@@ -204,7 +203,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    access_log = AccessLogReceiver(Accountant(meter, observer, tickets))
+    access_log = AccessLogReceiver(processor.accountant)
     access_log_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server

@@ -181,7 +181,7 @@ def _answer_is_read(exchange: Exchange) -> bool:
     access log (``accounting: envoy``; also an LLM call nothing meters, for metrics), or
     by an answer-only ext_proc stream when something needs the answer (a budget, the
     audit log)."""
-    if not exchange.ticketed:
+    if not exchange.only_accounted:
         return False  # a path no dialect serves: nothing to account
     return exchange.accounted_by_envoy or exchange.metered or exchange.observe_response
 

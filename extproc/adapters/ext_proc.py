@@ -78,8 +78,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._finishing: set[asyncio.Task[None]] = set()
         self._tickets = tickets or TicketSigner(signing_key(None))
         """Signs the tickets of requests whose answers Envoy accounts for (ticket.py)."""
-        self._accountant = Accountant(meter, self._observer, self._tickets)
-        """Settles the answers of answer-only streams from their tickets."""
+        self.accountant = Accountant(meter, self._observer, self._tickets)
+        """Settles exchanges from their tickets: this processor's answer-only streams, and
+        the server's access-log records."""
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
@@ -165,7 +166,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             first.metadata_context.filter_metadata, AUTHZ_NAMESPACE, HEADER_TICKET
         )
         try:
-            ticket = await self._accountant.read(text) if text else None
+            ticket = await self.accountant.read(text) if text else None
         except InvalidTicket as error:
             log.warning("answer-only stream not settled: %s", error)
             ticket = None
@@ -200,7 +201,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         moment), the settlement still completes; the mark then never arrives, and the
         access-log record reports the exchange a second time (its budget settles once)."""
         logged = reading.logged()
-        await asyncio.shield(self._spawn(self._accountant.settle_ticket(reading.ticket, logged)))
+        await asyncio.shield(self._spawn(self.accountant.settle_ticket(reading.ticket, logged)))
         response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
 
     def _finish(self, exchange: Exchange) -> None:

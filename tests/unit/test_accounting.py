@@ -68,7 +68,7 @@ def processor(
 
 def accountant(proc: ExternalProcessor) -> Accountant:
     """What settles the access-log records of ``proc``'s process."""
-    return Accountant(proc._meter, proc._observer, proc._tickets)
+    return proc.accountant
 
 
 def ticket_of(responses: list[pb.ProcessingResponse]) -> str | None:

@@ -227,7 +227,7 @@ async def test_a_settlement_under_way_when_the_caller_leaves_completes(tmp_path:
     ticket = await processes.decide()
     slow = SlowStore()
     slow._entries = processes.store._entries  # the reservation the authorizer made
-    processes.processor._accountant = Accountant(
+    processes.processor.accountant = Accountant(
         Meter(slow), processes.processor._observer, processes.processor._tickets
     )
     streaming = asyncio.ensure_future(

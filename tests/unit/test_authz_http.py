@@ -142,7 +142,7 @@ async def test_under_accounting_service_an_answer_read_only_for_its_usage_is_dec
     headers = dict(decision.set_headers)
     assert headers["x-gateway-model"] == "gpt-4o-mini"
     assert accounting.HEADER not in headers
-    assert exchange.ticketed and not exchange.accounted_by_envoy
+    assert exchange.only_accounted and not exchange.accounted_by_envoy
     assert exchange.reservation is not None and not exchange.reservation.settled
     assert dict(decision.answer_headers)["x-ratelimit-limit-tokens"] == "300"
 

@@ -15,11 +15,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
 
 from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Cost, Meter
 from extproc.budgets.redis_store import RedisStore
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import (
@@ -31,6 +33,7 @@ from extproc.budgets.store import (
     StoreUnavailable,
 )
 from tests.redis_server import RedisServer, free_port
+from tests.unit.test_budget_meter import policy_with
 
 REDIS_URL = os.environ.get("EXTPROC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REDIS_SERVER = shutil.which("redis-server")
@@ -143,6 +146,20 @@ async def test_adjust_applies_signed_deltas(
     await harness.store.reserve([Counter("a", 10, 5, end)])
     assert await harness.store.adjust([Delta("a", d, end) for d in deltas]) == values
     assert await harness.store.read(["a"]) == values
+
+
+async def test_a_settlement_that_changes_nothing_still_cannot_be_replayed(
+    harness: Harness,
+) -> None:
+    """Used exactly what was reserved: every store must still remember the token, or a
+    replayed record with other figures would be applied."""
+    limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 1000}])
+    meter = Meter(harness.store)
+    reservation = await meter.reserve(limits, model, 50, 200, 100, datetime.now(UTC))
+    assert reservation is not None
+    await meter.apply(reservation.settlement, reservation.reserved)
+    await meter.apply(reservation.settlement, Cost(0, 0, 0))  # a replay claiming nothing
+    assert await harness.store.read([c.key for c in reservation.counters]) == (250,)
 
 
 async def test_adjust_with_a_token_applies_once(harness: Harness) -> None:
