@@ -53,13 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("EXTPROC_WORKERS", "1")),
         help="worker processes sharing the gRPC port (default %(default)s)",
     )
-    serve.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="Redis for budgets shared by workers and replicas (default: $REDIS_URL; "
+    _redis_options(
+        serve,
+        "Redis for budgets shared by workers and replicas (default: $REDIS_URL; "
         "without it counters live in this process)",
     )
-    _redis_layout(serve)
     serve.add_argument(
         "--audit-file",
         type=Path,
@@ -129,8 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         "usage", help="each budget's usage, limit and reset time in its current window"
     )
     usage.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
-    usage.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    _redis_layout(usage)
+    _redis_options(usage, "the Redis that serve keeps budgets in (default: $REDIS_URL)")
     usage.add_argument(
         "--remote",
         metavar="HOST:PORT",
@@ -184,8 +181,9 @@ def _logging() -> None:
     )
 
 
-def _redis_layout(command: argparse.ArgumentParser) -> None:
-    """The options that say how keys sit in Redis; ``serve`` and ``usage`` must agree."""
+def _redis_options(command: argparse.ArgumentParser, url_help: str) -> None:
+    """Where the budget store is and how its keys sit; ``serve`` and ``usage`` must agree."""
+    command.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help=url_help)
     command.add_argument(
         "--redis-cluster",
         action="store_true",

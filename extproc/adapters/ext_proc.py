@@ -96,7 +96,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             responses = (
                 self._answer(first, incoming)
                 if first.WhichOneof("request") == "response_headers"
-                else self._exchange(_prepended(first, incoming))
+                else self._exchange(first, incoming)
             )
             try:
                 async for response in responses:
@@ -107,14 +107,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self.streams -= 1
 
     async def _exchange(
-        self, requests: AsyncIterator[pb.ProcessingRequest]
+        self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]
     ) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """A whole exchange: the request phases, then the answer's if it asked for them."""
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
+        request: pb.ProcessingRequest | None = first
         try:
-            async for request in requests:
+            while request is not None:
                 phase = request.WhichOneof("request") or "unknown"
                 started = time.perf_counter()
                 try:
@@ -143,6 +144,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 # is settled and reported by the stream, as one never handed over; cut
                 # right after Envoy took the answer, it is reported twice, settled once).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
+                request = await anext(requests, None)
         finally:
             self._finish(exchange)
 
@@ -275,14 +277,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         return _continue(phase)
-
-
-async def _prepended(
-    first: pb.ProcessingRequest, rest: AsyncIterator[pb.ProcessingRequest]
-) -> AsyncIterator[pb.ProcessingRequest]:
-    yield first
-    async for request in rest:
-        yield request
 
 
 def _failed(exchange: Exchange) -> pb.ProcessingResponse:
