@@ -13,11 +13,13 @@ follows the policy's ``settings.accounting``:
     access log delivers status, lifted usage and the serving endpoint once the exchange
     is over (:class:`LoggedAnswer`). No gRPC message of the request's own.
 ``service``
-    An answer-only ext_proc stream (``x-gateway-processing: answer``): response headers
-    and body, read by :class:`AnswerReading`, settled before the answer's end reaches the
-    caller. Two ext_proc messages instead of four: the request phases are the
-    authorizer's. An answer the stream did not read to its end (the caller left, the
-    stream failed) is settled from its access-log record, as under ``envoy``.
+    Envoy too, but reported before the answer ends: the service marks the request
+    (``x-gateway-accounting: service``), which switches on the same lifting filters and
+    a Lua filter that, holding back the answer's end, reports what the access log would
+    say (:mod:`extproc.adapters.answer_report`) to the service, which settles the exchange
+    and answers; the filter then marks the exchange ``answered`` and lets the end go. An
+    answer not reported (the caller left before its end, the report failed) is settled
+    from its access-log record, as under ``envoy``. No gRPC message at all.
 
 Answers the service must rewrite or check keep a full ext_proc stream: translated ones,
 those an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift,
@@ -33,10 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.budgets.meter import Meter, priced
-from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
+from extproc.dialects.usage import Usage, estimated, usage_from_body
 from extproc.exchange import Exchange
 from extproc.identity import Principal
-from extproc.routing import HEADER_SERVED_BY
 from extproc.telemetry.observer import Observer
 from extproc.telemetry.record import record_time
 from extproc.ticket import InvalidTicket, Ticket, TicketSigner, UnknownSignature
@@ -51,12 +52,14 @@ AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 """Where Envoy keeps the HTTP authorizer's ``dynamic_metadata_from_headers`` (the ticket)."""
 EXCHANGE_NAMESPACE = "extproc.exchange"
 """ext_proc's dynamic metadata namespace for the same ticket (``{"ticket": ...}``), and
-for the mark an answer-only stream leaves (``{"answered": "ext_proc"}``)."""
+for the mark envoy/gateway.yaml's report filter leaves (``{"answered": "report"}``)."""
 ANSWERED = "answered"
-"""Set by an answer-only ext_proc stream that took the answer: the access-log record of a
-caller who then left (Envoy logs those) must not report the exchange a second time."""
+"""Set by envoy/gateway.yaml's report filter once the service settled the answer: the
+access-log record of a caller who then left (Envoy logs those) must not report the
+exchange a second time."""
 HEADER = "x-gateway-accounting"
-"""Set on a request whose answer Envoy accounts for; switches the usage-lifting filters on."""
+"""Set on a request whose answer Envoy reads (``envoy``: through the access log;
+``service``: reported before its end); switches the usage-lifting filters on."""
 HEADER_STREAM_USAGE = "x-gateway-stream-usage"
 """Set (``include``) by the HTTP authorizer on an OpenAI stream it decided whose caller
 sent no ``stream_options``: envoy/gateway.yaml then adds ``include_usage`` to the body, so
@@ -72,7 +75,7 @@ STREAM_BYTES_PER_TOKEN = 64
 
 def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
     """Whether this request's answer is needed only to account for it, which its ticket
-    lets any process do (Envoy's access log, or an answer-only ext_proc stream).
+    lets any process do (from Envoy's access log, or from Envoy's report of it).
 
     Decided at the request headers, before the model is known (Envoy takes a change of
     processing mode only then), so every model the caller may use must qualify.
@@ -107,13 +110,12 @@ class LoggedAnswer:
     """Usage fields lifted from the answer, under the provider's own names."""
     served_by: str | None
     response_bytes: int
-    reported: Usage | None = None
-    """The provider's usage as the service read it (an answer-only ext_proc stream)."""
 
 
 class Accountant:
-    """Settles and reports the exchanges Envoy's access log says are over, from their
-    tickets alone (this process need not have decided them)."""
+    """Settles and reports the exchanges Envoy says are over (an access-log record, or a
+    report before the answer's end), from their tickets alone (this process need not
+    have decided them)."""
 
     def __init__(self, meter: Meter, observer: Observer, tickets: TicketSigner) -> None:
         self._meter = meter
@@ -170,8 +172,6 @@ class Accountant:
 
 def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     """What the exchange used: the provider's report, else the answer's best estimate."""
-    if logged.reported is not None:
-        return logged.reported, "provider"
     if logged.usage:
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
@@ -189,63 +189,3 @@ def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:
     if "cached_tokens" in lifted:
         usage["prompt_tokens_details"] = {"cached_tokens": lifted["cached_tokens"]}
     return usage
-
-
-class AnswerReading:
-    """An answer-only ext_proc stream's exchange (``accounting: service``): what Envoy's
-    access log would have said about the answer, read from its bytes by the service."""
-
-    def __init__(self, ticket: Ticket, text: str) -> None:
-        self.ticket = ticket
-        self._text = text
-        self._status = 0
-        self._served_by: str | None = None
-        self._stream: StreamUsage | None = None
-        self._tail: bytearray | None = None
-        self._bytes = 0
-
-    def on_headers(self, headers: Mapping[str, str]) -> bool:
-        """Note the status and the endpoint; whether the body has usage to read."""
-        self._status = int(headers.get(":status", "0") or 0)
-        self._served_by = headers.get(HEADER_SERVED_BY)
-        if not 200 <= self._status < 300:
-            return False  # an error costs nothing: no usage to read
-        if headers.get("content-type", "").startswith("text/event-stream"):
-            self._stream = StreamUsage(self.ticket.dialect)
-        else:
-            self._tail = bytearray()
-        return True
-
-    def on_body(self, chunk: bytes) -> None:
-        self._bytes += len(chunk)
-        if self._stream is not None:
-            self._stream.feed(chunk)
-        elif self._tail is not None:
-            self._tail += chunk
-            if len(self._tail) > 2 * KEPT_BYTES:
-                del self._tail[:-KEPT_BYTES]
-
-    def logged(self) -> LoggedAnswer:
-        """What was read of the answer, for :meth:`Accountant.settle_ticket`."""
-        return LoggedAnswer(
-            request_id=str(self.ticket.record.get("request_id") or ""),
-            ticket=self._text,
-            status=self._status,
-            usage={},
-            served_by=self._served_by,
-            response_bytes=self._bytes,
-            reported=self._reported(),
-        )
-
-    def _reported(self) -> Usage | None:
-        if self._stream is not None:
-            self._stream.finish()
-            return self._stream.usage
-        whole, usage_only = parsed_answer(self._tail)
-        answer = whole if whole is not None else usage_only
-        return None if answer is None else usage_from_body(self.ticket.dialect, answer)
-
-
-KEPT_BYTES = 64 * 1024
-"""Of a JSON answer only its last 64-128 KiB are kept: providers put ``usage`` last, and
-nothing else of it is needed (a policy recording answers keeps a full ext_proc stream)."""

@@ -126,9 +126,9 @@ async def decide_request(
     """Both request phases at once, or ``None``: ext_proc must process this request.
 
     Only a request whose answer is needed just to account for it is decided here (an LLM
-    call whose answer is read by Envoy's access log, ``accounting: envoy``, or by an
-    answer-only ext_proc stream, ``service``, either settling it from the exchange's
-    ticket) and whose body goes up unchanged, or with only
+    call whose answer Envoy reads, settled from the exchange's ticket when its access-log
+    record comes, ``accounting: envoy``, or when Envoy reports it before its end,
+    ``service``) and whose body goes up unchanged, or with only
     ``stream_options.include_usage`` added, which Envoy does
     (:func:`_stream_usage_by_envoy`). Everything else, found before any side effect
     (nothing is reserved), is handed over whole and ext_proc decides it from scratch: an
@@ -361,9 +361,9 @@ async def finish_request_body(
     """Reserve the budget, then route and apply every staged body change at once.
 
     ``may_cap_output`` is passed to :meth:`Meter.reserve`. ``ticketed``: decided by the
-    HTTP authorizer, whose answer-reader (Envoy's access log, or an answer-only ext_proc
-    stream) settles it from its ticket, so no response phase of this stream sets the
-    answer's headers.
+    HTTP authorizer, whose answer Envoy reads (its access-log record, or its report
+    before the answer's end) and the service settles from its ticket, so no response
+    phase of this stream sets the answer's headers.
     """
     if exchange.mcp_forward is not None:
         if exchange.mcp_tools and exchange.metered:

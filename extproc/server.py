@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc import admin_http
+from extproc.accounting import Accountant
 from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
@@ -149,7 +150,7 @@ def _ticket_key(redis: RedisTarget | None) -> bytes:
         log.warning(
             "tickets are signed with a key of this start until Redis answers (it is asked "
             "again every %.0f s): tickets that reach another replica meanwhile (access-log "
-            "records, answer-only streams) will not settle (or set %s on every replica)",
+            "records, answer reports) will not settle (or set %s on every replica)",
             FOLLOW_SECONDS,
             KEY_VARIABLE,
         )
@@ -203,7 +204,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    access_log = AccessLogReceiver(processor.accountant)
+    # Settles from tickets: the access log's records, and the authorizer's answer reports.
+    accountant = Accountant(meter, observer, tickets)
+    access_log = AccessLogReceiver(accountant)
     access_log_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         Authorization(policies, meter, observer), server
@@ -212,7 +215,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         admin_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
             AdminApi(policies, store, observer.recent, settings.admin_token), server
         )
-    authorizer = ext_authz_http.HttpAuthorizer(policies, meter, observer, tickets)
+    authorizer = ext_authz_http.HttpAuthorizer(policies, meter, observer, tickets, accountant)
     authz_server = None
     if settings.authz_address:
         host, _, port = settings.authz_address.rpartition(":")

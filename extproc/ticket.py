@@ -2,14 +2,14 @@
 
 An answer the service reads only to account for it is settled by whichever process reads
 it (:mod:`extproc.accounting`): under ``settings.accounting: envoy`` the one Envoy's access
-log reaches once the exchange is over; under ``service`` the one an answer-only ext_proc
-stream reaches, or the access log for an answer that stream did not read to its end.
+log reaches once the exchange is over; under ``service`` the one Envoy's report of the
+answer reaches before its end, or the access log for an answer not reported.
 That process must be able to settle the budget reservation and write the audit record
 without the state of the process that decided the request: with ``--workers`` or several
 replicas, Envoy's streams reach any of them, and a record Envoy re-sends after a restart
 reaches a process that never saw the request. So the deciding process writes that state
-into the request's dynamic metadata, which Envoy copies into the record and forwards to
-the answer-only stream: the HTTP authorizer as an answer header Envoy keeps
+into the request's dynamic metadata, which Envoy copies into the record and into the
+report: the HTTP authorizer as an answer header Envoy keeps
 (``dynamic_metadata_from_headers``), ext_proc in its own namespace.
 
 A ticket is signed (HMAC-SHA256) and honoured for 23 hours. The access-log port is the gRPC

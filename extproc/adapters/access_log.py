@@ -2,11 +2,11 @@
 
 Envoy's gateway config sends one record per exchange the service handed to it
 (``x-gateway-accounting: envoy``), per exchange whose caller left, and per exchange the
-HTTP authorizer decided whose answer no answer-only ext_proc stream took, batched on a
+HTTP authorizer decided whose answer was not reported before its end, batched on a
 long-lived stream; each becomes a :class:`~extproc.accounting.LoggedAnswer` that the
 :class:`~extproc.accounting.Accountant` settles from the ticket it carries, whichever
-process decided the request. A record carrying an answer-only stream's mark is that
-stream's to report.
+process decided the request. A record carrying the mark of a report
+(:mod:`extproc.adapters.answer_report`) was settled by that report.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
         return None
     metadata = entry.common_properties.metadata.filter_metadata
     if metadata_string(metadata, EXCHANGE_NAMESPACE, ANSWERED):
-        return None  # an answer-only ext_proc stream took the answer and reports it
+        return None  # reported before its end, and settled then
     usage_struct = metadata.get(USAGE_NAMESPACE)
     usage = (
         {name: int(value.number_value) for name, value in usage_struct.fields.items()}

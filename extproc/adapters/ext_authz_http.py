@@ -12,12 +12,15 @@ a kept-alive connection, and takes the answer as:
   and, kept by Envoy as dynamic metadata (``dynamic_metadata_from_headers``), the
   answer's budget and guardrail headers (set by the virtual host) and the exchange's
   ticket: a request decided here, whose answer is read only to account for it
-  (:mod:`extproc.accounting`), by Envoy's access log or, with ``x-gateway-processing:
-  answer``, by an answer-only ext_proc stream;
+  (:mod:`extproc.accounting`), and settled when Envoy's access log or, with
+  ``x-gateway-accounting: service``, Envoy's report of the answer comes;
 * **200** with ``x-gateway-processing: ext_proc`` and nothing else: handed over; the
   header switches on the ext_proc filter behind this one, which decides the request from
   scratch (see :func:`extproc.pipeline.decide_request` for which requests);
 * any other status: the refusal, with its body and headers, in the caller's dialect.
+
+The same port takes Envoy's reports of answers (:mod:`.answer_report`), on a path of their
+own, answered 200 once settled.
 
 The wire format is parsed by httptools (llhttp, the parser uvicorn uses); this module only
 frames answers. Requests on one connection are answered in order.
@@ -36,9 +39,12 @@ from typing import cast
 import httptools
 
 from extproc import pipeline
-from extproc.accounting import HEADER_TICKET
+from extproc.accounting import HEADER, HEADER_TICKET, Accountant
+from extproc.adapters.answer_report import REPORT_PATH, reported_answer
 from extproc.budgets.meter import Cost, Meter
 from extproc.decisions import Forward, Headers, Reply
+from extproc.dialects.envelopes import render_error
+from extproc.errors import NotFound
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer
@@ -47,14 +53,22 @@ from extproc.ticket import TicketSigner
 log = logging.getLogger(__name__)
 
 HEADER_PROCESSING = "x-gateway-processing"
-"""Set on a handed-over request: envoy/gateway.yaml runs ext_proc only when it says so
-(``ext_proc``: the whole exchange; ``answer``: only its answer, settled from its ticket)."""
-PROCESSING_ANSWER = "answer"
+"""Set on a handed-over request: envoy/gateway.yaml runs ext_proc only when it says so."""
+ACCOUNTING_REPORTED = "service"
+"""``x-gateway-accounting: service``: envoy/gateway.yaml lifts the answer's usage and
+reports it to the service before the answer ends (:mod:`.answer_report`)."""
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
 _HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+}
+_REPORT_SETTLED = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
 MAX_TICKET_CHARS = 16 * 1024
@@ -83,24 +97,46 @@ class HttpAuthorizer:
         meter: Meter,
         observer: Observer,
         tickets: TicketSigner,
+        accountant: Accountant | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._policies = policies
         self._meter = meter
         self._observer = observer
         self._tickets = tickets
+        self._accountant = accountant or Accountant(meter, observer, tickets)
+        """Settles the answers Envoy reports (shared with the access log's receiver)."""
         self._clock = clock
         self.checks = 0
-        """Checks being answered now (shutdown waits for them)."""
+        """Checks and answer reports being answered now (shutdown waits for them)."""
 
     async def answer(self, check: Check, write: Write) -> None:
+        """Answer ``check``: an answer report (:mod:`.answer_report`), or a request to decide."""
+        self.checks += 1
+        try:
+            if check.headers.get(":path") == REPORT_PATH:
+                await self._settle_report(check, write)
+            else:
+                await self._decide(check, write)
+        finally:
+            self.checks -= 1
+
+    async def _settle_report(self, check: Check, write: Write) -> None:
+        """Settle the exchange a report describes, then say so (200: Envoy's Lua filter
+        marks it answered). Without a ticket this service signed, it is a client's request
+        for a path it does not serve (ext_authz forwards any path): refused as unknown."""
+        if await self._accountant.settle(reported_answer(check.headers)):
+            write(_REPORT_SETTLED)
+        else:
+            write(_REPORT_REFUSED)
+
+    async def _decide(self, check: Check, write: Write) -> None:
         """Decide ``check`` and ``write`` the answer; never raises (a failure hands the
         request over). ``write`` returns ``False`` when Envoy has gone (it gave up on the
         check, or the caller left): a decided exchange then gives its reservation back."""
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
-        self.checks += 1
         started = time.perf_counter()
         try:
             decision = await pipeline.decide_request(
@@ -119,7 +155,6 @@ class HttpAuthorizer:
             await self._release(exchange)
             write(_HANDED_OVER)
         finally:
-            self.checks -= 1
             self._observer.phase("ext_authz_http", time.perf_counter() - started)
 
     async def _deliver(
@@ -150,7 +185,7 @@ class HttpAuthorizer:
                 return
             ticket = ((HEADER_TICKET, issued),)
             if not exchange.accounted_by_envoy:
-                mark = ((HEADER_PROCESSING, PROCESSING_ANSWER),)
+                mark = ((HEADER, ACCOUNTING_REPORTED),)
         if write(_allowed(decision, ticket, mark)):
             if not ticket:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
@@ -179,7 +214,7 @@ class HttpAuthorizer:
 def _answer_is_read(exchange: Exchange) -> bool:
     """Whether a decided exchange's answer is read, and settled from its ticket: by Envoy's
     access log (``accounting: envoy``; also an LLM call nothing meters, for metrics), or
-    by an answer-only ext_proc stream when something needs the answer (a budget, the
+    from Envoy's report of it when something needs the answer (a budget, the
     audit log)."""
     if not exchange.only_accounted:
         return False  # a path no dialect serves: nothing to account
@@ -188,7 +223,7 @@ def _answer_is_read(exchange: Exchange) -> bool:
 
 def _allowed(forward: Forward, metadata: Headers, mark: Headers) -> bytes:
     """The 200 that lets the request go on. ``metadata``: kept by Envoy as dynamic
-    metadata (the ticket); ``mark``: set on the request (the answer-only hand-over). A
+    metadata (the ticket); ``mark``: set on the request (who reads the answer). A
     header set on the request is not also listed for removal: Envoy removes after it
     sets, so a client's copy is overwritten instead."""
     upstream = (*forward.set_headers, *mark)
@@ -216,6 +251,11 @@ def _safe(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("header value with a line break")
     return value
+
+
+_REPORT_REFUSED = _refused(
+    render_error(NotFound(f"Invalid URL ({REPORT_PATH})", code="unknown_url"), "openai")
+)
 
 
 class _Connection(asyncio.Protocol):

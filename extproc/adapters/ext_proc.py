@@ -19,20 +19,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from extproc import answer, pipeline
-from extproc.accounting import (
-    ANSWERED,
-    AUTHZ_NAMESPACE,
-    EXCHANGE_NAMESPACE,
-    HEADER_TICKET,
-    Accountant,
-    AnswerReading,
-)
-from extproc.adapters.envoy_proto import (
-    common_response,
-    header_map,
-    immediate_response,
-    metadata_string,
-)
+from extproc.accounting import EXCHANGE_NAMESPACE
+from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
 from extproc.dialects.envelopes import render_error
@@ -40,7 +28,7 @@ from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
-from extproc.ticket import InvalidTicket, TicketSigner, signing_key
+from extproc.ticket import TicketSigner, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -78,43 +66,29 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._finishing: set[asyncio.Task[None]] = set()
         self._tickets = tickets or TicketSigner(signing_key(None))
         """Signs the tickets of requests whose answers Envoy accounts for (ticket.py)."""
-        self.accountant = Accountant(meter, self._observer, self._tickets)
-        """Settles exchanges from their tickets: this processor's answer-only streams, and
-        the server's access-log records."""
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        """One exchange: the request phases, then the answer's if it asked for them."""
         self.streams += 1
-        incoming = aiter(requests)
         try:
-            first = await anext(incoming, None)
-            if first is None:
-                return
-            responses = (
-                self._answer(first, incoming)
-                if first.WhichOneof("request") == "response_headers"
-                else self._exchange(first, incoming)
-            )
-            try:
-                async for response in responses:
-                    yield response
-            finally:
-                await responses.aclose()
+            async for response in self._exchange(requests):
+                yield response
         finally:
             self.streams -= 1
 
     async def _exchange(
-        self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]
+        self, requests: AsyncIterator[pb.ProcessingRequest]
     ) -> AsyncGenerator[pb.ProcessingResponse, None]:
-        """A whole exchange: the request phases, then the answer's if it asked for them."""
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
-        request: pb.ProcessingRequest | None = first
+        incoming = aiter(requests)
         try:
+            request = await anext(incoming, None)
             while request is not None:
                 phase = request.WhichOneof("request") or "unknown"
                 started = time.perf_counter()
@@ -144,67 +118,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 # is settled and reported by the stream, as one never handed over; cut
                 # right after Envoy took the answer, it is reported twice, settled once).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
-                request = await anext(requests, None)
+                request = await anext(incoming, None)
         finally:
             self._finish(exchange)
-
-    async def _answer(
-        self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]
-    ) -> AsyncGenerator[pb.ProcessingResponse, None]:
-        """An answer-only stream (``x-gateway-processing: answer``, accounting.py): the
-        HTTP authorizer decided the request; its ticket, forwarded as metadata, says what
-        to settle. The answer passes unchanged.
-
-        The stream settles the exchange only at the answer's end, before Envoy sends the
-        caller its last bytes (or, for an answer without a body, its headers), and marks
-        it there (``answered``, in the request's metadata). Envoy's access log
-        (envoy/gateway.yaml) writes a record for every exchange with a ticket and without
-        the mark, and that record settles it instead: a caller who left before the end,
-        an upstream reset, a stream that could not open or failed (the filter lets the
-        answer through) — from the bytes Envoy sent, as under ``accounting: envoy``.
-        """
-        started = time.perf_counter()
-        text = metadata_string(
-            first.metadata_context.filter_metadata, AUTHZ_NAMESPACE, HEADER_TICKET
-        )
-        try:
-            ticket = await self.accountant.read(text) if text else None
-        except InvalidTicket as error:
-            log.warning("answer-only stream not settled: %s", error)
-            ticket = None
-        if ticket is None or text is None:
-            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-            return
-        reading = AnswerReading(ticket, text)
-        headers = first.response_headers
-        response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        if reading.on_headers(header_map(headers)) and not headers.end_of_stream:
-            response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
-        else:
-            await self._settle_answer(reading, response)  # an error, or no body
-        self._observer.phase("answer_headers", time.perf_counter() - started)
-        yield response
-        async for request in requests:
-            started = time.perf_counter()
-            phase = request.WhichOneof("request")
-            if phase != "response_body":
-                yield _continue(phase)
-                continue
-            reading.on_body(request.response_body.body)
-            response = pb.ProcessingResponse(response_body=pb.BodyResponse())
-            if request.response_body.end_of_stream:
-                await self._settle_answer(reading, response)
-            self._observer.phase("answer_body", time.perf_counter() - started)
-            yield response
-
-    async def _settle_answer(self, reading: AnswerReading, response: pb.ProcessingResponse) -> None:
-        """Settle the answer ``reading`` read whole and mark ``response`` (it goes to Envoy
-        next). Shielded: if Envoy drops the stream meanwhile (the caller left at the last
-        moment), the settlement still completes; the mark then never arrives, and the
-        access-log record reports the exchange a second time (its budget settles once)."""
-        logged = reading.logged()
-        await asyncio.shield(self._spawn(self.accountant.settle_ticket(reading.ticket, logged)))
-        response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {ANSWERED: "ext_proc"}})
 
     def _finish(self, exchange: Exchange) -> None:
         """Account and report the exchange once its stream is over.

@@ -6,8 +6,9 @@ real recorded OpenAI traffic as the budget tests, through real Envoy lifting the
 Redis, and two separate replicas: one decides every request, the other gets Envoy's
 access-log stream and settles them from their tickets.
 
-accounting: service (``answer-stream``) — the same requests, each answer read by an
-answer-only ext_proc stream (response headers and body) that settles it from the ticket.
+accounting: service (``answer-report``) — the same requests, each answer reported by
+Envoy's Lua filter before its end (status, bytes, lifted usage, ticket) to the service,
+which settles it from the ticket there.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ REPLICA_AUDIT = "audit-replica.jsonl"
 
 
 @pytest.fixture(
-    scope="module", params=["one-worker", "two-workers", "two-replicas", "answer-stream"]
+    scope="module", params=["one-worker", "two-workers", "two-replicas", "answer-report"]
 )
 def stack(
     redis_server: RedisServer,
@@ -62,7 +63,7 @@ def stack(
     two replicas, always."""
     tmp = tmp_path_factory.mktemp("accounting")
     policy = tmp / "policy.yaml"
-    accounting = "service" if request.param == "answer-stream" else "envoy"
+    accounting = "service" if request.param == "answer-report" else "envoy"
     text = POLICY.read_text().replace("settings:\n", f"settings:\n  accounting: {accounting}\n")
     # Served through a catalogue backend, so answers name the endpoint that served them.
     text = text.replace("  gpt-4o-mini: {", "  gpt-4o-mini: { backend: { cluster: openai },")
@@ -95,17 +96,20 @@ def access_log_to(port: int) -> str:
     logged += "buffer_flush_interval"
     assert text.count(logged) == 1
     text = text.replace(logged, logged.replace("cluster_name: extproc ", "cluster_name: replica "))
-    return with_grpc_cluster(text, "replica", port)
+    return with_cluster(text, "replica", port)
 
 
-def with_grpc_cluster(config: str, name: str, port: int) -> str:
-    """``config`` with one more cluster: gRPC (HTTP/2) to ``port`` on loopback."""
-    cluster = (
-        f"    - name: {name}\n      type: STATIC\n      connect_timeout: 1s\n"
+def with_cluster(config: str, name: str, port: int, grpc: bool = True) -> str:
+    """``config`` with one more cluster to ``port`` on loopback: gRPC (HTTP/2), or HTTP/1.1."""
+    http2 = (
         "      typed_extension_protocol_options:\n"
         "        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
         '          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n'
         "          explicit_http_config: { http2_protocol_options: {} }\n"
+    )
+    cluster = (
+        f"    - name: {name}\n      type: STATIC\n      connect_timeout: 1s\n"
+        f"{http2 if grpc else ''}"
         f"      load_assignment:\n        cluster_name: {name}\n        endpoints:\n"
         "          - lb_endpoints:\n              - endpoint:\n                  address:\n"
         f"                    socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
@@ -196,19 +200,8 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     eventually(settled, f"counters never settled to {expected}")
 
 
-def answer_stream(request: pytest.FixtureRequest) -> bool:
-    return bool(request.node.callspec.params["stack"] == "answer-stream")
-
-
-def answer_messages(stack: Stack, before: int, request: pytest.FixtureRequest) -> None:
-    """No ext_proc stream for the request: the authorizer decided it. Under accounting:
-    service an answer-only stream reads the answer: its headers and its body (one or two
-    chunks, as the upstream wrote it)."""
-    sent = ext_proc_messages(stack) - before
-    if answer_stream(request):
-        assert 2 <= sent <= 3, sent
-    else:
-        assert sent == 0
+def answer_reported(request: pytest.FixtureRequest) -> bool:
+    return bool(request.node.callspec.params["stack"] == "answer-report")
 
 
 def test_the_authorizer_decides_the_request_alone(
@@ -226,7 +219,7 @@ def test_the_authorizer_decides_the_request_alone(
             "x-mock-ratelimit": "7",  # the provider's own x-ratelimit-limit-tokens
         },
     )
-    answer_messages(stack, before, request)
+    assert ext_proc_messages(stack) == before  # no ext_proc stream, whatever the mode
     sent = Mock(stack.ports.mock).last()["headers"]
     assert sent["x-gateway-team"] == "meter"  # set by the gateway, not the client
     assert "x-gateway-processing" not in sent and "x-gateway-stream-usage" not in sent
@@ -257,7 +250,7 @@ def test_the_authorizer_decides_the_request_alone(
 
 
 def test_streamed_answer_is_settled_from_its_usage_chunk(
-    stack: Stack, redis_server: RedisServer, request: pytest.FixtureRequest
+    stack: Stack, redis_server: RedisServer
 ) -> None:
     meter = client(stack, "meter")
     before = counter(redis_server, "meter", "output_tokens")
@@ -275,8 +268,7 @@ def test_streamed_answer_is_settled_from_its_usage_chunk(
     sent = Mock(stack.ports.mock).last()
     assert json.loads(sent["body"])["stream_options"] == {"include_usage": True}
     assert "x-gateway-stream-usage" not in sent["headers"]
-    if not answer_stream(request):
-        assert ext_proc_messages(stack) == messages_before
+    assert ext_proc_messages(stack) == messages_before
     eventually(
         lambda: counter(redis_server, "meter", "output_tokens") - before == usage.completion_tokens,
         "the stream was not settled from its usage chunk",
@@ -459,44 +451,44 @@ def test_a_budget_store_outage_is_refused_in_the_callers_dialect(
 
 
 @pytest.fixture(scope="module")
-def unreachable_answers(
+def unreachable_reports(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """accounting: service with the answer-only ext_proc filter pointed at a port nothing
-    listens on: every answer-only stream fails to open."""
-    tmp = tmp_path_factory.mktemp("unreachable-answers")
+    """accounting: service with the Lua filter reporting answers to a port nothing listens
+    on: every report fails."""
+    tmp = tmp_path_factory.mktemp("unreachable-reports")
     policy = tmp / "policy.yaml"
     text = POLICY.read_text().replace("settings:\n", "settings:\n  accounting: service\n")
     policy.write_text(text)
     config = GATEWAY_CONFIG.read_text()
-    answer_branch = config.index("name: ext-proc-answer")
-    target = "cluster_name: extproc\n"
-    at = config.index(target, answer_branch)
-    config = config[:at] + "cluster_name: nowhere\n" + config[at + len(target) :]
+    call = 'handle:httpCall("extproc_authz"'
+    assert config.count(call) == 1
+    config = config.replace(call, 'handle:httpCall("nowhere"')
     ports = Ports.free()
     nowhere = Ports.free()  # held until chosen, then released: nothing listens there
     while set(astuple(nowhere)) & set(astuple(ports)):
         nowhere = Ports.free()
-    config = with_grpc_cluster(config, "nowhere", nowhere.grpc)
+    config = with_cluster(config, "nowhere", nowhere.authz, grpc=False)
     setting = Stack(
         policy=policy,
         ports=ports,
         log_dir=tmp,
         redis_url=redis_server.url,
         serve_args=("--audit-file", str(tmp / "audit.jsonl")),
-        envoy_config=tmp / "gateway-answers-unreachable.yaml",
+        envoy_config=tmp / "gateway-reports-unreachable.yaml",
     )
     setting.envoy_config.write_text(config)
     with running(setting) as stack:
         yield stack
 
 
-def test_an_answer_no_stream_could_read_is_settled_from_the_access_log(
-    unreachable_answers: Stack,
+def test_an_answer_whose_report_failed_is_settled_from_the_access_log(
+    unreachable_reports: Stack,
 ) -> None:
     """The request was admitted and has gone up: the caller gets its answer, and the
-    access log, seeing a ticket without the answered mark, settles and reports it."""
-    stack = unreachable_answers
+    access log, seeing a ticket without the answered mark, settles and reports it from
+    the same lifted usage."""
+    stack = unreachable_reports
     reply = client(stack, "meter").chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "read me"}], max_tokens=20
     )
@@ -508,10 +500,10 @@ def test_an_answer_no_stream_could_read_is_settled_from_the_access_log(
     def reported() -> list[dict[str, Any]]:
         return [r for r in audit_records(audit) if r["request_id"] == request_id]
 
-    eventually(lambda: bool(reported()), "the unread answer was never reported", 10)
+    eventually(lambda: bool(reported()), "the unreported answer was never settled", 10)
     [record] = reported()
-    assert record["status"] == 200 and record["usage_source"] == "estimate"
-    assert record["output_tokens"] is not None and record["output_tokens"] > 0
+    assert record["status"] == 200 and record["usage_source"] == "provider"
+    assert record["output_tokens"] == reply.parse().usage.completion_tokens
 
 
 def access_log_records(stack: Stack) -> int:
@@ -522,15 +514,15 @@ def access_log_records(stack: Stack) -> int:
     return sum(int(line.rsplit(":", 1)[1]) for line in lines if "logs_written" in line)
 
 
-def test_an_answer_its_stream_took_has_no_access_log_record(
+def test_a_reported_answer_has_no_access_log_record(
     stack: Stack, request: pytest.FixtureRequest
 ) -> None:
-    """Only what the access log must settle goes to it: an answer the answer-only stream
-    read to its end (marked) has no record; under accounting: envoy each exchange has one."""
+    """Only what the access log must settle goes to it: an answer reported before its end
+    (marked) has no record; under accounting: envoy each exchange has one."""
     before = access_log_records(stack)
     client(stack, "meter").chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], max_tokens=5
     )
     time.sleep(0.2)  # a record would be written when the exchange ends
-    expected = 0 if answer_stream(request) else 1
+    expected = 0 if answer_reported(request) else 1
     assert access_log_records(stack) - before == expected

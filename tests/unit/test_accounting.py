@@ -67,8 +67,8 @@ def processor(
 
 
 def accountant(proc: ExternalProcessor) -> Accountant:
-    """What settles the access-log records of ``proc``'s process."""
-    return proc.accountant
+    """What settles the access-log records of ``proc``'s process (as server.py builds it)."""
+    return Accountant(proc._meter, proc._observer, proc._tickets)
 
 
 def ticket_of(responses: list[pb.ProcessingResponse]) -> str | None:

@@ -135,8 +135,9 @@ async def test_an_answer_an_output_guardrail_checks_is_handed_over(accounting: s
 
 
 async def test_under_accounting_service_an_answer_read_only_for_its_usage_is_decided_here() -> None:
-    """The request side is decided here; an answer-only ext_proc stream reads the answer
-    and settles it from the ticket (x-gateway-processing: answer), no lifting filters."""
+    """The request side is decided here; Envoy reports the answer before its end and the
+    service settles it from the ticket (x-gateway-accounting: service, set when the
+    ticket is issued: see the wire tests below)."""
     exchange, decision = await decide(chat(max_tokens=50), accounting="service")
     assert isinstance(decision, Forward)
     headers = dict(decision.set_headers)
@@ -182,13 +183,13 @@ async def test_under_accounting_service_the_answer_is_read_when_something_needs_
     written = (await answer(authorizer, check)).decode()
     head = dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)
     assert written.startswith("HTTP/1.1 200")
-    assert "x-gateway-accounting" not in head
+    assert ext_authz_http.HEADER_PROCESSING not in head  # never an ext_proc stream
     if read:
-        assert head[ext_authz_http.HEADER_PROCESSING] == "answer"
+        assert head[accounting.HEADER] == "service"
         assert signer.read(head[accounting.HEADER_TICKET]).record["model"] == "gpt-4o-mini"
-        assert observer.finished == []  # the answer-only stream reports it
+        assert observer.finished == []  # the answer's report settles and reports it
     else:
-        assert ext_authz_http.HEADER_PROCESSING not in head
+        assert accounting.HEADER not in head
         assert accounting.HEADER_TICKET not in head
         assert len(observer.finished) == 1
 

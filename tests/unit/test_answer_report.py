@@ -1,0 +1,248 @@
+"""accounting: service through the HTTP authorizer: Envoy's Lua filter reports each
+answer (status, bytes, the usage Envoy lifted, the ticket) before its end, and the
+service settles the exchange from the ticket the authorizer issued."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from extproc.accounting import (
+    ANSWERED,
+    AUTHZ_NAMESPACE,
+    BYTES_PER_TOKEN,
+    EXCHANGE_NAMESPACE,
+    HEADER,
+    HEADER_TICKET,
+)
+from extproc.adapters import ext_authz_http
+from extproc.adapters.access_log import logged_answer
+from extproc.adapters.answer_report import (
+    HEADER_BYTES,
+    HEADER_STATUS,
+    REPORT_PATH,
+    USAGE_PREFIX,
+    reported_answer,
+)
+from extproc.budgets.memory_store import MemoryStore
+from extproc.budgets.meter import Meter
+from extproc.policy.store import PolicyStore
+from extproc.routing import HEADER_SERVED_BY
+from extproc.telemetry.audit import AuditLog
+from extproc.telemetry.observer import Observer
+from extproc.ticket import TicketSigner
+from tests.unit.test_accounting import KEY, log_entry, policy_file
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+"""Nothing to mask: the body goes up unchanged, so the authorizer decides it."""
+LIFTED = {"prompt_tokens": "1000", "completion_tokens": "3", "cached_tokens": "1000"}
+"""The usage Envoy lifted from the answer, under the provider's names."""
+
+
+def authorizer(path: Path, store: MemoryStore) -> ext_authz_http.HttpAuthorizer:
+    return ext_authz_http.HttpAuthorizer(
+        PolicyStore(path), Meter(store), Observer(None, AuditLog([])), TicketSigner(KEY)
+    )
+
+
+class Processes:
+    """The HTTP authorizers of two processes sharing a budget store (the Redis of several
+    replicas) and the ticket key: one decides, the other gets the report."""
+
+    def __init__(self, tmp_path: Path, store: MemoryStore | None = None) -> None:
+        path = policy_file(tmp_path, "service")
+        policy = yaml.safe_load(path.read_text())
+        # The example sends gpt-4o-mini up under a dated name: a body rewrite, which only a
+        # whole ext_proc stream makes. Called by its own name, the body goes up unchanged.
+        del policy["models"]["gpt-4o-mini"]["backend"]["model"]
+        path.write_text(yaml.safe_dump(policy))
+        self.store = store if store is not None else MemoryStore()
+        self.deciding = authorizer(path, self.store)
+        self.reporting = authorizer(path, self.store)
+
+    async def decide(self) -> str:
+        """Send a chat request to the authorizer; the ticket it answers Envoy with."""
+        headers = {
+            ":method": "POST",
+            ":path": "/v1/chat/completions",
+            "authorization": "Bearer sk-demo-restricted",
+            "x-request-id": "req-1",
+        }
+        status, answer, _ = await call(self.deciding, headers, orjson.dumps(CHAT))
+        assert status == 200
+        assert answer[HEADER] == ext_authz_http.ACCOUNTING_REPORTED
+        assert ext_authz_http.HEADER_PROCESSING not in answer  # no ext_proc stream
+        return answer[HEADER_TICKET]
+
+    async def report(self, ticket: str | None, status: int = 200, **extra: str) -> int:
+        """Report the answer as envoy/gateway.yaml's Lua filter does; the reply's status."""
+        headers = {":method": "POST", ":path": REPORT_PATH, HEADER_STATUS: str(status)}
+        headers |= {HEADER_BYTES: "321", HEADER_SERVED_BY: "openai_primary", **extra}
+        if ticket is not None:
+            headers[HEADER_TICKET] = ticket
+        replied, _, _ = await call(self.reporting, headers, b"")
+        return replied
+
+    @property
+    def recent(self) -> list[dict[str, object]]:
+        return list(self.reporting._observer.recent)
+
+
+async def call(
+    authz: ext_authz_http.HttpAuthorizer, headers: dict[str, str], body: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    written: list[bytes] = []
+    await authz.answer(ext_authz_http.Check(headers, [body]), lambda d: written.append(d) is None)
+    [answer] = written
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields, rest
+
+
+def usage_headers(lifted: dict[str, str]) -> dict[str, str]:
+    return {USAGE_PREFIX + name: value for name, value in lifted.items()}
+
+
+async def test_a_report_settles_the_reservation_with_the_lifted_usage(tmp_path: Path) -> None:
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    [(counter, (reserved, _))] = processes.store._entries.items()  # the global USD limit
+    assert await processes.report(ticket, **usage_headers(LIFTED)) == 200
+    [record] = processes.recent
+    assert record["team"] == "apps" and record["status"] == 200
+    assert record["served_by"] == "openai_primary"
+    assert (record["input_tokens"], record["output_tokens"]) == (1000, 3)
+    assert record["cost_micro_usd"] == 77 and record["usage_source"] == "provider"
+    assert reserved > 77 and processes.store._entries[counter][0] == 77
+
+
+async def test_a_report_without_usage_is_estimated_from_the_bytes_sent(tmp_path: Path) -> None:
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    assert await processes.report(ticket, **{HEADER_BYTES: "6400"}) == 200
+    [record] = processes.recent
+    assert record["usage_source"] == "estimate"
+    assert record["output_tokens"] == 6400 // BYTES_PER_TOKEN
+
+
+async def test_an_error_answer_gives_the_reservation_back(tmp_path: Path) -> None:
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    [counter] = processes.store._entries
+    assert await processes.report(ticket, status=429) == 200
+    [record] = processes.recent
+    assert record["status"] == 429 and record["cost_micro_usd"] == 0
+    assert processes.store._entries[counter][0] == 0
+
+
+async def test_without_a_ticket_it_signed_a_report_is_refused_as_an_unknown_path(
+    tmp_path: Path,
+) -> None:
+    """ext_authz sends the authorizer any path a client asks for: a client's request for
+    the report path, forged ticket or none, is refused like any unknown path, settles
+    nothing and reports nothing."""
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    [(counter, (reserved, _))] = processes.store._entries.items()
+    forged = ticket[:-2] + ("AA" if not ticket.endswith("AA") else "BB")
+    for sent in (None, forged):
+        headers = {":method": "POST", ":path": REPORT_PATH, HEADER_STATUS: "200"}
+        if sent is not None:
+            headers[HEADER_TICKET] = sent
+        status, fields, body = await call(processes.reporting, headers, b"")
+        assert status == 404
+        assert orjson.loads(body)["error"]["code"] == "unknown_url"
+        assert fields["content-type"] == "application/json"
+    assert processes.recent == []
+    assert processes.store._entries[counter][0] == reserved
+
+
+def test_a_report_takes_counts_only() -> None:
+    answer = reported_answer(
+        {
+            HEADER_TICKET: "t",
+            HEADER_STATUS: "200",
+            HEADER_BYTES: "-5",
+            USAGE_PREFIX + "prompt_tokens": "12",
+            USAGE_PREFIX + "completion_tokens": "many",
+        }
+    )
+    assert answer.ticket == "t" and answer.status == 200
+    assert answer.response_bytes == 0
+    assert dict(answer.usage) == {"prompt_tokens": 12}
+    assert answer.served_by is None
+
+
+def test_the_access_log_leaves_a_reported_answer_alone() -> None:
+    """Envoy logs every exchange whose caller left (DC): one whose answer was reported is
+    settled by that report; one whose caller left before the answer's end only by its
+    record."""
+    entry = log_entry("r1", 0, {})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update({HEADER_TICKET: "t"})
+    before_the_end = logged_answer(entry)
+    assert before_the_end is not None and before_the_end.ticket == "t"
+    entry.common_properties.metadata.filter_metadata[EXCHANGE_NAMESPACE].update(
+        {ANSWERED: "report"}
+    )
+    assert logged_answer(entry) is None
+
+
+class SlowStore(MemoryStore):
+    """Holds every settlement until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def adjust(self, deltas: Any, *, token: str | None = None) -> tuple[int, ...]:
+        self.entered.set()
+        await self.release.wait()
+        return await super().adjust(deltas, token=token)
+
+
+async def test_shutdown_waits_for_a_report_being_settled(tmp_path: Path) -> None:
+    """A report counts as a check in flight, which shutdown waits for (server.py)."""
+    slow = SlowStore()
+    processes = Processes(tmp_path, store=slow)
+    ticket = await processes.decide()
+    reporting = asyncio.ensure_future(processes.report(ticket, **usage_headers(LIFTED)))
+    await asyncio.wait_for(slow.entered.wait(), 5)
+    assert processes.reporting.checks == 1
+    slow.release.set()
+    assert await reporting == 200
+    assert processes.reporting.checks == 0
+
+
+def test_the_lua_filter_reports_what_the_service_reads() -> None:
+    """envoy/gateway.yaml's report filter and this module name the same path and headers."""
+    config = yaml.safe_load((ROOT / "envoy" / "gateway.yaml").read_text())
+    [listener] = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [report] = [f for f in manager["http_filters"] if f["name"] == "report-answer-when-asked"]
+    tree = report["typed_config"]["xds_matcher"]["matcher_tree"]
+    assert tree["input"]["typed_config"]["header_name"] == HEADER
+    action = tree["exact_match_map"]["map"][ext_authz_http.ACCOUNTING_REPORTED]["action"]
+    lua = action["typed_config"]["typed_config"]["typed_config"]["default_source_code"]
+    lua = lua["inline_string"]
+    for name in (REPORT_PATH, HEADER_TICKET, HEADER_STATUS, HEADER_BYTES, USAGE_PREFIX):
+        assert f'"{name}' in lua, name
+    assert f'"{HEADER_SERVED_BY}"' in lua
+    assert f'"{EXCHANGE_NAMESPACE}", "{ANSWERED}"' in lua
+
+
+@pytest.mark.parametrize("lifted", ["json", "sse"])
+def test_the_usage_is_lifted_under_service_as_under_envoy(lifted: str) -> None:
+    config = yaml.safe_load((ROOT / "envoy" / "gateway.yaml").read_text())
+    [listener] = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [lift] = [f for f in manager["http_filters"] if f["name"] == f"lift-usage-{lifted}"]
+    actions = lift["typed_config"]["xds_matcher"]["matcher_tree"]["exact_match_map"]["map"]
+    assert actions[ext_authz_http.ACCOUNTING_REPORTED] == actions["envoy"]
