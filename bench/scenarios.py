@@ -96,8 +96,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "3",
         "+ identity, RBAC",
         "identity, then the buffered body: parse the chat request, check the model (no "
-        "budgets, response not processed); accounting: service, so the authorizer hands "
-        "the request to ext_proc",
+        "budgets, no audit: nothing reads the answer); decided by the HTTP authorizer in "
+        "one call",
         Route.GATEWAY,
         POLICIES / "s3-identity-rbac.yaml",
     ),
@@ -105,7 +105,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "4",
         "+ budget on Redis",
         "scenario 3 plus one team budget in Redis: count prompt tokens (BPE), reserve, "
-        "read the response's usage, settle",
+        "settle from the usage Envoy lifts and reports before the answer's end "
+        "(accounting: service)",
         Route.GATEWAY,
         POLICIES / "s4-budgets-redis.yaml",
         redis=True,
@@ -114,9 +115,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         "5",
         "full policy",
         "identity, RBAC, five budgets (key, user, team x2, global) on Redis, the PII and "
-        "secrets guardrails on the prompt, audit log (file) and metrics; the answer read "
-        "through ext_proc's response phases (accounting: service, the default), so the "
-        "authorizer hands the request to ext_proc",
+        "secrets guardrails on the prompt, audit log (file) and metrics; accounting: "
+        "service (the default): the HTTP authorizer decides the request in one call, "
+        "Envoy lifts the answer's usage and its Lua filter reports it to the service "
+        "before the answer's end",
         Route.GATEWAY,
         POLICIES / "s5-full.yaml",
         redis=True,
@@ -126,7 +128,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "6",
         "full policy, SSE x50",
         "scenario 5 on a streamed answer of 50 content chunks (plus role, finish and usage "
-        "events), usage read from the SSE stream",
+        "events), usage lifted by sse_to_metadata; Envoy's Lua filter adds "
+        "stream_options.include_usage",
         Route.GATEWAY,
         POLICIES / "s5-full.yaml",
         redis=True,
