@@ -8,7 +8,7 @@ and a small Lua filter. The Lua filter lets the answer stream through, counting 
 at its end it holds the end back and POSTs the status, the byte count, the lifted usage
 and the exchange's ticket to the HTTP authorizer's port, on :data:`REPORT_PATH`. The
 service settles the exchange from its ticket, exactly as it settles an access-log record
-(:class:`~extproc.accounting.Accountant`), and answers 200; the Lua filter then marks the
+(:class:`~extproc.accounting.Accountant`), and answers 204; the Lua filter then marks the
 exchange ``answered`` (so the access log leaves it alone) and lets the end go.
 
 Why not an ext_proc stream reading the answer: the stream, not its messages, is what
@@ -25,9 +25,9 @@ from extproc.accounting import HEADER_TICKET, LoggedAnswer
 from extproc.routing import HEADER_SERVED_BY
 
 REPORT_PATH = "/.gateway/answer"
-"""Where envoy/gateway.yaml's Lua filter reports answers. A client request for this path
-reaches the authorizer as a check without a ticket this service signed, and is refused as
-an unknown path."""
+"""Where envoy/gateway.yaml's Lua filter reports answers (``POST``). A client request for
+this path reaches the authorizer as a check without a ticket this service signed, and is
+refused as an unknown path."""
 HEADER_STATUS = "x-gateway-status"
 HEADER_BYTES = "x-gateway-bytes"
 USAGE_PREFIX = "x-gateway-usage-"

@@ -20,7 +20,7 @@ a kept-alive connection, and takes the answer as:
 * any other status: the refusal, with its body and headers, in the caller's dialect.
 
 The same port takes Envoy's reports of answers (:mod:`.answer_report`), on a path of their
-own, answered 200 once settled.
+own, answered 204 once settled.
 
 The wire format is parsed by httptools (llhttp, the parser uvicorn uses); this module only
 frames answers. Requests on one connection are answered in order.
@@ -29,11 +29,12 @@ frames answers. Requests on one connection are answered in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import httptools
@@ -48,7 +49,7 @@ from extproc.errors import NotFound
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer
-from extproc.ticket import TicketSigner
+from extproc.ticket import InvalidTicket, TicketSigner
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
 }
-_REPORT_SETTLED = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+_REPORT_SETTLED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
 MAX_TICKET_CHARS = 16 * 1024
@@ -122,13 +123,28 @@ class HttpAuthorizer:
             self.checks -= 1
 
     async def _settle_report(self, check: Check, write: Write) -> None:
-        """Settle the exchange a report describes, then say so (200: Envoy's Lua filter
-        marks it answered). Without a ticket this service signed, it is a client's request
-        for a path it does not serve (ext_authz forwards any path): refused as unknown."""
-        if await self._accountant.settle(reported_answer(check.headers)):
-            write(_REPORT_SETTLED)
-        else:
+        """Settle the exchange a report describes, then say so: 204, on which Envoy's Lua
+        filter marks it answered (never 200, which ext_authz would take for "allowed").
+        Anything but a POST with a ticket this service signed is a client's request for a
+        path the gateway does not serve (ext_authz forwards any path): refused as unknown,
+        and not logged, since anyone can send it. Never raises: a report not answered 204
+        is left to the access log."""
+        try:
+            logged = reported_answer(check.headers)
+            ticket = None
+            if check.headers.get(":method") == "POST" and logged.ticket:
+                with contextlib.suppress(InvalidTicket):
+                    ticket = await self._accountant.read(logged.ticket)
+            if ticket is None:
+                write(_REPORT_REFUSED)
+                return
+            request_id = str(ticket.record.get("request_id") or "")
+            await self._accountant.settle_ticket(ticket, replace(logged, request_id=request_id))
+        except Exception:
+            log.exception("settling an answer report failed; its access-log record will")
             write(_REPORT_REFUSED)
+            return
+        write(_REPORT_SETTLED)
 
     async def _decide(self, check: Check, write: Write) -> None:
         """Decide ``check`` and ``write`` the answer; never raises (a failure hands the

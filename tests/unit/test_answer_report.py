@@ -45,6 +45,11 @@ LIFTED = {"prompt_tokens": "1000", "completion_tokens": "3", "cached_tokens": "1
 """The usage Envoy lifted from the answer, under the provider's names."""
 
 
+SETTLED = 204
+"""A settled report's reply: not 200, which ext_authz would take for "allowed" were a
+client's request for the report path ever to carry a valid ticket."""
+
+
 def authorizer(path: Path, store: MemoryStore) -> ext_authz_http.HttpAuthorizer:
     return ext_authz_http.HttpAuthorizer(
         PolicyStore(path), Meter(store), Observer(None, AuditLog([])), TicketSigner(KEY)
@@ -114,7 +119,7 @@ async def test_a_report_settles_the_reservation_with_the_lifted_usage(tmp_path: 
     processes = Processes(tmp_path)
     ticket = await processes.decide()
     [(counter, (reserved, _))] = processes.store._entries.items()  # the global USD limit
-    assert await processes.report(ticket, **usage_headers(LIFTED)) == 200
+    assert await processes.report(ticket, **usage_headers(LIFTED)) == SETTLED
     [record] = processes.recent
     assert record["team"] == "apps" and record["status"] == 200
     assert record["served_by"] == "openai_primary"
@@ -126,7 +131,7 @@ async def test_a_report_settles_the_reservation_with_the_lifted_usage(tmp_path: 
 async def test_a_report_without_usage_is_estimated_from_the_bytes_sent(tmp_path: Path) -> None:
     processes = Processes(tmp_path)
     ticket = await processes.decide()
-    assert await processes.report(ticket, **{HEADER_BYTES: "6400"}) == 200
+    assert await processes.report(ticket, **{HEADER_BYTES: "6400"}) == SETTLED
     [record] = processes.recent
     assert record["usage_source"] == "estimate"
     assert record["output_tokens"] == 6400 // BYTES_PER_TOKEN
@@ -136,7 +141,7 @@ async def test_an_error_answer_gives_the_reservation_back(tmp_path: Path) -> Non
     processes = Processes(tmp_path)
     ticket = await processes.decide()
     [counter] = processes.store._entries
-    assert await processes.report(ticket, status=429) == 200
+    assert await processes.report(ticket, status=429) == SETTLED
     [record] = processes.recent
     assert record["status"] == 429 and record["cost_micro_usd"] == 0
     assert processes.store._entries[counter][0] == 0
@@ -160,6 +165,17 @@ async def test_without_a_ticket_it_signed_a_report_is_refused_as_an_unknown_path
         assert status == 404
         assert orjson.loads(body)["error"]["code"] == "unknown_url"
         assert fields["content-type"] == "application/json"
+    assert processes.recent == []
+    assert processes.store._entries[counter][0] == reserved
+
+
+async def test_only_a_post_reports(tmp_path: Path) -> None:
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    [(counter, (reserved, _))] = processes.store._entries.items()
+    headers = {":method": "GET", ":path": REPORT_PATH, HEADER_STATUS: "200", HEADER_TICKET: ticket}
+    status, _, _ = await call(processes.reporting, headers, b"")
+    assert status == 404
     assert processes.recent == []
     assert processes.store._entries[counter][0] == reserved
 
@@ -217,7 +233,7 @@ async def test_shutdown_waits_for_a_report_being_settled(tmp_path: Path) -> None
     await asyncio.wait_for(slow.entered.wait(), 5)
     assert processes.reporting.checks == 1
     slow.release.set()
-    assert await reporting == 200
+    assert await reporting == SETTLED
     assert processes.reporting.checks == 0
 
 
