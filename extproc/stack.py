@@ -44,12 +44,18 @@ class Ports:
     authz: int = 50052
 
     @classmethod
-    def free(cls) -> Ports:
+    def free(cls, avoid: Ports | None = None) -> Ports:
         """Ports the kernel says are free now (for tests beside a running ``make up``), all
         different: each is held until every one is chosen (one closed at once could be
-        handed out again for the next)."""
+        handed out again for the next). None is one of ``avoid``'s: ports chosen earlier
+        for another stack, free again until that stack starts."""
+        taken = set(dataclasses.astuple(avoid)) if avoid is not None else set()
         with contextlib.ExitStack() as held:
-            ports = [_free_port(held) for _ in dataclasses.fields(cls)]
+            ports: list[int] = []
+            while len(ports) < len(dataclasses.fields(cls)):
+                port = _free_port(held)  # one in ``taken`` stays held: the next differs
+                if port not in taken:
+                    ports.append(port)
         return cls(*ports)
 
 

@@ -15,3 +15,10 @@ def test_free_ports_are_all_different_and_bindable() -> None:
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_ports_chosen_for_a_second_stack_avoid_the_firsts() -> None:
+    first = Ports.free()
+    taken = set(dataclasses.astuple(first))
+    for _ in range(2000):
+        assert not taken & set(dataclasses.astuple(Ports.free(avoid=first)))
