@@ -267,6 +267,7 @@ def _scenario(
             )
         if scenario.service:
             result["peak_rss_mb"] = _rss(gw.service_pids)
+            result["rss_mb"] = _rss(gw.service_pids, now=True)
         result["envoy_peak_rss_mb"] = round(procstat.peak_rss_bytes(gw.envoy_pid) / 2**20, 1)
     if scenario.service and scenario.policy is not None:
         alone = services.service_alone(
@@ -307,6 +308,7 @@ def _workers(
         run = measure.measured(target, "load", load, layout.client or ())
         _log(f"  {run.result.rps:.0f} req/s, CPU split {run.cpu_share.get('service')}")
         rss = _rss(pids)
+        serving = _rss(pids, now=True)
         # Named like the RSS figures (same processes, same order).
         pss = {
             name: round(procstat.pss_bytes(pid) / 2**20, 1)
@@ -323,6 +325,7 @@ def _workers(
         "title": f"--workers {n}",
         "runs": [run.as_dict(), direct.as_dict()],
         "peak_rss_mb": rss,
+        "rss_mb": serving,
         "pss_mb": pss,
         "ready_s": ready,
     }
@@ -424,15 +427,17 @@ def _series(target: Target, plan: Plan, layout: Layout, paced: bool = True) -> l
     return runs
 
 
-def _rss(pids: list[int], names: list[str] | None = None) -> dict[str, float]:
-    """Peak RSS (MB) by process: ``service`` alone, or the supervisor and its workers."""
+def _rss(pids: list[int], names: list[str] | None = None, now: bool = False) -> dict[str, float]:
+    """Peak RSS (MB), or with ``now`` the RSS at this moment, by process: ``service``
+    alone, or the supervisor and its workers."""
     if names is None:
         names = ["service"] if len(pids) == 1 else [procstat.role(pid, pids[0]) for pid in pids]
-    peaks: dict[str, float] = {}
+    read = procstat.rss_bytes if now else procstat.peak_rss_bytes
+    sizes: dict[str, float] = {}
     for index, (label, pid) in enumerate(zip(names, pids, strict=False)):
-        key = label if label not in peaks else f"{label}-{index}"
-        peaks[key] = round(procstat.peak_rss_bytes(pid) / 2**20, 1)
-    return peaks
+        key = label if label not in sizes else f"{label}-{index}"
+        sizes[key] = round(read(pid) / 2**20, 1)
+    return sizes
 
 
 def _guarded(errors: list[str], name: str, step: Callable[..., T], *args: Any) -> T | None:

@@ -141,7 +141,8 @@ def _doc() -> dict[str, object]:
                 "key": "5",
                 "title": "full policy",
                 "runs": runs,
-                "peak_rss_mb": {"service": 120.0},
+                "peak_rss_mb": {"service": 160.0},
+                "rss_mb": {"service": 120.0},
                 "ready_s": 1.2,
             },
         ],
@@ -157,7 +158,8 @@ def test_targets_are_judged_from_the_document() -> None:
     assert added["met"] is True
     paced = verdicts["p99 at 300 requests/s, scenario 5"]
     assert paced["met"] is False  # p99 8.5 ms > 5 ms
-    assert verdicts["peak RSS per worker"]["met"] is True
+    assert verdicts["peak RSS per worker"]["met"] is False  # 160 MB at start-up
+    assert verdicts["RSS per worker while serving"]["met"] is True  # 120 MB
     assert verdicts["CPU per request vs LiteLLM (master key), scenario 5"]["met"] is None
     assert not any("scenario 7" in name for name in verdicts)  # judged only when it ran
 
@@ -169,7 +171,7 @@ def test_report_writer_produces_markdown_json_and_png(tmp_path: Path) -> None:
     assert json.loads(json_path.read_text()) == doc
     text = md_path.read_text()
     assert "| 5 | full policy | 3,679 | 0.793 | 8.49 |" in text
-    assert "640 / 700" in text and "4.0 / 4.0" in text
+    assert "640 / 700" in text and "4.0 / 4.0" in text and "| 160 / 120 |" in text
     assert "![latency vs throughput](sample.png)" in text
     assert png_path.read_bytes().startswith(b"\x89PNG")
 
