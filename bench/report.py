@@ -125,7 +125,7 @@ def targets(doc: Doc) -> list[Doc]:
 
     for field, name, what in (
         ("peak_rss_mb", "peak RSS per worker", "largest VmHWM (start-up included)"),
-        ("rss_mb", "RSS per worker while serving", "largest VmRSS after the load runs"),
+        ("rss_mb", "RSS per worker after the load runs", "largest VmRSS after the load runs"),
     ):
         rss = [
             mb
@@ -193,7 +193,8 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
         _meta_line(meta),
         "",
         "Latency in ms, CPU in microseconds per completed request (from each process's "
-        "utime + stime), RSS = VmHWM. `c=N`: N connections, closed loop; "
+        "utime + stime), RSS: peak = VmHWM (start-up included), after = VmRSS once the "
+        "load runs are over. `c=N`: N connections, closed loop; "
         f"paced: {doc['plan']['paced_rate']:g} requests/s on a fixed schedule. "
         f"Cores: {doc['layout']['text']}",
         "",
@@ -233,7 +234,7 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
                 "p99",
                 "service CPU us/req (decisions alone)",
                 "CPU split over processes",
-                "RSS MB peak (serving)",
+                "RSS MB peak (after)",
                 "PSS MB (total)",
             ],
             [
@@ -250,7 +251,7 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
                         for x in (run_of(w, "load") or {}).get("cpu_share", {}).get("service", [])
                     ),
                     ", ".join(
-                        f"{mb:g} ({_num(w.get('rss_mb', {}).get(name))})"
+                        f"{_num(mb)} ({_num(w.get('rss_mb', {}).get(name))})"
                         for name, mb in w.get("peak_rss_mb", {}).items()
                     ),
                     _memory_split(w.get("pss_mb", {})),
@@ -300,7 +301,7 @@ def _scenario_table(scenarios: Iterable[Doc], plan: Doc, group: str = "service")
         f"{group} CPU us/req c={c} / paced",
         "Envoy CPU us/req",
         "ext_proc msgs/req",
-        "RSS MB peak / serving",
+        "RSS MB peak / after",
         "ready s",
     ]
     rows = []

@@ -1,20 +1,27 @@
 """Giving back the pages of an extension file that only its loading read.
 
-bpe-openai's Rust extension carries its rank tables inside the file (~70 MB, read-only
+bpe-openai's Rust extension carries its rank tables inside the file (~70 MB of read-only
 data) and builds its encoders from them once; after that nothing reads those bytes
 (measured: counting tokens faults none of them back). Yet the pages that loading touched
-stay resident, ~45 MB for both OpenAI encodings, counted in the process's RSS and in its
-container's memory. They are clean pages of a read-only file mapping, so dropping them
-(``madvise(MADV_DONTNEED)``) is safe: anything that reads them again gets them back from
-the file. A mapping holding any anonymous or dirty page (the part the dynamic loader
-relocated) is left alone, since dropping it would lose those writes.
+stay mapped, ~45 MB for both OpenAI encodings, counted in the process's RSS and PSS. They
+are clean pages of a read-only file mapping, so unmapping them (``madvise(MADV_DONTNEED)``)
+is safe: anything that reads them again gets them back from the file. The page cache
+still holds them (reclaimable, and charged to the container's memory until reclaimed), so
+the file is then also advised out of the cache (``posix_fadvise(POSIX_FADV_DONTNEED)``),
+which evicts only pages no process maps.
+
+Only mappings that are neither writable nor executable, and whose resident pages are all
+clean and none swapped, are touched: a page the dynamic loader relocated (anonymous, dirty,
+or swapped out since) would lose that write, and code pages are not worth the reasoning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -23,18 +30,20 @@ log = logging.getLogger(__name__)
 MADV_DONTNEED: Final = 4
 _SMAPS: Final = Path("/proc/self/smaps")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
+_UNCLEAN: Final = ("Anonymous", "Private_Dirty", "Shared_Dirty", "Swap", "SwapPss")
+
+Mapping = tuple[int, int, int]
+"""Start address, end address, resident bytes."""
 
 
 def release(path: str) -> int:
-    """Drop the resident clean pages of ``path``'s read-only mappings; the bytes dropped
-    (0 where the system offers no ``/proc/self/smaps`` or ``madvise``)."""
+    """Give back the resident clean pages of ``path``'s read-only data mappings; the bytes
+    unmapped (0 where the system offers no ``/proc/self/smaps`` or ``madvise``)."""
     try:
         mappings = _clean_read_only(_SMAPS.read_text(), path)
     except OSError:
         return 0
-    if not mappings:
-        return 0
-    madvise = _madvise()
+    madvise = _madvise() if mappings else None
     if madvise is None:
         return 0
     released = 0
@@ -43,43 +52,57 @@ def release(path: str) -> int:
             released += resident
         else:
             log.debug("madvise failed for %s at %#x (errno %d)", path, start, ctypes.get_errno())
+    if released:
+        _evict_from_cache(path)
     return released
 
 
-def _clean_read_only(smaps: str, path: str) -> list[tuple[int, int, int]]:
-    """``(start, end, resident bytes)`` of each mapping of ``path`` that is not writable
-    and holds no anonymous or dirty page."""
-    found: list[tuple[int, int, int]] = []
-    current: dict[str, int] | None = None
+def _clean_read_only(smaps: str, path: str) -> list[Mapping]:
+    """The mappings of ``path`` that are read-only data and hold only clean pages."""
+    found: list[Mapping] = []
+    fields: dict[str, int] | None = None
     bounds = (0, 0)
-    for line in smaps.splitlines():
+    for line in [*smaps.splitlines(), "0-0 ---p 0 0 0 0"]:  # a last header closes the last
         mapping = _MAPPING.match(line)
         if mapping is not None:
-            if current is not None:
-                found += _if_clean(bounds, current)
+            if fields is not None and (clean := _clean(bounds, fields)) is not None:
+                found.append(clean)
             start, end, perms, name = mapping.groups()
-            matches = name == path and "w" not in perms
-            current = {} if matches else None
+            fields = {} if name == path and perms.startswith("r--") else None
             bounds = (int(start, 16), int(end, 16))
-        elif current is not None and ":" in line:
+        elif fields is not None and ":" in line:
             field, _, value = line.partition(":")
             parts = value.split()
             if parts and parts[0].isdigit():
-                current[field] = int(parts[0]) * 1024
-    if current is not None:
-        found += _if_clean(bounds, current)
+                fields[field] = int(parts[0]) * 1024
     return found
 
 
-def _if_clean(bounds: tuple[int, int], fields: dict[str, int]) -> list[tuple[int, int, int]]:
-    dirty = fields.get("Anonymous", 0) + fields.get("Private_Dirty", 0)
-    dirty += fields.get("Shared_Dirty", 0)
-    if dirty or not fields.get("Rss", 0):
-        return []
-    return [(bounds[0], bounds[1], fields["Rss"])]
+def _clean(bounds: tuple[int, int], fields: dict[str, int]) -> Mapping | None:
+    resident = fields.get("Rss", 0)
+    clean = fields.get("Private_Clean", 0) + fields.get("Shared_Clean", 0)
+    if not resident or resident != clean or any(fields.get(f, 0) for f in _UNCLEAN):
+        return None
+    return (bounds[0], bounds[1], resident)
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _evict_from_cache(path: str) -> None:
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
     """libc's ``madvise``, from the symbols the process already has loaded."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise

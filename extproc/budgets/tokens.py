@@ -9,11 +9,12 @@ models that do not):
     works fully offline, and its token ids match tiktoken's. Loading both tables takes
     ~0.1 s and ~50 MB of memory, so :func:`warm_up` does that at startup; otherwise the
     first request pays for it. Building them reads ~45 MB of the extension file, which
-    stay resident unless given back: :mod:`extproc.budgets.file_pages` does that after
-    each table is built. Counting costs ~45-80 µs per KB of
-    text on one core (measured: English 60, Python code 65-80, CJK 44-54, German 50) and
-    is linear in the input; it holds the GIL, so a 1 MB prompt blocks the event loop for
-    ~60 ms (bound bodies with the 413 limit, or count big bodies in a thread).
+    would stay mapped (and counted in RSS) unless given back:
+    :mod:`extproc.budgets.file_pages` does that after each table is built. Counting
+    costs ~45-80 µs per KB of text on one core (measured: English 60, Python code 65-80,
+    CJK 44-54, German 50) and is linear in the input; it holds the GIL, so a 1 MB prompt
+    blocks the event loop for ~60 ms (bound bodies with the 413 limit, or count big
+    bodies in a thread).
 ``estimate``
     ``ceil(utf8_bytes / 4)`` per text, for model families whose tokenizer we do not ship
     (Anthropic, Gemini, open models). It costs ~0.1 µs per KB for ASCII and ~1 µs per KB
@@ -110,11 +111,10 @@ def _bpe(tokenizer: str) -> _BpeCounter:
         bindings = _bpe_bindings()
         counter = cast(_BpeCounter, bindings.tokenizer_for_encoding(_ENCODINGS[tokenizer]))
         _loaded[tokenizer] = counter
-        # The tables are built: the file pages they were read from are not needed again.
-        released = file_pages.release(os.path.realpath(bindings.__file__ or ""))
-        log.debug(
-            "%s loaded; %.0f MB of the extension's pages released", tokenizer, released / 2**20
-        )
+        if bindings.__file__:
+            # The table is built: the file pages it was read from are not needed again.
+            released = file_pages.release(os.path.realpath(bindings.__file__))
+            log.debug("%s loaded; %d bytes of the extension's pages released", tokenizer, released)
     return counter
 
 

@@ -46,7 +46,7 @@ async def store_health(store: BudgetStore, policy: CompiledPolicy) -> str:
 def warm_tokenizers(policy: CompiledPolicy) -> None:
     """Load the BPE tables the catalogue uses now, so no request pays for it.
 
-    Only when some budget counts tokens: the tables cost ~0.1 s and ~50 MB each, and
+    Only when some budget counts tokens: the tables cost ~0.1 s and ~50 MB together, and
     prompt tokens are counted for metered callers only. A reload that adds budgets loads them on
     first use.
     """
