@@ -138,9 +138,13 @@ class Accountant:
         return True
 
     async def settle_ticket(self, ticket: Ticket, logged: LoggedAnswer) -> None:
-        """Settle ``ticket``'s reservation with what ``logged`` says was used; report it."""
+        """Settle ``ticket``'s reservation with what ``logged`` says was used; report it,
+        unless the reservation's token says this exchange was settled already: then its
+        first report (a report and an access-log record both came, or Envoy re-sent a
+        record) wrote its audit record and metrics."""
         record = ticket.record
         record.update(time=record_time(), status=logged.status or None, served_by=logged.served_by)
+        first = True
         try:
             if record["model"] is not None:
                 usage, source = _used(ticket, logged)
@@ -154,11 +158,14 @@ class Accountant:
                     usage_source=source,
                 )
                 if ticket.settlement is not None:
-                    await self._meter.apply(ticket.settlement, used)
+                    first = await self._meter.apply(ticket.settlement, used)
         except Exception:
             log.exception("settling request %s failed", logged.request_id)
         finally:
-            self._observer.report(record, ticket.traceparent, ticket.started_ns)
+            if first:
+                self._observer.report(record, ticket.traceparent, ticket.started_ns)
+            else:
+                log.debug("request %s was settled and reported already", logged.request_id)
 
     async def read(self, text: str) -> Ticket:
         """The ticket ``text`` carries, or :class:`~extproc.ticket.InvalidTicket`."""

@@ -15,8 +15,9 @@ report: the HTTP authorizer as an answer header Envoy keeps
 A ticket is signed (HMAC-SHA256) and honoured for 23 hours. The access-log port is the gRPC
 port, so a forged record could otherwise give budget back or write audit records. A
 ticket is seen only by Envoy and the service; were one replayed, its budget would still
-settle once (the store remembers a reservation's token for as long as a ticket lives),
-but its exchange would be reported again: keep the gRPC port reachable from Envoy only.
+settle once (the store remembers a reservation's token for as long as a ticket lives) and
+a metered exchange would not be reported again, but one nothing meters would: keep the
+gRPC port reachable from Envoy only.
 The processes of one service share the key: ``EXTPROC_TICKET_KEY`` if set, else one kept
 in the budget store's Redis (:func:`shared_key`), else a random one per start.
 """

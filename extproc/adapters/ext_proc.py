@@ -116,7 +116,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 yield response
                 # Sent: from here the record reports it (a stream cut before this point
                 # is settled and reported by the stream, as one never handed over; cut
-                # right after Envoy took the answer, it is reported twice, settled once).
+                # right after Envoy took the answer, the record then finds the
+                # reservation's token used and reports nothing more).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
                 request = await anext(incoming, None)
         finally:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
     TOKEN_TTL_SECONDS,
+    AdjustResult,
     Counter,
     Delta,
     ReserveResult,
@@ -55,13 +56,13 @@ class MemoryStore:
             True, tuple(self._add(c.key, c.amount, c.expires_at, now) for c in counters)
         )
 
-    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         now = self._tick()
         if token is not None:
             if self._tokens.get(token, 0.0) > now:
-                return tuple(self._value(d.key, now) for d in deltas)
+                return AdjustResult(tuple(self._value(d.key, now) for d in deltas), applied=False)
             self._tokens[token] = now + TOKEN_TTL_SECONDS
-        return tuple(self._add(d.key, d.amount, d.expires_at, now) for d in deltas)
+        return AdjustResult(tuple(self._add(d.key, d.amount, d.expires_at, now) for d in deltas))
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
         now = self._clock()

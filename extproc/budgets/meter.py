@@ -265,15 +265,18 @@ class Meter:
         # reservation's token keeps a repeat from counting twice).
         reservation.settled = True
 
-    async def apply(self, settlement: Settlement, used: Cost) -> None:
-        """Replace what ``settlement`` reserved with what was ``used`` (once per token)."""
+    async def apply(self, settlement: Settlement, used: Cost) -> bool:
+        """Replace what ``settlement`` reserved with what was ``used`` (once per token);
+        ``False`` if it had been applied already (a replayed report of the exchange)."""
         deltas = settlement.deltas(used)
-        if deltas:
-            # Also when nothing changes (used exactly what was reserved): the store then
-            # remembers the token, so a replayed settlement cannot apply other figures.
-            await self._store.adjust(
-                [d for d in deltas if d.amount] or deltas, token=settlement.token
-            )
+        if not deltas:
+            return True
+        # Also when nothing changes (used exactly what was reserved): the store then
+        # remembers the token, so a replayed settlement cannot apply other figures.
+        result = await self._store.adjust(
+            [d for d in deltas if d.amount] or deltas, token=settlement.token
+        )
+        return result.applied
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:

@@ -54,6 +54,7 @@ from extproc.budgets.script_link import Address, ScriptLink
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
     TOKEN_TTL_SECONDS,
+    AdjustResult,
     Counter,
     Delta,
     ReserveResult,
@@ -133,8 +134,9 @@ return out
 # goes out as one script call. KEYS, for each adjust in turn: its idempotency key (or any
 # of its counters, when it has no token), then its counters. ARGV: the token TTL, then for
 # each adjust: 1 if it has a token else 0, its counter count, then amount and expire-at
-# (epoch s) per counter. Returns every counter's new value in order; an adjust whose token
-# was already used changes nothing and returns the current values.
+# (epoch s) per counter. Returns, for each adjust in turn, 1 if it applied, then its
+# counters' new values; an adjust whose token was already used changes nothing and
+# returns 0, then the current values.
 ADJUST_LUA: Final = """
 local out = {}
 local k, a = 1, 2
@@ -142,6 +144,7 @@ while a <= #ARGV do
   local tokened, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
   local applied = tokened ~= '1' or redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1])
+  out[#out + 1] = applied and 1 or 0
   for i = 1, n do
     local key = KEYS[k + i]
     if applied then
@@ -289,9 +292,9 @@ class RedisStore:
             return ReserveResult(True, ())
         return await self._reserves(tuple(counters))
 
-    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         if not deltas:
-            return ()
+            return AdjustResult(())
         return await self._adjusts((token, tuple(deltas)))
 
     async def _send_reserves(self, batch: list[tuple[Counter, ...]]) -> list[ReserveResult]:
@@ -316,7 +319,7 @@ class RedisStore:
 
     async def _send_adjusts(
         self, batch: list[tuple[str | None, tuple[Delta, ...]]]
-    ) -> list[tuple[int, ...]]:
+    ) -> list[AdjustResult]:
         keys: list[str] = []
         args: list[int | str] = [TOKEN_TTL_SECONDS]
         for token, deltas in batch:
@@ -328,12 +331,13 @@ class RedisStore:
             args += ["1" if token else "0", len(deltas)]
             for d in deltas:
                 args += (d.amount, d.expires_at + self._slack)
-        values = [int(v) for v in await self._run(self._adjust, keys, args)]
-        results: list[tuple[int, ...]] = []
+        reply = [int(v) for v in await self._run(self._adjust, keys, args)]
+        results: list[AdjustResult] = []
         at = 0
         for _, deltas in batch:
-            results.append(tuple(values[at : at + len(deltas)]))
-            at += len(deltas)
+            applied, values = reply[at] == 1, tuple(reply[at + 1 : at + 1 + len(deltas)])
+            results.append(AdjustResult(values, applied))
+            at += 1 + len(deltas)
         return results
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:

@@ -41,6 +41,7 @@ from enum import StrEnum
 
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.store import (
+    AdjustResult,
     BudgetStore,
     Counter,
     Delta,
@@ -166,17 +167,17 @@ class ResilientStore:
             self._enqueue(Delta(c.key, c.amount, c.expires_at) for c in counters)
         return result
 
-    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         if not self._degraded:
             try:
-                values = await self._primary.adjust(deltas, token=token)
+                result = await self._primary.adjust(deltas, token=token)
             except StoreUnavailable:
                 self._failed()
             else:
                 if self._mode is FailMode.OPEN:
-                    for delta, value in zip(deltas, values, strict=True):
+                    for delta, value in zip(deltas, result.values, strict=True):
                         self._known.put(delta.key, value, delta.expires_at)
-                return values
+                return result
         self._queued += 1
         self._seed((d.key, d.expires_at) for d in deltas)
         if token is None:

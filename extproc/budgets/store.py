@@ -79,6 +79,16 @@ class ReserveResult:
     failed_key: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AdjustResult:
+    """The outcome of an adjust: the counters' values, in the order of the deltas passed
+    in, and whether it applied. ``applied`` is ``False`` only when its token had been used
+    already: a replayed settlement, whose exchange was reported by the first one."""
+
+    values: tuple[int, ...]
+    applied: bool = True
+
+
 class BudgetStore(Protocol):
     """Where budget counters live. Each call is atomic across all the keys it names."""
 
@@ -89,12 +99,14 @@ class BudgetStore(Protocol):
         """
         ...
 
-    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         """Apply signed deltas regardless of limits; return the new values.
 
         A ``token`` makes the call idempotent: a second call with the same token (within a
-        day) applies nothing and returns the current values. Write-back uses it so a retry
-        after an ambiguous failure cannot count twice.
+        day) applies nothing and returns the current values, ``applied=False``. Settlements
+        use it so that a report of the same exchange, however often it comes, counts and is
+        recorded once; write-back so that a retry after an ambiguous failure cannot count
+        twice.
         """
         ...
 

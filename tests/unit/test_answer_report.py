@@ -31,6 +31,7 @@ from extproc.adapters.answer_report import (
 )
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
+from extproc.budgets.store import AdjustResult
 from extproc.policy.store import PolicyStore
 from extproc.routing import HEADER_SERVED_BY
 from extproc.telemetry.audit import AuditLog
@@ -128,6 +129,27 @@ async def test_a_report_settles_the_reservation_with_the_lifted_usage(tmp_path: 
     assert reserved > 77 and processes.store._entries[counter][0] == 77
 
 
+async def test_an_exchange_reported_twice_is_settled_and_recorded_once(tmp_path: Path) -> None:
+    """The caller left while its report was being settled: Envoy also logs the exchange,
+    unmarked. The record's settlement finds the reservation's token used and writes
+    nothing: one audit record, the budget charged once."""
+    processes = Processes(tmp_path)
+    ticket = await processes.decide()
+    [counter] = processes.store._entries
+    assert await processes.report(ticket, **usage_headers(LIFTED)) == SETTLED
+    entry = log_entry("req-1", 200, {k: float(v) for k, v in LIFTED.items()})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
+        {HEADER_TICKET: ticket}
+    )
+    logged = logged_answer(entry)
+    assert logged is not None
+    assert await processes.deciding._accountant.settle(logged)  # another process's log
+    assert await processes.report(ticket, **usage_headers(LIFTED)) == SETTLED  # a replay
+    assert len(processes.recent) == 1
+    assert not processes.deciding._observer.recent  # its log record wrote nothing
+    assert processes.store._entries[counter][0] == 77
+
+
 async def test_a_report_without_usage_is_estimated_from_the_bytes_sent(tmp_path: Path) -> None:
     processes = Processes(tmp_path)
     ticket = await processes.decide()
@@ -218,7 +240,7 @@ class SlowStore(MemoryStore):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def adjust(self, deltas: Any, *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Any, *, token: str | None = None) -> AdjustResult:
         self.entered.set()
         await self.release.wait()
         return await super().adjust(deltas, token=token)

@@ -26,6 +26,7 @@ from extproc.budgets.redis_store import RedisStore
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
+    AdjustResult,
     BudgetStore,
     Counter,
     Delta,
@@ -144,7 +145,7 @@ async def test_adjust_applies_signed_deltas(
 ) -> None:
     end = window_end()
     await harness.store.reserve([Counter("a", 10, 5, end)])
-    assert await harness.store.adjust([Delta("a", d, end) for d in deltas]) == values
+    assert (await harness.store.adjust([Delta("a", d, end) for d in deltas])).values == values
     assert await harness.store.read(["a"]) == values
 
 
@@ -165,9 +166,10 @@ async def test_a_settlement_that_changes_nothing_still_cannot_be_replayed(
 async def test_adjust_with_a_token_applies_once(harness: Harness) -> None:
     end = window_end()
     deltas = [Delta("a", 4, end), Delta("b", -1, end)]
-    assert await harness.store.adjust(deltas, token="req-1") == (4, -1)
-    assert await harness.store.adjust(deltas, token="req-1") == (4, -1)
-    assert await harness.store.adjust(deltas, token="req-2") == (8, -2)
+    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, -1))
+    # Replayed: nothing applied, and the caller learns so (its exchange is reported once).
+    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, -1), False)
+    assert await harness.store.adjust(deltas, token="req-2") == AdjustResult((8, -2))
 
 
 async def test_reservations_made_together_are_judged_in_turn(harness: Harness) -> None:
@@ -199,7 +201,8 @@ async def test_concurrent_adjusts_each_apply_once_with_their_own_values(
         harness.store.adjust(first, token="t-1"),  # a retried settlement: no effect
         harness.store.adjust([Delta("c", -4, end), Delta("a", 1, end)], token="t-2"),
     )
-    assert results == [(3, 1), (5,), (5, 1), (-4, 6)]
+    assert [r.values for r in results] == [(3, 1), (5,), (5, 1), (-4, 6)]
+    assert [r.applied for r in results] == [True, True, False, True]
     assert await harness.store.read(["a", "b", "c"]) == (6, 1, -4)
 
 
@@ -220,7 +223,7 @@ async def test_counters_expire_with_their_window(harness: Harness) -> None:
 
 async def test_writes_to_a_long_gone_window_are_dropped(harness: Harness) -> None:
     gone = int(time.time()) - EXPIRY_SLACK_SECONDS - 10
-    assert (await harness.store.adjust([Delta("old", 5, gone)])) == (5,)
+    assert (await harness.store.adjust([Delta("old", 5, gone)])).values == (5,)
     assert await harness.store.read(["old"]) == (0,)
 
 
@@ -330,13 +333,13 @@ class FlakyStore:
         self._gate()
         return await self.inner.reserve(counters)
 
-    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> tuple[int, ...]:
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         self._gate()
-        values = await self.inner.adjust(deltas, token=token)
+        result = await self.inner.adjust(deltas, token=token)
         if self.lose_replies:
             self.lose_replies -= 1
             raise StoreUnavailable("applied, but the reply was lost")
-        return values
+        return result
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
         self._gate()
@@ -388,7 +391,7 @@ async def test_fail_open_counts_locally_from_the_last_known_value(flaky: Flaky) 
     calls = primary.calls
     rejected = await store.reserve([Counter("a", 10, 4, end)])
     assert (rejected.ok, rejected.values) == (False, (8,)), "the limit still holds locally"
-    assert await store.adjust([Delta("a", -2, end)]) == (6,)
+    assert (await store.adjust([Delta("a", -2, end)])).values == (6,)
     assert await store.read(["a"]) == (6,)
     assert primary.calls - calls <= 2, "only recovery probes touch a down primary"
     stats = store.stats()
@@ -425,7 +428,9 @@ async def test_a_tokened_adjust_is_written_back_under_its_token(flaky: Flaky) ->
     await store.start()
     await until(lambda: not store.stats().degraded)
     assert await primary.inner.read(["a"]) == (7,)  # the settlement reached Redis
-    assert await primary.inner.adjust([Delta("a", 7, end)], token="req-9") == (7,)
+    assert await primary.inner.adjust([Delta("a", 7, end)], token="req-9") == AdjustResult(
+        (7,), applied=False
+    )
 
 
 async def test_fail_closed_refuses_admission_but_keeps_usage(flaky: Flaky) -> None:
@@ -470,7 +475,7 @@ async def test_fail_open_survives_a_redis_restart(server: RedisServer) -> None:
 
     await asyncio.to_thread(server.kill)
     assert await store.reserve([Counter("a", 10, 3, end)]) == ReserveResult(True, (6,))
-    assert await store.adjust([Delta("a", -1, end)]) == (5,)
+    assert (await store.adjust([Delta("a", -1, end)])).values == (5,)
     assert store.stats().degraded
 
     await asyncio.to_thread(server.start)  # same port, empty: it was started with --save ""
@@ -489,7 +494,7 @@ async def test_fail_open_survives_a_hung_redis(server: RedisServer) -> None:
 
     server.pause()  # accepts connections, never answers: every call times out
     assert await store.reserve([Counter("a", 100, 2, end)]) == ReserveResult(True, (5,))
-    assert await store.adjust([Delta("a", 1, end)]) == (6,)
+    assert (await store.adjust([Delta("a", 1, end)])).values == (6,)
     server.resume()
 
     await until(lambda: not store.stats().degraded)
