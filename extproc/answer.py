@@ -209,17 +209,18 @@ def account(exchange: Exchange) -> None:
         record_answer(exchange, whole)
 
 
-async def settle(exchange: Exchange, meter: Meter) -> None:
-    """Account the exchange and replace its reservation with what was used (idempotent).
+async def settle(exchange: Exchange, meter: Meter) -> bool:
+    """Account the exchange and replace its reservation with what was used (idempotent);
+    ``False`` if another process settled (and reported) it first, from its ticket.
 
     Accounting parses a kept JSON answer; one over
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES` is parsed in a worker thread."""
     await offloaded(_unaccounted_bytes(exchange), account, exchange)
     reservation = exchange.reservation
     if reservation is None or reservation.settled or exchange.model is None:
-        return
+        return True
     assert exchange.used is not None
-    await meter.settle(reservation, exchange.used)
+    return await meter.settle(reservation, exchange.used)
 
 
 def keeps_large_answer(exchange: Exchange) -> bool:

@@ -74,10 +74,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[pb.ProcessingResponse]:
         """One exchange: the request phases, then the answer's if it asked for them."""
         self.streams += 1
+        responses = self._exchange(requests)
         try:
-            async for response in self._exchange(requests):
+            async for response in responses:
                 yield response
         finally:
+            # Closed here, not whenever the collector gets to it: its end settles or hands
+            # over the exchange, and drain() must find that work when it looks.
+            await responses.aclose()
             self.streams -= 1
 
     async def _exchange(
@@ -116,8 +120,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 yield response
                 # Sent: from here the record reports it (a stream cut before this point
                 # is settled and reported by the stream, as one never handed over; cut
-                # right after Envoy took the answer, the record then finds the
-                # reservation's token used and reports nothing more).
+                # right after Envoy took the answer, whichever of the stream and the
+                # record settles second finds the reservation's token used and reports
+                # nothing more).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
                 request = await anext(incoming, None)
         finally:
@@ -153,14 +158,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             await asyncio.gather(*self._finishing, return_exceptions=True)
 
     async def _settle_and_report(self, exchange: Exchange) -> None:
-        await self._settle(exchange)
-        self._observer.finish(exchange)
+        if await self._settle(exchange):
+            self._observer.finish(exchange)
 
-    async def _settle(self, exchange: Exchange) -> None:
+    async def _settle(self, exchange: Exchange) -> bool:
+        """Settle ``exchange``; ``False`` if it was settled and reported from its ticket
+        already (cut right after Envoy took the answer, whose access-log record came
+        first)."""
         try:
-            await answer.settle(exchange, self._meter)
+            return await answer.settle(exchange, self._meter)
         except Exception:
             log.exception("settling request %s failed", exchange.request_id)
+            return True
 
     async def _phase(
         self, exchange: Exchange, request: pb.ProcessingRequest

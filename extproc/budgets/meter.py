@@ -256,14 +256,17 @@ class Meter:
             if value + counter.amount > counter.limit:
                 raise _rate_limited(applicable, counters, values, index, now)
 
-    async def settle(self, reservation: Reservation, used: Cost) -> None:
-        """Replace the reservation with what was used. Safe to call twice (idempotent)."""
+    async def settle(self, reservation: Reservation, used: Cost) -> bool:
+        """Replace the reservation with what was used. Safe to call twice (idempotent);
+        ``False`` if its token had been used already (the exchange's access-log record
+        settled it first, and reported it)."""
         if reservation.settled:
-            return
-        await self.apply(reservation.settlement, used)
+            return True
+        applied = await self.apply(reservation.settlement, used)
         # Marked after the store has it: a settlement cut short can run again (the
         # reservation's token keeps a repeat from counting twice).
         reservation.settled = True
+        return applied
 
     async def apply(self, settlement: Settlement, used: Cost) -> bool:
         """Replace what ``settlement`` reserved with what was ``used`` (once per token);

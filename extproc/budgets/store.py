@@ -100,7 +100,7 @@ class BudgetStore(Protocol):
         ...
 
     async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
-        """Apply signed deltas regardless of limits; return the new values.
+        """Apply signed deltas regardless of limits; the new values, and whether applied.
 
         A ``token`` makes the call idempotent: a second call with the same token (within a
         day) applies nothing and returns the current values, ``applied=False``. Settlements

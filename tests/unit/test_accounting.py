@@ -398,3 +398,29 @@ async def test_a_process_follows_the_shared_key_without_meeting_a_ticket(
         following.cancel()
     ticket = await handed(deciding, "sk-demo-restricted")
     TicketSigner(shared).read(ticket)  # the replicas using the shared key can read it
+
+
+async def test_a_stream_cut_as_envoy_takes_the_answer_is_reported_once(tmp_path: Path) -> None:
+    """Envoy drops the stream right after taking the ticket: the stream, not knowing it was
+    taken, settles and reports the exchange itself, and the access-log record does too.
+    Whichever settles second finds the reservation's token used and writes nothing."""
+    headers = {"authorization": "Bearer sk-demo-restricted", "x-request-id": "req-1"}
+    for log_first in (True, False):
+        proc = processor(policy_file(tmp_path))
+
+        async def envoy() -> AsyncIterator[pb.ProcessingRequest]:
+            yield request_headers("/v1/chat/completions", headers)
+            yield request_body(CHAT)
+
+        stream = proc.Process(envoy(), None)
+        responses = [await anext(stream), await anext(stream)]
+        ticket = ticket_of(responses)
+        assert ticket is not None
+        logged = LoggedAnswer("req-1", ticket, 200, {"prompt_tokens": 9}, None, 9)
+        if log_first:
+            assert await accountant(proc).settle(logged)
+        await stream.aclose()  # cut before the stream learns Envoy took the answer
+        await proc.drain()
+        if not log_first:
+            assert await accountant(proc).settle(logged)
+        assert len(proc._observer.recent) == 1, log_first
