@@ -52,6 +52,10 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
 T = TypeVar("T")
 
+MAX_REQUEST_ID_CHARS = 256
+"""A caller's ``x-request-id`` longer than this is cut to it in the audit record and the
+ticket; a ``traceparent`` longer than this is not one (W3C's is 55 characters) and is
+ignored. Both travel in the ticket, which must fit in a header."""
 OFFLOAD_BODY_BYTES = 256 * 1024
 """Bodies above this are parsed and counted in a worker thread, so one huge prompt never
 stalls the event loop (and every other stream on it)."""
@@ -72,8 +76,10 @@ def on_request_headers(
     exchange.method = headers.get(":method", "")
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
-    exchange.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-    exchange.traceparent = headers.get("traceparent")
+    exchange.request_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:MAX_REQUEST_ID_CHARS]
+    traceparent = headers.get("traceparent")
+    if traceparent is not None and len(traceparent) <= MAX_REQUEST_ID_CHARS:
+        exchange.traceparent = traceparent
     exchange.trace_id = trace_id(exchange.traceparent)
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)

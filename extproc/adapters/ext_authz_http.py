@@ -74,8 +74,10 @@ NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
 MAX_TICKET_CHARS = 16 * 1024
 """A ticket longer than this goes through ext_proc's metadata instead of an answer header
-(Envoy takes at most 60 KiB of headers from the authorization service); only a caller's
-oversized ids make one this long."""
+(Envoy takes at most 60 KiB of headers from the authorization service). The caller's ids
+are bounded (:data:`extproc.pipeline.MAX_REQUEST_ID_CHARS`), so only a policy with
+extreme names could make one this long; ext_proc then reserves again, and a
+requests-per-window limit counts that request twice."""
 Write = Callable[[bytes], bool]
 """Writes one answer to Envoy; ``False`` if the connection is gone."""
 
@@ -195,7 +197,6 @@ class HttpAuthorizer:
         if _answer_is_read(exchange):
             issued = self._tickets.issue(exchange)
             if len(issued) > MAX_TICKET_CHARS:
-                # ext_proc reserves again: a requests-per-window limit counts it twice.
                 await self._release(exchange)
                 write(_HANDED_OVER)
                 return

@@ -457,11 +457,33 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
 
 
 async def test_a_ticket_too_long_for_a_header_hands_the_request_over(
-    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+    authz: tuple[int, ext_authz_http.HttpAuthorizer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A caller's 20 KB request id would make the answer's headers too long for Envoy:
-    ext_proc decides the request instead (its metadata has no such limit)."""
+    """A ticket too long for Envoy's answer headers (the limit lowered here: the caller's
+    ids are bounded, so only extreme policy names could do it): ext_proc decides the
+    request instead (its metadata has no such limit)."""
     _, authorizer = authz
-    assert await answer(authorizer, chat_check("r" * 20_000)) == ext_authz_http._HANDED_OVER
+    monkeypatch.setattr(ext_authz_http, "MAX_TICKET_CHARS", 100)
+    assert await answer(authorizer, chat_check("r1")) == ext_authz_http._HANDED_OVER
+    monkeypatch.undo()
     # Nothing stays reserved for it: the 300-token budget fits the same request again.
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, chat_check("r2"))
+
+
+async def test_a_callers_oversized_ids_are_cut_and_the_authorizer_still_decides(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer],
+) -> None:
+    """A 20 KB x-request-id (and traceparent) would make the ticket too long for a header:
+    the id is cut to MAX_REQUEST_ID_CHARS in the record and ticket, the traceparent, not a
+    W3C one at that length, ignored."""
+    _, authorizer = authz
+    check = chat_check("r" * 20_000)
+    check.headers["traceparent"] = "00-" + "a" * 20_000
+    written = (await answer(authorizer, check)).decode()
+    assert "x-gateway-accounting: envoy" in written
+    ticket = dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)[
+        accounting.HEADER_TICKET
+    ]
+    record = authorizer._tickets.read(ticket).record
+    assert record["request_id"] == "r" * pipeline.MAX_REQUEST_ID_CHARS
+    assert record["trace_id"] is None
