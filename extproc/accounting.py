@@ -160,12 +160,12 @@ class Accountant:
                 if ticket.settlement is not None:
                     first = await self._meter.apply(ticket.settlement, used)
         except Exception:
-            log.exception("settling request %s failed", logged.request_id)
+            log.exception("settling request %s failed", record.get("request_id"))
         finally:
             if first:
                 self._observer.report(record, ticket.traceparent, ticket.started_ns)
             else:
-                log.debug("request %s was settled and reported already", logged.request_id)
+                log.debug("request %s was settled and reported already", record.get("request_id"))
 
     async def read(self, text: str) -> Ticket:
         """The ticket ``text`` carries, or :class:`~extproc.ticket.InvalidTicket`."""

@@ -45,7 +45,7 @@ def reported_answer(headers: Mapping[str, str]) -> LoggedAnswer:
             except ValueError:
                 continue  # not a count: estimated instead
     return LoggedAnswer(
-        request_id="",
+        request_id="",  # in the ticket's record, which names the exchange in logs
         ticket=headers.get(HEADER_TICKET) or None,
         status=_count(headers.get(HEADER_STATUS)),
         usage=usage,

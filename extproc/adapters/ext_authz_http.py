@@ -34,7 +34,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
@@ -140,8 +140,7 @@ class HttpAuthorizer:
             if ticket is None:
                 write(_REPORT_REFUSED)
                 return
-            request_id = str(ticket.record.get("request_id") or "")
-            await self._accountant.settle_ticket(ticket, replace(logged, request_id=request_id))
+            await self._accountant.settle_ticket(ticket, logged)
         except Exception:
             log.exception("settling an answer report failed; its access-log record will")
             write(_REPORT_REFUSED)

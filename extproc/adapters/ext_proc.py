@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -72,28 +72,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        """One exchange: the request phases, then the answer's if it asked for them."""
-        self.streams += 1
-        responses = self._exchange(requests)
-        try:
-            async for response in responses:
-                yield response
-        finally:
-            # Closed here, not whenever the collector gets to it: its end settles or hands
-            # over the exchange, and drain() must find that work when it looks.
-            await responses.aclose()
-            self.streams -= 1
-
-    async def _exchange(
-        self, requests: AsyncIterator[pb.ProcessingRequest]
-    ) -> AsyncGenerator[pb.ProcessingResponse, None]:
         exchange = Exchange(
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
-        incoming = aiter(requests)
+        self.streams += 1
         try:
-            request = await anext(incoming, None)
-            while request is not None:
+            async for request in requests:
                 phase = request.WhichOneof("request") or "unknown"
                 started = time.perf_counter()
                 try:
@@ -124,8 +108,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 # record settles second finds the reservation's token used and reports
                 # nothing more).
                 exchange.handed_to_envoy = exchange.handed_to_envoy or handing
-                request = await anext(incoming, None)
         finally:
+            self.streams -= 1
             self._finish(exchange)
 
     def _finish(self, exchange: Exchange) -> None:
@@ -140,17 +124,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             return  # no request; or the access log will report it (accounting.py)
         unsettled = exchange.reservation is not None and not exchange.reservation.settled
         if unsettled or answer.keeps_large_answer(exchange):
-            self._spawn(self._settle_and_report(exchange))
+            task = asyncio.create_task(self._settle_and_report(exchange))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
             return
         answer.account(exchange)
         self._observer.finish(exchange)
-
-    def _spawn(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``settling`` in a task of its own, which :meth:`drain` waits for."""
-        task = asyncio.create_task(settling)
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-        return task
 
     async def drain(self) -> None:
         """Wait for settlements still running (called on shutdown, after streams end)."""

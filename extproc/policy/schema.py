@@ -306,15 +306,16 @@ class AuditSettings(_Strict):
 class Settings(_Strict):
     accounting: Literal["service", "envoy"] = Field(
         default="service",
-        description="Where answers are read for budgets, metrics and audit. service: "
-        "through ext_proc's response phases (only those, on a stream of their own, for a "
-        "request the HTTP authorizer decided), settled before the answer ends. envoy: Envoy "
-        "lifts the usage (json_to_metadata / sse_to_metadata) and its gRPC access log "
-        "hands it over once the answer ends: no ext_proc stream for such a request, settled "
-        "a moment later. Answers the service must rewrite or check (translation, output "
-        "guardrails, MCP) are always read by the service. Behind the HTTP authorizer both "
-        "need envoy/gateway.yaml's filters and access log (service: the ext_proc matcher's "
-        "answer branch; envoy: the lifting filters).",
+        description="Where answers are read for budgets, metrics and audit. Either way "
+        "Envoy lifts the usage (json_to_metadata / sse_to_metadata) of an answer needed only "
+        "to account for it, and the exchange is settled from its signed ticket. service: "
+        "Envoy reports the answer to the service before its end (a Lua filter, one HTTP "
+        "request to the authorizer's port), settled before the caller has it. envoy: its "
+        "gRPC access log hands it over once the answer ends, settled a moment later. "
+        "Answers the service must rewrite or check (translation, output guardrails, MCP) "
+        "are always read by the service, through ext_proc. Behind the HTTP authorizer both "
+        "need envoy/gateway.yaml's lifting filters and access log (service: also its "
+        "report filter).",
     )
     unknown_paths: Literal["reject", "passthrough"] = Field(
         default="reject",

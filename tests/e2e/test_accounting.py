@@ -272,6 +272,37 @@ def test_streamed_answer_is_settled_from_its_usage_chunk(
     )
 
 
+def test_under_service_the_budget_is_settled_when_the_caller_has_the_end(
+    stack: Stack, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """accounting: service holds the answer's end until the service has settled it, so a
+    caller who reads its budget right after the answer sees it settled; under envoy the
+    access log settles it a flush later. (Were the report lost, the access log would
+    still settle it, but only after the end.)"""
+    meter = client(stack, "meter")
+    for stream in (False, True):
+        before = counter(redis_server, "meter", "output_tokens")
+        messages = [{"role": "user", "content": "one two three four five"}]
+        if stream:
+            chunks = list(
+                meter.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True)
+            )
+            usage = chunks[-1].usage
+        else:
+            usage = meter.chat.completions.create(model="gpt-4o-mini", messages=messages).usage
+        assert usage is not None
+
+        expected = before + usage.completion_tokens
+
+        def settled(expected: int = expected) -> bool:
+            return counter(redis_server, "meter", "output_tokens") == expected
+
+        if answer_reported(request):
+            assert settled(), f"stream={stream}: not settled when the answer ended"
+        else:
+            eventually(settled, f"stream={stream}: never settled")
+
+
 def test_a_stream_handed_to_ext_proc_settles_from_its_ticket_and_drops_a_forged_mark(
     stack: Stack, raw: Http, redis_server: RedisServer
 ) -> None:
