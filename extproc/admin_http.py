@@ -1,20 +1,26 @@
 """The admin HTTP port: ``/healthz`` for readiness probes and ``/metrics`` for Prometheus.
 
 Served from the same event loop as the gRPC server (single worker) or from the
-supervising parent (``--workers N``); nothing here is on the request path.
+supervising parent (``--workers N``); nothing here is on the request path. GET and HEAD
+on those two paths; anything else is a 404 or a 405, in JSON.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 
 import orjson
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from extproc import http_server
+from extproc.decisions import Headers
+from extproc.http_server import Request, Write, frame
 from extproc.policy.store import PolicyStore
+
+log = logging.getLogger(__name__)
 
 
 class _PolicyCollector(Collector):
@@ -41,38 +47,62 @@ Readiness = Callable[[], Awaitable[dict[str, object]]]
 """Returns the serving state; its ``ready`` entry decides the status code of /healthz."""
 
 
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+MAX_REQUEST_BYTES = 64 * 1024
+"""A probe or a scrape is a request line and a few headers."""
+_METHODS = ("GET", "HEAD")
+_UNREADABLE = frame(
+    400,
+    (("content-type", "application/json"), ("connection", "close")),
+    _error("unreadable or too large HTTP request"),
+)
+
+
 async def start(
     host: str,
     port: int,
     policies: PolicyStore,
     readiness: Readiness,
     registry: CollectorRegistry,
-) -> web.AppRunner:
-    """Start serving ``registry`` (plus the policy's state); the caller owns the runner."""
+) -> http_server.Server:
+    """Start serving ``registry`` (plus the policy's state); the caller closes the server."""
     registry.register(_PolicyCollector(policies))
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz() -> tuple[int, str, bytes]:
         state = await readiness()
         status = {
             **state,
             "policy_version": policies.current.version,
             "policy_path": str(policies.path),
         }
-        return web.Response(
-            body=orjson.dumps(status),
-            status=200 if state.get("ready") else 503,
-            content_type="application/json",
-        )
+        return 200 if state.get("ready") else 503, "application/json", orjson.dumps(status)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    async def metrics() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
-    return runner
+    routes = {"/healthz": healthz, "/metrics": metrics}
+
+    async def answer(request: Request, write: Write) -> None:
+        method = request.headers[":method"]
+        route = routes.get(request.headers.get(":path", "").partition("?")[0])
+        headers: Headers = ()
+        if route is None:
+            status, content_type, body = 404, "application/json", _error("not found")
+        elif method not in _METHODS:
+            status, content_type, body = 405, "application/json", _error("use GET")
+            headers = (("allow", ", ".join(_METHODS)),)
+        else:
+            try:
+                status, content_type, body = await route()
+            except Exception:
+                log.exception("answering %s failed", request.headers.get(":path"))
+                status, content_type, body = 500, "application/json", _error("internal error")
+        answer = frame(status, (("content-type", content_type), *headers), body)
+        write(answer[: len(answer) - len(body)] if method == "HEAD" else answer)
+
+    server = http_server.Server(answer, _UNREADABLE, MAX_REQUEST_BYTES)
+    await server.start(host, port, reuse_port=False)
+    return server

@@ -39,7 +39,7 @@ from extproc.adapters.admin_api import AdminApi
 from extproc.adapters.ext_authz import Authorization
 from extproc.adapters.ext_proc import ExternalProcessor
 from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
-from extproc.budgets import wiring
+from extproc.budgets import tokens, wiring
 from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
 from extproc.budgets.redis_store import DEFAULT_PREFIX, RedisTarget, check_prefix
@@ -112,8 +112,13 @@ class ConfigurationError(Exception):
     """Settings that cannot work together; the message says what to change."""
 
 
-def serve(settings: ServeSettings) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
+def serve(settings: ServeSettings, policies: PolicyStore) -> int:
+    """Serve ``policies`` until SIGTERM/SIGINT; return the process exit code.
+
+    The caller loads the policy (and may load its BPE tables first, as the CLI does
+    before importing this module, to keep their loading's passing memory off the
+    process's peak: :func:`extproc.cli.load_for_serving`).
+    """
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigurationError(
             f"--workers {settings.workers} needs a budget store the workers share: "
@@ -137,9 +142,12 @@ def serve(settings: ServeSettings) -> int:
             else _ticket_key(settings.redis)
         )
         settings = dataclasses.replace(settings, ticket_key=key)
+    # Before serving (and before the workers fork, so that they share them): no request
+    # pays for loading the tables. A no-op if the caller loaded them.
+    tokens.warm_up(policies.current.counted_tokenizers)
     if settings.workers <= 1:
-        return _run(_serve_single(settings))
-    return _supervise(settings)
+        return _run(_serve_single(settings, policies))
+    return _supervise(settings, policies)
 
 
 def _ticket_key(redis: RedisTarget | None) -> bytes:
@@ -162,8 +170,8 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
-async def _serve_single(settings: ServeSettings) -> int:
-    await _serve_grpc(settings, PolicyStore(settings.policy), admin=True)
+async def _serve_single(settings: ServeSettings, policies: PolicyStore) -> int:
+    await _serve_grpc(settings, policies, admin=True)
     return 0
 
 
@@ -173,7 +181,6 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     With ``admin`` this process also serves the admin port, which reports ready only
     once the gRPC server accepts streams.
     """
-    await asyncio.to_thread(wiring.warm_tokenizers, policies.current)
     store = wiring.open_store(settings.redis, policies.current)
     await wiring.start_store(store)
     registry = CollectorRegistry()
@@ -236,9 +243,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         ready = not stop.is_set() and store_state != "unreachable"
         return {"ready": ready, "workers": 1, "budget_store": store_state}
 
-    runner = None
+    admin_server = None
     if admin:
-        runner = await admin_http.start(
+        admin_server = await admin_http.start(
             settings.admin_host, settings.admin_port, policies, readiness, registry
         )
     log.info(
@@ -282,8 +289,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         await asyncio.to_thread(tracing.shutdown)
     await alerts.close()
     await store.close()
-    if runner is not None:
-        await runner.cleanup()
+    if admin_server is not None:
+        admin_server.close()
     log.info("stopped")
 
 
@@ -401,28 +408,21 @@ async def _grpc_serving(address: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _load_shared(policies: PolicyStore) -> None:
-    """Load, before the workers fork, what every worker would otherwise load for itself.
+def _supervise(settings: ServeSettings, policies: PolicyStore) -> int:
+    """Fork the workers, serve the admin port, forward stop signals, reap the workers.
 
-    Compiling the policy imports Presidio's recognizers and builds them; the budgets load
-    the BPE tables. Forked after this, the workers share those pages with the supervisor
-    instead of each holding a copy (measured: 70 MB of PSS per worker, against 238 MB for
-    a process of its own) and start serving without repeating the loading. Frozen first,
-    so that no collection in a worker writes to (and so copies) the pages holding those
-    objects: CPython's documented recipe for fork without exec.
+    What every worker would otherwise load for itself is loaded before they fork: the
+    compiled policy with Presidio's recognizers (by the caller), the BPE tables (by
+    :func:`serve`). Forked after, the workers share those pages with this process instead
+    of each holding a copy (measured: 70 MB of PSS per worker, against 238 MB for a process
+    of its own) and start serving without repeating the loading. Frozen first, so that no
+    collection in a worker writes to (and so copies) the pages holding those objects:
+    CPython's documented recipe for fork without exec.
     """
-    wiring.warm_tokenizers(policies.current)
-    _freeze_startup_objects()
-
-
-def _supervise(settings: ServeSettings) -> int:
-    """Load what the workers share, fork them, serve the admin port, forward stop signals,
-    reap the workers."""
     # Workers write their metrics to files here; this process adds them up on /metrics.
     # The CLI makes it (and removes it on exit) before prometheus_client is first imported.
     metrics_dir = os.environ[METRICS_DIR_VARIABLE]
-    policies = PolicyStore(settings.policy)
-    _load_shared(policies)
+    _freeze_startup_objects()
     # No event loop, gRPC object or Python thread exists yet, so forking is safe (numpy,
     # which Presidio imports, has started OpenBLAS's pool: it re-creates it after a fork).
     context = multiprocessing.get_context("fork")
@@ -497,7 +497,7 @@ async def _supervise_workers(
                     await asyncio.wait_for(stop.wait(), timeout=0.5)
         finally:
             watcher.cancel()
-            await admin.cleanup()
+            admin.close()
         if not stop.is_set():
             log.error("a worker exited unexpectedly; stopping the others")
             return 1

@@ -22,24 +22,17 @@ a kept-alive connection, and takes the answer as:
 The same port takes Envoy's reports of answers (:mod:`.answer_report`), on a path of their
 own, answered 204 once settled.
 
-The wire format is parsed by httptools (llhttp, the parser uvicorn uses); this module only
-frames answers. Requests on one connection are answered in order.
+The wire format is parsed and connections kept by :mod:`extproc.http_server`; this module
+decides and frames the answers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import cast
 
-import httptools
-
-from extproc import pipeline
+from extproc import http_server, pipeline
 from extproc.accounting import HEADER, HEADER_TICKET, Accountant
 from extproc.adapters.answer_report import REPORT_PATH, reported_answer
 from extproc.budgets.meter import Cost, Meter
@@ -47,6 +40,7 @@ from extproc.decisions import Forward, Headers, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.errors import NotFound
 from extproc.exchange import Clock, Exchange, utc_now
+from extproc.http_server import Request, Write, frame
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer
 from extproc.ticket import InvalidTicket, TicketSigner
@@ -62,13 +56,6 @@ HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
 _HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-}
 _REPORT_SETTLED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
@@ -78,17 +65,11 @@ MAX_TICKET_CHARS = 16 * 1024
 are bounded (:data:`extproc.pipeline.MAX_REQUEST_ID_CHARS`), so only a policy with
 extreme names could make one this long; ext_proc then reserves again, and a
 requests-per-window limit counts that request twice."""
-Write = Callable[[bytes], bool]
-"""Writes one answer to Envoy; ``False`` if the connection is gone."""
 
-
-@dataclass(slots=True)
-class Check:
-    """One authorization request: the client request's headers, with ``:method`` and
-    ``:path`` as ext_proc names them, and its body."""
-
-    headers: dict[str, str] = field(default_factory=dict)
-    body: list[bytes] = field(default_factory=list)
+MAX_CHECK_BYTES = 64 * 1024 * 1024
+"""Bounds one check (head and body). Envoy bounds what it sends (the ext_authz filter's
+``max_request_bytes`` in envoy/gateway.yaml); this only keeps another client of the port
+from holding the process's memory."""
 
 
 class HttpAuthorizer:
@@ -113,7 +94,7 @@ class HttpAuthorizer:
         self.checks = 0
         """Checks and answer reports being answered now (shutdown waits for them)."""
 
-    async def answer(self, check: Check, write: Write) -> None:
+    async def answer(self, check: Request, write: Write) -> None:
         """Answer ``check``: an answer report (:mod:`.answer_report`), or a request to decide."""
         self.checks += 1
         try:
@@ -124,7 +105,7 @@ class HttpAuthorizer:
         finally:
             self.checks -= 1
 
-    async def _settle_report(self, check: Check, write: Write) -> None:
+    async def _settle_report(self, check: Request, write: Write) -> None:
         """Settle the exchange a report describes, then say so: 204, on which Envoy's Lua
         filter marks it answered (never 200, which ext_authz would take for "allowed").
         Anything but a POST with a ticket this service signed is a client's request for a
@@ -147,7 +128,7 @@ class HttpAuthorizer:
             return
         write(_REPORT_SETTLED)
 
-    async def _decide(self, check: Check, write: Write) -> None:
+    async def _decide(self, check: Request, write: Write) -> None:
         """Decide ``check`` and ``write`` the answer; never raises (a failure hands the
         request over). ``write`` returns ``False`` when Envoy has gone (it gave up on the
         check, or the caller left): a decided exchange then gives its reservation back."""
@@ -248,25 +229,11 @@ def _allowed(forward: Forward, metadata: Headers, mark: Headers) -> bytes:
     headers: Headers = (*upstream, *forward.answer_headers, *metadata)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))
-    return _frame(200, headers, b"")
+    return frame(200, headers, b"")
 
 
 def _refused(reply: Reply) -> bytes:
-    return _frame(reply.status, reply.headers, reply.body)
-
-
-def _frame(status: int, headers: Headers, body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Refused')}"]
-    lines += [f"{name}: {_safe(value)}" for name, value in headers if name != "content-length"]
-    lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
-
-
-def _safe(value: str) -> str:
-    """A header value cannot carry a line break (it would forge headers)."""
-    if "\r" in value or "\n" in value:
-        raise ValueError("header value with a line break")
-    return value
+    return frame(reply.status, reply.headers, reply.body)
 
 
 _REPORT_REFUSED = _refused(
@@ -274,103 +241,10 @@ _REPORT_REFUSED = _refused(
 )
 
 
-class _Connection(asyncio.Protocol):
-    """One kept-alive connection from Envoy; its checks are answered in arrival order."""
-
-    def __init__(self, authorizer: HttpAuthorizer, open_connections: set[_Connection]) -> None:
-        self._authorizer = authorizer
-        self._open = open_connections
-        self._parser = httptools.HttpRequestParser(self)
-        self._check = Check()
-        self._queue: deque[Check] = deque()
-        self._serving: asyncio.Task[None] | None = None
-        self._transport: asyncio.Transport | None = None
-        self._closing = False
-
-    def close_when_idle(self) -> None:
-        """Shutdown: close now if no check is being answered, else after its answer."""
-        self._closing = True
-        if self._serving is None and self._transport is not None:
-            self._transport.close()
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._open.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # A check this parser cannot read (llhttp knows fewer methods than Envoy):
-            # ext_proc decides the request instead. The connection's framing is lost, so
-            # it closes; Envoy opens a new one for the next check.
-            assert self._transport is not None
-            self._transport.write(_HANDED_OVER_AND_CLOSE)
-            self._transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._open.discard(self)
-
-    # httptools callbacks
-    def on_url(self, url: bytes) -> None:
-        path = self._check.headers.get(":path", "") + url.decode("utf-8", "replace")
-        self._check.headers[":path"] = path
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._check.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
-
-    def on_body(self, body: bytes) -> None:
-        self._check.body.append(body)
-
-    def on_message_complete(self) -> None:
-        check, self._check = self._check, Check()
-        check.headers[":method"] = self._parser.get_method().decode("ascii")
-        self._queue.append(check)
-        if self._serving is None:
-            self._serving = asyncio.get_running_loop().create_task(self._serve())
-
-    def _write(self, answer: bytes) -> bool:
-        if self._transport is None or self._transport.is_closing():
-            return False
-        self._transport.write(answer)
-        return True
-
-    async def _serve(self) -> None:
-        try:
-            while self._queue:
-                await self._authorizer.answer(self._queue.popleft(), self._write)
-        finally:
-            self._serving = None
-            if self._closing and self._transport is not None:
-                self._transport.close()
-
-
-class AuthorizerServer:
-    """The listening socket and the connections Envoy keeps open to it."""
-
-    def __init__(self, server: asyncio.Server, connections: set[_Connection]) -> None:
-        self._server = server
-        self._connections = connections
-
-    @property
-    def port(self) -> int:
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def close(self) -> None:
-        """Stop taking connections and checks: idle connections close now, busy ones once
-        their check is answered (Envoy fails closed on checks it can no longer send)."""
-        self._server.close()
-        for connection in list(self._connections):
-            connection.close_when_idle()
-
-
-async def start(authorizer: HttpAuthorizer, host: str, port: int) -> AuthorizerServer:
-    """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT)."""
-    loop = asyncio.get_running_loop()
-    connections: set[_Connection] = set()
-    server = await loop.create_server(
-        lambda: _Connection(authorizer, connections), host, port, reuse_port=True
-    )
-    return AuthorizerServer(server, connections)
+async def start(authorizer: HttpAuthorizer, host: str, port: int) -> http_server.Server:
+    """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT). Closing
+    the server stops taking checks: idle connections close at once, busy ones once their
+    check is answered (Envoy fails closed on checks it can no longer send)."""
+    server = http_server.Server(authorizer.answer, _HANDED_OVER_AND_CLOSE, MAX_CHECK_BYTES)
+    await server.start(host, port, reuse_port=True)
+    return server

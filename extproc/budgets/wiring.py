@@ -11,7 +11,6 @@ from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.redis_store import RedisStore, RedisTarget
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import BudgetStore, StoreUnavailable
-from extproc.budgets.tokens import warm_up
 from extproc.policy.compiled import CompiledPolicy
 
 
@@ -41,23 +40,3 @@ async def store_health(store: BudgetStore, policy: CompiledPolicy) -> str:
     except StoreUnavailable:
         return "degraded" if policy.on_store_error == "fail_open" else "unreachable"
     return "ok"
-
-
-def warm_tokenizers(policy: CompiledPolicy) -> None:
-    """Load the BPE tables the catalogue uses now, so no request pays for it.
-
-    Only when some budget counts tokens: the tables cost ~0.1 s and ~50 MB together, and
-    prompt tokens are counted for metered callers only. A reload that adds budgets loads them on
-    first use.
-    """
-    if has_limits(policy):
-        warm_up({model.tokenizer for model in policy.catalogue})
-
-
-def has_limits(policy: CompiledPolicy) -> bool:
-    return bool(
-        policy.global_limits
-        or any(policy.team_limits.values())
-        or any(policy.user_limits.values())
-        or any(key.limits for key in policy.keys_by_digest.values())
-    )

@@ -152,6 +152,19 @@ class CompiledPolicy:
         user_limits = self.user_limits.get(user, ()) if user is not None else ()
         return (*user_limits, *self.team_limits.get(team, ()), *self.global_limits)
 
+    @property
+    def counted_tokenizers(self) -> frozenset[str]:
+        """The tokenizers requests will count with: the catalogue's, if any budget is set
+        (prompt tokens are counted for metered callers only), else none."""
+        if not (
+            self.global_limits
+            or any(self.team_limits.values())
+            or any(self.user_limits.values())
+            or any(key.limits for key in self.keys_by_digest.values())
+        ):
+            return frozenset()
+        return frozenset(model.tokenizer for model in self.catalogue)
+
 
 class _Globs:
     """A ModelAccess rule turned into two compiled regular expressions."""

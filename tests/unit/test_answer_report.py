@@ -12,6 +12,7 @@ import orjson
 import pytest
 import yaml
 
+from extproc import http_server
 from extproc.accounting import (
     ANSWERED,
     AUTHZ_NAMESPACE,
@@ -104,7 +105,7 @@ async def call(
     authz: ext_authz_http.HttpAuthorizer, headers: dict[str, str], body: bytes
 ) -> tuple[int, dict[str, str], bytes]:
     written: list[bytes] = []
-    await authz.answer(ext_authz_http.Check(headers, [body]), lambda d: written.append(d) is None)
+    await authz.answer(http_server.Request(headers, [body]), lambda d: written.append(d) is None)
     [answer] = written
     head, _, rest = answer.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")

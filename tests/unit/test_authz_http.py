@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from extproc import accounting, pipeline, routing
+from extproc import accounting, http_server, pipeline, routing
 from extproc.adapters import ext_authz_http
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
@@ -257,7 +257,7 @@ class Recorder(Observer):
         super().finish(exchange)
 
 
-Served = tuple[ext_authz_http.AuthorizerServer, ext_authz_http.HttpAuthorizer]
+Served = tuple[http_server.Server, ext_authz_http.HttpAuthorizer]
 
 
 @pytest.fixture
@@ -371,7 +371,7 @@ async def test_a_check_the_parser_cannot_read_is_handed_over_and_the_connection_
     writer.close()
 
 
-def chat_check(request_id: str) -> ext_authz_http.Check:
+def chat_check(request_id: str) -> http_server.Request:
     """A check as Envoy sends it for a chat request of the 300-token team."""
     headers = {
         ":method": "POST",
@@ -379,10 +379,10 @@ def chat_check(request_id: str) -> ext_authz_http.Check:
         "authorization": "Bearer sk-apps",
         "x-request-id": request_id,
     }
-    return ext_authz_http.Check(headers, [chat(max_tokens=250)])
+    return http_server.Request(headers, [chat(max_tokens=250)])
 
 
-async def answer(authorizer: ext_authz_http.HttpAuthorizer, check: ext_authz_http.Check) -> bytes:
+async def answer(authorizer: ext_authz_http.HttpAuthorizer, check: http_server.Request) -> bytes:
     """What the authorizer writes back for ``check`` on a live connection."""
     written: list[bytes] = []
     await authorizer.answer(check, lambda data: written.append(data) is None)
