@@ -283,7 +283,7 @@ def load_for_serving(path: Path) -> PolicyStore:
 
     Building a table reads ~33 MB of its extension's file pages, given back once it is
     built (:mod:`extproc.budgets.file_pages`); built first, those pages add to a process
-    holding ~50 MB rather than ~100 MB (gRPC, uvloop, redis-py and the rest), so they do not
+    holding ~50 MB rather than ~85 MB (gRPC, uvloop, redis-py and the rest), so they do not
     set its peak RSS (measured with the benchmark's full policy, ready and idle: 160-176 MB
     before, 145 MB after, what it holds anyway).
     """
