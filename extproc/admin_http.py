@@ -53,12 +53,12 @@ def _error(message: str) -> bytes:
 
 MAX_REQUEST_BYTES = 64 * 1024
 """A probe or a scrape is a request line and a few headers."""
+KEEP_ALIVE_SECONDS = 75.0
+"""Idle connections (and requests half-sent for that long) are closed after this."""
 _METHODS = ("GET", "HEAD")
-_UNREADABLE = frame(
-    400,
-    (("content-type", "application/json"), ("connection", "close")),
-    _error("unreadable or too large HTTP request"),
-)
+_JSON = ("content-type", "application/json")
+_UNREADABLE = frame(400, (_JSON,), _error("unreadable or too large HTTP request"))
+_FAILED = frame(500, (_JSON,), _error("internal error"))
 
 
 async def start(
@@ -85,24 +85,30 @@ async def start(
 
     routes = {"/healthz": healthz, "/metrics": metrics}
 
-    async def answer(request: Request, write: Write) -> None:
-        method = request.headers[":method"]
+    async def respond(request: Request, write: Write) -> None:
+        """The server leaves a HEAD answer's body out."""
         route = routes.get(request.headers.get(":path", "").partition("?")[0])
         headers: Headers = ()
         if route is None:
-            status, content_type, body = 404, "application/json", _error("not found")
-        elif method not in _METHODS:
-            status, content_type, body = 405, "application/json", _error("use GET")
+            status, content_type, body = 404, _JSON[1], _error("not found")
+        elif request.headers[":method"] not in _METHODS:
+            status, content_type, body = 405, _JSON[1], _error("use GET or HEAD")
             headers = (("allow", ", ".join(_METHODS)),)
         else:
             try:
                 status, content_type, body = await route()
             except Exception:
                 log.exception("answering %s failed", request.headers.get(":path"))
-                status, content_type, body = 500, "application/json", _error("internal error")
-        answer = frame(status, (("content-type", content_type), *headers), body)
-        write(answer[: len(answer) - len(body)] if method == "HEAD" else answer)
+                write(_FAILED)
+                return
+        write(frame(status, (("content-type", content_type), *headers), body))
 
-    server = http_server.Server(answer, _UNREADABLE, MAX_REQUEST_BYTES)
+    server = http_server.Server(
+        respond,
+        unreadable=_UNREADABLE,
+        failed=_FAILED,
+        max_request_bytes=MAX_REQUEST_BYTES,
+        idle_seconds=KEEP_ALIVE_SECONDS,
+    )
     await server.start(host, port, reuse_port=False)
     return server

@@ -252,7 +252,6 @@ def _serve_with(args: argparse.Namespace) -> int:
     from extproc.ticket import KEY_VARIABLE
 
     settings = ServeSettings(
-        policy=Path(args.policy),
         grpc_address=args.grpc,
         authz_address=None if args.authz == "off" else args.authz,
         admin_host=args.admin_host,

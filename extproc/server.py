@@ -70,7 +70,6 @@ body Envoy accepted is never refused by gRPC on its way to or back from us."""
 
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
-    policy: Path
     grpc_address: str = "127.0.0.1:50051"
     authz_address: str | None = "127.0.0.1:50052"
     """The HTTP authorizer (envoy/gateway.yaml's ext_authz ``http_service``); off if None."""
@@ -254,7 +253,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         settings.grpc_address,
         settings.authz_address or "off",
         os.getpid(),
-        settings.policy,
+        policies.path,
         policies.current.version,
         "redis" if settings.redis_url else "this process",
     )
@@ -288,9 +287,9 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
     await alerts.close()
-    await store.close()
     if admin_server is not None:
-        admin_server.close()
+        admin_server.close()  # before the store its probe reads
+    await store.close()
     log.info("stopped")
 
 

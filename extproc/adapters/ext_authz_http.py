@@ -55,7 +55,6 @@ reports it to the service before the answer ends (:mod:`.answer_report`)."""
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
-_HANDED_OVER_AND_CLOSE = _HANDED_OVER.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
 _REPORT_SETTLED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NOTHING_USED = Cost(0, 0, 0)
 """Settling a reservation with this gives all of it back (but the request count)."""
@@ -67,9 +66,9 @@ extreme names could make one this long; ext_proc then reserves again, and a
 requests-per-window limit counts that request twice."""
 
 MAX_CHECK_BYTES = 64 * 1024 * 1024
-"""Bounds one check (head and body). Envoy bounds what it sends (the ext_authz filter's
-``max_request_bytes`` in envoy/gateway.yaml); this only keeps another client of the port
-from holding the process's memory."""
+"""Bounds one check (URL, headers and body). Envoy bounds what it sends (the ext_authz
+filter's ``max_request_bytes`` in envoy/gateway.yaml); a larger check from another client
+of the port is handed over unread, and its connection closed."""
 
 
 class HttpAuthorizer:
@@ -245,6 +244,11 @@ async def start(authorizer: HttpAuthorizer, host: str, port: int) -> http_server
     """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT). Closing
     the server stops taking checks: idle connections close at once, busy ones once their
     check is answered (Envoy fails closed on checks it can no longer send)."""
-    server = http_server.Server(authorizer.answer, _HANDED_OVER_AND_CLOSE, MAX_CHECK_BYTES)
+    server = http_server.Server(
+        authorizer.answer,
+        unreadable=_HANDED_OVER,
+        failed=_HANDED_OVER,
+        max_request_bytes=MAX_CHECK_BYTES,
+    )
     await server.start(host, port, reuse_port=True)
     return server

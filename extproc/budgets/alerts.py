@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -129,9 +130,12 @@ class AlertSink:
             await self._post(url, event.payload())
 
     async def _post(self, url: str, payload: dict[str, Any]) -> None:
-        client = await asyncio.to_thread(importlib.import_module, "aiohttp")
+        if "aiohttp" not in sys.modules:
+            await asyncio.to_thread(importlib.import_module, "aiohttp")
+        import aiohttp  # imported by the thread above, off the event loop
+
         if self._session is None:
-            self._session = client.ClientSession(timeout=client.ClientTimeout(total=5))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for delay in (*RETRY_DELAYS, None):
             try:
                 async with self._session.post(url, json=payload) as response:
@@ -140,7 +144,7 @@ class AlertSink:
                         self._on_outcome("sent")
                         return
                     reason = f"HTTP {response.status}"
-            except (client.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = type(exc).__name__
             if delay is None:
                 self.failed += 1

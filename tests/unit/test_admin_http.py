@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from extproc import admin_http, http_server
 from extproc.policy.store import PolicyStore
-from tests.unit.test_authz_http import read_answers
+from tests.unit.http_client import read_answers
 
 State = dict[str, object]
 
@@ -100,6 +100,7 @@ async def test_other_paths_and_methods_are_refused_in_json(admin: Admin) -> None
     server, _, _ = admin
     missing, wrong = await ask(server.port, get("/admin"), get("/metrics", "DELETE"))
     assert missing[0] == 404 and orjson.loads(missing[2]) == {"error": "not found"}
+    assert orjson.loads(wrong[2]) == {"error": "use GET or HEAD"}
     assert wrong[0] == 405 and wrong[1]["allow"] == "GET, HEAD"
 
 

@@ -28,6 +28,7 @@ from extproc.stack import GATEWAY_CONFIG
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
 from extproc.ticket import TicketSigner, signing_key
+from tests.unit.http_client import read_answers
 from tests.unit.policies import make_policy, sha
 
 LIMITED = {
@@ -294,19 +295,6 @@ def raw_check(body: bytes, key: str = "sk-apps", extra: str = "") -> bytes:
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: extproc\r\nauthorization: Bearer {key}\r\n"
         f"x-request-id: r-{len(body)}\r\n{extra}content-length: {len(body)}\r\n\r\n"
     ).encode() + body
-
-
-async def read_answers(
-    reader: asyncio.StreamReader, count: int
-) -> list[tuple[int, dict[str, str], bytes]]:
-    answers = []
-    for _ in range(count):
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        status_line, *lines = head.strip().split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines)
-        body = await reader.readexactly(int(headers["content-length"]))
-        answers.append((int(status_line.split()[1]), headers, body))
-    return answers
 
 
 async def test_checks_on_one_connection_are_answered_in_order(

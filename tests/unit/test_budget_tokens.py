@@ -22,6 +22,7 @@ from extproc.budgets.tokens import (
     count_text_tokens,
     default_tokenizer,
 )
+from tests.unit.policies import make_policy, sha
 
 CASSETTES = Path(
     os.environ.get(
@@ -254,3 +255,27 @@ def test_loading_the_tables_skips_the_packages_python_registry() -> None:
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
     assert out.split() == ["2", "2", "False"]
+
+
+def test_the_tables_loaded_at_start_are_those_a_budget_will_count_with() -> None:
+    """No budget anywhere: nothing is counted, so no table is loaded (~50 MB saved); any
+    budget, on any scope: the catalogue's tokenizers."""
+    catalogue = {
+        "gpt-4o-mini": {"tokenizer": "o200k"},
+        "text-embedding-3-small": {"tokenizer": "cl100k"},
+        "claude-3-5-haiku": {"tokenizer": "estimate"},
+    }
+    assert make_policy(models=catalogue).counted_tokenizers == frozenset()
+    limit = [{"unit": "requests", "window": "minute", "limit": 10}]
+    on_a_key = {"k": {"sha256": sha("sk-k"), "team": "apps", "limits": limit}}
+    on_a_team = {
+        "platform": {"models": {"allow": ["*"]}},
+        "apps": {"models": {"allow": ["*"]}, "limits": limit},
+    }
+    for scoped in (
+        {"keys": on_a_key},
+        {"teams": on_a_team},
+        {"settings": {"budgets": {"global_limits": limit}}},
+    ):
+        policy = make_policy(models=catalogue, **scoped)
+        assert policy.counted_tokenizers == {"o200k", "cl100k", "estimate"}

@@ -1,0 +1,187 @@
+"""The HTTP/1.1 server under the authorizer and the admin port, over a real socket, with
+a handler that echoes what it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from extproc import http_server
+from extproc.http_server import Request, Write, frame
+from tests.unit.http_client import read_answers
+
+UNREADABLE = frame(400, (), b"unreadable")
+FAILED = frame(500, (), b"failed")
+LIMIT = 4096
+
+
+class Echo:
+    """Answers each request with its method, path and body size; ``/raise`` raises,
+    ``/slow`` waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: Request, write: Write) -> None:
+        path = request.headers[":path"]
+        self.seen.append(path)
+        if path == "/raise":
+            raise RuntimeError("handler bug")
+        if path == "/slow":
+            self.entered.set()
+            await self.release.wait()
+        body = orjson.dumps(
+            {
+                "method": request.headers[":method"],
+                "path": path,
+                "bytes": sum(map(len, request.body)),
+            }
+        )
+        write(frame(200, (), body))
+
+
+Served = tuple[http_server.Server, Echo]
+
+
+async def serve(idle_seconds: float | None = None) -> Served:
+    echo = Echo()
+    server = http_server.Server(
+        echo,
+        unreadable=UNREADABLE,
+        failed=FAILED,
+        max_request_bytes=LIMIT,
+        idle_seconds=idle_seconds,
+    )
+    await server.start("127.0.0.1", 0, reuse_port=False)
+    return server, echo
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    server, echo = await serve()
+    yield server, echo
+    server.close()
+
+
+def request(path: str, method: str = "GET", body: bytes = b"", extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_under_the_limit_each_are_all_answered_in_order(
+    served: Served,
+) -> None:
+    """The limit is per request, not per read: three requests of 3 KB sent at once."""
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    body = b"x" * 3000
+    writer.write(b"".join(request(f"/{i}", "POST", body) for i in range(3)))
+    answers = await read_answers(reader, 3)
+    writer.close()
+    assert [orjson.loads(a[2]) for a in answers] == [
+        {"method": "POST", "path": f"/{i}", "bytes": 3000} for i in range(3)
+    ]
+
+
+async def test_an_unreadable_request_is_answered_after_the_ones_before_it(
+    served: Served,
+) -> None:
+    server, echo = served
+    data = await exchange(server.port, request("/first") + b"NOT HTTP\r\n\r\n")
+    first, rest = data.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert rest.startswith(b'{"method":"GET","path":"/first","bytes":0}HTTP/1.1 400 Bad Request')
+    assert b"connection: close" in rest and rest.endswith(b"unreadable")
+    assert echo.seen == ["/first"]
+
+
+async def test_a_request_over_the_limit_is_unreadable(served: Served) -> None:
+    server, echo = served
+    data = await exchange(server.port, request("/big", "POST", b"x" * (LIMIT + 1)))
+    assert data.startswith(b"HTTP/1.1 400 Bad Request") and data.endswith(b"unreadable")
+    assert echo.seen == []
+
+
+async def test_an_upgrade_is_unreadable_and_never_reaches_the_handler(served: Served) -> None:
+    server, echo = served
+    upgrade = request("/ws", extra="connection: upgrade\r\nupgrade: websocket\r\n")
+    data = await exchange(server.port, upgrade)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request")
+    assert echo.seen == []
+
+
+async def test_a_handler_that_raises_gets_the_failed_answer_and_the_connection_closes(
+    served: Served,
+) -> None:
+    server, echo = served
+    data = await exchange(server.port, request("/raise") + request("/never"))
+    assert data.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"connection: close" in data and data.endswith(b"failed")
+    assert echo.seen == ["/raise"]  # the queued request is dropped with the connection
+    # The server itself keeps serving.
+    assert b'"path":"/next"' in await exchange(
+        server.port, request("/next", extra="connection: close\r\n")
+    )
+
+
+async def test_head_answers_carry_no_body(served: Served) -> None:
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/h", "HEAD") + request("/g"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = orjson.dumps({"method": "HEAD", "path": "/h", "bytes": 0})
+    assert f"content-length: {len(body)}\r\n".encode() in head  # the body it would have
+    [(status, _, body)] = await read_answers(reader, 1)
+    writer.close()
+    assert status == 200 and orjson.loads(body)["path"] == "/g"
+
+
+async def test_the_last_answer_before_closing_says_so(served: Served) -> None:
+    """On "connection: close" and at shutdown, the answer announces the close, so a
+    client's pool does not send another request on the connection."""
+    server, echo = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/bye", extra="connection: close\r\n"))
+    [(status, headers, body)] = await read_answers(reader, 1)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then closed
+    writer.close()
+    assert status == 200 and headers["connection"] == "close"
+    assert orjson.loads(body)["path"] == "/bye"  # framed whole
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/slow"))
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    server.close()
+    echo.release.set()
+    [(status, headers, body)] = await read_answers(reader, 1)
+    writer.close()
+    assert status == 200 and headers["connection"] == "close"
+    assert orjson.loads(body)["path"] == "/slow"
+
+
+async def test_an_idle_connection_is_closed_after_idle_seconds() -> None:
+    server, _ = await serve(idle_seconds=0.2)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request("/once"))
+        await read_answers(reader, 1)
+        writer.write(b"GET /half")  # never finished
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        server.close()
