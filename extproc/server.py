@@ -18,8 +18,6 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,8 +40,13 @@ from extproc.admin.v1 import admin_pb2_grpc as admin_grpc
 from extproc.budgets import tokens, wiring
 from extproc.budgets.alerts import AlertSink
 from extproc.budgets.meter import Meter
-from extproc.budgets.redis_store import DEFAULT_PREFIX, RedisTarget, check_prefix
+from extproc.budgets.redis_store import RedisTarget
 from extproc.policy.store import PolicyStore
+from extproc.serve_settings import (
+    METRICS_DIR_VARIABLE,
+    ServeSettings,
+    check,
+)
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream, Sink, Stdout
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.observer import Observer
@@ -58,57 +61,11 @@ from extproc.ticket import (
 
 log = logging.getLogger(__name__)
 
-METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-"""Where workers write their metrics for the supervisor (prometheus_client's multiprocess
-mode, chosen when that library is first imported)."""
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections (CPython's default is 700)."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 """Above Envoy's request buffer limit (envoy/gateway.yaml) plus protobuf framing, so a
 body Envoy accepted is never refused by gRPC on its way to or back from us."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServeSettings:
-    grpc_address: str = "127.0.0.1:50051"
-    authz_address: str | None = "127.0.0.1:50052"
-    """The HTTP authorizer (envoy/gateway.yaml's ext_authz ``http_service``); off if None."""
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9464
-    workers: int = 1
-    reload_interval: float = 1.0
-    grace_seconds: float = 20.0
-    redis_url: str | None = None
-    redis_cluster: bool = False
-    """``redis_url`` names a node of a Redis Cluster."""
-    redis_prefix: str = DEFAULT_PREFIX
-    """The prefix (hash tag) of every key this service keeps in Redis."""
-    audit_file: Path | None = None
-    audit_stdout: bool = False
-    audit_redis_stream: str | None = None
-    otlp_endpoint: str | None = None
-    """Export a span per exchange to this OTLP/HTTP traces endpoint (off when unset)."""
-    admin_token: str | None = None
-    """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
-    worker_index: int | None = None
-    """Set in worker processes (``--workers N``): suffixes the audit file name."""
-    ticket_secret: str | None = field(default=None, repr=False)
-    """``EXTPROC_TICKET_KEY``: the secret every replica signs exchange tickets with."""
-    ticket_key: bytes | None = field(default=None, repr=False)
-    """The key tickets are signed with (:mod:`extproc.ticket`), which every process of one
-    service must share: from ``ticket_secret``, else chosen by :func:`serve` before the
-    workers fork (``_ticket_key``)."""
-
-    @property
-    def redis(self) -> RedisTarget | None:
-        """The shared budget store, if there is one."""
-        if self.redis_url is None:
-            return None
-        return RedisTarget(self.redis_url, self.redis_cluster, self.redis_prefix)
-
-
-class ConfigurationError(Exception):
-    """Settings that cannot work together; the message says what to change."""
 
 
 def serve(settings: ServeSettings, policies: PolicyStore) -> int:
@@ -118,22 +75,7 @@ def serve(settings: ServeSettings, policies: PolicyStore) -> int:
     before importing this module, to keep their loading's passing memory off the
     process's peak: :func:`extproc.cli.load_for_serving`).
     """
-    if settings.workers > 1 and not settings.redis_url:
-        raise ConfigurationError(
-            f"--workers {settings.workers} needs a budget store the workers share: "
-            "set REDIS_URL (or --redis-url), or run one worker"
-        )
-    if settings.redis_cluster and not settings.redis_url:
-        raise ConfigurationError("--redis-cluster needs --redis-url (or REDIS_URL)")
-    try:
-        check_prefix(settings.redis_prefix)
-    except ValueError as error:
-        raise ConfigurationError(str(error)) from None
-    if settings.workers > 1 and METRICS_DIR_VARIABLE not in os.environ:
-        raise ConfigurationError(
-            f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
-            "prometheus_client is imported; `extproc serve` does that"
-        )
+    check(settings)
     if settings.ticket_key is None:
         key = (
             signing_key(settings.ticket_secret)
@@ -373,9 +315,7 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
     if settings.audit_stdout:
         sinks.append(Stdout())
     if settings.audit_redis_stream:
-        if not settings.redis_url:
-            raise ConfigurationError("--audit-redis-stream needs --redis-url (or REDIS_URL)")
-        assert settings.redis is not None
+        assert settings.redis is not None, "check() refuses a stream without Redis"
         sinks.append(RedisStream(settings.redis, settings.audit_redis_stream))
     return sinks
 

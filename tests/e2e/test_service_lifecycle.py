@@ -305,18 +305,22 @@ def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
     [
         (["--redis-cluster"], "--redis-cluster needs --redis-url"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--redis-prefix", "a{b}"], "without braces"),
+        (["--workers", "2"], "--workers 2 needs a budget store the workers share"),
+        (["--audit-redis-stream", "audit"], "--audit-redis-stream needs --redis-url"),
     ],
 )
-def test_a_redis_layout_that_cannot_work_is_refused_before_start(
+def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(
     flags: list[str], message: str
 ) -> None:
+    """Exit 2 with what to change, at once: the policy (here a file that does not exist)
+    is not even read."""
     result = subprocess.run(
-        [sys.executable, "-m", "extproc", "serve", *flags],
+        [sys.executable, "-m", "extproc", "serve", "--policy", "/nonexistent.yaml", *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
         env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr

@@ -279,3 +279,21 @@ def test_the_tables_loaded_at_start_are_those_a_budget_will_count_with() -> None
     ):
         policy = make_policy(models=catalogue, **scoped)
         assert policy.counted_tokenizers == {"o200k", "cl100k", "estimate"}
+
+
+def test_warm_up_builds_the_largest_table_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever order the set of tokenizers comes in: o200k's build, built while cl100k's
+    table is already held, would add both to the process's peak memory."""
+    built: list[str] = []
+
+    class Counter:
+        def count(self, text: str) -> int:
+            return len(text)
+
+    def bpe(tokenizer: str) -> Counter:
+        built.append(tokenizer)
+        return Counter()
+
+    monkeypatch.setattr(tokens, "_bpe", bpe)
+    tokens.warm_up(iter(["estimate", "cl100k", "o200k"]))
+    assert built == ["o200k", "cl100k"]

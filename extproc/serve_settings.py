@@ -1,0 +1,83 @@
+"""What ``extproc serve`` is told, and the combinations of it that cannot work.
+
+Kept apart from :mod:`extproc.server` so that the CLI checks them before it loads anything
+heavy (the policy, the tokenizer tables, gRPC): a flag that cannot work is reported at
+once, and whatever the policy holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extproc.budgets.redis_store import DEFAULT_PREFIX, RedisTarget, check_prefix
+
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+"""Where workers write their metrics for the supervisor (prometheus_client's multiprocess
+mode, chosen when that library is first imported)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    grpc_address: str = "127.0.0.1:50051"
+    authz_address: str | None = "127.0.0.1:50052"
+    """The HTTP authorizer (envoy/gateway.yaml's ext_authz ``http_service``); off if None."""
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9464
+    workers: int = 1
+    reload_interval: float = 1.0
+    grace_seconds: float = 20.0
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    """``redis_url`` names a node of a Redis Cluster."""
+    redis_prefix: str = DEFAULT_PREFIX
+    """The prefix (hash tag) of every key this service keeps in Redis."""
+    audit_file: Path | None = None
+    audit_stdout: bool = False
+    audit_redis_stream: str | None = None
+    otlp_endpoint: str | None = None
+    """Export a span per exchange to this OTLP/HTTP traces endpoint (off when unset)."""
+    admin_token: str | None = None
+    """Enables the admin gRPC API (extproc.admin.v1.Admin) on the gRPC port."""
+    worker_index: int | None = None
+    """Set in worker processes (``--workers N``): suffixes the audit file name."""
+    ticket_secret: str | None = field(default=None, repr=False)
+    """``EXTPROC_TICKET_KEY``: the secret every replica signs exchange tickets with."""
+    ticket_key: bytes | None = field(default=None, repr=False)
+    """The key tickets are signed with (:mod:`extproc.ticket`), which every process of one
+    service must share: from ``ticket_secret``, else chosen by :func:`serve` before the
+    workers fork (``_ticket_key``)."""
+
+    @property
+    def redis(self) -> RedisTarget | None:
+        """The shared budget store, if there is one."""
+        if self.redis_url is None:
+            return None
+        return RedisTarget(self.redis_url, self.redis_cluster, self.redis_prefix)
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together; the message says what to change."""
+
+
+def check(settings: ServeSettings) -> None:
+    """Raise :class:`ConfigurationError` for settings that cannot work together."""
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigurationError(
+            f"--workers {settings.workers} needs a budget store the workers share: "
+            "set REDIS_URL (or --redis-url), or run one worker"
+        )
+    if settings.audit_redis_stream and not settings.redis_url:
+        raise ConfigurationError("--audit-redis-stream needs --redis-url (or REDIS_URL)")
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigurationError("--redis-cluster needs --redis-url (or REDIS_URL)")
+    try:
+        check_prefix(settings.redis_prefix)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+    if settings.workers > 1 and METRICS_DIR_VARIABLE not in os.environ:
+        raise ConfigurationError(
+            f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
+            "prometheus_client is imported; `extproc serve` does that"
+        )
