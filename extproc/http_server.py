@@ -38,8 +38,9 @@ class Request:
 
 
 Handler = Callable[[Request, Write], Awaitable[None]]
-"""Answers one request with exactly one ``write``. It should not raise: one that does
-gets the server's ``failed`` answer written for it, and the connection closes."""
+"""Answers one request with exactly one ``write``. It should not raise: if it does, the
+server writes its ``failed`` answer (unless the handler had answered) and closes the
+connection."""
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
@@ -62,7 +63,8 @@ def _safe(value: str) -> str:
 
 MAX_QUEUED = 32
 """Requests read ahead of their answers on one connection before reading pauses (Envoy
-sends one at a time; a pipelining client is held back rather than buffered)."""
+sends one at a time). Reading pauses after the read that queued them, so one read of tiny
+pipelined requests can still queue more."""
 LINGER_SECONDS = 2.0
 """How long a connection closed by the server keeps reading (and dropping) what its client
 still sends: closed with unread bytes, a socket resets, and the client may lose the last
@@ -70,7 +72,7 @@ answer."""
 
 
 class _TooLarge(Exception):
-    """A request past the server's size limit; raised from a parser callback."""
+    """A body past the server's size limit; raised from the parser's callback."""
 
 
 class _Connection(asyncio.Protocol):
@@ -80,23 +82,31 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._parser = httptools.HttpRequestParser(self)
         self._request = Request()
-        self._size = 0
+        self._unanswered_bytes = 0
+        """Bytes read since the last whole request: bounds a request's head, per read."""
+        self._body_bytes = 0
+        """Bytes of the body being read: bounds it exactly."""
         self._queue: deque[Request | None] = deque()
         """Requests to answer; ``None``: the server's answer to an unreadable one, last."""
         self._serving: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None
         self._head_only = False
         """The request being answered is a HEAD: its answer goes without its body."""
+        self._answered = False
+        """The request being answered has had its answer written."""
         self._closing = False
         """Close once the queue is answered (shutdown, the client's wish, or given up)."""
         self._done = False
         """No more requests are read from this connection."""
+        self._stopping = False
+        """Closed for shutdown: at once when idle, without lingering."""
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
 
     def close_when_idle(self) -> None:
-        """Shutdown: close now if no request is being answered, else after its answer."""
-        self._closing = True
+        """Shutdown: read no more requests; close now if none is being answered, else
+        after its answer (which says so)."""
+        self._closing = self._done = self._stopping = True
         if self._serving is None and self._transport is not None:
             self._transport.close()
 
@@ -104,15 +114,27 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._server.connections.add(self)
-        self._arm_idle()
+        if self._server.idle_seconds is not None:
+            self._arm_idle(self._server.idle_seconds)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
             return  # after the last request: dropped while the connection closes
+        self._unanswered_bytes += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as error:
+            if not isinstance(error.__context__, _TooLarge):
+                # One of our callbacks failed: a bug, not the client's doing.
+                log.error("reading a request failed", exc_info=error.__context__)
+            self._give_up()
+            return
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # (A callback's _TooLarge arrives as an HttpParserCallbackError.)
+            self._give_up()
+            return
+        # Whole requests reset the count as they complete, so what is left is the part
+        # of one not yet whole: unbounded, a header that never ends would grow for ever.
+        if self._unanswered_bytes > self._server.max_request_bytes:
             self._give_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -122,24 +144,22 @@ class _Connection(asyncio.Protocol):
             self._idle.cancel()
 
     # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._size = 0
-
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
         path = self._request.headers.get(":path", "") + url.decode("utf-8", "replace")
         self._request.headers[":path"] = path
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
         self._request.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
 
     def on_body(self, body: bytes) -> None:
-        self._count(len(body))
         self._request.body.append(body)
+        self._body_bytes += len(body)
+        if self._body_bytes > self._server.max_request_bytes:
+            raise _TooLarge
 
     def on_message_complete(self) -> None:
         request, self._request = self._request, Request()
+        self._unanswered_bytes = self._body_bytes = 0
         if self._parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: not a request we can answer
         request.headers[":method"] = self._parser.get_method().decode("ascii")
@@ -152,14 +172,10 @@ class _Connection(asyncio.Protocol):
         if len(self._queue) >= MAX_QUEUED and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
-        self._serve_queue()
+        if self._serving is None:
+            self._serving = asyncio.get_running_loop().create_task(self._serve())
 
     # answering
-    def _count(self, size: int) -> None:
-        self._size += size
-        if self._size > self._server.max_request_bytes:
-            raise _TooLarge
-
     def _give_up(self) -> None:
         """The connection's framing is lost (llhttp knows fewer methods than Envoy, a
         client sent garbage or too much): the requests before are answered, then the
@@ -169,41 +185,38 @@ class _Connection(asyncio.Protocol):
             return  # bytes after "connection: close": the requests before are answered
         self._closing = self._done = True
         self._queue.append(None)
-        self._serve_queue()
-
-    def _serve_queue(self) -> None:
         if self._serving is None:
             self._serving = asyncio.get_running_loop().create_task(self._serve())
 
     def _write(self, answer: bytes) -> bool:
         if self._transport is None or self._transport.is_closing():
             return False
-        if self._head_only:
-            answer = answer[: answer.index(b"\r\n\r\n") + 4]
-        if self._closing and not self._queue and _CLOSE not in answer:
-            answer = answer.replace(b"\r\n\r\n", _CLOSE + b"\r\n\r\n", 1)  # the last one
+        self._answered = True
+        if self._head_only or (self._closing and not self._queue):
+            answer = _last_touches(answer, self._head_only, self._closing and not self._queue)
         self._transport.write(answer)
         return True
 
     async def _serve(self) -> None:
         try:
-            while self._queue:
+            while self._queue and self._transport is not None:
                 request = self._queue.popleft()
                 if self._paused and len(self._queue) < MAX_QUEUED // 2 and not self._done:
                     self._paused = False
-                    if self._transport is not None:
-                        self._transport.resume_reading()
+                    self._transport.resume_reading()
                 if request is None:
                     self._write(self._server.unreadable)
                     break
                 self._head_only = request.headers[":method"] == "HEAD"
+                self._answered = False
                 try:
                     await self._server.handler(request, self._write)
                 except Exception:
                     log.exception("answering %s failed", request.headers.get(":path"))
                     self._closing = self._done = True
                     self._queue.clear()
-                    self._write(self._server.failed)
+                    if not self._answered:
+                        self._write(self._server.failed)
                     break
                 finally:
                     self._head_only = False
@@ -211,38 +224,44 @@ class _Connection(asyncio.Protocol):
             self._serving = None
             if self._closing:
                 self._close()
-            else:
-                self._arm_idle()
+            elif self._server.idle_seconds is not None:
+                self._arm_idle(self._server.idle_seconds)
 
     def _close(self) -> None:
         transport = self._transport
-        if transport is None:
+        if transport is None or transport.is_closing():
             return
-        if self._done and transport.can_write_eof():
-            # Lingering close: the client sees the end of the answers, and what it still
-            # sends is read and dropped (not left to reset the socket) for a while.
-            transport.write_eof()
-            transport.resume_reading()
-            asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
-        else:
+        if self._stopping or not transport.can_write_eof():
             transport.close()
-
-    def _arm_idle(self) -> None:
-        """Close a connection that sends no whole request for ``idle_seconds`` (a request
-        half-sent for that long included)."""
-        timeout = self._server.idle_seconds
-        if timeout is None or self._transport is None:
             return
+        # Lingering close: the client sees the end of the answers, and what it still sends
+        # is read and dropped (not left to reset the socket) for a while.
+        transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def _arm_idle(self, seconds: float) -> None:
+        """Close a connection that sends no whole request for ``seconds`` (a request
+        half-sent for that long included)."""
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(timeout, self._on_idle)
+        self._idle = asyncio.get_running_loop().call_later(seconds, self._on_idle)
 
     def _on_idle(self) -> None:
         if self._serving is None and self._transport is not None:
             self._transport.close()
 
 
-_CLOSE = b"\r\nconnection: close"
+def _last_touches(answer: bytes, head_only: bool, closing: bool) -> bytes:
+    """``answer`` without its body (to a HEAD) and/or saying the connection closes after
+    it (the last one)."""
+    end = answer.find(b"\r\n\r\n")
+    if end < 0:
+        return answer
+    head = answer[:end]
+    if closing and b"\r\nconnection:" not in head.lower():
+        head += b"\r\nconnection: close"
+    return head + b"\r\n\r\n" + (b"" if head_only else answer[end + 4 :])
 
 
 class Server:
@@ -265,8 +284,8 @@ class Server:
         """Written (with ``connection: close`` added) before closing a connection whose
         handler raised (it should not)."""
         self.max_request_bytes = max_request_bytes
-        """Bytes of one request (its URL, header names and values, body) past which it is
-        unreadable."""
+        """A body past this many bytes makes its request unreadable, and so does a request
+        not whole after this many (checked per read: a head may pass it by one read)."""
         self.idle_seconds = idle_seconds
         """Connections with no whole request for this long are closed (``None``: never)."""
         self.connections: set[_Connection] = set()

@@ -68,8 +68,7 @@ CHAT_REPLY_PRIMING: Final = 3
 ESTIMATE_BYTES_PER_TOKEN: Final = 4
 
 _ENCODINGS: Final = {O200K: "o200k_base", CL100K: "cl100k_base"}
-_BUILD_ORDER: Final = (O200K, CL100K)
-"""Largest table first (see :func:`warm_up`)."""
+"""The largest table first: :func:`warm_up` builds them in this order."""
 _BPE_PACKAGE: Final = "bpe_openai"
 _BPE_EXTENSION: Final = "_bindings"
 
@@ -159,8 +158,9 @@ def warm_up(tokenizers: Iterable[str] = (O200K, CL100K)) -> None:
     wanted = set(tokenizers)
     for tokenizer in wanted:
         _check(tokenizer)
-    for tokenizer in sorted(wanted - {ESTIMATE}, key=_BUILD_ORDER.index):
-        _bpe(tokenizer).count("warm up")
+    for tokenizer in _ENCODINGS:
+        if tokenizer in wanted:
+            _bpe(tokenizer).count("warm up")
 
 
 def count_text_tokens(tokenizer: str, text: str) -> int:

@@ -117,8 +117,13 @@ async def test_a_failing_probe_is_a_500_and_the_port_keeps_serving(admin: Admin)
     [
         pytest.param(b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
         pytest.param(
-            get("/healthz", extra=f"x-big: {'a' * (admin_http.MAX_REQUEST_BYTES + 1)}\r\n"),
-            id="too-large",
+            b"GET /healthz HTTP/1.1\r\nx-never-ends: " + b"a" * (admin_http.MAX_REQUEST_BYTES + 1),
+            id="endless-header",
+        ),
+        pytest.param(
+            get("/healthz", "POST", f"content-length: {admin_http.MAX_REQUEST_BYTES + 1}\r\n")
+            + b"a" * (admin_http.MAX_REQUEST_BYTES + 1),
+            id="too-large-body",
         ),
     ],
 )

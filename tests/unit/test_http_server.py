@@ -32,6 +32,9 @@ class Echo:
         self.seen.append(path)
         if path == "/raise":
             raise RuntimeError("handler bug")
+        if path == "/answer-then-raise":
+            write(frame(200, (), b"answered"))
+            raise RuntimeError("handler bug after its answer")
         if path == "/slow":
             self.entered.set()
             await self.release.wait()
@@ -139,6 +142,30 @@ async def test_a_handler_that_raises_gets_the_failed_answer_and_the_connection_c
     )
 
 
+async def test_a_handler_that_raises_after_answering_is_not_answered_twice(
+    served: Served,
+) -> None:
+    server, _ = served
+    data = await exchange(server.port, request("/answer-then-raise") + request("/never"))
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"answered")
+    assert data.count(b"HTTP/1.1") == 1
+
+
+async def test_a_pipelining_client_past_the_queue_limit_is_still_answered_in_order(
+    served: Served,
+) -> None:
+    """Reading pauses while http_server.MAX_QUEUED requests wait, and resumes: 600 KB
+    of requests take several reads."""
+    server, echo = served
+    count = 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"".join(request(f"/{i}", "POST", b"x" * 3000) for i in range(count)))
+    answers = await asyncio.wait_for(read_answers(reader, count), 10)
+    writer.close()
+    assert [orjson.loads(body)["path"] for _, _, body in answers] == [f"/{i}" for i in range(count)]
+    assert echo.seen == [f"/{i}" for i in range(count)]
+
+
 async def test_head_answers_carry_no_body(served: Served) -> None:
     server, _ = served
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -175,7 +202,7 @@ async def test_the_last_answer_before_closing_says_so(served: Served) -> None:
 
 
 async def test_an_idle_connection_is_closed_after_idle_seconds() -> None:
-    server, _ = await serve(idle_seconds=0.2)
+    server, _ = await serve(idle_seconds=0.5)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(request("/once"))
