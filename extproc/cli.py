@@ -279,7 +279,7 @@ def _serve_with(args: argparse.Namespace) -> int:
 
 def load_for_serving(path: Path) -> PolicyStore:
     """The policy at ``path``, compiled, and the BPE tables it counts with, loaded before
-    the service's other modules are imported.
+    gRPC, uvloop and most of the service are imported.
 
     Building a table reads its extension's file pages (o200k ~33 MB), given back once it is
     built (:mod:`extproc.budgets.file_pages`); built first, those pages add to a process

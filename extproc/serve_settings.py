@@ -1,8 +1,8 @@
 """What ``extproc serve`` is told, and the combinations of it that cannot work.
 
-Kept apart from :mod:`extproc.server` so that the CLI checks them before it loads anything
-heavy (the policy, the tokenizer tables, gRPC): a flag that cannot work is reported at
-once, and whatever the policy holds.
+Kept apart from :mod:`extproc.server` (and its gRPC) so that the CLI checks them before it
+reads the policy and builds the tokenizer tables: a flag that cannot work is reported at
+once, whatever the policy holds.
 """
 
 from __future__ import annotations
