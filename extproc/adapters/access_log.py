@@ -32,6 +32,12 @@ from extproc.routing import HEADER_SERVED_BY
 
 log = logging.getLogger(__name__)
 
+BATCHES_IN_FLIGHT = 4
+"""Batches of one stream settled at once. One at a time, a stream's settlements waited on
+each other's Redis round trips while Envoy's next batches piled up in gRPC's flow-control
+window (measured at 16 connections under ``accounting: envoy``: the service's peak RSS
+147-156 MB one at a time, 142 MB four at a time, for about 3 % less throughput in three
+interleaved pairs, within this machine's noise). Envoy dropped no record either way."""
 USAGE_NAMESPACE = "extproc.usage"
 """Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
 
@@ -53,6 +59,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     ) -> als_pb2.StreamAccessLogsResponse:
         closing = asyncio.ensure_future(self._closing.wait())
         incoming = aiter(messages)
+        settling: set[asyncio.Future[None]] = set()
         try:
             while True:
                 message = asyncio.ensure_future(anext(incoming))
@@ -66,14 +73,26 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     batch = message.result()
                 except StopAsyncIteration:
                     break
-                await self._settle(batch)
+                settlement = asyncio.ensure_future(self._settle(batch))
+                settling.add(settlement)
+                settlement.add_done_callback(settling.discard)
+                if len(settling) >= BATCHES_IN_FLIGHT:
+                    await asyncio.wait(settling, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
+            if settling:  # the stream ends once its records are settled
+                await asyncio.wait(settling)
         return als_pb2.StreamAccessLogsResponse()
 
     async def _settle(self, batch: als_pb2.StreamAccessLogsMessage) -> None:
-        """Settle a batch's records together (their budget adjusts share one store call)."""
-        await self.settle([a for e in batch.http_logs.log_entry if (a := logged_answer(e))])
+        """Settle a batch's records together (their budget adjusts share one store call).
+        Never raises: it runs beside the stream, which goes on reading."""
+        try:
+            await self.settle([a for e in batch.http_logs.log_entry if (a := logged_answer(e))])
+        except Exception:
+            log.exception(
+                "settling a batch of %d access-log records failed", len(batch.http_logs.log_entry)
+            )
 
     async def settle(self, logged: Sequence[LoggedAnswer]) -> None:
         outcomes = await asyncio.gather(

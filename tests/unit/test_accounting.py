@@ -4,7 +4,7 @@ from the tickets they carry."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,31 @@ async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path
     assert len(proc._observer.recent) == 1
     receiver.close()  # shutdown: the stream ends instead of holding the server open
     assert isinstance(await asyncio.wait_for(stream, 5), als_pb2.StreamAccessLogsResponse)
+
+
+async def test_a_stream_ends_only_once_every_batch_it_read_is_settled(tmp_path: Path) -> None:
+    """Batches are settled several at a time; a stream that ends (Envoy closing it) still
+    returns only after the last of them is settled, so shutdown loses none."""
+    proc = processor(policy_file(tmp_path))
+    tickets = [await handed(proc, "sk-demo-restricted") for _ in range(10)]
+    receiver = AccessLogReceiver(accountant(proc))
+    settle = receiver.settle
+
+    async def slow_settle(logged: Sequence[LoggedAnswer]) -> None:
+        await asyncio.sleep(0.05)  # a Redis round trip on a busy machine
+        await settle(logged)
+
+    receiver.settle = slow_settle  # type: ignore[method-assign]
+
+    async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        for i, ticket in enumerate(tickets):
+            message = als_pb2.StreamAccessLogsMessage()
+            entry = log_entry(f"req-{i}", 200, {"prompt_tokens": 4.0}, ticket=ticket)
+            message.http_logs.log_entry.append(entry)
+            yield message
+
+    await asyncio.wait_for(receiver.StreamAccessLogs(envoy(), None), 5)
+    assert len(proc._observer.recent) == len(tickets)
 
 
 async def test_a_stream_that_ends_before_its_body_is_reported_by_the_stream(
