@@ -192,8 +192,9 @@ class _Connection(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return False
         self._answered = True
-        if self._head_only or (self._closing and not self._queue):
-            answer = _last_touches(answer, self._head_only, self._closing and not self._queue)
+        last = self._closing and not self._queue
+        if self._head_only or last:
+            answer = _last_touches(answer, self._head_only, last)
         self._transport.write(answer)
         return True
 

@@ -32,7 +32,7 @@ _SMAPS: Final = Path("/proc/self/smaps")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 _UNCLEAN: Final = ("Anonymous", "Private_Dirty", "Shared_Dirty", "Swap", "SwapPss")
 
-Mapping = tuple[int, int, int]
+Region = tuple[int, int, int]
 """Start address, end address, resident bytes."""
 
 
@@ -57,9 +57,9 @@ def release(path: str) -> int:
     return released
 
 
-def _clean_read_only(smaps: str, path: str) -> list[Mapping]:
+def _clean_read_only(smaps: str, path: str) -> list[Region]:
     """The mappings of ``path`` that are read-only data and hold only clean pages."""
-    found: list[Mapping] = []
+    found: list[Region] = []
     fields: dict[str, int] | None = None
     bounds = (0, 0)
     for line in [*smaps.splitlines(), "0-0 ---p 0 0 0 0"]:  # a last header closes the last
@@ -78,7 +78,7 @@ def _clean_read_only(smaps: str, path: str) -> list[Mapping]:
     return found
 
 
-def _clean(bounds: tuple[int, int], fields: dict[str, int]) -> Mapping | None:
+def _clean(bounds: tuple[int, int], fields: dict[str, int]) -> Region | None:
     resident = fields.get("Rss", 0)
     clean = fields.get("Private_Clean", 0) + fields.get("Shared_Clean", 0)
     if not resident or resident != clean or any(fields.get(f, 0) for f in _UNCLEAN):

@@ -257,9 +257,10 @@ class Meter:
                 raise _rate_limited(applicable, counters, values, index, now)
 
     async def settle(self, reservation: Reservation, used: Cost) -> bool:
-        """Replace the reservation with what was used. Safe to call twice (idempotent);
-        ``False`` if its token had been used already (the exchange's access-log record
-        settled it first, and reported it)."""
+        """Replace the reservation with what was used. Safe to call twice (idempotent).
+        Returns whether the caller should report the exchange: ``False`` if its token had
+        been used already (the exchange's access-log record settled it first, and reported
+        it); ``True`` also when this reservation was settled here before."""
         if reservation.settled:
             return True
         applied = await self.apply(reservation.settlement, used)

@@ -104,9 +104,10 @@ class BudgetStore(Protocol):
 
         A ``token`` makes the call idempotent: a second call with the same token (within a
         day) applies nothing and returns the current values, ``applied=False``. Settlements
-        use it so that a report of the same exchange, however often it comes, counts and is
-        recorded once; write-back so that a retry after an ambiguous failure cannot count
-        twice.
+        use it so that a report of the same exchange, however often it comes, counts once
+        (and is recorded once while this store keeps tokens: a store standing in during an
+        outage has not seen the tokens used before it); write-back so that a retry after an
+        ambiguous failure cannot count twice.
         """
         ...
 

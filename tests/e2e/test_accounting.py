@@ -410,7 +410,7 @@ def test_a_caller_who_leaves_is_settled_and_reported_once(
         return [r for r in audit_records(audit) if r["request_id"] == request_id]
 
     eventually(lambda: bool(reported()), f"no audit record for a caller who left {when}", 10)
-    time.sleep(0.3)  # a second report would come within a log flush or two
+    time.sleep(0.3)  # a second report would come within a log flush (50 ms) or two
     [record] = reported()
     assert record["usage_source"] == "estimate" and record["budget"] == "reserved"
     if not events:
@@ -441,7 +441,7 @@ def test_an_upstream_error_releases_the_reservation(
         return [r for r in audit_records(audit) if r["request_id"] == request_id]
 
     eventually(lambda: bool(reported()), "no audit record for the failed call")
-    time.sleep(0.3)  # a second report would come within a log flush or two
+    time.sleep(0.3)  # a second report would come within a log flush (50 ms) or two
     [record] = reported()
     assert record["status"] == 503 and record["output_tokens"] == 0
     # The 200 output tokens reserved for it were given back.
