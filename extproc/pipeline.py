@@ -54,8 +54,10 @@ T = TypeVar("T")
 
 MAX_REQUEST_ID_CHARS = 256
 """A caller's ``x-request-id`` longer than this is cut to it in the audit record and the
-ticket; a ``traceparent`` longer than this is not one (W3C's is 55 characters) and is
-ignored. Both travel in the ticket, which must fit in a header."""
+ticket, which travels in a header and must fit in one."""
+MAX_TRACEPARENT_CHARS = 128
+"""A ``traceparent`` longer than this is ignored: W3C's version 00 is 55 characters, and
+later versions may only append fields. It travels in the ticket too."""
 OFFLOAD_BODY_BYTES = 256 * 1024
 """Bodies above this are parsed and counted in a worker thread, so one huge prompt never
 stalls the event loop (and every other stream on it)."""
@@ -78,9 +80,10 @@ def on_request_headers(
     exchange.envelope = envelope_for_path(exchange.path)
     exchange.request_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:MAX_REQUEST_ID_CHARS]
     traceparent = headers.get("traceparent")
-    if traceparent is not None and len(traceparent) <= MAX_REQUEST_ID_CHARS:
-        exchange.traceparent = traceparent
-    exchange.trace_id = trace_id(exchange.traceparent)
+    if traceparent is not None and len(traceparent) <= MAX_TRACEPARENT_CHARS:
+        exchange.trace_id = trace_id(traceparent)
+        # Only a traceparent with a trace id in it is continued (and carried in the ticket).
+        exchange.traceparent = traceparent if exchange.trace_id else None
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:

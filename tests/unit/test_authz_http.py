@@ -182,7 +182,7 @@ async def test_under_accounting_service_the_answer_is_read_when_something_needs_
     check = chat_check("r-1")
     check.headers["authorization"] = f"Bearer {key}"
     written = (await answer(authorizer, check)).decode()
-    head = dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)
+    head = answer_head(written)
     assert written.startswith("HTTP/1.1 200")
     assert ext_authz_http.HEADER_PROCESSING not in head  # never an ext_proc stream
     if read:
@@ -378,6 +378,11 @@ async def answer(authorizer: ext_authz_http.HttpAuthorizer, check: http_server.R
     return data
 
 
+def answer_head(written: str) -> dict[str, str]:
+    """The header fields of an HTTP answer the authorizer wrote."""
+    return dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)
+
+
 def test_gateway_config_lets_through_every_header_the_authorizer_sets() -> None:
     """Envoy drops answer headers its allow-lists do not name: keep them in step."""
     config = yaml.safe_load(GATEWAY_CONFIG.read_text())
@@ -469,9 +474,36 @@ async def test_a_callers_oversized_ids_are_cut_and_the_authorizer_still_decides(
     check.headers["traceparent"] = "00-" + "a" * 20_000
     written = (await answer(authorizer, check)).decode()
     assert "x-gateway-accounting: envoy" in written
-    ticket = dict(line.split(": ", 1) for line in written.split("\r\n")[1:] if ": " in line)[
-        accounting.HEADER_TICKET
-    ]
-    record = authorizer._tickets.read(ticket).record
-    assert record["request_id"] == "r" * pipeline.MAX_REQUEST_ID_CHARS
-    assert record["trace_id"] is None
+    ticket = answer_head(written)[accounting.HEADER_TICKET]
+    read = authorizer._tickets.read(ticket)
+    assert read.record["request_id"] == "r" * pipeline.MAX_REQUEST_ID_CHARS
+    assert read.record["trace_id"] is None
+    assert read.traceparent is None
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "carried"),
+    [
+        pytest.param("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True, id="w3c"),
+        pytest.param("00-not-a-trace-01", False, id="malformed"),
+        pytest.param("00-" + "0" * 32 + "-00f067aa0ba902b7-01", False, id="all-zero"),
+        pytest.param(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-" + "f" * 100,
+            False,
+            id="over-128-chars",
+        ),
+    ],
+)
+async def test_only_a_valid_traceparent_is_carried_to_the_answers_span(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer], traceparent: str, carried: bool
+) -> None:
+    """The ticket carries the caller's traceparent to whichever process reports the
+    answer, which continues the trace from it: one without a trace id is dropped here."""
+    _, authorizer = authz
+    check = chat_check("trace")
+    check.headers["traceparent"] = traceparent
+    written = (await answer(authorizer, check)).decode()
+    ticket = answer_head(written)[accounting.HEADER_TICKET]
+    read = authorizer._tickets.read(ticket)
+    assert read.traceparent == (traceparent if carried else None)
+    assert (read.record["trace_id"] is not None) is carried
