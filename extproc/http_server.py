@@ -103,6 +103,11 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
 
+    @property
+    def serving(self) -> asyncio.Task[None] | None:
+        """The task answering this connection's requests, while there are any."""
+        return self._serving
+
     def close_when_idle(self) -> None:
         """Shutdown: read no more requests; close now if none is being answered, else
         after its answer (which says so)."""
@@ -310,3 +315,13 @@ class Server:
             self._listening.close()
         for connection in list(self.connections):
             connection.close_when_idle()
+
+    async def answered(self, within: float) -> bool:
+        """Wait, up to ``within`` seconds, for the requests being answered (after
+        :meth:`close`: so that what their handlers read, such as a store, is closed only
+        once they are done). Whether all were answered in time."""
+        serving = [c.serving for c in self.connections if c.serving is not None]
+        if not serving:
+            return True
+        _, pending = await asyncio.wait(serving, timeout=within)
+        return not pending

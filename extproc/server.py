@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections (CPython's default is 700)."""
+ADMIN_ANSWER_SECONDS = 2.0
+"""How long shutdown waits for the admin port's answers in progress (a probe reading the
+budget store) before it closes what they read."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 """Above Envoy's request buffer limit (envoy/gateway.yaml) plus protobuf framing, so a
 body Envoy accepted is never refused by gRPC on its way to or back from us."""
@@ -231,6 +234,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await alerts.close()
     if admin_server is not None:
         admin_server.close()  # before the store its probe reads
+        await admin_server.answered(ADMIN_ANSWER_SECONDS)
     await store.close()
     log.info("stopped")
 
@@ -436,7 +440,8 @@ async def _supervise_workers(
                     await asyncio.wait_for(stop.wait(), timeout=0.5)
         finally:
             watcher.cancel()
-            admin.close()
+            admin.close()  # before the store its probe reads
+            await admin.answered(ADMIN_ANSWER_SECONDS)
         if not stop.is_set():
             log.error("a worker exited unexpectedly; stopping the others")
             return 1

@@ -212,3 +212,23 @@ async def test_an_idle_connection_is_closed_after_idle_seconds() -> None:
         writer.close()
     finally:
         server.close()
+
+
+async def test_shutdown_can_wait_for_the_answers_in_progress(served: Served) -> None:
+    """Shutdown closes what handlers read (the budget store) only after their answers:
+    ``answered`` returns once the request in progress is answered, or says it was not."""
+    server, echo = served
+    assert await server.answered(0.1)  # nothing in progress
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/slow"))
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    server.close()
+    assert not await server.answered(0.05)  # still waiting for its release
+    waiting = asyncio.create_task(server.answered(5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    echo.release.set()
+    assert await waiting
+    [(status, _, body)] = await read_answers(reader, 1)
+    writer.close()
+    assert status == 200 and orjson.loads(body)["path"] == "/slow"
