@@ -6,7 +6,8 @@ and every message's text blocks; ``output_tokens`` counts the echo actually retu
 unlike on the real API, so a hand-written curl needs less ceremony.
 
 Streaming follows Anthropic's real event sequence - ``message_start`` (with
-``usage.input_tokens``), ``content_block_start``, ``ping``, one ``content_block_delta``
+``usage.input_tokens``, and the prompt-cache fields ``x-mock-cache-tokens`` asks for),
+``content_block_start``, ``ping``, one ``content_block_delta``
 (``text_delta``) per token, ``content_block_stop``, ``message_delta`` (``stop_reason`` and the
 final ``usage.output_tokens``), ``message_stop`` - each as ``event: X`` + ``data: {json}``.
 """
@@ -14,11 +15,12 @@ final ``usage.output_tokens``), ``message_stop`` - each as ``event: X`` + ``data
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 
 from . import body as fields
-from . import tokens
+from . import controls, tokens
 from .ids import next_id
 from .replies import json_response, named_event, send, text_events
 
@@ -47,20 +49,21 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "content": [{"type": "text", "text": "".join(pieces)}],
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": len(pieces)},
+        "usage": {
+            "input_tokens": input_tokens,
+            **controls.cache_tokens(request),
+            "output_tokens": len(pieces),
+        },
     }
     if stream:
-        return await send(request, _events(message, pieces, input_tokens))
+        return await send(request, _events(message, pieces))
     return json_response(message)
 
 
-def _events(message: dict[str, object], pieces: list[str], input_tokens: int) -> Iterator[bytes]:
-    start = {
-        **message,
-        "content": [],
-        "stop_reason": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 0},
-    }
+def _events(message: dict[str, Any], pieces: list[str]) -> Iterator[bytes]:
+    # message_start carries the prompt's usage (cache fields included), none of the output.
+    start = {**message, "content": [], "stop_reason": None}
+    start["usage"] = {**message["usage"], "output_tokens": 0}
     yield named_event("message_start", {"type": "message_start", "message": start})
     yield named_event(
         "content_block_start",

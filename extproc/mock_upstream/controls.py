@@ -14,6 +14,9 @@ gateway exactly as a client would, and the gateway forwards them untouched:
                                of one per token (an entity split across SSE events)
     x-mock-ratelimit: N        answer with the provider's own ``x-ratelimit-limit-tokens: N``
                                (as OpenAI does), which the gateway's budget headers replace
+    x-mock-cache-tokens: R,W   Anthropic: report R prompt tokens read from the prompt cache
+                               and W written to it, apart from ``input_tokens`` as Anthropic
+                               does (``cache_read_input_tokens``, ``cache_creation_input_tokens``)
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -36,6 +39,7 @@ CHUNK_DELAY_HEADER = "x-mock-chunk-delay-ms"
 FAIL_HEADER = "x-mock-fail"
 SPLIT_HEADER = "x-mock-split-chars"
 RATELIMIT_HEADER = "x-mock-ratelimit"
+CACHE_TOKENS_HEADER = "x-mock-cache-tokens"
 MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
@@ -65,6 +69,17 @@ def stream_deltas(request: web.Request, pieces: list[str]) -> list[str]:
         raise MockError(400, f"{SPLIT_HEADER} must be a number of characters from 1 to 10000")
     size, text = int(raw), "".join(pieces)
     return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def cache_tokens(request: web.Request) -> dict[str, int]:
+    """Anthropic's prompt-cache usage fields the answer reports (none unless asked)."""
+    raw = request.headers.get(CACHE_TOKENS_HEADER)
+    if raw is None:
+        return {}
+    read, _, written = raw.partition(",")
+    if not (read.isdigit() and written.isdigit()):
+        raise MockError(400, f"{CACHE_TOKENS_HEADER} must be two token counts: READ,WRITTEN")
+    return {"cache_read_input_tokens": int(read), "cache_creation_input_tokens": int(written)}
 
 
 def _names(header: str | None) -> set[str]:

@@ -355,20 +355,48 @@ def test_anthropic_answers_are_lifted_too(
         "messages": [{"role": "user", "content": "alpha beta gamma"}],
     }
     for stream in (False, True):
-        before = counter(redis_server, "meter", "output_tokens")
+        before = meter_counters(redis_server)
         status, _, answer = raw.request(
             "POST",
             "/v1/messages",
             json.dumps({**body, "stream": stream}).encode(),
-            {"x-api-key": "sk-test-meter", "content-type": "application/json"},
+            {
+                "x-api-key": "sk-test-meter",
+                "content-type": "application/json",
+                # 10 prompt tokens read from Anthropic's prompt cache, 7 written to it.
+                "x-mock-cache-tokens": "10,7",
+            },
         )
         assert status == 200, answer
         sent = json.loads(upstream.last()["body"])
         assert sent["stream"] is stream
+        prompt = anthropic_prompt_usage(answer, stream)
+        assert (prompt["cache_read_input_tokens"], prompt["cache_creation_input_tokens"]) == (10, 7)
+        # Cache reads and writes are prompt tokens Anthropic counts apart: both charged.
+        charged = prompt["input_tokens"] + 10 + 7
+
+        def settled(start: dict[str, int] = before, expected: int = charged) -> bool:
+            now = meter_counters(redis_server)
+            return (now["output_tokens"] - start["output_tokens"], now["input_tokens"]) == (
+                3,
+                start["input_tokens"] + expected,
+            )
+
         eventually(
-            lambda start=before: counter(redis_server, "meter", "output_tokens") - start == 3,
-            f"the Anthropic answer (stream={stream}) was not settled from its usage",
+            settled, f"the Anthropic answer (stream={stream}) was not settled from its usage"
         )
+
+
+def anthropic_prompt_usage(answer: bytes, stream: bool) -> dict[str, int]:
+    """The prompt's usage an Anthropic answer reports: the body's, or ``message_start``'s."""
+    if not stream:
+        return dict(json.loads(answer)["usage"])
+    [start] = [
+        event["message"]["usage"]
+        for line in answer.decode().splitlines()
+        if line.startswith("data: {") and (event := json.loads(line[6:]))["type"] == "message_start"
+    ]
+    return dict(start)
 
 
 def test_client_abort_mid_stream_settles_from_what_was_sent(

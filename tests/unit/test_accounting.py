@@ -171,10 +171,16 @@ async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_pat
     proc = processor(policy_file(tmp_path))
     body = {"model": "claude-3-5-haiku", "max_tokens": 20, "messages": CHAT["messages"]}
     ticket = await handed(proc, "sk-demo-admin", path="/v1/messages", body=body)
-    usage = {"input_tokens": 5, "output_tokens": 4, "cache_read_input_tokens": 10}
+    usage = {
+        "input_tokens": 5,
+        "output_tokens": 4,
+        "cache_read_input_tokens": 10,
+        "cache_creation_input_tokens": 7,
+    }
     await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 100))
     [record] = proc._observer.recent
-    assert (record["input_tokens"], record["output_tokens"]) == (15, 4)
+    # Cache reads and writes are prompt tokens Anthropic counts apart: both are charged.
+    assert (record["input_tokens"], record["output_tokens"]) == (22, 4)
 
 
 @pytest.mark.parametrize(
