@@ -24,7 +24,7 @@ from extproc.guardrails.engine import describe
 from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import Answer, decide, refuse
-from extproc.mcp.jsonrpc import ErrorCode, encode, error_response, parse_body
+from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, encode, error_response, parse_body
 from extproc.mcp.stream import (
     Rewriter,
     SseRewriter,
@@ -64,7 +64,13 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
     """Judge every JSON-RPC call in the body; guard the arguments of those let through."""
     server, principal = exchange.mcp_server, exchange.principal
     assert server is not None and principal is not None
-    body = parse_body(raw)
+    try:
+        body = parse_body(raw)
+    except JsonRpcError as unusable:
+        # Not JSON, not JSON-RPC 2.0, an empty batch: JSON-RPC's own error, never sent on.
+        exchange.status = unusable.status
+        exchange.error_code = "mcp_invalid"
+        return Reply(unusable.status, unusable.answer, _JSON, details="extproc_mcp")
     verdict = decide(server, principal.mcp, body)
     if isinstance(verdict, Answer):
         return _answer(exchange, verdict)

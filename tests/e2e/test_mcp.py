@@ -145,3 +145,40 @@ async def test_per_tool_rate_limit_refuses_with_a_json_rpc_error(stack: Stack) -
     assert "5 requests per minute" in limited.value.message
     assert 1 <= succeeded <= 10
     assert len(calls(stack)) == succeeded  # the refused call never reached the server
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message_id"),
+    [
+        pytest.param(b"{not json", ErrorCode.PARSE_ERROR, None, id="not-json"),
+        pytest.param(b"[]", ErrorCode.INVALID_REQUEST, None, id="empty-batch"),
+        pytest.param(b'"ping"', ErrorCode.INVALID_REQUEST, None, id="not-an-object"),
+        pytest.param(
+            b'{"jsonrpc": "1.0", "id": 7, "method": "ping"}',
+            ErrorCode.INVALID_REQUEST,
+            7,
+            id="not-json-rpc-2",
+        ),
+    ],
+)
+def test_an_unusable_body_gets_json_rpcs_own_error_and_never_reaches_the_server(
+    stack: Stack, body: bytes, code: ErrorCode, message_id: int | None
+) -> None:
+    clear(stack)
+    status, headers, raw = Http(stack.ports.gateway).request(
+        "POST",
+        "/mcp",
+        body,
+        {
+            "authorization": f"Bearer {ADMIN_KEY}",
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+        },
+    )
+    assert status == 400, raw
+    assert headers["content-type"] == "application/json"
+    answer = json.loads(raw)
+    assert answer["jsonrpc"] == "2.0" and answer["id"] == message_id
+    assert answer["error"]["code"] == code
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.mcp_demo}/calls") as resp:
+        assert json.load(resp) == []  # nothing reached the MCP server
