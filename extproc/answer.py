@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from extproc import routing, tools
-from extproc.budgets.meter import Cost, Meter, usage_cost
+from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import apply_rewrites
@@ -168,13 +168,18 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
 def used(exchange: Exchange, answer: Any = None) -> Cost:
     """What the exchange used, from the provider's usage or, failing that, from what is known.
 
-    Errors answered by the provider cost nothing. A stream cut before its usage report
-    is charged the counted prompt and one token per content event already sent. A call
-    that never got an answer (client gone first) is charged its prompt. ``answer`` is the
+    Errors answered by the provider or by the gateway cost nothing. A stream cut before
+    its usage report is charged the counted prompt and one token per content event
+    already sent. A call that never got an answer (client gone first) is charged its
+    prompt. ``answer`` is the
     JSON answer, parsed (or the ``usage`` found in its kept tail).
     """
     model, reservation = exchange.model, exchange.reservation
     assert model is not None
+    if exchange.error_code is not None and not exchange.response_status:
+        # The gateway answered before anything went upstream (a request its translation
+        # refuses once the budget is reserved, a phase that failed): nothing was used.
+        return NOTHING_USED
     usage = _reported_usage(exchange, answer)
     if usage is not None:
         exchange.usage_source = "provider"

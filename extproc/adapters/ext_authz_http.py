@@ -35,7 +35,7 @@ import time
 from extproc import http_server, pipeline
 from extproc.accounting import HEADER, HEADER_TICKET, Accountant
 from extproc.adapters.answer_report import REPORT_PATH, reported_answer
-from extproc.budgets.meter import Cost, Meter
+from extproc.budgets.meter import NOTHING_USED, Meter
 from extproc.decisions import Forward, Headers, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.errors import NotFound
@@ -56,8 +56,6 @@ HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 """Envoy's ext_authz removes the request headers this answer header lists."""
 _HANDED_OVER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-gateway-processing: ext_proc\r\n\r\n"
 _REPORT_SETTLED = b"HTTP/1.1 204 No Content\r\n\r\n"
-NOTHING_USED = Cost(0, 0, 0)
-"""Settling a reservation with this gives all of it back (but the request count)."""
 MAX_TICKET_CHARS = 16 * 1024
 """A ticket longer than this goes through ext_proc's metadata instead of an answer header
 (Envoy takes at most 60 KiB of headers from the authorization service). The caller's ids

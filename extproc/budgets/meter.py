@@ -53,6 +53,11 @@ class Cost:
         return self.micro_usd
 
 
+NOTHING_USED = Cost(0, 0, 0)
+"""Settling a reservation with this gives all of it back (but the request count, which a
+store cannot un-count)."""
+
+
 @dataclass(slots=True)
 class Reservation:
     counters: tuple[Counter, ...]

@@ -200,6 +200,26 @@ def test_openai_sdk_calls_claude_through_translation(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
+def test_a_request_refused_by_its_translation_is_charged_nothing(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    """Translation runs once the budget is reserved (the global $500 a day): a request it
+    refuses never goes upstream, and its reservation is given back whole."""
+    stack, audit = routed
+    _, secondary = mocks
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(stack).chat.completions.create(
+            model="claude-3-5-haiku",
+            messages=[{"role": "user", "content": "too hot for Claude " * 20}],
+            temperature=1.5,
+        )
+    assert refused.value.code == "unsupported_value"
+    assert secondary.requests() == []
+    record = audit_of(audit, refused.value.response.headers.get("x-request-id"))
+    assert record["status"] == 400 and record["budget"] == "reserved"
+    assert (record["input_tokens"], record["output_tokens"], record["cost_micro_usd"]) == (0, 0, 0)
+
+
 def test_tool_calls_and_results_are_translated(
     routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
 ) -> None:
