@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -266,11 +266,18 @@ async def in_worker_thread(work: Callable[..., T], *args: Any) -> T:
     """``work(*args)`` in a worker thread, for CPU work on one exchange's big body.
 
     Other streams are served meanwhile (the GIL still alternates between the two every few
-    milliseconds). If this stream is cancelled (Envoy reset it), the thread is waited for
-    before the cancellation goes on: it is still changing the exchange that the stream's
-    clean-up then accounts and reports.
+    milliseconds). If this stream is cancelled, the thread is finished first
+    (:func:`completed`): it is still changing the exchange.
     """
-    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    return await completed(asyncio.to_thread(work, *args))
+
+
+async def completed(work: Awaitable[T]) -> T:
+    """``work``'s result; if this stream is cancelled meanwhile (Envoy reset it: the
+    caller left), ``work`` is waited for before the cancellation goes on, since what it
+    does to the exchange (a reservation it takes, a body it parses) is what the stream's
+    clean-up then settles and reports."""
+    running = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:

@@ -165,10 +165,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             )
             return _answer(decision, phase)
         if phase == "request_body":
-            rejected = await pipeline.read_request_body(exchange, request.request_body.body)
-            if rejected is not None:
-                return immediate_response(rejected)
-            decision = await pipeline.finish_request_body(exchange, self._meter, self._clock)
+            # Finished even if Envoy resets the stream meanwhile: a reservation the store
+            # takes after the caller left is then on the exchange, for _finish to settle.
+            decision = await pipeline.completed(self._request_body(exchange, request))
             return _answer(decision, phase)
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
@@ -182,6 +181,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await self._settle(exchange)
             return _answer(decision, phase)
         return _continue(phase)
+
+    async def _request_body(self, exchange: Exchange, request: pb.ProcessingRequest) -> Decision:
+        rejected = await pipeline.read_request_body(exchange, request.request_body.body)
+        if rejected is not None:
+            return rejected
+        return await pipeline.finish_request_body(exchange, self._meter, self._clock)
 
 
 def _failed(exchange: Exchange) -> pb.ProcessingResponse:

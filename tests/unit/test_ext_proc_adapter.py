@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from extproc.adapters import ext_proc
 from extproc.adapters.ext_proc import ExternalProcessor
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
+from extproc.budgets.store import Counter, ReserveResult
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 from tests.unit.fake_envoy import (
@@ -191,3 +194,58 @@ async def test_large_answers_are_processed_off_the_event_loop(
         "spy",
         "account",
     ]  # the big answer's body (spied), then its accounting: once each
+
+
+class ReservingSlowly(MemoryStore):
+    """Takes a reservation only once released, as Redis runs a script it was sent: whether
+    or not the caller still waits for its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.taken = asyncio.Event()
+        self.reserved: dict[str, int] = {}
+
+    async def reserve(self, counters: Sequence[Counter]) -> ReserveResult:
+        self.entered.set()
+        return await asyncio.shield(asyncio.ensure_future(self._reserve(counters)))
+
+    async def _reserve(self, counters: Sequence[Counter]) -> ReserveResult:
+        await self.release.wait()
+        result = await super().reserve(counters)
+        self.reserved = dict(zip([c.key for c in counters], result.values, strict=True))
+        self.taken.set()
+        return result
+
+
+async def test_a_stream_reset_while_the_store_reserves_gives_the_reservation_back() -> None:
+    """Envoy resets the stream (the caller left) while Redis takes the reservation: the
+    reservation it takes is still settled when the stream ends, not left charged for the
+    whole window (here the example policy's global $500 a day)."""
+    store = ReservingSlowly()
+    processor = ExternalProcessor(PolicyStore(ROOT / "policies" / "example.yaml"), Meter(store))
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+
+    async def envoy() -> AsyncIterator[Any]:
+        yield request_headers("/v1/chat/completions", ADMIN)
+        yield request_body(chat)
+
+    async def stream() -> None:
+        async for _ in processor.Process(envoy(), None):
+            pass
+
+    task = asyncio.create_task(stream())
+    await asyncio.wait_for(store.entered.wait(), 5)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    store.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(store.taken.wait(), 5)
+    await processor.drain()
+    [(key, reserved)] = store.reserved.items()
+    [left] = await store.read([key])
+    # The 4,000 output tokens reserved are given back; the prompt stays charged (the
+    # request may have gone up before the caller left).
+    assert 0 < left < reserved / 100
