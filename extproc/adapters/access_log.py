@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -119,7 +120,12 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
         return None  # reported before its end, and settled then
     usage_struct = metadata.get(USAGE_NAMESPACE)
     usage = (
-        {name: int(value.number_value) for name, value in usage_struct.fields.items()}
+        {
+            name: int(value.number_value)
+            for name, value in usage_struct.fields.items()
+            # An upstream's 1e999 reaches us as infinity, which no count is.
+            if math.isfinite(value.number_value)
+        }
         if usage_struct is not None
         else {}
     )

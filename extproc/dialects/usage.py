@@ -15,6 +15,10 @@ import orjson
 
 MAX_EVENT_BYTES = 1024 * 1024
 """A single SSE event larger than this is dropped from metering instead of buffered."""
+MAX_REPORTED_TOKENS = 100_000_000
+"""A usage report with a count above this (50 times the largest context window) is not
+believed: the exchange is charged as if it had reported none. A broken or hostile
+upstream's 10**19 would overflow Redis's counters and the audit record's integers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,7 @@ def _openai(usage: Any) -> Usage | None:
     details = usage.get("prompt_tokens_details")
     cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return Usage(token_count(prompt), token_count(completion), cached)
+    return _believable(Usage(token_count(prompt), token_count(completion), cached))
 
 
 def _responses(usage: Any) -> Usage | None:
@@ -54,7 +58,7 @@ def _responses(usage: Any) -> Usage | None:
     details = usage.get("input_tokens_details")
     cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    return Usage(token_count(prompt), token_count(completion), cached)
+    return _believable(Usage(token_count(prompt), token_count(completion), cached))
 
 
 def anthropic_usage(usage: Any) -> Usage | None:
@@ -64,7 +68,17 @@ def anthropic_usage(usage: Any) -> Usage | None:
     cached = token_count(usage.get("cache_read_input_tokens"))
     created = token_count(usage.get("cache_creation_input_tokens"))
     prompt = token_count(usage.get("input_tokens")) + cached + created
-    return Usage(prompt, token_count(usage.get("output_tokens")), cached)
+    return _believable(Usage(prompt, token_count(usage.get("output_tokens")), cached))
+
+
+def _believable(usage: Usage) -> Usage | None:
+    """``usage``, or ``None`` (not reported) if a count in it is past belief."""
+    if (
+        max(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+        > MAX_REPORTED_TOKENS
+    ):
+        return None
+    return usage
 
 
 def usage_from_body(dialect: str, body: Any) -> Usage | None:

@@ -4,6 +4,7 @@ from the tickets they carry."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,25 @@ def test_a_log_entry_reads_as_a_logged_answer() -> None:
     )
     from_authorizer = logged_answer(entry)
     assert from_authorizer is not None and from_authorizer.ticket == "t1.c.d"
+    # Not finite: not a count (the rest of the record, and of its batch, still reads).
+    odd = logged_answer(log_entry("r3", 200, {"prompt_tokens": 7.0, "completion_tokens": math.inf}))
+    assert odd is not None and odd.usage == {"prompt_tokens": 7}
+    nan = logged_answer(log_entry("r4", 200, {"completion_tokens": math.nan}))
+    assert nan is not None and nan.usage == {}
+
+
+async def test_a_usage_report_past_belief_is_charged_as_an_estimate(tmp_path: Path) -> None:
+    """A broken upstream's 10**19 tokens would overflow Redis's counters: it is not
+    believed, the answer is estimated, and its audit record is written."""
+    proc = processor(policy_file(tmp_path))
+    ticket = await handed(proc, "sk-demo-restricted")
+    usage = {"prompt_tokens": 9, "completion_tokens": 1e19}
+    logged = logged_answer(log_entry("req-1", 200, usage, ticket=ticket))
+    assert logged is not None
+    await accountant(proc).settle(logged)
+    [record] = proc._observer.recent
+    assert record["usage_source"] == "estimate"
+    assert record["output_tokens"] < 1000
 
 
 async def test_two_exchanges_under_one_request_id_settle_apart(tmp_path: Path) -> None:

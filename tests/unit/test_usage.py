@@ -135,6 +135,24 @@ def test_cut_stream_keeps_count_of_content_events() -> None:
             id="wrong-types-count-zero",
         ),
         pytest.param("openai.chat", [], None, id="not-an-object"),
+        pytest.param(
+            "openai.chat",
+            {"usage": {"prompt_tokens": 7, "completion_tokens": 10**19}},
+            None,
+            id="past-belief-is-not-reported",
+        ),
+        pytest.param(
+            "anthropic.messages",
+            {"usage": {"input_tokens": 3, "cache_read_input_tokens": 10**9, "output_tokens": 4}},
+            None,
+            id="anthropic-cache-past-belief",
+        ),
+        pytest.param(
+            "openai.chat",
+            {"usage": {"prompt_tokens": 2_000_000, "completion_tokens": 128_000}},
+            Usage(2_000_000, 128_000),
+            id="largest-real-counts",
+        ),
     ],
 )
 def test_usage_shapes(dialect: str, body: Any, usage: Usage | None) -> None:
