@@ -136,7 +136,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     )
     meter = Meter(store, alerts)
     audit = AuditLog(
-        _audit_sinks(settings), on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc()
+        _audit_sinks(settings),
+        on_drop=lambda reason, count: metrics.audit_dropped.labels(reason).inc(count),
     )
     tracing = Tracing.otlp(settings.otlp_endpoint) if settings.otlp_endpoint else None
     observer = Observer(metrics, audit, tracing=tracing)

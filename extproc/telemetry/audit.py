@@ -5,8 +5,10 @@
     RedisStream  XADD with an approximate MAXLEN, so the stream stays bounded
 
 A full queue is counted and logged, never waited on: the request path never blocks on
-audit I/O. ``close()`` (on SIGTERM, after in-flight exchanges finished) drains the queue
-into the sinks before the process exits, so a graceful stop loses no record.
+audit I/O. Each sink writes from a backlog of its own, so one that is slow or down holds
+back only itself. ``close()`` (on SIGTERM, after in-flight exchanges finished) drains the
+queue into the sinks before the process exits, so a graceful stop loses no record while
+the sinks work (one still failing after :data:`CLOSE_SECONDS` loses its backlog, counted).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ BATCH = 256
 LINGER_SECONDS = 0.05
 """How long the writer waits after a record for others to join its batch: a sink write is
 a hop to a worker thread (or a Redis round trip), far dearer than the record itself."""
+SINK_BACKLOG_BATCHES = QUEUE_SIZE // BATCH
+"""Batches a sink may fall behind by (at least :data:`QUEUE_SIZE` records' worth of full
+batches) before it drops new ones; the other sinks go on meanwhile."""
+RETRY_SECONDS = (0.1, 0.5, 2.0)
+"""Waits between the attempts at writing a batch to a failing sink."""
+CLOSE_SECONDS = 10.0
+"""How long shutdown waits for the sinks to write their backlogs: a sink still down after
+that loses them (counted and logged) rather than holding the process past its grace."""
 
 
 class Sink(Protocol):
@@ -103,39 +113,51 @@ class RedisStream:
 
 
 class AuditLog:
-    def __init__(self, sinks: Sequence[Sink], on_drop: Callable[[str], None] | None = None):
-        self._sinks = list(sinks)
+    """Records in one bounded queue, serialised in batches and handed to each sink's own
+    writer (:class:`_SinkWriter`): a sink that is slow or down (Redis going away) holds
+    back only its own backlog, never the other sinks or the queue the request path fills."""
+
+    def __init__(
+        self, sinks: Sequence[Sink], on_drop: Callable[[str, int], None] | None = None
+    ) -> None:
+        self._on_drop = on_drop or (lambda reason, count: None)
+        self._writers = [_SinkWriter(sink, self._dropped) for sink in sinks]
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
-        self._on_drop = on_drop or (lambda reason: None)
         self.dropped = 0
+        """Records lost by any sink (one record lost by two sinks counts twice)."""
 
     @property
     def enabled(self) -> bool:
-        return bool(self._sinks)
+        return bool(self._writers)
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks. A full queue drops it, counted and logged."""
-        if not self._sinks:
+        if not self._writers:
             return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="audit-log")
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
-            self.dropped += 1
-            self._on_drop("queue_full")
+            self._dropped("queue_full", 1)
             log.error("audit queue full (%d): record %s dropped", QUEUE_SIZE, record["request_id"])
 
-    async def close(self) -> None:
-        """Write out everything queued, then close the sinks."""
+    async def close(self, within: float = CLOSE_SECONDS) -> None:
+        """Write out everything queued (for at most ``within`` seconds: a sink still down
+        then loses its backlog, counted and logged), then close the sinks."""
         if self._task is not None:
             await self._queue.join()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for sink in self._sinks:
-            await sink.close()
+        deadline = asyncio.get_running_loop().time() + within
+        for writer in self._writers:
+            await writer.close(deadline)
+
+    def _dropped(self, reason: str, count: int) -> None:
+        self.dropped += count
+        self._on_drop(reason, count)
 
     async def _run(self) -> None:
         while True:
@@ -143,27 +165,93 @@ class AuditLog:
             await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            lines = [orjson.dumps(record) + b"\n" for record in batch]
-            for sink in self._sinks:
-                await self._write(sink, lines)
-            for _ in batch:
-                self._queue.task_done()
-
-    async def _write(self, sink: Sink, lines: Sequence[bytes]) -> None:
-        """Retry a failing sink a few times; then count the batch as lost for that sink."""
-        for delay in (0.1, 0.5, 2.0, None):
             try:
-                await sink.write(lines)
+                lines = [line for record in batch if (line := self._serialised(record))]
+                for writer in self._writers:
+                    writer.put(lines)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _serialised(self, record: dict[str, Any]) -> bytes | None:
+        try:
+            return orjson.dumps(record) + b"\n"
+        except TypeError as error:  # a value JSON cannot hold: a bug, not a reason to stop
+            self._dropped("unserialisable", len(self._writers))
+            log.error("audit record %s cannot be written: %s", record.get("request_id"), error)
+            return None
+
+
+class _SinkWriter:
+    """One sink's backlog of serialised batches, written by a task of its own; a batch
+    the sink keeps failing is retried a few times, then counted as lost."""
+
+    def __init__(self, sink: Sink, dropped: Callable[[str, int], None]) -> None:
+        self._sink = sink
+        self._dropped = dropped
+        self._backlog: asyncio.Queue[Sequence[bytes]] = asyncio.Queue(SINK_BACKLOG_BATCHES)
+        self._writing: Sequence[bytes] = ()
+        """The batch being written (or waiting for its next attempt)."""
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, lines: Sequence[bytes]) -> None:
+        if not lines:
+            return
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"audit-{self._name}")
+        try:
+            self._backlog.put_nowait(lines)
+        except asyncio.QueueFull:
+            self._dropped("sink_backlog", len(lines))
+            log.error("audit sink %s is behind: %d records dropped", self._name, len(lines))
+
+    async def close(self, deadline: float) -> None:
+        if self._task is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._backlog.join(), max(left, 0.0))
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            lost = len(self._writing) + sum(len(lines) for lines in self._drain())
+            if lost:
+                self._dropped("shutdown", lost)
+                log.error(
+                    "audit sink %s still failing at shutdown: %d records lost", self._name, lost
+                )
+        await self._sink.close()
+
+    @property
+    def _name(self) -> str:
+        return type(self._sink).__name__
+
+    def _drain(self) -> list[Sequence[bytes]]:
+        batches = []
+        while not self._backlog.empty():
+            batches.append(self._backlog.get_nowait())
+            self._backlog.task_done()
+        return batches
+
+    async def _run(self) -> None:
+        while True:
+            self._writing = await self._backlog.get()
+            try:
+                await self._write(self._writing)
+                self._writing = ()
+            finally:
+                self._backlog.task_done()
+
+    async def _write(self, lines: Sequence[bytes]) -> None:
+        """Retry a failing sink a few times; then count the batch as lost for that sink."""
+        for delay in (*RETRY_SECONDS, None):
+            try:
+                await self._sink.write(lines)
                 return
             except Exception as exc:
                 if delay is None:
-                    self.dropped += len(lines)
-                    self._on_drop("sink_failed")
+                    self._dropped("sink_failed", len(lines))
                     log.error(
-                        "audit sink %s failed; %d records lost: %s",
-                        type(sink).__name__,
-                        len(lines),
-                        exc,
+                        "audit sink %s failed; %d records lost: %s", self._name, len(lines), exc
                     )
                     return
                 await asyncio.sleep(delay)

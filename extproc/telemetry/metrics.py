@@ -60,7 +60,8 @@ class Metrics:
         )
         self.audit_dropped = counter(
             "extproc_audit_dropped",
-            "Audit records lost to a full queue or a failed sink.",
+            "Audit records lost, by reason: queue_full, sink_failed, sink_backlog, "
+            "unserialisable, shutdown (a record lost by two sinks counts twice).",
             ["reason"],
         )
 

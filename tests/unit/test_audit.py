@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -56,11 +59,11 @@ async def test_a_full_queue_is_counted_never_waited_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(audit, "QUEUE_SIZE", 3)
-    drops: list[str] = []
-    log = AuditLog([JsonlFile(tmp_path / "a.jsonl")], on_drop=drops.append)
+    drops: list[tuple[str, int]] = []
+    log = AuditLog([JsonlFile(tmp_path / "a.jsonl")], on_drop=lambda *drop: drops.append(drop))
     for i in range(5):  # no await in between: the writer task never gets to run
         log.submit(record(i))
-    assert log.dropped == 2 and drops == ["queue_full", "queue_full"]
+    assert log.dropped == 2 and drops == [("queue_full", 1), ("queue_full", 1)]
     await log.close()
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
 
@@ -70,3 +73,74 @@ async def test_no_sink_means_no_work() -> None:
     log.submit(record(1))
     assert not log.enabled and log.dropped == 0
     await log.close()
+
+
+class Down:
+    """A sink that is down (Redis gone) until ``up`` is set."""
+
+    def __init__(self) -> None:
+        self.up = asyncio.Event()
+        self.lines: list[bytes] = []
+        self.closed = False
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        if not self.up.is_set():
+            raise ConnectionError("down")
+        self.lines.extend(lines)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_sink_that_is_down_holds_back_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one sink is down the file sink keeps writing, and the down sink, back within
+    its retries, writes its whole backlog in order."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", (0.2, 0.2, 0.2))
+    down, path = Down(), tmp_path / "a.jsonl"
+    log = AuditLog([down, JsonlFile(path)])
+    for i in range(3):
+        log.submit(record(i))
+    for _ in range(100):
+        if path.exists() and len(path.read_text().splitlines()) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(path.read_text().splitlines()) == 3  # not held back by the sink that is down
+    assert down.lines == []
+    down.up.set()
+    await log.close()
+    assert [json.loads(line)["request_id"] for line in down.lines] == ["r0", "r1", "r2"]
+    assert log.dropped == 0
+
+
+async def test_a_sink_still_down_at_shutdown_loses_its_backlog_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown waits for a failing sink only so long: its backlog is counted as lost, and
+    the other sinks have written everything."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", (10.0,))
+    drops: list[tuple[str, int]] = []
+    down, path = Down(), tmp_path / "a.jsonl"
+    log = AuditLog([down, JsonlFile(path)], on_drop=lambda *drop: drops.append(drop))
+    for i in range(4):
+        log.submit(record(i))
+    await asyncio.sleep(0.2)  # the first batch is in its retry wait; later ones queue behind
+    log.submit(record(4))
+    await asyncio.wait_for(log.close(within=0.3), 5)
+    assert down.closed
+    assert len(path.read_text().splitlines()) == 5
+    # The batch waiting for its next attempt, and the one behind it in the backlog.
+    assert drops == [("shutdown", 5)] and log.dropped == 5
+
+
+async def test_a_record_json_cannot_hold_is_dropped_alone(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = AuditLog([JsonlFile(path)])
+    log.submit(record(1))
+    log.submit({"request_id": "r-odd", "cost_micro_usd": 10**30})
+    log.submit({"request_id": "r-nan", "value": math.nan})  # written as null by orjson
+    log.submit(record(2))
+    await log.close()
+    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+    assert ids == ["r1", "r-nan", "r2"] and log.dropped == 1
