@@ -25,7 +25,9 @@ task started by :meth:`ResilientStore.start` probes it with exponential backoff 
 doubling to 2 s by default, so traffic returns within ~2 s of the primary), writes the
 queue back, and only then switches traffic back, so the primary never sees new usage
 before the old. It starts by itself on the first failure if ``start`` was not called;
-:meth:`ResilientStore.stop` (or ``close``) ends it and tries a last write-back.
+:meth:`ResilientStore.stop` (or ``close``) ends it and writes the queue back, trying for
+:data:`STOP_SECONDS` if the primary is still down; what is still queued then is lost with
+the process, and ``close`` logs it as an error.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ from extproc.budgets.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+STOP_SECONDS = 5.0
+"""How long shutdown keeps trying to write the queue back to a primary that is down."""
 
 
 class FailMode(StrEnum):
@@ -130,18 +136,27 @@ class ResilientStore:
         if self._task is None:
             self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
 
-    async def stop(self, *, write_back: bool = True) -> int:
-        """Stop the recovery task, try a last write-back; return the keys still pending."""
+    async def stop(self, *, write_back: bool = True, within: float | None = None) -> int:
+        """Stop the recovery task and write the queue back, trying for about ``within``
+        seconds of back-off (:data:`STOP_SECONDS`) if the primary is still down; return
+        the keys still pending."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if write_back and self._degraded:
+        delay, waited = self._backoff[0], 0.0
+        within = STOP_SECONDS if within is None else within
+        while write_back and self._degraded:
             try:
                 await self._write_back()
             except StoreUnavailable:
                 self._errors += 1
+                if waited + delay > within:
+                    break
+                await self._sleep(delay)
+                waited += delay
+                delay = min(delay * 2, self._backoff[1])
             else:
                 self._degraded = False
         return self.stats().pending_keys
@@ -201,7 +216,14 @@ class ResilientStore:
         await self._primary.ping()
 
     async def close(self) -> None:
-        await self.stop()
+        pending = await self.stop()
+        if pending:
+            # Nothing else holds them: this process's share of the outage's usage is lost.
+            log.error(
+                "budget store still unavailable at shutdown: usage queued for %d counters "
+                "was not written back and is lost",
+                pending,
+            )
         await self._primary.close()
 
     def _failed(self) -> None:

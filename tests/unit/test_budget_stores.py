@@ -9,6 +9,7 @@ ports cover Redis Cluster and outages. Both fail when unavailable: Redis is part
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 import pytest
 from redis.asyncio import Redis
 
+from extproc.budgets import resilient_store
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Cost, Meter
 from extproc.budgets.redis_store import RedisStore
@@ -446,7 +448,7 @@ async def test_fail_closed_refuses_admission_but_keeps_usage(flaky: Flaky) -> No
         await store.read(["a"])
     await store.adjust([Delta("a", 5, end)])  # a finished request's usage: never refused
     assert store.stats().pending_keys == 1
-    assert await store.stop() == 1, "still down: the delta is reported as pending"
+    assert await store.stop(within=0.1) == 1, "still down: the delta is reported as pending"
 
     primary.down = False
     await store.start()
@@ -503,3 +505,37 @@ async def test_fail_open_survives_a_hung_redis(server: RedisServer) -> None:
     # lost may count twice (3 + 2 + 2 + 1), erring toward over-charging, never under.
     assert await primary.read(["a"]) == (8,)
     await store.close()
+
+
+async def test_shutdown_writes_back_to_a_primary_that_comes_back_meanwhile(
+    flaky: Flaky,
+) -> None:
+    primary, make = flaky
+    store = make(FailMode.CLOSED)
+    end = window_end()
+    primary.down = True
+    await store.adjust([Delta("a", 5, end)])
+
+    async def back_soon() -> None:
+        await asyncio.sleep(0.2)
+        primary.down = False
+
+    coming_back = asyncio.create_task(back_soon())
+    assert await store.stop() == 0  # kept trying through the outage's last moments
+    await coming_back
+    assert await primary.inner.read(["a"]) == (5,)
+
+
+async def test_usage_still_queued_at_close_is_logged_as_lost(
+    flaky: Flaky,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(resilient_store, "STOP_SECONDS", 0.1)
+    primary, make = flaky
+    store = make(FailMode.OPEN)
+    primary.down = True
+    await store.adjust([Delta("a", 5, window_end()), Delta("b", 1, window_end())])
+    with caplog.at_level(logging.ERROR):
+        await store.close()
+    assert "usage queued for 2 counters was not written back and is lost" in caplog.text
