@@ -312,6 +312,38 @@ async def test_log_streams_settle_each_record_and_end_when_closed(tmp_path: Path
     assert isinstance(await asyncio.wait_for(stream, 5), als_pb2.StreamAccessLogsResponse)
 
 
+async def test_records_envoy_sent_before_shutdown_are_settled_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """Shutdown ends the log streams, but a record Envoy had sent already (waiting in
+    gRPC's buffers, never sent again) is still read and settled first."""
+    proc = processor(policy_file(tmp_path))
+    tickets = [await handed(proc, "sk-demo-restricted") for _ in range(2)]
+    receiver = AccessLogReceiver(accountant(proc))
+    first_read, closed = asyncio.Event(), asyncio.Event()
+
+    def batch(i: int) -> als_pb2.StreamAccessLogsMessage:
+        message = als_pb2.StreamAccessLogsMessage()
+        entry = log_entry(f"req-{i}", 200, {"prompt_tokens": 4.0}, ticket=tickets[i])
+        message.http_logs.log_entry.append(entry)
+        return message
+
+    async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        yield batch(0)
+        first_read.set()
+        await closed.wait()
+        yield batch(1)  # sent as the service began to stop
+        await asyncio.Event().wait()
+
+    stream = asyncio.create_task(receiver.StreamAccessLogs(envoy(), None))
+    await first_read.wait()
+    receiver.close()
+    await asyncio.sleep(0.05)  # the stream has seen the close by now
+    closed.set()
+    await asyncio.wait_for(stream, 5)  # then ends: quiet for DRAIN_QUIET_SECONDS
+    assert len(proc._observer.recent) == 2
+
+
 async def test_a_stream_ends_only_once_every_batch_it_read_is_settled(tmp_path: Path) -> None:
     """Batches are settled several at a time; a stream that ends (Envoy closing it) still
     returns only after the last of them is settled, so shutdown loses none."""
