@@ -421,7 +421,10 @@ async def finish_request_body(
         except GatewayError as error:
             return _reject(exchange, error)  # the reservation is released when the stream ends
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
-    body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
+    try:
+        body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
+    except GatewayError as error:
+        return _reject(exchange, error)
     if exchange.accounted_by_envoy or ticketed:
         # No response phase of this stream will set the budget and guardrail headers:
         # Envoy adds them from metadata. Under accounting: envoy it also lifts the usage.

@@ -19,7 +19,7 @@ import orjson
 
 from extproc.decisions import Headers
 from extproc.dialects.base import Dialect, JsonPath, LLMRequest
-from extproc.dialects.json_body import set_values
+from extproc.dialects.json_body import encode_body, set_values
 from extproc.errors import InvalidRequest
 from extproc.policy.compiled import CatalogueModel
 from extproc.translate import (
@@ -87,7 +87,7 @@ def translated_request(
     set_values(request.body, rewrites)  # the translation reads the rewritten texts
     translated = request_to_anthropic(request.body, upstream_model(model), default_max_tokens)
     headers = ((":path", ANTHROPIC_PATH), ("anthropic-version", ANTHROPIC_VERSION))
-    return orjson.dumps(translated), headers
+    return encode_body(translated), headers
 
 
 @dataclass(slots=True)

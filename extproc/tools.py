@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from extproc import routing
 from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
@@ -91,7 +93,12 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
     if not result.rewrites:
         return Forward(set_headers=route, clear_route_cache=True)
     apply_rewrites(body.raw, result.rewrites)
-    return Forward(set_headers=route, body=encode(body.raw), clear_route_cache=True)
+    try:
+        rewritten = encode(body.raw)
+    except orjson.JSONEncodeError:  # read up to 1,024 levels deep, written up to 255
+        message = "The body cannot be forwarded: JSON nested over 255 levels."
+        return _answer(exchange, refuse(server, body, ErrorCode.INVALID_REQUEST, message))
+    return Forward(set_headers=route, body=rewritten, clear_route_cache=True)
 
 
 async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> Reply | None:

@@ -48,6 +48,21 @@ def set_values(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> None:
 
 
 def apply_rewrites(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> bytes:
-    """:func:`set_values`, then serialise the body once."""
+    """:func:`set_values`, then serialise the body once (:func:`encode_body`)."""
     set_values(body, rewrites)
-    return orjson.dumps(body)
+    return encode_body(body)
+
+
+def encode_body(body: Any) -> bytes:
+    """Serialise a request body that goes upstream changed.
+
+    orjson reads JSON nested up to 1,024 levels deep but writes only 255: a body nested
+    deeper than that is the caller's to fix, and it is told so (:class:`InvalidRequest`)
+    rather than failing the gateway.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(
+            f"The request body cannot be forwarded: {exc} (JSON nested over 255 levels?)."
+        ) from None

@@ -249,3 +249,20 @@ async def test_a_stream_reset_while_the_store_reserves_gives_the_reservation_bac
     # The 4,000 output tokens reserved are given back; the prompt stays charged (the
     # request may have gone up before the caller left).
     assert 0 < left < reserved / 100
+
+
+async def test_a_body_nested_too_deep_to_forward_rewritten_is_the_callers_error(
+    processor: ExternalProcessor,
+) -> None:
+    """JSON is read up to 1,024 levels deep but written up to 255: a body the gateway must
+    rewrite (here the alias) that is nested deeper gets a 400 saying so, not a 500."""
+    deep = '{"n":' * 300 + "{}" + "}" * 300
+    chat = b'{"model": "mini", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+    chat += deep.encode() + b"}"
+    _, body = await exchange(
+        processor, [request_headers("/v1/chat/completions", ADMIN), request_body(chat)]
+    )
+    immediate = body.immediate_response
+    assert immediate.status.code == 400
+    error = orjson.loads(immediate.body)["error"]
+    assert error["type"] == "invalid_request_error" and "255 levels" in error["message"]
