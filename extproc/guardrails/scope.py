@@ -28,7 +28,7 @@ class ScopeMatcher:
         self._teams = frozenset(scope.teams)
         self._keys = frozenset(scope.keys)
         self._models = GlobSet(scope.models)
-        self._routes = GlobSet(scope.routes)
+        self._routes = GlobSet([_endpoint(route) for route in scope.routes])
         self._memo: dict[tuple[str, str], bool] = {}
         self.everything = not (self._teams or self._keys or self._models or self._routes)
 
@@ -46,7 +46,7 @@ class ScopeMatcher:
             and not self._glob("m", self._models, subject.model)
         ):
             return False
-        path = subject.path.partition("?")[0]
+        path = _endpoint(subject.path.partition("?")[0])
         return not self._routes or self._glob("r", self._routes, path)
 
     def _glob(self, kind: str, globs: GlobSet, value: str) -> bool:
@@ -57,3 +57,9 @@ class ScopeMatcher:
             if len(self._memo) < _CACHE_LIMIT:
                 self._memo[key] = hit
         return hit
+
+
+def _endpoint(path: str) -> str:
+    """``/mcp/`` and ``/mcp`` are one endpoint, to the dialect and MCP lookups as to a
+    client: a rule scoped to one covers the other."""
+    return path.rstrip("/") or "/"

@@ -71,6 +71,26 @@ def test_scope(who: dict[str, Any], expected: list[str]) -> None:
     assert fired(SCOPED, **who) == expected
 
 
+@pytest.mark.parametrize("scoped", ["/mcp", "/mcp/"])
+@pytest.mark.parametrize("called", ["/mcp", "/mcp/", "/mcp/?session=1"])
+def test_a_route_scope_covers_its_endpoint_with_or_without_a_trailing_slash(
+    scoped: str, called: str
+) -> None:
+    """``/mcp/`` reaches the same MCP server (and ``/v1/chat/completions/`` the same
+    dialect) as without the slash: a rule scoped to the route must not be skipped by it."""
+    rules = guardrails_from_yaml(
+        f"""
+- name: tools
+  stage: input
+  mode: audit
+  scope: {{routes: ["{scoped}"]}}
+  detector: {{kind: content, banned_terms: [alpha]}}
+"""
+    )
+    assert fired(rules, path=called) == ["tools"]
+    assert fired(rules, path="/mcp2") == []
+
+
 def test_stage_and_roles() -> None:
     assert fired(SCOPED, "output") == ["scoped", "output-only"]
     tool = [user_text("alpha", role="tool")]
