@@ -178,8 +178,12 @@ class Accountant:
 
 
 def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
-    """What the exchange used: the provider's report, else the answer's best estimate."""
-    if logged.usage:
+    """What the exchange used: the provider's report, else the answer's best estimate.
+
+    A stream's report counts only with its output in it: Anthropic reports the prompt
+    first (``message_start``) and the output at the end, so a stream cut in between
+    (the caller left) carries a prompt count alone, and would be charged no output."""
+    if logged.usage and (not ticket.stream or _OUTPUT_COUNTS & logged.usage.keys()):
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
             return reported, "provider"
@@ -188,6 +192,10 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     cap = settlement.reserved.output_tokens if settlement is not None else None
     output = logged.response_bytes // per_token
     return estimated(logged.status, ticket.input_tokens, output, cap), "estimate"
+
+
+_OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens"})
+"""The lifted fields that count an answer's output (OpenAI's name, Anthropic's)."""
 
 
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:

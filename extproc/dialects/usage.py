@@ -47,38 +47,51 @@ def _openai(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details")
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return _believable(Usage(token_count(prompt), token_count(completion), cached))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    counts = _counts(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
+    return None if counts is None else Usage(*counts)
 
 
 def _responses(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     details = usage.get("input_tokens_details")
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    return _believable(Usage(token_count(prompt), token_count(completion), cached))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    counts = _counts(usage.get("input_tokens"), usage.get("output_tokens"), cached)
+    return None if counts is None else Usage(*counts)
 
 
 def anthropic_usage(usage: Any) -> Usage | None:
     """Anthropic counts cache reads and writes apart from ``input_tokens``; we add them in."""
     if not isinstance(usage, dict):
         return None
-    cached = token_count(usage.get("cache_read_input_tokens"))
-    created = token_count(usage.get("cache_creation_input_tokens"))
-    prompt = token_count(usage.get("input_tokens")) + cached + created
-    return _believable(Usage(prompt, token_count(usage.get("output_tokens")), cached))
-
-
-def _believable(usage: Usage) -> Usage | None:
-    """``usage``, or ``None`` (not reported) if a count in it is past belief."""
-    if (
-        max(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
-        > MAX_REPORTED_TOKENS
-    ):
+    counts = _counts(
+        usage.get("input_tokens"),
+        usage.get("output_tokens"),
+        usage.get("cache_read_input_tokens"),
+        usage.get("cache_creation_input_tokens"),
+    )
+    if counts is None:
         return None
-    return usage
+    prompt, output, cached, created = counts
+    return Usage(prompt + cached + created, output, cached)
+
+
+def _counts(*reported: object) -> tuple[int, ...] | None:
+    """A report's token counts, an absent one as 0; ``None`` (the report is not believed,
+    the exchange is estimated) if one is not a non-negative integer or is past belief
+    (:data:`MAX_REPORTED_TOKENS`): a negative count, a string, Lua's rendering of 1e19."""
+    counts = []
+    for value in reported:
+        if value is None:
+            counts.append(0)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= MAX_REPORTED_TOKENS:
+                return None
+            counts.append(value)
+        else:
+            return None
+    return tuple(counts)
 
 
 def usage_from_body(dialect: str, body: Any) -> Usage | None:
@@ -151,23 +164,28 @@ class StreamUsage:
             self.content_events += 1
 
     def _anthropic_event(self, payload: dict[str, Any]) -> None:
+        """``message_start`` reports the prompt, ``message_delta`` the output: the usage is
+        the provider's only once both came and were believed. A stream cut before its
+        ``message_delta`` (the caller left, an error event) is estimated instead, from its
+        content events: its start alone would charge no output at all."""
         kind = payload.get("type")
         if kind == "message_start":
             message = payload.get("message")
             if isinstance(message, dict):
                 self._anthropic_input = anthropic_usage(message.get("usage"))
-                self._usage = self._anthropic_input
         elif kind == "message_delta":
             delta = anthropic_usage(payload.get("usage"))
-            start = self._anthropic_input or Usage(0, 0)
-            if delta is not None:
-                # message_delta carries cumulative output; input arrived in message_start
-                # (newer APIs repeat it here, in which case it is taken from here).
-                self._usage = Usage(
-                    delta.input_tokens or start.input_tokens,
-                    delta.output_tokens,
-                    delta.cached_input_tokens or start.cached_input_tokens,
-                )
+            start = self._anthropic_input
+            if delta is None or (start is None and not delta.input_tokens):
+                self._usage = None
+                return
+            # message_delta carries cumulative output; input arrived in message_start
+            # (newer APIs repeat it here, in which case it is taken from here).
+            self._usage = Usage(
+                delta.input_tokens or (start.input_tokens if start else 0),
+                delta.output_tokens,
+                delta.cached_input_tokens or (start.cached_input_tokens if start else 0),
+            )
 
 
 def _data_of(event: bytes) -> dict[str, Any] | None:

@@ -222,6 +222,22 @@ async def test_a_stream_without_usage_is_estimated_from_the_bytes_sent(
     assert record["usage_source"] == "estimate"
 
 
+async def test_an_anthropic_stream_cut_before_its_output_count_is_estimated(
+    tmp_path: Path,
+) -> None:
+    """Envoy lifted message_start's prompt count, and the stream was cut before the
+    message_delta that counts the output: estimated from the bytes sent, not charged as
+    a provider report of no output."""
+    proc = processor(policy_file(tmp_path))
+    body = {"model": "claude-3-5-haiku", "max_tokens": 500, "messages": CHAT["messages"]}
+    ticket = await handed(proc, "sk-demo-admin", path="/v1/messages", body={**body, "stream": True})
+    lifted = {"input_tokens": 25, "cache_read_input_tokens": 5}
+    await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, lifted, None, 6400))
+    [record] = proc._observer.recent
+    assert record["usage_source"] == "estimate"
+    assert record["output_tokens"] == 100  # 6,400 bytes at 64 a token
+
+
 def log_entry(
     request_id: str, status: int, usage: dict[str, float], ticket: str | None = None
 ) -> HTTPAccessLogEntry:

@@ -100,10 +100,24 @@ def test_anthropic_stream_combines_start_and_delta() -> None:
 
 
 def test_cut_stream_keeps_count_of_content_events() -> None:
+    """Cut before message_delta: message_start's usage reports no output, so it is not
+    taken for the provider's report; the content events measure what was sent."""
     meter = StreamUsage("anthropic.messages")
     meter.feed(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: message_delta")])
-    assert meter.usage == Usage(input_tokens=30, output_tokens=1, cached_input_tokens=5)
+    assert meter.usage is None
     assert meter.content_events == 2
+
+
+@pytest.mark.parametrize("absurd", ["start", "delta"])
+def test_an_anthropic_stream_with_a_count_past_belief_is_not_believed(absurd: str) -> None:
+    stream = ANTHROPIC_STREAM
+    if absurd == "start":
+        stream = stream.replace(b'"input_tokens":25', b'"input_tokens":-1', 1)
+    else:
+        stream = stream.replace(b'"output_tokens":15', b'"output_tokens":1e19', 1)
+    meter = StreamUsage("anthropic.messages")
+    meter.feed(stream)
+    assert meter.usage is None
 
 
 @pytest.mark.parametrize(
@@ -131,8 +145,17 @@ def test_cut_stream_keeps_count_of_content_events() -> None:
         pytest.param(
             "openai.chat",
             {"usage": {"prompt_tokens": "7"}},
-            Usage(0, 0),
-            id="wrong-types-count-zero",
+            None,
+            id="wrong-types-are-not-believed",
+        ),
+        pytest.param(
+            "openai.chat",
+            {"usage": {"prompt_tokens": 7, "completion_tokens": -9223372036854775808}},
+            None,
+            id="negative-is-not-believed",
+        ),
+        pytest.param(
+            "openai.chat", {"usage": {"prompt_tokens": 7}}, Usage(7, 0), id="absent-reads-0"
         ),
         pytest.param("openai.chat", [], None, id="not-an-object"),
         pytest.param(
