@@ -120,8 +120,14 @@ async def controls_middleware(request: web.Request, handler: Handler) -> web.Str
         return error_response(path, error)
 
 
+ORGANIZATION_HEADERS = {"openai-organization": "mock-org", "anthropic-organization-id": "mock-org"}
+"""The account a real provider names on every answer (a gateway keeps it from callers)."""
+
+
 async def provider_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the headers a real provider adds to every answer."""
+    if not request.path.startswith(_UNCONTROLLED_PREFIXES):
+        response.headers.update(ORGANIZATION_HEADERS)
     limit = request.headers.get(RATELIMIT_HEADER)
     if limit is not None:
         response.headers["x-ratelimit-limit-tokens"] = limit

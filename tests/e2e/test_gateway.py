@@ -107,6 +107,47 @@ def test_gateway_key_never_reaches_upstream(gateway_url: str, mock: Mock) -> Non
     assert seen["headers"]["x-gateway-key-id"] == "demo-admin"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "key_header"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            "authorization",
+        ),
+        (
+            "/v1/messages",
+            {
+                "model": "claude-3-5-haiku",
+                "max_tokens": 9,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            "x-api-key",
+        ),
+    ],
+)
+def test_answers_come_uncompressed_and_without_the_providers_account(
+    raw: Http, mock: Mock, mock_anthropic: Mock, path: str, body: dict[str, Any], key_header: str
+) -> None:
+    """Usage, guardrails and translation read the answer, so the gateway asks for it
+    uncompressed whatever the client accepts; and the provider's organisation header
+    stays at the gateway."""
+    key = f"Bearer {ADMIN_KEY}" if key_header == "authorization" else ADMIN_KEY
+    status, headers, answer = raw.request(
+        "POST",
+        path,
+        json.dumps(body).encode(),
+        {key_header: key, "content-type": "application/json", "accept-encoding": "gzip, br"},
+    )
+    assert status == 200, answer
+    upstream = (mock_anthropic if path == "/v1/messages" else mock).last()
+    assert "accept-encoding" not in upstream["headers"]
+    assert "content-encoding" not in headers
+    assert "openai-organization" not in headers
+    assert "anthropic-organization-id" not in headers
+    json.loads(answer)  # readable as sent
+
+
 def test_spoofed_identity_headers_are_replaced(raw: Http, mock: Mock) -> None:
     status, _, _ = raw.post_json(
         "/v1/chat/completions",

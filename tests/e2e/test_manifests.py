@@ -521,7 +521,8 @@ SPECS: dict[tuple[str, str], Doc] = {
             "route", name=STR, timeout=DURATION, match=array(obj(gateways=array(STR), port=INT)),
             route=array(obj("destination", destination=obj(
                 "host", host=STR, subset=STR, port=PORT_SELECTOR))),
-            retries=obj("attempts", attempts=INT, retryOn=STR, perTryTimeout=DURATION)))),
+            retries=obj("attempts", attempts=INT, retryOn=STR, perTryTimeout=DURATION),
+            headers=obj(request=obj(remove=array(STR)), response=obj(remove=array(STR)))))),
     ("networking.istio.io/v1", "DestinationRule"): obj(
         "host", host=STR, exportTo=array(STR), trafficPolicy=TRAFFIC_POLICY,
         subsets=array(obj("name", name=STR, trafficPolicy=TRAFFIC_POLICY))),
