@@ -22,6 +22,8 @@ costs one cheap HTTP call instead of an ext_proc stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -51,6 +53,7 @@ HEADER_KEY_ID = "x-gateway-key-id"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 256
 """A caller's ``x-request-id`` longer than this is cut to it in the audit record and the
@@ -281,7 +284,11 @@ async def completed(work: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait({running})
+        while not running.done():  # a second cancellation (shutdown) waits all the same
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({running})
+        if not running.cancelled() and (error := running.exception()) is not None:
+            log.error("work on an exchange whose stream was cut failed", exc_info=error)
         raise
 
 

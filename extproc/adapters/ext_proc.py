@@ -167,7 +167,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if phase == "request_body":
             # Finished even if Envoy resets the stream meanwhile: a reservation the store
             # takes after the caller left is then on the exchange, for _finish to settle.
-            decision = await pipeline.completed(self._request_body(exchange, request))
+            try:
+                decision = await pipeline.completed(self._request_body(exchange, request))
+            except asyncio.CancelledError:
+                # Envoy had no answer for the body yet, so nothing went upstream: the
+                # reservation is given back whole (answer.used).
+                exchange.error_code = exchange.error_code or "request_abandoned"
+                raise
             return _answer(decision, phase)
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
