@@ -63,7 +63,12 @@ log = logging.getLogger(__name__)
 
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections (CPython's default is 700)."""
-ADMIN_ANSWER_SECONDS = 2.0
+AFTER_GRACE_SECONDS = 5.0
+"""What shutdown may take past ``--grace`` (the supervisor kills a worker then): writing
+out the audit log, the budget store's queue and the alerts, side by side, each bounded
+well inside it (audit.CLOSE_SECONDS, resilient_store.STOP_SECONDS, alerts.DRAIN_SECONDS,
+ADMIN_ANSWER_SECONDS before the store)."""
+ADMIN_ANSWER_SECONDS = 1.0
 """How long shutdown waits for the admin port's answers in progress (a probe reading the
 budget store) before it closes what they read."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -229,14 +234,20 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     access_log.close()
     await stopping
     await processor.drain()
-    await audit.close()
-    if tracing is not None:
-        await asyncio.to_thread(tracing.shutdown)
-    await alerts.close()
-    if admin_server is not None:
-        admin_server.close()  # before the store its probe reads
-        await admin_server.answered(ADMIN_ANSWER_SECONDS)
-    await store.close()
+
+    async def close_store() -> None:
+        if admin_server is not None:
+            admin_server.close()  # before the store its probe reads
+            await admin_server.answered(ADMIN_ANSWER_SECONDS)
+        await store.close()
+
+    # Side by side, within AFTER_GRACE_SECONDS: a Redis that is down delays each of them.
+    await asyncio.gather(
+        audit.close(),
+        alerts.close(),
+        close_store(),
+        *([asyncio.to_thread(tracing.shutdown)] if tracing is not None else []),
+    )
     log.info("stopped")
 
 
@@ -390,15 +401,20 @@ def _supervise(settings: ServeSettings, policies: PolicyStore) -> int:
         finally:
             # Also when the admin port or the Redis probe failed: the metrics directory is
             # removed next, and live workers would keep the exit waiting.
+            _signal_workers(workers)
             for worker in workers:
-                if worker.is_alive() and worker.pid is not None:
-                    os.kill(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                await asyncio.to_thread(worker.join, settings.grace_seconds + 5)
+                await asyncio.to_thread(worker.join, settings.grace_seconds + AFTER_GRACE_SECONDS)
                 if worker.is_alive():
                     worker.kill()
 
     return _run(supervise())
+
+
+def _signal_workers(workers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """Ask the live workers to stop (SIGTERM: each drains within its grace)."""
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            os.kill(worker.pid, signal.SIGTERM)
 
 
 async def _supervise_workers(
@@ -441,6 +457,7 @@ async def _supervise_workers(
                     await asyncio.wait_for(stop.wait(), timeout=0.5)
         finally:
             watcher.cancel()
+            _signal_workers(workers)  # first: their grace starts now
             admin.close()  # before the store its probe reads
             await admin.answered(ADMIN_ANSWER_SECONDS)
         if not stop.is_set():

@@ -54,7 +54,7 @@ from extproc.budgets.store import (
 log = logging.getLogger(__name__)
 
 
-STOP_SECONDS = 5.0
+STOP_SECONDS = 3.0
 """How long shutdown keeps trying to write the queue back to a primary that is down."""
 
 

@@ -34,12 +34,12 @@ BATCH = 256
 LINGER_SECONDS = 0.05
 """How long the writer waits after a record for others to join its batch: a sink write is
 a hop to a worker thread (or a Redis round trip), far dearer than the record itself."""
-SINK_BACKLOG_BATCHES = QUEUE_SIZE // BATCH
-"""Batches a sink may fall behind by (at least :data:`QUEUE_SIZE` records' worth of full
-batches) before it drops new ones; the other sinks go on meanwhile."""
+SINK_BACKLOG = QUEUE_SIZE
+"""Records a sink may fall behind by before it drops new ones (about 100 s of an outage at
+100 records a second); the other sinks go on meanwhile."""
 RETRY_SECONDS = (0.1, 0.5, 2.0)
 """Waits between the attempts at writing a batch to a failing sink."""
-CLOSE_SECONDS = 10.0
+CLOSE_SECONDS = 3.0
 """How long shutdown waits for the sinks to write their backlogs: a sink still down after
 that loses them (counted and logged) rather than holding the process past its grace."""
 
@@ -124,6 +124,7 @@ class AuditLog:
         self._writers = [_SinkWriter(sink, self._dropped) for sink in sinks]
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.dropped = 0
         """Records lost by any sink (one record lost by two sinks counts twice)."""
 
@@ -134,6 +135,10 @@ class AuditLog:
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks. A full queue drops it, counted and logged."""
         if not self._writers:
+            return
+        if self._closed:
+            self._dropped("closed", 1)
+            log.error("audit record %s came after the log closed: dropped", record["request_id"])
             return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="audit-log")
@@ -146,6 +151,7 @@ class AuditLog:
     async def close(self, within: float = CLOSE_SECONDS) -> None:
         """Write out everything queued (for at most ``within`` seconds: a sink still down
         then loses its backlog, counted and logged), then close the sinks."""
+        self._closed = True
         if self._task is not None:
             await self._queue.join()
             self._task.cancel()
@@ -189,7 +195,9 @@ class _SinkWriter:
     def __init__(self, sink: Sink, dropped: Callable[[str, int], None]) -> None:
         self._sink = sink
         self._dropped = dropped
-        self._backlog: asyncio.Queue[Sequence[bytes]] = asyncio.Queue(SINK_BACKLOG_BATCHES)
+        self._backlog: asyncio.Queue[Sequence[bytes]] = asyncio.Queue()
+        self._behind = 0
+        """Records in the backlog (batches vary in size: the backlog is bounded by these)."""
         self._writing: Sequence[bytes] = ()
         """The batch being written (or waiting for its next attempt)."""
         self._task: asyncio.Task[None] | None = None
@@ -199,11 +207,12 @@ class _SinkWriter:
             return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"audit-{self._name}")
-        try:
-            self._backlog.put_nowait(lines)
-        except asyncio.QueueFull:
+        if self._behind + len(lines) > SINK_BACKLOG:
             self._dropped("sink_backlog", len(lines))
             log.error("audit sink %s is behind: %d records dropped", self._name, len(lines))
+            return
+        self._behind += len(lines)
+        self._backlog.put_nowait(lines)
 
     async def close(self, deadline: float) -> None:
         if self._task is not None:
@@ -235,6 +244,7 @@ class _SinkWriter:
     async def _run(self) -> None:
         while True:
             self._writing = await self._backlog.get()
+            self._behind -= len(self._writing)
             try:
                 await self._write(self._writing)
                 self._writing = ()

@@ -61,7 +61,7 @@ class Metrics:
         self.audit_dropped = counter(
             "extproc_audit_dropped",
             "Audit records lost, by reason: queue_full, sink_failed, sink_backlog, "
-            "unserialisable, shutdown (a record lost by two sinks counts twice).",
+            "unserialisable, shutdown, closed (a record lost by two sinks counts twice).",
             ["reason"],
         )
 

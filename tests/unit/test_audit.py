@@ -144,3 +144,36 @@ async def test_a_record_json_cannot_hold_is_dropped_alone(tmp_path: Path) -> Non
     await log.close()
     ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
     assert ids == ["r1", "r-nan", "r2"] and log.dropped == 1
+
+
+async def test_a_sinks_backlog_is_bounded_in_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However the records fall into batches, a sink that is down holds at most
+    SINK_BACKLOG of them; what comes beyond is dropped for it alone, counted."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", (10.0,))
+    monkeypatch.setattr(audit, "SINK_BACKLOG", 2)
+    drops: list[tuple[str, int]] = []
+    down, path = Down(), tmp_path / "a.jsonl"
+    log = AuditLog([down, JsonlFile(path)], on_drop=lambda *drop: drops.append(drop))
+    log.submit(record(0))  # the batch being written (retried), not in the backlog
+    await asyncio.sleep(0.2)
+    for i in (1, 2):
+        log.submit(record(i))  # one batch of two: the backlog is full
+    await asyncio.sleep(0.2)
+    log.submit(record(3))  # one more: dropped for the sink that is down
+    await asyncio.sleep(0.2)
+    assert drops == [("sink_backlog", 1)]
+    await log.close(within=0.1)
+    assert drops == [("sink_backlog", 1), ("shutdown", 3)]
+    assert len(path.read_text().splitlines()) == 4  # the file sink lost nothing
+
+
+async def test_a_record_after_close_is_dropped_counted(tmp_path: Path) -> None:
+    drops: list[tuple[str, int]] = []
+    log = AuditLog([JsonlFile(tmp_path / "a.jsonl")], on_drop=lambda *drop: drops.append(drop))
+    log.submit(record(1))
+    await log.close()
+    log.submit(record(2))  # a settlement still running at shutdown
+    assert drops == [("closed", 1)]
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1
