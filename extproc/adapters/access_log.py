@@ -71,15 +71,20 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             loop = asyncio.get_running_loop()
             draining_until: float | None = None
             while True:
+                # Shutting down: what Envoy sent already waits in gRPC's buffers, and is
+                # lost with the stream (Envoy counts it as sent): read on until the stream
+                # is quiet for a moment, or DRAIN_SECONDS have passed however busy it is.
+                if draining_until is None and closing.done():
+                    draining_until = loop.time() + DRAIN_SECONDS
+                if draining_until is not None and loop.time() >= draining_until:
+                    break
                 message = asyncio.ensure_future(anext(incoming))
                 if draining_until is None:
                     await asyncio.wait({message, closing}, return_when=asyncio.FIRST_COMPLETED)
-                if not message.done():
-                    # Shutting down: what Envoy sent already waits in gRPC's buffers, and
-                    # is lost with the stream (Envoy counts it as sent): read on until the
-                    # stream is quiet for a moment.
-                    if draining_until is None:
+                    if not message.done():
                         draining_until = loop.time() + DRAIN_SECONDS
+                if not message.done():
+                    assert draining_until is not None
                     quiet = min(DRAIN_QUIET_SECONDS, max(draining_until - loop.time(), 0.0))
                     await asyncio.wait({message}, timeout=quiet)
                 if not message.done():

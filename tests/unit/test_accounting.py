@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
 from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_TICKET, Accountant, LoggedAnswer
+from extproc.adapters import access_log
 from extproc.adapters.access_log import (
     AUTHZ_NAMESPACE,
     USAGE_NAMESPACE,
@@ -358,6 +359,32 @@ async def test_records_envoy_sent_before_shutdown_are_settled_not_dropped(
     closed.set()
     await asyncio.wait_for(stream, 5)  # then ends: quiet for DRAIN_QUIET_SECONDS
     assert len(proc._observer.recent) == 2
+
+
+async def test_a_busy_stream_still_ends_within_its_drain_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Envoy keeps sending (other exchanges end meanwhile): the stream ends anyway once
+    DRAIN_SECONDS have passed since the close, having settled what it read."""
+    monkeypatch.setattr(access_log, "DRAIN_SECONDS", 0.3)
+    proc = processor(policy_file(tmp_path))
+    receiver = AccessLogReceiver(accountant(proc))
+    sent = 0
+
+    async def envoy() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        nonlocal sent
+        while True:
+            sent += 1
+            yield als_pb2.StreamAccessLogsMessage()
+            await asyncio.sleep(0.01)  # never quiet for DRAIN_QUIET_SECONDS
+
+    stream = asyncio.create_task(receiver.StreamAccessLogs(envoy(), None))
+    await asyncio.sleep(0.05)
+    receiver.close()
+    closed_at = asyncio.get_running_loop().time()
+    await asyncio.wait_for(stream, 5)
+    assert 0.3 <= asyncio.get_running_loop().time() - closed_at < 1.0
+    assert sent > 20  # it kept reading while it drained
 
 
 async def test_a_stream_ends_only_once_every_batch_it_read_is_settled(tmp_path: Path) -> None:
