@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -103,11 +103,6 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
 
-    @property
-    def serving(self) -> asyncio.Task[None] | None:
-        """The task answering this connection's requests, while there are any."""
-        return self._serving
-
     def close_when_idle(self) -> None:
         """Shutdown: read no more requests; close now if none is being answered, else
         after its answer (which says so)."""
@@ -178,7 +173,7 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
             self._paused = True
         if self._serving is None:
-            self._serving = asyncio.get_running_loop().create_task(self._serve())
+            self._serving = self._server.answering(self._serve())
 
     # answering
     def _give_up(self) -> None:
@@ -191,7 +186,7 @@ class _Connection(asyncio.Protocol):
         self._closing = self._done = True
         self._queue.append(None)
         if self._serving is None:
-            self._serving = asyncio.get_running_loop().create_task(self._serve())
+            self._serving = self._server.answering(self._serve())
 
     def _write(self, answer: bytes) -> bool:
         if self._transport is None or self._transport.is_closing():
@@ -295,6 +290,8 @@ class Server:
         self.idle_seconds = idle_seconds
         """Connections with no whole request for this long are closed (``None``: never)."""
         self.connections: set[_Connection] = set()
+        self._answering: set[asyncio.Task[None]] = set()
+        """Tasks answering requests, also those of a connection already lost."""
         self._listening: asyncio.Server | None = None
 
     @property
@@ -320,8 +317,14 @@ class Server:
         """Wait, up to ``within`` seconds, for the requests being answered (after
         :meth:`close`: so that what their handlers read, such as a store, is closed only
         once they are done). Whether all were answered in time."""
-        serving = [c.serving for c in self.connections if c.serving is not None]
-        if not serving:
+        if not self._answering:
             return True
-        _, pending = await asyncio.wait(serving, timeout=within)
+        _, pending = await asyncio.wait(self._answering, timeout=within)
         return not pending
+
+    def answering(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of a connection's, for :meth:`answered` to wait for."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+        return task

@@ -232,3 +232,18 @@ async def test_shutdown_can_wait_for_the_answers_in_progress(served: Served) -> 
     [(status, _, body)] = await read_answers(reader, 1)
     writer.close()
     assert status == 200 and orjson.loads(body)["path"] == "/slow"
+
+
+async def test_shutdown_waits_for_an_answer_whose_client_has_gone(served: Served) -> None:
+    """A probe whose client timed out is still running its handler (reading the store):
+    ``answered`` waits for it too, though its connection is gone."""
+    server, echo = served
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/slow"))
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    writer.close()
+    await asyncio.sleep(0.05)  # the server has seen the connection go
+    server.close()
+    assert not await server.answered(0.05)
+    echo.release.set()
+    assert await server.answered(5)
