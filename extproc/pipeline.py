@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -54,6 +55,7 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 """Where callers put their gateway key; never forwarded upstream."""
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 
 MAX_REQUEST_ID_CHARS = 256
 """A caller's ``x-request-id`` longer than this is cut to it in the audit record and the
@@ -450,17 +452,20 @@ async def finish_request_body(
 
 
 def trace_id(traceparent: str | None) -> str | None:
-    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), if valid."""
+    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), if valid
+    as OpenTelemetry reads it: lowercase hex, neither id all zeros, version not ``ff``,
+    fields after the fourth only in a later version."""
     if not traceparent:
         return None
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None:
         return None
-    try:
-        int(parts[1], 16)
-    except ValueError:
+    version, trace, parent, extra = match.group(1, 2, 3, 4)
+    if version == "ff" or (version == "00" and extra):
         return None
-    return parts[1].lower()
+    if trace == "0" * 32 or parent == "0" * 16:
+        return None
+    return trace
 
 
 def _reject(exchange: Exchange, error: GatewayError) -> Reply:

@@ -152,6 +152,28 @@ async def test_body_errors_use_anthropic_envelope_on_messages() -> None:
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01", None, id="all-zero"
         ),
         pytest.param("00-xyz-00f067aa0ba902b7-01", None, id="malformed"),
+        pytest.param(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None, id="uppercase"
+        ),
+        pytest.param(
+            "00-0x4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01", None, id="0x-prefix"
+        ),
+        pytest.param(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None, id="version-ff"
+        ),
+        pytest.param(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None, id="zero-parent"
+        ),
+        pytest.param(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            None,
+            id="extra-field-in-version-00",
+        ),
+        pytest.param(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            id="later-version-may-extend",
+        ),
         pytest.param(None, None, id="absent"),
     ],
 )
