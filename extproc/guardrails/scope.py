@@ -28,7 +28,7 @@ class ScopeMatcher:
         self._teams = frozenset(scope.teams)
         self._keys = frozenset(scope.keys)
         self._models = GlobSet(scope.models)
-        self._routes = GlobSet([_endpoint(route) for route in scope.routes])
+        self._routes = GlobSet(sorted({*scope.routes, *map(_endpoint, scope.routes)}))
         self._memo: dict[tuple[str, str], bool] = {}
         self.everything = not (self._teams or self._keys or self._models or self._routes)
 
@@ -46,8 +46,10 @@ class ScopeMatcher:
             and not self._glob("m", self._models, subject.model)
         ):
             return False
-        path = _endpoint(subject.path.partition("?")[0])
-        return not self._routes or self._glob("r", self._routes, path)
+        if not self._routes:
+            return True
+        path = subject.path.partition("?")[0]
+        return self._glob("r", self._routes, path) or self._glob("r", self._routes, _endpoint(path))
 
     def _glob(self, kind: str, globs: GlobSet, value: str) -> bool:
         key = (kind, value)

@@ -91,6 +91,20 @@ def test_a_route_scope_covers_its_endpoint_with_or_without_a_trailing_slash(
     assert fired(rules, path="/mcp2") == []
 
 
+def test_a_route_glob_over_sub_paths_still_covers_the_slash_after_its_prefix() -> None:
+    rules = guardrails_from_yaml(
+        """
+- name: tools
+  stage: input
+  mode: audit
+  scope: {routes: ["/mcp/*"]}
+  detector: {kind: content, banned_terms: [alpha]}
+"""
+    )
+    assert fired(rules, path="/mcp/") == ["tools"]
+    assert fired(rules, path="/mcp/tools") == ["tools"]
+
+
 def test_stage_and_roles() -> None:
     assert fired(SCOPED, "output") == ["scoped", "output-only"]
     tool = [user_text("alpha", role="tool")]
