@@ -18,7 +18,7 @@ from extproc import routing, tools
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
-from extproc.dialects.json_body import apply_rewrites
+from extproc.dialects.json_body import set_values
 from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
 from extproc.errors import InvalidRequest
 from extproc.exchange import Exchange
@@ -162,7 +162,10 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
         return render_error(error, exchange.envelope)
     if not result.rewrites:
         return None
-    return apply_rewrites(answer, result.rewrites)
+    # Not apply_rewrites: an answer nested too deep to write back is the upstream's doing,
+    # not a request the caller must fix (it fails the phase, a 500).
+    set_values(answer, result.rewrites)
+    return orjson.dumps(answer)
 
 
 def used(exchange: Exchange, answer: Any = None) -> Cost:
