@@ -20,7 +20,7 @@ from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import set_values
 from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
-from extproc.errors import InvalidRequest
+from extproc.errors import BadGateway, InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
 from extproc.pipeline import OFFLOAD_BODY_BYTES, offloaded, subject_of
@@ -120,6 +120,8 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     translation = exchange.translation
     if translation is not None:
         out = translation.chunk(chunk, end)
+        if translation.unreadable:
+            return _unreadable(exchange, "could not be translated to OpenAI's format")
     chunked = translation.stream is not None if translation else True
     if exchange.output_guard is not None:
         out = exchange.output_guard.feed(chunk if out is None else out)
@@ -146,7 +148,8 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None  # not JSON: nothing the answer guards can read
+        # Nothing the guards can read, so nothing they let through (fail closed).
+        return _unreadable(exchange, "could not be checked by the gateway's output guardrails")
     result = exchange.policy.guardrails.check_answer(
         exchange.request.dialect,
         answer,
@@ -166,6 +169,13 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
     # not a request the caller must fix (it fails the phase, a 500).
     set_values(answer, result.rewrites)
     return orjson.dumps(answer)
+
+
+def _unreadable(exchange: Exchange, why: str) -> Reply:
+    """A 502 in place of a 2xx answer the gateway must read and cannot (not JSON)."""
+    error = BadGateway(f"The provider's answer {why}: it is not JSON.")
+    exchange.status, exchange.error_code = error.status, error.code
+    return render_error(error, exchange.envelope)
 
 
 def used(exchange: Exchange, answer: Any = None) -> Cost:

@@ -11,6 +11,8 @@ these at the boundary where they occur; nothing else is allowed to escape to the
     ├── PermissionDenied         403  model or tool not allowed for this caller
     ├── NotFound                 404  unknown model, unknown path under /v1/
     ├── RateLimited              429  rate limit or budget exhausted (carries retry-after)
+    ├── BadGateway               502  an upstream answer the gateway must read cannot be
+    │                                 (output guardrails or translation on a non-JSON body)
     └── ServiceUnavailable       503  a store the policy depends on is down (fail-closed)
 
 A body over the size limit (413) never reaches the service: Envoy refuses it, and its
@@ -82,6 +84,13 @@ class RateLimited(GatewayError):
     openai_type = "rate_limit_error"
     anthropic_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class BadGateway(GatewayError):
+    status = 502
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+    default_code = "upstream_answer_unreadable"
 
 
 class ServiceUnavailable(GatewayError):

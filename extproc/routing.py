@@ -98,6 +98,8 @@ class ResponseTranslation:
     include_usage: bool
     status: int = 0
     stream: StreamTranslator | None = None
+    unreadable: bool = False
+    """A 2xx answer that is not JSON: nothing to translate (answer.py answers 502)."""
     buffered: bytearray = field(default_factory=bytearray)
 
     def start(self, status: int, content_type: str) -> bool:
@@ -122,5 +124,6 @@ class ResponseTranslation:
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return error_from_anthropic(502, raw)
+            self.unreadable = True  # a 2xx that is not JSON: the caller gets a 502 instead
+            return None
         return orjson.dumps(response_from_anthropic(answer, self.requested_model))

@@ -267,3 +267,27 @@ async def test_a_body_nested_too_deep_to_forward_rewritten_is_the_callers_error(
     assert immediate.status.code == 400
     error = orjson.loads(immediate.body)["error"]
     assert error["type"] == "invalid_request_error" and "255 levels" in error["message"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku"])
+async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(
+    processor: ExternalProcessor, model: str
+) -> None:
+    """An HTML page (a proxy's, a provider's outage page) under 200: output guardrails
+    cannot check it and translation cannot translate it, so it does not reach the caller
+    as if it were an answer (guardrails fail closed)."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    *_, answer = await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", ADMIN),
+            request_body(chat),
+            response_headers(200, "application/json"),
+            response_body(b"<html>upstream maintenance</html>"),
+        ],
+    )
+    immediate = answer.immediate_response
+    assert immediate.status.code == 502
+    error = orjson.loads(immediate.body)["error"]
+    assert error["type"] == "api_error" and error["code"] == "upstream_answer_unreadable"
+    assert b"maintenance" not in immediate.body
