@@ -35,7 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.budgets.meter import Meter, priced
-from extproc.dialects.usage import Usage, estimated, usage_from_body
+from extproc.dialects.usage import (
+    BYTES_PER_TOKEN,
+    STREAM_BYTES_PER_TOKEN,
+    Usage,
+    estimated,
+    usage_from_body,
+)
 from extproc.exchange import Exchange
 from extproc.identity import Principal
 from extproc.telemetry.observer import Observer
@@ -66,11 +72,6 @@ sent no ``stream_options``: envoy/gateway.yaml then adds ``include_usage`` to th
 that the provider reports the usage Envoy lifts."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
 """Dialects whose usage fields envoy/gateway.yaml lifts, in JSON answers and SSE streams."""
-BYTES_PER_TOKEN = 4
-"""For a JSON answer without usage: output tokens estimated from the bytes sent."""
-STREAM_BYTES_PER_TOKEN = 64
-"""For a stream cut before its usage arrived. An SSE event carries about one token in
-150-250 bytes of JSON; 64 errs towards charging more than was sent, never much less."""
 
 
 def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:

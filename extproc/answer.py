@@ -19,7 +19,14 @@ from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import set_values
-from extproc.dialects.usage import StreamUsage, Usage, estimated, parsed_answer, usage_from_body
+from extproc.dialects.usage import (
+    BYTES_PER_TOKEN,
+    StreamUsage,
+    Usage,
+    estimated,
+    parsed_answer,
+    usage_from_body,
+)
 from extproc.errors import BadGateway, InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
@@ -113,6 +120,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     if exchange.response_usage is not None:
         exchange.response_usage.feed(chunk)
     elif exchange.response_tail is not None:
+        exchange.response_bytes += len(chunk)
         exchange.response_tail += chunk
         if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
             del exchange.response_tail[:-_TAIL_BYTES]
@@ -183,8 +191,9 @@ def used(exchange: Exchange, answer: Any = None) -> Cost:
 
     Errors answered by the provider or by the gateway cost nothing. A stream cut before
     its usage report is charged the counted prompt and one token per content event
-    already sent. A call that never got an answer (client gone first) is charged its
-    prompt. ``answer`` is the
+    already sent; a JSON answer without usage, its prompt and one token per 4 bytes. A
+    call that never got an answer (client gone first) is charged its prompt. ``answer`` is
+    the
     JSON answer, parsed (or the ``usage`` found in its kept tail).
     """
     model, reservation = exchange.model, exchange.reservation
@@ -198,11 +207,12 @@ def used(exchange: Exchange, answer: Any = None) -> Cost:
         exchange.usage_source = "provider"
         return usage_cost(model, usage)
     exchange.usage_source = "estimate"
-    streamed = exchange.response_usage.content_events if exchange.response_usage else 0
+    if exchange.response_usage is not None:
+        seen = exchange.response_usage.content_events
+    else:  # a JSON answer without a usage block (or none readable): from its size
+        seen = exchange.response_bytes // BYTES_PER_TOKEN
     cap = reservation.reserved.output_tokens if reservation is not None else None
-    return usage_cost(
-        model, estimated(exchange.response_status, exchange.input_tokens, streamed, cap)
-    )
+    return usage_cost(model, estimated(exchange.response_status, exchange.input_tokens, seen, cap))
 
 
 def record_answer(exchange: Exchange, answer: Any) -> None:

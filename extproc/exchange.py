@@ -54,6 +54,8 @@ class Exchange:
     response_usage: StreamUsage | None = None
     response_tail: bytearray | None = None
     """The JSON answer (bounded), for its usage block."""
+    response_bytes: int = 0
+    """The JSON answer's size: an estimate of its output when it reports no usage."""
     translation: ResponseTranslation | None = None
     """Set when an OpenAI chat request goes to an Anthropic backend."""
     served_by: str | None = None

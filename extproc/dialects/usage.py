@@ -21,6 +21,13 @@ believed: the exchange is charged as if it had reported none. A broken or hostil
 upstream's 10**19 would overflow Redis's counters and the audit record's integers."""
 
 
+BYTES_PER_TOKEN = 4
+"""For a JSON answer without usage: output tokens estimated from the bytes sent."""
+STREAM_BYTES_PER_TOKEN = 64
+"""For a stream cut before its usage arrived. An SSE event carries about one token in
+150-250 bytes of JSON; 64 errs towards charging more than was sent, never much less."""
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int

@@ -16,7 +16,6 @@ from extproc import http_server
 from extproc.accounting import (
     ANSWERED,
     AUTHZ_NAMESPACE,
-    BYTES_PER_TOKEN,
     EXCHANGE_NAMESPACE,
     HEADER,
     HEADER_TICKET,
@@ -33,6 +32,7 @@ from extproc.adapters.answer_report import (
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.budgets.store import AdjustResult
+from extproc.dialects.usage import BYTES_PER_TOKEN
 from extproc.policy.store import PolicyStore
 from extproc.routing import HEADER_SERVED_BY
 from extproc.telemetry.audit import AuditLog

@@ -18,6 +18,8 @@ from extproc.budgets.meter import Meter
 from extproc.budgets.store import Counter, ReserveResult
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
+from extproc.telemetry.audit import AuditLog
+from extproc.telemetry.observer import Observer
 from tests.unit.fake_envoy import (
     exchange,
     headers_set,
@@ -291,3 +293,33 @@ async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(
     error = orjson.loads(immediate.body)["error"]
     assert error["type"] == "api_error" and error["code"] == "upstream_answer_unreadable"
     assert b"maintenance" not in immediate.body
+
+
+async def test_a_json_answer_without_usage_is_estimated_from_its_size() -> None:
+    """A backend that reports no usage (some OpenAI-compatible servers): its output is
+    estimated from the answer's size, as the access log's path does, not charged as none."""
+    observer = Observer(None, AuditLog([]))
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore()), observer
+    )
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    content = "word " * 100
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [{"message": {"content": content}}],
+    }
+    raw = orjson.dumps(answer)
+    await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", ADMIN),
+            request_body(chat),
+            response_headers(200, "application/json"),
+            response_body(raw),
+        ],
+    )
+    await processor.drain()
+    [record] = observer.recent
+    assert record["usage_source"] == "estimate"
+    assert record["output_tokens"] == len(raw) // 4
