@@ -22,17 +22,35 @@ class PolicyError(Exception):
         self.problems = problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings name each key once: PyYAML keeps the last of two silently, so
+    a second ``keys:`` section appended to a policy would revoke every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice in the same mapping", key_node.start_mark
+                )
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Validate policy YAML text; raise :class:`PolicyError` naming every bad field."""
     try:
-        data: Any = yaml.safe_load(text)
+        data: Any = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(source, [f"{where}invalid YAML: {problem}"]) from None
     if data is None:
-        data = {}
+        # Not a policy with nothing allowed: a file caught half-written, or emptied by mistake.
+        raise PolicyError(source, ["the file is empty (a policy states at least its version)"])
     if not isinstance(data, dict):
         raise PolicyError(source, ["the top level must be a mapping"])
     try:

@@ -44,10 +44,12 @@ class PolicyStore:
         signature = self._stat_signature()
         if signature == self._signature:
             return False
-        self._signature = signature
         try:
             policy = load_policy(self._path)
         except PolicyError as exc:
+            if self._stat_signature() != signature:
+                return False  # still being written: read again at the next poll
+            self._signature = signature
             self.reloads_failed += 1
             log.error(
                 "policy reload rejected; keeping version %s: %s",
@@ -55,7 +57,12 @@ class PolicyStore:
                 "; ".join(exc.problems),
             )
             return False
-        if policy.version == self._current.version:
+        if self._stat_signature() != signature:
+            return False  # changed while read (a write not yet done): read it again next poll
+        self._signature = signature
+        if policy.version == self._current.version and not _credentials_changed(
+            policy, self._current
+        ):
             return False
         self._current = policy
         self.reloads_ok += 1
@@ -77,3 +84,11 @@ class PolicyStore:
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _credentials_changed(new: CompiledPolicy, old: CompiledPolicy) -> bool:
+    """Whether a provider key read from outside the file (``credential_file``, the
+    environment) changed: touching the policy file then brings a rotated key live."""
+    return [m.backend and m.backend.credential for m in new.catalogue] != [
+        m.backend and m.backend.credential for m in old.catalogue
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,16 @@ keys:
         ),
         pytest.param("- 1\n- 2", "top level must be a mapping", id="not-mapping"),
         pytest.param("settings: {unknown_paths: maybe}", "settings.unknown_paths", id="bad-enum"),
+        pytest.param(
+            BASE + f"keys:\n  k9: {{sha256: '{HASH}', team: t2}}\n",
+            "line 11, column 1: invalid YAML: 'keys' is given twice in the same mapping",
+            id="second-keys-section",  # as `extproc keys create >> policy.yaml` would add
+        ),
+        pytest.param(
+            "teams: {t: {}, t: {}}", "'t' is given twice in the same mapping", id="repeated-team"
+        ),
+        pytest.param("", "the file is empty", id="empty"),
+        pytest.param("# only a comment\n", "the file is empty", id="comment-only"),
     ],
 )
 def test_invalid_policy_names_the_field(text: str, fragment: str) -> None:
@@ -140,3 +151,41 @@ def test_a_deny_only_key_narrows_instead_of_allowing_nothing(tmp_path: Path) -> 
     )
     key = load_policy(path).keys_by_digest[bytes.fromhex("b" * 64)]
     assert key.allowed_models == {"gpt-4o", "gpt-4o-mini"}
+
+
+def test_a_reload_takes_only_a_whole_valid_file_and_a_rotated_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An emptied file or a second keys section is refused and the last good policy stays
+    live; a provider key rotated in its credential_file goes live when the policy is
+    touched, though the file's own bytes are unchanged."""
+    from extproc.policy.store import PolicyStore
+
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-old")
+    text = BASE.replace(
+        "  gpt-4o: {aliases: [four]}",
+        f"  gpt-4o: {{aliases: [four], backend: {{cluster: openai, credential_file: {key_file}}}}}",
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    store = PolicyStore(path)
+    version = store.current.version
+
+    def touched(content: str) -> None:
+        path.write_text(content)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+    touched("")
+    assert not store.reload_if_changed()
+    touched(text + f"keys:\n  k9: {{sha256: '{HASH}', team: t2}}\n")
+    assert not store.reload_if_changed()
+    assert store.current.version == version and store.reloads_failed == 2
+    assert "k1" in store.current.keys_by_id
+
+    key_file.write_text("sk-new")
+    touched(text)
+    assert store.reload_if_changed()
+    backend = store.current.models["gpt-4o"].backend
+    assert backend is not None and backend.credential == ("authorization", "Bearer sk-new")
