@@ -212,16 +212,21 @@ class Meter:
         raise RateLimited (a refused batch runs no call, so none of it is counted).
 
         Tool limits count requests, which need no settlement afterwards. Their counters
-        are named ``mcp:<server>`` (or ``mcp:<server>:<tool>`` when ``per_model``), apart
+        are named ``mcp:<server>`` (``mcp:<server>:<tool>`` when ``per_model``,
+        ``mcp:<server>:only-<hash>`` for a limit on some tools only), apart
         from model counters of the same scope and window; calls sharing a counter add up.
         """
         by_key: dict[str, tuple[CompiledLimit, Counter]] = {}
         for tool in tools:
             for limit in _dedupe([limit for limit in limits if limit.counts_tool(tool)]):
                 start, end = window_bounds(limit.window, now)
-                subject = f"mcp:{server}:{tool}" if limit.per_model else f"mcp:{server}"
                 key = counter_key(
-                    limit.scope, limit.scope_id, subject, limit.unit, limit.window, start
+                    limit.scope,
+                    limit.scope_id,
+                    limit.tool_subject(server, tool),
+                    limit.unit,
+                    limit.window,
+                    start,
                 )
                 _, seen = by_key.get(key, (limit, Counter(key, limit.limit, 0, end)))
                 by_key[key] = (limit, replace(seen, amount=seen.amount + 1))
@@ -309,7 +314,7 @@ def _dedupe(limits: list[CompiledLimit]) -> tuple[CompiledLimit, ...]:
     """Two limits on the same counter (same scope, unit, window): the tighter one rules."""
     best: dict[tuple[object, ...], CompiledLimit] = {}
     for limit in limits:
-        ident = (limit.scope, limit.scope_id, limit.unit, limit.window, limit.per_model)
+        ident = (limit.scope, limit.scope_id, limit.unit, limit.window, limit.per_model, limit.only)
         if ident not in best or limit.limit < best[ident].limit:
             best[ident] = limit
     return tuple(best.values())
@@ -322,12 +327,7 @@ def _counters(
     for limit in limits:
         start, end = window_bounds(limit.window, now)
         key = counter_key(
-            limit.scope,
-            limit.scope_id,
-            model if limit.per_model else None,
-            limit.unit,
-            limit.window,
-            start,
+            limit.scope, limit.scope_id, limit.subject(model), limit.unit, limit.window, start
         )
         counters.append(Counter(key, limit.limit, cost.of(limit.unit), end))
     return counters

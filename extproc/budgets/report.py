@@ -45,6 +45,20 @@ def _limits(policy: CompiledPolicy, team: str | None) -> Iterator[CompiledLimit]
             yield from (limit for limit in key.limits if limit.scope is Scope.KEY)
 
 
+def _subjects(policy: CompiledPolicy, limit: CompiledLimit) -> list[tuple[str | None, str | None]]:
+    """A limit's counters as (what the line names, the counter's subject): one per model
+    for a per-model limit, one per MCP server for a tool limit (its per-tool counters
+    cannot be listed: tools are whatever the servers offer), else one."""
+    if limit.tools is not None:
+        if limit.per_model:
+            return []
+        servers = policy.mcp_servers.servers
+        return [(f"mcp:{name}", limit.tool_subject(name, "")) for name in servers]
+    if limit.per_model:
+        return [(m.name, m.name) for m in policy.catalogue if limit.counts(m.name)]
+    return [("+".join(sorted(limit.models)) if limit.models else None, limit.only)]
+
+
 async def usage_report(
     policy: CompiledPolicy, store: BudgetStore, now: datetime, team: str | None = None
 ) -> list[UsageLine]:
@@ -52,14 +66,9 @@ async def usage_report(
     rows: list[tuple[CompiledLimit, str | None, str, int]] = []
     for limit in _limits(policy, team):
         start, end = window_bounds(limit.window, now)
-        models: list[str | None] = (
-            [m.name for m in policy.catalogue if limit.counts(m.name)]
-            if limit.per_model
-            else [None]
-        )
-        for model in models:
-            key = counter_key(limit.scope, limit.scope_id, model, limit.unit, limit.window, start)
-            rows.append((limit, model, key, end))
+        for label, subject in _subjects(policy, limit):
+            key = counter_key(limit.scope, limit.scope_id, subject, limit.unit, limit.window, start)
+            rows.append((limit, label, key, end))
     values = await store.read([key for _, _, key, _ in rows]) if rows else ()
     lines = []
     for (limit, model, _, end), used in zip(rows, values, strict=True):

@@ -68,12 +68,27 @@ class CompiledLimit:
     """Percentages of the limit that raise an alert when crossed."""
     tools: re.Pattern[str] | None = None
     """For a limit on MCP tool calls: the tool names it counts (else it counts models)."""
+    only: str | None = None
+    """For a limit on some models or tools only, not per model: a tag of its globs, which
+    names its counter apart (``only-<hash>``), so two such limits of one scope, unit and
+    window count what each names, not each other's traffic."""
 
     def counts(self, model: str) -> bool:
         return self.tools is None and (self.models is None or model in self.models)
 
     def counts_tool(self, tool: str) -> bool:
         return self.tools is not None and self.tools.fullmatch(tool) is not None
+
+    def subject(self, model: str) -> str | None:
+        """What names this limit's counter of ``model``'s traffic beside its scope, unit
+        and window: the model per model, the limit's tag, or ``None`` (every model)."""
+        return model if self.per_model else self.only
+
+    def tool_subject(self, server: str, tool: str) -> str:
+        """The same for a call of ``tool`` on MCP ``server``."""
+        if self.per_model:
+            return f"mcp:{server}:{tool}"
+        return f"mcp:{server}:{self.only}" if self.only else f"mcp:{server}"
 
 
 Limits = tuple[CompiledLimit, ...]
@@ -219,9 +234,19 @@ def _limits(limits: list[Limit], scope: Scope, scope_id: str, names: list[str]) 
                 models,
                 tuple(sorted(set(limit.alerts))),
                 _union(limit.tools) if limit.tools else None,
+                _only(limit.tools or limit.models),
             )
         )
     return tuple(compiled)
+
+
+def _only(globs: list[str] | None) -> str | None:
+    """The tag of a limit's model or tool globs (as written: a model added to the catalogue
+    later joins the same counter)."""
+    if not globs:
+        return None
+    digest = hashlib.sha256("\n".join(sorted(set(globs))).encode("utf-8")).hexdigest()
+    return f"only-{digest[:12]}"
 
 
 def _price(model_name: str, policy: Policy) -> Price | None:

@@ -188,3 +188,66 @@ async def test_a_refused_batch_of_tool_calls_counts_none_of_them() -> None:
 def test_a_tools_limit_must_count_requests() -> None:
     with pytest.raises(Exception, match="unit: requests"):
         policy_with([{"unit": "total_tokens", "window": "day", "limit": 5, "tools": ["x.*"]}])
+
+
+async def test_limits_on_different_models_count_apart() -> None:
+    """Two limits of one scope, unit and window on different models: each counts only the
+    models it names (they used to share one counter, so three calls of one model used up
+    the other's allowance of two)."""
+    policy = make_policy(
+        teams={
+            "t": {
+                "models": {"allow": ["*"]},
+                "limits": [
+                    {"unit": "requests", "window": "day", "limit": 2, "models": ["gpt-4o"]},
+                    {"unit": "requests", "window": "day", "limit": 100, "models": ["gpt-4o-mini"]},
+                ],
+            }
+        },
+        users={},
+        keys={"k": {"sha256": sha("k"), "team": "t"}},
+        models={"gpt-4o": {}, "gpt-4o-mini": {}},
+    )
+    limits = next(iter(policy.keys_by_digest.values())).limits
+    mini, four = policy.resolve_model("gpt-4o-mini"), policy.resolve_model("gpt-4o")
+    assert mini is not None and four is not None
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    for _ in range(3):
+        assert await meter.reserve(limits, mini, 1, 1, 1, now) is not None
+    for _ in range(2):
+        assert await meter.reserve(limits, four, 1, 1, 1, now) is not None
+    with pytest.raises(RateLimited):
+        await meter.reserve(limits, four, 1, 1, 1, now)
+
+
+async def test_tool_limits_on_different_tools_count_apart() -> None:
+    limits, _ = policy_with(
+        [
+            {"unit": "requests", "window": "day", "limit": 100, "tools": ["jira.*"]},
+            {"unit": "requests", "window": "day", "limit": 1, "tools": ["jira.delete*"]},
+        ]
+    )
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    for _ in range(3):
+        await meter.reserve_tools(limits, "demo", ["jira.get"], now)
+    await meter.reserve_tools(limits, "demo", ["jira.delete_a"], now)  # its first
+    with pytest.raises(RateLimited):
+        await meter.reserve_tools(limits, "demo", ["jira.delete_b"], now)
+
+
+async def test_the_usage_report_reads_the_counters_the_meter_writes() -> None:
+    """``extproc usage`` (and GetUsage) read tool limits from their MCP counters, and a
+    limit on some models from its own counter."""
+    from extproc.budgets.report import usage_report
+    from extproc.policy.loader import load_policy
+    from extproc.stack import ROOT
+
+    policy = load_policy(ROOT / "policies" / "example.yaml")
+    apps = policy.keys_by_id["demo-restricted"].limits
+    store, now = MemoryStore(), datetime.now(UTC)
+    meter = Meter(store)
+    for _ in range(2):
+        await meter.reserve_tools(apps, "demo", ["weather.get"], now)
+    lines = await usage_report(policy, store, now, team="apps")
+    [tools] = [line for line in lines if line.model == "mcp:demo"]
+    assert (tools.unit, tools.window, tools.used, tools.limit) == ("requests", "minute", "2", "5")
