@@ -42,6 +42,8 @@ class LLMRequest:
     model: str
     texts: tuple[TextPart, ...]
     max_output_tokens: int | None
+    """The caller's cap on output tokens; ``None`` if it set none (the budget reserves the
+    policy's default), 0 for an API that produces none (embeddings)."""
     stream: bool
     tools: tuple[str, ...]
     body: dict[str, Any]

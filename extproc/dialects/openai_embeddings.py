@@ -23,7 +23,7 @@ class OpenAIEmbeddings:
             dialect=self.name,
             model=model,
             texts=tuple(texts),
-            max_output_tokens=None,
+            max_output_tokens=0,  # vectors out: nothing to reserve for output
             stream=False,
             tools=(),
             body=body,

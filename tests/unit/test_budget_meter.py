@@ -251,3 +251,16 @@ async def test_the_usage_report_reads_the_counters_the_meter_writes() -> None:
     lines = await usage_report(policy, store, now, team="apps")
     [tools] = [line for line in lines if line.model == "mcp:demo"]
     assert (tools.unit, tools.window, tools.used, tools.limit) == ("requests", "minute", "2", "5")
+
+
+async def test_an_embeddings_call_reserves_no_output() -> None:
+    """Vectors out, no tokens: the reservation holds the prompt alone, not the policy's
+    default output cap (which made concurrent embeddings calls refuse each other)."""
+    from extproc.dialects.openai_embeddings import DIALECT
+
+    limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 50}])
+    request = DIALECT.parse({"model": "gpt-4o-mini", "input": "hello"})
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    for _ in range(5):  # 5 x 5 prompt tokens fit in 50; 5 x (5 + 100) would not
+        reservation = await meter.reserve(limits, model, 5, request.max_output_tokens, 100, now)
+        assert reservation is not None and reservation.reserved.output_tokens == 0

@@ -221,7 +221,7 @@ VALID = [
         {
             "model": "text-embedding-3-small",
             "texts": [("input", "user", "input", "reset my password")],
-            "max_output_tokens": None,
+            "max_output_tokens": 0,
             "stream": False,
             "tools": (),
         },
@@ -236,7 +236,7 @@ VALID = [
                 ("input[0]", "user", "input", "Hello 世界! 🌍"),
                 ("input[1]", "user", "input", "  \n  "),
             ],
-            "max_output_tokens": None,
+            "max_output_tokens": 0,
             "stream": False,
             "tools": (),
         },
@@ -248,7 +248,7 @@ VALID = [
         {
             "model": "text-embedding-3-small",
             "texts": [],
-            "max_output_tokens": None,
+            "max_output_tokens": 0,
             "stream": False,
             "tools": (),
         },
