@@ -193,8 +193,8 @@ class HttpAuthorizer:
         """Give back a reservation for a request that will not go up from here (ext_proc
         reserves afresh for one handed over).
 
-        Settled as nothing used, so tokens and dollars return; a request counter keeps
-        the one request (the store cannot un-count it).
+        Settled as nothing used, so tokens, dollars and the request count return (ext_proc
+        counts a handed-over request afresh).
         """
         reservation = exchange.reservation
         if reservation is None or reservation.settled:

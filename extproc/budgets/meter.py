@@ -40,10 +40,12 @@ class Cost:
     input_tokens: int
     output_tokens: int
     micro_usd: int
+    requests: int = 1
+    """1 for a request that went upstream (or may yet); 0 for one that never did."""
 
     def of(self, unit: Unit) -> int:
         if unit is Unit.REQUESTS:
-            return 1
+            return self.requests
         if unit is Unit.INPUT_TOKENS:
             return self.input_tokens
         if unit is Unit.OUTPUT_TOKENS:
@@ -53,9 +55,10 @@ class Cost:
         return self.micro_usd
 
 
-NOTHING_USED = Cost(0, 0, 0)
-"""Settling a reservation with this gives all of it back (but the request count, which a
-store cannot un-count)."""
+NOTHING_USED = Cost(0, 0, 0, requests=0)
+"""Settling a reservation with this gives all of it back, the request count too: for a
+request that never went upstream (handed over to ext_proc, which counts it afresh;
+refused by the gateway; its caller gone before it left)."""
 
 
 @dataclass(slots=True)

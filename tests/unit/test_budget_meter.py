@@ -264,3 +264,21 @@ async def test_an_embeddings_call_reserves_no_output() -> None:
     for _ in range(5):  # 5 x 5 prompt tokens fit in 50; 5 x (5 + 100) would not
         reservation = await meter.reserve(limits, model, 5, request.max_output_tokens, 100, now)
         assert reservation is not None and reservation.reserved.output_tokens == 0
+
+
+async def test_a_reservation_given_back_whole_uncounts_its_request() -> None:
+    """A request that never went upstream (handed over to ext_proc, which counts it
+    afresh; refused by the gateway) leaves no request on a requests limit."""
+    from extproc.budgets.meter import NOTHING_USED
+
+    limits, model = policy_with([{"unit": "requests", "window": "day", "limit": 1}])
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    for _ in range(3):  # a limit of one request admits each in turn once given back
+        reservation = await meter.reserve(limits, model, 5, 10, 100, now)
+        assert reservation is not None
+        await meter.settle(reservation, NOTHING_USED)
+    used = await meter.reserve(limits, model, 5, 10, 100, now)
+    assert used is not None
+    await meter.settle(used, Cost(5, 10, 0))  # went up: counted
+    with pytest.raises(RateLimited):
+        await meter.reserve(limits, model, 5, 10, 100, now)
