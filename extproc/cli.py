@@ -360,6 +360,7 @@ def _usage(args: argparse.Namespace) -> int:
     from extproc.budgets.report import format_table, usage_report
     from extproc.budgets.store import StoreUnavailable
     from extproc.policy.loader import PolicyError, load_policy
+    from extproc.serve_settings import ConfigurationError, check_redis
 
     if args.remote:
         return _usage_remote(args)
@@ -369,6 +370,11 @@ def _usage(args: argparse.Namespace) -> int:
             " or --remote HOST:PORT to ask a running service",
             file=sys.stderr,
         )
+        return 2
+    try:
+        check_redis(args.redis_url, args.redis_prefix)
+    except ConfigurationError as error:
+        print(f"extproc usage: {error}", file=sys.stderr)
         return 2
     try:
         policy = load_policy(Path(args.policy))

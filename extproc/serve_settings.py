@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from extproc.budgets.redis_store import DEFAULT_PREFIX, RedisTarget, check_prefix
 
@@ -61,8 +62,17 @@ class ConfigurationError(Exception):
     """Settings that cannot work together; the message says what to change."""
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 def check(settings: ServeSettings) -> None:
-    """Raise :class:`ConfigurationError` for settings that cannot work together."""
+    """Raise :class:`ConfigurationError` for settings that cannot work (together)."""
+    check_address("--grpc", settings.grpc_address)
+    if settings.authz_address is not None:
+        check_address("--authz", settings.authz_address)
+    if not 0 < settings.reload_interval <= 3600:
+        raise ConfigurationError("--reload-interval must be more than 0 and at most 3600 seconds")
+    check_redis(settings.redis_url, settings.redis_prefix)
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigurationError(
             f"--workers {settings.workers} needs a budget store the workers share: "
@@ -72,12 +82,31 @@ def check(settings: ServeSettings) -> None:
         raise ConfigurationError("--audit-redis-stream needs --redis-url (or REDIS_URL)")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigurationError("--redis-cluster needs --redis-url (or REDIS_URL)")
-    try:
-        check_prefix(settings.redis_prefix)
-    except ValueError as error:
-        raise ConfigurationError(str(error)) from None
     if settings.workers > 1 and METRICS_DIR_VARIABLE not in os.environ:
         raise ConfigurationError(
             f"--workers needs {METRICS_DIR_VARIABLE} set (to an empty directory) before "
             "prometheus_client is imported; `extproc serve` does that"
         )
+
+
+def check_address(flag: str, address: str) -> None:
+    """``host:port``, the port a number (0: any free one)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigurationError(
+            f"{flag} must be HOST:PORT, e.g. 127.0.0.1:50051 (got {address!r})"
+        )
+
+
+def check_redis(url: str | None, prefix: str) -> None:
+    """A Redis URL redis-py can open, and a key prefix that is a hash tag's content."""
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigurationError(
+                f"--redis-url must be a redis://, rediss:// or unix:// URL (got {url!r})"
+            )
+    try:
+        check_prefix(prefix)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None

@@ -184,6 +184,9 @@ class Upstream(_Strict):
         kinds = [bool(self.url), bool(self.failover), bool(self.split)]
         if sum(kinds) != 1:
             raise ValueError("set exactly one of url, failover or split")
+        port = self.url.rpartition("]")[2].rpartition(":")[2].rstrip("/") if self.url else ""
+        if port.isdigit() and not 1 <= int(port) <= 65535:
+            raise ValueError(f"url: port {port} is not between 1 and 65535")
         return self
 
 

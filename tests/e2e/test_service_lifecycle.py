@@ -307,6 +307,10 @@ def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
         (["--redis-url", "redis://127.0.0.1:1/0", "--redis-prefix", "a{b}"], "without braces"),
         (["--workers", "2"], "--workers 2 needs a budget store the workers share"),
         (["--audit-redis-stream", "audit"], "--audit-redis-stream needs --redis-url"),
+        (["--authz", "nocolon"], "--authz must be HOST:PORT"),
+        (["--grpc", "127.0.0.1:99999"], "--grpc must be HOST:PORT"),
+        (["--redis-url", "notaurl"], "--redis-url must be a redis://"),
+        (["--reload-interval", "0"], "--reload-interval must be more than 0"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(
@@ -324,3 +328,24 @@ def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--redis-url", "notaurl"], "--redis-url must be a redis://"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--redis-prefix", "a{b}"], "without braces"),
+    ],
+)
+def test_usage_refuses_a_redis_it_cannot_open_with_a_clear_error(
+    flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", "--policy", "policies/example.yaml", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -73,6 +73,11 @@ keys:
         pytest.param(
             "teams: {t: {}, t: {}}", "'t' is given twice in the same mapping", id="repeated-team"
         ),
+        pytest.param(
+            "upstreams: {u: {url: 'http://127.0.0.1:99999'}}",
+            "port 99999 is not between 1 and 65535",
+            id="upstream-port-out-of-range",
+        ),
         pytest.param("", "the file is empty", id="empty"),
         pytest.param("# only a comment\n", "the file is empty", id="comment-only"),
     ],
