@@ -120,7 +120,12 @@ async def authorize(
     try:
         if principal.limits:
             await meter.precheck(
-                principal.limits, model, exchange.input_tokens, request.max_output_tokens, clock()
+                principal.limits,
+                model,
+                exchange.input_tokens,
+                request.max_output_tokens,
+                clock(),
+                request.answers,
             )
     except GatewayError as error:
         return _reject(exchange, error)
@@ -410,6 +415,7 @@ async def finish_request_body(
                 exchange.policy.default_max_output_tokens,
                 clock(),
                 may_cap_output=may_cap_output,
+                answers=request.answers,
             )
             exchange.reservation = reservation
             cap = reservation.output_cap if reservation is not None else None

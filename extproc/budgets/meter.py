@@ -145,30 +145,33 @@ class Meter:
         now: datetime,
         *,
         may_cap_output: bool = True,
+        answers: int = 1,
     ) -> Reservation | None:
         """Reserve the request's worst case, or raise :class:`RateLimited`.
 
         Returns ``None`` when no limit counts this model (nothing to settle later). With
         ``may_cap_output`` false, a request that would fit only capped raises
-        :class:`OutputCapNeeded` instead, having reserved nothing.
+        :class:`OutputCapNeeded` instead, having reserved nothing. Output is reserved for
+        each of ``answers`` (``n``), and a cap applies to each.
         """
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
             return None
         output = requested_output if requested_output is not None else default_output
-        cost = price(model, input_tokens, output)
+        cost = price(model, input_tokens, output * answers)
         counters = _counters(applicable, model.name, cost, now)
         result = await self._call_reserve(counters)
         output_cap = None
         if not result.ok and requested_output is None:
-            affordable = _affordable_output(
-                applicable, counters, result.values, model, input_tokens
+            affordable = (
+                _affordable_output(applicable, counters, result.values, model, input_tokens)
+                // answers
             )
             if affordable >= 1:
                 if not may_cap_output:
                     raise OutputCapNeeded
                 output_cap = affordable
-                cost = price(model, input_tokens, affordable)
+                cost = price(model, input_tokens, affordable * answers)
                 counters = _counters(applicable, model.name, cost, now)
                 result = await self._call_reserve(counters)
         if not result.ok:
@@ -249,6 +252,7 @@ class Meter:
         input_tokens: int,
         requested_output: int | None,
         now: datetime,
+        answers: int = 1,
     ) -> None:
         """Raise :class:`RateLimited` if the request cannot fit now, reserving nothing.
 
@@ -259,7 +263,7 @@ class Meter:
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
             return
-        output = requested_output if requested_output is not None else 1
+        output = (requested_output if requested_output is not None else 1) * answers
         counters = _counters(applicable, model.name, price(model, input_tokens, output), now)
         try:
             values = await self._store.read([c.key for c in counters])

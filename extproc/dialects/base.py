@@ -52,6 +52,9 @@ class LLMRequest:
     """Messages in a chat-style request: each adds framing tokens to the prompt."""
     prompt_token_ids: int = 0
     """Prompt tokens given directly as token ids (legacy completions, embeddings)."""
+    answers: int = 1
+    """Answers the request asks for (``n``, ``best_of``, a list of prompts), each up to
+    ``max_output_tokens``: the budget reserves (and caps) output once per answer."""
 
 
 class Dialect(Protocol):

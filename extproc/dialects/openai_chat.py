@@ -57,6 +57,7 @@ class OpenAIChat:
             tools=tools,
             body=body,
             chat_messages=len(body["messages"]),
+            answers=optional_positive_int(body, "n") or 1,
         )
 
 

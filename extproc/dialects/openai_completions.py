@@ -40,7 +40,21 @@ class OpenAICompletions:
             tools=(),
             body=body,
             prompt_token_ids=token_id_count(body["prompt"]),
+            answers=_answers(body),
         )
+
+
+def _answers(body: dict[str, Any]) -> int:
+    """``best_of`` answers are generated (and billed) per prompt, ``n`` returned; a list of
+    prompts (strings, or lists of token ids) is that many prompts."""
+    per_prompt = max(
+        optional_positive_int(body, "n") or 1, optional_positive_int(body, "best_of") or 1
+    )
+    prompt = body["prompt"]
+    prompts = (
+        len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    )
+    return per_prompt * prompts
 
 
 DIALECT = OpenAICompletions()

@@ -282,3 +282,17 @@ async def test_a_reservation_given_back_whole_uncounts_its_request() -> None:
     await meter.settle(used, Cost(5, 10, 0))  # went up: counted
     with pytest.raises(RateLimited):
         await meter.reserve(limits, model, 5, 10, 100, now)
+
+
+async def test_output_is_reserved_and_capped_once_per_answer() -> None:
+    """``n: 5`` asks for five answers of up to max tokens each: five times the output is
+    reserved, and a tight budget caps each answer to a fifth of what is left."""
+    limits, model = policy_with([{"unit": "output_tokens", "window": "day", "limit": 1000}])
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    reservation = await meter.reserve(limits, model, 5, 100, 4096, now, answers=5)
+    assert reservation is not None and reservation.reserved.output_tokens == 500
+    with pytest.raises(RateLimited):  # 500 more for five answers of 100: 1,000 + 0 left
+        await meter.reserve(limits, model, 5, 101, 4096, now, answers=5)
+    capped = await meter.reserve(limits, model, 5, None, 4096, now, answers=5)
+    assert capped is not None and capped.output_cap == 100  # 500 left, five answers
+    assert capped.reserved.output_tokens == 500

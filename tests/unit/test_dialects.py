@@ -1027,3 +1027,29 @@ def test_decode_body_returns_the_object() -> None:
         "model": "gpt-5-nano",
         "messages": [{"role": "user", "content": "Hi é"}],
     }
+
+
+@pytest.mark.parametrize(
+    ("dialect", "body", "answers"),
+    [
+        pytest.param(CHAT, {"messages": [{"role": "user", "content": "hi"}]}, 1, id="chat"),
+        pytest.param(
+            CHAT, {"messages": [{"role": "user", "content": "hi"}], "n": 4}, 4, id="chat-n"
+        ),
+        pytest.param(COMPLETIONS, {"prompt": "hi", "n": 2}, 2, id="completions-n"),
+        pytest.param(
+            COMPLETIONS, {"prompt": "hi", "n": 2, "best_of": 3}, 3, id="completions-best-of"
+        ),
+        pytest.param(COMPLETIONS, {"prompt": ["a", "b", "c"], "n": 2}, 6, id="prompt-list"),
+        pytest.param(COMPLETIONS, {"prompt": [1, 2, 3]}, 1, id="one-prompt-of-token-ids"),
+        pytest.param(COMPLETIONS, {"prompt": [[1, 2], [3]]}, 2, id="two-prompts-of-token-ids"),
+    ],
+)
+def test_answers_asked_for(dialect: str, body: dict[str, Any], answers: int) -> None:
+    """Each answer may run to the output cap: the budget reserves output per answer."""
+    assert parse(dialect, {"model": "m", **body}).answers == answers
+
+
+def test_n_must_be_a_positive_integer() -> None:
+    with pytest.raises(InvalidRequest):
+        parse(CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 0})
