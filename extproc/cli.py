@@ -343,11 +343,20 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
 def _keys_create(args: argparse.Namespace) -> int:
     from extproc.keys import new_key, policy_entry
+    from extproc.policy.schema import NAME_PATTERN
 
-    key = new_key()
     key_id = args.key_id or f"key-{secrets.token_hex(4)}"
+    for flag, value in (("--id", key_id), ("--team", args.team), ("--user", args.user)):
+        if value is not None and not NAME_PATTERN.fullmatch(value):
+            print(
+                f"extproc keys create: {flag} {value!r}: use letters, digits and . _ : @ / - "
+                "(at most 128, starting with a letter or digit)",
+                file=sys.stderr,
+            )
+            return 2
+    key = new_key()
     print(f"Key (shown once, store it now): {key}\n")
-    print("Add this entry to your policy file:\n")
+    print("Add this entry under keys: in your policy file:\n")
     print(policy_entry(key, key_id, args.team, args.user), end="")
     return 0
 

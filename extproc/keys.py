@@ -16,8 +16,10 @@ def new_key() -> str:
 
 
 def policy_entry(key: str, key_id: str, team: str, user: str | None) -> str:
-    """The YAML to paste under ``keys:`` in a policy file."""
+    """The YAML to paste under the policy's ``keys:`` (indented for it, without the
+    ``keys:`` line itself: a second ``keys:`` section is an error)."""
     entry: dict[str, str] = {"sha256": hashlib.sha256(key.encode()).hexdigest(), "team": team}
     if user:
         entry["user"] = user
-    return yaml.safe_dump({"keys": {key_id: entry}}, sort_keys=False)
+    text = yaml.safe_dump({key_id: entry}, sort_keys=False)
+    return "".join(f"  {line}" for line in text.splitlines(keepends=True))

@@ -20,6 +20,8 @@ from extproc.mcp.config import McpAccess, McpConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 _HEADER_SAFE = re.compile(_NAME)
+NAME_PATTERN = _HEADER_SAFE
+"""What a team, user or key id may be (they travel in headers)."""
 
 Name = Annotated[str, Field(pattern=_NAME, description="Letters, digits and . _ : @ / -")]
 

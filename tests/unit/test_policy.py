@@ -140,13 +140,23 @@ def test_keys_create_prints_key_once_and_its_hash(tmp_path: Path) -> None:
     result = _cli("keys", "create", "--team", "apps", "--user", "bob", "--id", "bob-laptop")
     assert result.returncode == 0
     key = result.stdout.split("store it now): ")[1].split()[0]
-    entry = "keys:" + result.stdout.split("keys:", 1)[1]
+    entry = result.stdout.split("policy file:\n\n", 1)[1]
+    assert entry.startswith("  bob-laptop:\n")  # pasted under the policy's keys:
     path = tmp_path / "p.yaml"
-    path.write_text(EXAMPLE.read_text().replace("keys:\n", entry, 1))
+    path.write_text(EXAMPLE.read_text().replace("keys:\n", "keys:\n" + entry, 1))
     policy = load_policy(path)
     compiled = policy.keys_by_digest[key_digest(key)]
     assert (compiled.key_id, compiled.team, compiled.user) == ("bob-laptop", "apps", "bob")
     assert key not in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "flags", [["--id", "bad id"], ["--team", "apps team"], ["--user", "bob\nx"]], ids=str
+)
+def test_keys_create_refuses_a_name_the_policy_would_refuse(flags: list[str]) -> None:
+    result = _cli("keys", "create", "--team", "apps", *flags)
+    assert result.returncode == 2 and "use letters, digits" in result.stderr
+    assert "sk-gw-" not in result.stdout  # no key minted
 
 
 def test_a_deny_only_key_narrows_instead_of_allowing_nothing(tmp_path: Path) -> None:
