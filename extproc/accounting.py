@@ -150,7 +150,11 @@ class Accountant:
             if record["model"] is not None:
                 usage, source = _used(ticket, logged)
                 used = priced(
-                    ticket.price, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+                    ticket.price,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cached_input_tokens,
+                    usage.cache_write_input_tokens,
                 )
                 record.update(
                     input_tokens=used.input_tokens,

@@ -176,7 +176,9 @@ class TicketSigner:
             "dialect": exchange.dialect.name if exchange.dialect is not None else "",
             "stream": bool(request is not None and request.stream),
             "input_tokens": exchange.input_tokens,
-            "price": None if price is None else (price.input, price.cached_input, price.output),
+            "price": None
+            if price is None
+            else (price.input, price.cached_input, price.output, price.cache_write),
             "settlement": None if settlement is None else _settlement_fields(settlement),
             "traceparent": exchange.traceparent,
             "started_ns": exchange.started_ns,

@@ -113,13 +113,20 @@ def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
     )
 
 
-def price(model: CatalogueModel, input_tokens: int, output_tokens: int, cached: int = 0) -> Cost:
-    return priced(model.price, input_tokens, output_tokens, cached)
+def price(
+    model: CatalogueModel, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
+) -> Cost:
+    return priced(model.price, input_tokens, output_tokens, cached, written)
 
 
-def priced(prices: Price | None, input_tokens: int, output_tokens: int, cached: int = 0) -> Cost:
-    """What the tokens cost at ``prices`` (``None``: a model without a price is free)."""
-    micro = cost_micro_usd(prices or FREE, input_tokens, min(cached, input_tokens), output_tokens)
+def priced(
+    prices: Price | None, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
+) -> Cost:
+    """What the tokens cost at ``prices`` (``None``: a model without a price is free);
+    ``cached`` and ``written`` of the input tokens read from and written to the cache."""
+    cached = min(cached, input_tokens)
+    written = min(written, input_tokens - cached)
+    micro = cost_micro_usd(prices or FREE, input_tokens, cached, output_tokens, written)
     return Cost(input_tokens, output_tokens, micro)
 
 
@@ -314,7 +321,13 @@ def _store_unavailable() -> ServiceUnavailable:
 
 
 def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:
-    return price(model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+    return price(
+        model,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_input_tokens,
+    )
 
 
 def _dedupe(limits: list[CompiledLimit]) -> tuple[CompiledLimit, ...]:

@@ -61,8 +61,17 @@ class Price:
     cached_input: int
     """Price of prompt tokens served from the provider's cache (usually discounted)."""
     output: int
+    cache_write: int | None = None
+    """Price of prompt tokens written to the provider's cache (Anthropic bills them above
+    the input price); ``None``: the input price."""
 
     def __post_init__(self) -> None:
+        if self.cache_write is not None and (
+            type(self.cache_write) is not int or self.cache_write < 0
+        ):
+            raise ValueError(
+                f"Price.cache_write must be a non-negative int, got {self.cache_write!r}"
+            )
         for name in ("input", "cached_input", "output"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -70,9 +79,15 @@ class Price:
 
     @classmethod
     def from_usd(
-        cls, *, input: Amount, output: Amount, cached_input: Amount | None = None
+        cls,
+        *,
+        input: Amount,
+        output: Amount,
+        cached_input: Amount | None = None,
+        cache_write: Amount | None = None,
     ) -> Price:
-        """Prices in USD per million tokens; cached input defaults to the input price."""
+        """Prices in USD per million tokens; cached input and cache writes default to the
+        input price."""
         micro_input = usd_to_micro(input, "input price")
         return cls(
             input=micro_input,
@@ -82,6 +97,9 @@ class Price:
                 else usd_to_micro(cached_input, "cached_input price")
             ),
             output=usd_to_micro(output, "output price"),
+            cache_write=None
+            if cache_write is None
+            else usd_to_micro(cache_write, "cache_write price"),
         )
 
 
@@ -89,22 +107,37 @@ FREE: Final = Price(input=0, cached_input=0, output=0)
 
 
 def cost_micro_usd(
-    price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int
+    price: Price,
+    input_tokens: int,
+    cached_input_tokens: int,
+    output_tokens: int,
+    cache_write_tokens: int = 0,
 ) -> int:
     """Cost of one request in micro-USD, rounded up once.
 
-    ``input_tokens`` is every prompt token *including* the cached ones, as OpenAI reports
-    ``prompt_tokens`` (Anthropic reports cache reads apart: pass their sum);
-    ``cached_input_tokens`` of them are charged at the cached price instead.
+    ``input_tokens`` is every prompt token *including* the cached ones and those written
+    to the cache, as OpenAI reports ``prompt_tokens`` (Anthropic reports cache reads and
+    writes apart: pass their sum); ``cached_input_tokens`` of them are charged at the
+    cached price and ``cache_write_tokens`` at the cache-write price instead.
     """
-    if input_tokens < 0 or output_tokens < 0 or not 0 <= cached_input_tokens <= input_tokens:
+    special = cached_input_tokens + cache_write_tokens
+    if (
+        input_tokens < 0
+        or output_tokens < 0
+        or cached_input_tokens < 0
+        or cache_write_tokens < 0
+        or special > input_tokens
+    ):
         raise ValueError(
-            "token counts must be >= 0 with cached_input_tokens <= input_tokens, got "
-            f"input={input_tokens} cached={cached_input_tokens} output={output_tokens}"
+            "token counts must be >= 0 with cached + cache-written <= input, got "
+            f"input={input_tokens} cached={cached_input_tokens} "
+            f"written={cache_write_tokens} output={output_tokens}"
         )
+    write = price.input if price.cache_write is None else price.cache_write
     scaled = (
-        (input_tokens - cached_input_tokens) * price.input
+        (input_tokens - special) * price.input
         + cached_input_tokens * price.cached_input
+        + cache_write_tokens * write
         + output_tokens * price.output
     )
     return -(-scaled // MICRO)

@@ -33,6 +33,8 @@ class Usage:
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    """Of ``input_tokens``, those written to the provider's prompt cache (Anthropic)."""
 
 
 def estimated(status: int, input_tokens: int, output_seen: int, cap: int | None) -> Usage:
@@ -81,7 +83,7 @@ def anthropic_usage(usage: Any) -> Usage | None:
     if counts is None:
         return None
     prompt, output, cached, created = counts
-    return Usage(prompt + cached + created, output, cached)
+    return Usage(prompt + cached + created, output, cached, created)
 
 
 def _counts(*reported: object) -> tuple[int, ...] | None:
@@ -192,6 +194,7 @@ class StreamUsage:
                 delta.input_tokens or (start.input_tokens if start else 0),
                 delta.output_tokens,
                 delta.cached_input_tokens or (start.cached_input_tokens if start else 0),
+                delta.cache_write_input_tokens or (start.cache_write_input_tokens if start else 0),
             )
 
 

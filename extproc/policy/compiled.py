@@ -254,7 +254,10 @@ def _price(model_name: str, policy: Policy) -> Price | None:
     if pricing is None:
         return None
     return Price.from_usd(
-        input=pricing.input, output=pricing.output, cached_input=pricing.cached_input
+        input=pricing.input,
+        output=pricing.output,
+        cached_input=pricing.cached_input,
+        cache_write=pricing.cache_write,
     )
 
 

@@ -152,6 +152,12 @@ class Pricing(_Strict):
         description="Price of prompt tokens served from the provider's cache; "
         "defaults to the input price.",
     )
+    cache_write: PerMillion | None = Field(
+        default=None,
+        description="Price of prompt tokens written to the provider's cache (Anthropic "
+        "bills 1.25 times the input price for its 5-minute cache); defaults to the input "
+        "price.",
+    )
 
 
 class Upstream(_Strict):

@@ -27,6 +27,7 @@ from typing import Any
 import openai
 import pytest
 
+from extproc.budgets.pricing import Price, cost_micro_usd
 from extproc.stack import GATEWAY_CONFIG, ROOT, Ports, Stack, running
 from extproc.ticket import KEY_VARIABLE
 from tests.e2e.conftest import Http, Mock
@@ -372,15 +373,21 @@ def test_anthropic_answers_are_lifted_too(
         assert sent["stream"] is stream
         prompt = anthropic_prompt_usage(answer, stream)
         assert (prompt["cache_read_input_tokens"], prompt["cache_creation_input_tokens"]) == (10, 7)
-        # Cache reads and writes are prompt tokens Anthropic counts apart: both charged.
+        # Cache reads and writes are prompt tokens Anthropic counts apart: both charged,
+        # each at its own price (budget_policy.yaml: 0.08 read, 1.00 written, 0.8 input).
         charged = prompt["input_tokens"] + 10 + 7
+        haiku = Price.from_usd(input="0.8", cached_input="0.08", cache_write="1.0", output="4")
+        usd = cost_micro_usd(haiku, charged, 10, 3, 7)
 
-        def settled(start: dict[str, int] = before, expected: int = charged) -> bool:
+        def settled(
+            start: dict[str, int] = before, expected: int = charged, dollars: int = usd
+        ) -> bool:
             now = meter_counters(redis_server)
-            return (now["output_tokens"] - start["output_tokens"], now["input_tokens"]) == (
-                3,
-                start["input_tokens"] + expected,
-            )
+            return (
+                now["output_tokens"] - start["output_tokens"],
+                now["input_tokens"] - start["input_tokens"],
+                now["usd"] - start["usd"],
+            ) == (3, expected, dollars)
 
         eventually(
             settled, f"the Anthropic answer (stream={stream}) was not settled from its usage"

@@ -134,3 +134,16 @@ def test_huge_counts_stay_exact() -> None:
 def test_cost_rejects_bad_counts(tokens: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError, match="token counts"):
         cost_micro_usd(GPT_4O, *tokens)
+
+
+def test_cache_writes_are_charged_at_their_own_price() -> None:
+    """Anthropic: 1,000 prompt tokens of which 200 read from the cache and 500 written to
+    it, at 0.80 input, 0.08 cached and 1.00 (1.25x) written, plus 10 output at 4.00."""
+    haiku = Price.from_usd(input="0.80", cached_input="0.08", cache_write="1.00", output="4.00")
+    # 300 * 0.8 + 200 * 0.08 + 500 * 1.0 + 10 * 4 = 240 + 16 + 500 + 40 = 796
+    assert cost_micro_usd(haiku, 1_000, 200, 10, 500) == 796
+    plain = Price.from_usd(input="0.80", cached_input="0.08", output="4.00")
+    # No cache_write price: written tokens cost the input price (300 + 500) * 0.8 + ...
+    assert cost_micro_usd(plain, 1_000, 200, 10, 500) == 696
+    with pytest.raises(ValueError, match="token counts"):
+        cost_micro_usd(haiku, 100, 60, 0, 50)  # cached + written over input
