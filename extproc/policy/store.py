@@ -72,10 +72,15 @@ class PolicyStore:
     async def watch(
         self, interval: float, on_change: Callable[[CompiledPolicy], None] | None = None
     ) -> None:
-        """Poll the file forever; polling survives editors, symlink swaps and NFS alike."""
+        """Poll the file forever; polling survives editors, symlink swaps and NFS alike.
+        A changed file is read and compiled in a worker thread (tens of milliseconds for
+        a real policy, which would stall every stream on the event loop); the new
+        snapshot replaces the old in one assignment."""
         while True:
             await asyncio.sleep(interval)
-            if self.reload_if_changed() and on_change is not None:
+            if self._stat_signature() == self._signature:
+                continue
+            if await asyncio.to_thread(self.reload_if_changed) and on_change is not None:
                 on_change(self._current)
 
     def _stat_signature(self) -> tuple[int, int, int] | None:
