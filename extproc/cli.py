@@ -386,7 +386,7 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"extproc usage: {error}", file=sys.stderr)
         return 2
     try:
-        policy = load_policy(Path(args.policy))
+        policy = load_policy(Path(args.policy), credentials=False)  # limits only
     except PolicyError as exc:
         print(f"{args.policy}: invalid\n{_bullets(exc.problems)}", file=sys.stderr)
         return 1

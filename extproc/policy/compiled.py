@@ -261,8 +261,9 @@ def _price(model_name: str, policy: Policy) -> Price | None:
     )
 
 
-def _backend(name: str, backend: Backend | None) -> CompiledBackend | None:
-    """Resolve a backend, reading its provider key from the environment or a file.
+def _backend(name: str, backend: Backend | None, credentials: bool) -> CompiledBackend | None:
+    """Resolve a backend, reading its provider key from the environment or a file (unless
+    ``credentials`` is false: for commands that never call a provider).
 
     Raises :class:`ValueError` naming the field (never the key) when the key is missing.
     """
@@ -270,13 +271,13 @@ def _backend(name: str, backend: Backend | None) -> CompiledBackend | None:
         return None
     key: str | None = None
     where = f"models.{name}.backend"
-    if backend.credential_env:
+    if credentials and backend.credential_env:
         key = os.environ.get(backend.credential_env, "").strip()
         if not key:
             raise ValueError(
                 f"{where}.credential_env: environment variable {backend.credential_env} is not set"
             )
-    elif backend.credential_file:
+    elif credentials and backend.credential_file:
         try:
             key = Path(backend.credential_file).read_text().strip()
         except OSError as exc:
@@ -301,7 +302,7 @@ def _backend(name: str, backend: Backend | None) -> CompiledBackend | None:
     )
 
 
-def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
+def compile_policy(policy: Policy, version: str, credentials: bool = True) -> CompiledPolicy:
     catalogue = tuple(
         CatalogueModel(
             name=name,
@@ -309,7 +310,7 @@ def compile_policy(policy: Policy, version: str) -> CompiledPolicy:
             owned_by=m.owned_by,
             tokenizer=m.tokenizer or default_tokenizer(name),
             price=_price(name, policy),
-            backend=_backend(name, m.backend),
+            backend=_backend(name, m.backend, credentials),
         )
         for name, m in policy.models.items()
     )

@@ -59,8 +59,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(source, [_describe(err) for err in exc.errors()]) from None
 
 
-def load_policy(path: Path) -> CompiledPolicy:
-    """Read, validate and compile the policy at ``path``."""
+def load_policy(path: Path, credentials: bool = True) -> CompiledPolicy:
+    """Read, validate and compile the policy at ``path``; without ``credentials`` the
+    provider keys are not read (commands that never call a provider need none)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -71,7 +72,9 @@ def load_policy(path: Path) -> CompiledPolicy:
         raise PolicyError(str(path), ["the file is not UTF-8"]) from None
     policy = parse_policy(text, str(path))
     try:
-        return compile_policy(policy, version=hashlib.sha256(raw).hexdigest()[:12])
+        return compile_policy(
+            policy, version=hashlib.sha256(raw).hexdigest()[:12], credentials=credentials
+        )
     except ValueError as exc:  # references outside the file: environment, key files
         raise PolicyError(str(path), [str(exc)]) from None
 

@@ -349,3 +349,21 @@ def test_usage_refuses_a_redis_it_cannot_open_with_a_clear_error(
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_usage_reads_a_policy_whose_provider_keys_are_not_here() -> None:
+    """An operator's workstation has Redis access, not the production provider keys:
+    `extproc usage` reads only the limits (the k8s policy names OPENAI_API_KEY)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "REDIS_URL")
+    }
+    redis_url = os.environ.get("EXTPROC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", "--policy", "deploy/k8s/policy/policy.yaml",
+         "--redis-url", redis_url, "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
