@@ -83,6 +83,14 @@ class MemoryStore:
         if entry is None or entry[1] <= now:
             self._add(key, value, expires_at, now)
 
+    def seed_from(self, other: MemoryStore, key: str) -> None:
+        """Start an absent (or expired) counter as ``other`` holds it, expiry and all; a
+        live counter is kept."""
+        now = self._tick()
+        mine, theirs = self._entries.get(key), other._entries.get(key)
+        if theirs is not None and theirs[1] > now and (mine is None or mine[1] <= now):
+            self._entries[key] = list(theirs)  # its own: counted apart from here on
+
     def peek(self, key: str) -> int:
         """The current value of ``key`` (0 if absent), without sweeping."""
         return self._value(key, self._clock())

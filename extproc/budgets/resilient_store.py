@@ -210,6 +210,10 @@ class ResilientStore:
                 if self._mode is FailMode.CLOSED:
                     raise
         self._refuse_if_closed()
+        # A counter not touched locally since the outage began reads as the primary last
+        # reported it (as a reservation would start from), not as 0.
+        for key in keys:
+            self._local.seed_from(self._known, key)
         return await self._local.read(keys)
 
     async def ping(self) -> None:

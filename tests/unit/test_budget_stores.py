@@ -406,6 +406,22 @@ async def test_fail_open_counts_locally_from_the_last_known_value(flaky: Flaky) 
     assert (await store.reserve([Counter("a", 10, 4, end)])).values == (10,)
 
 
+async def test_fail_open_reads_a_counter_untouched_since_the_outage_as_last_known(
+    flaky: Flaky,
+) -> None:
+    """The ext_authz precheck and GetUsage read counters too: one this process has not
+    reserved on since Redis went away reads as Redis last reported it, not as 0."""
+    primary, make = flaky
+    store = make(FailMode.OPEN)
+    end = window_end()
+    await store.reserve([Counter("a", 10, 7, end), Counter("b", 10, 1, end)])
+    primary.down = True
+    await store.reserve([Counter("b", 10, 1, end)])  # the outage begins here
+    assert await store.read(["a", "b"]) == (7, 2)
+    await store.adjust([Delta("a", -3, end)])  # and local changes still count from there
+    assert await store.read(["a"]) == (4,)
+
+
 async def test_write_back_after_a_lost_reply_lands_once(flaky: Flaky) -> None:
     primary, make = flaky
     store = make(FailMode.OPEN)
