@@ -102,6 +102,20 @@ class _Tally:
     score: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """What blocks a stream whose event the guards cannot read (fail closed)."""
+
+    name: str = "unreadable-answer"
+    message: str = (
+        "The provider's answer could not be checked by the gateway's output guardrails: "
+        "an event of its stream is not valid JSON."
+    )
+
+
+UNREADABLE = _Unreadable()
+
+
 class StreamGuard:
     """Guards one streamed answer; not thread-safe (one per exchange)."""
 
@@ -117,7 +131,7 @@ class StreamGuard:
         self._channels: dict[ChannelKey, _Channel] = {}
         self._queue: deque[_Queued] = deque()
         self._tallies: dict[str, _Tally] = {}
-        self._blocked: CompiledRule | None = None
+        self._blocked: CompiledRule | _Unreadable | None = None
 
     @property
     def result(self) -> GuardResult:
@@ -167,6 +181,10 @@ class StreamGuard:
 
     def _event(self, raw: bytes) -> bytes:
         event = parse_event(raw)
+        if self._rules and _malformed(event):
+            # JSON the guards cannot read would pass unchecked: nothing passes instead.
+            self._blocked = UNREADABLE
+            return self._error()
         parts: list[_Part] = []
         for delta in self._dialect.deltas(event) if self._rules else []:
             channel = self._channels.setdefault(delta.channel, _Channel())
@@ -386,3 +404,15 @@ def _continues(char: str, pem: bool) -> bool:
 def _continuation(finding: Finding, operator: Rewrite) -> _Continuation:
     probe = operator(finding.label, "abcd")
     return _Continuation(finding.label, operator, len(probe) == 4, finding.label == "PRIVATE_KEY")
+
+
+def _malformed(event: Event) -> bool:
+    """An event whose data looks like JSON (a ``{`` or ``[``) and is not; ``[DONE]`` is
+    OpenAI's end marker, not JSON."""
+    data = event.data
+    return (
+        data is not None
+        and event.payload is None
+        and data[:1] in (b"{", b"[")
+        and data.strip() != b"[DONE]"
+    )

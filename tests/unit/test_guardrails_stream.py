@@ -213,3 +213,27 @@ def test_oversized_event_fails_closed() -> None:
     out = stream.feed(b"data: " + b"x" * (1024 * 1024 + 10))
     assert b"guardrail_blocked" in out
     assert stream.result.blocked_by == "mask-pii"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b'data: {"choices": [{"delta": {"content": "leak john.doe@exa', id="cut"),
+        pytest.param(b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}', id="not-utf8"),
+    ],
+)
+def test_an_event_the_guards_cannot_read_ends_the_stream_with_an_error(bad: bytes) -> None:
+    """Guards fail closed: an event that looks like JSON and is not would pass unchecked
+    (it could carry anything), so the stream ends there with an error event instead."""
+    stream = guard()
+    out = run(stream, [openai_chunk("Hello"), bad + b"\n\n", openai_chunk("after"), *OPENAI_END])
+    assert b"john.doe" not in out and b"after" not in out
+    assert b"could not be checked by the gateway's output guardrails" in out
+    assert stream.result.blocked_by == "unreadable-answer"
+
+
+def test_done_and_non_json_events_still_pass() -> None:
+    stream = guard()
+    out = run(stream, [b": keep-alive\n\n", openai_chunk("fine"), *OPENAI_END])
+    assert streamed_text(out) == "fine" and out.endswith(b"data: [DONE]\n\n")
+    assert stream.result.blocked_by is None
