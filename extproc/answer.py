@@ -207,9 +207,14 @@ def used(exchange: Exchange, answer: Any = None) -> Cost:
         exchange.usage_source = "provider"
         return usage_cost(model, usage)
     exchange.usage_source = "estimate"
+    request = exchange.request
     if exchange.response_usage is not None:
         seen = exchange.response_usage.content_events
-    else:  # a JSON answer without a usage block (or none readable): from its size
+    elif exchange.error_code == BadGateway.default_code or (
+        request is not None and request.max_output_tokens == 0
+    ):
+        seen = 0  # not an answer we could read (a proxy's page), or an API with no output
+    else:  # a JSON answer without a usage block: from its size
         seen = exchange.response_bytes // BYTES_PER_TOKEN
     cap = reservation.reserved.output_tokens if reservation is not None else None
     return usage_cost(model, estimated(exchange.response_status, exchange.input_tokens, seen, cap))

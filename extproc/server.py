@@ -65,10 +65,12 @@ GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections (CPython's default is 700)."""
 AFTER_GRACE_SECONDS = 5.0
 """What shutdown may take past ``--grace`` (the supervisor kills a worker then): writing
-out the audit log, the budget store's queue and the alerts, side by side, each bounded
-well inside it (audit.CLOSE_SECONDS, resilient_store.STOP_SECONDS, alerts.DRAIN_SECONDS,
-ADMIN_ANSWER_SECONDS before the store)."""
+out the audit log (audit.CLOSE_SECONDS, 3 s) beside the alerts and then the budget store's
+queue (alerts.DRAIN_SECONDS, 1.5 s, then resilient_store.STOP_SECONDS, 2.5 s) and the
+trace exporter (TRACING_SECONDS)."""
 ADMIN_ANSWER_SECONDS = 1.0
+TRACING_SECONDS = 3.0
+"""How long shutdown waits for the span exporter's last batch (a collector may be down)."""
 """How long shutdown waits for the admin port's answers in progress (a probe reading the
 budget store) before it closes what they read."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -236,18 +238,23 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     await processor.drain()
 
     async def close_store() -> None:
+        """What reads the store first (alerts claim their thresholds there, admin probes
+        read it), then the store: its queue written back."""
         if admin_server is not None:
-            admin_server.close()  # before the store its probe reads
-            await admin_server.answered(ADMIN_ANSWER_SECONDS)
+            admin_server.close()
+        await asyncio.gather(
+            alerts.close(),
+            admin_server.answered(ADMIN_ANSWER_SECONDS) if admin_server else asyncio.sleep(0),
+        )
         await store.close()
 
     # Side by side, within AFTER_GRACE_SECONDS: a Redis that is down delays each of them.
-    await asyncio.gather(
-        audit.close(),
-        alerts.close(),
-        close_store(),
-        *([asyncio.to_thread(tracing.shutdown)] if tracing is not None else []),
-    )
+    closes = [audit.close(), close_store()]
+    if tracing is not None:
+        closes.append(asyncio.wait_for(asyncio.to_thread(tracing.shutdown), TRACING_SECONDS))
+    for outcome in await asyncio.gather(*closes, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            log.error("closing at shutdown failed: %r", outcome)
     log.info("stopped")
 
 

@@ -176,9 +176,9 @@ class TicketSigner:
             "dialect": exchange.dialect.name if exchange.dialect is not None else "",
             "stream": bool(request is not None and request.stream),
             "input_tokens": exchange.input_tokens,
-            "price": None
-            if price is None
-            else (price.input, price.cached_input, price.output, price.cache_write),
+            "price": None if price is None else (price.input, price.cached_input, price.output),
+            # Apart from "price", which processes of an earlier version read as 3 numbers.
+            "cache_write": None if price is None else price.cache_write,
             "settlement": None if settlement is None else _settlement_fields(settlement),
             "traceparent": exchange.traceparent,
             "started_ns": exchange.started_ns,
@@ -225,13 +225,17 @@ def _settlement_fields(settlement: Settlement) -> dict[str, Any]:
 
 
 def _ticket(fields: dict[str, Any]) -> Ticket:
-    price, settlement = fields["price"], fields["settlement"]
+    prices, settlement = fields["price"], fields["settlement"]
+    price = None
+    if prices is not None:
+        paid_input, cached_input, output = prices
+        price = Price(paid_input, cached_input, output, fields.get("cache_write"))
     return Ticket(
         record=dict(fields["record"]),
         dialect=str(fields["dialect"]),
         stream=bool(fields["stream"]),
         input_tokens=int(fields["input_tokens"]),
-        price=None if price is None else Price(*price),
+        price=price,
         settlement=None
         if settlement is None
         else Settlement(

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024
 RETRY_DELAYS = (0.2, 1.0, 5.0)
-DRAIN_SECONDS = 3.0
+DRAIN_SECONDS = 1.5
 
 
 @dataclass(frozen=True, slots=True)

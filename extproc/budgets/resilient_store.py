@@ -54,7 +54,7 @@ from extproc.budgets.store import (
 log = logging.getLogger(__name__)
 
 
-STOP_SECONDS = 3.0
+STOP_SECONDS = 2.5
 """How long shutdown keeps trying to write the queue back to a primary that is down."""
 
 
@@ -147,12 +147,13 @@ class ResilientStore:
             self._task = None
         delay, waited = self._backoff[0], 0.0
         within = STOP_SECONDS if within is None else within
+        deadline = time.monotonic() + within  # the attempts' own time counts too
         while write_back and self._degraded:
             try:
                 await self._write_back()
             except StoreUnavailable:
                 self._errors += 1
-                if waited + delay > within:
+                if waited + delay > within or time.monotonic() + delay > deadline:
                     break
                 await self._sleep(delay)
                 waited += delay

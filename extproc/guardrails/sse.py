@@ -68,7 +68,7 @@ def parse_event(raw: bytes) -> Event:
             other.append(line)
     joined = b"\n".join(data) if data else None
     payload = None
-    if joined is not None and joined[:1] in (b"{", b"["):
+    if joined is not None and joined.lstrip()[:1] in (b"{", b"["):
         try:
             payload = orjson.loads(joined)
         except orjson.JSONDecodeError:

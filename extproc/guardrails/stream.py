@@ -409,10 +409,5 @@ def _continuation(finding: Finding, operator: Rewrite) -> _Continuation:
 def _malformed(event: Event) -> bool:
     """An event whose data looks like JSON (a ``{`` or ``[``) and is not; ``[DONE]`` is
     OpenAI's end marker, not JSON."""
-    data = event.data
-    return (
-        data is not None
-        and event.payload is None
-        and data[:1] in (b"{", b"[")
-        and data.strip() != b"[DONE]"
-    )
+    data = event.data.strip() if event.data is not None else b""
+    return event.payload is None and data[:1] in (b"{", b"[") and data != b"[DONE]"

@@ -234,7 +234,7 @@ def _limits(limits: list[Limit], scope: Scope, scope_id: str, names: list[str]) 
                 models,
                 tuple(sorted(set(limit.alerts))),
                 _union(limit.tools) if limit.tools else None,
-                _only(limit.tools or limit.models),
+                None if limit.per_model else _only(limit.tools or limit.models),
             )
         )
     return tuple(compiled)

@@ -29,13 +29,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: merged mappings may repeat keys on purpose
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:
+                continue  # an unhashable key: the schema refuses it anyway
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"'{key}' is given twice in the same mapping", key_node.start_mark
                 )
-            if isinstance(key, str):
-                seen.add(key)
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

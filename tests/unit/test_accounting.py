@@ -4,11 +4,13 @@ from the tickets they carry."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
@@ -181,8 +183,14 @@ async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_pat
     }
     await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 100))
     [record] = proc._observer.recent
-    # Cache reads and writes are prompt tokens Anthropic counts apart: both are charged.
+    # Cache reads and writes are prompt tokens Anthropic counts apart: both are charged,
+    # each at its price: 5 x 0.80 + 10 x 0.08 + 7 x 1.00 (cache_write) + 4 x 4.00 = 27.8.
     assert (record["input_tokens"], record["output_tokens"]) == (22, 4)
+    assert record["cost_micro_usd"] == 28
+    # The ticket carries the cache-write price apart from "price", which processes of an
+    # earlier version read as three numbers.
+    payload = orjson.loads(base64.urlsafe_b64decode(ticket.split(".")[1]))
+    assert len(payload["price"]) == 3 and payload["cache_write"] == 1_000_000
 
 
 @pytest.mark.parametrize(

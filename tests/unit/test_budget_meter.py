@@ -296,3 +296,24 @@ async def test_output_is_reserved_and_capped_once_per_answer() -> None:
     capped = await meter.reserve(limits, model, 5, None, 4096, now, answers=5)
     assert capped is not None and capped.output_cap == 100  # 500 left, five answers
     assert capped.reserved.output_tokens == 500
+
+
+async def test_per_model_limits_with_and_without_globs_share_the_models_counter() -> None:
+    """Per model, a limit on some models and one on all count the same model's counter:
+    the tighter rules (they used to name one counter twice, a 500 for every request)."""
+    limits, model = policy_with(
+        [
+            {"unit": "requests", "window": "day", "limit": 50, "per_model": True},
+            {
+                "unit": "requests",
+                "window": "day",
+                "limit": 1,
+                "per_model": True,
+                "models": ["gpt-4o*"],
+            },
+        ]
+    )
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    assert await meter.reserve(limits, model, 1, 1, 1, now) is not None
+    with pytest.raises(RateLimited):
+        await meter.reserve(limits, model, 1, 1, 1, now)

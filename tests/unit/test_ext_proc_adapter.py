@@ -272,12 +272,15 @@ async def test_a_body_nested_too_deep_to_forward_rewritten_is_the_callers_error(
 
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku"])
-async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(
-    processor: ExternalProcessor, model: str
-) -> None:
+async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(model: str) -> None:
     """An HTML page (a proxy's, a provider's outage page) under 200: output guardrails
     cannot check it and translation cannot translate it, so it does not reach the caller
-    as if it were an answer (guardrails fail closed)."""
+    as if it were an answer (guardrails fail closed). Its prompt is charged, no output:
+    the page's size is no measure of tokens."""
+    observer = Observer(None, AuditLog([]))
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore()), observer
+    )
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     *_, answer = await exchange(
         processor,
@@ -293,6 +296,9 @@ async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(
     error = orjson.loads(immediate.body)["error"]
     assert error["type"] == "api_error" and error["code"] == "upstream_answer_unreadable"
     assert b"maintenance" not in immediate.body
+    await processor.drain()
+    [record] = observer.recent
+    assert record["status"] == 502 and record["output_tokens"] == 0
 
 
 async def test_a_json_answer_without_usage_is_estimated_from_its_size() -> None:

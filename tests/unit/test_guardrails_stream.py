@@ -237,3 +237,12 @@ def test_done_and_non_json_events_still_pass() -> None:
     out = run(stream, [b": keep-alive\n\n", openai_chunk("fine"), *OPENAI_END])
     assert streamed_text(out) == "fine" and out.endswith(b"data: [DONE]\n\n")
     assert stream.result.blocked_by is None
+
+
+def test_an_event_with_space_before_its_json_is_still_guarded() -> None:
+    """``data:  {...}`` (two spaces) is JSON to an SDK: the guards read it too, neither
+    letting it pass unread nor refusing it."""
+    chunk = openai_chunk("Write to john.doe@example.com now.").replace(b"data: ", b"data:  ", 1)
+    stream = guard()
+    out = run(stream, [chunk, *OPENAI_END])
+    assert b"john.doe@example.com" not in out and stream.result.blocked_by is None

@@ -204,3 +204,16 @@ def test_a_reload_takes_only_a_whole_valid_file_and_a_rotated_credential(
     assert store.reload_if_changed()
     backend = store.current.models["gpt-4o"].backend
     assert backend is not None and backend.credential == ("authorization", "Bearer sk-new")
+
+
+def test_yaml_anchors_and_merge_keys_still_load() -> None:
+    """Merged mappings may repeat keys on purpose; only a key written twice is an error."""
+    policy = parse_policy(
+        """
+teams:
+  t1: &base {models: {allow: ["gpt-*"]}, description: first}
+  t2: {<<: *base, description: merged}
+"""
+    )
+    assert policy.teams["t2"].description == "merged"
+    assert policy.teams["t2"].models.allow == ["gpt-*"]
