@@ -189,12 +189,13 @@ def _unreadable(exchange: Exchange, why: str) -> Reply:
 def used(exchange: Exchange, answer: Any = None) -> Cost:
     """What the exchange used, from the provider's usage or, failing that, from what is known.
 
-    Errors answered by the provider or by the gateway cost nothing. A stream cut before
-    its usage report is charged the counted prompt and one token per content event
-    already sent; a JSON answer without usage, its prompt and one token per 4 bytes. A
-    call that never got an answer (client gone first) is charged its prompt. ``answer`` is
-    the
-    JSON answer, parsed (or the ``usage`` found in its kept tail).
+    Errors answered by the provider, and requests the gateway answered before anything
+    went upstream, cost nothing. A stream cut before its usage report is charged the
+    counted prompt and one token per content event already sent; a JSON answer without
+    usage, its prompt and one token per 4 bytes (an answer the gateway could not read, or
+    from an API with no output, its prompt alone). A call that never got an answer (the
+    client gone first) is charged its prompt. ``answer`` is the JSON answer, parsed (or
+    the ``usage`` found in its kept tail).
     """
     model, reservation = exchange.model, exchange.reservation
     assert model is not None
