@@ -69,10 +69,10 @@ out the audit log (audit.CLOSE_SECONDS, 3 s) beside the alerts and then the budg
 queue (alerts.DRAIN_SECONDS, 1.5 s, then resilient_store.STOP_SECONDS, 2.5 s) and the
 trace exporter (TRACING_SECONDS)."""
 ADMIN_ANSWER_SECONDS = 1.0
-TRACING_SECONDS = 3.0
-"""How long shutdown waits for the span exporter's last batch (a collector may be down)."""
 """How long shutdown waits for the admin port's answers in progress (a probe reading the
 budget store) before it closes what they read."""
+TRACING_SECONDS = 3.0
+"""How long shutdown waits for the span exporter's last batch (a collector may be down)."""
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 """Above Envoy's request buffer limit (envoy/gateway.yaml) plus protobuf framing, so a
 body Envoy accepted is never refused by gRPC on its way to or back from us."""
@@ -240,12 +240,11 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     async def close_store() -> None:
         """What reads the store first (alerts claim their thresholds there, admin probes
         read it), then the store: its queue written back."""
+        readers: list[Coroutine[Any, Any, Any]] = [alerts.close()]
         if admin_server is not None:
             admin_server.close()
-        await asyncio.gather(
-            alerts.close(),
-            admin_server.answered(ADMIN_ANSWER_SECONDS) if admin_server else asyncio.sleep(0),
-        )
+            readers.append(admin_server.answered(ADMIN_ANSWER_SECONDS))
+        await asyncio.gather(*readers)
         await store.close()
 
     # Side by side, within AFTER_GRACE_SECONDS: a Redis that is down delays each of them.

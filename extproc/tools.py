@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from extproc import routing
 from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
-from extproc.errors import RateLimited, ServiceUnavailable
+from extproc.dialects.json_body import encode_body
+from extproc.errors import InvalidRequest, RateLimited, ServiceUnavailable
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe
 from extproc.identity import Principal
@@ -94,10 +93,10 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
         return Forward(set_headers=route, clear_route_cache=True)
     apply_rewrites(body.raw, result.rewrites)
     try:
-        rewritten = encode(body.raw)
-    except orjson.JSONEncodeError:  # read up to 1,024 levels deep, written up to 255
-        message = "The body cannot be forwarded: JSON nested over 255 levels."
-        return _answer(exchange, refuse(server, body, ErrorCode.INVALID_REQUEST, message))
+        rewritten = encode_body(body.raw)
+    except InvalidRequest as too_deep:
+        refused = refuse(server, body, ErrorCode.INVALID_REQUEST, too_deep.message)
+        return _answer(exchange, refused)
     return Forward(set_headers=route, body=rewritten, clear_route_cache=True)
 
 

@@ -53,7 +53,7 @@ def _subjects(policy: CompiledPolicy, limit: CompiledLimit) -> list[tuple[str | 
         if limit.per_model:
             return []
         servers = policy.mcp_servers.servers
-        return [(f"mcp:{name}", limit.tool_subject(name, "")) for name in servers]
+        return [(f"mcp:{name}", limit.server_subject(name)) for name in servers]
     if limit.per_model:
         return [(m.name, m.name) for m in policy.catalogue if limit.counts(m.name)]
     return [("+".join(sorted(limit.models)) if limit.models else None, limit.only)]

@@ -49,7 +49,10 @@ class ScopeMatcher:
         if not self._routes:
             return True
         path = subject.path.partition("?")[0]
-        return self._glob("r", self._routes, path) or self._glob("r", self._routes, _endpoint(path))
+        if self._glob("r", self._routes, path):
+            return True
+        endpoint = _endpoint(path)
+        return endpoint != path and self._glob("r", self._routes, endpoint)
 
     def _glob(self, kind: str, globs: GlobSet, value: str) -> bool:
         key = (kind, value)

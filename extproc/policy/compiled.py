@@ -86,8 +86,10 @@ class CompiledLimit:
 
     def tool_subject(self, server: str, tool: str) -> str:
         """The same for a call of ``tool`` on MCP ``server``."""
-        if self.per_model:
-            return f"mcp:{server}:{tool}"
+        return f"mcp:{server}:{tool}" if self.per_model else self.server_subject(server)
+
+    def server_subject(self, server: str) -> str:
+        """What names this (not per-tool) limit's counter of MCP ``server``'s calls."""
         return f"mcp:{server}:{self.only}" if self.only else f"mcp:{server}"
 
 

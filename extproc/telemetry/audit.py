@@ -222,7 +222,7 @@ class _SinkWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            lost = len(self._writing) + sum(len(lines) for lines in self._drain())
+            lost = len(self._writing) + self._behind
             if lost:
                 self._dropped("shutdown", lost)
                 log.error(
@@ -233,13 +233,6 @@ class _SinkWriter:
     @property
     def _name(self) -> str:
         return type(self._sink).__name__
-
-    def _drain(self) -> list[Sequence[bytes]]:
-        batches = []
-        while not self._backlog.empty():
-            batches.append(self._backlog.get_nowait())
-            self._backlog.task_done()
-        return batches
 
     async def _run(self) -> None:
         while True:

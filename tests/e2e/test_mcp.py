@@ -182,3 +182,31 @@ def test_an_unusable_body_gets_json_rpcs_own_error_and_never_reaches_the_server(
     assert answer["error"]["code"] == code
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.mcp_demo}/calls") as resp:
         assert json.load(resp) == []  # nothing reached the MCP server
+
+
+def test_a_call_too_deep_to_forward_rewritten_is_refused_and_never_sent(stack: Stack) -> None:
+    """Its email must be masked, but JSON nested past 255 levels cannot be written back:
+    a JSON-RPC -32600 (HTTP 400) with the call's id, and nothing reaches the server."""
+    clear(stack)
+    deep = '{"n":' * 300 + "1" + "}" * 300
+    body = (
+        '{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": '
+        '"jira.create_issue", "arguments": {"summary": "mail bob@example.com", "x": '
+        + deep
+        + "}}}"
+    )
+    status, _, raw = Http(stack.ports.gateway).request(
+        "POST",
+        "/mcp",
+        body.encode(),
+        {
+            "authorization": f"Bearer {ADMIN_KEY}",
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+        },
+    )
+    assert status == 400, raw
+    answer = json.loads(raw)
+    assert answer["id"] == 9 and answer["error"]["code"] == ErrorCode.INVALID_REQUEST
+    assert "255 levels" in answer["error"]["message"]
+    assert calls(stack) == []
