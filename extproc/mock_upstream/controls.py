@@ -14,6 +14,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
                                of one per token (an entity split across SSE events)
     x-mock-ratelimit: N        answer with the provider's own ``x-ratelimit-limit-tokens: N``
                                (as OpenAI does), which the gateway's budget headers replace
+    x-mock-charset: utf-8      answer JSON as ``application/json; charset=utf-8``, as some
+                               OpenAI-compatible servers do
     x-mock-cache-tokens: R,W   Anthropic: report R prompt tokens read from the prompt cache
                                and W written to it, apart from ``input_tokens`` as Anthropic
                                does (``cache_read_input_tokens``, ``cache_creation_input_tokens``)
@@ -40,6 +42,7 @@ FAIL_HEADER = "x-mock-fail"
 SPLIT_HEADER = "x-mock-split-chars"
 RATELIMIT_HEADER = "x-mock-ratelimit"
 CACHE_TOKENS_HEADER = "x-mock-cache-tokens"
+CHARSET_HEADER = "x-mock-charset"
 MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
@@ -131,3 +134,6 @@ async def provider_headers(request: web.Request, response: web.StreamResponse) -
     limit = request.headers.get(RATELIMIT_HEADER)
     if limit is not None:
         response.headers["x-ratelimit-limit-tokens"] = limit
+    charset = request.headers.get(CHARSET_HEADER)
+    if charset is not None and response.content_type == "application/json":
+        response.headers["content-type"] = f"application/json; charset={charset}"

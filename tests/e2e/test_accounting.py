@@ -198,6 +198,32 @@ def test_recorded_usage_is_accounted_exactly_from_envoy(
     eventually(settled, f"counters never settled to {expected}")
 
 
+def test_usage_is_lifted_from_json_with_a_charset(
+    stack: Stack, raw: Http, redis_server: RedisServer
+) -> None:
+    """``application/json; charset=utf-8`` is JSON to Envoy's usage lift too: the answer
+    is charged its reported output, not an estimate from its size."""
+    before = counter(redis_server, "meter", "output_tokens")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
+    status, headers, answer = raw.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {
+            "authorization": "Bearer sk-test-meter",
+            "content-type": "application/json",
+            "x-mock-charset": "utf-8",
+        },
+    )
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    reported = json.loads(answer)["usage"]["completion_tokens"]
+    assert reported != len(answer) // 4  # the estimate would differ
+    eventually(
+        lambda: counter(redis_server, "meter", "output_tokens") - before == reported,
+        "the answer was not settled from its reported usage",
+    )
+
+
 def answer_reported(request: pytest.FixtureRequest) -> bool:
     return bool(request.node.callspec.params["stack"] == "answer-report")
 

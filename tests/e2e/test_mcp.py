@@ -191,9 +191,7 @@ def test_a_call_too_deep_to_forward_rewritten_is_refused_and_never_sent(stack: S
     deep = '{"n":' * 300 + "1" + "}" * 300
     body = (
         '{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": '
-        '"jira.create_issue", "arguments": {"summary": "mail bob@example.com", "x": '
-        + deep
-        + "}}}"
+        '"jira.create_issue", "arguments": {"summary": "mail bob@example.com", "x": ' + deep + "}}}"
     )
     status, _, raw = Http(stack.ports.gateway).request(
         "POST",
