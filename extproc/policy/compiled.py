@@ -147,6 +147,9 @@ class CompiledPolicy:
     team_mcp: dict[str, McpPermissions]
     user_mcp: dict[str, McpPermissions]
     """Users' MCP access, already combined with their team's."""
+    credential_files: tuple[Path, ...]
+    """The ``credential_file`` paths the provider keys were read from (none when compiled
+    without credentials): the store watches them, so a rotated key goes live."""
 
     def resolve_model(self, requested: str) -> CatalogueModel | None:
         return self.models.get(requested)
@@ -393,4 +396,12 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             u: compile_access(policy.teams[user.team].mcp, user.mcp)
             for u, user in policy.users.items()
         },
+        credential_files=_credential_files(policy) if credentials else (),
     )
+
+
+def _credential_files(policy: Policy) -> tuple[Path, ...]:
+    """Each backend's key file once, as written (never resolved: a Kubernetes Secret's
+    path stays, while the ``..data`` directory it points through is swapped)."""
+    files = (m.backend.credential_file for m in policy.models.values() if m.backend)
+    return tuple(dict.fromkeys(Path(f) for f in files if f))

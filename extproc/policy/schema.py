@@ -223,7 +223,8 @@ class Backend(_Strict):
     )
     credential_file: str | None = Field(
         default=None,
-        description="File holding the provider key (read again when the policy file changes).",
+        description="File holding the provider key (read again when it or the policy file "
+        "changes).",
     )
 
     @model_validator(mode="after")

@@ -2,7 +2,10 @@
 
 Each exchange pins the snapshot current when it starts, so a reload never changes the
 rules halfway through a request. A file that fails validation is logged with its
-problems and the last good snapshot stays live.
+problems and the last good snapshot stays live. The key files (``credential_file``) the
+live policy names are watched beside the policy file, so a rotated provider key goes live
+at the next poll without the policy being touched; one that cannot be read is refused
+like an invalid policy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from extproc.policy.compiled import CompiledPolicy
 from extproc.policy.loader import PolicyError, load_policy
 
 log = logging.getLogger(__name__)
+
+_Stat = tuple[int, int, int] | None
+"""Inode, mtime in ns and size of a file; ``None`` when it cannot be stat'ed."""
+_Signature = tuple[tuple[Path, _Stat], ...]
 
 
 class PolicyStore:
@@ -36,10 +43,12 @@ class PolicyStore:
         return self._path
 
     def reload_if_changed(self) -> bool:
-        """Load the file again if it changed on disk; return whether a new policy went live.
+        """Load the file again if it, or a ``credential_file`` the live policy names,
+        changed on disk; return whether a new policy went live.
 
-        The signature includes the inode so a Kubernetes ConfigMap update (a symlink swap
-        with an unchanged mtime resolution) is noticed too.
+        The signature includes the inode so a Kubernetes ConfigMap or Secret update (a
+        symlink swap with an unchanged mtime resolution) is noticed too. A policy that
+        names other key files is read once more at the next poll, against theirs.
         """
         signature = self._stat_signature()
         if signature == self._signature:
@@ -72,7 +81,7 @@ class PolicyStore:
     async def watch(
         self, interval: float, on_change: Callable[[CompiledPolicy], None] | None = None
     ) -> None:
-        """Poll the file forever; polling survives editors, symlink swaps and NFS alike.
+        """Poll the files forever; polling survives editors, symlink swaps and NFS alike.
         A changed file is read and compiled in a worker thread (tens of milliseconds for
         a real policy, which would stall every stream on the event loop); the new
         snapshot replaces the old in one assignment."""
@@ -83,17 +92,22 @@ class PolicyStore:
             if await asyncio.to_thread(self.reload_if_changed) and on_change is not None:
                 on_change(self._current)
 
-    def _stat_signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    def _stat_signature(self) -> _Signature:
+        """The policy file's and the live policy's key files' stats: a few stats a poll."""
+        return tuple((p, _stat(p)) for p in (self._path, *self._current.credential_files))
+
+
+def _stat(path: Path) -> _Stat:
+    try:
+        st = os.stat(path)  # follows symlinks: a swapped ..data target is a new inode
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _credentials_changed(new: CompiledPolicy, old: CompiledPolicy) -> bool:
-    """Whether a provider key read from outside the file (``credential_file``, the
-    environment) changed: touching the policy file then brings a rotated key live."""
+    """Whether a provider key read from outside the policy file changed (a rotated
+    ``credential_file``): it goes live though the policy's bytes, and version, did not."""
     return [m.backend and m.backend.credential for m in new.catalogue] != [
         m.backend and m.backend.credential for m in old.catalogue
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc.policy.compiled import key_digest
+from extproc.policy import store as policy_store
+from extproc.policy.compiled import CompiledPolicy, key_digest
 from extproc.policy.loader import PolicyError, load_policy, parse_policy
 from extproc.policy.schema import Policy
+from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 
 EXAMPLE = ROOT / "policies" / "example.yaml"
@@ -174,8 +178,6 @@ def test_a_reload_takes_only_a_whole_valid_file_and_a_rotated_credential(
     """An emptied file or a second keys section is refused and the last good policy stays
     live; a provider key rotated in its credential_file goes live when the policy is
     touched, though the file's own bytes are unchanged."""
-    from extproc.policy.store import PolicyStore
-
     key_file = tmp_path / "openai.key"
     key_file.write_text("sk-old")
     text = BASE.replace(
@@ -204,6 +206,162 @@ def test_a_reload_takes_only_a_whole_valid_file_and_a_rotated_credential(
     assert store.reload_if_changed()
     backend = store.current.models["gpt-4o"].backend
     assert backend is not None and backend.credential == ("authorization", "Bearer sk-new")
+
+
+def _keyed_store(tmp_path: Path, key_file: Path) -> tuple[PolicyStore, Path]:
+    """A store whose gpt-4o reads its provider key from ``key_file``."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        BASE.replace(
+            "  gpt-4o: {aliases: [four]}",
+            f"  gpt-4o: {{aliases: [four], backend: {{cluster: openai, credential_file: {key_file}}}}}",
+        )
+    )
+    return PolicyStore(path), path
+
+
+def _credential(store: PolicyStore) -> tuple[str, str] | None:
+    backend = store.current.models["gpt-4o"].backend
+    assert backend is not None
+    return backend.credential
+
+
+def _renamed_over(key_file: Path, key: str) -> None:
+    """Replace the key file by an atomic rename, as an agent writing secrets does."""
+    new = key_file.with_name(key_file.name + ".tmp")
+    new.write_text(key)
+    os.replace(new, key_file)
+
+
+def _secret_volume(tmp_path: Path, key: str, generation: int) -> Path:
+    """A Kubernetes Secret volume: ``openai.key -> ..data/openai.key``, ``..data`` a
+    symlink to a timestamped directory that the kubelet swaps by one rename."""
+    volume = tmp_path / "secret"
+    release = volume / f"..2026_{generation}"
+    release.mkdir(parents=True)
+    (release / "openai.key").write_text(key)
+    (volume / "..data_tmp").symlink_to(release.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    key_file = volume / "openai.key"
+    if not key_file.is_symlink():
+        key_file.symlink_to(Path("..data") / "openai.key")
+    return key_file
+
+
+def _counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    loads: list[Path] = []
+
+    def load(path: Path) -> CompiledPolicy:
+        loads.append(path)
+        return load_policy(path)
+
+    monkeypatch.setattr(policy_store, "load_policy", load)
+    return loads
+
+
+@pytest.mark.parametrize("layout", ["renamed-file", "secret-volume"])
+def test_a_rotated_credential_file_goes_live_at_the_next_poll_untouched_policy(
+    tmp_path: Path, layout: str
+) -> None:
+    """A rotated key goes live without the policy file being touched: its bytes, inode
+    and mtime stay as they were, only the key file (or the Secret's ``..data``) moved."""
+    if layout == "secret-volume":
+        key_file = _secret_volume(tmp_path, "sk-old", 1)
+    else:
+        key_file = tmp_path / "openai.key"
+        key_file.write_text("sk-old")
+    store, path = _keyed_store(tmp_path, key_file)
+    version, policy_stat = store.current.version, path.stat()
+    assert _credential(store) == ("authorization", "Bearer sk-old")
+
+    if layout == "secret-volume":
+        _secret_volume(tmp_path, "sk-new", 2)
+    else:
+        _renamed_over(key_file, "sk-new")
+
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-new")
+    assert store.current.version == version and store.reloads_ok == 1
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (policy_stat.st_ino, policy_stat.st_mtime_ns)
+
+
+async def test_the_watch_loop_brings_a_rotated_credential_file_live(tmp_path: Path) -> None:
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-old")
+    store, _ = _keyed_store(tmp_path, key_file)
+    changed: asyncio.Queue[CompiledPolicy] = asyncio.Queue()
+    watcher = asyncio.create_task(store.watch(0.01, changed.put_nowait))
+    try:
+        _renamed_over(key_file, "sk-new")
+        live = await asyncio.wait_for(changed.get(), timeout=5)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    backend = live.models["gpt-4o"].backend
+    assert backend is not None and backend.credential == ("authorization", "Bearer sk-new")
+
+
+def test_unchanged_policy_and_credential_files_are_not_compiled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-old")
+    store, _ = _keyed_store(tmp_path, key_file)
+    loads = _counting_loads(monkeypatch)
+    for _ in range(3):
+        assert not store.reload_if_changed()
+    assert loads == [] and store.reloads_ok == 0 and store.reloads_failed == 0
+
+    _renamed_over(key_file, "sk-new")
+    assert store.reload_if_changed()
+    for _ in range(3):
+        assert not store.reload_if_changed()
+    assert len(loads) == 1 and store.reloads_ok == 1
+
+
+def test_a_credential_file_that_disappears_keeps_the_last_good_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing key file is refused like an invalid policy (once, not at every poll);
+    when a key is back, it goes live."""
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-old")
+    store, _ = _keyed_store(tmp_path, key_file)
+    version = store.current.version
+    loads = _counting_loads(monkeypatch)
+
+    key_file.unlink()
+    assert not store.reload_if_changed()
+    assert not store.reload_if_changed()
+    assert store.reloads_failed == 1 and store.reloads_ok == 0 and len(loads) == 1
+    assert store.current.version == version
+    assert _credential(store) == ("authorization", "Bearer sk-old")
+
+    key_file.write_text("sk-new")
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-new")
+
+
+def test_a_policy_naming_another_key_file_watches_that_one(tmp_path: Path) -> None:
+    """After an edit moves a backend to another key file, rotating the new file goes
+    live and the old one is no longer watched."""
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    old_file.write_text("sk-old")
+    new_file.write_text("sk-second")
+    store, path = _keyed_store(tmp_path, old_file)
+    path.write_text(path.read_text().replace(str(old_file), str(new_file)))
+    assert store.reload_if_changed()
+    assert store.current.credential_files == (new_file,)
+    assert not store.reload_if_changed()  # read once more against the new file: the same
+
+    _renamed_over(old_file, "sk-ignored")
+    assert not store.reload_if_changed()
+    _renamed_over(new_file, "sk-third")
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-third")
+    assert store.reloads_ok == 2
 
 
 def test_yaml_anchors_and_merge_keys_still_load() -> None:
