@@ -34,11 +34,12 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import orjson
 
+from extproc.budgets.alerts import Watch
 from extproc.budgets.keys import Unit
 from extproc.budgets.meter import Cost, Settlement
 from extproc.budgets.pricing import Price
@@ -221,7 +222,29 @@ def _settlement_fields(settlement: Settlement) -> dict[str, Any]:
         "token": settlement.token,
         "reserved": (reserved.input_tokens, reserved.output_tokens, reserved.micro_usd),
         "counters": [(key, unit.value, ends) for key, unit, ends in settlement.counters],
+        # Apart from "counters", which processes of an earlier version read as triples.
+        "watches": [astuple(watch) for watch in settlement.watches],
     }
+
+
+def _watch(
+    counter: int,
+    limit: int,
+    thresholds: list[int],
+    scope: str,
+    scope_id: str,
+    model: str,
+    window: str,
+) -> Watch:
+    return Watch(
+        int(counter),
+        int(limit),
+        tuple(int(t) for t in thresholds),
+        str(scope),
+        str(scope_id),
+        str(model),
+        str(window),
+    )
 
 
 def _ticket(fields: dict[str, Any]) -> Ticket:
@@ -242,6 +265,7 @@ def _ticket(fields: dict[str, Any]) -> Ticket:
             str(settlement["token"]),
             Cost(*settlement["reserved"]),
             tuple((str(k), Unit(u), int(e)) for k, u, e in settlement["counters"]),
+            tuple(_watch(*fields) for fields in settlement.get("watches", ())),
         ),
         traceparent=fields["traceparent"],
         started_ns=int(fields["started_ns"]),

@@ -1,6 +1,15 @@
 """Budget threshold alerts: one event per budget, threshold and window, off the request path.
 
-The meter hands over every threshold a reservation crossed; a background task claims it
+Thresholds are judged on what was used, not on what is reserved: a limit's own counter
+also holds what the requests in flight reserved at their worst case, so a big reservation
+given back a moment later would raise an alert (and, since a reservation never takes a
+counter past its limit, 100 % would almost never be reached). A limit with alerts
+therefore keeps a second counter beside its own (:func:`~extproc.budgets.keys.used_key`),
+moved only when exchanges are settled, by what each used; a tool-call limit, whose
+reservations are never given back, is judged on its own counter when calls are counted.
+
+The meter hands over every threshold a settlement (or a tool call) crossed; a background
+task claims it
 in the budget store (an all-or-nothing counter with a limit of 1, so across workers and
 replicas exactly one claim wins per window), logs it, and POSTs it to the policy's webhook
 with retries. A full queue is counted and logged, never waited on.
@@ -52,6 +61,43 @@ class ThresholdCrossed:
         data = asdict(self)
         del data["counter_key"], data["expires_at"]
         return {"type": "budget.threshold_crossed", **data}
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A counter whose limit raises alerts, and what an alert on it names: plain values,
+    so that it can travel in an exchange's ticket to the process that settles it."""
+
+    counter: int
+    """The counter's place among those reserved (and settled) together."""
+    limit: int
+    thresholds: tuple[int, ...]
+    scope: str
+    scope_id: str
+    model: str
+    """The model (or ``mcp:<server>[:<tool>]``) when the limit counts each apart, else ``*``."""
+    window: str
+
+    def crossings(
+        self, counter_key: str, unit: str, expires_at: int, before: int, after: int
+    ) -> list[ThresholdCrossed]:
+        """One event per threshold that ``before → after`` passed."""
+        return [
+            ThresholdCrossed(
+                scope=self.scope,
+                scope_id=self.scope_id,
+                model=self.model,
+                unit=unit,
+                window=self.window,
+                window_ends_at=window_end_iso(expires_at),
+                threshold_percent=percent,
+                used=after,
+                limit=self.limit,
+                counter_key=counter_key,
+                expires_at=expires_at,
+            )
+            for percent in crossed(before, after, self.limit, self.thresholds)
+        ]
 
 
 def crossed(before: int, after: int, limit: int, thresholds: tuple[int, ...]) -> list[int]:

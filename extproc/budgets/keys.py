@@ -58,6 +58,12 @@ def counter_key(
     return f"{scope.value}:{ident}:{model_part}:{unit.value}:{window.value}:{window_start}"
 
 
+def used_key(key: str) -> str:
+    """The counter beside ``key`` that holds only what settled exchanges used (no
+    reservations in flight), kept for limits with alerts, which are judged on it."""
+    return f"{key}:used"
+
+
 def _escape(field: str) -> str:
     if not field or field == ANY:
         raise ValueError(f"not a valid scope id or model name: {field!r}")

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed, window_end_iso
-from extproc.budgets.keys import Unit, counter_key
+from extproc.budgets.alerts import AlertSink, Watch
+from extproc.budgets.keys import ANY, Unit, counter_key, used_key
 from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
 from extproc.budgets.tokens import count_prompt_tokens
@@ -73,6 +73,8 @@ class Reservation:
     """``x-ratelimit-*`` headers for the answer, from the values after reserving."""
     output_cap: int | None = None
     """Set when the budget afforded less than the default cap: write it into the body."""
+    watches: tuple[Watch, ...] = ()
+    """The counters whose limits raise alerts, judged when the reservation is settled."""
     settled: bool = field(default=False)
 
     @property
@@ -81,7 +83,7 @@ class Reservation:
         counters = tuple(
             (c.key, u, c.expires_at) for c, u in zip(self.counters, units, strict=True)
         )
-        return Settlement(self.token, self.reserved, counters)
+        return Settlement(self.token, self.reserved, counters, self.watches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class Settlement:
     token: str
     reserved: Cost
     counters: tuple[tuple[str, Unit, int], ...]
+    watches: tuple[Watch, ...] = ()
+    """Those of ``counters`` whose limits raise alerts (:mod:`extproc.budgets.alerts`)."""
 
     def deltas(self, used: Cost) -> list[Delta]:
         """The changes that replace what was reserved with what was ``used``."""
@@ -102,6 +106,15 @@ class Settlement:
             Delta(key, used.of(unit) - reserved.of(unit), expires_at)
             for key, unit, expires_at in self.counters
         ]
+
+    def used_deltas(self, used: Cost) -> list[tuple[Watch, Delta]]:
+        """What ``used`` adds to the used-only counter of each watched counter it moves."""
+        moves = []
+        for watch in self.watches:
+            key, unit, expires_at = self.counters[watch.counter]
+            if amount := used.of(unit):
+                moves.append((watch, Delta(used_key(key), amount, expires_at)))
+        return moves
 
 
 def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
@@ -185,38 +198,13 @@ class Meter:
             assert result.failed is not None
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
         headers = _ratelimit_headers(applicable, counters, result.values, now)
-        if self._alerts is not None:
-            self._raise_alerts(applicable, counters, result.values, model.name)
+        watches = tuple(
+            _watch(index, limit, counters[index], model.name if limit.per_model else ANY)
+            for index, limit in enumerate(applicable)
+            if limit.alerts
+        )
         token = secrets.token_hex(12)
-        return Reservation(tuple(counters), applicable, cost, token, headers, output_cap)
-
-    def _raise_alerts(
-        self,
-        limits: Sequence[CompiledLimit],
-        counters: Sequence[Counter],
-        values: Sequence[int],
-        model: str,
-    ) -> None:
-        assert self._alerts is not None
-        for limit, counter, after in zip(limits, counters, values, strict=True):
-            if not limit.alerts:
-                continue
-            for percent in crossed(after - counter.amount, after, counter.limit, limit.alerts):
-                self._alerts.notify(
-                    ThresholdCrossed(
-                        scope=limit.scope.value,
-                        scope_id=limit.scope_id,
-                        model=model if limit.per_model else "*",
-                        unit=limit.unit.value,
-                        window=limit.window.value,
-                        window_ends_at=window_end_iso(counter.expires_at),
-                        threshold_percent=percent,
-                        used=after,
-                        limit=counter.limit,
-                        counter_key=counter.key,
-                        expires_at=counter.expires_at,
-                    )
-                )
+        return Reservation(tuple(counters), applicable, cost, token, headers, output_cap, watches)
 
     async def reserve_tools(
         self, limits: Limits, server: str, tools: Sequence[str], now: datetime
@@ -229,28 +217,33 @@ class Meter:
         ``mcp:<server>:only-<hash>`` for a limit on some tools only), apart
         from model counters of the same scope and window; calls sharing a counter add up.
         """
-        by_key: dict[str, tuple[CompiledLimit, Counter]] = {}
+        by_key: dict[str, tuple[CompiledLimit, Counter, str]] = {}
         for tool in tools:
             for limit in _dedupe([limit for limit in limits if limit.counts_tool(tool)]):
                 start, end = window_bounds(limit.window, now)
+                subject = limit.tool_subject(server, tool)
                 key = counter_key(
-                    limit.scope,
-                    limit.scope_id,
-                    limit.tool_subject(server, tool),
-                    limit.unit,
-                    limit.window,
-                    start,
+                    limit.scope, limit.scope_id, subject, limit.unit, limit.window, start
                 )
-                _, seen = by_key.get(key, (limit, Counter(key, limit.limit, 0, end)))
-                by_key[key] = (limit, replace(seen, amount=seen.amount + 1))
+                named = subject if limit.per_model else f"mcp:{server}"
+                _, seen, _ = by_key.get(key, (limit, Counter(key, limit.limit, 0, end), named))
+                by_key[key] = (limit, replace(seen, amount=seen.amount + 1), named)
         if not by_key:
             return
-        applicable = [limit for limit, _ in by_key.values()]
-        counters = [counter for _, counter in by_key.values()]
+        applicable = [limit for limit, _, _ in by_key.values()]
+        counters = [counter for _, counter, _ in by_key.values()]
         result = await self._call_reserve(counters)
         if not result.ok:
             assert result.failed is not None
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
+        # A tool call counted stays counted (nothing settles it): judge alerts on it now.
+        for index, (limit, counter, named) in enumerate(by_key.values()):
+            if limit.alerts:
+                watch = _watch(index, limit, counter, named)
+                after = result.values[index]
+                self._notify(
+                    watch, counter.key, limit.unit, counter.expires_at, after, counter.amount
+                )
 
     async def precheck(
         self,
@@ -299,12 +292,25 @@ class Meter:
         deltas = settlement.deltas(used)
         if not deltas:
             return True
+        watched = settlement.used_deltas(used)
+        changes = [d for d in deltas if d.amount] + [delta for _, delta in watched]
         # Also when nothing changes (used exactly what was reserved): the store then
         # remembers the token, so a replayed settlement cannot apply other figures.
-        result = await self._store.adjust(
-            [d for d in deltas if d.amount] or deltas, token=settlement.token
-        )
+        result = await self._store.adjust(changes or deltas, token=settlement.token)
+        if result.applied and watched:
+            values = result.values[len(changes) - len(watched) :]
+            for (watch, delta), after in zip(watched, values, strict=True):
+                key, unit, expires_at = settlement.counters[watch.counter]
+                self._notify(watch, key, unit, expires_at, after, delta.amount)
         return result.applied
+
+    def _notify(
+        self, watch: Watch, key: str, unit: Unit, expires_at: int, after: int, added: int
+    ) -> None:
+        """Hand over each threshold that adding ``added`` (giving ``after``) crossed."""
+        if self._alerts is not None:
+            for event in watch.crossings(key, unit.value, expires_at, after - added, after):
+                self._alerts.notify(event)
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:
@@ -327,6 +333,18 @@ def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:
         usage.output_tokens,
         usage.cached_input_tokens,
         usage.cache_write_input_tokens,
+    )
+
+
+def _watch(index: int, limit: CompiledLimit, counter: Counter, model: str) -> Watch:
+    return Watch(
+        index,
+        counter.limit,
+        limit.alerts,
+        limit.scope.value,
+        limit.scope_id,
+        model,
+        limit.window.value,
     )
 
 

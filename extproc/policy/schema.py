@@ -79,8 +79,8 @@ class Limit(_Strict):
     alerts: list[Annotated[int, Field(ge=1, le=100)]] = Field(
         default_factory=list,
         description="Percentages of the limit (e.g. [50, 80, 100]) that raise one alert "
-        "each per window when a reservation crosses them: logged, and POSTed to "
-        "settings.budgets.alert_webhook if set.",
+        "each per window when what settled exchanges used crosses them (reservations in "
+        "flight do not count): logged, and POSTed to settings.budgets.alert_webhook if set.",
     )
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,45 @@ POLICY = Path(__file__).with_name("budget_policy.yaml")
 CASSETTES = ROOT.parent / "shared" / "data" / "cassettes" / "openai"
 
 
+class Webhook(ThreadingHTTPServer):
+    """Receives the budget alerts the service POSTs."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/alerts"
+
+
 @pytest.fixture(scope="module")
-def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def webhook() -> Iterator[Webhook]:
+    server = Webhook()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory, webhook: Webhook) -> Path:
+    policy = yaml.safe_load(POLICY.read_text())
+    policy["settings"]["budgets"]["alert_webhook"] = webhook.url
     path = tmp_path_factory.mktemp("budget-policy") / "policy.yaml"
-    path.write_text(POLICY.read_text())
+    path.write_text(yaml.safe_dump(policy))
     return path
 
 
@@ -239,6 +275,26 @@ def test_rate_limit_is_the_sdks_rate_limit_error(stack: Stack, mock: Mock) -> No
     assert "x-ratelimit-remaining-tokens" in error.response.headers
 
 
+def test_alerts_are_judged_on_what_was_used_not_on_what_was_reserved(
+    stack: Stack, webhook: Webhook
+) -> None:
+    """A request may reserve 150 tokens of a 200-token budget and use a few: the webhook
+    hears that 1 % is used (what the caller was charged), not that 50 % is."""
+    reply = client(stack, "alerting").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}], max_tokens=150
+    )
+    assert reply.usage is not None and 2 <= reply.usage.total_tokens < 100
+    deadline = time.monotonic() + 10
+    while not webhook.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a 50 % alert of the same settlement would follow the 1 % at once
+    assert [(e["threshold_percent"], e["used"]) for e in webhook.received] == [
+        (1, reply.usage.total_tokens)
+    ]
+    [event] = webhook.received
+    assert (event["scope"], event["scope_id"], event["limit"]) == ("team", "alerting", 200)
+
+
 def test_streamed_answer_is_settled_from_its_usage_chunk(
     stack: Stack, redis_server: RedisServer, mock: Mock
 ) -> None:
@@ -332,7 +388,7 @@ def test_usage_command_reports_the_live_counters(
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout  # fmt: skip
     assert table.splitlines()[0].split()[:4] == ["SCOPE", "ID", "MODEL", "UNIT"]
-    assert sum(1 for row in table.splitlines() if row.startswith("team ")) == 7
+    assert sum(1 for row in table.splitlines() if row.startswith("team ")) == 8
 
 
 # --- Redis going away ---------------------------------------------------------------------

@@ -10,9 +10,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from extproc.budgets import alerts
-from extproc.budgets.alerts import AlertSink, crossed
+from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed
 from extproc.budgets.memory_store import MemoryStore
-from extproc.budgets.meter import Cost, Meter
+from extproc.budgets.meter import NOTHING_USED, Cost, Meter, Reservation
+from extproc.exchange import Exchange
+from extproc.ticket import TicketSigner, signing_key
+from tests.unit.policies import make_policy
 from tests.unit.test_budget_meter import policy_with
 
 
@@ -56,21 +59,112 @@ async def test_thresholds_post_once_per_window_with_retries(
         sink = AlertSink(store, lambda: str(server.make_url("/hook")), outcomes.append)
         meter = Meter(store, sink)
         now = datetime.now(UTC)
-        first = await meter.reserve(limits, model, 30, 30, 0, now)  # 0 → 60: crosses 50
+        first = await meter.reserve(limits, model, 30, 30, 0, now)  # 60 reserved: no alert
         assert first is not None
-        await meter.settle(first, Cost(10, 10, 0))  # back down to 20
-        await meter.reserve(limits, model, 20, 20, 0, now)  # 20 → 60: 50 again, same window
-        await meter.reserve(limits, model, 10, 15, 0, now)  # 60 → 85: crosses 80
+        await meter.settle(first, Cost(10, 10, 0))  # 20 used
+        second = await meter.reserve(limits, model, 20, 20, 0, now)
+        assert second is not None
+        await meter.settle(second, Cost(20, 20, 0))  # 20 → 60 used: crosses 50
+        third = await meter.reserve(limits, model, 10, 15, 0, now)
+        assert third is not None
+        await meter.settle(third, Cost(10, 15, 0))  # 60 → 85: crosses 80
+        # No output cap asked: the 15 tokens left are offered (5 of output), and used.
+        last = await meter.reserve(limits, model, 10, None, 1000, now)
+        assert last is not None and last.output_cap == 5
+        await meter.settle(last, Cost(10, 5, 0))  # 85 → 100: the budget is spent
         await sink.close()
-    assert [(e["threshold_percent"], e["used"]) for e in received] == [(50, 60), (80, 85)]
+    assert [(e["threshold_percent"], e["used"]) for e in received] == [
+        (50, 60),
+        (80, 85),
+        (100, 100),
+    ]
     assert received[0]["type"] == "budget.threshold_crossed"
     assert (received[0]["scope"], received[0]["scope_id"], received[0]["unit"]) == (
         "team",
         "t",
         "total_tokens",
     )
-    assert sink.sent == 2 and sink.failed == 0
-    assert outcomes == ["sent", "sent"]  # what /metrics counts (extproc_budget_alerts)
+    assert sink.sent == 3 and sink.failed == 0
+    assert outcomes == ["sent", "sent", "sent"]  # what /metrics counts (extproc_budget_alerts)
+
+
+def exchange_with(reservation: Reservation) -> Exchange:
+    return Exchange(make_policy(), reservation=reservation)
+
+
+class Sink(AlertSink):
+    """Keeps what it is handed, to see which thresholds were judged crossed."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryStore(), lambda: None)
+        self.events: list[ThresholdCrossed] = []
+
+    def notify(self, event: ThresholdCrossed) -> None:
+        self.events.append(event)
+
+
+async def test_a_reservation_given_back_raises_no_alert() -> None:
+    """A request reserved at its worst case (most of the budget) that used little, or
+    never went upstream, has not spent the budget: nothing to alert about."""
+    limits, model = policy_with(
+        [{"unit": "total_tokens", "window": "day", "limit": 1000, "alerts": [50, 80]}]
+    )
+    sink = Sink()
+    meter = Meter(MemoryStore(), sink)
+    now = datetime.now(UTC)
+    big = await meter.reserve(limits, model, 10, 900, 0, now)  # 91 % reserved
+    assert big is not None
+    await meter.settle(big, Cost(10, 20, 0))
+    refused = await meter.reserve(limits, model, 10, 900, 0, now)
+    assert refused is not None
+    await meter.settle(refused, NOTHING_USED)
+    await meter.settle(refused, Cost(10, 900, 0))  # a replay of the settlement changes nothing
+    assert sink.events == []
+
+
+async def test_a_settlement_in_another_process_raises_the_alert_its_ticket_names() -> None:
+    """Under --workers or replicas the process settling an exchange never saw its request:
+    the thresholds travel in the ticket, and the event names the limit as the meter did."""
+    limits, model = policy_with(
+        [
+            {
+                "unit": "requests",
+                "window": "day",
+                "limit": 2,
+                "per_model": True,
+                "alerts": [50, 100],
+            }
+        ]
+    )
+    store = MemoryStore()
+    deciding, settling = Meter(store), Sink()
+    signer = TicketSigner(signing_key("shared"))
+    now = datetime.now(UTC)
+    for _ in range(2):
+        reservation = await deciding.reserve(limits, model, 1, 1, 1, now)
+        assert reservation is not None
+        carried = signer.read(signer.issue(exchange_with(reservation))).settlement
+        assert carried == reservation.settlement
+        await Meter(store, settling).apply(carried, Cost(1, 1, 0))
+    assert [(e.threshold_percent, e.used, e.limit, e.model) for e in settling.events] == [
+        (50, 1, 2, "gpt-4o-mini"),
+        (100, 2, 2, "gpt-4o-mini"),
+    ]
+    assert settling.events[0].window == "day" and settling.events[0].unit == "requests"
+
+
+async def test_tool_call_limits_raise_alerts_as_calls_are_counted() -> None:
+    limits, _ = policy_with(
+        [{"unit": "requests", "window": "day", "limit": 4, "tools": ["jira.*"], "alerts": [50]}]
+    )
+    sink = Sink()
+    meter = Meter(MemoryStore(), sink)
+    now = datetime.now(UTC)
+    await meter.reserve_tools(limits, "demo", ["jira.search"], now)
+    assert sink.events == []
+    await meter.reserve_tools(limits, "demo", ["jira.search", "jira.create_issue"], now)
+    [event] = sink.events
+    assert (event.threshold_percent, event.used, event.model) == (50, 3, "mcp:demo")
 
 
 async def test_alerts_never_block_the_request_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,7 +173,9 @@ async def test_alerts_never_block_the_request_path(monkeypatch: pytest.MonkeyPat
     store = MemoryStore()
     sink = AlertSink(store, lambda: "http://127.0.0.1:9/unreachable")
     meter = Meter(store, sink)
-    await meter.reserve(limits, model, 1, 1, 1, datetime.now(UTC))
-    # The reservation returned with the alert still queued: delivery happens later.
+    reservation = await meter.reserve(limits, model, 1, 1, 1, datetime.now(UTC))
+    assert reservation is not None
+    await meter.settle(reservation, Cost(1, 1, 0))
+    # The settlement returned with the alert still queued: delivery happens later.
     assert sink._queue.qsize() == 1
     await sink.close()
