@@ -34,7 +34,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -223,7 +223,10 @@ def _settlement_fields(settlement: Settlement) -> dict[str, Any]:
         "reserved": (reserved.input_tokens, reserved.output_tokens, reserved.micro_usd),
         "counters": [(key, unit.value, ends) for key, unit, ends in settlement.counters],
         # Apart from "counters", which processes of an earlier version read as triples.
-        "watches": [astuple(watch) for watch in settlement.watches],
+        "watches": [
+            (w.counter, w.limit, w.thresholds, w.scope, w.scope_id, w.model, w.window)
+            for w in settlement.watches
+        ],  # by hand: dataclasses.astuple costs ~7 us a watch
     }
 
 
