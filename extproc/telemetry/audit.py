@@ -50,6 +50,17 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+INLINE_WRITE_BYTES = 256 * 1024
+"""A file sink appends a batch up to this size on the event loop, as nginx writes its
+access log: an open, an append to the page cache and a close cost tens of microseconds,
+less than the hop to a worker thread, whose hand-offs of the GIL with the loop cost
+context switches on a shared core (measured, scenario 5 at 300 req/s, three interleaved
+runs each: 730-766 µs of service CPU per request inline, 797-863 through a thread). A
+bigger batch (recorded bodies) goes to a worker thread, so that the loop never stalls on
+it. The file belongs on a local disk: an append to a stalled network file system would
+stall the loop."""
+
+
 class JsonlFile:
     """Appends lines; rotates ``path`` → ``path.1`` … ``path.N`` when it passes ``max_bytes``."""
 
@@ -58,7 +69,11 @@ class JsonlFile:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     async def write(self, lines: Sequence[bytes]) -> None:
-        await asyncio.to_thread(self._write, b"".join(lines))
+        data = b"".join(lines)
+        if len(data) <= INLINE_WRITE_BYTES:
+            self._write(data)
+        else:
+            await asyncio.to_thread(self._write, data)
 
     def _write(self, data: bytes) -> None:
         with self._path.open("ab") as out:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,31 @@ async def test_file_sink_writes_one_line_per_record_and_rotates(tmp_path: Path) 
     ids = [json.loads(line)["request_id"] for f in files for line in f.read_text().splitlines()]
     assert len(ids) == len(set(ids)) and "r19" in ids
     assert all(f.stat().st_size <= 200 + 60 for f in files)
+
+
+async def test_file_sink_appends_small_batches_inline_and_big_ones_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of records (every 50 ms) is appended on the event loop; one with recorded
+    bodies, over INLINE_WRITE_BYTES, must not stall the loop and goes to a worker thread."""
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlFile(path)
+    threads: list[int] = []
+    write = sink._write
+
+    def noting_thread(data: bytes) -> None:
+        threads.append(threading.get_ident())
+        write(data)
+
+    monkeypatch.setattr(sink, "_write", noting_thread)
+    small = [json.dumps(record(i)).encode() + b"\n" for i in range(3)]
+    big = [json.dumps({"body": "x" * audit.INLINE_WRITE_BYTES}).encode() + b"\n"]
+    await sink.write(small)
+    await sink.write(big)
+    await sink.write(small)
+    assert threads[0] == threads[2] == threading.get_ident() != threads[1]
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines == [*small, *big, *small]
 
 
 async def test_redis_stream_sink_is_bounded_and_complete() -> None:
