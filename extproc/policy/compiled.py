@@ -396,12 +396,13 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             u: compile_access(policy.teams[user.team].mcp, user.mcp)
             for u, user in policy.users.items()
         },
-        credential_files=_credential_files(policy) if credentials else (),
+        credential_files=credential_files(policy) if credentials else (),
     )
 
 
-def _credential_files(policy: Policy) -> tuple[Path, ...]:
+def credential_files(policy: Policy) -> tuple[Path, ...]:
     """Each backend's key file once, as written (never resolved: a Kubernetes Secret's
-    path stays, while the ``..data`` directory it points through is swapped)."""
+    path stays, while the ``..data`` directory it points through is swapped). Known from
+    the validated policy alone, so a policy refused for a key file can name it too."""
     files = (m.backend.credential_file for m in policy.models.values() if m.backend)
     return tuple(dict.fromkeys(Path(f) for f in files if f))

@@ -9,17 +9,23 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from extproc.policy.compiled import CompiledPolicy, compile_policy
+from extproc.policy.compiled import CompiledPolicy, compile_policy, credential_files
 from extproc.policy.schema import Policy
 
 
 class PolicyError(Exception):
-    """A policy file that cannot go live; ``problems`` lists each one with its field path."""
+    """A policy file that cannot go live; ``problems`` lists each one with its field path.
+    ``credential_files`` are the key files a policy valid as written but refused when
+    compiled names (a key file missing, say): the store watches them, so the policy is
+    read again when one appears. Empty when the file was not valid that far."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(
+        self, source: str, problems: list[str], credential_files: tuple[Path, ...] = ()
+    ) -> None:
         super().__init__(f"{source}: " + "; ".join(problems))
         self.source = source
         self.problems = problems
+        self.credential_files = credential_files
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -81,7 +87,8 @@ def load_policy(path: Path, credentials: bool = True) -> CompiledPolicy:
             policy, version=hashlib.sha256(raw).hexdigest()[:12], credentials=credentials
         )
     except ValueError as exc:  # references outside the file: environment, key files
-        raise PolicyError(str(path), [str(exc)]) from None
+        files = credential_files(policy) if credentials else ()
+        raise PolicyError(str(path), [str(exc)], files) from None
 
 
 def _describe(error: Any) -> str:

@@ -5,7 +5,9 @@ rules halfway through a request. A file that fails validation is logged with its
 problems and the last good snapshot stays live. The key files (``credential_file``) the
 live policy names are watched beside the policy file, so a rotated provider key goes live
 at the next poll without the policy being touched; one that cannot be read is refused
-like an invalid policy.
+like an invalid policy. So are those a refused policy names: when the policy (a
+ConfigMap) names a key file that is not there yet (the Secret volume syncs later), it is
+read again when that file appears.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class PolicyStore:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._current = load_policy(path)
+        self._rejected: PolicyError | None = None
+        """The refusal of what the policy file holds now, if it was refused."""
         self._signature = self._stat_signature()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -43,12 +47,14 @@ class PolicyStore:
         return self._path
 
     def reload_if_changed(self) -> bool:
-        """Load the file again if it, or a ``credential_file`` the live policy names,
-        changed on disk; return whether a new policy went live.
+        """Load the file again if it, or a ``credential_file`` the live policy or the
+        refused one names, changed on disk; return whether a new policy went live.
 
         The signature includes the inode so a Kubernetes ConfigMap or Secret update (a
         symlink swap with an unchanged mtime resolution) is noticed too. A policy that
-        names other key files is read once more at the next poll, against theirs.
+        names other key files is read once more at the next poll, against theirs (stat'ed
+        before they are read, so none changing meanwhile is missed); the same refusal
+        found again while the policy file is unchanged is not logged again.
         """
         signature = self._stat_signature()
         if signature == self._signature:
@@ -58,7 +64,14 @@ class PolicyStore:
         except PolicyError as exc:
             if self._stat_signature() != signature:
                 return False  # still being written: read again at the next poll
-            self._signature = signature
+            known = (
+                self._rejected is not None
+                and self._rejected.problems == exc.problems
+                and signature[0] == self._signature[0]  # the policy file's own stat
+            )
+            self._signature, self._rejected = signature, exc
+            if known:
+                return False  # only key files moved, and it is refused as before: logged
             self.reloads_failed += 1
             log.error(
                 "policy reload rejected; keeping version %s: %s",
@@ -68,7 +81,7 @@ class PolicyStore:
             return False
         if self._stat_signature() != signature:
             return False  # changed while read (a write not yet done): read it again next poll
-        self._signature = signature
+        self._signature, self._rejected = signature, None
         if policy.version == self._current.version and not _credentials_changed(
             policy, self._current
         ):
@@ -93,8 +106,12 @@ class PolicyStore:
                 on_change(self._current)
 
     def _stat_signature(self) -> _Signature:
-        """The policy file's and the live policy's key files' stats: a few stats a poll."""
-        return tuple((p, _stat(p)) for p in (self._path, *self._current.credential_files))
+        """The policy file's and the live and refused policies' key files' stats: a few
+        stats a poll."""
+        files = self._current.credential_files
+        if self._rejected is not None:
+            files = tuple(dict.fromkeys((*files, *self._rejected.credential_files)))
+        return tuple((p, _stat(p)) for p in (self._path, *files))
 
 
 def _stat(path: Path) -> _Stat:

@@ -364,6 +364,93 @@ def test_a_policy_naming_another_key_file_watches_that_one(tmp_path: Path) -> No
     assert store.reloads_ok == 2
 
 
+def _point_at(path: Path, old_file: Path, new_file: Path) -> None:
+    path.write_text(path.read_text().replace(str(old_file), str(new_file)))
+
+
+@pytest.mark.parametrize("layout", ["written-file", "secret-volume"])
+def test_a_key_file_named_before_it_exists_goes_live_when_it_appears(
+    tmp_path: Path, layout: str
+) -> None:
+    """The review's reproduction: the policy (a ConfigMap) names a key file before it
+    exists (the Secret volume syncs later). The reload is refused and the last good policy
+    stays live; when the key file appears it goes live at the next poll, the policy
+    untouched."""
+    old_file = tmp_path / "old.key"
+    old_file.write_text("sk-old")
+    new_file = (
+        tmp_path / "secret" / "openai.key" if layout == "secret-volume" else tmp_path / "new.key"
+    )
+    store, path = _keyed_store(tmp_path, old_file)
+    version = store.current.version
+    _point_at(path, old_file, new_file)
+    assert not store.reload_if_changed()
+    assert store.reloads_failed == 1 and store.current.version == version
+    assert _credential(store) == ("authorization", "Bearer sk-old")
+
+    if layout == "secret-volume":
+        _secret_volume(tmp_path, "sk-new", 1)
+    else:
+        new_file.write_text("sk-new")
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-new")
+    assert store.current.credential_files == (new_file,) and store.reloads_ok == 1
+    assert not store.reload_if_changed()
+
+
+def test_an_unchanged_rejected_policy_is_not_read_again_at_every_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A policy refused for a missing key file is logged once; the key file it names is
+    watched (stat'ed before it is read: read once more against it, quietly), and nothing
+    is read again while neither file changes."""
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    old_file.write_text("sk-old")
+    store, path = _keyed_store(tmp_path, old_file)
+    loads = _counting_loads(monkeypatch)
+    _point_at(path, old_file, new_file)
+    with caplog.at_level("ERROR", logger=policy_store.__name__):
+        for _ in range(5):
+            assert not store.reload_if_changed()
+    assert len(loads) == 2 and store.reloads_failed == 1 and store.reloads_ok == 0
+    assert [r.message for r in caplog.records if "reload rejected" in r.message] == [
+        caplog.records[0].message
+    ]
+    assert "credential_file: cannot read" in caplog.records[0].message
+
+    new_file.write_text("")  # appears, but empty: a new problem, logged
+    assert not store.reload_if_changed()
+    assert not store.reload_if_changed()
+    assert len(loads) == 3 and store.reloads_failed == 2
+    new_file.write_text("sk-new")
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-new")
+
+
+def test_while_the_policy_file_is_invalid_a_rotated_key_does_not_go_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every reload reads the policy file: while it is invalid, the last good policy stays
+    live with the key it was compiled with, and a rotation read against the same invalid
+    file is not logged again."""
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-old")
+    store, path = _keyed_store(tmp_path, key_file)
+    text = path.read_text()
+    path.write_text(text + "keys: [\n")
+    assert not store.reload_if_changed()
+    loads = _counting_loads(monkeypatch)
+    _renamed_over(key_file, "sk-new")
+    assert not store.reload_if_changed()
+    assert not store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-old")
+    assert len(loads) == 1 and store.reloads_failed == 1
+
+    path.write_text(text)  # fixed: the rotated key goes live with it
+    assert store.reload_if_changed()
+    assert _credential(store) == ("authorization", "Bearer sk-new")
+
+
 def test_yaml_anchors_and_merge_keys_still_load() -> None:
     """Merged mappings may repeat keys on purpose; only a key written twice is an error."""
     policy = parse_policy(
