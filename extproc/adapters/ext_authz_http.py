@@ -60,8 +60,9 @@ MAX_TICKET_CHARS = 16 * 1024
 """A ticket longer than this goes through ext_proc's metadata instead of an answer header
 (Envoy takes at most 60 KiB of headers from the authorization service). The caller's ids
 are bounded (:data:`extproc.pipeline.MAX_REQUEST_ID_CHARS`), so only a policy with
-extreme names could make one this long; ext_proc then reserves again, and a
-requests-per-window limit counts that request twice."""
+extreme names could make one this long (a limit adds its counter's key, and a limit with
+alerts four short values more); the authorizer's reservation is then given back whole and
+ext_proc reserves afresh."""
 
 MAX_CHECK_BYTES = 64 * 1024 * 1024
 """Bounds one check (URL, headers and body). Envoy bounds what it sends (the ext_authz

@@ -7,12 +7,18 @@ counter past its limit, 100 % would almost never be reached). A limit with alert
 therefore keeps a second counter beside its own (:func:`~extproc.budgets.keys.used_key`),
 moved only when exchanges are settled, by what each used; a tool-call limit, whose
 reservations are never given back, is judged on its own counter when calls are counted.
+That counter starts with the first settlement that moves it: after an upgrade from a
+version without it, or alerts added to a limit, it counts from then on, for the rest of
+that window.
 
-The meter hands over every threshold a settlement (or a tool call) crossed; a background
-task claims it
-in the budget store (an all-or-nothing counter with a limit of 1, so across workers and
-replicas exactly one claim wins per window), logs it, and POSTs it to the policy's webhook
-with retries. A full queue is counted and logged, never waited on.
+After each settlement (or tool call) the meter hands over every threshold the counter has
+reached and this process has not raised yet in that window (:meth:`AlertSink.first`): a
+threshold passed while the values came from a stand-in store during a Redis outage
+(which this process alone has counted) is judged at the first settlement once Redis
+answers again. A background task claims each in the budget store (an all-or-nothing
+counter with a limit of 1, so across workers and replicas exactly one claim wins per
+window), logs it, and POSTs it to the policy's webhook with retries. A full queue is
+counted and logged, never waited on.
 
 aiohttp, the webhook's client, is imported on the first POST, in a thread: most
 processes never send one, and its import costs ~13 MB and ~90 ms that would otherwise
@@ -26,6 +32,7 @@ import contextlib
 import importlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 1024
 RETRY_DELAYS = (0.2, 1.0, 5.0)
 DRAIN_SECONDS = 1.5
+REMEMBERED = 10_000
+"""Thresholds a process remembers having raised; past it, those of ended windows go."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,31 +87,27 @@ class Watch:
     """The model (or ``mcp:<server>[:<tool>]``) when the limit counts each apart, else ``*``."""
     window: str
 
-    def crossings(
-        self, counter_key: str, unit: str, expires_at: int, before: int, after: int
-    ) -> list[ThresholdCrossed]:
-        """One event per threshold that ``before → after`` passed."""
-        return [
-            ThresholdCrossed(
-                scope=self.scope,
-                scope_id=self.scope_id,
-                model=self.model,
-                unit=unit,
-                window=self.window,
-                window_ends_at=window_end_iso(expires_at),
-                threshold_percent=percent,
-                used=after,
-                limit=self.limit,
-                counter_key=counter_key,
-                expires_at=expires_at,
-            )
-            for percent in crossed(before, after, self.limit, self.thresholds)
-        ]
+    def event(
+        self, counter_key: str, unit: str, expires_at: int, percent: int, used: int
+    ) -> ThresholdCrossed:
+        return ThresholdCrossed(
+            scope=self.scope,
+            scope_id=self.scope_id,
+            model=self.model,
+            unit=unit,
+            window=self.window,
+            window_ends_at=window_end_iso(expires_at),
+            threshold_percent=percent,
+            used=used,
+            limit=self.limit,
+            counter_key=counter_key,
+            expires_at=expires_at,
+        )
 
 
-def crossed(before: int, after: int, limit: int, thresholds: tuple[int, ...]) -> list[int]:
-    """Thresholds (percent of ``limit``) that ``before → after`` passed, lowest first."""
-    return [t for t in thresholds if before * 100 < t * limit <= after * 100]
+def reached(used: int, limit: int, thresholds: tuple[int, ...]) -> list[int]:
+    """Thresholds (percent of ``limit``) that ``used`` has reached, lowest first."""
+    return [t for t in thresholds if t * limit <= used * 100]
 
 
 def window_end_iso(expires_at: int) -> str:
@@ -123,11 +128,27 @@ class AlertSink:
         self._on_outcome = on_outcome
         """Called with ``sent``, ``failed`` or ``dropped`` per webhook delivery (metrics)."""
         self._queue: asyncio.Queue[ThresholdCrossed] = asyncio.Queue(QUEUE_SIZE)
+        self._raised: dict[tuple[str, int], int] = {}
+        """(counter key, threshold) → window end, for those this process handed over."""
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.dropped = 0
         self.sent = 0
         self.failed = 0
+
+    def first(self, counter_key: str, percent: int, expires_at: int) -> bool:
+        """Whether this process meets ``percent`` of that counter's window for the first
+        time (its claim in the store, made once here, settles it across processes)."""
+        seen = (counter_key, percent)
+        if seen in self._raised:
+            return False
+        if len(self._raised) >= REMEMBERED:
+            now = time.time()
+            self._raised = {k: end for k, end in self._raised.items() if end > now}
+            if len(self._raised) >= REMEMBERED:
+                self._raised.clear()  # forgetting costs a claim in the store, not an alert
+        self._raised[seen] = expires_at
+        return True
 
     def notify(self, event: ThresholdCrossed) -> None:
         """Hand an event over without waiting; never raises."""

@@ -58,6 +58,15 @@ def counter_key(
     return f"{scope.value}:{ident}:{model_part}:{unit.value}:{window.value}:{window_start}"
 
 
+def key_fields(key: str) -> tuple[str, ...]:
+    """The six fields of a :func:`counter_key`, unescaped: scope, scope id, model (or
+    ``*``, or a limit's ``only-<hash>``), unit, window and window start."""
+    fields = key.split(":")
+    if len(fields) != 6:
+        raise ValueError(f"not a counter key: {key!r}")
+    return tuple(f.replace("%3A", ":").replace("%25", "%") for f in fields)
+
+
 def used_key(key: str) -> str:
     """The counter beside ``key`` that holds only what settled exchanges used (no
     reservations in flight), kept for limits with alerts, which are judged on it."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from extproc.budgets.alerts import AlertSink, Watch
+from extproc.budgets.alerts import AlertSink, Watch, reached
 from extproc.budgets.keys import ANY, Unit, counter_key, used_key
 from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
@@ -237,13 +237,13 @@ class Meter:
             assert result.failed is not None
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
         # A tool call counted stays counted (nothing settles it): judge alerts on it now.
-        for index, (limit, counter, named) in enumerate(by_key.values()):
-            if limit.alerts:
-                watch = _watch(index, limit, counter, named)
-                after = result.values[index]
-                self._notify(
-                    watch, counter.key, limit.unit, counter.expires_at, after, counter.amount
-                )
+        if not result.local:
+            for index, (limit, counter, named) in enumerate(by_key.values()):
+                if limit.alerts:
+                    watch = _watch(index, limit, counter, named)
+                    self._judge(
+                        watch, counter.key, limit.unit, counter.expires_at, result.values[index]
+                    )
 
     async def precheck(
         self,
@@ -297,20 +297,23 @@ class Meter:
         # Also when nothing changes (used exactly what was reserved): the store then
         # remembers the token, so a replayed settlement cannot apply other figures.
         result = await self._store.adjust(changes or deltas, token=settlement.token)
-        if result.applied and watched:
+        # Not on a stand-in's values (Redis down): the first settlement after it is back
+        # judges the shared counters, and raises what was reached meanwhile.
+        if result.applied and watched and not result.local:
             values = result.values[len(changes) - len(watched) :]
-            for (watch, delta), after in zip(watched, values, strict=True):
+            for (watch, _), used_now in zip(watched, values, strict=True):
                 key, unit, expires_at = settlement.counters[watch.counter]
-                self._notify(watch, key, unit, expires_at, after, delta.amount)
+                self._judge(watch, key, unit, expires_at, used_now)
         return result.applied
 
-    def _notify(
-        self, watch: Watch, key: str, unit: Unit, expires_at: int, after: int, added: int
-    ) -> None:
-        """Hand over each threshold that adding ``added`` (giving ``after``) crossed."""
-        if self._alerts is not None:
-            for event in watch.crossings(key, unit.value, expires_at, after - added, after):
-                self._alerts.notify(event)
+    def _judge(self, watch: Watch, key: str, unit: Unit, expires_at: int, used: int) -> None:
+        """Hand over each threshold ``used`` has reached that this process has not."""
+        alerts = self._alerts
+        if alerts is None:
+            return
+        for percent in reached(used, watch.limit, watch.thresholds):
+            if alerts.first(key, percent, expires_at):
+                alerts.notify(watch.event(key, unit.value, expires_at, percent, used))
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:
         try:

@@ -12,6 +12,9 @@ Key layout (``prefix`` defaults to ``budget``)::
 
     {<prefix>}:<scope>:<scope id>:<model or *>:<unit>:<window>:<window start>
     {budget}:team:search:gpt-4o:usd:month:1767225600      a counter (integer)
+    {budget}:team:search:gpt-4o:usd:month:1767225600:used what settled exchanges used
+                                                          (limits with alerts)
+    {budget}:alert:<counter key>:<percent>                an alert claimed
     {budget}:idem:<token>                                 an adjust already applied
 
 The logical part after the prefix is :func:`extproc.budgets.keys.counter_key`. Counters

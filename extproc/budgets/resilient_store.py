@@ -38,7 +38,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from extproc.budgets.memory_store import MemoryStore
@@ -181,7 +181,7 @@ class ResilientStore:
         self._local_reserves += 1
         if result.ok:
             self._enqueue(Delta(c.key, c.amount, c.expires_at) for c in counters)
-        return result
+        return replace(result, local=True)
 
     async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
         if not self._degraded:
@@ -200,7 +200,7 @@ class ResilientStore:
             self._enqueue(deltas)
         else:
             self._tokened.append((token, tuple(deltas)))
-        return await self._local.adjust(deltas, token=token)
+        return replace(await self._local.adjust(deltas, token=token), local=True)
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
         if not self._degraded:

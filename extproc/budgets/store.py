@@ -77,6 +77,8 @@ class ReserveResult:
     failed: int | None = None
     """Index of the first counter that would have gone over its limit."""
     failed_key: str | None = None
+    local: bool = False
+    """The values are a stand-in's during an outage (see :attr:`AdjustResult.local`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,9 @@ class AdjustResult:
 
     values: tuple[int, ...]
     applied: bool = True
+    local: bool = False
+    """The values are a stand-in's during an outage (:mod:`.resilient_store`): this
+    process's view of the counters, not the shared ones (budget alerts wait for those)."""
 
 
 class BudgetStore(Protocol):

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 10_000
 BATCH = 256
 LINGER_SECONDS = 0.05
-"""How long the writer waits after a record for others to join its batch: a sink write is
-a hop to a worker thread (or a Redis round trip), far dearer than the record itself."""
+"""How long the writer waits after a record for others to join its batch: a sink write (a
+file append, a hop to a worker thread, a Redis round trip) costs far more than a record."""
 SINK_BACKLOG = QUEUE_SIZE
 """Records a sink may fall behind by before it drops new ones (about 100 s of an outage at
 100 records a second); the other sinks go on meanwhile."""

@@ -10,27 +10,35 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from extproc.budgets import alerts
-from extproc.budgets.alerts import AlertSink, ThresholdCrossed, crossed
+from extproc.budgets.alerts import AlertSink, ThresholdCrossed, reached
+from extproc.budgets.keys import Scope, Unit, counter_key, key_fields
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, Reservation
+from extproc.budgets.resilient_store import FailMode, ResilientStore
+from extproc.budgets.windows import Window
 from extproc.exchange import Exchange
 from extproc.ticket import TicketSigner, signing_key
 from tests.unit.policies import make_policy
 from tests.unit.test_budget_meter import policy_with
+from tests.unit.test_budget_stores import FAST, FlakyStore, until
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "expected"),
+    ("used", "expected"),
     [
-        pytest.param(0, 49, [], id="below"),
-        pytest.param(0, 50, [50], id="exactly-50"),
-        pytest.param(40, 85, [50, 80], id="two-at-once"),
-        pytest.param(50, 60, [], id="already-past"),
-        pytest.param(90, 130, [100], id="over-the-limit"),
+        pytest.param(49, [], id="below"),
+        pytest.param(50, [50], id="exactly-50"),
+        pytest.param(85, [50, 80], id="two"),
+        pytest.param(130, [50, 80, 100], id="over-the-limit"),
     ],
 )
-def test_crossed(before: int, after: int, expected: list[int]) -> None:
-    assert crossed(before, after, 100, (50, 80, 100)) == expected
+def test_reached(used: int, expected: list[int]) -> None:
+    assert reached(used, 100, (50, 80, 100)) == expected
+
+
+def test_a_counter_key_reads_back_as_its_fields() -> None:
+    key = counter_key(Scope.TEAM, "eu:search%2", "gpt-4o", Unit.USD, Window.DAY, 1767225600)
+    assert key_fields(key) == ("team", "eu:search%2", "gpt-4o", "usd", "day", "1767225600")
 
 
 async def test_thresholds_post_once_per_window_with_retries(
@@ -179,3 +187,32 @@ async def test_alerts_never_block_the_request_path(monkeypatch: pytest.MonkeyPat
     # The settlement returned with the alert still queued: delivery happens later.
     assert sink._queue.qsize() == 1
     await sink.close()
+
+
+@pytest.mark.parametrize("mode", [FailMode.OPEN, FailMode.CLOSED])
+async def test_thresholds_reached_while_redis_is_down_are_raised_once_it_answers(
+    mode: FailMode,
+) -> None:
+    """During an outage a process sees only its own share of the counters (a stand-in
+    store): no alert is judged on that; the first settlement once Redis answers again
+    judges the shared counter, which then holds the outage's usage too."""
+    limits, model = policy_with(
+        [{"unit": "total_tokens", "window": "day", "limit": 1000, "alerts": [10, 50]}]
+    )
+    primary = FlakyStore()
+    store = ResilientStore(primary, mode, backoff=FAST)
+    sink = Sink()
+    meter = Meter(store, sink)
+    now = datetime.now(UTC)
+    first = await meter.reserve(limits, model, 50, 50, 0, now)
+    assert first is not None
+    primary.down = True
+    await meter.settle(first, Cost(50, 50, 0))  # 100 used: 10 % reached, not judged
+    assert sink.events == []
+    primary.down = False
+    await until(lambda: not store.stats().degraded)
+    second = await meter.reserve(limits, model, 200, 250, 0, now)
+    assert second is not None
+    await meter.settle(second, Cost(200, 250, 0))  # 550 used
+    assert [(e.threshold_percent, e.used) for e in sink.events] == [(10, 550), (50, 550)]
+    await store.close()

@@ -389,7 +389,7 @@ async def test_fail_open_counts_locally_from_the_last_known_value(flaky: Flaky) 
     assert (await store.reserve([Counter("a", 10, 4, end)])).values == (4,)
 
     primary.down = True
-    assert await store.reserve([Counter("a", 10, 4, end)]) == ReserveResult(True, (8,))
+    assert await store.reserve([Counter("a", 10, 4, end)]) == ReserveResult(True, (8,), local=True)
     calls = primary.calls
     rejected = await store.reserve([Counter("a", 10, 4, end)])
     assert (rejected.ok, rejected.values) == (False, (8,)), "the limit still holds locally"
@@ -492,7 +492,7 @@ async def test_fail_open_survives_a_redis_restart(server: RedisServer) -> None:
     assert (await store.reserve([Counter("a", 10, 3, end)])).values == (3,)
 
     await asyncio.to_thread(server.kill)
-    assert await store.reserve([Counter("a", 10, 3, end)]) == ReserveResult(True, (6,))
+    assert await store.reserve([Counter("a", 10, 3, end)]) == ReserveResult(True, (6,), local=True)
     assert (await store.adjust([Delta("a", -1, end)])).values == (5,)
     assert store.stats().degraded
 
@@ -511,7 +511,7 @@ async def test_fail_open_survives_a_hung_redis(server: RedisServer) -> None:
     await store.reserve([Counter("a", 100, 3, end)])
 
     server.pause()  # accepts connections, never answers: every call times out
-    assert await store.reserve([Counter("a", 100, 2, end)]) == ReserveResult(True, (5,))
+    assert await store.reserve([Counter("a", 100, 2, end)]) == ReserveResult(True, (5,), local=True)
     assert (await store.adjust([Delta("a", 1, end)])).values == (6,)
     server.resume()
 
