@@ -72,6 +72,12 @@ sent no ``stream_options``: envoy/gateway.yaml then adds ``include_usage`` to th
 that the provider reports the usage Envoy lifts."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
 """Dialects whose usage fields envoy/gateway.yaml lifts, in JSON answers and SSE streams."""
+COUNTED_DIALECTS = frozenset({"openai.embeddings"})
+"""Dialects whose answers are accounted from the prompt the service counted, never read:
+an embeddings answer uses the prompt alone (the count matches the provider's on every
+recorded OpenAI embeddings exchange), and it can pass the 8 MiB Envoy would hold it to
+(1,000 inputs of 1,536 dimensions do): envoy/gateway.yaml lifts nothing from it, so it
+streams through."""
 
 
 def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
@@ -82,6 +88,8 @@ def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
     processing mode only then), so every model the caller may use must qualify.
     """
     policy, dialect = exchange.policy, exchange.dialect
+    if dialect is not None and dialect.name in COUNTED_DIALECTS:
+        return True  # no text in the answer for a guardrail or the audit record to read
     if dialect is None or dialect.name not in LIFTED_DIALECTS:
         return False
     if policy.audit_redactor is not None:
@@ -187,7 +195,11 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
 
     A stream's report counts only with its output in it: Anthropic reports the prompt
     first (``message_start``) and the output at the end, so a stream cut in between
-    (the caller left) carries a prompt count alone, and would be charged no output."""
+    (the caller left) carries a prompt count alone, and would be charged no output. An
+    answer accounted from its prompt (embeddings) is charged the prompt the service
+    counted, as ``counted``."""
+    if ticket.dialect in COUNTED_DIALECTS:
+        return estimated(logged.status, ticket.input_tokens, 0, 0), "counted"
     if logged.usage and (not ticket.stream or _OUTPUT_COUNTS & logged.usage.keys()):
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:

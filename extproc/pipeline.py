@@ -328,7 +328,8 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
         elif (upstream := routing.upstream_model(model)) != request.model:
             exchange.rewrites[("model",)] = upstream
         _guard_input(exchange, dialect, request, model, principal)
-        if exchange.metered:
+        # An answer accounted from the prompt alone (embeddings) needs the count anyway.
+        if exchange.metered or dialect.name in accounting.COUNTED_DIALECTS:
             exchange.input_tokens = prompt_tokens(model, request)
             if exchange.translation is None and dialect.asks_stream_usage:
                 exchange.rewrites.update(include_usage_rewrites(request))

@@ -28,6 +28,7 @@ import openai
 import pytest
 
 from extproc.budgets.pricing import Price, cost_micro_usd
+from extproc.budgets.tokens import count_prompt_tokens
 from extproc.stack import GATEWAY_CONFIG, ROOT, Ports, Stack, running
 from extproc.ticket import KEY_VARIABLE
 from tests.e2e.conftest import Http, Mock
@@ -221,6 +222,27 @@ def test_usage_is_lifted_from_json_with_a_charset(
     eventually(
         lambda: counter(redis_server, "meter", "output_tokens") - before == reported,
         "the answer was not settled from its reported usage",
+    )
+
+
+def test_an_embeddings_batch_past_the_buffer_limit_passes_and_is_charged_its_prompt(
+    stack: Stack, redis_server: RedisServer
+) -> None:
+    """1,200 inputs of 1,536 dimensions: a ~10 MB answer, over the 8 MiB Envoy holds a
+    body it reads to. Nothing is lifted from it (an embeddings answer uses the prompt
+    alone), so it streams through, and the budget is charged the prompt the gateway
+    counted (the provider's own figure on every recorded embeddings exchange)."""
+    inputs = [f"chunk {i} of a long document" for i in range(1200)]
+    before = counter(redis_server, "meter", "input_tokens")
+    reply = client(stack, "meter").embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input=inputs, dimensions=1536
+    )
+    assert len(reply.content) > 8 * 1024 * 1024
+    assert len(reply.parse().data) == 1200
+    counted = count_prompt_tokens("cl100k", inputs, 0)
+    eventually(
+        lambda: counter(redis_server, "meter", "input_tokens") - before == counted,
+        "the batch was not charged its counted prompt",
     )
 
 

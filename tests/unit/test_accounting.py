@@ -31,6 +31,7 @@ from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcesso
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.budgets.store import BudgetStore
+from extproc.budgets.tokens import count_prompt_tokens
 from extproc.policy.store import PolicyStore
 from extproc.server import follow_ticket_key
 from extproc.stack import ROOT
@@ -110,6 +111,27 @@ async def test_an_answer_needed_only_for_accounting_is_handed_to_envoy(tmp_path:
     assert answer_headers["x-gateway-guardrails"] == "mask-pii=rewritten[EMAIL_ADDRESS]x1"
     assert ticket_of(responses) is not None
     assert not proc._observer.recent  # the access-log record will report it
+
+
+@pytest.mark.parametrize(("status", "charged"), [(200, True), (0, True), (429, False)])
+async def test_an_embeddings_answer_is_accounted_from_the_counted_prompt(
+    tmp_path: Path, status: int, charged: bool
+) -> None:
+    """Never read, even with output guardrails on (it holds no text): Envoy lifts nothing
+    from it, so a batch's answer may pass the 8 MiB it would otherwise be held to."""
+    proc = processor(policy_file(tmp_path, output_guard=True))
+    body = {"model": "text-embedding-3-small", "input": ["one two three", "four five"]}
+    responses = await send(proc, "sk-demo-admin", path="/v1/embeddings", body=body)
+    assert not answers_asked(responses)
+    ticket = ticket_of(responses)
+    assert ticket is not None
+    counted = count_prompt_tokens("cl100k", ["one two three", "four five"], 0)
+    # Envoy lifts no usage; the answer's bytes would say nothing of its prompt either.
+    logged = LoggedAnswer("req-1", ticket, status, {}, None, 5_000_000)
+    assert await accountant(proc).settle(logged)
+    [record] = proc._observer.recent
+    assert record["usage_source"] == "counted"
+    assert (record["input_tokens"], record["output_tokens"]) == (counted if charged else 0, 0)
 
 
 @pytest.mark.parametrize(
