@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
-from extproc import routing, tools
+from extproc import accounting, routing, tools
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects.envelopes import render_error
@@ -83,6 +83,8 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
 
 def _start_output_guard(exchange: Exchange, sse: bool) -> None:
     assert exchange.request is not None and exchange.principal is not None
+    if exchange.request.dialect in accounting.COUNTED_DIALECTS:
+        return  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
     guards = exchange.policy.guardrails
     subject = subject_of(exchange, exchange.principal, exchange.model)
     if not guards.applies("output", **subject):

@@ -301,6 +301,26 @@ async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(model: str
     assert record["status"] == 502 and record["output_tokens"] == 0
 
 
+async def test_an_embeddings_answer_streams_through_output_guardrails() -> None:
+    """It holds vectors, no text: asked for whole, a batch's answer past Envoy's 8 MiB
+    buffer failed. It streams instead, read only for its usage."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"),
+        Meter(MemoryStore()),
+        Observer(None, AuditLog([])),
+    )
+    body = {"model": "text-embedding-3-small", "input": ["hello there"]}
+    *_, answer_headers = await exchange(
+        processor,
+        [
+            request_headers("/v1/embeddings", ADMIN),
+            request_body(body),
+            response_headers(200, "application/json"),
+        ],
+    )
+    assert answer_headers.mode_override.response_body_mode == ProcessingMode.STREAMED
+
+
 async def test_a_json_answer_without_usage_is_estimated_from_its_size() -> None:
     """A backend that reports no usage (some OpenAI-compatible servers): its output is
     estimated from the answer's size, as the access log's path does, not charged as none."""
