@@ -22,8 +22,10 @@ follows the policy's ``settings.accounting``:
     from its access-log record, as under ``envoy``. No gRPC message at all.
 
 Answers the service must rewrite or check keep a full ext_proc stream: translated ones,
-those an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift,
-and every answer of a policy that records bodies in its audit log. A record Envoy drops
+those an output guardrail may check, MCP, dialects whose usage Envoy is not told to lift
+(embeddings excepted: accounted from the prompt the service counted, see
+:data:`COUNTED_DIALECTS`), and every answer of a policy that records bodies in its audit
+log. A record Envoy drops
 (``access_logs.grpc_access_log.logs_dropped``) leaves its reservation charged as
 reserved: a budget is never under-charged, but that exchange has no audit record.
 """
@@ -73,11 +75,11 @@ that the provider reports the usage Envoy lifts."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
 """Dialects whose usage fields envoy/gateway.yaml lifts, in JSON answers and SSE streams."""
 COUNTED_DIALECTS = frozenset({"openai.embeddings"})
-"""Dialects whose answers are accounted from the prompt the service counted, never read:
-an embeddings answer uses the prompt alone (the count matches the provider's on every
-recorded OpenAI embeddings exchange), and it can pass the 8 MiB Envoy would hold it to
-(1,000 inputs of 1,536 dimensions do): envoy/gateway.yaml lifts nothing from it, so it
-streams through."""
+"""Dialects whose answers are accounted from the prompt the service counted, never read
+(for callers whose models all count it exactly): an embeddings answer uses the prompt
+alone (the count matches the provider's on every recorded OpenAI embeddings exchange),
+and it can pass the 8 MiB Envoy would hold it to (1,200 inputs of 1,536 dimensions do):
+envoy/gateway.yaml lifts nothing from it, so it streams through."""
 
 
 def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
@@ -88,12 +90,22 @@ def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
     processing mode only then), so every model the caller may use must qualify.
     """
     policy, dialect = exchange.policy, exchange.dialect
-    if dialect is not None and dialect.name in COUNTED_DIALECTS:
-        return True  # no text in the answer for a guardrail or the audit record to read
-    if dialect is None or dialect.name not in LIFTED_DIALECTS:
+    if dialect is None:
         return False
     if policy.audit_redactor is not None:
-        return False  # the audit record wants the answer's text, which no ticket keeps
+        # The audit record wants the answer's text, which no ticket keeps; and the
+        # redacted prompt it also wants would make a ticket of an embeddings batch.
+        return False
+    if dialect.name in COUNTED_DIALECTS:
+        # No text in the answer for a guardrail to read, and its usage is the prompt,
+        # when the model counts it exactly. Under service the HTTP authorizer, which sees
+        # the model, hands one that does not over to ext_proc, which reads the answer
+        # (pipeline.decide_request); under envoy nothing would read it.
+        return policy.accounting == "service" or principal.allowed_models.isdisjoint(
+            policy.estimated_models
+        )
+    if dialect.name not in LIFTED_DIALECTS:
+        return False
     if policy.guardrails.applies(
         "output", team=principal.team, key_id=principal.key_id, model=None, path=path
     ):

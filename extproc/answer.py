@@ -107,6 +107,15 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _TAIL_BYTES = 64 * 1024
 
 
+def _kept_bytes(exchange: Exchange) -> int:
+    """How much of a JSON answer is kept whole: an embeddings answer (vectors, often
+    megabytes) only for its usage, so only its tail."""
+    assert exchange.request is not None
+    if exchange.request.dialect in accounting.COUNTED_DIALECTS:
+        return _TAIL_BYTES
+    return MAX_RESPONSE_BYTES
+
+
 async def read_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     """:func:`on_response_body`, in a worker thread for a chunk over
     :data:`~extproc.pipeline.OFFLOAD_BODY_BYTES`: a buffered answer arrives whole (up to
@@ -124,7 +133,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     elif exchange.response_tail is not None:
         exchange.response_bytes += len(chunk)
         exchange.response_tail += chunk
-        if len(exchange.response_tail) > MAX_RESPONSE_BYTES:
+        if len(exchange.response_tail) > _kept_bytes(exchange):
             del exchange.response_tail[:-_TAIL_BYTES]
     out: bytes | None = None  # None: the chunk passes unchanged
     translation = exchange.translation

@@ -87,7 +87,8 @@ class Exchange:
     error_code: str | None = None
     used: Cost | None = None
     usage_source: str = "none"
-    """Where ``used`` came from: ``provider`` (its usage block) or ``estimate``."""
+    """Where ``used`` came from: ``provider`` (its usage block), ``counted`` (the prompt
+    the service counted: embeddings) or ``estimate``."""
     started_ns: int = field(default_factory=time.time_ns)
     """Wall-clock start, for the exchange's span."""
     recorded_prompt: list[dict[str, str]] | None = None

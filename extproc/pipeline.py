@@ -168,6 +168,8 @@ async def decide_request(
     rejected = await read_request_body(exchange, body)
     if rejected is not None:
         return rejected
+    if _read_for_its_usage(exchange):
+        return None
     envoy_adds_usage = _stream_usage_by_envoy(exchange)
     if exchange.translation is not None or exchange.rewrites:
         return None
@@ -185,6 +187,18 @@ async def decide_request(
         forward,
         set_headers=(*decided.set_headers, *forward.set_headers, *marks),
         remove_headers=decided.remove_headers,
+    )
+
+
+def _read_for_its_usage(exchange: Exchange) -> bool:
+    """An embeddings answer of a model whose prompt is only estimated: it is handed over
+    to ext_proc, which reads the provider's count from the answer as it streams."""
+    dialect, model = exchange.dialect, exchange.model
+    return (
+        dialect is not None
+        and model is not None
+        and dialect.name in accounting.COUNTED_DIALECTS
+        and model.name in exchange.policy.estimated_models
     )
 
 
@@ -329,7 +343,9 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
             exchange.rewrites[("model",)] = upstream
         _guard_input(exchange, dialect, request, model, principal)
         # An answer accounted from the prompt alone (embeddings) needs the count anyway.
-        if exchange.metered or dialect.name in accounting.COUNTED_DIALECTS:
+        if exchange.metered or (
+            exchange.only_accounted and dialect.name in accounting.COUNTED_DIALECTS
+        ):
             exchange.input_tokens = prompt_tokens(model, request)
             if exchange.translation is None and dialect.asks_stream_usage:
                 exchange.rewrites.update(include_usage_rewrites(request))

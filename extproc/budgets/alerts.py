@@ -12,7 +12,7 @@ version without it, or alerts added to a limit, it counts from then on, for the 
 that window.
 
 After each settlement (or tool call) the meter hands over every threshold the counter has
-reached and this process has not raised yet in that window (:meth:`AlertSink.first`): a
+reached and this process has not raised yet in that window (:meth:`AlertSink.raised`): a
 threshold passed while the values came from a stand-in store during a Redis outage
 (which this process alone has counted) is judged at the first settlement once Redis
 answers again. A background task claims each in the budget store (an all-or-nothing
@@ -49,7 +49,8 @@ QUEUE_SIZE = 1024
 RETRY_DELAYS = (0.2, 1.0, 5.0)
 DRAIN_SECONDS = 1.5
 REMEMBERED = 10_000
-"""Thresholds a process remembers having raised; past it, those of ended windows go."""
+"""Thresholds a process remembers having raised; past it, those of ended windows go, and
+the older half if most are still live."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,22 +137,15 @@ class AlertSink:
         self.sent = 0
         self.failed = 0
 
-    def first(self, counter_key: str, percent: int, expires_at: int) -> bool:
-        """Whether this process meets ``percent`` of that counter's window for the first
-        time (its claim in the store, made once here, settles it across processes)."""
-        seen = (counter_key, percent)
-        if seen in self._raised:
-            return False
-        if len(self._raised) >= REMEMBERED:
-            now = time.time()
-            self._raised = {k: end for k, end in self._raised.items() if end > now}
-            if len(self._raised) >= REMEMBERED:
-                self._raised.clear()  # forgetting costs a claim in the store, not an alert
-        self._raised[seen] = expires_at
-        return True
+    def raised(self, counter_key: str, percent: int) -> bool:
+        """Whether this process has handed over ``percent`` of that counter's window (its
+        claim in the store, made once per process, settles it across processes)."""
+        return (counter_key, percent) in self._raised
 
     def notify(self, event: ThresholdCrossed) -> None:
-        """Hand an event over without waiting; never raises."""
+        """Hand an event over without waiting; never raises. One dropped on a full queue is
+        not remembered: the next settlement that finds its threshold reached offers it
+        again."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="budget-alerts")
         try:
@@ -160,6 +154,19 @@ class AlertSink:
             self.dropped += 1
             self._on_outcome("dropped")
             log.error("budget alert queue full; dropped %s", event.payload())
+            return
+        self._remember((event.counter_key, event.threshold_percent), event.expires_at)
+
+    def _remember(self, raised: tuple[str, int], expires_at: int) -> None:
+        if len(self._raised) >= REMEMBERED:
+            now = time.time()
+            live = {key: end for key, end in self._raised.items() if end > now}
+            if len(live) > REMEMBERED * 3 // 4:
+                # The older half goes (a dict keeps its order): forgetting one costs a
+                # claim in the store, not a second alert.
+                live = dict(list(live.items())[len(live) // 2 :])
+            self._raised = live
+        self._raised[raised] = expires_at
 
     async def close(self) -> None:
         """Deliver what is queued (for at most ``DRAIN_SECONDS``), then stop."""

@@ -312,7 +312,7 @@ class Meter:
         if alerts is None:
             return
         for percent in reached(used, watch.limit, watch.thresholds):
-            if alerts.first(key, percent, expires_at):
+            if not alerts.raised(key, percent):
                 alerts.notify(watch.event(key, unit.value, expires_at, percent, used))
 
     async def _call_reserve(self, counters: Sequence[Counter]) -> ReserveResult:

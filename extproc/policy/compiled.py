@@ -19,7 +19,7 @@ from pathlib import Path
 
 from extproc.budgets.keys import Scope, Unit
 from extproc.budgets.pricing import Price, usd_to_micro
-from extproc.budgets.tokens import default_tokenizer
+from extproc.budgets.tokens import ESTIMATE, default_tokenizer
 from extproc.budgets.windows import Window
 from extproc.guardrails.engine import Guardrails, compile_guardrails
 from extproc.mcp.access import McpPermissions, McpRegistry, compile_access, compile_registry
@@ -129,6 +129,9 @@ class CompiledPolicy:
     """Canonical entries in policy-file order (what /v1/models lists from)."""
     anthropic_models: frozenset[str]
     """Models on an Anthropic backend (an OpenAI chat request for one is translated)."""
+    estimated_models: frozenset[str]
+    """Models whose prompts are only estimated (``tokenizer: estimate``): an embeddings
+    answer of one is read for the provider's count (:func:`extproc.accounting.only_accounted`)."""
     team_models: dict[str, frozenset[str]]
     user_models: dict[str, frozenset[str]]
     """Users with their own restrictions, already intersected with their team's."""
@@ -379,6 +382,7 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
         anthropic_models=frozenset(
             m.name for m in catalogue if m.backend is not None and m.backend.provider == "anthropic"
         ),
+        estimated_models=frozenset(m.name for m in catalogue if m.tokenizer == ESTIMATE),
         team_models=team_models,
         user_models=user_models,
         team_limits=team_limits,

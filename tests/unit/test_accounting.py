@@ -43,9 +43,20 @@ from tests.unit.fake_envoy import exchange, headers_set, request_body, request_h
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi a@b.com"}]}
 
 
-def policy_file(tmp_path: Path, accounting: str = "envoy", output_guard: bool = False) -> Path:
+def policy_file(
+    tmp_path: Path,
+    accounting: str = "envoy",
+    output_guard: bool = False,
+    exact_counts: bool = False,
+) -> Path:
+    """The example policy under ``accounting``; ``exact_counts``: every model counts its
+    prompt exactly (Claude's tokenizer is an estimate there)."""
     policy = yaml.safe_load((ROOT / "policies" / "example.yaml").read_text())
     policy["settings"]["accounting"] = accounting
+    if exact_counts:
+        for model in policy["models"].values():
+            if model.get("tokenizer") == "estimate":
+                model["tokenizer"] = "o200k"
     for rule in policy["guardrails"]:
         if rule["name"] in ("mask-pii", "mask-secrets") and not output_guard:
             rule["stage"] = "input"
@@ -119,7 +130,7 @@ async def test_an_embeddings_answer_is_accounted_from_the_counted_prompt(
 ) -> None:
     """Never read, even with output guardrails on (it holds no text): Envoy lifts nothing
     from it, so a batch's answer may pass the 8 MiB it would otherwise be held to."""
-    proc = processor(policy_file(tmp_path, output_guard=True))
+    proc = processor(policy_file(tmp_path, output_guard=True, exact_counts=True))
     body = {"model": "text-embedding-3-small", "input": ["one two three", "four five"]}
     responses = await send(proc, "sk-demo-admin", path="/v1/embeddings", body=body)
     assert not answers_asked(responses)
@@ -132,6 +143,18 @@ async def test_an_embeddings_answer_is_accounted_from_the_counted_prompt(
     [record] = proc._observer.recent
     assert record["usage_source"] == "counted"
     assert (record["input_tokens"], record["output_tokens"]) == (counted if charged else 0, 0)
+
+
+async def test_an_embeddings_answer_is_read_when_the_callers_models_may_only_estimate(
+    tmp_path: Path,
+) -> None:
+    """Decided at the request headers, before the model is known: a caller who may use a
+    model that only estimates its prompt (Claude here) has the provider's count read."""
+    proc = processor(policy_file(tmp_path))
+    body = {"model": "text-embedding-3-small", "input": ["one two three"]}
+    responses = await send(proc, "sk-demo-admin", path="/v1/embeddings", body=body)
+    assert answers_asked(responses)
+    assert ticket_of(responses) is None
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,30 @@ async def test_under_accounting_service_an_answer_read_only_for_its_usage_is_dec
     assert dict(decision.answer_headers)["x-ratelimit-limit-tokens"] == "300"
 
 
+EMBEDDING_MODELS = {
+    "gpt-4o-mini": {"owned_by": "openai"},
+    "text-embedding-3-small": {"tokenizer": "cl100k"},
+    "local-embed": {"tokenizer": "estimate"},
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "decided"), [("text-embedding-3-small", True), ("local-embed", False)]
+)
+async def test_an_embeddings_request_is_decided_here_unless_its_prompt_is_only_estimated(
+    model: str, decided: bool
+) -> None:
+    """Its answer is accounted from the prompt the service counted, never read (it can
+    pass the 8 MiB Envoy would hold it to); for a model whose prompt is only estimated,
+    ext_proc reads the provider's count from the answer instead."""
+    body = orjson.dumps({"model": model, "input": ["hello there", "general kenobi"]})
+    exchange, decision = await decide(
+        body, "sk-admin", "/v1/embeddings", accounting="service", models=EMBEDDING_MODELS
+    )
+    assert isinstance(decision, Forward) is decided  # else None: handed over to ext_proc
+    assert exchange.only_accounted
+
+
 @pytest.mark.parametrize(
     ("key", "audit", "read"),
     [

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from extproc.budgets import alerts
-from extproc.budgets.alerts import AlertSink, ThresholdCrossed, reached
+from extproc.budgets.alerts import AlertSink, ThresholdCrossed, Watch, reached
 from extproc.budgets.keys import Scope, Unit, counter_key, key_fields
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, Reservation
@@ -109,6 +109,7 @@ class Sink(AlertSink):
 
     def notify(self, event: ThresholdCrossed) -> None:
         self.events.append(event)
+        self._remember((event.counter_key, event.threshold_percent), event.expires_at)
 
 
 async def test_a_reservation_given_back_raises_no_alert() -> None:
@@ -216,3 +217,36 @@ async def test_thresholds_reached_while_redis_is_down_are_raised_once_it_answers
     await meter.settle(second, Cost(200, 250, 0))  # 550 used
     assert [(e.threshold_percent, e.used) for e in sink.events] == [(10, 550), (50, 550)]
     await store.close()
+
+
+def crossing(percent: int, key: str = "team:t:*:requests:day:0") -> ThresholdCrossed:
+    watch = Watch(0, 100, (50, 80), "team", "t", "*", "day")
+    return watch.event(key, "requests", 4_000_000_000, percent, percent)
+
+
+async def test_a_threshold_dropped_on_a_full_queue_is_offered_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(alerts, "QUEUE_SIZE", 1)
+    sink = AlertSink(MemoryStore(), lambda: None)
+    sink.notify(crossing(50))
+    sink.notify(crossing(80))  # the queue is full: dropped, and not remembered as raised
+    assert sink.dropped == 1
+    assert sink.raised("team:t:*:requests:day:0", 50)
+    assert not sink.raised("team:t:*:requests:day:0", 80)
+    await sink.close()
+
+
+def test_remembered_thresholds_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REMEMBERED, those of ended windows go, and the older half if most are live."""
+    monkeypatch.setattr(alerts, "REMEMBERED", 8)
+    sink = AlertSink(MemoryStore(), lambda: None)
+    for i in range(8):
+        sink._remember((f"live-{i}", 50), 2**40)
+    sink._remember(("newest", 50), 2**40)
+    assert not sink.raised("live-0", 50) and sink.raised("live-7", 50)
+    assert sink.raised("newest", 50) and len(sink._raised) <= 5
+    for i in range(3):
+        sink._remember((f"ended-{i}", 50), 1)  # windows long over
+    sink._remember(("later", 50), 2**40)
+    assert not sink.raised("ended-0", 50) and sink.raised("later", 50)
