@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from extproc.budgets.alerts import Watch
-from extproc.budgets.keys import ANY, Unit, key_fields
+from extproc.budgets.keys import Unit
 from extproc.budgets.meter import Cost, Settlement
 from extproc.budgets.pricing import Price
 from extproc.budgets.redis_store import RedisTarget
@@ -229,29 +229,9 @@ def _settlement_fields(settlement: Settlement) -> dict[str, Any]:
         "token": settlement.token,
         "reserved": (reserved.input_tokens, reserved.output_tokens, reserved.micro_usd),
         "counters": [(key, unit.value, ends) for key, unit, ends in settlement.counters],
-        # Apart from "counters", which processes of an earlier version read as triples; what
-        # an alert names beside the limit is read back from the counter's key.
-        "watches": [(w.counter, w.limit, w.thresholds, w.model != ANY) for w in settlement.watches],
+        # Apart from "counters", which processes of an earlier version read as triples.
+        "watches": [(w.counter, w.limit, w.thresholds, w.per_model) for w in settlement.watches],
     }
-
-
-def _watches(counters: list[list[Any]], watches: list[list[Any]]) -> tuple[Watch, ...]:
-    """The alert watches of a settlement, named after their counters' keys."""
-    read = []
-    for index, limit, thresholds, per_model in watches:
-        scope, scope_id, model, _, window, _ = key_fields(str(counters[index][0]))
-        read.append(
-            Watch(
-                int(index),
-                int(limit),
-                tuple(int(t) for t in thresholds),
-                scope,
-                scope_id,
-                model if per_model else ANY,
-                window,
-            )
-        )
-    return tuple(read)
 
 
 def _ticket(fields: dict[str, Any]) -> Ticket:
@@ -272,7 +252,10 @@ def _ticket(fields: dict[str, Any]) -> Ticket:
             str(settlement["token"]),
             Cost(*settlement["reserved"]),
             tuple((str(k), Unit(u), int(e)) for k, u, e in settlement["counters"]),
-            _watches(settlement["counters"], settlement.get("watches", ())),
+            tuple(
+                Watch(int(index), int(limit), tuple(int(t) for t in thresholds), bool(per_model))
+                for index, limit, thresholds, per_model in settlement.get("watches", ())
+            ),
         ),
         traceparent=fields["traceparent"],
         started_ns=int(fields["started_ns"]),

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from extproc.budgets.keys import ANY, key_fields
 from extproc.budgets.store import BudgetStore, Counter, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -75,28 +76,33 @@ class ThresholdCrossed:
 
 @dataclass(frozen=True, slots=True)
 class Watch:
-    """A counter whose limit raises alerts, and what an alert on it names: plain values,
-    so that it can travel in an exchange's ticket to the process that settles it."""
+    """A counter whose limit raises alerts: a few plain values, so that it travels in an
+    exchange's ticket to the process that settles it; what an alert names beside them
+    (scope, id, model, window) is read from the counter's key when one is raised."""
 
     counter: int
     """The counter's place among those reserved (and settled) together."""
     limit: int
     thresholds: tuple[int, ...]
-    scope: str
-    scope_id: str
-    model: str
-    """The model (or ``mcp:<server>[:<tool>]``) when the limit counts each apart, else ``*``."""
-    window: str
+    per_model: bool
+    """The limit counts each model (or MCP tool) apart: its counter's key names it."""
 
     def event(
         self, counter_key: str, unit: str, expires_at: int, percent: int, used: int
     ) -> ThresholdCrossed:
+        scope, scope_id, subject, _, window, _ = key_fields(counter_key)
+        if self.per_model:
+            model = subject
+        elif subject.startswith("mcp:"):
+            model = ":".join(subject.split(":")[:2])  # mcp:<server>, not the limit's tag
+        else:
+            model = ANY
         return ThresholdCrossed(
-            scope=self.scope,
-            scope_id=self.scope_id,
-            model=self.model,
+            scope=scope,
+            scope_id=scope_id,
+            model=model,
             unit=unit,
-            window=self.window,
+            window=window,
             window_ends_at=window_end_iso(expires_at),
             threshold_percent=percent,
             used=used,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from extproc.budgets.alerts import AlertSink, Watch, reached
-from extproc.budgets.keys import ANY, Unit, counter_key, used_key
+from extproc.budgets.keys import Unit, counter_key, used_key
 from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
 from extproc.budgets.tokens import count_prompt_tokens
@@ -199,7 +199,7 @@ class Meter:
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
         headers = _ratelimit_headers(applicable, counters, result.values, now)
         watches = tuple(
-            _watch(index, limit, counters[index], model.name if limit.per_model else ANY)
+            Watch(index, counters[index].limit, limit.alerts, limit.per_model)
             for index, limit in enumerate(applicable)
             if limit.alerts
         )
@@ -217,30 +217,33 @@ class Meter:
         ``mcp:<server>:only-<hash>`` for a limit on some tools only), apart
         from model counters of the same scope and window; calls sharing a counter add up.
         """
-        by_key: dict[str, tuple[CompiledLimit, Counter, str]] = {}
+        by_key: dict[str, tuple[CompiledLimit, Counter]] = {}
         for tool in tools:
             for limit in _dedupe([limit for limit in limits if limit.counts_tool(tool)]):
                 start, end = window_bounds(limit.window, now)
-                subject = limit.tool_subject(server, tool)
                 key = counter_key(
-                    limit.scope, limit.scope_id, subject, limit.unit, limit.window, start
+                    limit.scope,
+                    limit.scope_id,
+                    limit.tool_subject(server, tool),
+                    limit.unit,
+                    limit.window,
+                    start,
                 )
-                named = subject if limit.per_model else f"mcp:{server}"
-                _, seen, _ = by_key.get(key, (limit, Counter(key, limit.limit, 0, end), named))
-                by_key[key] = (limit, replace(seen, amount=seen.amount + 1), named)
+                _, seen = by_key.get(key, (limit, Counter(key, limit.limit, 0, end)))
+                by_key[key] = (limit, replace(seen, amount=seen.amount + 1))
         if not by_key:
             return
-        applicable = [limit for limit, _, _ in by_key.values()]
-        counters = [counter for _, counter, _ in by_key.values()]
+        applicable = [limit for limit, _ in by_key.values()]
+        counters = [counter for _, counter in by_key.values()]
         result = await self._call_reserve(counters)
         if not result.ok:
             assert result.failed is not None
             raise _rate_limited(applicable, counters, result.values, result.failed, now)
         # A tool call counted stays counted (nothing settles it): judge alerts on it now.
         if not result.local:
-            for index, (limit, counter, named) in enumerate(by_key.values()):
+            for index, (limit, counter) in enumerate(by_key.values()):
                 if limit.alerts:
-                    watch = _watch(index, limit, counter, named)
+                    watch = Watch(index, counter.limit, limit.alerts, limit.per_model)
                     self._judge(
                         watch, counter.key, limit.unit, counter.expires_at, result.values[index]
                     )
@@ -336,18 +339,6 @@ def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:
         usage.output_tokens,
         usage.cached_input_tokens,
         usage.cache_write_input_tokens,
-    )
-
-
-def _watch(index: int, limit: CompiledLimit, counter: Counter, model: str) -> Watch:
-    return Watch(
-        index,
-        counter.limit,
-        limit.alerts,
-        limit.scope.value,
-        limit.scope_id,
-        model,
-        limit.window.value,
     )
 
 

@@ -220,7 +220,7 @@ async def test_thresholds_reached_while_redis_is_down_are_raised_once_it_answers
 
 
 def crossing(percent: int, key: str = "team:t:*:requests:day:0") -> ThresholdCrossed:
-    watch = Watch(0, 100, (50, 80), "team", "t", "*", "day")
+    watch = Watch(0, 100, (50, 80), per_model=False)
     return watch.event(key, "requests", 4_000_000_000, percent, percent)
 
 
