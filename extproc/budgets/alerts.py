@@ -94,7 +94,8 @@ class Watch:
         if self.per_model:
             model = subject
         elif subject.startswith("mcp:"):
-            model = ":".join(subject.split(":")[:2])  # mcp:<server>, not the limit's tag
+            head, _, tag = subject.rpartition(":")
+            model = head if tag.startswith("only-") else subject  # mcp:<server>, no tag
         else:
             model = ANY
         return ThresholdCrossed(

@@ -316,7 +316,10 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             name=name,
             aliases=tuple(m.aliases),
             owned_by=m.owned_by,
-            tokenizer=m.tokenizer or default_tokenizer(name),
+            # Guessed from the model the backend is asked for, when it names one: a
+            # catalogue name can front another provider's model.
+            tokenizer=m.tokenizer
+            or default_tokenizer(m.backend.model if m.backend and m.backend.model else name),
             price=_price(name, policy),
             backend=_backend(name, m.backend, credentials),
         )

@@ -241,7 +241,8 @@ class Model(_Strict):
     tokenizer: Literal["o200k", "cl100k", "estimate"] | None = Field(
         default=None,
         description="How prompt tokens are counted before the call: exact BPE for OpenAI "
-        "models, a byte-based estimate otherwise. Default: guessed from the model name.",
+        "models, a byte-based estimate otherwise. Default: guessed from the model name "
+        "(the backend's model when it names one).",
     )
     pricing: Pricing | None = None
     backend: Backend | None = Field(

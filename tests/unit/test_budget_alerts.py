@@ -250,3 +250,15 @@ def test_remembered_thresholds_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         sink._remember((f"ended-{i}", 50), 1)  # windows long over
     sink._remember(("later", 50), 2**40)
     assert not sink.raised("ended-0", 50) and sink.raised("later", 50)
+
+
+async def test_a_tool_limit_alert_names_a_server_whose_name_holds_a_colon() -> None:
+    limits, _ = policy_with(
+        [{"unit": "requests", "window": "day", "limit": 4, "tools": ["jira.*"], "alerts": [50]}]
+    )
+    sink = Sink()
+    await Meter(MemoryStore(), sink).reserve_tools(
+        limits, "corp:search", ["jira.search", "jira.create"], datetime.now(UTC)
+    )
+    [event] = sink.events
+    assert event.model == "mcp:corp:search"

@@ -297,3 +297,21 @@ def test_warm_up_builds_the_largest_table_first(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(tokens, "_bpe", bpe)
     tokens.warm_up(iter(["estimate", "cl100k", "o200k"]))
     assert built == ["o200k", "cl100k"]
+
+
+def test_a_catalogue_model_is_counted_as_the_backends_model() -> None:
+    """A catalogue name can front another provider's model: its tokenizer is guessed from
+    the model the backend is asked for (an exact count would be charged as one)."""
+    policy = make_policy(
+        models={
+            "text-embedding-3-small": {"backend": {"cluster": "vllm", "model": "nomic-embed-text"}},
+            "gpt-4o-mini": {"backend": {"cluster": "openai", "model": "gpt-4o-mini-2024-07-18"}},
+            "text-embedding-3-large": {},
+        }
+    )
+    tokenizers = {m.name: m.tokenizer for m in policy.catalogue}
+    assert tokenizers == {
+        "text-embedding-3-small": "estimate",
+        "gpt-4o-mini": "o200k",
+        "text-embedding-3-large": "cl100k",
+    }
