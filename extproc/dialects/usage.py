@@ -57,7 +57,15 @@ def _openai(usage: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    counts = _counts(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if prompt is None:
+        # Some OpenAI-compatible servers report only the total (embeddings); without
+        # either, the prompt is not counted at all: estimated, not charged as none.
+        totals = _counts(usage.get("total_tokens"), completion)
+        if usage.get("total_tokens") is None or totals is None:
+            return None
+        prompt = max(0, totals[0] - totals[1])
+    counts = _counts(prompt, completion, cached)
     return None if counts is None else Usage(*counts)
 
 

@@ -159,6 +159,25 @@ def test_an_anthropic_stream_with_a_count_past_belief_is_not_believed(absurd: st
         ),
         pytest.param("openai.chat", [], None, id="not-an-object"),
         pytest.param(
+            "openai.embeddings",
+            {"usage": {"total_tokens": 12}},
+            Usage(12, 0),
+            id="only-a-total-is-the-prompt",
+        ),
+        pytest.param(
+            "openai.completions",
+            {"usage": {"total_tokens": 20, "completion_tokens": 5}},
+            Usage(15, 5),
+            id="total-less-completion",
+        ),
+        pytest.param("openai.embeddings", {"usage": {}}, None, id="no-prompt-count-is-estimated"),
+        pytest.param(
+            "openai.embeddings",
+            {"usage": {"total_tokens": "12"}},
+            None,
+            id="a-total-not-a-count",
+        ),
+        pytest.param(
             "openai.chat",
             {"usage": {"prompt_tokens": 7, "completion_tokens": 10**19}},
             None,
