@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.budgets.meter import Meter, priced
+from extproc.dialects import TEXTLESS_DIALECTS
 from extproc.dialects.usage import (
     BYTES_PER_TOKEN,
     STREAM_BYTES_PER_TOKEN,
@@ -74,7 +75,7 @@ sent no ``stream_options``: envoy/gateway.yaml then adds ``include_usage`` to th
 that the provider reports the usage Envoy lifts."""
 LIFTED_DIALECTS = frozenset({"openai.chat", "openai.completions", "anthropic.messages"})
 """Dialects whose usage fields envoy/gateway.yaml lifts, in JSON answers and SSE streams."""
-COUNTED_DIALECTS = frozenset({"openai.embeddings"})
+COUNTED_DIALECTS = TEXTLESS_DIALECTS
 """Dialects whose answers are accounted from the prompt the service counted, never read
 (for callers whose models all count it exactly): an embeddings answer uses the prompt
 alone (the count matches the provider's on every recorded OpenAI embeddings exchange),

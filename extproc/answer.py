@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import orjson
 
-from extproc import accounting, routing, tools
+from extproc import routing, tools
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
+from extproc.dialects import TEXTLESS_DIALECTS
 from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import set_values
 from extproc.dialects.usage import (
@@ -83,7 +84,7 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
 
 def _start_output_guard(exchange: Exchange, sse: bool) -> None:
     assert exchange.request is not None and exchange.principal is not None
-    if exchange.request.dialect in accounting.COUNTED_DIALECTS:
+    if exchange.request.dialect in TEXTLESS_DIALECTS:
         return  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
     guards = exchange.policy.guardrails
     subject = subject_of(exchange, exchange.principal, exchange.model)
@@ -111,7 +112,7 @@ def _kept_bytes(exchange: Exchange) -> int:
     """How much of a JSON answer is kept whole: an embeddings answer (vectors, often
     megabytes) only for its usage, so only its tail."""
     assert exchange.request is not None
-    if exchange.request.dialect in accounting.COUNTED_DIALECTS:
+    if exchange.request.dialect in TEXTLESS_DIALECTS:
         return _TAIL_BYTES
     return MAX_RESPONSE_BYTES
 

@@ -342,9 +342,12 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
         elif (upstream := routing.upstream_model(model)) != request.model:
             exchange.rewrites[("model",)] = upstream
         _guard_input(exchange, dialect, request, model, principal)
-        # An answer accounted from the prompt alone (embeddings) needs the count anyway.
+        # An answer accounted from the prompt alone (embeddings) needs the count when its
+        # record is kept (the audit log, Envoy's access log), even if nothing meters it.
         if exchange.metered or (
-            exchange.only_accounted and dialect.name in accounting.COUNTED_DIALECTS
+            exchange.only_accounted
+            and dialect.name in accounting.COUNTED_DIALECTS
+            and (exchange.observe_response or exchange.accounted_by_envoy)
         ):
             exchange.input_tokens = prompt_tokens(model, request)
             if exchange.translation is None and dialect.asks_stream_usage:

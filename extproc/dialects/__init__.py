@@ -15,7 +15,15 @@ from extproc.dialects import (
 )
 from extproc.dialects.base import Dialect, Envelope, LLMRequest, TextPart
 
-__all__ = ["Dialect", "Envelope", "LLMRequest", "TextPart", "dialect_for_path", "envelope_for_path"]
+__all__ = [
+    "TEXTLESS_DIALECTS",
+    "Dialect",
+    "Envelope",
+    "LLMRequest",
+    "TextPart",
+    "dialect_for_path",
+    "envelope_for_path",
+]
 
 _BY_PATH: dict[str, Dialect] = {
     "/v1/chat/completions": openai_chat.DIALECT,
@@ -24,6 +32,10 @@ _BY_PATH: dict[str, Dialect] = {
     "/v1/responses": openai_responses.DIALECT,
     "/v1/messages": anthropic_messages.DIALECT,
 }
+
+TEXTLESS_DIALECTS = frozenset(d.name for d in _BY_PATH.values() if d.output_cap_field is None)
+"""APIs that produce no tokens (embeddings): their answers hold no text for an output
+guardrail or an audit record to read, and their usage is the prompt alone."""
 
 _ANTHROPIC_PREFIX = "/v1/messages"
 

@@ -160,6 +160,18 @@ def audit(stack: Stack) -> Path:
     return stack.log_dir / "audit.jsonl"
 
 
+def post_chat(
+    raw: Http, body: dict[str, Any], key: str, headers: dict[str, str]
+) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` to /v1/chat/completions as ``key``, with ``headers`` besides."""
+    return raw.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"authorization": f"Bearer {key}", "content-type": "application/json", **headers},
+    )
+
+
 def eventually(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
     """Settlement follows the answer by one access-log flush (50 ms); wait for it."""
     deadline = time.monotonic() + seconds
@@ -206,16 +218,7 @@ def test_usage_is_lifted_from_json_with_a_charset(
     is charged its reported output, not an estimate from its size."""
     before = counter(redis_server, "meter", "output_tokens")
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
-    status, headers, answer = raw.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(body).encode(),
-        {
-            "authorization": "Bearer sk-test-meter",
-            "content-type": "application/json",
-            "x-mock-charset": "utf-8",
-        },
-    )
+    status, headers, answer = post_chat(raw, body, "sk-test-meter", {"x-mock-charset": "utf-8"})
     assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
     reported = json.loads(answer)["usage"]["completion_tokens"]
     assert reported != len(answer) // 4  # the estimate would differ
@@ -371,18 +374,9 @@ def test_a_stream_handed_to_ext_proc_settles_from_its_ticket_and_drops_a_forged_
         "stream": True,
         "stream_options": {"include_usage": False},
     }
-    status, _, answer = raw.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(body).encode(),
-        {
-            # Not the meter team: its answer settles a moment later, from the access log,
-            # and must not move the counters the tests after this one read.
-            "authorization": "Bearer sk-test-pool",
-            "content-type": "application/json",
-            "x-gateway-stream-usage": "include",
-        },
-    )
+    # Not the meter team: its answer settles a moment later, from the access log, and
+    # must not move the counters the tests after this one read.
+    status, _, answer = post_chat(raw, body, "sk-test-pool", {"x-gateway-stream-usage": "include"})
     assert status == 200
     sent = Mock(stack.ports.mock).last()
     assert sent["body"].count("stream_options") == 1
@@ -510,18 +504,8 @@ def test_an_upstream_error_releases_the_reservation(
     raw: Http, audit: Path, redis_server: RedisServer
 ) -> None:
     before = counter(redis_server, "meter", "output_tokens")
-    status, headers, _ = raw.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(
-            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
-        ).encode(),
-        {
-            "authorization": "Bearer sk-test-meter",
-            "content-type": "application/json",
-            "x-mock-status": "503",
-        },
-    )
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    status, headers, _ = post_chat(raw, body, "sk-test-meter", {"x-mock-status": "503"})
     assert status == 503
     request_id = headers["x-request-id"]
 

@@ -287,14 +287,20 @@ def _listening_pids(port: int) -> set[str]:
     return set(re.findall(r"pid=(\d+)", out.stdout))
 
 
-def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "serve", "--policy", str(tmp_path / "missing.yaml")],
+def extproc_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m extproc ARGS`` from the project root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
+        env=env,
     )
+
+
+def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
+    result = extproc_cli("serve", "--policy", str(tmp_path / "missing.yaml"))
     assert result.returncode == 1
     assert "cannot start, the policy is invalid" in result.stderr
     assert "cannot read" in result.stderr
@@ -318,12 +324,11 @@ def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(
 ) -> None:
     """Exit 2 with what to change, at once: the policy (here a file that does not exist)
     is not even read."""
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "serve", "--policy", "/nonexistent.yaml", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = extproc_cli(
+        "serve",
+        "--policy",
+        "/nonexistent.yaml",
+        *flags,
         env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
     )
     assert result.returncode == 2
@@ -340,13 +345,7 @@ def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(
 def test_usage_refuses_a_redis_it_cannot_open_with_a_clear_error(
     flags: list[str], message: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "usage", "--policy", "policies/example.yaml", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = extproc_cli("usage", "--policy", "policies/example.yaml", *flags)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -360,10 +359,9 @@ def test_usage_reads_a_policy_whose_provider_keys_are_not_here() -> None:
         if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "REDIS_URL")
     }
     redis_url = os.environ.get("EXTPROC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    result = subprocess.run(
-        [sys.executable, "-m", "extproc", "usage", "--policy", "deploy/k8s/policy/policy.yaml",
-         "--redis-url", redis_url, "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, env=env,
+    result = extproc_cli(
+        "usage", "--policy", "deploy/k8s/policy/policy.yaml", "--redis-url", redis_url, "--json",
+        env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert isinstance(json.loads(result.stdout), list)
