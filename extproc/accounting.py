@@ -45,6 +45,7 @@ from extproc.dialects.usage import (
     estimated,
     usage_from_body,
 )
+from extproc.errors import AnswerTooLarge
 from extproc.exchange import Exchange
 from extproc.identity import Principal
 from extproc.telemetry.observer import Observer
@@ -132,6 +133,10 @@ class LoggedAnswer:
     """Usage fields lifted from the answer, under the provider's own names."""
     served_by: str | None
     response_bytes: int
+    too_large: bool = False
+    """Envoy dropped the provider's answer past its buffer limit while it held it whole
+    to lift its usage: the caller got a 502, and ``response_bytes`` counts the bytes the
+    provider sent (billed, though no usage was read)."""
 
 
 class Accountant:
@@ -166,6 +171,8 @@ class Accountant:
         record) wrote its audit record and metrics."""
         record = ticket.record
         record.update(time=record_time(), status=logged.status or None, served_by=logged.served_by)
+        if logged.too_large:
+            record["error"] = AnswerTooLarge.default_code
         first = True
         try:
             if record["model"] is not None:
@@ -221,7 +228,9 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     settlement = ticket.settlement
     cap = settlement.reserved.output_tokens if settlement is not None else None
     output = logged.response_bytes // per_token
-    return estimated(logged.status, ticket.input_tokens, output, cap), "estimate"
+    # An answer dropped for its size was a provider's answer (a 2xx), billed whole.
+    status = 200 if logged.too_large else logged.status
+    return estimated(status, ticket.input_tokens, output, cap), "estimate"
 
 
 _OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens"})

@@ -28,7 +28,7 @@ from extproc.dialects.usage import (
     parsed_answer,
     usage_from_body,
 )
-from extproc.errors import BadGateway, InvalidRequest
+from extproc.errors import AnswerTooLarge, BadGateway, InvalidRequest
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe, verdict_header
 from extproc.pipeline import OFFLOAD_BODY_BYTES, offloaded, subject_of
@@ -66,6 +66,7 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
             ("content-type", "text/event-stream" if chunked else "application/json"),
         )
     rewritten = exchange.translation is not None or exchange.output_guard is not None
+    rewritten = rewritten or exchange.guard_answer
     mode: Literal["streamed", "buffered"]
     if exchange.translation is not None or exchange.guard_answer:
         mode = "streamed" if chunked else "buffered"
@@ -75,9 +76,10 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
         return CONTINUE
     else:
         return Forward(set_headers=set_headers)
+    exchange.answer_whole = mode == "buffered"
     return Forward(
         set_headers=set_headers,
-        remove_headers=("content-length",) if chunked and rewritten else (),
+        remove_headers=("content-length",) if rewritten else (),
         response_body=mode,
     )
 
@@ -127,6 +129,8 @@ async def read_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Dec
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     """Read usage from the upstream's bytes; translate and guard what the caller gets."""
+    if exchange.answer_whole and not end:
+        return _too_large(exchange, len(chunk))
     if exchange.mcp_server is not None:
         return tools.on_response_body(exchange, chunk, end)
     if exchange.response_usage is not None:
@@ -150,7 +154,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
             exchange.verdicts.extend(describe(exchange.output_guard.result))
     elif exchange.guard_answer:
         if not end:
-            return Forward(body=b"", body_is_chunk=True) if chunked else CONTINUE
+            return Forward(body=b"") if chunked else CONTINUE
         guarded = _guard_answer(exchange, chunk if out is None else out)
         if isinstance(guarded, Reply):
             return guarded
@@ -158,7 +162,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
         return Forward(body=out, set_headers=verdict_header(exchange.verdicts)) if out else CONTINUE
     if out is None:
         return CONTINUE
-    return Forward(body=out, body_is_chunk=chunked)
+    return Forward(body=out)
 
 
 def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
@@ -194,6 +198,16 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
 def _unreadable(exchange: Exchange, why: str) -> Reply:
     """A 502 in place of a 2xx answer the gateway must read and cannot (not JSON)."""
     error = BadGateway(f"The provider's answer {why}: it is not JSON.")
+    exchange.status, exchange.error_code = error.status, error.code
+    return render_error(error, exchange.envelope)
+
+
+def _too_large(exchange: Exchange, held: int) -> Reply:
+    """The 502 for an answer wanted whole (to translate or guard it) that passed Envoy's
+    buffer limit: Envoy sends what it holds, ``held`` bytes, before the end. Charged as a
+    JSON answer without usage, from its size (up to the reserved output)."""
+    exchange.response_bytes += held
+    error = AnswerTooLarge()
     exchange.status, exchange.error_code = error.status, error.code
     return render_error(error, exchange.envelope)
 

@@ -31,8 +31,6 @@ class Forward:
     response_body: Literal["streamed", "buffered"] | None = None
     """At response headers: have Envoy send the answer's body, chunk by chunk (streamed)
     or whole (buffered, when it must be replaced as a whole)."""
-    body_is_chunk: bool = False
-    """``body`` replaces one chunk of a streamed body (no ``content-length`` to fix)."""
     answer_headers: Headers = ()
     """Headers for the caller's answer, set now because the service will not see the
     answer (Envoy adds them from dynamic metadata; see accounting.py)."""

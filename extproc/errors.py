@@ -12,7 +12,8 @@ these at the boundary where they occur; nothing else is allowed to escape to the
     ├── NotFound                 404  unknown model, unknown path under /v1/
     ├── RateLimited              429  rate limit or budget exhausted (carries retry-after)
     ├── BadGateway               502  an upstream answer the gateway must read cannot be
-    │                                 (output guardrails or translation on a non-JSON body)
+    │   │                             (output guardrails or translation on a non-JSON body)
+    │   └── AnswerTooLarge       502  ... or is past Envoy's buffer limit (not retried)
     └── ServiceUnavailable       503  a store the policy depends on is down (fail-closed)
 
 A body over the size limit (413) never reaches the service: Envoy refuses it, and its
@@ -91,6 +92,23 @@ class BadGateway(GatewayError):
     openai_type = "api_error"
     anthropic_type = "api_error"
     default_code = "upstream_answer_unreadable"
+
+
+class AnswerTooLarge(BadGateway):
+    """An answer the gateway holds whole (to guard, translate or lift its usage) that is
+    past Envoy's buffer limit. The provider has billed it and would bill it again, so
+    the SDKs are told not to retry (``x-should-retry: false``). Envoy's own version of it
+    (usage lifted) is rendered by its ``local_reply_config`` (envoy/gateway.yaml), with
+    the same message."""
+
+    default_code = "upstream_answer_too_large"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The provider's answer is larger than the gateway reads (8 MiB); ask for less"
+            " (fewer choices or inputs, a lower max tokens).",
+            headers=(("x-should-retry", "false"),),
+        )
 
 
 class ServiceUnavailable(GatewayError):

@@ -64,6 +64,9 @@ class Exchange:
     """Checks a streamed answer's text as it passes (output guardrails)."""
     guard_answer: bool = False
     """Check the whole (buffered) answer with the output guardrails at its end."""
+    answer_whole: bool = False
+    """Envoy was asked for the answer's body whole: a part of it (not its end) means the
+    answer passed Envoy's buffer limit."""
     mcp_server: CompiledServer | None = None
     """Set for an MCP exchange (a path the policy's ``mcp.servers`` names)."""
     mcp_calls: tuple[McpCall, ...] = ()

@@ -129,7 +129,8 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
         exchange.mcp_stream = SseRewriter(exchange.mcp_methods, _rewriter(exchange))
         return Forward(remove_headers=("content-length",), response_body="streamed")
     if headers.get("content-type", "").startswith("application/json"):
-        return Forward(response_body="buffered")
+        exchange.answer_whole = True
+        return Forward(remove_headers=("content-length",), response_body="buffered")
     return CONTINUE
 
 
@@ -138,7 +139,7 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
         out = exchange.mcp_stream.feed(chunk)
         if end:
             out += exchange.mcp_stream.finish()
-        return Forward(body=out, body_is_chunk=True)
+        return Forward(body=out)
     if not end:
         return CONTINUE
     rewritten = rewrite_json(chunk, exchange.mcp_methods, _rewriter(exchange))

@@ -45,6 +45,8 @@ had sent before are settled, not dropped with the stream."""
 DRAIN_SECONDS = 2.0
 """At most this long, however busy the stream (Envoy sends later records to a new one)."""
 USAGE_NAMESPACE = "extproc.usage"
+ANSWER_TOO_LARGE_DETAILS = "response_payload_too_large"
+"""Envoy's response code details for an answer past its buffer limit while held whole."""
 """Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
 
 
@@ -152,6 +154,7 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
         else {}
     )
     response = entry.response
+    too_large = response.response_code_details == ANSWER_TOO_LARGE_DETAILS
     return LoggedAnswer(
         ticket=metadata_string(metadata, AUTHZ_NAMESPACE, HEADER_TICKET)
         or metadata_string(metadata, EXCHANGE_NAMESPACE, "ticket"),
@@ -159,5 +162,8 @@ def logged_answer(entry: HTTPAccessLogEntry) -> LoggedAnswer | None:
         status=response.response_code.value,
         usage=usage,
         served_by=response.response_headers.get(HEADER_SERVED_BY) or None,
-        response_bytes=response.response_body_bytes,
+        response_bytes=entry.common_properties.upstream_wire_bytes_received
+        if too_large
+        else response.response_body_bytes,
+        too_large=too_large,
     )

@@ -46,10 +46,11 @@ def header_mutation(set_headers: Headers, remove: Iterable[str] = ()) -> pb.Head
     )
 
 
-def common_response(forward: Forward) -> pb.CommonResponse:
-    """Header and body changes for a phase that continues towards the upstream."""
+def common_response(forward: Forward, *, body_length: bool) -> pb.CommonResponse:
+    """Header and body changes for a phase that continues towards the upstream;
+    ``body_length``: a replaced body's ``content-length`` is set to match (a request's)."""
     set_headers = forward.set_headers
-    if forward.body is not None and not forward.body_is_chunk:
+    if forward.body is not None and body_length:
         set_headers = (*set_headers, ("content-length", str(len(forward.body))))
     response = pb.CommonResponse(clear_route_cache=forward.clear_route_cache)
     if set_headers or forward.remove_headers:

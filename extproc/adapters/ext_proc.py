@@ -45,8 +45,14 @@ _WITH_RESPONSE_HEADERS = ProcessingMode(
 _STREAM_RESPONSE_BODY = ProcessingMode(
     response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.STREAMED
 )
+# A body wanted whole is asked for as BUFFERED_PARTIAL: Envoy sends it whole, or, past its
+# buffer limit, what it holds with end_of_stream false, which the core answers with a 502.
+# Plain BUFFERED can hang instead: an answer that passes the limit while Envoy still
+# waits for the reply to its response headers is held with watermarks, the upstream is
+# paused, and BUFFERED never releases it (Envoy 1.40; BUFFERED_PARTIAL moves what is held
+# into its own queue, which resumes the upstream).
 _BUFFER_RESPONSE_BODY = ProcessingMode(
-    response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.BUFFERED
+    response_header_mode=ProcessingMode.SEND, response_body_mode=ProcessingMode.BUFFERED_PARTIAL
 )
 
 
@@ -210,7 +216,9 @@ def _hands_to_envoy(exchange: Exchange, response: pb.ProcessingResponse) -> bool
 def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:
     if not isinstance(decision, Forward):
         return immediate_response(decision)
-    common = common_response(decision)
+    # Only a request body is rewritten with its length: Envoy takes none from the reply to
+    # an answer's body (STREAMED, BUFFERED_PARTIAL), whose response headers dropped it.
+    common = common_response(decision, body_length=phase == "request_body")
     if phase == "request_headers":
         response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.skip_request_body:

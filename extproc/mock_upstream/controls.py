@@ -19,6 +19,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
     x-mock-cache-tokens: R,W   Anthropic: report R prompt tokens read from the prompt cache
                                and W written to it, apart from ``input_tokens`` as Anthropic
                                does (``cache_read_input_tokens``, ``cache_creation_input_tokens``)
+    x-mock-pad-bytes: N        JSON answers: add a member of N bytes before the others (an
+                               answer past the gateway's 8 MiB, as many choices would make)
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -43,6 +45,8 @@ SPLIT_HEADER = "x-mock-split-chars"
 RATELIMIT_HEADER = "x-mock-ratelimit"
 CACHE_TOKENS_HEADER = "x-mock-cache-tokens"
 CHARSET_HEADER = "x-mock-charset"
+PAD_HEADER = "x-mock-pad-bytes"
+MAX_PAD_BYTES = 64 * 1024 * 1024
 MOCK_NAME = web.AppKey("mock_name", str)
 
 # Control paths are never recorded or delayed: reading the record must not change it.
@@ -118,9 +122,25 @@ async def controls_middleware(request: web.Request, handler: Handler) -> web.Str
         status = _forced_status(request)
         if status is not None:
             raise MockError(status, f"mock upstream forced status {status} ({STATUS_HEADER})")
-        return replay(request) or await handler(request)
+        return _padded(request, replay(request) or await handler(request))
     except MockError as error:
         return error_response(path, error)
+
+
+def _padded(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """``response`` with the padding ``x-mock-pad-bytes`` asks for, if it is a JSON answer."""
+    raw = request.headers.get(PAD_HEADER)
+    if raw is None:
+        return response
+    if not raw.isdigit() or not 0 < int(raw) <= MAX_PAD_BYTES:
+        raise MockError(400, f"{PAD_HEADER} must be a number of bytes from 1 to {MAX_PAD_BYTES}")
+    if not isinstance(response, web.Response) or response.content_type != "application/json":
+        return response
+    assert isinstance(response.body, bytes)
+    rest = response.body.lstrip()[1:]  # after the answer's opening brace
+    comma = b"," if rest.lstrip() != b"}" else b""
+    response.body = b'{"x_mock_padding":"' + b"x" * int(raw) + b'"' + comma + rest
+    return response
 
 
 ORGANIZATION_HEADERS = {"openai-organization": "mock-org", "anthropic-organization-id": "mock-org"}

@@ -47,6 +47,9 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
+PAST_THE_BUFFER = {"x-mock-pad-bytes": str(9 * 1024 * 1024)}
+"""Has the mock pad its JSON answer past the 8 MiB Envoy holds of an answer it reads whole."""
+
 REPLICA_AUDIT = "audit-replica.jsonl"
 """The audit file of the replica that settles what the other decided (two-replicas)."""
 
@@ -518,6 +521,41 @@ def test_an_upstream_error_releases_the_reservation(
     assert record["status"] == 503 and record["output_tokens"] == 0
     # The 200 output tokens reserved for it were given back.
     assert counter(redis_server, "meter", "output_tokens") == before
+
+
+def test_an_answer_past_the_buffer_is_a_502_charged_up_to_the_reserved_output(
+    raw: Http, audit: Path, redis_server: RedisServer
+) -> None:
+    """Held whole for its usage, an answer over 8 MiB cannot pass: Envoy's own 500,
+    which its ``local_reply_config`` makes a 502 in the caller's dialect that the SDKs
+    do not retry. The provider billed it, and no usage was read: it is charged its
+    prompt and, from its size, the output reserved for it (the policy's 200 tokens)."""
+    before = meter_counters(redis_server)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    status, headers, answer = post_chat(raw, body, "sk-test-meter", PAST_THE_BUFFER)
+    assert status == 502 and headers["x-should-retry"] == "false"
+    assert json.loads(answer)["error"]["code"] == "upstream_answer_too_large"
+    request_id = headers["x-request-id"]
+
+    def reported() -> list[dict[str, Any]]:
+        return [r for r in audit_records(audit) if r["request_id"] == request_id]
+
+    eventually(lambda: bool(reported()), "no audit record for the answer past the buffer")
+    [record] = reported()
+    assert record["status"] == 502 and record["error"] == "upstream_answer_too_large"
+    assert record["input_tokens"] > 0 and record["output_tokens"] == 200
+    eventually(
+        lambda: (
+            charged_since(redis_server, before)
+            == {
+                "input_tokens": record["input_tokens"],
+                "output_tokens": 200,
+                "requests": 1,
+                "usd": record["cost_micro_usd"],
+            }
+        ),
+        "the answer past the buffer was not charged as recorded",
+    )
 
 
 def test_a_budget_store_outage_is_refused_in_the_callers_dialect(

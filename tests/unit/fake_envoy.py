@@ -55,9 +55,9 @@ def response_headers(
     )
 
 
-def response_body(payload: object | bytes) -> pb.ProcessingRequest:
+def response_body(payload: object | bytes, *, end_of_stream: bool = True) -> pb.ProcessingRequest:
     raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    return pb.ProcessingRequest(response_body=pb.HttpBody(body=raw, end_of_stream=True))
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=raw, end_of_stream=end_of_stream))
 
 
 async def exchange(

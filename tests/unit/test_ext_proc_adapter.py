@@ -349,3 +349,53 @@ async def test_a_json_answer_without_usage_is_estimated_from_its_size() -> None:
     [record] = observer.recent
     assert record["usage_source"] == "estimate"
     assert record["output_tokens"] == len(raw) // 4
+
+
+PARTIAL_ANSWER = b'{"id":"c","choices":[{"message":{"content":"a@b.com ' + b"x" * 1000
+"""The start of an answer past Envoy's buffer limit, as Envoy hands it over: not its end."""
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        (
+            "/mcp",
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "weather.get_forecast", "arguments": {"city": "Oslo"}},
+            },
+        ),
+    ],
+    ids=["guarded-chat", "mcp"],
+)
+async def test_an_answer_wanted_whole_past_the_buffer_is_a_502_and_never_passes(
+    path: str, body: dict[str, Any]
+) -> None:
+    """An answer the gateway asks for whole (to guard, translate or narrow it) is asked for
+    as BUFFERED_PARTIAL; past Envoy's buffer limit, Envoy hands over what it holds before
+    the end. That part reaches no caller unchecked: a 502 the SDKs do not retry."""
+    observer = Observer(None, AuditLog([]))
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore()), observer
+    )
+    *_, asked, answer = await exchange(
+        processor,
+        [
+            request_headers(path, {**ADMIN, "accept": "application/json, text/event-stream"}),
+            request_body(body),
+            response_headers(200, "application/json"),
+            response_body(PARTIAL_ANSWER, end_of_stream=False),
+        ],
+    )
+    assert asked.mode_override.response_body_mode == ProcessingMode.BUFFERED_PARTIAL
+    immediate = answer.immediate_response
+    assert immediate.status.code == 502
+    assert headers_set(immediate)["x-should-retry"] == "false"
+    assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_too_large"
+    assert b"a@b.com" not in immediate.body
