@@ -164,16 +164,22 @@ class Accountant:
         await self.settle_ticket(ticket, logged)
         return True
 
-    async def settle_ticket(self, ticket: Ticket, logged: LoggedAnswer) -> None:
+    async def settle_ticket(
+        self, ticket: Ticket, logged: LoggedAnswer, *, last_chance: bool = True
+    ) -> None:
         """Settle ``ticket``'s reservation with what ``logged`` says was used; report it,
         unless the reservation's token says this exchange was settled already: then its
         first report (a report and an access-log record both came, or Envoy re-sent a
-        record) wrote its audit record and metrics."""
+        record) wrote its audit record and metrics.
+
+        A settlement that fails unexpectedly is still reported on its ``last_chance`` (the
+        access log: nothing else will come); otherwise (an answer report) it raises,
+        unreported, so that the exchange's access-log record tries again."""
         record = ticket.record
         record.update(time=record_time(), status=logged.status or None, served_by=logged.served_by)
         if logged.too_large:
             record["error"] = AnswerTooLarge.default_code
-        first = True
+        report = True
         try:
             if record["model"] is not None:
                 usage, source = _used(ticket, logged)
@@ -191,14 +197,19 @@ class Accountant:
                     usage_source=source,
                 )
                 if ticket.settlement is not None:
-                    first = await self._meter.apply(ticket.settlement, used)
+                    report = await self._meter.apply(ticket.settlement, used)
+                    if not report:
+                        log.debug(
+                            "request %s was settled and reported already", record["request_id"]
+                        )
         except Exception:
+            if not last_chance:
+                report = False  # the access-log record tries again, and reports it
+                raise
             log.exception("settling request %s failed", record.get("request_id"))
         finally:
-            if first:
+            if report:
                 self._observer.report(record, ticket.traceparent, ticket.started_ns)
-            else:
-                log.debug("request %s was settled and reported already", record.get("request_id"))
 
     async def read(self, text: str) -> Ticket:
         """The ticket ``text`` carries, or :class:`~extproc.ticket.InvalidTicket`."""

@@ -119,7 +119,7 @@ class HttpAuthorizer:
             if ticket is None:
                 write(_REPORT_REFUSED)
                 return
-            await self._accountant.settle_ticket(ticket, logged)
+            await self._accountant.settle_ticket(ticket, logged, last_chance=False)
         except Exception:
             log.exception("settling an answer report failed; its access-log record will")
             write(_REPORT_REFUSED)

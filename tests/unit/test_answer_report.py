@@ -260,6 +260,39 @@ async def test_shutdown_waits_for_a_report_being_settled(tmp_path: Path) -> None
     assert processes.reporting.checks == 0
 
 
+class FailingOnceStore(MemoryStore):
+    """A store whose first settlement fails as nothing expected (a bug, not Redis down,
+    which the resilient store absorbs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def adjust(self, deltas: Any, *, token: str | None = None) -> AdjustResult:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unexpected")
+        return await super().adjust(deltas, token=token)
+
+
+async def test_a_report_whose_settlement_fails_is_left_to_the_access_log(tmp_path: Path) -> None:
+    """Not answered 204, the report leaves the exchange unmarked, and Envoy's access log
+    sends its record: settled and recorded then, once (the report recorded nothing)."""
+    processes = Processes(tmp_path, store=FailingOnceStore())
+    ticket = await processes.decide()
+    [counter] = processes.store._entries
+    assert await processes.report(ticket, **usage_headers(LIFTED)) != SETTLED
+    assert not processes.recent
+    entry = log_entry("req-1", 200, {k: float(v) for k, v in LIFTED.items()})
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
+        {HEADER_TICKET: ticket}
+    )
+    logged = logged_answer(entry)
+    assert logged is not None and await processes.reporting._accountant.settle(logged)
+    [record] = processes.recent
+    assert record["cost_micro_usd"] == 77 and processes.store._entries[counter][0] == 77
+
+
 def test_the_lua_filter_reports_what_the_service_reads() -> None:
     """envoy/gateway.yaml's report filter and this module name the same path and headers."""
     config = yaml.safe_load((ROOT / "envoy" / "gateway.yaml").read_text())
