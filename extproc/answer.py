@@ -203,9 +203,12 @@ def _unreadable(exchange: Exchange, why: str) -> Reply:
 
 
 def _too_large(exchange: Exchange, held: int) -> Reply:
-    """The 502 for an answer wanted whole (to translate or guard it) that passed Envoy's
-    buffer limit: Envoy sends what it holds, ``held`` bytes, before the end. Charged as a
-    JSON answer without usage, from its size (up to the reserved output)."""
+    """The 502 for an answer wanted whole (to translate, guard or narrow it) that passed
+    Envoy's buffer limit: Envoy sends what it holds, ``held`` bytes, before the end.
+    Charged as a JSON answer without usage, from its size (up to the reserved output).
+
+    Envoy also sends a body before its end when trailers follow it, which no LLM or MCP
+    API sends: such an answer gets the same 502 (fail closed), not a pass unchecked."""
     exchange.response_bytes += held
     error = AnswerTooLarge()
     exchange.status, exchange.error_code = error.status, error.code

@@ -45,9 +45,9 @@ had sent before are settled, not dropped with the stream."""
 DRAIN_SECONDS = 2.0
 """At most this long, however busy the stream (Envoy sends later records to a new one)."""
 USAGE_NAMESPACE = "extproc.usage"
+"""Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
 ANSWER_TOO_LARGE_DETAILS = "response_payload_too_large"
 """Envoy's response code details for an answer past its buffer limit while held whole."""
-"""Where envoy/gateway.yaml's json_to_metadata and sse_to_metadata put the usage fields."""
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

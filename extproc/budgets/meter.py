@@ -12,6 +12,7 @@ its body), so a tight budget slows callers down before it stops them.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ from extproc.dialects.base import LLMRequest
 from extproc.dialects.usage import Usage
 from extproc.errors import RateLimited, ServiceUnavailable
 from extproc.policy.compiled import CatalogueModel, CompiledLimit, Limits
+
+log = logging.getLogger(__name__)
 
 _TOKEN_UNITS = (Unit.INPUT_TOKENS, Unit.OUTPUT_TOKENS, Unit.TOTAL_TOKENS)
 _FAMILY = {Unit.REQUESTS: "requests", Unit.USD: "usd"} | {u: "tokens" for u in _TOKEN_UNITS}
@@ -291,7 +294,11 @@ class Meter:
 
     async def apply(self, settlement: Settlement, used: Cost) -> bool:
         """Replace what ``settlement`` reserved with what was ``used`` (once per token);
-        ``False`` if it had been applied already (a replayed report of the exchange)."""
+        ``False`` if it had been applied already (a replayed report of the exchange).
+
+        Raises only before the store has applied it: judging the budget alerts after it
+        never fails the settlement, so a caller may try a failed one again (an answer
+        report leaves it to the access log; extproc/accounting.py)."""
         deltas = settlement.deltas(used)
         if not deltas:
             return True
@@ -303,10 +310,13 @@ class Meter:
         # Not on a stand-in's values (Redis down): the first settlement after it is back
         # judges the shared counters, and raises what was reached meanwhile.
         if result.applied and watched and not result.local:
-            values = result.values[len(changes) - len(watched) :]
-            for (watch, _), used_now in zip(watched, values, strict=True):
-                key, unit, expires_at = settlement.counters[watch.counter]
-                self._judge(watch, key, unit, expires_at, used_now)
+            try:
+                values = result.values[len(changes) - len(watched) :]
+                for (watch, _), used_now in zip(watched, values, strict=True):
+                    key, unit, expires_at = settlement.counters[watch.counter]
+                    self._judge(watch, key, unit, expires_at, used_now)
+            except Exception:
+                log.exception("judging the budget alerts of a settlement failed")
         return result.applied
 
     def _judge(self, watch: Watch, key: str, unit: Unit, expires_at: int, used: int) -> None:

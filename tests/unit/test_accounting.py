@@ -342,6 +342,28 @@ async def test_a_usage_report_past_belief_is_charged_as_an_estimate(tmp_path: Pa
     assert record["output_tokens"] < 1000
 
 
+async def test_an_answer_envoy_dropped_past_its_buffer_is_charged_from_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Envoy's local reply (502, ``response_payload_too_large``) replaced a provider's 2xx
+    answer it held whole to lift its usage: nothing was lifted, but the provider billed
+    it. Charged its prompt and, from the bytes the provider sent, the reserved output;
+    the record names the error (not a 502 that cost nothing)."""
+    proc = processor(policy_file(tmp_path))
+    ticket = await handed(proc, "sk-demo-restricted")
+    entry = log_entry("req-1", 502, {}, ticket=ticket)
+    entry.response.response_code_details = "response_payload_too_large"
+    entry.common_properties.upstream_wire_bytes_received = 9 * 1024 * 1024
+    logged = logged_answer(entry)
+    assert logged is not None and logged.too_large
+    assert logged.response_bytes == 9 * 1024 * 1024  # the provider's, not the 502's 321
+    await accountant(proc).settle(logged)
+    [record] = proc._observer.recent
+    assert record["status"] == 502 and record["error"] == "upstream_answer_too_large"
+    assert record["input_tokens"] > 0 and record["output_tokens"] == 4096  # the reserved cap
+    assert record["usage_source"] == "estimate"
+
+
 async def test_two_exchanges_under_one_request_id_settle_apart(tmp_path: Path) -> None:
     """Callers choose x-request-id: each record settles the reservation its ticket names,
     and the second is not taken for a repeat of the first."""

@@ -131,6 +131,25 @@ async def test_a_reservation_given_back_raises_no_alert() -> None:
     assert sink.events == []
 
 
+class BrokenSink(Sink):
+    def notify(self, event: ThresholdCrossed) -> None:
+        raise RuntimeError("unexpected")
+
+
+async def test_a_failure_judging_alerts_does_not_fail_the_settlement() -> None:
+    """The store has applied it by then: a settlement that raised would be tried again by
+    an exchange's access-log record, find its token used, and report nothing."""
+    limits, model = policy_with(
+        [{"unit": "total_tokens", "window": "day", "limit": 100, "alerts": [50]}]
+    )
+    store = MemoryStore()
+    meter = Meter(store, BrokenSink())
+    reservation = await meter.reserve(limits, model, 10, 40, 0, datetime.now(UTC))
+    assert reservation is not None
+    assert await meter.apply(reservation.settlement, Cost(10, 50, 0))  # 60 %: judged
+    assert sorted(store._entries.values())[-1][0] == 60
+
+
 async def test_a_settlement_in_another_process_raises_the_alert_its_ticket_names() -> None:
     """Under --workers or replicas the process settling an exchange never saw its request:
     the thresholds travel in the ticket, and the event names the limit as the meter did."""
