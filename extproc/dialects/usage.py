@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from extproc import sse
+
 MAX_EVENT_BYTES = 1024 * 1024
 """A single SSE event larger than this is dropped from metering instead of buffered."""
 MAX_REPORTED_TOKENS = 100_000_000
@@ -135,7 +137,7 @@ class StreamUsage:
 
     def __init__(self, dialect: str) -> None:
         self._dialect = dialect
-        self._buffer = b""
+        self._buffer = bytearray()
         self._usage: Usage | None = None
         self._anthropic_input: Usage | None = None
         self.content_events = 0
@@ -145,20 +147,18 @@ class StreamUsage:
         return self._usage
 
     def feed(self, chunk: bytes) -> None:
-        data = self._buffer + chunk if self._buffer else chunk
-        data = data.replace(b"\r\n", b"\n")
-        events = data.split(b"\n\n")
-        self._buffer = events.pop()
+        self._buffer += chunk
+        events = sse.take_events(self._buffer)
         if len(self._buffer) > MAX_EVENT_BYTES:
-            self._buffer = b""
+            self._buffer.clear()
         for event in events:
             self._event(event)
 
     def finish(self) -> None:
         """The stream ended: read an unterminated last event, if any."""
         if self._buffer.strip():
-            self._event(self._buffer)
-        self._buffer = b""
+            self._event(bytes(self._buffer))
+        self._buffer.clear()
 
     def _event(self, event: bytes) -> None:
         if b'"usage":{' not in event and b'"usage": {' not in event:
@@ -207,11 +207,11 @@ class StreamUsage:
 
 
 def _data_of(event: bytes) -> dict[str, Any] | None:
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-    if not lines:
+    text = sse.data(event)
+    if text is None:
         return None
     try:
-        payload = orjson.loads(b"\n".join(lines))
+        payload = orjson.loads(text)
     except orjson.JSONDecodeError:
         return None
     return payload if isinstance(payload, dict) else None

@@ -8,19 +8,17 @@ which events end a channel, and what an error event looks like.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from extproc import sse
+
 ChannelKey = tuple[Any, ...]
 ALL = ("*",)
 """Returned by :meth:`StreamDialect.ends` to end every channel."""
-
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE = re.compile(rb"\r\n|\n|\r")
 
 
 @dataclass(slots=True)
@@ -42,22 +40,11 @@ class Event:
         return b"\n".join(lines) + b"\n\n"
 
 
-def split_events(buffer: bytearray) -> list[bytes]:
-    """Remove and return the complete events at the start of ``buffer``."""
-    events: list[bytes] = []
-    start = 0
-    for match in _EVENT_END.finditer(buffer):
-        events.append(bytes(buffer[start : match.end()]))
-        start = match.end()
-    del buffer[:start]
-    return events
-
-
 def parse_event(raw: bytes) -> Event:
     name: str | None = None
     data: list[bytes] = []
     other: list[bytes] = []
-    for line in _LINE.split(raw):
+    for line in sse.lines(raw):
         if not line:
             continue
         if line.startswith(b"data:"):

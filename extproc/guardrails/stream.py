@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from extproc import sse
 from extproc.guardrails.engine import Action, CompiledRule, GuardResult, Stage, Verdict
 from extproc.guardrails.findings import Finding, resolve_overlaps
 from extproc.guardrails.linear import Utf8
@@ -37,7 +38,6 @@ from extproc.guardrails.sse import (
     Event,
     StreamDialect,
     parse_event,
-    split_events,
 )
 
 MAX_EVENT_BYTES = 1024 * 1024
@@ -151,7 +151,7 @@ class StreamGuard:
             return b""
         self._buffer += chunk
         out = bytearray()
-        for raw in split_events(self._buffer):
+        for raw in sse.take_events(self._buffer):
             out += self._event(raw)
             if self._blocked is not None:
                 self._buffer.clear()

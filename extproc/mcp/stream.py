@@ -22,21 +22,18 @@ must end the stream (fail closed): passing it on unread could leak a hidden tool
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
 
+from extproc import sse
 from extproc.mcp.access import McpPermissions
 from extproc.mcp.enforce import filter_list_response
 from extproc.mcp.jsonrpc import RequestId
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 """Envoy's per-request buffer limit: no legitimate single message is larger."""
-
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE_END = re.compile(rb"\r\n|\n|\r")
 
 
 class McpStreamError(Exception):
@@ -164,11 +161,8 @@ class SseRewriter:
         """The bytes to send on for ``chunk``: every event it completes (possibly none)."""
         self._buffer += chunk
         out = bytearray()
-        start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            out += self._event(bytes(self._buffer[start : match.end()]))
-            start = match.end()
-        del self._buffer[:start]
+        for raw in sse.take_events(self._buffer):
+            out += self._event(raw)
         if len(self._buffer) > self._max:
             raise McpStreamError(f"an SSE event exceeds {self._max} bytes")
         return bytes(out)
@@ -179,11 +173,11 @@ class SseRewriter:
         return self._event(rest) if rest else b""
 
     def _event(self, raw: bytes) -> bytes:
-        data = _data(raw)
-        if data is None or data[:1] not in (b"{", b"["):
+        text = sse.data(raw)
+        if text is None or text[:1] not in (b"{", b"["):
             return raw
         try:
-            document = orjson.loads(data)
+            document = orjson.loads(text)
         except orjson.JSONDecodeError:
             return raw
         # One message per event in practice; MCP 2025-03-26 also allowed a batch.
@@ -194,31 +188,19 @@ class SseRewriter:
         return _render(raw, orjson.dumps(changed))
 
 
-def _data(raw: bytes) -> bytes | None:
-    lines = [line for line in _LINE_END.split(raw) if line.startswith(b"data:")]
-    if not lines:
-        return None
-    return b"\n".join(_field_value(line, 5) for line in lines)
-
-
-def _field_value(line: bytes, prefix: int) -> bytes:
-    value = line[prefix:]
-    return value[1:] if value[:1] == b" " else value
-
-
-def _render(raw: bytes, data: bytes) -> bytes:
-    """``raw`` with its data lines replaced by one carrying ``data``, in the event's own
+def _render(raw: bytes, text: bytes) -> bytes:
+    """``raw`` with its data lines replaced by one carrying ``text``, in the event's own
     line endings, other fields (``event:``, ``id:``, ``retry:``, comments) kept in place."""
     newline = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
-    lines: list[bytes] = []
+    kept: list[bytes] = []
     placed = False
-    for line in _LINE_END.split(raw):
+    for line in sse.lines(raw):
         if not line:
             continue
         if line.startswith(b"data:"):
             if not placed:
-                lines.append(b"data: " + data)
+                kept.append(b"data: " + text)
                 placed = True
             continue
-        lines.append(line)
-    return newline.join(lines) + newline + newline
+        kept.append(line)
+    return newline.join(kept) + newline + newline

@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from extproc import sse
 from extproc.translate.anthropic_errors import openai_error
 from extproc.translate.anthropic_response import finish_reason, openai_usage, tool_call
 
@@ -82,7 +83,7 @@ class StreamTranslator:
         self._model = requested_model
         self._include_usage = include_usage
         self._created = int(time.time()) if created is None else created
-        self._buffer = b""
+        self._buffer = bytearray()
         self._done = False
         self._started = False
         self._id = "chatcmpl-anthropic"
@@ -100,14 +101,12 @@ class StreamTranslator:
         """OpenAI SSE bytes for every Anthropic event completed by ``chunk``."""
         if self._done:
             return b""
-        data = self._buffer + chunk if self._buffer else chunk
-        events = data.replace(b"\r\n", b"\n").split(b"\n\n")
-        self._buffer = events.pop()
-        out = [self._event(event) for event in events if not self._done]
+        self._buffer += chunk
+        out = [self._event(event) for event in sse.take_events(self._buffer) if not self._done]
         if self._done:
-            self._buffer = b""
+            self._buffer.clear()
         elif len(self._buffer) > MAX_EVENT_BYTES:
-            self._buffer = b""
+            self._buffer.clear()
             out.append(self._fail("An upstream stream event exceeded the gateway's size limit."))
         return b"".join(out)
 
@@ -115,8 +114,8 @@ class StreamTranslator:
         """The upstream ended: translate an unterminated last event, close a cut stream."""
         out = b""
         if self._buffer.strip() and not self._done:
-            out = self._event(self._buffer)
-        self._buffer = b""
+            out = self._event(bytes(self._buffer))
+        self._buffer.clear()
         if self._done:
             return out
         return out + self._fail("The upstream stream ended before the answer was complete.")
@@ -124,11 +123,11 @@ class StreamTranslator:
     # ---- events -----------------------------------------------------------------------
 
     def _event(self, event: bytes) -> bytes:
-        lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-        if not lines:
+        text = sse.data(event)
+        if text is None:
             return b""
         try:
-            payload = orjson.loads(b"\n".join(lines))
+            payload = orjson.loads(text)
         except orjson.JSONDecodeError:
             return self._fail("The upstream stream sent an event that is not JSON.")
         if not isinstance(payload, dict):

@@ -216,7 +216,7 @@ def events(sse: bytes) -> list[Any]:
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
 def test_chunk_sequence_whatever_the_split(seed: int, newline: bytes) -> None:
     raw = ANTHROPIC_SSE.replace(b"\n", newline)
     got = events(translate(chunked(raw, seed, most=1 + seed * 30), include_usage=True))

@@ -73,6 +73,20 @@ def test_recorded_usage_is_read_exactly(dialect: str, body: str) -> None:
     assert got.cached_input_tokens == details.get("cached_tokens", 0)
 
 
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+def test_a_stream_is_read_whichever_way_its_lines_end(newline: bytes) -> None:
+    """The format ends lines with CRLF, LF or CR; every reader splits events alike."""
+    lf, other = StreamUsage("anthropic.messages"), StreamUsage("anthropic.messages")
+    lf.feed(ANTHROPIC_STREAM)
+    raw = ANTHROPIC_STREAM.replace(b"\n", newline)
+    for at in range(0, len(raw), 7):
+        other.feed(raw[at : at + 7])
+    lf.finish()
+    other.finish()
+    assert lf.usage is not None and other.usage == lf.usage
+    assert other.content_events == lf.content_events == 2
+
+
 ANTHROPIC_STREAM = b"""event: message_start
 data: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"cache_read_input_tokens":5,"output_tokens":1}}}
 
