@@ -54,9 +54,19 @@ def on_headers(
         exchange.status, exchange.error_code = 403, "mcp_forbidden"
         return Reply(status=403, body=encode(body), headers=_JSON, details="extproc_mcp_forbidden")
     route = ((routing.HEADER_CLUSTER, server.cluster),)
+    if exchange.method == "GET":
+        # The server's own stream carries no calls, but what it sends is read like a POST's
+        # answer: its requests and notifications, and answers it replays to a client that
+        # resumes a stream (Last-Event-ID), narrowed by their shape and guarded.
+        return Forward(
+            set_headers=route,
+            skip_request_body=True,
+            process_response=True,
+            clear_route_cache=True,
+        )
     if exchange.method != "POST" or end_of_stream:
-        # GET (the server's notification stream) and DELETE (end of session) carry no
-        # calls; they only need the caller to be allowed on this server.
+        # DELETE (end of session) carries no calls and gets no answer to read; it only
+        # needs the caller to be allowed on this server.
         return Forward(set_headers=route, skip_request_body=True, clear_route_cache=True)
     return Forward(set_headers=route, process_response=True, clear_route_cache=True)
 

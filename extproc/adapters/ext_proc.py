@@ -39,6 +39,9 @@ ANSWER_HEADERS_NAMESPACE = "extproc.answer_headers"
 _SKIP_BODY = ProcessingMode(
     request_body_mode=ProcessingMode.NONE, response_header_mode=ProcessingMode.SKIP
 )
+_ANSWER_ONLY = ProcessingMode(
+    request_body_mode=ProcessingMode.NONE, response_header_mode=ProcessingMode.SEND
+)
 _WITH_RESPONSE_HEADERS = ProcessingMode(
     request_body_mode=ProcessingMode.BUFFERED, response_header_mode=ProcessingMode.SEND
 )
@@ -222,7 +225,9 @@ def _answer(decision: Decision, phase: str) -> pb.ProcessingResponse:
     if phase == "request_headers":
         response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.skip_request_body:
-            response.mode_override.CopyFrom(_SKIP_BODY)
+            response.mode_override.CopyFrom(
+                _ANSWER_ONLY if decision.process_response else _SKIP_BODY
+            )
         elif decision.process_response:
             response.mode_override.CopyFrom(_WITH_RESPONSE_HEADERS)
         return response

@@ -208,3 +208,15 @@ def test_a_call_too_deep_to_forward_rewritten_is_refused_and_never_sent(stack: S
     assert answer["id"] == 9 and answer["error"]["code"] == ErrorCode.INVALID_REQUEST
     assert "255 levels" in answer["error"]["message"]
     assert calls(stack) == []
+
+
+async def test_the_servers_own_stream_opens_through_the_gateway(stack: Stack) -> None:
+    """A GET stream (the server's requests and notifications, and replayed answers) is
+    read by the service like a POST's answer: it still opens and stays open."""
+    headers = {"accept": "text/event-stream"}
+    async with (
+        http(RESTRICTED_KEY) as h,
+        h.stream("GET", url(stack), headers=headers, timeout=5) as stream,
+    ):
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")

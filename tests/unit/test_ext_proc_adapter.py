@@ -399,3 +399,39 @@ async def test_an_answer_wanted_whole_past_the_buffer_is_a_502_and_never_passes(
     assert headers_set(immediate)["x-should-retry"] == "false"
     assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_too_large"
     assert b"a@b.com" not in immediate.body
+
+
+RESTRICTED = {"authorization": "Bearer sk-demo-restricted"}
+
+
+async def test_an_mcp_servers_own_stream_is_narrowed_like_an_answer() -> None:
+    """A GET stream carries no calls, but the server may replay on it the answers of a
+    stream the client resumes (Last-Event-ID): a tools/list result there is narrowed to
+    the caller's tools as a POST's would be, by its shape (no request id to go by)."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"),
+        Meter(MemoryStore()),
+        Observer(None, AuditLog([])),
+    )
+    tools = [{"name": "github.create_issue"}, {"name": "weather.get_forecast"}]
+    event = b"id: 3\ndata: " + orjson.dumps({"jsonrpc": "2.0", "id": 2, "result": {"tools": tools}})
+    asked, answer_headers, narrowed = await exchange(
+        processor,
+        [
+            request_headers(
+                "/mcp",
+                {**RESTRICTED, "accept": "text/event-stream", "last-event-id": "2"},
+                method="GET",
+                end_of_stream=True,
+            ),
+            response_headers(200, "text/event-stream"),
+            response_body(event + b"\n\n"),
+        ],
+    )
+    assert asked.mode_override.request_body_mode == ProcessingMode.NONE
+    assert asked.mode_override.response_header_mode == ProcessingMode.SEND
+    assert answer_headers.mode_override.response_body_mode == ProcessingMode.STREAMED
+    sent = narrowed.response_body.response.body_mutation.body
+    result = orjson.loads(sent.split(b"data: ", 1)[1])["result"]
+    assert [t["name"] for t in result["tools"]] == ["weather.get_forecast"]
+    assert sent.startswith(b"id: 3\n")  # the event's own fields kept
