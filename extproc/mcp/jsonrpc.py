@@ -163,6 +163,26 @@ def parse_body(body: bytes) -> Body:
     return Body((message,), False, raw)
 
 
+_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+_PARAMS = frozenset({"name", "uri", "arguments", "ref"})
+_REF = frozenset({"type", "name", "uri"})
+"""The members the gateway judges a message by, at each level it reads."""
+
+
+def _lookalike(members: Mapping[str, Any], read: frozenset[str]) -> str | None:
+    """A member the gateway does not read that some servers would read as one it does.
+
+    Go's ``encoding/json`` matches member names without regard to case (the long s as
+    ``s``, the Kelvin sign as ``k``) and keeps the last match, and some decoders drop NUL
+    characters:
+    ``{"method": "ping", "Method": "tools/call"}`` would be judged a ping here and run as
+    a tool call there. Such a message is refused instead."""
+    for name in members:
+        if name not in read and name.replace("\x00", "").casefold() in read:
+            return name
+    return None
+
+
 def _message(item: Any, index: int | None) -> Message:
     if not isinstance(item, dict):
         return Invalid(None, "Invalid request: a message must be a JSON object", index)
@@ -171,6 +191,14 @@ def _message(item: Any, index: int | None) -> Message:
     id_ = raw_id if _valid_id(raw_id) else None
     if item.get("jsonrpc") != JSONRPC:
         return Invalid(id_, 'Invalid request: "jsonrpc" must be "2.0"', index)
+    ambiguous = _lookalike(item, _MEMBERS)
+    if ambiguous is None and isinstance(item.get("params"), dict):
+        params = item["params"]
+        ambiguous = _lookalike(params, _PARAMS)
+        if ambiguous is None and isinstance(params.get("ref"), dict):
+            ambiguous = _lookalike(params["ref"], _REF)
+    if ambiguous is not None:
+        return Invalid(id_, f"Invalid request: member {ambiguous!r} reads as another", index)
     method = item.get("method")
     if method is None and ("result" in item or "error" in item):
         if "result" in item and "error" in item:

@@ -18,7 +18,7 @@ from extproc.mcp.enforce import (
     filter_list_response,
     refuse,
 )
-from extproc.mcp.jsonrpc import ErrorCode, parse_body
+from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, parse_body
 
 DEMO = CompiledServer("demo", "mcp_demo", "/mcp", "reject")
 LENIENT = CompiledServer("lenient", "mcp_lenient", "/lenient", "forward")
@@ -499,3 +499,34 @@ def test_filtered_list_is_marked_private_for_client_caches() -> None:
     filtered = filter_list_response("tools/list", body, RESTRICTED)
     assert filtered["result"]["cacheScope"] == "private"
     assert filtered["result"]["ttlMs"] == 60000
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {**req(1, "ping"), "Method": "tools/call", "params": {"name": "github.create_issue"}},
+        req(2, "tools/call", name="weather.get", Name="github.create_issue"),
+        req(3, "tools/call", name="weather.get", **{"name\x00": "github.create_issue"}),
+        req(4, "tools/call", name="weather.get", **{"nAme": "github.create_issue"}),
+        {**req(5, "ping"), "metHod": "tools/call"},
+        req(6, "resources/read", uri="docs://readme", URI="secrets://deploy-key"),
+        req(
+            7,
+            "completion/complete",
+            ref={"type": "ref/prompt", "name": "triage_issue", "Name": "x"},
+        ),
+        {**req(8, "tools/list"), "param\u017f": {"name": "github.create_issue"}},
+    ],
+    ids=["method", "name", "nul", "mixed-case", "method-case", "uri", "ref", "long-s"],
+)
+def test_a_member_a_server_could_read_as_another_is_refused(message: dict[str, Any]) -> None:
+    """Go's encoding/json matches member names regardless of case (and some decoders drop
+    NULs): the gateway would judge one member and the server act on the other."""
+    with pytest.raises(JsonRpcError) as refused:
+        run(message)
+    assert refused.value.status == 400
+    answer = orjson.loads(refused.value.answer)
+    assert answer["error"]["code"] == ErrorCode.INVALID_REQUEST
+    assert answer["id"] == message["id"]
+    in_a_batch = run([req(9, "tools/list"), message])  # the whole batch is refused
+    assert isinstance(in_a_batch, Answer) and in_a_batch.status == 400
