@@ -18,7 +18,6 @@ from extproc import routing, tools
 from extproc.budgets.meter import NOTHING_USED, Cost, Meter, usage_cost
 from extproc.decisions import CONTINUE, Decision, Forward, Reply
 from extproc.dialects import TEXTLESS_DIALECTS
-from extproc.dialects.envelopes import render_error
 from extproc.dialects.json_body import set_values
 from extproc.dialects.usage import (
     BYTES_PER_TOKEN,
@@ -185,8 +184,7 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
             result.message or f"The answer was blocked by guardrail '{result.blocked_by}'.",
             code="guardrail_blocked",
         )
-        exchange.status, exchange.error_code = error.status, error.code
-        return render_error(error, exchange.envelope)
+        return exchange.reject(error)
     if not result.rewrites:
         return None
     # Not apply_rewrites: an answer nested too deep to write back is the upstream's doing,
@@ -197,9 +195,7 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
 
 def _unreadable(exchange: Exchange, why: str) -> Reply:
     """A 502 in place of a 2xx answer the gateway must read and cannot (not JSON)."""
-    error = BadGateway(f"The provider's answer {why}: it is not JSON.")
-    exchange.status, exchange.error_code = error.status, error.code
-    return render_error(error, exchange.envelope)
+    return exchange.reject(BadGateway(f"The provider's answer {why}: it is not JSON."))
 
 
 def _too_large(exchange: Exchange, held: int) -> Reply:
@@ -210,9 +206,7 @@ def _too_large(exchange: Exchange, held: int) -> Reply:
     Envoy also sends a body before its end when trailers follow it, which no LLM or MCP
     API sends: such an answer gets the same 502 (fail closed), not a pass unchecked."""
     exchange.response_bytes += held
-    error = AnswerTooLarge()
-    exchange.status, exchange.error_code = error.status, error.code
-    return render_error(error, exchange.envelope)
+    return exchange.reject(AnswerTooLarge())
 
 
 def used(exchange: Exchange, answer: Any = None) -> Cost:

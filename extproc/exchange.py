@@ -14,9 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from extproc.budgets.meter import Cost, Reservation
-from extproc.decisions import Forward
+from extproc.decisions import Forward, Reply
 from extproc.dialects.base import Dialect, Envelope, JsonPath, LLMRequest
+from extproc.dialects.envelopes import render_error
 from extproc.dialects.usage import StreamUsage
+from extproc.errors import GatewayError
 from extproc.guardrails.stream import StreamGuard
 from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
@@ -108,6 +110,12 @@ class Exchange:
     def accounted_by_envoy(self) -> bool:
         """``only_accounted`` under ``accounting: envoy``: Envoy reads the answer."""
         return self.only_accounted and self.policy.accounting == "envoy"
+
+    def reject(self, error: GatewayError) -> Reply:
+        """``error`` rendered for the caller, in its dialect; the outcome is remembered for
+        the audit record and the metrics."""
+        self.status, self.error_code = error.status, error.code
+        return render_error(error, self.envelope)
 
 
 Clock = Callable[[], datetime]

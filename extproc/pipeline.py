@@ -34,7 +34,6 @@ from extproc import access, accounting, identity, routing, tools
 from extproc.budgets.meter import Meter, OutputCapNeeded, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
-from extproc.dialects.envelopes import render_error
 from extproc.dialects.fields import asked_for_usage, include_usage_rewrites
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
@@ -92,7 +91,7 @@ def on_request_headers(
     try:
         return _request_headers(exchange, headers, metadata, end_of_stream, clock, peer)
     except GatewayError as error:
-        return _reject(exchange, error)
+        return exchange.reject(error)
 
 
 async def authorize(
@@ -128,7 +127,7 @@ async def authorize(
                 request.answers,
             )
     except GatewayError as error:
-        return _reject(exchange, error)
+        return exchange.reject(error)
     return Forward(
         set_headers=(*decision.set_headers, *routing.route_headers(model)),
         remove_headers=decision.remove_headers,
@@ -353,7 +352,7 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
             if exchange.translation is None and dialect.asks_stream_usage:
                 exchange.rewrites.update(include_usage_rewrites(request))
     except GatewayError as error:
-        return _reject(exchange, error)
+        return exchange.reject(error)
     return None
 
 
@@ -442,7 +441,7 @@ async def finish_request_body(
             if cap is not None and dialect.output_cap_field is not None:
                 exchange.rewrites[(dialect.output_cap_field,)] = cap
     except GatewayError as error:
-        return _reject(exchange, error)
+        return exchange.reject(error)
     if exchange.policy.audit_redactor is not None:
         exchange.recorded_prompt = recorded(
             exchange.policy.audit_redactor, request.texts, exchange.rewrites
@@ -454,12 +453,12 @@ async def finish_request_body(
                 request, exchange.rewrites, model, exchange.policy.default_max_output_tokens
             )
         except GatewayError as error:
-            return _reject(exchange, error)  # the reservation is released when the stream ends
+            return exchange.reject(error)  # the reservation is released when the stream ends
         return Forward(set_headers=(*headers, *extra), body=translated, clear_route_cache=True)
     try:
         body = apply_rewrites(request.body, exchange.rewrites) if exchange.rewrites else None
     except GatewayError as error:
-        return _reject(exchange, error)
+        return exchange.reject(error)
     if exchange.accounted_by_envoy or ticketed:
         # No response phase of this stream will set the budget and guardrail headers:
         # Envoy adds them from metadata. Under accounting: envoy it also lifts the usage.
@@ -492,13 +491,6 @@ def trace_id(traceparent: str | None) -> str | None:
     if trace == "0" * 32 or parent == "0" * 16:
         return None
     return trace
-
-
-def _reject(exchange: Exchange, error: GatewayError) -> Reply:
-    """Render ``error`` for the caller and remember the outcome for audit and metrics."""
-    exchange.status = error.status
-    exchange.error_code = error.code
-    return render_error(error, exchange.envelope)
 
 
 def _scrubbed_headers(headers: Mapping[str, str]) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from extproc import routing
 from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
 from extproc.dialects.json_body import encode_body
-from extproc.errors import InvalidRequest, RateLimited, ServiceUnavailable
+from extproc.errors import BadGateway, InvalidRequest, RateLimited, ServiceUnavailable
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import describe
 from extproc.identity import Principal
@@ -27,6 +27,7 @@ from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import Answer, decide, refuse
 from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, encode, error_response, parse_body
 from extproc.mcp.stream import (
+    McpStreamError,
     Rewriter,
     SseRewriter,
     chain,
@@ -37,6 +38,7 @@ from extproc.mcp.stream import (
 from extproc.mcp.texts import apply_rewrites, request_texts, result_texts
 
 _JSON = (("content-type", "application/json"),)
+_UNREADABLE = "could not be checked by the gateway"
 
 
 def on_headers(
@@ -135,25 +137,34 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     exchange.response_status = exchange.status = status
     if not 200 <= status < 300:
         return CONTINUE
-    if is_event_stream(headers.get("content-type", "")):
+    content_type = headers.get("content-type", "").lower()
+    sse = is_event_stream(content_type)
+    if not sse and not content_type.startswith("application/json"):
+        return CONTINUE  # nothing a client reads as messages
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        # Envoy asks servers for plain answers; one compressed anyway cannot be checked.
+        return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: compressed."))
+    if sse:
         exchange.mcp_stream = SseRewriter(exchange.mcp_methods, _rewriter(exchange))
         return Forward(remove_headers=("content-length",), response_body="streamed")
-    if headers.get("content-type", "").startswith("application/json"):
-        exchange.answer_whole = True
-        return Forward(remove_headers=("content-length",), response_body="buffered")
-    return CONTINUE
+    exchange.answer_whole = True
+    return Forward(remove_headers=("content-length",), response_body="buffered")
 
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
-    if exchange.mcp_stream is not None:
-        out = exchange.mcp_stream.feed(chunk)
-        if end:
-            out += exchange.mcp_stream.finish()
-        return Forward(body=out)
-    if not end:
-        return CONTINUE
-    rewritten = rewrite_json(chunk, exchange.mcp_methods, _rewriter(exchange))
+    """Narrow and guard the messages of the answer (Envoy sends a JSON one whole); an
+    answer that cannot be read ends the exchange with a 502 (fail closed)."""
+    try:
+        if exchange.mcp_stream is not None:
+            out = exchange.mcp_stream.feed(chunk)
+            if end:
+                out += exchange.mcp_stream.finish()
+            return Forward(body=out)
+        rewritten = rewrite_json(chunk, exchange.mcp_methods, _rewriter(exchange))
+    except McpStreamError as unreadable:
+        return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {unreadable}."))
     return CONTINUE if rewritten is None else Forward(body=rewritten)
+
 
 
 def _rewriter(exchange: Exchange) -> Rewriter:

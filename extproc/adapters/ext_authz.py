@@ -25,7 +25,6 @@ from google.rpc import code_pb2, status_pb2
 from extproc import pipeline
 from extproc.budgets.meter import Meter
 from extproc.decisions import Forward, Headers, Reply
-from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.identity import VOUCHED_KEY, vouch
@@ -82,8 +81,7 @@ class Authorization(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         except Exception:
             log.exception("unexpected error in Check")
             error = GatewayError("The gateway failed to authorize the request.")
-            exchange.status, exchange.error_code = error.status, error.code
-            decision = render_error(error, exchange.envelope)
+            decision = exchange.reject(error)
         elapsed = time.perf_counter() - started
         exchange.durations["ext_authz_check"] = elapsed
         self._observer.phase("ext_authz_check", elapsed)

@@ -23,7 +23,6 @@ from extproc.accounting import EXCHANGE_NAMESPACE
 from extproc.adapters.envoy_proto import common_response, header_map, immediate_response
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
-from extproc.dialects.envelopes import render_error
 from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.policy.store import PolicyStore
@@ -207,8 +206,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 def _failed(exchange: Exchange) -> pb.ProcessingResponse:
     """The 500 for a phase that failed unexpectedly, in the caller's dialect."""
     error = GatewayError("The gateway failed to process the request.")
-    exchange.status, exchange.error_code = error.status, error.code
-    return immediate_response(render_error(error, exchange.envelope))
+    return immediate_response(exchange.reject(error))
 
 
 def _hands_to_envoy(exchange: Exchange, response: pb.ProcessingResponse) -> bool:

@@ -15,9 +15,12 @@ no rewriter touches goes out byte for byte: an unchanged JSON body is reported a
 lines and comments included).
 
 Streams are processed incrementally: :meth:`SseRewriter.feed` returns the complete events
-of what has arrived so far and holds back the unfinished last one. An event larger than
-``max_event_bytes`` cannot be judged, so :class:`McpStreamError` is raised and the caller
-must end the stream (fail closed): passing it on unread could leak a hidden tool.
+of what has arrived so far and holds back the unfinished last one. An answer that cannot be
+read (not JSON, an event larger than ``max_event_bytes``) cannot be judged, so
+:class:`McpStreamError` is raised and the caller must end the exchange (fail closed):
+passing it on unread could leak a hidden tool or an unchecked tool result (a JavaScript
+server's string cut mid-emoji is a lone surrogate, which is not JSON here but is to the
+client).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 
 class McpStreamError(Exception):
-    """An answer could not be read (an oversized event); end the exchange, fail closed."""
+    """An answer could not be read (not JSON, an oversized event); end the exchange, fail
+    closed."""
 
 
 class Rewriter(Protocol):
@@ -100,13 +104,14 @@ def is_event_stream(content_type: str) -> bool:
 def rewrite_json(body: bytes, methods: Mapping[RequestId, str], rewrite: Rewriter) -> bytes | None:
     """Rewrite a JSON answer (one message or a batch); ``None`` when nothing changed.
 
-    A body that is not JSON-RPC is left alone (``None``): it carries nothing a rewriter
-    could judge, and the client will reject it anyway.
+    JSON that is not JSON-RPC is left alone (``None``): it carries nothing a rewriter could
+    judge, and the client will reject it anyway. A body that is not JSON raises
+    :class:`McpStreamError`.
     """
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
+    except orjson.JSONDecodeError as error:
+        raise McpStreamError("the answer is not JSON") from error
     changed = _rewrite_document(document, methods, rewrite)
     return None if changed is None else orjson.dumps(changed)
 
@@ -174,12 +179,12 @@ class SseRewriter:
 
     def _event(self, raw: bytes) -> bytes:
         text = sse.data(raw)
-        if text is None or text[:1] not in (b"{", b"["):
-            return raw
+        if text is None or not text.strip():
+            return raw  # no message: a priming event (its id), a comment, a keep-alive
         try:
             document = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return raw
+        except orjson.JSONDecodeError as error:
+            raise McpStreamError("an SSE event's data is not JSON") from error
         # One message per event in practice; MCP 2025-03-26 also allowed a batch.
         changed = _rewrite_document(document, self._methods, self._rewrite)
         if changed is None:

@@ -43,9 +43,9 @@ def request_body(payload: object | bytes) -> pb.ProcessingRequest:
 
 
 def response_headers(
-    status: int = 200, content_type: str = "application/json"
+    status: int = 200, content_type: str = "application/json", **more: str
 ) -> pb.ProcessingRequest:
-    values = {":status": str(status), "content-type": content_type}
+    values = {":status": str(status), "content-type": content_type, **more}
     return pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
             headers=HeaderMap(

@@ -435,3 +435,37 @@ async def test_an_mcp_servers_own_stream_is_narrowed_like_an_answer() -> None:
     result = orjson.loads(sent.split(b"data: ", 1)[1])["result"]
     assert [t["name"] for t in result["tools"]] == ["weather.get_forecast"]
     assert sent.startswith(b"id: 3\n")  # the event's own fields kept
+
+
+TOOLS_LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (response_headers(200, "application/json", **{"content-encoding": "gzip"}), None),
+        (response_headers(200, "Application/JSON"), b"<html>bad gateway</html>"),
+        (response_headers(200, "text/event-stream"), b"data: {not json\n\n"),
+    ],
+    ids=["compressed", "not-json", "sse-not-json"],
+)
+async def test_an_mcp_answer_the_gateway_cannot_read_is_a_502(
+    answer: Any, body: bytes | None
+) -> None:
+    """Unread, it would reach the client unnarrowed and unguarded: fail closed."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"),
+        Meter(MemoryStore()),
+        Observer(None, AuditLog([])),
+    )
+    messages = [
+        request_headers("/mcp", {**RESTRICTED, "accept": "application/json, text/event-stream"}),
+        request_body(TOOLS_LIST),
+        answer,
+    ]
+    if body is not None:
+        messages.append(response_body(body))
+    *_, last = await exchange(processor, messages)
+    immediate = last.immediate_response
+    assert immediate.status.code == 502
+    assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_unreadable"

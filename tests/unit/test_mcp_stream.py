@@ -72,9 +72,6 @@ def test_unchanged_stream_is_byte_identical(newline: bytes, seed: int) -> None:
         + b"retry: 1000"
         + newline
         + newline
-        + b"data: not json"
-        + newline
-        + newline
     )
     rewriter = SseRewriter({3: "tools/call"}, list_filter(RESTRICTED))
     assert feed_in_pieces(rewriter, stream, seed) == stream
@@ -186,7 +183,6 @@ def test_json_answer_is_filtered(body: bytes, methods: dict[RequestId, str], exp
             id="nothing-hidden",
         ),
         pytest.param(orjson.dumps([CALL_ANSWER, 5]), {3: "tools/call"}, id="batch-nothing-hidden"),
-        pytest.param(b"<html>bad gateway</html>", {}, id="not-json"),
         pytest.param(b'"x"', {}, id="not-a-message"),
     ],
 )
@@ -225,3 +221,30 @@ def test_chain_runs_guardrail_after_list_filter() -> None:
 )
 def test_is_event_stream(content_type: str, expected: bool) -> None:
     assert is_event_stream(content_type) is expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>bad gateway</html>",
+        b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"\\ud83d"}]}}',
+    ],
+    ids=["html", "lone-surrogate"],
+)
+def test_an_answer_that_is_not_json_fails_closed(body: bytes) -> None:
+    """Unread, it would pass unnarrowed and unguarded (a JavaScript server's string cut
+    mid-emoji is a lone surrogate: not JSON here, JSON to the client)."""
+    with pytest.raises(McpStreamError):
+        rewrite_json(body, {2: "tools/list"}, list_filter(RESTRICTED))
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(RESTRICTED))
+    with pytest.raises(McpStreamError):
+        rewriter.feed(b"data: " + body + b"\n\n")
+
+
+def test_an_event_without_a_message_passes_and_one_with_spaces_is_read() -> None:
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(RESTRICTED))
+    priming = b"id: 1\ndata: \n\n"
+    assert rewriter.feed(priming) == priming
+    listed = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "github.create_issue"}]}}
+    out = rewriter.feed(b"data:   " + orjson.dumps(listed) + b"\n\n")
+    assert data_of(out) == [{**listed, "result": {"tools": []}}]
