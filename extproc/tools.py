@@ -39,6 +39,9 @@ from extproc.mcp.texts import apply_rewrites, request_texts, result_texts
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
+_HTTP_METHODS = frozenset({"POST", "GET", "DELETE", "OPTIONS"})
+"""Streamable HTTP's methods (POST calls, GET the server's stream, DELETE the session's
+end), and a browser's CORS preflight."""
 
 
 def on_headers(
@@ -56,6 +59,17 @@ def on_headers(
         exchange.status, exchange.error_code = 403, "mcp_forbidden"
         return Reply(status=403, body=encode(body), headers=_JSON, details="extproc_mcp_forbidden")
     route = ((routing.HEADER_CLUSTER, server.cluster),)
+    if exchange.method not in _HTTP_METHODS:
+        # Streamable HTTP has no other; one would carry a body the gateway never reads.
+        body = error_response(
+            None,
+            ErrorCode.INVALID_REQUEST,
+            f"HTTP method {exchange.method} is not used by MCP; use POST.",
+            {"server": server.name},
+        )
+        exchange.status, exchange.error_code = 405, "mcp_invalid"
+        allow = ("allow", ", ".join(sorted(_HTTP_METHODS)))
+        return Reply(405, encode(body), (*_JSON, allow), details="extproc_mcp")
     if exchange.method == "GET":
         # The server's own stream carries no calls, but what it sends is read like a POST's
         # answer: its requests and notifications, and answers it replays to a client that
@@ -67,8 +81,8 @@ def on_headers(
             clear_route_cache=True,
         )
     if exchange.method != "POST" or end_of_stream:
-        # DELETE (end of session) carries no calls and gets no answer to read; it only
-        # needs the caller to be allowed on this server.
+        # DELETE (end of session) and a CORS preflight carry no calls and get no answer
+        # to read; they only need the caller to be allowed on this server.
         return Forward(set_headers=route, skip_request_body=True, clear_route_cache=True)
     return Forward(set_headers=route, process_response=True, clear_route_cache=True)
 
@@ -164,7 +178,6 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
     except McpStreamError as unreadable:
         return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {unreadable}."))
     return CONTINUE if rewritten is None else Forward(body=rewritten)
-
 
 
 def _rewriter(exchange: Exchange) -> Rewriter:

@@ -111,7 +111,11 @@ class McpPermissions:
         return self._cached(None, server, self._servers)
 
     def permits(self, kind: Kind, name: str) -> bool:
-        """Whether the caller may call / read / fetch (and see listed) ``name``."""
+        """Whether the caller may call / read / fetch (and see listed) ``name``; a resource
+        URI's scheme is matched in lower case (servers read ``SECRETS://`` as
+        ``secrets://``: it must not pass a ``deny: ["secrets://*"]``)."""
+        if kind is Kind.RESOURCE:
+            name = lower_scheme(name)
         return self._cached(kind, name, self._rules[kind])
 
     def _cached(self, kind: Kind | None, name: str, rules: tuple[_Rule, ...]) -> bool:
@@ -122,6 +126,23 @@ class McpPermissions:
             if len(self._memo) < _MEMO_LIMIT:
                 self._memo[key] = hit
         return hit
+
+
+def lower_scheme(uri: str) -> str:
+    scheme, colon, rest = uri.partition(":")
+    return scheme.lower() + colon + rest if colon and _SCHEME.fullmatch(scheme) else uri
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+_UNCLEAR_URI = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+
+
+def unclear_uri(uri: str) -> bool:
+    """A URI a server may resolve outside what its text matches: a dot segment
+    (``docs://../secrets/key`` matches ``docs://*``), an encoded dot or slash, a
+    backslash. Such a URI is refused, not judged."""
+    return _UNCLEAR_URI.search(uri) is not None
 
 
 def compile_access(team: McpAccess | None, *narrowing: McpAccess | None) -> McpPermissions:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from extproc.mcp.access import CompiledServer, Kind, McpPermissions
+from extproc.mcp.access import CompiledServer, Kind, McpPermissions, unclear_uri
 from extproc.mcp.jsonrpc import (
     Body,
     ErrorCode,
@@ -255,6 +255,12 @@ def _judge(
             return replace(call, verdict=Verdict.INVALID), _Refusal(
                 ErrorCode.INVALID_PARAMS, _missing_name(method), {"method": method}
             )
+        if call.kind is Kind.RESOURCE and unclear_uri(call.name):
+            return replace(call, verdict=Verdict.INVALID), _Refusal(
+                ErrorCode.INVALID_PARAMS,
+                f"Invalid params: {method} of a URI with dot segments or encoded separators",
+                {"method": method, "name": _shown(call.name)},
+            )
         if access.permits(call.kind, call.name):
             return call, None
         shown = _shown(call.name)
@@ -332,8 +338,10 @@ def filter_list_response(
     """Hide from a list answer what the caller may not use.
 
     ``body`` is one JSON-RPC response; ``method`` is the request's method, or ``None``
-    when unknown (an answer replayed on a resumed stream), in which case the result's
-    shape decides (a ``tools`` array is only ever a tools/list result). Returns ``body``
+    when unknown (an answer replayed on a resumed stream). Unless it is a list method,
+    the result's shape decides (a ``tools`` array is only ever a tools/list result): a
+    server that answers the wrong id, or turns ids into strings (``1`` and ``"1"`` in one
+    batch), must not carry a list past the narrowing as a ping's answer. Returns ``body``
     itself when nothing is hidden, so callers can keep the original bytes, else a copy.
     A filtered answer that carries a ``cacheScope`` is marked ``private``: it is this
     caller's view and must not be shared from a client-side cache.
@@ -341,7 +349,7 @@ def filter_list_response(
     result = body.get("result")
     if not isinstance(result, dict):
         return body
-    spec = LISTS.get(method) if method is not None else _by_shape(result)
+    spec = (LISTS.get(method) if method is not None else None) or _by_shape(result)
     if spec is None:
         return body
     key, field, kind = spec

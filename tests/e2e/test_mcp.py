@@ -220,3 +220,25 @@ async def test_the_servers_own_stream_opens_through_the_gateway(stack: Stack) ->
     ):
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
+
+
+def test_an_http_method_mcp_does_not_use_is_refused_by_the_gateway(stack: Stack) -> None:
+    """A PUT's body would go on unread (only a POST's calls are judged)."""
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "github.create_issue"},
+        }
+    ).encode()
+    status, headers, raw = Http(stack.ports.gateway).request(
+        "PUT",
+        "/mcp",
+        body,
+        {"authorization": f"Bearer {RESTRICTED_KEY}", "content-type": "application/json"},
+    )
+    assert status == 405 and headers["allow"] == "DELETE, GET, OPTIONS, POST"
+    answer = json.loads(raw)
+    assert answer["error"]["code"] == ErrorCode.INVALID_REQUEST
+    assert "not used by MCP" in answer["error"]["message"]

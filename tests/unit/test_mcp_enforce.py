@@ -406,6 +406,13 @@ PROMPTS = [{"name": n} for n in ("triage_issue", "release_notes")]
             id="tools",
         ),
         pytest.param(
+            "ping",  # a server that answered the wrong id (or 1 for "1" in one batch)
+            {"tools": TOOLS},
+            "tools",
+            ["github.search_issues", "weather.get"],
+            id="a-list-answering-another-method",
+        ),
+        pytest.param(
             "resources/list",
             {"resources": RESOURCES},
             "resources",
@@ -530,3 +537,30 @@ def test_a_member_a_server_could_read_as_another_is_refused(message: dict[str, A
     assert answer["id"] == message["id"]
     in_a_batch = run([req(9, "tools/list"), message])  # the whole batch is refused
     assert isinstance(in_a_batch, Answer) and in_a_batch.status == 400
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "docs://../secrets/deploy-key",
+        "file:///srv/docs/../../etc/passwd",
+        "docs://demo/%2e%2e/secrets",
+        "docs://demo/..%2Fsecrets",
+        "docs://demo\\..\\secrets",
+    ],
+)
+def test_a_resource_uri_a_server_may_resolve_elsewhere_is_refused(uri: str) -> None:
+    """``docs://*`` matches ``docs://../secrets/deploy-key`` as text; a server that
+    resolves paths reads the secret. Refused, not judged, and never sent."""
+    decision = run(req(1, "resources/read", uri=uri))
+    assert isinstance(decision, Answer) and decision.status == 400
+    assert orjson.loads(decision.body)["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+def test_a_resource_uri_scheme_is_matched_in_lower_case() -> None:
+    access = compile_access(
+        McpAccess.model_validate({"resources": {"allow": ["*"], "deny": ["secrets://*"]}})
+    )
+    assert not access.permits(Kind.RESOURCE, "SECRETS://deploy-key")
+    assert access.permits(Kind.RESOURCE, "Docs://demo/readme")
+    assert isinstance(run(req(1, "resources/read", uri="DOCS://demo/readme")), Forward)
