@@ -11,25 +11,68 @@ from __future__ import annotations
 
 import re
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+"""A line's end followed by an empty line's: any two of CRLF, LF and CR (a CRLF is one)."""
 _LINE_END = re.compile(rb"\r\n|\n|\r")
+_CR = 0x0D
 
 
-def take_events(buffer: bytearray) -> list[bytes]:
-    """Remove and return the complete events at the start of ``buffer``, each with the
-    empty line that ends it (an event passed on unchanged keeps its bytes)."""
-    events: list[bytes] = []
-    start = 0
-    for match in _EVENT_END.finditer(buffer):
-        events.append(bytes(buffer[start : match.end()]))
-        start = match.end()
-    del buffer[:start]
-    return events
+class Events:
+    """A stream's bytes as they arrive: its complete events out, the unfinished last one
+    held. Each byte is searched once for an event's end: a large event arriving in small
+    chunks is not searched again from its start with every chunk."""
+
+    __slots__ = ("_held", "_searched")
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+        self._searched = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events ``chunk`` completes, each with the empty line that ends it (an event
+        passed on unchanged keeps its bytes)."""
+        held = self._held
+        held += chunk
+        events: list[bytes] = []
+        start = 0
+        # An end that began in the last chunk: back up by one end's length less a byte.
+        for match in _EVENT_END.finditer(held, max(0, self._searched - 3)):
+            if match.end() == len(held) and held[-1] == _CR:
+                break  # a CR last: the next chunk may start with the LF of its CRLF
+            events.append(bytes(held[start : match.end()]))
+            start = match.end()
+        del held[:start]
+        self._searched = len(held)
+        return events
+
+    @property
+    def held(self) -> int:
+        """Bytes of the unfinished event."""
+        return len(self._held)
+
+    def rest(self) -> bytes:
+        """The unfinished last event (the stream has ended), forgotten."""
+        rest = bytes(self._held)
+        self.clear()
+        return rest
+
+    def clear(self) -> None:
+        self._held.clear()
+        self._searched = 0
 
 
 def lines(event: bytes) -> list[bytes]:
     """The event's lines, whichever way they end (empty ones included)."""
     return _LINE_END.split(event)
+
+
+def name(event: bytes) -> bytes | None:
+    """The event's ``event:`` field, or ``None`` (a client then dispatches it as
+    ``message``)."""
+    for line in lines(event):
+        if line.startswith(b"event:"):
+            return _value(line[6:])
+    return None
 
 
 def data(event: bytes) -> bytes | None:

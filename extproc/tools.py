@@ -12,6 +12,7 @@ The pure parts live in :mod:`extproc.mcp`; this module wires them into the excha
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -39,9 +40,8 @@ from extproc.mcp.texts import apply_rewrites, request_texts, result_texts
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
-_HTTP_METHODS = frozenset({"POST", "GET", "DELETE", "OPTIONS"})
-"""Streamable HTTP's methods (POST calls, GET the server's stream, DELETE the session's
-end), and a browser's CORS preflight."""
+_HTTP_METHODS = frozenset({"POST", "GET", "DELETE"})
+"""Streamable HTTP's methods: POST calls, GET the server's stream, DELETE a session's end."""
 
 
 def on_headers(
@@ -50,26 +50,19 @@ def on_headers(
     """Route the request to the server's cluster; refuse callers who may not use it."""
     exchange.mcp_server = server
     if not principal.mcp.may_use_server(server.name):
-        body = error_response(
-            None,
-            ErrorCode.FORBIDDEN,
-            f"Your team '{principal.team}' may not use the MCP server '{server.name}'.",
-            {"server": server.name},
-        )
-        exchange.status, exchange.error_code = 403, "mcp_forbidden"
-        return Reply(status=403, body=encode(body), headers=_JSON, details="extproc_mcp_forbidden")
-    route = ((routing.HEADER_CLUSTER, server.cluster),)
+        why = f"Your team '{principal.team}' may not use the MCP server '{server.name}'."
+        return _refused(exchange, server, 403, ErrorCode.FORBIDDEN, why, "mcp_forbidden")
     if exchange.method not in _HTTP_METHODS:
         # Streamable HTTP has no other; one would carry a body the gateway never reads.
-        body = error_response(
-            None,
-            ErrorCode.INVALID_REQUEST,
-            f"HTTP method {exchange.method} is not used by MCP; use POST.",
-            {"server": server.name},
-        )
-        exchange.status, exchange.error_code = 405, "mcp_invalid"
+        why = f"HTTP method {exchange.method} is not used by MCP; use POST."
+        refused = _refused(exchange, server, 405, ErrorCode.INVALID_REQUEST, why, "mcp_invalid")
         allow = ("allow", ", ".join(sorted(_HTTP_METHODS)))
-        return Reply(405, encode(body), (*_JSON, allow), details="extproc_mcp")
+        return replace(refused, headers=(*refused.headers, allow))
+    if exchange.method != "POST" and not end_of_stream:
+        # Only a POST's body is judged: one on another method would go on unread.
+        why = f"An MCP {exchange.method} request carries no body."
+        return _refused(exchange, server, 400, ErrorCode.INVALID_REQUEST, why, "mcp_invalid")
+    route = ((routing.HEADER_CLUSTER, server.cluster),)
     if exchange.method == "GET":
         # The server's own stream carries no calls, but what it sends is read like a POST's
         # answer: its requests and notifications, and answers it replays to a client that
@@ -80,11 +73,25 @@ def on_headers(
             process_response=True,
             clear_route_cache=True,
         )
-    if exchange.method != "POST" or end_of_stream:
-        # DELETE (end of session) and a CORS preflight carry no calls and get no answer
-        # to read; they only need the caller to be allowed on this server.
+    if exchange.method == "DELETE" or end_of_stream:
+        # The end of a session carries no calls and gets no answer to read; it only needs
+        # the caller to be allowed on this server.
         return Forward(set_headers=route, skip_request_body=True, clear_route_cache=True)
     return Forward(set_headers=route, process_response=True, clear_route_cache=True)
+
+
+def _refused(
+    exchange: Exchange,
+    server: CompiledServer,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    error_code: str,
+) -> Reply:
+    """A request refused before its body: JSON-RPC's error, no id (none was read)."""
+    exchange.status, exchange.error_code = status, error_code
+    body = encode(error_response(None, code, message, {"server": server.name}))
+    return Reply(status, body, _JSON, details=f"extproc_{error_code}")
 
 
 def on_body(exchange: Exchange, raw: bytes) -> Decision:

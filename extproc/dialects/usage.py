@@ -133,11 +133,11 @@ class StreamUsage:
     final usage arrives the count is the best available measure of output already sent.
     """
 
-    __slots__ = ("_anthropic_input", "_buffer", "_dialect", "_usage", "content_events")
+    __slots__ = ("_anthropic_input", "_dialect", "_events", "_usage", "content_events")
 
     def __init__(self, dialect: str) -> None:
         self._dialect = dialect
-        self._buffer = bytearray()
+        self._events = sse.Events()
         self._usage: Usage | None = None
         self._anthropic_input: Usage | None = None
         self.content_events = 0
@@ -147,18 +147,17 @@ class StreamUsage:
         return self._usage
 
     def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        events = sse.take_events(self._buffer)
-        if len(self._buffer) > MAX_EVENT_BYTES:
-            self._buffer.clear()
+        events = self._events.feed(chunk)
+        if self._events.held > MAX_EVENT_BYTES:
+            self._events.clear()
         for event in events:
             self._event(event)
 
     def finish(self) -> None:
         """The stream ended: read an unterminated last event, if any."""
-        if self._buffer.strip():
-            self._event(bytes(self._buffer))
-        self._buffer.clear()
+        rest = self._events.rest()
+        if rest.strip():
+            self._event(rest)
 
     def _event(self, event: bytes) -> None:
         if b'"usage":{' not in event and b'"usage": {' not in event:

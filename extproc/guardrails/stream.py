@@ -127,7 +127,7 @@ class StreamGuard:
         self._rules = tuple(r for r in rules if r.roles is None or _ASSISTANT in r.roles)
         self._holds = any(r.holds_text for r in self._rules)
         self._window = window
-        self._buffer = bytearray()
+        self._events = sse.Events()
         self._channels: dict[ChannelKey, _Channel] = {}
         self._queue: deque[_Queued] = deque()
         self._tallies: dict[str, _Tally] = {}
@@ -149,15 +149,14 @@ class StreamGuard:
         """The bytes to send to the client now for ``chunk`` of the upstream answer."""
         if self._blocked is not None:
             return b""
-        self._buffer += chunk
         out = bytearray()
-        for raw in sse.take_events(self._buffer):
+        for raw in self._events.feed(chunk):
             out += self._event(raw)
             if self._blocked is not None:
-                self._buffer.clear()
+                self._events.clear()
                 return bytes(out)
-        if len(self._buffer) > MAX_EVENT_BYTES and self._holds:
-            self._buffer.clear()
+        if self._events.held > MAX_EVENT_BYTES and self._holds:
+            self._events.clear()
             out += self._block(self._rules[0], ["oversized_event"], None)
         return bytes(out)
 
@@ -166,9 +165,9 @@ class StreamGuard:
         if self._blocked is not None:
             return b""
         out = bytearray()
-        if self._buffer.strip():
-            out += self._event(bytes(self._buffer) + b"\n\n")
-        self._buffer.clear()
+        rest = self._events.rest()
+        if rest.strip():
+            out += self._event(rest + b"\n\n")
         if self._blocked is None:
             for channel in self._channels.values():
                 self._settle(channel, "", final=True)

@@ -176,8 +176,17 @@ def compile_access(team: McpAccess | None, *narrowing: McpAccess | None) -> McpP
 def _categories(access: McpAccess) -> tuple[tuple[Kind, McpGlobs | None], ...]:
     return (
         (Kind.TOOL, access.tools),
-        (Kind.RESOURCE, access.resources),
+        (Kind.RESOURCE, _schemes_lowered(access.resources)),
         (Kind.PROMPT, access.prompts),
+    )
+
+
+def _schemes_lowered(globs: McpGlobs | None) -> McpGlobs | None:
+    """Resource globs as the URIs they match are compared: scheme in lower case."""
+    if globs is None:
+        return None
+    return McpGlobs(
+        allow=[lower_scheme(g) for g in globs.allow], deny=[lower_scheme(g) for g in globs.deny]
     )
 
 

@@ -66,8 +66,6 @@ LISTS: Mapping[str, tuple[str, str, Kind]] = {
 }
 """List methods: the result's array, each item's identifying field, and its kind."""
 
-_LIST_BY_KEY = {key: (key, field, kind) for key, field, kind in LISTS.values()}
-
 _PASSING = frozenset(
     {
         "initialize",
@@ -332,45 +330,34 @@ def _server_refusal(server: CompiledServer) -> _Refusal:
     )
 
 
-def filter_list_response(
-    method: str | None, body: dict[str, Any], access: McpPermissions
-) -> dict[str, Any]:
-    """Hide from a list answer what the caller may not use.
+def filter_list_response(body: dict[str, Any], access: McpPermissions) -> dict[str, Any]:
+    """Hide from an answer's lists what the caller may not use.
 
-    ``body`` is one JSON-RPC response; ``method`` is the request's method, or ``None``
-    when unknown (an answer replayed on a resumed stream). Unless it is a list method,
-    the result's shape decides (a ``tools`` array is only ever a tools/list result): a
-    server that answers the wrong id, or turns ids into strings (``1`` and ``"1"`` in one
-    batch), must not carry a list past the narrowing as a ping's answer. Returns ``body``
-    itself when nothing is hidden, so callers can keep the original bytes, else a copy.
-    A filtered answer that carries a ``cacheScope`` is marked ``private``: it is this
-    caller's view and must not be shared from a client-side cache.
+    ``body`` is one JSON-RPC response. Every list its result holds is narrowed, whatever
+    the request's method (a ``tools`` array is only ever a tools/list result): an answer
+    replayed on a resumed stream has no request here, and a server that answers the wrong
+    id, or turns ids into strings (``1`` and ``"1"`` in one batch), must not carry a list
+    past the narrowing as a ping's answer. Returns ``body`` itself when nothing is hidden,
+    so callers can keep the original bytes, else a copy. A filtered answer that carries a
+    ``cacheScope`` is marked ``private``: it is this caller's view and must not be shared
+    from a client-side cache.
     """
     result = body.get("result")
     if not isinstance(result, dict):
         return body
-    spec = (LISTS.get(method) if method is not None else None) or _by_shape(result)
-    if spec is None:
+    filtered: dict[str, Any] | None = None
+    for key, field, kind in LISTS.values():
+        items = result.get(key)
+        if not isinstance(items, list):
+            continue
+        kept = [item for item in items if _visible(item, field, kind, access)]
+        if len(kept) < len(items):
+            filtered = {**(filtered or result), key: kept}
+    if filtered is None:
         return body
-    key, field, kind = spec
-    items = result.get(key)
-    if not isinstance(items, list):
-        return body
-    kept = [item for item in items if _visible(item, field, kind, access)]
-    if len(kept) == len(items):
-        return body
-    filtered = {**result, key: kept}
     if "cacheScope" in filtered:
         filtered["cacheScope"] = "private"
     return {**body, "result": filtered}
-
-
-def _by_shape(result: dict[str, Any]) -> tuple[str, str, Kind] | None:
-    for key in result:
-        spec = _LIST_BY_KEY.get(key)
-        if spec is not None and isinstance(result[key], list):
-            return spec
-    return None
 
 
 def _visible(item: Any, field: str, kind: Kind, access: McpPermissions) -> bool:

@@ -79,7 +79,7 @@ class ListFilter:
         self.hidden = 0
 
     def __call__(self, method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
-        filtered = filter_list_response(method, message, self._access)
+        filtered = filter_list_response(message, self._access)
         if filtered is message:
             return None
         self.hidden += _count(message) - _count(filtered)
@@ -105,9 +105,12 @@ def rewrite_json(body: bytes, methods: Mapping[RequestId, str], rewrite: Rewrite
     """Rewrite a JSON answer (one message or a batch); ``None`` when nothing changed.
 
     JSON that is not JSON-RPC is left alone (``None``): it carries nothing a rewriter could
-    judge, and the client will reject it anyway. A body that is not JSON raises
+    judge, and the client will reject it anyway; so is an empty body (the official SDK
+    answers a notification 202 with one). A body that is not JSON raises
     :class:`McpStreamError`.
     """
+    if not body.strip():
+        return None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -147,7 +150,7 @@ def _rewrite_message(
 class SseRewriter:
     """Rewrites the JSON-RPC messages of one SSE answer as its chunks arrive."""
 
-    __slots__ = ("_buffer", "_max", "_methods", "_rewrite", "changed")
+    __slots__ = ("_events", "_max", "_methods", "_rewrite", "changed")
 
     def __init__(
         self,
@@ -158,29 +161,30 @@ class SseRewriter:
         self._methods = methods
         self._rewrite = rewrite
         self._max = max_event_bytes
-        self._buffer = bytearray()
+        self._events = sse.Events()
         self.changed = 0
         """Events rewritten so far."""
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send on for ``chunk``: every event it completes (possibly none)."""
-        self._buffer += chunk
         out = bytearray()
-        for raw in sse.take_events(self._buffer):
+        for raw in self._events.feed(chunk):
             out += self._event(raw)
-        if len(self._buffer) > self._max:
+        if self._events.held > self._max:
             raise McpStreamError(f"an SSE event exceeds {self._max} bytes")
         return bytes(out)
 
     def finish(self) -> bytes:
         """The end of the stream: an unterminated last event is judged and sent as is."""
-        rest, self._buffer = bytes(self._buffer), bytearray()
+        rest = self._events.rest()
         return self._event(rest) if rest else b""
 
     def _event(self, raw: bytes) -> bytes:
         text = sse.data(raw)
         if text is None or not text.strip():
             return raw  # no message: a priming event (its id), a comment, a keep-alive
+        if sse.name(raw) not in (None, b"message"):
+            return raw  # not a message: MCP clients dispatch only those
         try:
             document = orjson.loads(text)
         except orjson.JSONDecodeError as error:

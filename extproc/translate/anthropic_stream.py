@@ -64,9 +64,9 @@ class StreamTranslator:
     """
 
     __slots__ = (
-        "_buffer",
         "_created",
         "_done",
+        "_events",
         "_finish",
         "_id",
         "_include_usage",
@@ -83,7 +83,7 @@ class StreamTranslator:
         self._model = requested_model
         self._include_usage = include_usage
         self._created = int(time.time()) if created is None else created
-        self._buffer = bytearray()
+        self._events = sse.Events()
         self._done = False
         self._started = False
         self._id = "chatcmpl-anthropic"
@@ -101,21 +101,20 @@ class StreamTranslator:
         """OpenAI SSE bytes for every Anthropic event completed by ``chunk``."""
         if self._done:
             return b""
-        self._buffer += chunk
-        out = [self._event(event) for event in sse.take_events(self._buffer) if not self._done]
+        out = [self._event(event) for event in self._events.feed(chunk) if not self._done]
         if self._done:
-            self._buffer.clear()
-        elif len(self._buffer) > MAX_EVENT_BYTES:
-            self._buffer.clear()
+            self._events.clear()
+        elif self._events.held > MAX_EVENT_BYTES:
+            self._events.clear()
             out.append(self._fail("An upstream stream event exceeded the gateway's size limit."))
         return b"".join(out)
 
     def finish(self) -> bytes:
         """The upstream ended: translate an unterminated last event, close a cut stream."""
         out = b""
-        if self._buffer.strip() and not self._done:
-            out = self._event(bytes(self._buffer))
-        self._buffer.clear()
+        rest = self._events.rest()
+        if rest.strip() and not self._done:
+            out = self._event(rest)
         if self._done:
             return out
         return out + self._fail("The upstream stream ended before the answer was complete.")

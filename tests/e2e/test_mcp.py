@@ -238,7 +238,7 @@ def test_an_http_method_mcp_does_not_use_is_refused_by_the_gateway(stack: Stack)
         body,
         {"authorization": f"Bearer {RESTRICTED_KEY}", "content-type": "application/json"},
     )
-    assert status == 405 and headers["allow"] == "DELETE, GET, OPTIONS, POST"
+    assert status == 405 and headers["allow"] == "DELETE, GET, POST"
     answer = json.loads(raw)
     assert answer["error"]["code"] == ErrorCode.INVALID_REQUEST
     assert "not used by MCP" in answer["error"]["message"]

@@ -469,3 +469,15 @@ async def test_an_mcp_answer_the_gateway_cannot_read_is_a_502(
     immediate = last.immediate_response
     assert immediate.status.code == 502
     assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_unreadable"
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_an_mcp_request_other_than_a_post_with_a_body_is_refused(method: str) -> None:
+    """Only a POST's body is judged: one on another method would go on unread."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    [answer] = await exchange(processor, [request_headers("/mcp", RESTRICTED, method=method)])
+    assert answer.immediate_response.status.code == 400
+    error = orjson.loads(answer.immediate_response.body)["error"]
+    assert error["message"] == f"An MCP {method} request carries no body."

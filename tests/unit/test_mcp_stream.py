@@ -248,3 +248,19 @@ def test_an_event_without_a_message_passes_and_one_with_spaces_is_read() -> None
     listed = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "github.create_issue"}]}}
     out = rewriter.feed(b"data:   " + orjson.dumps(listed) + b"\n\n")
     assert data_of(out) == [{**listed, "result": {"tools": []}}]
+
+
+def test_an_empty_json_answer_passes() -> None:
+    """The official SDK answers a notification 202 with an empty application/json body."""
+    assert rewrite_json(b"", {}, list_filter(RESTRICTED)) is None
+    assert rewrite_json(b" \r\n", {}, list_filter(RESTRICTED)) is None
+
+
+def test_an_event_that_is_not_a_message_passes_unread() -> None:
+    """MCP clients dispatch only ``message`` events (or unnamed ones); a server's own
+    ``ping`` events with plain data are not messages, and end nothing."""
+    rewriter = SseRewriter({}, list_filter(RESTRICTED))
+    ping = b"event: ping\ndata: ping\n\n"
+    assert rewriter.feed(ping) == ping
+    with pytest.raises(McpStreamError):
+        rewriter.feed(b"event: message\ndata: ping\n\n")

@@ -1,0 +1,52 @@
+"""Server-sent events framing shared by every stream reader (extproc/sse.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc import sse
+
+STREAM = (
+    b"event: a\ndata: 1\n\n: comment\n\ndata: 2\r\ndata: 3\r\n\r\ndata: 4\r\r"
+    b"data: 5\n\r\ndata: 6\r\n\n"
+)
+EVENTS = [
+    b"event: a\ndata: 1\n\n",
+    b": comment\n\n",
+    b"data: 2\r\ndata: 3\r\n\r\n",
+    b"data: 4\r\r",
+    b"data: 5\n\r\n",  # mixed: a line's LF, then an empty line's CRLF
+    b"data: 6\r\n\n",
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, len(STREAM)])
+def test_events_are_the_same_whatever_the_chunks(size: int) -> None:
+    """An event's end split across chunks (``\\r\\n`` | ``\\r\\n``) is still found."""
+    events = sse.Events()
+    got: list[bytes] = []
+    for at in range(0, len(STREAM), size):
+        got += events.feed(STREAM[at : at + size])
+    assert got == EVENTS and events.held == 0
+
+
+def test_the_unfinished_event_is_held_and_given_at_the_end() -> None:
+    events = sse.Events()
+    assert events.feed(b"data: 1\n\ndata: 2") == [b"data: 1\n\n"]
+    assert events.held == len(b"data: 2")
+    assert events.rest() == b"data: 2" and events.held == 0
+
+
+def test_a_single_crlf_ends_a_line_not_an_event() -> None:
+    events = sse.Events()
+    assert events.feed(b"data: 1\r") == []
+    assert events.feed(b"\ndata: 2\r\n") == []
+    assert events.feed(b"\r\n") == [b"data: 1\r\ndata: 2\r\n\r\n"]
+
+
+def test_data_joins_its_lines_and_drops_one_leading_space() -> None:
+    assert sse.data(b'event: x\r\ndata: {"a":\r\ndata:  1}\r\n\r\n') == b'{"a":\n 1}'
+    assert sse.data(b": just a comment\n\n") is None
+    assert sse.lines(b"a\rb\nc\r\nd") == [b"a", b"b", b"c", b"d"]
+    assert sse.name(b"event: ping\ndata: x\n\n") == b"ping"
+    assert sse.name(b"data: x\n\n") is None
