@@ -19,10 +19,11 @@ from typing import Any
 from extproc import routing
 from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
+from extproc.dialects.base import TextPart
 from extproc.dialects.json_body import encode_body
 from extproc.errors import BadGateway, InvalidRequest, RateLimited, ServiceUnavailable
 from extproc.exchange import Exchange
-from extproc.guardrails.engine import describe
+from extproc.guardrails.engine import GuardResult, describe
 from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import Answer, decide, refuse
@@ -36,7 +37,7 @@ from extproc.mcp.stream import (
     list_filter,
     rewrite_json,
 )
-from extproc.mcp.texts import apply_rewrites, request_texts, result_texts
+from extproc.mcp.texts import LISTED, apply_rewrites, listed_texts, request_texts, result_texts
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
@@ -197,12 +198,44 @@ def _rewriter(exchange: Exchange) -> Rewriter:
     if not guards.applies("output", **subject):
         return narrow
 
+    def check(texts: tuple[TextPart, ...]) -> GuardResult:
+        result = guards.check("output", texts, **subject)
+        exchange.verdicts.extend(describe(result))
+        return result
+
+    def guard_listing(result: dict[str, Any]) -> dict[str, Any] | None:
+        """A list result with each item a rule blocks hidden (a poisoned tool's
+        description would reach the model), each one it rewrites rewritten."""
+        changed: dict[str, Any] | None = None
+        for key in LISTED:
+            items = result.get(key)
+            if not isinstance(items, list):
+                continue
+            kept: list[Any] = []
+            touched = False
+            for item in items:
+                texts = listed_texts(item)
+                verdict = check(texts) if texts else None
+                if verdict is not None and (verdict.blocked or verdict.rewrites):
+                    touched = True
+                    if verdict.blocked:
+                        continue
+                    item = _deep_copy(item)
+                    apply_rewrites(item, verdict.rewrites)
+                kept.append(item)
+            if touched:
+                changed = {**(changed or result), key: kept}
+        return changed
+
     def guard(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
+        answered = message.get("result")
+        if isinstance(answered, dict) and any(isinstance(answered.get(k), list) for k in LISTED):
+            listing = guard_listing(answered)
+            return None if listing is None else {**message, "result": listing}
         texts = result_texts(message)
         if not texts:
             return None
-        result = guards.check("output", texts, **subject)
-        exchange.verdicts.extend(describe(result))
+        result = check(texts)
         if result.blocked:
             text = result.message or f"Blocked by guardrail '{result.blocked_by}'."
             return error_response(message.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)

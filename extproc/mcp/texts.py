@@ -5,8 +5,10 @@ Input rules read what a caller sends a tool: every string leaf of a tools/call's
 read what comes back from a server and will be put in front of a model: tool results
 (``content[].text``, embedded resources' ``text``, string leaves of
 ``structuredContent``), resource contents (``contents[].text``) and prompt messages
-(``messages[].content.text``). That is where a prompt injection hides, so all of it is
-exposed; binary content (images, audio, blobs) is not text and is skipped.
+(``messages[].content.text``), and what list results say of each item (:func:`listed_texts`:
+a tool's title, description and parameter descriptions, where a tool is poisoned). That is
+where a prompt injection hides, so all of it is exposed; binary content (images, audio,
+blobs) is not text and is skipped.
 
 Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
 ``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
@@ -81,6 +83,32 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
             if isinstance(prompt_message, dict):
                 where = (*base, "messages", i, "content")
                 found.extend(_block_texts(prompt_message.get("content"), where))
+    return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
+
+
+LISTED = ("tools", "resources", "resourceTemplates", "prompts")
+"""The arrays of a list result (tools/list, resources/list, ...), whose items a client puts
+in front of its model: their descriptions are where a tool is poisoned."""
+
+
+def listed_texts(item: Any) -> tuple[TextPart, ...]:
+    """The texts of one listed tool, resource or prompt a model reads: its ``title`` and
+    ``description``, and every ``description`` in its schemas (a tool's parameters), with
+    paths from the item."""
+    if not isinstance(item, dict):
+        return ()
+    found: list[tuple[JsonPath, str]] = [
+        ((field,), item[field])
+        for field in ("title", "description")
+        if isinstance(item.get(field), str)
+    ]
+    for schema in ("inputSchema", "outputSchema"):
+        if isinstance(item.get(schema), dict):
+            found.extend(
+                (path, text)
+                for path, text in _strings(item[schema], (schema,))
+                if path[-1] == "description"
+            )
     return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
 
 
