@@ -26,7 +26,7 @@ from extproc.exchange import Exchange
 from extproc.guardrails.engine import GuardResult, describe
 from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
-from extproc.mcp.enforce import Answer, decide, refuse
+from extproc.mcp.enforce import LISTS, Answer, decide, refuse
 from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, encode, error_response, parse_body
 from extproc.mcp.stream import (
     McpStreamError,
@@ -37,10 +37,12 @@ from extproc.mcp.stream import (
     list_filter,
     rewrite_json,
 )
-from extproc.mcp.texts import LISTED, apply_rewrites, listed_texts, request_texts, result_texts
+from extproc.mcp.texts import apply_rewrites, listed_texts, request_texts, result_texts
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
+_LISTED = tuple(key for key, _, _ in LISTS.values())
+"""The arrays of a list result (``tools``, ``resources``, ...)."""
 _HTTP_METHODS = frozenset({"POST", "GET", "DELETE"})
 """Streamable HTTP's methods: POST calls, GET the server's stream, DELETE a session's end."""
 
@@ -207,7 +209,7 @@ def _rewriter(exchange: Exchange) -> Rewriter:
         """A list result with each item a rule blocks hidden (a poisoned tool's
         description would reach the model), each one it rewrites rewritten."""
         changed: dict[str, Any] | None = None
-        for key in LISTED:
+        for key in _LISTED:
             items = result.get(key)
             if not isinstance(items, list):
                 continue
@@ -229,7 +231,7 @@ def _rewriter(exchange: Exchange) -> Rewriter:
 
     def guard(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
         answered = message.get("result")
-        if isinstance(answered, dict) and any(isinstance(answered.get(k), list) for k in LISTED):
+        if isinstance(answered, dict) and any(isinstance(answered.get(k), list) for k in _LISTED):
             listing = guard_listing(answered)
             return None if listing is None else {**message, "result": listing}
         texts = result_texts(message)

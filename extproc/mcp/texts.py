@@ -86,15 +86,10 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
     return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
 
 
-LISTED = ("tools", "resources", "resourceTemplates", "prompts")
-"""The arrays of a list result (tools/list, resources/list, ...), whose items a client puts
-in front of its model: their descriptions are where a tool is poisoned."""
-
-
 def listed_texts(item: Any) -> tuple[TextPart, ...]:
-    """The texts of one listed tool, resource or prompt a model reads: its ``title`` and
-    ``description``, and every ``description`` in its schemas (a tool's parameters), with
-    paths from the item."""
+    """The texts of one listed tool, resource or prompt (an item of a list result), which a
+    client puts in front of its model: its ``title`` and ``description``, and every
+    ``description`` in its schemas (a tool's parameters), with paths from the item."""
     if not isinstance(item, dict):
         return ()
     found: list[tuple[JsonPath, str]] = [
