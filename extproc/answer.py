@@ -64,8 +64,11 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
             *set_headers,
             ("content-type", "text/event-stream" if chunked else "application/json"),
         )
-    rewritten = exchange.translation is not None or exchange.output_guard is not None
-    rewritten = rewritten or exchange.guard_answer
+    rewritten = (
+        exchange.translation is not None
+        or exchange.output_guard is not None
+        or exchange.guard_answer
+    )
     mode: Literal["streamed", "buffered"]
     if exchange.translation is not None or exchange.guard_answer:
         mode = "streamed" if chunked else "buffered"
@@ -145,15 +148,12 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
         out = translation.chunk(chunk, end)
         if translation.unreadable:
             return _unreadable(exchange, "could not be translated to OpenAI's format")
-    chunked = translation.stream is not None if translation else True
     if exchange.output_guard is not None:
         out = exchange.output_guard.feed(chunk if out is None else out)
         if end:
             out += exchange.output_guard.finish()
             exchange.verdicts.extend(describe(exchange.output_guard.result))
-    elif exchange.guard_answer:
-        if not end:
-            return Forward(body=b"") if chunked else CONTINUE
+    elif exchange.guard_answer:  # held whole (answer_whole): this chunk is the answer
         guarded = _guard_answer(exchange, chunk if out is None else out)
         if isinstance(guarded, Reply):
             return guarded

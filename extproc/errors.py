@@ -12,7 +12,8 @@ these at the boundary where they occur; nothing else is allowed to escape to the
     ├── NotFound                 404  unknown model, unknown path under /v1/
     ├── RateLimited              429  rate limit or budget exhausted (carries retry-after)
     ├── BadGateway               502  an upstream answer the gateway must read cannot be
-    │   │                             (output guardrails or translation on a non-JSON body)
+    │   │                             (output guardrails, translation or MCP narrowing on
+    │   │                             a non-JSON body)
     │   └── AnswerTooLarge       502  ... or is past Envoy's buffer limit (not retried)
     └── ServiceUnavailable       503  a store the policy depends on is down (fail-closed)
 

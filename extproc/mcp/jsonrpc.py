@@ -12,10 +12,12 @@ Error codes (all in ``error.code``; ``error.data`` names the method and the item
 
     -32700  parse error          body is not JSON (HTTP 400)
     -32600  invalid request      not a JSON-RPC 2.0 message, duplicate ids in a batch,
-                                 a call-style method sent as a notification (HTTP 400)
+                                 a call-style method sent as a notification, a member
+                                 some servers read as another ("Method") (HTTP 400)
     -32601  method not found     a method the gateway does not know, on a server whose
                                  policy rejects unknown methods (HTTP 200)
-    -32602  invalid params       tools/call without a tool name, etc. (HTTP 400)
+    -32602  invalid params       tools/call without a tool name, a resource URI with dot
+                                 segments or encoded separators, etc. (HTTP 400)
     -32010  forbidden            the caller's policy forbids this tool, resource, prompt
                                  or server (HTTP 200)
     -32011  rate limited         a per-tool budget is exhausted (HTTP 200)
@@ -163,10 +165,10 @@ def parse_body(body: bytes) -> Body:
     return Body((message,), False, raw)
 
 
+# The members the gateway judges a message by, at each level it reads.
 _MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 _PARAMS = frozenset({"name", "uri", "arguments", "ref"})
 _REF = frozenset({"type", "name", "uri"})
-"""The members the gateway judges a message by, at each level it reads."""
 
 
 def _lookalike(members: Mapping[str, Any], read: frozenset[str]) -> str | None:
@@ -174,9 +176,8 @@ def _lookalike(members: Mapping[str, Any], read: frozenset[str]) -> str | None:
 
     Go's ``encoding/json`` matches member names without regard to case (the long s as
     ``s``, the Kelvin sign as ``k``) and keeps the last match, and some decoders drop NUL
-    characters:
-    ``{"method": "ping", "Method": "tools/call"}`` would be judged a ping here and run as
-    a tool call there. Such a message is refused instead."""
+    characters: ``{"method": "ping", "Method": "tools/call"}`` would be judged a ping here
+    and run as a tool call there. Such a message is refused instead."""
     for name in members:
         if name not in read and name.replace("\x00", "").casefold() in read:
             return name

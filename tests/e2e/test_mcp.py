@@ -15,6 +15,7 @@ from mcp.shared.exceptions import MCPError
 from extproc.mcp.jsonrpc import ErrorCode
 from extproc.stack import Stack
 from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, Http
+from tests.e2e.test_accounting import ext_proc_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -212,14 +213,17 @@ def test_a_call_too_deep_to_forward_rewritten_is_refused_and_never_sent(stack: S
 
 async def test_the_servers_own_stream_opens_through_the_gateway(stack: Stack) -> None:
     """A GET stream (the server's requests and notifications, and replayed answers) is
-    read by the service like a POST's answer: it still opens and stays open."""
+    read by the service like a POST's answer: Envoy sends the service its response
+    headers too (two messages, not one), and the stream still opens and stays open."""
     headers = {"accept": "text/event-stream"}
+    before = ext_proc_messages(stack)
     async with (
         http(RESTRICTED_KEY) as h,
         h.stream("GET", url(stack), headers=headers, timeout=5) as stream,
     ):
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
+        assert ext_proc_messages(stack) - before == 2
 
 
 def test_an_http_method_mcp_does_not_use_is_refused_by_the_gateway(stack: Stack) -> None:
