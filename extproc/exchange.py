@@ -115,7 +115,8 @@ class Exchange:
         """``error`` rendered for the caller, in its dialect; the outcome is remembered for
         the audit record and the metrics."""
         self.status, self.error_code = error.status, error.code
-        return render_error(error, self.envelope)
+        ids = tuple(self.mcp_methods)
+        return render_error(error, self.envelope, ids[0] if len(ids) == 1 else None)
 
 
 Clock = Callable[[], datetime]

@@ -52,6 +52,7 @@ def on_headers(
 ) -> Decision:
     """Route the request to the server's cluster; refuse callers who may not use it."""
     exchange.mcp_server = server
+    exchange.envelope = "jsonrpc"  # the gateway's own errors too, as MCP clients read them
     if not principal.mcp.may_use_server(server.name):
         why = f"Your team '{principal.team}' may not use the MCP server '{server.name}'."
         return _refused(exchange, server, 403, ErrorCode.FORBIDDEN, why, "mcp_forbidden")

@@ -14,8 +14,8 @@ from typing import Any, Literal, Protocol
 JsonPath = tuple[str | int, ...]
 """Keys and indices from the body's root to one string value."""
 
-Envelope = Literal["openai", "anthropic"]
-"""The error-body family a dialect's callers expect."""
+Envelope = Literal["openai", "anthropic", "jsonrpc"]
+"""The error-body family a caller expects: a dialect's, or JSON-RPC's for MCP callers."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@ Every JSON-RPC message POSTed to the endpoint is recorded *as it arrives*, befor
 looks at it, so a test can prove that a call the gateway refused never reached the
 server: ``GET /calls`` returns the records as JSON (``DELETE /calls`` clears them), and
 with ``log`` each is also appended to that file as a JSON line. ``GET /healthz`` answers
-``ok`` for readiness checks.
+``ok`` for readiness checks. A POST with ``x-demo-answer: unreadable`` is recorded and
+answered with a body that claims to be JSON and is not (as a proxy's error page can be),
+so tests can watch the gateway refuse to pass on an answer it cannot check.
 
 Only this module needs the ``mcp`` SDK; the gateway's MCP support does not import it.
 """
@@ -31,13 +33,15 @@ import orjson
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from extproc.mcp.config import normal_path
 
 CALLS_PATH = "/calls"
 HEALTH_PATH = "/healthz"
+ANSWER_CONTROL = b"x-demo-answer"
+"""Request header: ``unreadable`` makes the server answer a POST with a non-JSON body."""
 DEFAULT_PORT = 8097
 
 INJECTED_ISSUE = (
@@ -201,6 +205,10 @@ class _Recorder:
             return
         body = await _read_body(receive)
         self._record(body, scope)
+        if (ANSWER_CONTROL, b"unreadable") in scope["headers"]:
+            page = Response(b"<html>upstream hiccup</html>", media_type="application/json")
+            await page(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:

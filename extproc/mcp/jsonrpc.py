@@ -24,6 +24,10 @@ Error codes (all in ``error.code``; ``error.data`` names the method and the item
     -32012  blocked by guardrail a guardrail rule refused the call's arguments (HTTP 200)
     -32013  batch rejected       another element of the same batch was refused, so none
                                  of it was forwarded (HTTP 200)
+    -32014  gateway error        the gateway could not pass the server's answer on (too
+                                 large to check, unreadable: HTTP 502) or failed itself;
+                                 ``data.type`` is the gateway's error code, e.g.
+                                 ``upstream_answer_too_large`` (HTTP status as the error's)
 
 The gateway's own codes sit in JSON-RPC's implementation-defined server range and avoid
 -32000/-32001 (the official Python SDK uses them internally for "connection closed" and
@@ -57,6 +61,7 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = -32011
     GUARDRAIL_BLOCKED = -32012
     BATCH_REJECTED = -32013
+    GATEWAY_ERROR = -32014
 
 
 _BAD_INPUT = frozenset({ErrorCode.PARSE_ERROR, ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_PARAMS})

@@ -12,6 +12,7 @@ from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from extproc.mcp.demo_server import ANSWER_CONTROL
 from extproc.mcp.jsonrpc import ErrorCode
 from extproc.stack import Stack
 from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, Http
@@ -100,6 +101,29 @@ async def test_a_tool_result_with_an_injected_instruction_is_blocked(stack: Stac
             await c.call_tool("github.get_issue", {"number": 13})
     assert blocked.value.code == ErrorCode.GUARDRAIL_BLOCKED
     assert "instructions aimed at the model" in blocked.value.message
+
+
+async def test_an_answer_the_gateway_cannot_check_fails_the_call_with_its_reason(
+    stack: Stack,
+) -> None:
+    """The server answers a call with a body that says JSON and is not: unchecked, it
+    cannot pass (fail closed). The HTTP 502 carries a JSON-RPC error, so the SDK raises
+    it as the call's own failure with the gateway's reason, not "Server returned an error
+    response"."""
+    clear(stack)
+    async with (
+        http(ADMIN_KEY) as h,
+        streamable_http_client(url(stack), http_client=h) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        h.headers[ANSWER_CONTROL.decode()] = "unreadable"
+        with pytest.raises(MCPError) as failed:
+            await session.call_tool("weather.get", {"city": "Oslo"})
+    assert failed.value.code == ErrorCode.GATEWAY_ERROR
+    assert "could not be checked by the gateway" in failed.value.message
+    assert failed.value.error.data == {"type": "upstream_answer_unreadable"}
+    assert [c["name"] for c in calls(stack)] == ["weather.get"]  # the call itself went
 
 
 def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:

@@ -16,6 +16,7 @@ from extproc.adapters.ext_proc import ExternalProcessor
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.budgets.store import Counter, ReserveResult
+from extproc.mcp.jsonrpc import ErrorCode
 from extproc.policy.store import PolicyStore
 from extproc.stack import ROOT
 from extproc.telemetry.audit import AuditLog
@@ -397,7 +398,13 @@ async def test_an_answer_wanted_whole_past_the_buffer_is_a_502_and_never_passes(
     immediate = answer.immediate_response
     assert immediate.status.code == 502
     assert headers_set(immediate)["x-should-retry"] == "false"
-    assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_too_large"
+    error = orjson.loads(immediate.body)["error"]
+    if path == "/mcp":  # JSON-RPC's error, answering the call, as MCP clients read it
+        assert orjson.loads(immediate.body)["id"] == body["id"]
+        assert error["code"] == ErrorCode.GATEWAY_ERROR
+        assert error["data"] == {"type": "upstream_answer_too_large"}
+    else:
+        assert error["code"] == "upstream_answer_too_large"
     assert b"a@b.com" not in immediate.body
 
 
@@ -468,7 +475,10 @@ async def test_an_mcp_answer_the_gateway_cannot_read_is_a_502(
     *_, last = await exchange(processor, messages)
     immediate = last.immediate_response
     assert immediate.status.code == 502
-    assert orjson.loads(immediate.body)["error"]["code"] == "upstream_answer_unreadable"
+    answer = orjson.loads(immediate.body)
+    assert answer["jsonrpc"] == "2.0" and answer["id"] == TOOLS_LIST["id"]
+    assert answer["error"]["code"] == ErrorCode.GATEWAY_ERROR
+    assert answer["error"]["data"] == {"type": "upstream_answer_unreadable"}
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
