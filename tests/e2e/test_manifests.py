@@ -529,7 +529,10 @@ SPECS: dict[tuple[str, str], Doc] = {
     ("security.istio.io/v1", "AuthorizationPolicy"): {
         **obj("action", selector=obj("matchLabels", matchLabels=LABELS),
               action=enum("ALLOW", "DENY", "AUDIT", "CUSTOM"), provider=obj("name", name=STR),
-              rules=array(obj(to=array(obj("operation", operation=obj(hosts=array(STR))))))),
+              rules=array(obj(
+                  to=array(obj("operation", operation=obj(hosts=array(STR), ports=array(STR)))),
+                  **{"from": array(obj("source", source=obj("principals",
+                                                            principals=array(STR))))}))),
         "if": {"properties": {"action": {"const": "CUSTOM"}}},
         "then": {"required": ["provider"]},
     },
@@ -554,7 +557,7 @@ def istio(kind: str, name: str | None = None) -> Doc:
 def test_istio_resource_is_structurally_valid(doc: Doc) -> None:
     spec = SPECS.get((doc["apiVersion"], doc["kind"]))
     assert spec is not None, f"no schema for {doc['apiVersion']} {doc['kind']}"
-    metadata = obj("name", "namespace", name=STR, namespace=enum("istio-system"))
+    metadata = obj("name", "namespace", name=STR, namespace=enum("istio-system", NAMESPACE))
     top = {"apiVersion": STR, "kind": STR, "metadata": metadata, "spec": spec}
     jsonschema.validate(doc, obj(*top, **top))
 
@@ -569,7 +572,10 @@ def test_istio_files_are_not_taken_for_envoy_bootstraps() -> None:
 
 def test_istio_ext_authz_provider_is_the_extproc_service() -> None:
     [provider] = istio("IstioOperator")["spec"]["meshConfig"]["extensionProviders"]
-    assert istio("AuthorizationPolicy")["spec"]["provider"]["name"] == provider["name"]
+    assert (
+        istio("AuthorizationPolicy", "llm-ext-authz")["spec"]["provider"]["name"]
+        == provider["name"]
+    )
     grpc = provider["envoyExtAuthzGrpc"]
     service = one(K8S_DOCS, "Service", "extproc")
     assert grpc["service"] == SERVICE_HOST
@@ -612,12 +618,29 @@ def test_istio_hosts_and_ports_agree_across_files() -> None:
         [tls] = rule["spec"]["trafficPolicy"]["portLevelSettings"]
         assert tls["port"]["number"] == 443
         assert tls["tls"] == {"mode": "SIMPLE", "sni": host, "subjectAltNames": [host]}
-    authorized = istio("AuthorizationPolicy")["spec"]["rules"][0]["to"][0]["operation"]["hosts"]
+    authorized = istio("AuthorizationPolicy", "llm-ext-authz")["spec"]["rules"][0]["to"][0][
+        "operation"
+    ]["hosts"]
     assert {h.removesuffix(":*") for h in authorized} == providers
     for name in ("extproc-egress", "extproc-sidecar"):
         patches = istio("EnvoyFilter", name)["spec"]["configPatches"]
         vhosts = {p["match"]["routeConfiguration"]["vhost"]["name"] for p in patches[2:]}
         assert vhosts == {f"{host}:80" for host in providers}
+
+
+def test_istio_lets_only_the_egress_gateway_call_the_service() -> None:
+    """The service's answers carry provider keys: a workload must not call it itself."""
+    spec = istio("AuthorizationPolicy", "extproc-callers")["spec"]
+    pod = one(K8S_DOCS, "Deployment", "extproc")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod.items()
+    assert spec["action"] == "ALLOW"
+    callers, scraper = spec["rules"]
+    [source] = callers["from"]
+    [gateway] = istio("IstioOperator")["spec"]["components"]["egressGateways"]
+    account = f"cluster.local/ns/istio-system/sa/{gateway['name']}-service-account"
+    assert source["source"]["principals"] == [account]
+    assert callers["to"] == [{"operation": {"ports": [str(CONTRACT.grpc)]}}]
+    assert scraper == {"to": [{"operation": {"ports": [str(CONTRACT.admin)]}}]}
 
 
 def envoyfilter_bootstrap(patches: list[Doc]) -> Doc:
