@@ -37,7 +37,7 @@ from extproc.mcp.stream import (
     list_filter,
     rewrite_json,
 )
-from extproc.mcp.texts import apply_rewrites, listed_texts, request_texts, result_texts
+from extproc.mcp.texts import apply_rewrites, listed_texts, message_texts, request_texts
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
@@ -235,18 +235,22 @@ def _rewriter(exchange: Exchange) -> Rewriter:
         if isinstance(answered, dict) and any(isinstance(answered.get(k), list) for k in _LISTED):
             listing = guard_listing(answered)
             return None if listing is None else {**message, "result": listing}
-        texts = result_texts(message)
+        texts = message_texts(message)
         if not texts:
             return None
         result = check(texts)
+        rewrites = result.rewrites
         if result.blocked:
             text = result.message or f"Blocked by guardrail '{result.blocked_by}'."
-            return error_response(message.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
-        if not result.rewrites:
+            if "method" not in message:
+                return error_response(message.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
+            # A server's own request is no answer to replace with an error, and dropping
+            # it would leave the server waiting: it goes on with its texts withheld.
+            rewrites = dict.fromkeys((part.path for part in texts), f"[{text}]")
+        if not rewrites:
             return None
-        copy: dict[str, Any] = dict(message)
-        copy["result"] = _deep_copy(message.get("result"))
-        apply_rewrites(copy, result.rewrites)
+        copy: dict[str, Any] = _deep_copy(message)
+        apply_rewrites(copy, rewrites)
         return copy
 
     return chain(narrow, guard)

@@ -6,9 +6,14 @@ read what comes back from a server and will be put in front of a model: tool res
 (``content[].text``, embedded resources' ``text``, string leaves of
 ``structuredContent``), resource contents (``contents[].text``) and prompt messages
 (``messages[].content.text``), and what list results say of each item (:func:`listed_texts`:
-a tool's title, description and parameter descriptions, where a tool is poisoned). That is
-where a prompt injection hides, so all of it is exposed; binary content (images, audio,
-blobs) is not text and is skipped.
+a tool's title, description and parameter descriptions, where a tool is poisoned). So do
+a server's error answers (``error.message`` and ``error.data``, which agents hand their
+model as the call's outcome) and what a server asks of the client on its own
+(:func:`message_texts`): a ``sampling/createMessage``'s messages and system prompt, which
+the client sends to its model, an ``elicitation/create``'s message and field texts, which
+it shows its user, and log and progress notifications. That is where a prompt injection
+hides, so all of it is exposed; binary content (images, audio, blobs) is not text and is
+skipped.
 
 Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
 ``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
@@ -83,6 +88,63 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
             if isinstance(prompt_message, dict):
                 where = (*base, "messages", i, "content")
                 found.extend(_block_texts(prompt_message.get("content"), where))
+    return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
+
+
+def message_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
+    """The texts of one message from a server, whatever it is: a request or notification
+    of its own, an error answer, or a result (:func:`result_texts`)."""
+    if "method" in message:
+        return _server_texts(message)
+    error = message.get("error")
+    if isinstance(error, dict):
+        found: list[tuple[JsonPath, str]] = []
+        if isinstance(error.get("message"), str):
+            found.append((("error", "message"), error["message"]))
+        if "data" in error:
+            found.extend(_strings(error["data"], ("error", "data")))
+        return _from_server(found)
+    return result_texts(message)
+
+
+def _server_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
+    """What a server's own request or notification puts in front of the client's model,
+    its user or its logs."""
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return ()
+    method = message.get("method")
+    found: list[tuple[JsonPath, str]] = []
+    if method == "sampling/createMessage":
+        if isinstance(params.get("systemPrompt"), str):
+            found.append((("params", "systemPrompt"), params["systemPrompt"]))
+        messages = params.get("messages")
+        for i, sampled in enumerate(messages if isinstance(messages, list) else ()):
+            content = sampled.get("content") if isinstance(sampled, dict) else None
+            where: JsonPath = ("params", "messages", i, "content")
+            if isinstance(content, list):  # one block or, since 2025-11-25, several
+                for j, block in enumerate(content):
+                    found.extend(_block_texts(block, (*where, j)))
+            else:
+                found.extend(_block_texts(content, where))
+    elif method == "elicitation/create":
+        if isinstance(params.get("message"), str):
+            found.append((("params", "message"), params["message"]))
+        schema = params.get("requestedSchema")
+        if isinstance(schema, dict):
+            found.extend(
+                (path, text)
+                for path, text in _strings(schema, ("params", "requestedSchema"))
+                if path[-1] in ("title", "description")
+            )
+    elif method == "notifications/message" and "data" in params:
+        found.extend(_strings(params["data"], ("params", "data")))
+    elif method == "notifications/progress" and isinstance(params.get("message"), str):
+        found.append((("params", "message"), params["message"]))
+    return _from_server(found)
+
+
+def _from_server(found: list[tuple[JsonPath, str]]) -> tuple[TextPart, ...]:
     return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
 
 

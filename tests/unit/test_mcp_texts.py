@@ -10,7 +10,13 @@ import pytest
 
 from extproc.dialects.base import TextPart
 from extproc.mcp.jsonrpc import Request, encode, parse_body
-from extproc.mcp.texts import apply_rewrites, call_texts, request_texts, result_texts
+from extproc.mcp.texts import (
+    apply_rewrites,
+    call_texts,
+    message_texts,
+    request_texts,
+    result_texts,
+)
 
 
 def test_tool_call_arguments_are_string_leaves_with_paths() -> None:
@@ -168,3 +174,89 @@ def test_result_texts(message: dict[str, Any], expected: list[tuple[tuple[Any, .
 def test_result_texts_in_a_batch_answer() -> None:
     (part, *_) = result_texts(TOOL_RESULT, prefix=(1,))
     assert part.path == (1, "result", "content", 0, "text")
+
+
+def _sampling(content: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": "s",
+        "method": "sampling/createMessage",
+        "params": {"systemPrompt": "sys", "messages": [{"role": "user", "content": content}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        pytest.param(
+            _sampling({"type": "text", "text": "hi"}),
+            [
+                (("params", "systemPrompt"), "sys"),
+                (("params", "messages", 0, "content", "text"), "hi"),
+            ],
+            id="sampling",
+        ),
+        pytest.param(
+            _sampling([{"type": "image", "data": "AAAA"}, {"type": "text", "text": "hi"}]),
+            [
+                (("params", "systemPrompt"), "sys"),
+                (("params", "messages", 0, "content", 1, "text"), "hi"),
+            ],
+            id="sampling-blocks",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": "e",
+                "method": "elicitation/create",
+                "params": {
+                    "message": "m",
+                    "requestedSchema": {
+                        "type": "object",
+                        "properties": {"x": {"type": "string", "title": "t", "description": "d"}},
+                    },
+                },
+            },
+            [
+                (("params", "message"), "m"),
+                (("params", "requestedSchema", "properties", "x", "title"), "t"),
+                (("params", "requestedSchema", "properties", "x", "description"), "d"),
+            ],
+            id="elicitation",
+        ),
+        pytest.param(
+            {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "log"}},
+            [(("params", "data"), "log")],
+            id="log",
+        ),
+        pytest.param(
+            {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"message": "p"}},
+            [(("params", "message"), "p")],
+            id="progress",
+        ),
+        pytest.param(
+            {"jsonrpc": "2.0", "method": "roots/list", "params": {"x": "not shown"}},
+            [],
+            id="other-request",
+        ),
+        pytest.param(
+            {"jsonrpc": "2.0", "id": 6, "error": {"code": 1, "message": "x", "data": ["y"]}},
+            [(("error", "message"), "x"), (("error", "data", 0), "y")],
+            id="error",
+        ),
+        pytest.param(
+            TOOL_RESULT, [(p.path, p.text) for p in result_texts(TOOL_RESULT)], id="result"
+        ),
+    ],
+)
+def test_message_texts(
+    message: dict[str, Any], expected: list[tuple[tuple[Any, ...], str]]
+) -> None:
+    """What a server sends that reaches the client's model, user or logs, with paths a
+    rewrite puts back in place."""
+    parts = message_texts(message)
+    assert [(p.path, p.text) for p in parts] == expected
+    assert all((p.role, p.kind) == ("tool", "tool_result") for p in parts)
+    rewritten = copy.deepcopy(message)
+    apply_rewrites(rewritten, {p.path: "X" for p in parts})
+    assert [p.text for p in message_texts(rewritten)] == ["X"] * len(parts)
