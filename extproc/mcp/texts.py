@@ -19,9 +19,13 @@ Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
 ``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
 :func:`apply_rewrites` on the decoded document puts a rewritten text back in place.
 
+Input rules also read a client's answers to a server's own requests: the message its
+model sampled, the fields its user filled in for an elicitation.
+
 Roles follow the LLM dialects' convention (:class:`extproc.dialects.base.TextPart`):
-arguments are ``assistant`` text of kind ``tool_arguments`` (a model wrote them), except
-prompts/get arguments, ``user`` text of kind ``input``; everything a server returns is
+arguments are ``assistant`` text of kind ``tool_arguments`` (a model wrote them), and so is
+a sampled message, except prompts/get arguments and elicitation fields, ``user`` text of
+kind ``input``; everything a server returns is
 ``tool`` text of kind ``tool_result``, so a rule scoped to the ``tool`` role covers every
 MCP answer.
 """
@@ -32,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from extproc.dialects.base import JsonPath, TextPart
-from extproc.mcp.jsonrpc import Body, Request
+from extproc.mcp.jsonrpc import Body, Request, Response
 
 _ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
     "tools/call": ("assistant", "tool_arguments"),
@@ -41,11 +45,36 @@ _ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
 
 
 def request_texts(body: Body) -> tuple[TextPart, ...]:
-    """The argument strings of every tools/call and prompts/get in ``body``."""
+    """The argument strings of every tools/call and prompts/get in ``body``, and the texts
+    of the client's answers to the server's own requests."""
     texts: list[TextPart] = []
-    for message in body.requests:
-        texts.extend(call_texts(message))
+    for message in body.messages:
+        if isinstance(message, Request):
+            texts.extend(call_texts(message))
+        elif isinstance(message, Response):
+            texts.extend(_client_answer_texts(body, message))
     return tuple(texts)
+
+
+def _client_answer_texts(body: Body, answer: Response) -> Iterator[TextPart]:
+    """What a client answers a server's request with, by the result's shape: its model's
+    sampled message (``assistant`` text, as a model writes tool arguments), or the fields
+    its user filled in for an elicitation (``user`` input)."""
+    document = body.raw if answer.index is None else body.raw[answer.index]
+    result = document.get("result") if isinstance(document, dict) else None
+    if not isinstance(result, dict):
+        return
+    where: JsonPath = (*_at(answer.index), "result", "content")
+    content = result.get("content")
+    if "action" in result:
+        if isinstance(content, dict):
+            for path, text in _strings(content, where):
+                yield TextPart(path, "user", "input", text)
+        return
+    blocks = enumerate(content) if isinstance(content, list) else [(None, content)]
+    for j, block in blocks:
+        for path, text in _block_texts(block, where if j is None else (*where, j)):
+            yield TextPart(path, "assistant", "tool_arguments", text)
 
 
 def call_texts(request: Request) -> tuple[TextPart, ...]:

@@ -611,3 +611,36 @@ async def test_what_a_server_sends_on_its_own_is_guarded_too() -> None:
     await processor.drain()
     [record] = observer.recent
     assert {v["rule"] for v in record["guardrails"]} >= {"block-tool-injection", "mask-pii"}
+
+
+async def test_what_a_client_answers_a_server_is_guarded_before_the_server() -> None:
+    """A client answers a server's sampling request with what its model wrote, and an
+    elicitation with what its user typed: both go to the server, so input rules read
+    them as they read tool arguments (the example policy masks e-mail addresses)."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    sampled = {
+        "jsonrpc": "2.0",
+        "id": "s1",
+        "result": {
+            "role": "assistant",
+            "content": {"type": "text", "text": "Write to dave@example.com."},
+            "model": "gpt-4o-mini",
+        },
+    }
+    elicited = {
+        "jsonrpc": "2.0",
+        "id": "e1",
+        "result": {"action": "accept", "content": {"reporter": "erin@example.com", "n": 3}},
+    }
+    [_, forwarded] = await exchange(
+        processor,
+        [
+            request_headers("/mcp", {**ADMIN, "accept": "application/json, text/event-stream"}),
+            request_body([sampled, elicited]),
+        ],
+    )
+    sent = orjson.loads(forwarded.request_body.response.body_mutation.body)
+    assert sent[0]["result"]["content"]["text"] == "Write to <EMAIL_ADDRESS>."
+    assert sent[1]["result"]["content"] == {"reporter": "<EMAIL_ADDRESS>", "n": 3}
