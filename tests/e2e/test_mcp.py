@@ -126,6 +126,31 @@ async def test_an_answer_the_gateway_cannot_check_fails_the_call_with_its_reason
     assert [c["name"] for c in calls(stack)] == ["weather.get"]  # the call itself went
 
 
+def test_a_body_past_the_buffer_gets_json_rpcs_error_from_envoy(stack: Stack) -> None:
+    """Envoy answers a body over its 8 MiB buffer itself; on an MCP path its local reply
+    is a JSON-RPC error (an integer code, as JSON-RPC requires), and nothing is sent on."""
+    clear(stack)
+    arguments = {"city": "x" * (9 * 1024 * 1024)}
+    call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "weather.get"}}
+    body = json.dumps({**call, "params": {**call["params"], "arguments": arguments}})
+    status, raw = Http(stack.ports.gateway).upload(
+        "/mcp",
+        body.encode(),
+        {
+            "authorization": f"Bearer {ADMIN_KEY}",
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+        },
+    )
+    assert status == 413
+    assert b'"code":-32014,' in raw.replace(b" ", b"")
+    answer = json.loads(raw)
+    assert answer["jsonrpc"] == "2.0" and answer["id"] is None
+    assert answer["error"]["data"] == {"type": "request_too_large"}
+    assert "8 MiB" in answer["error"]["message"]
+    assert calls(stack) == []
+
+
 def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
     initialize = {
         "jsonrpc": "2.0",
