@@ -115,8 +115,14 @@ class Exchange:
         """``error`` rendered for the caller, in its dialect; the outcome is remembered for
         the audit record and the metrics."""
         self.status, self.error_code = error.status, error.code
+        return render_error(error, self.envelope, self._only_request_id())
+
+    def _only_request_id(self) -> RequestId | None:
+        """The id of the one JSON-RPC request an MCP body held: the id an error answers
+        (``None``: a batch, or no request, answered as JSON-RPC does when it cannot tell)."""
         ids = tuple(self.mcp_methods)
-        return render_error(error, self.envelope, ids[0] if len(ids) == 1 else None)
+        batch = self.mcp_body is not None and self.mcp_body.batch
+        return ids[0] if len(ids) == 1 and not batch else None
 
 
 Clock = Callable[[], datetime]

@@ -222,9 +222,12 @@ def _request_headers(
     peer: str | None,
 ) -> Decision:
     policy = exchange.policy
+    path = exchange.path.partition("?")[0]
+    server = policy.mcp_servers.for_path(path)
+    if server is not None:
+        exchange.envelope = "jsonrpc"  # every error, identity's too, as MCP clients read them
     principal = identity.identify(policy, headers, metadata, clock(), peer)
     exchange.principal = principal
-    path = exchange.path.partition("?")[0]
     if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
         if exchange.method != "GET":
             raise _invalid_url(exchange)
@@ -232,7 +235,6 @@ def _request_headers(
         return list_models(access.visible_models(policy, principal), path, headers)
 
     scrubbed = _scrubbed_headers(headers)
-    server = policy.mcp_servers.for_path(path)
     if server is not None:
         decision = tools.on_headers(exchange, server, principal, end_of_stream)
         if isinstance(decision, Reply):

@@ -37,7 +37,14 @@ from extproc.mcp.stream import (
     list_filter,
     rewrite_json,
 )
-from extproc.mcp.texts import apply_rewrites, listed_texts, message_texts, request_texts
+from extproc.mcp.texts import (
+    apply_rewrites,
+    is_answer,
+    listed_texts,
+    message_texts,
+    request_texts,
+    withheld,
+)
 
 _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
@@ -52,7 +59,6 @@ def on_headers(
 ) -> Decision:
     """Route the request to the server's cluster; refuse callers who may not use it."""
     exchange.mcp_server = server
-    exchange.envelope = "jsonrpc"  # the gateway's own errors too, as MCP clients read them
     if not principal.mcp.may_use_server(server.name):
         why = f"Your team '{principal.team}' may not use the MCP server '{server.name}'."
         return _refused(exchange, server, 403, ErrorCode.FORBIDDEN, why, "mcp_forbidden")
@@ -121,14 +127,20 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
     subject = _subject(exchange, principal, server)
     if not guards.applies("input", **subject):
         return Forward(set_headers=route, clear_route_cache=True)
-    result = guards.check("input", request_texts(body), **subject)
+    texts = request_texts(body)
+    result = guards.check("input", texts, **subject)
     exchange.verdicts.extend(describe(result))
+    rewrites = result.rewrites
     if result.blocked:
         message = result.message or f"Blocked by guardrail '{result.blocked_by}'."
-        return _answer(exchange, refuse(server, body, ErrorCode.GUARDRAIL_BLOCKED, message))
-    if not result.rewrites:
+        if body.requests:
+            return _answer(exchange, refuse(server, body, ErrorCode.GUARDRAIL_BLOCKED, message))
+        # Only the client's answers to the server's requests: refused, they would leave
+        # the server waiting for them (and clients ignore an error to a POSTed answer).
+        rewrites = withheld(texts, message)
+    if not rewrites:
         return Forward(set_headers=route, clear_route_cache=True)
-    apply_rewrites(body.raw, result.rewrites)
+    apply_rewrites(body.raw, rewrites)
     try:
         rewritten = encode_body(body.raw)
     except InvalidRequest as too_deep:
@@ -232,24 +244,27 @@ def _rewriter(exchange: Exchange) -> Rewriter:
 
     def guard(method: str | None, message: dict[str, Any]) -> dict[str, Any] | None:
         answered = message.get("result")
+        listed: dict[str, Any] | None = None
         if isinstance(answered, dict) and any(isinstance(answered.get(k), list) for k in _LISTED):
             listing = guard_listing(answered)
-            return None if listing is None else {**message, "result": listing}
-        texts = message_texts(message)
+            listed = None if listing is None else {**message, "result": listing}
+        current = message if listed is None else listed
+        # The rest of the message too: a list beside a tool's content must not shield it.
+        texts = message_texts(current)
         if not texts:
-            return None
+            return listed
         result = check(texts)
         rewrites = result.rewrites
         if result.blocked:
             text = result.message or f"Blocked by guardrail '{result.blocked_by}'."
-            if "method" not in message:
-                return error_response(message.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
+            if is_answer(current):
+                return error_response(current.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
             # A server's own request is no answer to replace with an error, and dropping
             # it would leave the server waiting: it goes on with its texts withheld.
-            rewrites = dict.fromkeys((part.path for part in texts), f"[{text}]")
+            rewrites = withheld(texts, text)
         if not rewrites:
-            return None
-        copy: dict[str, Any] = _deep_copy(message)
+            return listed
+        copy: dict[str, Any] = _deep_copy(current)
         apply_rewrites(copy, rewrites)
         return copy
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
     expect_list,
     expect_object,
@@ -32,7 +32,7 @@ class AnthropicMessages:
     """Messages API; image, document and thinking blocks carry no caller text and are skipped."""
 
     name: str = "anthropic.messages"
-    envelope: Envelope = "anthropic"
+    envelope: DialectEnvelope = "anthropic"
     output_cap_field: str | None = "max_tokens"
     asks_stream_usage = False
 

@@ -14,7 +14,10 @@ from typing import Any, Literal, Protocol
 JsonPath = tuple[str | int, ...]
 """Keys and indices from the body's root to one string value."""
 
-Envelope = Literal["openai", "anthropic", "jsonrpc"]
+DialectEnvelope = Literal["openai", "anthropic"]
+"""The error-body family a dialect's callers expect (and the provider it speaks to)."""
+
+Envelope = DialectEnvelope | Literal["jsonrpc"]
 """The error-body family a caller expects: a dialect's, or JSON-RPC's for MCP callers."""
 
 
@@ -61,7 +64,7 @@ class Dialect(Protocol):
     """One provider API, e.g. OpenAI chat completions or Anthropic messages."""
 
     name: str
-    envelope: Envelope
+    envelope: DialectEnvelope
     output_cap_field: str | None
     """The body field that caps output tokens, set by the gateway when a budget can only
     afford fewer than the caller left open; ``None`` when the API produces no tokens."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
     expect_list,
     expect_object,
@@ -34,7 +34,7 @@ class OpenAIChat:
     """Chat completions, including the legacy ``functions`` / ``function_call`` fields."""
 
     name: str = "openai.chat"
-    envelope: Envelope = "openai"
+    envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_completion_tokens"
     asks_stream_usage = True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, LLMRequest, TextPart
+from extproc.dialects.base import DialectEnvelope, LLMRequest, TextPart
 from extproc.dialects.fields import (
     optional_bool,
     optional_positive_int,
@@ -19,7 +19,7 @@ class OpenAICompletions:
     """``prompt`` and ``suffix`` are both text the model reads, so both are exposed."""
 
     name: str = "openai.completions"
-    envelope: Envelope = "openai"
+    envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_tokens"
     asks_stream_usage = True
 

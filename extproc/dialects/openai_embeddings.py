@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, LLMRequest
+from extproc.dialects.base import DialectEnvelope, LLMRequest
 from extproc.dialects.fields import require_model, text_or_tokens, token_id_count
 
 
@@ -12,7 +12,7 @@ class OpenAIEmbeddings:
     """Only ``input`` is text; ``dimensions`` and ``encoding_format`` are left to upstream."""
 
     name: str = "openai.embeddings"
-    envelope: Envelope = "openai"
+    envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = None
     asks_stream_usage = False
 

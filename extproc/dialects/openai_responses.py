@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.dialects.base import Envelope, JsonPath, LLMRequest, TextPart
+from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
     expect_list,
     expect_object,
@@ -39,7 +39,7 @@ class OpenAIResponses:
     """The Responses API; ``input`` may be omitted when ``previous_response_id`` is set."""
 
     name: str = "openai.responses"
-    envelope: Envelope = "openai"
+    envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_output_tokens"
     asks_stream_usage = False
 

@@ -116,7 +116,16 @@ def rewrite_json(body: bytes, methods: Mapping[RequestId, str], rewrite: Rewrite
     except orjson.JSONDecodeError as error:
         raise McpStreamError("the answer is not JSON") from error
     changed = _rewrite_document(document, methods, rewrite)
-    return None if changed is None else orjson.dumps(changed)
+    return None if changed is None else _encode(changed)
+
+
+def _encode(changed: Any) -> bytes:
+    """A rewritten answer's bytes; one nested too deep to write back cannot go on
+    rewritten, nor unrewritten (fail closed)."""
+    try:
+        return orjson.dumps(changed)
+    except orjson.JSONEncodeError as error:
+        raise McpStreamError("a message nests too deep to write back") from error
 
 
 def _rewrite_document(
@@ -194,7 +203,7 @@ class SseRewriter:
         if changed is None:
             return raw
         self.changed += 1
-        return _render(raw, orjson.dumps(changed))
+        return _render(raw, _encode(changed))
 
 
 def _render(raw: bytes, text: bytes) -> bytes:

@@ -66,15 +66,12 @@ def _client_answer_texts(body: Body, answer: Response) -> Iterator[TextPart]:
         return
     where: JsonPath = (*_at(answer.index), "result", "content")
     content = result.get("content")
-    if "action" in result:
-        if isinstance(content, dict):
-            for path, text in _strings(content, where):
-                yield TextPart(path, "user", "input", text)
+    if "action" in result and isinstance(content, dict):  # elicitation: the form's fields
+        for path, text in _strings(content, where):
+            yield TextPart(path, "user", "input", text)
         return
-    blocks = enumerate(content) if isinstance(content, list) else [(None, content)]
-    for j, block in blocks:
-        for path, text in _block_texts(block, where if j is None else (*where, j)):
-            yield TextPart(path, "assistant", "tool_arguments", text)
+    for path, text in _content_texts(content, where):
+        yield TextPart(path, "assistant", "tool_arguments", text)
 
 
 def call_texts(request: Request) -> tuple[TextPart, ...]:
@@ -121,19 +118,26 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
 
 
 def message_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
-    """The texts of one message from a server, whatever it is: a request or notification
-    of its own, an error answer, or a result (:func:`result_texts`)."""
-    if "method" in message:
-        return _server_texts(message)
-    error = message.get("error")
-    if isinstance(error, dict):
+    """The texts of one message from a server, whatever it is: a result
+    (:func:`result_texts`), an error answer, or a request or notification of its own.
+
+    A message with a ``result`` or ``error`` is read as an answer whatever other members
+    it has: clients take it for one even with a ``method`` beside them."""
+    if is_answer(message):
+        error = message.get("error")
         found: list[tuple[JsonPath, str]] = []
-        if isinstance(error.get("message"), str):
-            found.append((("error", "message"), error["message"]))
-        if "data" in error:
-            found.extend(_strings(error["data"], ("error", "data")))
-        return _from_server(found)
-    return result_texts(message)
+        if isinstance(error, dict):
+            if isinstance(error.get("message"), str):
+                found.append((("error", "message"), error["message"]))
+            if "data" in error:
+                found.extend(_strings(error["data"], ("error", "data")))
+        return (*result_texts(message), *_from_server(found))
+    return _server_texts(message)
+
+
+def is_answer(message: Mapping[str, Any]) -> bool:
+    """Whether a client reads ``message`` as an answer (a result or an error)."""
+    return "result" in message or "error" in message
 
 
 def _server_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
@@ -150,27 +154,44 @@ def _server_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
         messages = params.get("messages")
         for i, sampled in enumerate(messages if isinstance(messages, list) else ()):
             content = sampled.get("content") if isinstance(sampled, dict) else None
-            where: JsonPath = ("params", "messages", i, "content")
-            if isinstance(content, list):  # one block or, since 2025-11-25, several
-                for j, block in enumerate(content):
-                    found.extend(_block_texts(block, (*where, j)))
-            else:
-                found.extend(_block_texts(content, where))
+            found.extend(_content_texts(content, ("params", "messages", i, "content")))
+        tools = params.get("tools")  # offered to the client's model: poisoned like a list's
+        for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+            found.extend(
+                ((("params", "tools", i, *part.path)), part.text) for part in listed_texts(tool)
+            )
     elif method == "elicitation/create":
-        if isinstance(params.get("message"), str):
-            found.append((("params", "message"), params["message"]))
+        for field in ("message", "url"):  # url mode: a link shown to the user
+            if isinstance(params.get(field), str):
+                found.append((("params", field), params[field]))
         schema = params.get("requestedSchema")
-        if isinstance(schema, dict):
+        if isinstance(schema, dict):  # titles, descriptions, choices, defaults
             found.extend(
                 (path, text)
                 for path, text in _strings(schema, ("params", "requestedSchema"))
-                if path[-1] in ("title", "description")
+                if path[-1] not in _SCHEMA_WORDS
             )
-    elif method == "notifications/message" and "data" in params:
-        found.extend(_strings(params["data"], ("params", "data")))
+    elif method == "notifications/message":
+        if isinstance(params.get("logger"), str):
+            found.append((("params", "logger"), params["logger"]))
+        if "data" in params:
+            found.extend(_strings(params["data"], ("params", "data")))
     elif method == "notifications/progress" and isinstance(params.get("message"), str):
         found.append((("params", "message"), params["message"]))
     return _from_server(found)
+
+
+_SCHEMA_WORDS = frozenset({"type", "format", "$schema", "pattern"})
+"""Schema members whose strings are JSON Schema's own words, not text for a person."""
+
+
+def _content_texts(content: Any, where: JsonPath) -> Iterator[tuple[JsonPath, str]]:
+    """A sampling message's content: one block or, since MCP 2025-11-25, a list of them."""
+    if isinstance(content, list):
+        for j, block in enumerate(content):
+            yield from _block_texts(block, (*where, j))
+    else:
+        yield from _block_texts(content, where)
 
 
 def _from_server(found: list[tuple[JsonPath, str]]) -> tuple[TextPart, ...]:
@@ -199,10 +220,19 @@ def listed_texts(item: Any) -> tuple[TextPart, ...]:
 
 
 def _block_texts(block: Any, path: JsonPath) -> Iterator[tuple[JsonPath, str]]:
-    """A content block's text: ``text`` blocks, and ``resource`` blocks' embedded text."""
+    """A content block's text: ``text`` blocks, ``resource`` blocks' embedded text, and in
+    sampling (MCP 2025-11-25) a ``tool_use`` block's input and a ``tool_result`` block's
+    content blocks."""
     if not isinstance(block, dict):
         return
-    if block.get("type") == "text" and isinstance(block.get("text"), str):
+    kind = block.get("type")
+    if kind == "tool_use" and isinstance(block.get("input"), dict | list):
+        yield from _strings(block["input"], (*path, "input"))
+    if kind == "tool_result" and isinstance(block.get("content"), list):
+        for i, inner in enumerate(block["content"]):
+            if not (isinstance(inner, dict) and inner.get("type") == "tool_result"):
+                yield from _block_texts(inner, (*path, "content", i))
+    if kind == "text" and isinstance(block.get("text"), str):
         yield (*path, "text"), block["text"]
     resource = block.get("resource")
     if (
@@ -231,6 +261,12 @@ def _strings(value: Any, prefix: JsonPath) -> Iterator[tuple[JsonPath, str]]:
 
 def _at(index: int | None) -> JsonPath:
     return () if index is None else (index,)
+
+
+def withheld(texts: tuple[TextPart, ...], why: str) -> dict[JsonPath, str]:
+    """Rewrites that replace each of ``texts`` with ``[why]``: how a message that must go
+    on (a server's request, a client's answer to one: its peer waits for it) is blocked."""
+    return dict.fromkeys((part.path for part in texts), f"[{why}]")
 
 
 def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:

@@ -637,8 +637,10 @@ def test_istio_lets_only_the_egress_gateway_call_the_service() -> None:
     callers, scraper = spec["rules"]
     [source] = callers["from"]
     [gateway] = istio("IstioOperator")["spec"]["components"]["egressGateways"]
-    account = f"cluster.local/ns/istio-system/sa/{gateway['name']}-service-account"
-    assert source["source"]["principals"] == [account]
+    accounts = [f"{gateway['name']}-service-account", gateway["name"]]  # istioctl, Helm
+    assert source["source"]["principals"] == [
+        f"cluster.local/ns/istio-system/sa/{account}" for account in accounts
+    ]
     assert callers["to"] == [{"operation": {"ports": [str(CONTRACT.grpc)]}}]
     assert scraper == {"to": [{"operation": {"ports": [str(CONTRACT.admin)]}}]}
 

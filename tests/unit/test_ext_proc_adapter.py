@@ -644,3 +644,92 @@ async def test_what_a_client_answers_a_server_is_guarded_before_the_server() -> 
     sent = orjson.loads(forwarded.request_body.response.body_mutation.body)
     assert sent[0]["result"]["content"]["text"] == "Write to <EMAIL_ADDRESS>."
     assert sent[1]["result"]["content"] == {"reporter": "<EMAIL_ADDRESS>", "n": 3}
+
+
+async def _guarded_answer(processor: ExternalProcessor, message: dict[str, Any]) -> Any:
+    """The JSON answer ``message`` to a tools/call, as the gateway passes it on."""
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "weather.get", "arguments": {"city": "Oslo"}},
+    }
+    *_, answered = await exchange(
+        processor,
+        [
+            request_headers("/mcp", {**ADMIN, "accept": "application/json, text/event-stream"}),
+            request_body(call),
+            response_headers(200, "application/json"),
+            response_body(message),
+        ],
+    )
+    mutation = answered.response_body.response.body_mutation
+    return orjson.loads(mutation.body) if mutation.body else message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"jsonrpc": "2.0", "id": 1, "method": "x", "error": {"code": -32603, "message": POISONED}},
+        {"jsonrpc": "2.0", "id": 1, "method": None, "error": {"code": -1, "message": POISONED}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "result": {"content": [{"type": "text", "text": POISONED}], "tools": []},
+        },
+    ],
+    ids=["error-with-a-method", "error-with-a-null-method", "content-beside-an-empty-list"],
+)
+async def test_an_answer_dressed_as_something_else_is_still_guarded(
+    message: dict[str, Any],
+) -> None:
+    """Clients read a message with an ``error`` as an error whatever ``method`` it also
+    has, and a tool's content beside an (empty) list as its result: no extra member
+    shields the text from the output rules."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    answer = await _guarded_answer(processor, message)
+    assert answer["error"]["code"] == ErrorCode.GUARDRAIL_BLOCKED
+    assert "ignore all previous" not in orjson.dumps(answer).decode()
+
+
+async def test_an_mcp_caller_with_a_bad_key_gets_json_rpcs_error() -> None:
+    """Identity is decided before the MCP server is: its refusal is JSON-RPC's too, so
+    the SDK shows the gateway's reason."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    [answer] = await exchange(
+        processor, [request_headers("/mcp", {"authorization": "Bearer sk-nope"})]
+    )
+    immediate = answer.immediate_response
+    assert immediate.status.code == 401
+    refused = orjson.loads(immediate.body)
+    assert refused["jsonrpc"] == "2.0" and refused["error"]["code"] == ErrorCode.GATEWAY_ERROR
+    assert refused["error"]["data"] == {"type": "invalid_api_key"}
+
+
+async def test_a_client_answer_an_input_rule_blocks_goes_on_withheld() -> None:
+    """Refusing it would leave the server waiting for it (and the client ignores an
+    error to a posted answer): it reaches the server with its texts withheld."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    sampled = {
+        "jsonrpc": "2.0",
+        "id": "s1",
+        "result": {"role": "assistant", "content": {"type": "text", "text": POISONED}},
+    }
+    [_, forwarded] = await exchange(
+        processor,
+        [
+            request_headers("/mcp", {**ADMIN, "accept": "application/json, text/event-stream"}),
+            request_body(sampled),
+        ],
+    )
+    sent = orjson.loads(forwarded.request_body.response.body_mutation.body)
+    assert sent["id"] == "s1"
+    assert sent["result"]["content"]["text"] == (
+        "[The request looks like a prompt-injection attempt.]"
+    )

@@ -264,3 +264,20 @@ def test_an_event_that_is_not_a_message_passes_unread() -> None:
     assert rewriter.feed(ping) == ping
     with pytest.raises(McpStreamError):
         rewriter.feed(b"event: message\ndata: ping\n\n")
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["json", "sse"])
+def test_a_rewritten_message_too_deep_to_write_back_fails_closed(sse: bool) -> None:
+    """orjson reads 1,024 levels but writes 255: a message a rewriter changed that nests
+    deeper can go on neither rewritten nor as it was."""
+    deep = b'{"n":' * 300 + b'"x"' + b"}" * 300
+    message = b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":' + deep + b"}}"
+
+    def touch(method: str | None, document: dict[str, Any]) -> dict[str, Any]:
+        return {**document, "touched": True}
+
+    with pytest.raises(McpStreamError, match="too deep"):
+        if sse:
+            SseRewriter({}, touch).feed(b"data: " + message + b"\n\n")
+        else:
+            rewrite_json(message, {}, touch)

@@ -225,9 +225,71 @@ def _sampling(content: Any) -> dict[str, Any]:
             id="elicitation",
         ),
         pytest.param(
-            {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "log"}},
-            [(("params", "data"), "log")],
+            {
+                **_sampling(
+                    [
+                        {"type": "tool_use", "id": "u", "name": "n", "input": {"q": "use"}},
+                        {
+                            "type": "tool_result",
+                            "toolUseId": "u",
+                            "content": [{"type": "text", "text": "got"}],
+                        },
+                    ]
+                ),
+            },
+            [
+                (("params", "systemPrompt"), "sys"),
+                (("params", "messages", 0, "content", 0, "input", "q"), "use"),
+                (("params", "messages", 0, "content", 1, "content", 0, "text"), "got"),
+            ],
+            id="sampling-tool-blocks",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": "s",
+                "method": "sampling/createMessage",
+                "params": {"messages": [], "tools": [{"name": "t", "description": "offered"}]},
+            },
+            [(("params", "tools", 0, "description"), "offered")],
+            id="sampling-tools",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": "e",
+                "method": "elicitation/create",
+                "params": {
+                    "mode": "url",
+                    "message": "m",
+                    "url": "https://example.com/?mail=a@b.c",
+                    "requestedSchema": {
+                        "type": "object",
+                        "properties": {"c": {"type": "string", "enum": ["one"], "default": "one"}},
+                    },
+                },
+            },
+            [
+                (("params", "message"), "m"),
+                (("params", "url"), "https://example.com/?mail=a@b.c"),
+                (("params", "requestedSchema", "properties", "c", "enum", 0), "one"),
+                (("params", "requestedSchema", "properties", "c", "default"), "one"),
+            ],
+            id="elicitation-url-and-choices",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/message",
+                "params": {"logger": "db", "data": "log"},
+            },
+            [(("params", "logger"), "db"), (("params", "data"), "log")],
             id="log",
+        ),
+        pytest.param(
+            {"jsonrpc": "2.0", "id": 6, "method": "x", "error": {"code": 1, "message": "x"}},
+            [(("error", "message"), "x")],
+            id="error-with-a-method",
         ),
         pytest.param(
             {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"message": "p"}},
@@ -260,3 +322,30 @@ def test_message_texts(
     rewritten = copy.deepcopy(message)
     apply_rewrites(rewritten, {p.path: "X" for p in parts})
     assert [p.text for p in message_texts(rewritten)] == ["X"] * len(parts)
+
+
+def test_a_clients_answers_are_read_by_their_shape() -> None:
+    """A sampled message (one block or several) is the model's text; an elicitation's
+    form fields are the user's; an answer claiming an action with blocks is still read."""
+    body = parse_body(
+        orjson.dumps(
+            [
+                {"jsonrpc": "2.0", "id": "a", "result": {"content": {"type": "text", "text": "m"}}},
+                {
+                    "jsonrpc": "2.0",
+                    "id": "b",
+                    "result": {"action": "accept", "content": {"f": "u"}},
+                },
+                {
+                    "jsonrpc": "2.0",
+                    "id": "c",
+                    "result": {"action": "accept", "content": [{"type": "text", "text": "x"}]},
+                },
+            ]
+        )
+    )
+    assert [(p.path, p.role, p.text) for p in request_texts(body)] == [
+        ((0, "result", "content", "text"), "assistant", "m"),
+        ((1, "result", "content", "f"), "user", "u"),
+        ((2, "result", "content", 0, "text"), "assistant", "x"),
+    ]
