@@ -40,6 +40,7 @@ from extproc.budgets.meter import Meter, priced
 from extproc.dialects import TEXTLESS_DIALECTS
 from extproc.dialects.usage import (
     BYTES_PER_TOKEN,
+    OUTPUT_COUNTS,
     STREAM_BYTES_PER_TOKEN,
     Usage,
     estimated,
@@ -231,7 +232,7 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     counted, as ``counted``."""
     if ticket.dialect in COUNTED_DIALECTS:
         return estimated(logged.status, ticket.input_tokens, 0, 0), "counted"
-    if logged.usage and (not ticket.stream or _OUTPUT_COUNTS & logged.usage.keys()):
+    if logged.usage and (not ticket.stream or OUTPUT_COUNTS & logged.usage.keys()):
         reported = usage_from_body(ticket.dialect, {"usage": _provider_shape(logged.usage)})
         if reported is not None:
             return reported, "provider"
@@ -242,10 +243,6 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
     # An answer dropped for its size was a provider's answer (a 2xx), billed whole.
     status = 200 if logged.too_large else logged.status
     return estimated(status, ticket.input_tokens, output, cap), "estimate"
-
-
-_OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens"})
-"""The lifted fields that count an answer's output (OpenAI's name, Anthropic's)."""
 
 
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:

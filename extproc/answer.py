@@ -44,8 +44,12 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     exchange.served_by = headers.get(routing.HEADER_SERVED_BY)
     reservation, request = exchange.reservation, exchange.request
     content_type = headers.get("content-type", "")
-    sse = content_type.startswith("text/event-stream")
+    sse = content_type.lower().startswith("text/event-stream")
     ok = 200 <= exchange.response_status < 300 and request is not None
+    if ok and (exchange.translation is not None or _output_guarded(exchange)):
+        unreadable = _unreadable_form(exchange, headers, sse)
+        if unreadable is not None:
+            return exchange.reject(BadGateway(f"The provider's answer {_UNCHECKED}: {unreadable}."))
     wants_usage = ok and (reservation is not None or exchange.observe_response)
     if wants_usage:
         if sse:
@@ -86,16 +90,41 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     )
 
 
-def _start_output_guard(exchange: Exchange, sse: bool) -> None:
+_UNCHECKED = "could not be read by the gateway"
+
+
+def _unreadable_form(exchange: Exchange, headers: Mapping[str, str], sse: bool) -> str | None:
+    """Why a 2xx answer the gateway must read (to translate or guard it) cannot be read
+    as what was asked for, if it cannot: read as the other form, or not at all, it would
+    reach the caller unchecked, since SDKs read it whatever its content-type says."""
+    assert exchange.request is not None
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return "it is compressed"  # Envoy asks providers for plain answers
+    if sse and not exchange.request.stream:
+        return "it is a stream, and the request asked for one JSON answer"
+    if exchange.request.stream and not sse:
+        return "it is not a stream, and the request asked for one"
+    return None
+
+
+def _output_guarded(exchange: Exchange) -> bool:
+    """Whether output guardrails read this exchange's answer."""
     assert exchange.request is not None and exchange.principal is not None
     if exchange.request.dialect in TEXTLESS_DIALECTS:
-        return  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
-    guards = exchange.policy.guardrails
+        return False  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
     subject = subject_of(exchange, exchange.principal, exchange.model)
-    if not guards.applies("output", **subject):
+    return exchange.policy.guardrails.applies("output", **subject)
+
+
+def _start_output_guard(exchange: Exchange, sse: bool) -> None:
+    if not _output_guarded(exchange):
         return
+    assert exchange.request is not None and exchange.principal is not None
     if sse:
-        exchange.output_guard = guards.stream(exchange.request.dialect, **subject)
+        subject = subject_of(exchange, exchange.principal, exchange.model)
+        exchange.output_guard = exchange.policy.guardrails.stream(
+            exchange.request.dialect, **subject
+        )
     else:
         exchange.guard_answer = True
 
@@ -152,7 +181,6 @@ def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:
         out = exchange.output_guard.feed(chunk if out is None else out)
         if end:
             out += exchange.output_guard.finish()
-            exchange.verdicts.extend(describe(exchange.output_guard.result))
     elif exchange.guard_answer:  # held whole (answer_whole): this chunk is the answer
         guarded = _guard_answer(exchange, chunk if out is None else out)
         if isinstance(guarded, Reply):
@@ -188,14 +216,18 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
     if not result.rewrites:
         return None
     # Not apply_rewrites: an answer nested too deep to write back is the upstream's doing,
-    # not a request the caller must fix (it fails the phase, a 500).
+    # not a request the caller must fix: a 502, as for one the guards cannot read.
     set_values(answer, result.rewrites)
-    return orjson.dumps(answer)
+    try:
+        return orjson.dumps(answer)
+    except orjson.JSONEncodeError:
+        return _unreadable(exchange, "could not be rewritten by the gateway's output guardrails")
 
 
 def _unreadable(exchange: Exchange, why: str) -> Reply:
-    """A 502 in place of a 2xx answer the gateway must read and cannot (not JSON)."""
-    return exchange.reject(BadGateway(f"The provider's answer {why}: it is not JSON."))
+    """A 502 in place of a 2xx answer the gateway must read and cannot (not a JSON answer
+    it can read and write back)."""
+    return exchange.reject(BadGateway(f"The provider's answer {why}: it is no JSON answer."))
 
 
 def _too_large(exchange: Exchange, held: int) -> Reply:
@@ -258,12 +290,26 @@ def account(exchange: Exchange) -> None:
     Known for every exchange that reserved a budget or whose answer the service saw;
     ``None`` for one forwarded without either (nothing to measure it by).
     """
+    _judged_stream(exchange)
     seen = exchange.reservation is not None or exchange.response_status != 0
     if exchange.used is None and exchange.model is not None and seen:
         # A JSON answer is parsed once here, for its usage and for the audit record.
         whole, usage_only = parsed_answer(exchange.response_tail)
         exchange.used = used(exchange, whole if whole is not None else usage_only)
         record_answer(exchange, whole)
+
+
+def _judged_stream(exchange: Exchange) -> None:
+    """The stream guard's verdicts into the audit record, once, whether the stream ended
+    or was cut (SDKs close it at a block's error event, before the provider ends)."""
+    guard = exchange.output_guard
+    if guard is None or exchange.stream_judged:
+        return
+    exchange.stream_judged = True
+    result = guard.result
+    exchange.verdicts.extend(describe(result))
+    if result.blocked:
+        exchange.error_code = exchange.error_code or "guardrail_blocked"
 
 
 async def settle(exchange: Exchange, meter: Meter) -> bool:

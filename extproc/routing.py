@@ -99,7 +99,7 @@ class ResponseTranslation:
     status: int = 0
     stream: StreamTranslator | None = None
     unreadable: bool = False
-    """A 2xx answer that is not JSON: nothing to translate (answer.py answers 502)."""
+    """A 2xx answer that is not a JSON message: nothing to translate (answer.py answers 502)."""
     buffered: bytearray = field(default_factory=bytearray)
 
     def start(self, status: int, content_type: str) -> bool:
@@ -123,7 +123,9 @@ class ResponseTranslation:
             return error_from_anthropic(self.status, raw)
         try:
             answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.unreadable = True  # a 2xx that is not JSON: the caller gets a 502 instead
-            return None
-        return orjson.dumps(response_from_anthropic(answer, self.requested_model))
+            if isinstance(answer, dict):
+                return orjson.dumps(response_from_anthropic(answer, self.requested_model))
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass  # not JSON, or a tool's input nested deeper than can be written back
+        self.unreadable = True  # a 2xx that is no message: the caller gets a 502 instead
+        return None

@@ -186,13 +186,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if phase == "response_headers":
             decision = answer.on_response_headers(exchange, header_map(request.response_headers))
             if request.response_headers.end_of_stream:
-                await self._settle(exchange)
+                await pipeline.completed(self._settle(exchange))
             return _answer(decision, phase)
         if phase == "response_body":
             end = request.response_body.end_of_stream
             decision = await answer.read_response_body(exchange, request.response_body.body, end)
             if end:
-                await self._settle(exchange)
+                # Finished even if the caller leaves meanwhile: the store may apply the
+                # settlement anyway, and a second one would find its token used and
+                # report nothing, leaving the exchange without an audit record.
+                await pipeline.completed(self._settle(exchange))
             return _answer(decision, phase)
         return _continue(phase)
 

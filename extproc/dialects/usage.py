@@ -8,6 +8,7 @@ byte searches per chunk rather than 50 JSON parses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,11 @@ def usage_from_body(dialect: str, body: Any) -> Usage | None:
     return _openai(usage)
 
 
+OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens"})
+"""The usage fields that count an answer's output (OpenAI's chat name; Anthropic's and the
+Responses API's)."""
+
+
 class StreamUsage:
     """Reads usage from an SSE answer chunk by chunk.
 
@@ -172,12 +178,22 @@ class StreamUsage:
             self._anthropic_event(payload)
         elif self._dialect == "openai.responses":
             response = payload.get("response")
-            if isinstance(response, dict) and response.get("usage"):
-                self._usage = _responses(response["usage"])
-        elif payload.get("usage"):
-            self._usage = _openai(payload["usage"])
+            if isinstance(response, dict):
+                self._believe(response.get("usage"), _responses)
+        else:
+            self._believe(payload.get("usage"), _openai)
         if payload.get("choices"):
             self.content_events += 1
+
+    def _believe(self, reported: Any, read: Callable[[Any], Usage | None]) -> None:
+        """Take a usage report that counts the output and passes ``read``'s checks; any
+        other (a malformed one after a good one, one without an output count: a stream's
+        output is never taken to be 0 on a report's silence) leaves the last one taken."""
+        if not isinstance(reported, dict) or not OUTPUT_COUNTS & reported.keys():
+            return
+        usage = read(reported)
+        if usage is not None:
+            self._usage = usage
 
     def _anthropic_event(self, payload: dict[str, Any]) -> None:
         """``message_start`` reports the prompt, ``message_delta`` the output: the usage is
@@ -193,8 +209,7 @@ class StreamUsage:
             delta = anthropic_usage(payload.get("usage"))
             start = self._anthropic_input
             if delta is None or (start is None and not delta.input_tokens):
-                self._usage = None
-                return
+                return  # unbelievable: the last report believed, if any, stands
             # message_delta carries cumulative output; input arrived in message_start
             # (newer APIs repeat it here, in which case it is taken from here).
             self._usage = Usage(

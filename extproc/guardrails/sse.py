@@ -106,7 +106,7 @@ class OpenAIStream(StreamDialect):
         for choice in payload["choices"]:
             if not isinstance(choice, dict):
                 continue
-            index = choice.get("index", 0)
+            index = _index(choice.get("index", 0))
             if isinstance(choice.get("text"), str):
                 found.append(Delta(("text", index), choice["text"], _setter(choice, "text")))
             delta = choice.get("delta")
@@ -115,12 +115,21 @@ class OpenAIStream(StreamDialect):
             for key in ("content", "refusal"):
                 if isinstance(delta.get(key), str):
                     found.append(Delta((key, index), delta[key], _setter(delta, key)))
+            function_call = delta.get("function_call")  # the legacy form of a tool call
+            if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str):
+                found.append(
+                    Delta(
+                        ("function", index),
+                        function_call["arguments"],
+                        _setter(function_call, "arguments"),
+                    )
+                )
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
                     function = call.get("function") if isinstance(call, dict) else None
                     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        tool = call.get("index", position)
+                        tool = _index(call.get("index", position))
                         found.append(
                             Delta(
                                 ("tool", index, tool),
@@ -137,7 +146,7 @@ class OpenAIStream(StreamDialect):
         if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
             return ()
         return tuple(
-            ("choice", c.get("index", 0))
+            ("choice", _index(c.get("index", 0)))
             for c in payload["choices"]
             if isinstance(c, dict) and c.get("finish_reason") is not None
         )
@@ -165,7 +174,7 @@ class AnthropicStream(StreamDialect):
         if not isinstance(payload, dict):
             return []
         kind = payload.get("type")
-        index = payload.get("index", 0)
+        index = _index(payload.get("index", 0))
         if kind == "content_block_delta":
             delta = payload.get("delta")
             if isinstance(delta, dict):
@@ -182,7 +191,7 @@ class AnthropicStream(StreamDialect):
         payload = event.payload
         kind = payload.get("type") if isinstance(payload, dict) else event.name
         if kind == "content_block_stop" and isinstance(payload, dict):
-            return (("block", payload.get("index", 0)),)
+            return (("block", _index(payload.get("index", 0))),)
         if kind in ("message_delta", "message_stop"):
             return (ALL,)
         return ()
@@ -190,6 +199,12 @@ class AnthropicStream(StreamDialect):
     def error_event(self, message: str) -> bytes:
         error = {"type": "error", "error": {"type": "permission_error", "message": message}}
         return b"event: error\ndata: " + orjson.dumps(error) + b"\n\n"
+
+
+def _index(value: Any) -> int | str:
+    """A choice's, tool call's or block's index as a channel key: the provider's own when
+    it is a number or a string, one shared key otherwise (a list is no key at all)."""
+    return value if isinstance(value, int | str) else "?"
 
 
 STREAM_DIALECTS: dict[str, Callable[[], StreamDialect]] = {

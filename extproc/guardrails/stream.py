@@ -155,9 +155,13 @@ class StreamGuard:
             if self._blocked is not None:
                 self._events.clear()
                 return bytes(out)
-        if self._events.held > MAX_EVENT_BYTES and self._holds:
-            self._events.clear()
-            out += self._block(self._rules[0], ["oversized_event"], None)
+        if self._events.held > MAX_EVENT_BYTES:
+            if self._holds:  # it cannot be judged, so it cannot pass
+                self._events.clear()
+                holder = next(r for r in self._rules if r.holds_text)
+                out += self._block(holder, ["oversized_event"], None)
+            else:  # audit only: nothing is held back, so it passes unread, not piled up
+                out += self._events.rest()
         return bytes(out)
 
     def finish(self) -> bytes:
@@ -373,7 +377,8 @@ def _hold_start(buf: str, window: int) -> int:
     """Where the trailing may-be-a-value region of ``buf`` starts (at most ``window`` back).
 
     The region is the last token (no whitespace), extended backwards over single spaces
-    that join digit groups (card numbers, IBANs and phone numbers are written so).
+    that join groups of a number written in groups (card numbers, phone numbers, and
+    IBANs, whose groups may be letters: ``GB82 WEST 1234``).
     """
     i = len(buf)
     floor = max(0, len(buf) - window)
@@ -382,16 +387,38 @@ def _hold_start(buf: str, window: int) -> int:
         if not char.isspace():
             i -= 1
             continue
-        joined = i == len(buf) or _groupish(buf[i])
-        if char == " " and i >= 2 and _groupish(buf[i - 2]) and joined:
+        before = _token_before(buf, i - 1)
+        joins = char == " " and (_numberish(before[-1:]) or _bank_code(before))
+        after = "" if i == len(buf) else _token_after(buf, i)
+        if joins and (not after or _numberish(after[:1]) or _bank_code(after)):
             i -= 1
             continue
         break
     return i
 
 
-def _groupish(char: str) -> bool:
-    return char.isdigit() or char in "+()-"
+def _token_before(buf: str, end: int) -> str:
+    start = end
+    while start > 0 and not buf[start - 1].isspace():
+        start -= 1
+    return buf[start:end]
+
+
+def _token_after(buf: str, start: int) -> str:
+    end = start
+    while end < len(buf) and not buf[end].isspace():
+        end += 1
+    return buf[start:end]
+
+
+def _numberish(char: str) -> bool:
+    """A character that ends or starts a group of a number written in groups."""
+    return char.isdigit() or (char != "" and char in "+()-")
+
+
+def _bank_code(token: str) -> bool:
+    """A short group of capitals and digits, as an IBAN writes its bank code."""
+    return 0 < len(token) <= 4 and token.isascii() and token.isalnum() and token.isupper()
 
 
 def _continues(char: str, pem: bool) -> bool:

@@ -175,8 +175,7 @@ class StreamTranslator:
             return self._text(text) if isinstance(text, str) and text else b""
         if kind != "tool_use":
             return b""  # thinking, server tools and their results have no OpenAI form
-        initial = block.get("input")
-        tool = _ToolBlock(self._tools, orjson.dumps(initial).decode() if initial else "")
+        tool = _ToolBlock(self._tools, _initial_input(block.get("input")))
         self._tools += 1
         self._tool_blocks[index] = tool
         return self._start() + self._chunk({"tool_calls": [tool_call(tool.index, block, "")]})
@@ -261,3 +260,14 @@ def _index(payload: dict[str, Any]) -> int:
     """The content block an event is about (-1, matching no block, when malformed)."""
     index = payload.get("index")
     return index if isinstance(index, int) else -1
+
+
+def _initial_input(initial: Any) -> str:
+    """A tool block's input as its start gives it (``{}`` in practice: the input follows
+    as deltas), as JSON; empty when there is none or it nests deeper than can be written."""
+    if not initial:
+        return ""
+    try:
+        return orjson.dumps(initial).decode()
+    except orjson.JSONEncodeError:
+        return ""

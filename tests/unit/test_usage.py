@@ -213,3 +213,35 @@ def test_an_anthropic_stream_with_a_count_past_belief_is_not_believed(absurd: st
 )
 def test_usage_shapes(dialect: str, body: Any, usage: Usage | None) -> None:
     assert usage_from_body(dialect, body) == usage
+
+
+@pytest.mark.parametrize(
+    ("dialect", "events", "expected"),
+    [
+        (
+            "openai.chat",
+            [
+                {"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 500}},
+                {"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": "500"}},
+            ],
+            Usage(8, 500),
+        ),
+        ("openai.chat", [{"choices": [], "usage": {"prompt_tokens": 8}}], None),
+        (
+            "openai.responses",
+            [{"type": "response.completed", "response": {"usage": {"input_tokens": 3}}}],
+            None,
+        ),
+    ],
+    ids=["a-malformed-report-after-a-good-one", "no-output-count", "responses-no-output-count"],
+)
+def test_a_stream_report_is_believed_only_with_an_output_count(
+    dialect: str, events: list[dict[str, Any]], expected: Usage | None
+) -> None:
+    """A malformed report after a good one erased it (the charge fell back to an
+    estimate); a report silent on output was taken for 0 output tokens."""
+    meter = StreamUsage(dialect)
+    for event in events:
+        meter.feed(b"data: " + orjson.dumps(event) + b"\n\n")
+    meter.finish()
+    assert meter.usage == expected
