@@ -500,7 +500,10 @@ def _scrubbed_headers(headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(
         name
         for name in headers
-        if name in CREDENTIAL_HEADERS or name.startswith(TRUSTED_HEADER_PREFIX)
+        if name in CREDENTIAL_HEADERS
+        # x_gateway_team too: some upstreams read _ as - (Envoy configs that let such
+        # names through, as Istio's may, must not let one pass for a trusted header)
+        or name.replace("_", "-").startswith(TRUSTED_HEADER_PREFIX)
     )
 
 

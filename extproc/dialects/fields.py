@@ -87,6 +87,11 @@ def invalid_value(path: JsonPath, expected: str) -> InvalidRequest:
     )
 
 
+MAX_MODEL_CHARS = 256
+"""Longer than any model name; a caller's string is kept in the audit record, so it is
+bounded (a 7 MiB name, refused 404 a thousand times, pinned gigabytes in the records)."""
+
+
 def require_model(body: dict[str, Any]) -> str:
     """Every dialect routes, authorises and prices by model, so it is checked first."""
     model = body.get("model")
@@ -94,6 +99,8 @@ def require_model(body: dict[str, Any]) -> str:
         raise invalid_type(("model",), "a string", model)
     if not model.strip():
         raise invalid_value(("model",), "a non-empty model name")
+    if len(model) > MAX_MODEL_CHARS:
+        raise invalid_value(("model",), f"a model name of at most {MAX_MODEL_CHARS} characters")
     return model
 
 

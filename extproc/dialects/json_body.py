@@ -32,7 +32,44 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {json_type(body)}.")
+    ambiguous = _lookalike_member(body)
+    if ambiguous is not None:
+        raise InvalidRequest(
+            f"The request body's member {ambiguous!r} reads as another to some servers; "
+            "member names are lower case.",
+            code="ambiguous_member",
+        )
     return body
+
+
+def _lookalike_member(body: dict[str, Any]) -> str | None:
+    """A member name some upstreams would read as another: not in the lower case every
+    member of these APIs is spelled in (at the top level, in messages and input items,
+    and in their content parts).
+
+    Go's ``encoding/json`` matches member names regardless of case (the long s as ``s``,
+    the Kelvin sign as ``k``) and keeps the last match, and some decoders drop NULs: with
+    ``{"model": "gpt-4o-mini", "Model": "gpt-4o"}`` the gateway would authorise, price and
+    guard one model while such an upstream ran another, on messages the guards never read.
+    Nested objects the APIs leave free (tool schemas, metadata) are not looked at."""
+    for name in _member_names(body):
+        if name.replace("\x00", "").casefold() != name:
+            return name
+    return None
+
+
+def _member_names(body: dict[str, Any]) -> list[str]:
+    names = list(body)
+    for value in body.values():
+        for item in value if isinstance(value, list) else ():
+            if not isinstance(item, dict):
+                continue
+            names.extend(item)
+            content = item.get("content")
+            for part in content if isinstance(content, list) else ():
+                if isinstance(part, dict):
+                    names.extend(part)
+    return names
 
 
 def set_values(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> None:

@@ -51,6 +51,9 @@ RequestId = int | str
 
 JSONRPC = "2.0"
 
+MAX_BATCH = 100
+"""Messages in one batch: each is judged and audited (later MCP revisions have none)."""
+
 
 class ErrorCode(IntEnum):
     PARSE_ERROR = -32700
@@ -157,6 +160,11 @@ def parse_body(body: bytes) -> Body:
     if isinstance(raw, list):
         if not raw:
             raise JsonRpcError(ErrorCode.INVALID_REQUEST, "Invalid request: empty batch")
+        if len(raw) > MAX_BATCH:
+            raise JsonRpcError(
+                ErrorCode.INVALID_REQUEST,
+                f"Invalid request: a batch holds at most {MAX_BATCH} messages",
+            )
         messages = tuple(_message(item, i) for i, item in enumerate(raw))
         _distinct_ids(messages)
         return Body(messages, True, raw)

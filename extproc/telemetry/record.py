@@ -32,7 +32,7 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         "user": principal.user if principal else None,
         "team": principal.team if principal else None,
         "method": exchange.method,
-        "path": exchange.path.partition("?")[0],
+        "path": _bounded(exchange.path.partition("?")[0], MAX_PATH_CHARS),
         "dialect": request.dialect if request else None,
         "model_requested": request.model if request else None,
         "model": model.name if model else None,
@@ -48,7 +48,12 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         "budget": budget,
         "guardrails": list(exchange.verdicts),
         "mcp": [
-            {"server": c.server, "method": c.method, "name": c.name, "verdict": c.verdict.value}
+            {
+                "server": c.server,
+                "method": _bounded(c.method, MAX_NAME_CHARS),
+                "name": _bounded(c.name, MAX_NAME_CHARS),
+                "verdict": c.verdict.value,
+            }
             for c in exchange.mcp_calls
         ]
         or None,
@@ -57,6 +62,17 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
         **({"answer": exchange.recorded_answer} if exchange.recorded_answer is not None else {}),
         "durations_ms": {p: round(s * 1000, 3) for p, s in exchange.durations.items()},
     }
+
+
+MAX_PATH_CHARS = 2048
+MAX_NAME_CHARS = 256
+"""Caller-sent strings in a record are bounded: records are kept (the recent ones in
+memory, the audit queue, the Redis stream), and a caller could otherwise pin megabytes
+with each request."""
+
+
+def _bounded(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def record_time() -> str:

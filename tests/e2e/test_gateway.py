@@ -153,13 +153,19 @@ def test_spoofed_identity_headers_are_replaced(raw: Http, mock: Mock) -> None:
         "/v1/chat/completions",
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "spoof"}]},
         key=RESTRICTED_KEY,
-        **{"x-gateway-team": "platform", "x-gateway-key-id": "demo-admin", "x-gateway-foo": "1"},
+        **{
+            "x-gateway-team": "platform",
+            "x-gateway-key-id": "demo-admin",
+            "x-gateway-foo": "1",
+            "x_gateway_team": "platform",  # some servers read _ as -
+        },
     )
     assert status == 200
     headers = mock.last()["headers"]
     assert headers["x-gateway-team"] == "apps"
     assert headers["x-gateway-key-id"] == "demo-restricted"
     assert "x-gateway-foo" not in headers
+    assert "x_gateway_team" not in headers
 
 
 def test_unknown_key_is_authentication_error(gateway_url: str, mock: Mock) -> None:

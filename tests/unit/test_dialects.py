@@ -1020,6 +1020,42 @@ def test_decode_body_rejects(raw: bytes, fragment: str) -> None:
     assert caught.value.status == 400
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "gpt-4o-mini", "Model": "gpt-4o", "messages": []}',
+        b'{"model": "m", "messages": [], "MESSAGES": [{"role": "user", "content": "x"}]}',
+        b'{"model": "m", "messages": [], "Max_Tokens": 100000}',
+        b'{"model": "m", "messages": [{"role": "user", "Content": "x"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "Text": "x"}]}]}',
+        '{"model": "m", "me\u017fsages": []}'.encode(),  # the long s: "s" to Go
+        b'{"model": "m", "mod\\u0000el": "x"}',
+    ],
+    ids=["model", "messages", "max-tokens", "message-content", "content-part", "long-s", "nul"],
+)
+def test_a_member_some_upstreams_read_as_another_is_refused(raw: bytes) -> None:
+    """Go's encoding/json matches member names regardless of case: the gateway would judge
+    one model, price one cap and guard one set of messages, the upstream run others."""
+    with pytest.raises(InvalidRequest) as caught:
+        decode_body(raw)
+    assert caught.value.code == "ambiguous_member" and caught.value.status == 400
+
+
+def test_free_form_objects_keep_their_member_names() -> None:
+    """Tool schemas and metadata are the caller's own: their names are not looked at."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"Q": {}}}}}
+    body = {"model": "m", "messages": [], "tools": [tool], "metadata": {"Team": "x"}}
+    assert decode_body(orjson.dumps(body)) == body
+
+
+def test_a_model_name_is_bounded() -> None:
+    """A caller's model name is kept in the audit record: a 7 MiB one pinned memory."""
+    body = {"model": "m" * 257, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(InvalidRequest) as caught:
+        dialect(CHAT).parse(body)
+    assert caught.value.param == "model" and "at most 256" in caught.value.message
+
+
 def test_decode_body_returns_the_object() -> None:
     raw = b'{"model": "gpt-5-nano", "messages": [{"role": "user", "content": "Hi \xc3\xa9"}]}'
 

@@ -733,3 +733,25 @@ async def test_a_client_answer_an_input_rule_blocks_goes_on_withheld() -> None:
     assert sent["result"]["content"]["text"] == (
         "[The request looks like a prompt-injection attempt.]"
     )
+
+
+async def test_caller_strings_in_an_audit_record_are_bounded() -> None:
+    """Records are kept (the recent ones in memory, the audit queue): a caller's long path
+    or tool name must not pin megabytes in each."""
+    observer = Observer(None, AuditLog([]))
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore()), observer
+    )
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t" * 100_000}}
+    await exchange(
+        processor,
+        [
+            request_headers("/mcp", {**ADMIN, "accept": "application/json, text/event-stream"}),
+            request_body(call),
+        ],
+    )
+    await exchange(processor, [request_headers("/v1/" + "p" * 100_000, ADMIN)])
+    await processor.drain()
+    mcp, long_path = observer.recent
+    assert len(mcp["mcp"][0]["name"]) == 256
+    assert len(long_path["path"]) == 2048

@@ -136,6 +136,12 @@ def test_batch_keeps_order_indices_and_bad_elements() -> None:
             None,
             id="duplicate-ids-in-batch",
         ),
+        pytest.param(
+            orjson.dumps([{"jsonrpc": "2.0", "method": "notifications/x"}] * 101),
+            ErrorCode.INVALID_REQUEST,
+            None,
+            id="batch-past-100",
+        ),
     ],
 )
 def test_unusable_body(body: bytes, code: ErrorCode, id_: Any) -> None:

@@ -52,6 +52,13 @@ def test_headers_phase_sets_identity_and_scrubs_credentials_and_spoofs() -> None
     assert not decision.skip_request_body
 
 
+def test_an_underscore_spelling_of_a_trusted_header_is_scrubbed() -> None:
+    """Servers that read ``_`` as ``-`` would take it for the gateway's own header."""
+    _, decision = start("/v1/chat/completions", **{"x_gateway_team": "evil", "x-gateway_user": "a"})
+    assert isinstance(decision, Forward)
+    assert {"x_gateway_team", "x-gateway_user"} <= set(decision.remove_headers)
+
+
 def test_missing_key_replies_401_in_dialect() -> None:
     _, openai_reply = start("/v1/chat/completions", key=None)
     _, anthropic_reply = start("/v1/messages", key=None)
