@@ -134,6 +134,13 @@ class HttpAuthorizer:
             policy=self._policies.current, observe_response=self._observer.wants_responses
         )
         started = time.perf_counter()
+        answered = False
+
+        def answer_once(data: bytes) -> bool:
+            nonlocal answered
+            answered = True
+            return write(data)
+
         try:
             decision = await pipeline.decide_request(
                 exchange,
@@ -144,12 +151,15 @@ class HttpAuthorizer:
             )
             # Before delivering: the ticket carries the audit record's durations.
             exchange.durations["ext_authz_http"] = time.perf_counter() - started
-            await self._deliver(decision, exchange, write)
+            await self._deliver(decision, exchange, answer_once)
         except Exception:
-            # ext_proc decides it again and fails closed on its own if it must.
             log.exception("unexpected error in the HTTP authorizer; handing over")
-            await self._release(exchange)
-            write(_HANDED_OVER)
+            if not answered:
+                # ext_proc decides it again and fails closed on its own if it must. One
+                # already answered keeps its answer: a second on the same keep-alive
+                # connection would be taken for the next check's.
+                await self._release(exchange)
+                write(_HANDED_OVER)
         finally:
             self._observer.phase("ext_authz_http", time.perf_counter() - started)
 

@@ -398,3 +398,21 @@ def test_answers_carry_remaining_budget_headers(gateway_url: str) -> None:
     )
     assert reply.headers["x-ratelimit-limit-usd"] == "500"
     assert float(reply.headers["x-ratelimit-remaining-usd"]) < 500
+
+
+@pytest.mark.parametrize("path", ["/v1//chat/completions", "/v1/./chat/completions"])
+def test_a_path_spelled_another_way_is_the_path_it_names(raw: Http, mock: Mock, path: str) -> None:
+    """Envoy normalises the path before the service matches it: RBAC holds for the chat
+    API however its path is spelled (unknown_paths: passthrough would forward an unknown
+    path with identity alone)."""
+    status, _, body = raw.post_json(
+        path, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, RESTRICTED_KEY
+    )
+    assert status == 403 and body["error"]["code"] == "model_not_allowed"
+
+
+def test_an_encoded_slash_in_the_path_is_refused(raw: Http, mock: Mock) -> None:
+    before = len(mock.requests())
+    status, _, _ = raw.request("POST", "/v1/chat%2Fcompletions", b"{}", {"authorization": "x"})
+    assert status == 400
+    assert len(mock.requests()) == before

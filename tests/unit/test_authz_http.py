@@ -531,3 +531,19 @@ async def test_only_a_valid_traceparent_is_carried_to_the_answers_span(
     read = authorizer._tickets.read(ticket)
     assert read.traceparent == (traceparent if carried else None)
     assert (read.record["trace_id"] is not None) is carried
+
+
+async def test_a_failure_after_answering_writes_no_second_answer(
+    authz: tuple[int, ext_authz_http.HttpAuthorizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second answer on the same keep-alive connection would be taken for the next
+    check's, and every later check on it would get an earlier one's answer."""
+    _, authorizer = authz
+
+    def broken(_: Exchange) -> None:
+        raise RuntimeError("observer failed")
+
+    monkeypatch.setattr(ext_authz_http, "_answer_is_read", lambda _: False)
+    monkeypatch.setattr(authorizer._observer, "finish", broken)
+    written = await answer(authorizer, chat_check("r-once"))  # exactly one write
+    assert written.startswith(b"HTTP/1.1 200")
