@@ -204,7 +204,9 @@ class StreamTranslator:
         return self._arguments(tool, tool.initial_input or "{}")
 
     def _stop(self) -> bytes:
-        out = self._start() + self._chunk({}, self._finish)
+        # Tool blocks the upstream never closed get their arguments all the same.
+        out = b"".join(self._block_stop({"index": i}) for i in list(self._tool_blocks))
+        out += self._start() + self._chunk({}, self._finish)
         if self._include_usage:
             payload = self._envelope([])
             payload["usage"] = openai_usage(self._usage)

@@ -384,6 +384,28 @@ def test_tool_input_given_whole_at_block_start_is_sent() -> None:
     }
 
 
+def test_a_tool_block_never_closed_still_gets_its_arguments() -> None:
+    """OpenAI clients parse a call's arguments: "{}" for none, never ""."""
+    sse = stream_of(
+        [
+            {"type": "message_start", "message": {"id": "m", "usage": {}}},
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+            },
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}},
+            {"type": "message_stop"},
+        ]
+    )
+    arguments = "".join(
+        call["function"]["arguments"]
+        for chunk in events(translate([sse]))[:-1]
+        for call in chunk["choices"][0]["delta"].get("tool_calls", [])
+    )
+    assert arguments == "{}"
+
+
 def test_oversized_event_is_refused_not_buffered() -> None:
     translator = StreamTranslator(MODEL)
     translator.feed(_event(EVENTS[0]))
