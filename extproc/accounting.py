@@ -113,9 +113,18 @@ def only_accounted(exchange: Exchange, principal: Principal, path: str) -> bool:
         "output", team=principal.team, key_id=principal.key_id, model=None, path=path
     ):
         return False
-    # An OpenAI chat request for a model on an Anthropic backend is translated back.
-    return dialect.name != "openai.chat" or principal.allowed_models.isdisjoint(
-        policy.anthropic_models
+    return not may_translate(exchange, principal)
+
+
+def may_translate(exchange: Exchange, principal: Principal) -> bool:
+    """Whether this request's answer may need translating back: an OpenAI chat request
+    from a caller who may use a model on an Anthropic backend (decided at the request
+    headers, before the model is known, as :func:`only_accounted` is)."""
+    dialect = exchange.dialect
+    return (
+        dialect is not None
+        and dialect.name == "openai.chat"
+        and not principal.allowed_models.isdisjoint(exchange.policy.anthropic_models)
     )
 
 

@@ -8,6 +8,7 @@ never sees a protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,3 +51,11 @@ class Reply:
 Decision = Forward | Reply
 
 CONTINUE = Forward()
+
+
+def removals_not_set(remove: Iterable[str], set_headers: Headers) -> tuple[str, ...]:
+    """The headers of ``remove`` that are not also in ``set_headers``: ext_authz's Envoy
+    removes after it sets, so one both set and removed would be lost (a provider key set
+    on the request, say); a client's copy of one that is set is overwritten instead."""
+    setting = {name for name, _ in set_headers}
+    return tuple(name for name in remove if name not in setting)

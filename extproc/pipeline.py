@@ -266,6 +266,7 @@ def _request_headers(
         and (
             exchange.metered
             or exchange.observe_response
+            or accounting.may_translate(exchange, principal)  # Claude's answer, made OpenAI's
             or policy.guardrails.applies(
                 "output", team=principal.team, key_id=principal.key_id, model=None, path=path
             )

@@ -24,7 +24,7 @@ from google.rpc import code_pb2, status_pb2
 
 from extproc import pipeline
 from extproc.budgets.meter import Meter
-from extproc.decisions import Forward, Headers, Reply
+from extproc.decisions import Forward, Headers, Reply, removals_not_set
 from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.identity import VOUCHED_KEY, vouch
@@ -103,7 +103,7 @@ def _allowed(decision: Forward, exchange: Exchange) -> pb.CheckResponse:
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=pb.OkHttpResponse(
             headers=_options(decision.set_headers),
-            headers_to_remove=list(decision.remove_headers),
+            headers_to_remove=removals_not_set(decision.remove_headers, decision.set_headers),
         ),
     )
     if exchange.principal is not None:

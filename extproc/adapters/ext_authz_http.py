@@ -36,7 +36,7 @@ from extproc import http_server, pipeline
 from extproc.accounting import HEADER, HEADER_TICKET, Accountant
 from extproc.adapters.answer_report import REPORT_PATH, reported_answer
 from extproc.budgets.meter import NOTHING_USED, Meter
-from extproc.decisions import Forward, Headers, Reply
+from extproc.decisions import Forward, Headers, Reply, removals_not_set
 from extproc.dialects.envelopes import render_error
 from extproc.errors import NotFound
 from extproc.exchange import Clock, Exchange, utc_now
@@ -232,8 +232,7 @@ def _allowed(forward: Forward, metadata: Headers, mark: Headers) -> bytes:
     header set on the request is not also listed for removal: Envoy removes after it
     sets, so a client's copy is overwritten instead."""
     upstream = (*forward.set_headers, *mark)
-    setting = {name for name, _ in upstream}
-    removed = ",".join(name for name in forward.remove_headers if name not in setting)
+    removed = ",".join(removals_not_set(forward.remove_headers, upstream))
     headers: Headers = (*upstream, *forward.answer_headers, *metadata)
     if removed:
         headers = (*headers, (HEADERS_TO_REMOVE, removed))

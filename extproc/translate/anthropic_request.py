@@ -26,6 +26,7 @@ from extproc.dialects.fields import (
     expect_list,
     expect_object,
     expect_str,
+    format_param,
     invalid_type,
     invalid_value,
     optional_bool,
@@ -143,6 +144,20 @@ def _check_fields(body: dict[str, Any]) -> None:
             )
 
 
+def _stop_sequence(text: str, path: JsonPath) -> str:
+    """A stop sequence Claude takes: Anthropic refuses one of whitespace only (such as the
+    common ``"\n"``), naming its own field; refused here, naming the caller's."""
+    if not text.strip():
+        param = format_param(path)
+        raise InvalidRequest(
+            f"'{param}' is not supported for Claude models: a stop sequence must hold more "
+            "than whitespace.",
+            param=param,
+            code="unsupported_value",
+        )
+    return text
+
+
 def _max_tokens(body: dict[str, Any], default: int) -> int:
     """``max_completion_tokens`` wins over the legacy ``max_tokens``, as on OpenAI."""
     completion = optional_positive_int(body, "max_completion_tokens")
@@ -173,10 +188,12 @@ def _sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
         out["top_k"] = top_k
     stop = body.get("stop")
     if isinstance(stop, str):
-        out["stop_sequences"] = [stop]
+        out["stop_sequences"] = [_stop_sequence(stop, ("stop",))]
     elif isinstance(stop, list):
         if stop:
-            out["stop_sequences"] = [expect_str(s, ("stop", i)) for i, s in enumerate(stop)]
+            out["stop_sequences"] = [
+                _stop_sequence(expect_str(s, ("stop", i)), ("stop", i)) for i, s in enumerate(stop)
+            ]
     elif stop is not None:
         raise invalid_type(("stop",), "a string or an array of strings", stop)
     options = body.get("stream_options")

@@ -98,9 +98,10 @@ def conversation(messages: list[Any]) -> tuple[list[Block], list[Block]]:
 
 
 def _blocks(content: object, path: JsonPath, role: str) -> list[Block]:
-    """Content (a string or parts) as Anthropic blocks; empty texts are left out."""
+    """Content (a string or parts) as Anthropic blocks; texts of whitespace alone, which
+    Anthropic refuses, are left out."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []
     if content is None and role == "assistant":
         return []  # an assistant turn that only calls tools
     if not isinstance(content, list):
@@ -119,7 +120,7 @@ def _blocks(content: object, path: JsonPath, role: str) -> list[Block]:
             raise _unsupported_part(where, ptype, role, allowed)
         if ptype == "text" or ptype == "refusal":
             text = expect_str(part.get(ptype), (*where, ptype))
-            if not text:
+            if not text.strip():
                 continue
             block: Block = {"type": "text", "text": text}
         elif ptype == "image_url":

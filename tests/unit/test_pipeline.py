@@ -188,3 +188,25 @@ def test_trace_id_from_traceparent(header: str | None, expected: str | None) -> 
     from extproc.pipeline import trace_id
 
     assert trace_id(header) == expected
+
+
+def test_an_answer_that_may_need_translating_back_is_asked_for() -> None:
+    """A caller with no budget, no audit and no output rule: nothing else reads the answer,
+    but a Claude model's answer to an OpenAI chat request must be translated back (Envoy
+    takes the response phases only as asked at the request headers)."""
+    policy = make_policy(
+        models={
+            "gpt-4o-mini": {"owned_by": "openai", "backend": {"cluster": "openai"}},
+            "claude-3-5-haiku": {
+                "owned_by": "anthropic",
+                "backend": {"cluster": "anthropic", "provider": "anthropic"},
+            },
+        }
+    )
+    decisions = {}
+    for key, path in [("sk-admin", "/v1/chat/completions"), ("sk-bob", "/v1/chat/completions")]:
+        ex = Exchange(policy=policy)
+        decisions[key] = on_request_headers(ex, headers(path, key), None, False, clock)
+    admin, bob = decisions["sk-admin"], decisions["sk-bob"]
+    assert isinstance(admin, Forward) and admin.process_response  # may use Claude
+    assert isinstance(bob, Forward) and not bob.process_response  # gpt-4o-mini only

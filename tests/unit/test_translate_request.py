@@ -640,6 +640,8 @@ REJECTED = [
         "invalid_type",
         id="parallel-type",
     ),
+    pytest.param(chat(HI, stop="\n"), "stop", "unsupported_value", id="stop-newline"),
+    pytest.param(chat(HI, stop=["END", " "]), "stop[1]", "unsupported_value", id="stop-space"),
 ]
 
 
@@ -724,3 +726,19 @@ def test_junk_anywhere_is_an_invalid_request_never_a_crash() -> None:
             assert error.param is not None
         else:
             orjson.dumps(out)
+
+
+def test_texts_of_whitespace_alone_are_left_out() -> None:
+    """Anthropic refuses a text block of whitespace alone (a replayed assistant turn of
+    "\n" is common); such a text carries nothing for the model either."""
+    body = chat(
+        HI,
+        {"role": "assistant", "content": "\n"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": " "}, {"type": "text", "text": "Go"}],
+        },
+    )
+    out = request_to_anthropic(body, UPSTREAM, DEFAULT_CAP)
+    texts = [b["text"] for t in out["messages"] for b in t["content"] if b["type"] == "text"]
+    assert all(text.strip() for text in texts) and "Go" in texts
