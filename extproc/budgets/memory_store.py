@@ -123,7 +123,9 @@ class MemoryStore:
 
     def _add(self, key: str, amount: int, expires_at: int, now: float) -> int:
         expiry = expires_at + self._slack
-        value = self._value(key, now) + amount
+        # Never below nothing, as the Redis script: a settlement's minus amount may reach
+        # a counter that is gone (a restart) and must not leave it owing the next request.
+        value = max(0, self._value(key, now) + amount)
         if expiry <= now:
             # Like EXPIREAT in the past on Redis: the write lands and is deleted at once.
             self._entries.pop(key, None)

@@ -139,7 +139,10 @@ return out
 # each adjust: 1 if it has a token else 0, its counter count, then amount and expire-at
 # (epoch s) per counter. Returns, for each adjust in turn, 1 if it applied, then its
 # counters' new values; an adjust whose token was already used changes nothing and
-# returns 0, then the current values.
+# returns 0, then the current values. A counter never goes below 0: a settlement (a minus
+# amount, what was reserved and not used) reaching a counter Redis has lost (a restart
+# without persistence, a fail-over, an eviction) would otherwise leave it owing, and admit
+# that much more than the limit.
 ADJUST_LUA: Final = """
 local out = {}
 local k, a = 1, 2
@@ -151,7 +154,12 @@ while a <= #ARGV do
   for i = 1, n do
     local key = KEYS[k + i]
     if applied then
-      out[#out + 1] = redis.call('INCRBY', key, ARGV[a])
+      local value = redis.call('INCRBY', key, ARGV[a])
+      if value < 0 then
+        redis.call('SET', key, 0)
+        value = 0
+      end
+      out[#out + 1] = value
       redis.call('EXPIREAT', key, ARGV[a + 1])
     else
       out[#out + 1] = tonumber(redis.call('GET', key) or '0')
@@ -350,7 +358,10 @@ class RedisStore:
         return tuple(0 if v is None else int(v) for v in reply)
 
     async def ping(self) -> None:
-        await self._call(self._client.ping())
+        """A keyed command, so that on a cluster it asks the node holding the budgets'
+        slot (PING would ask whichever node the client defaults to: health and recovery
+        then followed an unrelated shard)."""
+        await self._call(self._client.exists(self._tag + "probe"))
 
     async def close(self) -> None:
         if self._link is not None:

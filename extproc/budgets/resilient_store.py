@@ -55,7 +55,14 @@ log = logging.getLogger(__name__)
 
 
 STOP_SECONDS = 2.5
-"""How long shutdown keeps trying to write the queue back to a primary that is down."""
+"""How long shutdown keeps trying to write the queue back (to a primary that is down, or
+one that is up and has a long queue to take)."""
+WRITE_BACK_BATCH = 100
+"""Queued settlements written back together: one script call, not one round trip each
+(one at a time, a queue fed faster than the round trip never emptied)."""
+MAX_TOKENED = 100_000
+"""Settlements queued with their own token; past it, one is folded into the per-counter
+amounts (its token, which only guards against a second report of it, is given up)."""
 
 
 class FailMode(StrEnum):
@@ -107,8 +114,8 @@ class ResilientStore:
         """key → (amount, expires_at) applied locally or not yet applied to the primary."""
         self._tokened: list[tuple[str, tuple[Delta, ...]]] = []
         """Queued adjusts that came with their own idempotency token."""
-        self._inflight: tuple[str, tuple[Delta, ...]] | None = None
-        """A write-back that failed ambiguously: retried as is, with the same token."""
+        self._inflight: list[tuple[str, tuple[Delta, ...]]] | None = None
+        """Write-backs that failed ambiguously: retried as they are, with the same tokens."""
         self._errors = self._local_reserves = self._queued = self._write_backs = 0
 
     @property
@@ -129,7 +136,7 @@ class ResilientStore:
             write_backs=self._write_backs,
             pending_keys=len(self._pending)
             + sum(len(batch) for _, batch in self._tokened)
-            + (len(self._inflight[1]) if self._inflight is not None else 0),
+            + sum(len(batch) for _, batch in self._inflight or ()),
         )
 
     async def start(self) -> None:
@@ -150,7 +157,8 @@ class ResilientStore:
         deadline = time.monotonic() + within  # the attempts' own time counts too
         while write_back and self._degraded:
             try:
-                await self._write_back()
+                if not await self._write_back(deadline):
+                    break  # the primary is up, and the queue longer than shutdown waits
             except StoreUnavailable:
                 self._errors += 1
                 if waited + delay > within or time.monotonic() + delay > deadline:
@@ -196,7 +204,7 @@ class ResilientStore:
                 return result
         self._queued += 1
         self._seed((d.key, d.expires_at) for d in deltas)
-        if token is None:
+        if token is None or len(self._tokened) >= MAX_TOKENED:
             self._enqueue(deltas)
         else:
             self._tokened.append((token, tuple(deltas)))
@@ -273,20 +281,29 @@ class ResilientStore:
             self._wake.clear()
             log.warning("budget store available again, usage written back")
 
-    async def _write_back(self) -> None:
-        """Write every queued delta to the primary, until the queue is empty."""
+    async def _write_back(self, deadline: float | None = None) -> bool:
+        """Write every queued delta to the primary; ``True`` once the queue is empty,
+        ``False`` if ``deadline`` (monotonic) passed first.
+
+        The per-counter amounts (reservations, adjusts without a token) go before the
+        settlements, which mostly subtract: the other way round a counter dipped far below
+        its true value for as long as the write-back took (other replicas admitting against
+        it), and the store's floor at 0 would keep the dip as an over-count. Settlements go
+        :data:`WRITE_BACK_BATCH` at a time, which the store sends as one script call."""
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             if self._inflight is None:
-                if self._tokened:
-                    self._inflight = self._tokened.pop(0)
-                elif self._pending:
+                if self._pending:
                     batch = tuple(Delta(k, a, e) for k, (a, e) in self._pending.items() if a)
                     self._pending.clear()
-                    self._inflight = (f"write-back:{uuid.uuid4().hex}", batch)
+                    self._inflight = [(f"write-back:{uuid.uuid4().hex}", batch)]
+                elif self._tokened:
+                    self._inflight = self._tokened[:WRITE_BACK_BATCH]
+                    del self._tokened[:WRITE_BACK_BATCH]
                 else:
-                    return
-            token, batch = self._inflight
-            if batch:
-                await self._primary.adjust(batch, token=token)
-                self._write_backs += 1
+                    return True
+            writes = [(token, batch) for token, batch in self._inflight if batch]
+            await asyncio.gather(*(self._primary.adjust(b, token=t) for t, b in writes))
+            self._write_backs += len(writes)
             self._inflight = None

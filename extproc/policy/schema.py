@@ -94,13 +94,34 @@ class Limit(_Strict):
         return self
 
 
+def _distinct_counters(limits: list[Limit]) -> list[Limit]:
+    """Two limits of one scope that count the same thing share one counter: only the
+    tighter would hold, and the other's alerts would never fire while ``extproc usage``
+    showed its remaining. Refused, naming the pair."""
+    seen: dict[tuple[object, ...], int] = {}
+    for i, limit in enumerate(limits):
+        models = tuple(limit.models) if limit.models is not None else None
+        tools = tuple(limit.tools) if limit.tools is not None else None
+        counted = (limit.unit, limit.window, limit.per_model, models, tools)
+        if counted in seen:
+            raise ValueError(
+                f"limits {seen[counted]} and {i} count the same {limit.unit} per "
+                f"{limit.window}: keep one (the tighter holds; merge their alerts)"
+            )
+        seen[counted] = i
+    return limits
+
+
+Limits = Annotated[list[Limit], AfterValidator(_distinct_counters)]
+
+
 class Team(_Strict):
     description: str = ""
     models: ModelAccess = Field(
         default_factory=ModelAccess,
         description="Models the team may use. A team without rules may use none.",
     )
-    limits: list[Limit] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=list)
     mcp: McpAccess | None = Field(
         default=None,
         description="MCP servers, tools, resources and prompts the team may use; a team "
@@ -113,7 +134,7 @@ class User(_Strict):
     models: ModelAccess | None = Field(
         default=None, description="Further restricts the team's models for this user."
     )
-    limits: list[Limit] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=list)
     mcp: McpAccess | None = Field(default=None, description="Narrows the team's MCP access.")
 
 
@@ -129,7 +150,7 @@ class Key(_Strict):
     models: ModelAccess | None = Field(
         default=None, description="Further restricts the team's (and user's) models."
     )
-    limits: list[Limit] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=list)
     mcp: McpAccess | None = Field(default=None, description="Narrows the team's MCP access.")
 
     @model_validator(mode="after")
@@ -251,7 +272,7 @@ class Model(_Strict):
 
 
 class Budgets(_Strict):
-    global_limits: list[Limit] = Field(
+    global_limits: Limits = Field(
         default_factory=list, description="Limits on all traffic through the gateway."
     )
     default_max_output_tokens: int = Field(

@@ -138,7 +138,7 @@ async def test_counter_already_over_its_limit_rejects_even_zero(harness: Harness
         pytest.param((-2,), (3,), id="give-back"),
         pytest.param((+4,), (9,), id="charge-more"),
         pytest.param((+20,), (25,), id="past-the-limit"),
-        pytest.param((-7,), (-2,), id="below-zero-is-kept"),
+        pytest.param((-7,), (0,), id="never-below-zero"),
         pytest.param((0,), (5,), id="zero"),
     ],
 )
@@ -168,10 +168,11 @@ async def test_a_settlement_that_changes_nothing_still_cannot_be_replayed(
 async def test_adjust_with_a_token_applies_once(harness: Harness) -> None:
     end = window_end()
     deltas = [Delta("a", 4, end), Delta("b", -1, end)]
-    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, -1))
+    # b has nothing to give back: a counter never goes below 0 (it would owe the next one).
+    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, 0))
     # Replayed: nothing applied, and the caller learns so (its exchange is reported once).
-    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, -1), False)
-    assert await harness.store.adjust(deltas, token="req-2") == AdjustResult((8, -2))
+    assert await harness.store.adjust(deltas, token="req-1") == AdjustResult((4, 0), False)
+    assert await harness.store.adjust(deltas, token="req-2") == AdjustResult((8, 0))
 
 
 async def test_reservations_made_together_are_judged_in_turn(harness: Harness) -> None:
@@ -203,9 +204,23 @@ async def test_concurrent_adjusts_each_apply_once_with_their_own_values(
         harness.store.adjust(first, token="t-1"),  # a retried settlement: no effect
         harness.store.adjust([Delta("c", -4, end), Delta("a", 1, end)], token="t-2"),
     )
-    assert [r.values for r in results] == [(3, 1), (5,), (5, 1), (-4, 6)]
+    assert [r.values for r in results] == [(3, 1), (5,), (5, 1), (0, 6)]
     assert [r.applied for r in results] == [True, True, False, True]
-    assert await harness.store.read(["a", "b", "c"]) == (6, 1, -4)
+    assert await harness.store.read(["a", "b", "c"]) == (6, 1, 0)
+
+
+async def test_a_settlement_reaching_a_lost_counter_does_not_make_it_owe(
+    harness: Harness,
+) -> None:
+    """Redis restarted without persistence (or failed over, or evicted the key) between a
+    reservation and its settlement: the settlement's give-back must not start the counter
+    below 0, or the next requests would be admitted past the limit by that much."""
+    end = window_end()
+    await harness.store.reserve([Counter("a", 10_000, 4196, end)])
+    await harness.store.adjust([Delta("a", -10_000, end)])  # the counter is gone: reset
+    assert (await harness.store.adjust([Delta("a", 150 - 4196, end)], token="t")).values == (0,)
+    admitted = [await harness.store.reserve([Counter("a", 10_000, 4196, end)]) for _ in range(3)]
+    assert [r.ok for r in admitted] == [True, True, False]
 
 
 async def test_read_missing_counters_is_zero(harness: Harness) -> None:
@@ -449,6 +464,61 @@ async def test_a_tokened_adjust_is_written_back_under_its_token(flaky: Flaky) ->
     assert await primary.inner.adjust([Delta("a", 7, end)], token="req-9") == AdjustResult(
         (7,), applied=False
     )
+
+
+class WatchedStore(FlakyStore):
+    """A primary that notes the first counter's value after each adjust."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
+        result = await super().adjust(deltas, token=token)
+        self.seen.append(result.values[0])
+        return result
+
+
+async def test_write_back_puts_reservations_before_their_settlements() -> None:
+    """A reservation made during the outage and its settlement: written the other way
+    round, the counter dipped far below its true value while the write-back lasted (other
+    replicas admitting against it), and the floor at 0 would keep the dip as an over-count."""
+    primary = WatchedStore()
+    store = ResilientStore(primary, FailMode.OPEN, backoff=FAST)
+    end = window_end()
+    primary.down = True
+    await store.reserve([Counter("a", 10_000, 4196, end)])
+    await store.adjust([Delta("a", 150 - 4196, end)], token="settled")
+    primary.down = False
+    await store.start()
+    await until(lambda: not store.stats().degraded)
+    await store.stop()
+    assert primary.seen == [4196, 150]
+    assert await primary.inner.read(["a"]) == (150,)
+
+
+class SlowStore(FlakyStore):
+    """A primary that is up and takes its time: 10 ms a call."""
+
+    async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
+        await asyncio.sleep(0.01)
+        return await super().adjust(deltas, token=token)
+
+
+async def test_shutdown_stops_writing_back_when_its_time_is_up() -> None:
+    """With the primary up, a long queue once kept shutdown writing back one settlement
+    per round trip until the supervisor killed the worker, part of it written."""
+    primary = SlowStore()
+    store = ResilientStore(primary, FailMode.OPEN, backoff=FAST)
+    end = window_end()
+    primary.down = True
+    for i in range(5_000):
+        await store.adjust([Delta("a", 1, end)], token=f"t-{i}")
+    primary.down = False
+    pending = await store.stop(within=0.2)
+    assert 0 < pending < 5_000
+    written = (await primary.inner.read(["a"]))[0]
+    assert written + pending == 5_000  # what was not written is what is reported pending
 
 
 async def test_fail_closed_refuses_admission_but_keeps_usage(flaky: Flaky) -> None:

@@ -82,6 +82,12 @@ keys:
             "port 99999 is not between 1 and 65535",
             id="upstream-port-out-of-range",
         ),
+        pytest.param(
+            "teams: {t: {limits: [{unit: total_tokens, window: day, limit: 1000, alerts: [80]},"
+            " {unit: total_tokens, window: day, limit: 500}]}}",
+            "teams.t.limits: limits 0 and 1 count the same total_tokens per day",
+            id="two-limits-one-counter",
+        ),
         pytest.param("", "the file is empty", id="empty"),
         pytest.param("# only a comment\n", "the file is empty", id="comment-only"),
     ],
