@@ -19,8 +19,12 @@ FROM python:3.11-slim-bookworm AS runtime
 ENV PYTHONUNBUFFERED=1
 RUN groupadd --system --gid 10001 extproc \
  && useradd --system --uid 10001 --gid extproc --no-create-home --shell /usr/sbin/nologin extproc
+# xds-protos ships an older copy of OpenTelemetry's protos at opentelemetry-proto's paths:
+# the OTLP exporter needs its own, installed last.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels extproc
+    pip install --no-cache-dir --no-index --find-links /wheels extproc \
+ && pip install --no-cache-dir --no-index --find-links /wheels --force-reinstall --no-deps \
+    opentelemetry-proto
 # A policy to start with; docker-compose.yml mounts policies/ over it and Kubernetes
 # passes --policy with its ConfigMap.
 COPY policies/example.yaml /etc/extproc/policies/example.yaml

@@ -256,7 +256,7 @@ def _serve_with(args: argparse.Namespace) -> int:
         audit_file=args.audit_file,
         audit_stdout=args.audit_stdout,
         audit_redis_stream=args.audit_redis_stream,
-        admin_token=os.environ.get(args.admin_token_env) or None,
+        admin_token=(os.environ.get(args.admin_token_env) or "").strip() or None,
         otlp_endpoint=args.otlp_endpoint,
         ticket_secret=os.environ.get(KEY_VARIABLE) or None,
     )
@@ -274,7 +274,11 @@ def _serve_with(args: argparse.Namespace) -> int:
         return 1
     from extproc.server import serve
 
-    return serve(settings, policies)
+    try:
+        return serve(settings, policies)
+    except OSError as exc:  # a port taken (another instance, or a stale one)
+        print(f"extproc: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def load_for_serving(path: Path) -> PolicyStore:

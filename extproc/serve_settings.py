@@ -70,6 +70,10 @@ def check(settings: ServeSettings) -> None:
     check_address("--grpc", settings.grpc_address)
     if settings.authz_address is not None:
         check_address("--authz", settings.authz_address)
+    if settings.workers < 1:
+        raise ConfigurationError(f"--workers must be at least 1 (got {settings.workers})")
+    if settings.audit_file is not None:
+        check_audit_file(settings.audit_file)
     if not 0 < settings.reload_interval <= 3600:
         raise ConfigurationError("--reload-interval must be more than 0 and at most 3600 seconds")
     check_redis(settings.redis_url, settings.redis_prefix)
@@ -89,6 +93,36 @@ def check(settings: ServeSettings) -> None:
         )
 
 
+def check_audit_file(path: Path) -> None:
+    """An audit file the service can append to (or create): one it cannot (a directory,
+    a missing directory, no permission) would lose every record while it reported ready.
+    Checked without creating it (``--workers`` writes one file per worker beside it)."""
+    directory = path.parent
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not directory.is_dir():
+        problem = f"no directory {str(directory)!r}"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "it is not writable"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"the directory {str(directory)!r} is not writable"
+    else:
+        return
+    raise ConfigurationError(f"--audit-file {str(path)!r} cannot be written: {problem}")
+
+
+def without_password(url: str) -> str:
+    """``url`` fit for a log line: what comes before its ``@`` masked but the user name
+    (``redis://:secret@host`` → ``redis://:***@host``), malformed URLs included."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    start = url.find("//")
+    start = start + 2 if 0 <= start < at else 0
+    user, colon, _ = url[start:at].partition(":")
+    return f"{url[:start]}{user}{colon}***{url[at:]}" if colon else f"{url[:start]}***{url[at:]}"
+
+
 def check_address(flag: str, address: str) -> None:
     """``host:port``, the port a number (0: any free one)."""
     host, colon, port = address.rpartition(":")
@@ -104,7 +138,8 @@ def check_redis(url: str | None, prefix: str) -> None:
         scheme = urlsplit(url).scheme
         if scheme not in REDIS_SCHEMES:
             raise ConfigurationError(
-                f"--redis-url must be a redis://, rediss:// or unix:// URL (got {url!r})"
+                "--redis-url must be a redis://, rediss:// or unix:// URL "
+                f"(got {without_password(url)!r})"
             )
     try:
         check_prefix(prefix)

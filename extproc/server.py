@@ -155,11 +155,15 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         refresh=functools.partial(shared_key, kept_in) if kept_in is not None else None,
     )
     processor = ExternalProcessor(policies, meter, observer, tickets=tickets)
+    # Only the workers of one supervisor share their ports (SO_REUSEPORT): a lone process
+    # that did would let a second, stale one share them too, Envoy's calls split between
+    # two policies without a word; without it, the second fails to start.
+    shared = settings.worker_index is not None
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1),
+            ("grpc.so_reuseport", int(shared)),
         ]
     )
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
@@ -178,10 +182,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     authz_server = None
     if settings.authz_address:
         host, _, port = settings.authz_address.rpartition(":")
-        authz_server = await ext_authz_http.start(authorizer, host, int(port))
+        authz_server = await ext_authz_http.start(authorizer, host, int(port), shared=shared)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(settings.grpc_address)
+    try:
+        server.add_insecure_port(settings.grpc_address)
+    except RuntimeError:  # grpcio's word for a port it cannot bind
+        raise OSError(f"cannot listen on {settings.grpc_address}: in use?") from None
     _freeze_startup_objects()
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING

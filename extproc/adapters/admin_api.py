@@ -37,7 +37,9 @@ class AdminApi(pb_grpc.AdminServicer):
         self._policies = policies
         self._store = store
         self._recent = recent
-        self._digest = hashlib.sha256(token.encode()).digest()
+        # Stripped as a presented token is: a Secret file's trailing newline must not make
+        # the API unusable.
+        self._digest = hashlib.sha256(token.strip().encode()).digest()
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -248,8 +248,10 @@ _REPORT_REFUSED = _refused(
 )
 
 
-async def start(authorizer: HttpAuthorizer, host: str, port: int) -> http_server.Server:
-    """Listen on ``host:port`` (shared with other workers through SO_REUSEPORT). Closing
+async def start(
+    authorizer: HttpAuthorizer, host: str, port: int, *, shared: bool = False
+) -> http_server.Server:
+    """Listen on ``host:port`` (``shared``: with the other workers, through SO_REUSEPORT). Closing
     the server stops taking checks: idle connections close at once, busy ones once their
     check is answered (Envoy fails closed on checks it can no longer send)."""
     server = http_server.Server(
@@ -258,5 +260,5 @@ async def start(authorizer: HttpAuthorizer, host: str, port: int) -> http_server
         failed=_HANDED_OVER,
         max_request_bytes=MAX_CHECK_BYTES,
     )
-    await server.start(host, port, reuse_port=True)
+    await server.start(host, port, reuse_port=shared)
     return server

@@ -54,6 +54,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Validate policy YAML text; raise :class:`PolicyError` naming every bad field."""
     try:
         data: Any = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except RecursionError:
+        raise PolicyError(source, ["invalid YAML: nested too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -66,6 +68,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(source, ["the top level must be a mapping"])
     try:
         return Policy.model_validate(data)
+    except RecursionError:
+        raise PolicyError(source, ["nested too deeply"]) from None
     except ValidationError as exc:
         raise PolicyError(source, [_describe(err) for err in exc.errors()]) from None
 

@@ -95,14 +95,31 @@ class PolicyStore:
         self, interval: float, on_change: Callable[[CompiledPolicy], None] | None = None
     ) -> None:
         """Poll the files forever; polling survives editors, symlink swaps and NFS alike.
-        A changed file is read and compiled in a worker thread (tens of milliseconds for
+        A changed file is read once it has not changed for a poll, and compiled in a
+        worker thread (tens of milliseconds for
         a real policy, which would stall every stream on the event loop); the new
         snapshot replaces the old in one assignment."""
+        settling: _Signature | None = None
         while True:
             await asyncio.sleep(interval)
-            if self._stat_signature() == self._signature:
+            signature = self._stat_signature()
+            if signature == self._signature:
                 continue
-            if await asyncio.to_thread(self.reload_if_changed) and on_change is not None:
+            if signature != settling:
+                # Changed since the last poll: a writer pausing between writes (a large
+                # cp, scp, kubectl cp) could leave a prefix that is valid YAML, with half
+                # the catalogue or rules. Read once it has held still for a poll.
+                settling = signature
+                continue
+            try:
+                reloaded = await asyncio.to_thread(self.reload_if_changed)
+            except Exception:
+                # Never the end of watching: later edits must still go live.
+                self.reloads_failed += 1
+                self._signature = signature
+                log.exception("policy reload failed; keeping version %s", self._current.version)
+                continue
+            if reloaded and on_change is not None:
                 on_change(self._current)
 
     def _stat_signature(self) -> _Signature:

@@ -24,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.stack import ROOT, Ports, Stack, running
-from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, policy_copy
+from tests.e2e.conftest import ADMIN_KEY, EXAMPLE_POLICY, RESTRICTED_KEY, policy_copy
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -299,6 +299,37 @@ def extproc_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
+def test_a_password_in_a_redis_url_is_never_printed() -> None:
+    result = extproc_cli(
+        "serve", "--policy", "/nonexistent.yaml", "--redis-url", "redis//:hunter2@host:6379/0"
+    )
+    assert result.returncode == 2 and "hunter2" not in result.stderr
+
+
+def test_a_second_service_on_the_same_ports_refuses_to_start(tmp_path: Path) -> None:
+    """A lone process does not share its ports (SO_REUSEPORT is for one supervisor's
+    workers): a stale second instance would have split Envoy's calls between two policies."""
+    ports = Ports.free()
+    first = serve(EXAMPLE_POLICY, ports)
+    try:
+        other_admin = Ports.free(avoid=ports).admin
+        for grpc, authz in ((ports.grpc, other_admin + 1), (other_admin + 2, ports.authz)):
+            result = extproc_cli(
+                "serve",
+                "--policy", str(EXAMPLE_POLICY),
+                "--grpc", f"127.0.0.1:{grpc}",
+                "--authz", f"127.0.0.1:{authz}",
+                "--admin-port", str(other_admin),
+            )  # fmt: skip
+            assert result.returncode == 1, result.stderr
+            assert "cannot start" in result.stderr and "Traceback" not in result.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
+            assert resp.status == 200  # the first one serves on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
 def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
     result = extproc_cli("serve", "--policy", str(tmp_path / "missing.yaml"))
     assert result.returncode == 1
@@ -317,6 +348,9 @@ def test_missing_policy_file_fails_clearly(tmp_path: Path) -> None:
         (["--grpc", "127.0.0.1:99999"], "--grpc must be HOST:PORT"),
         (["--redis-url", "notaurl"], "--redis-url must be a redis://"),
         (["--reload-interval", "0"], "--reload-interval must be more than 0"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--audit-file", "/"], "it is a directory"),
+        (["--audit-file", "/nonexistent/dir/audit.jsonl"], "no directory"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_the_policy_is_read(

@@ -468,3 +468,51 @@ teams:
     )
     assert policy.teams["t2"].description == "merged"
     assert policy.teams["t2"].models.allow == ["gpt-*"]
+
+
+def test_a_policy_nested_too_deeply_is_refused_not_raised() -> None:
+    """A RecursionError once escaped the watcher and ended it: no later edit went live."""
+    with pytest.raises(PolicyError) as caught:
+        parse_policy("teams: {a: {description: " + "[" * 3000 + "]" * 3000 + "}}")
+    assert caught.value.problems == ["invalid YAML: nested too deeply"]
+
+
+async def test_the_watch_loop_waits_for_a_file_to_hold_still(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that pauses between writes can leave a prefix that is valid YAML (here
+    without any model): it is not loaded until the file has held still for a poll. The
+    polls are stepped by the test."""
+    path = tmp_path / "policy.yaml"
+    full = EXAMPLE.read_text()
+    path.write_text(full)
+    store = PolicyStore(path)
+    polls: asyncio.Queue[None] = asyncio.Queue()
+    pause = asyncio.sleep
+
+    async def next_poll(_: float) -> None:
+        await polls.get()
+
+    async def poll() -> None:
+        polls.put_nowait(None)
+        await pause(0.3)  # the poll, and a reload's compile in its thread
+
+    monkeypatch.setattr(policy_store.asyncio, "sleep", next_poll)
+    loaded: list[CompiledPolicy] = []
+    watcher = asyncio.create_task(store.watch(1.0, loaded.append))
+    try:
+        edited = full.replace("unknown_paths: reject", "unknown_paths: passthrough", 1)
+        cut = edited.index("\nmodels:")
+        with path.open("w") as file:
+            file.write(edited[:cut] + "\n")  # a valid prefix: no models at all
+            file.flush()
+            await poll()  # sees the prefix, still moving
+            file.write(edited[cut:])
+        await poll()  # sees the whole file, changed again
+        await poll()  # held still: read
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    [live] = loaded
+    assert "gpt-4o" in live.models and live.unknown_paths == "passthrough"

@@ -58,3 +58,10 @@ async def test_no_traceparent_starts_a_new_trace() -> None:
     (span,) = exporter.get_finished_spans()
     assert span.parent is None
     assert dict(span.attributes or {})["http.response.status_code"] == 401
+
+
+def test_the_otlp_exporter_can_be_built() -> None:
+    """--otlp-endpoint once crashed the service at start: xds-protos's older copy of
+    OpenTelemetry's protos had overwritten the one the exporter imports (Makefile)."""
+    tracing = Tracing.otlp("http://127.0.0.1:4318/v1/traces")
+    tracing.shutdown()
