@@ -219,7 +219,7 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     )
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(
         policies.watch(settings.reload_interval, lambda p: wiring.follow_policy(store, p))
@@ -461,7 +461,7 @@ async def _supervise_workers(
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(policies.watch(settings.reload_interval))
         try:

@@ -292,6 +292,11 @@ def _backend(name: str, backend: Backend | None, credentials: bool) -> CompiledB
             raise ValueError(f"{where}.credential_file: cannot read: {exc.strerror}") from None
         if not key:
             raise ValueError(f"{where}.credential_file: the file is empty")
+    if key and not key.isprintable():
+        # A header value cannot hold it (a key file of two lines, say): refused here, not
+        # on every request.
+        source = "credential_env" if backend.credential_env else "credential_file"
+        raise ValueError(f"{where}.{source}: the key holds a line break or control character")
     credential = None
     if key:
         credential = (

@@ -415,6 +415,10 @@ def test_k8s_deployment_serves_the_contract() -> None:
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert policy.name in one(K8S_DOCS, "ConfigMap", volume["configMap"]["name"])["data"]
 
+    # Endpoints and Envoy's health checks let go of a stopping pod before it stops taking
+    # calls; its drain (--grace, 20 s) and write-out (5 s) fit in what is left.
+    [pause] = container["lifecycle"]["preStop"]["exec"]["command"][1:]
+    assert pod["terminationGracePeriodSeconds"] >= int(pause) + 20 + 5
     assert pod["securityContext"]["runAsNonRoot"] is True
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True

@@ -516,3 +516,13 @@ async def test_the_watch_loop_waits_for_a_file_to_hold_still(
             await watcher
     [live] = loaded
     assert "gpt-4o" in live.models and live.unknown_paths == "passthrough"
+
+
+def test_a_key_file_of_two_lines_is_refused_at_load(tmp_path: Path) -> None:
+    """A header value cannot hold it: it was loaded, then refused on every request."""
+    key_file = tmp_path / "openai.key"
+    key_file.write_text("sk-one\nsk-two\n")
+    with pytest.raises(PolicyError) as caught:
+        _keyed_store(tmp_path, key_file)
+    assert any("line break" in p for p in caught.value.problems)
+    assert not any("sk-one" in p for p in caught.value.problems)  # never the key itself
