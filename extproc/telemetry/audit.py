@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,17 +96,51 @@ class JsonlFile:
 
 
 class Stdout:
-    async def write(self, lines: Sequence[bytes]) -> None:
-        # A full pipe to the log collector must block a worker thread, not every stream.
-        await asyncio.to_thread(self._write, b"".join(lines))
+    """Lines to stdout, written by a daemon thread of this sink's own.
 
-    @staticmethod
-    def _write(data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+    A full pipe to the log collector must block that thread, not every stream; and not
+    the process's exit either: a thread of the default executor is waited for when the
+    event loop closes, forever if the pipe never drains (the service logged "stopped"
+    and lived on)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[bytes, Callable[[BaseException | None], None]]]
+        self._queue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="audit-stdout", daemon=True).start()
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_resolve, written, error)
+
+        self._queue.put((b"".join(lines), done))
+        await written  # a failed write fails here, for the log to count its records
+
+    def _run(self) -> None:
+        while True:
+            data, done = self._queue.get()
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except (OSError, ValueError) as error:
+                done(error)
+            else:
+                done(None)
 
     async def close(self) -> None:
         return None
+
+
+def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class RedisStream:

@@ -399,3 +399,49 @@ def test_usage_reads_a_policy_whose_provider_keys_are_not_here() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert isinstance(json.loads(result.stdout), list)
+
+
+def test_a_stdout_audit_pipe_nobody_reads_does_not_keep_the_service_alive(
+    tmp_path: Path,
+) -> None:
+    """The log collector stopped reading: records then wait on a full pipe. The service
+    must still drain, count what it could not write, and exit on SIGTERM (a write stuck in
+    the default executor's thread once kept it alive after it logged "stopped")."""
+    ports = Ports.free()
+    log_file = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "extproc", "serve",
+            "--policy", str(EXAMPLE_POLICY),
+            "--grpc", f"127.0.0.1:{ports.grpc}",
+            "--authz", f"127.0.0.1:{ports.authz}",
+            "--admin-port", str(ports.admin),
+            "--audit-stdout", "--grace", "1",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,  # never read: it fills
+        stderr=log_file,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz"):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        refused = 0
+        with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            for _ in range(600):  # one audit record each, far more than a pipe holds
+                stream = stub.Process(iter([headers_request("/v1/chat/completions", "sk-no")]))
+                refused += next(iter(stream)).immediate_response.status.code == 401
+        assert refused == 600
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+    assert "stopped" in (tmp_path / "serve.log").read_text()
