@@ -223,6 +223,12 @@ def _request_headers(
 ) -> Decision:
     policy = exchange.policy
     path = exchange.path.partition("?")[0]
+    if _unclear(path):
+        # Envoy's shipped configs normalise paths; a mesh's may not (Istio merges no
+        # slashes by default): /v1//chat/completions must not pass for an unknown path.
+        raise InvalidRequest(
+            "The path has an empty, '.' or '..' segment; send it without.", code="invalid_path"
+        )
     server = policy.mcp_servers.for_path(path)
     if server is not None:
         exchange.envelope = "jsonrpc"  # every error, identity's too, as MCP clients read them
@@ -494,6 +500,14 @@ def trace_id(traceparent: str | None) -> str | None:
     if trace == "0" * 32 or parent == "0" * 16:
         return None
     return trace
+
+
+def _unclear(path: str) -> bool:
+    """Whether ``path`` has a segment a server may read away: empty (``//``), ``.`` or
+    ``..``; a trailing slash is a path's own."""
+    return any(segment in ("", ".", "..") for segment in path.split("/")[1:-1]) or (
+        path.endswith(("/.", "/.."))
+    )
 
 
 def _scrubbed_headers(headers: Mapping[str, str]) -> tuple[str, ...]:

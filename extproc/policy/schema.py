@@ -100,9 +100,11 @@ def _distinct_counters(limits: list[Limit]) -> list[Limit]:
     showed its remaining. Refused, naming the pair."""
     seen: dict[tuple[object, ...], int] = {}
     for i, limit in enumerate(limits):
-        models = tuple(limit.models) if limit.models is not None else None
-        tools = tuple(limit.tools) if limit.tools is not None else None
-        counted = (limit.unit, limit.window, limit.per_model, models, tools)
+        # What it counts: its globs as a set (their order names no other counter). A
+        # per-model limit narrowed by globs may overlap one that is not: the tighter holds
+        # for the models both count, on purpose (extproc.budgets.meter).
+        globs = frozenset(limit.tools or limit.models or ())
+        counted = (limit.unit, limit.window, limit.per_model, limit.tools is not None, globs)
         if counted in seen:
             raise ValueError(
                 f"limits {seen[counted]} and {i} count the same {limit.unit} per "

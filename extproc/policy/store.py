@@ -23,6 +23,9 @@ from extproc.policy.loader import PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 
+MAX_MOVING_POLLS = 5
+"""Polls a changing policy file is waited on before it is read all the same."""
+
 _Stat = tuple[int, int, int] | None
 """Inode, mtime in ns and size of a file; ``None`` when it cannot be stat'ed."""
 _Signature = tuple[tuple[Path, _Stat], ...]
@@ -100,17 +103,22 @@ class PolicyStore:
         a real policy, which would stall every stream on the event loop); the new
         snapshot replaces the old in one assignment."""
         settling: _Signature | None = None
+        moving = 0
         while True:
             await asyncio.sleep(interval)
             signature = self._stat_signature()
             if signature == self._signature:
+                moving = 0
                 continue
-            if signature != settling:
+            if signature != settling and moving < MAX_MOVING_POLLS:
                 # Changed since the last poll: a writer pausing between writes (a large
                 # cp, scp, kubectl cp) could leave a prefix that is valid YAML, with half
-                # the catalogue or rules. Read once it has held still for a poll.
+                # the catalogue or rules. Read once it has held still for a poll, or after
+                # a few polls anyway (a job rewriting it every poll must not starve it).
                 settling = signature
+                moving += 1
                 continue
+            moving = 0
             try:
                 reloaded = await asyncio.to_thread(self.reload_if_changed)
             except Exception:

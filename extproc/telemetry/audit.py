@@ -123,15 +123,24 @@ class Stdout:
         while True:
             data, done = self._queue.get()
             try:
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
-            except (OSError, ValueError) as error:
+                _write_all(data)
+            except Exception as error:  # stdout closed, gone: the batch fails, counted
                 done(error)
             else:
                 done(None)
 
     async def close(self) -> None:
         return None
+
+
+def _write_all(data: bytes) -> None:
+    """``data`` to stdout's file descriptor, around Python's buffered stdout: a write
+    blocked on a full pipe then holds no lock the interpreter's exit needs (it flushes
+    that buffer, and would wait, or abort, for this thread)."""
+    fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -419,6 +419,9 @@ def test_a_stdout_audit_pipe_nobody_reads_does_not_keep_the_service_alive(
             "--audit-stdout", "--grace", "1",
         ],
         cwd=ROOT,
+        # Python's stdout buffered, as it is unless PYTHONUNBUFFERED is set: a write
+        # blocked there would hold the lock the interpreter's exit needs.
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
         stdout=subprocess.PIPE,  # never read: it fills
         stderr=log_file,
     )  # fmt: skip

@@ -210,3 +210,12 @@ def test_an_answer_that_may_need_translating_back_is_asked_for() -> None:
     admin, bob = decisions["sk-admin"], decisions["sk-bob"]
     assert isinstance(admin, Forward) and admin.process_response  # may use Claude
     assert isinstance(bob, Forward) and not bob.process_response  # gpt-4o-mini only
+
+
+@pytest.mark.parametrize("path", ["/v1//chat/completions", "/v1/./chat/completions", "/x/.."])
+def test_a_path_with_an_empty_or_dot_segment_is_refused(path: str) -> None:
+    """Behind an Envoy that does not normalise paths (a mesh's), such a path passed for
+    an unknown one: with unknown_paths: passthrough, forwarded with identity alone."""
+    _, decision = start(path)
+    assert isinstance(decision, Reply) and decision.status == 400
+    assert orjson.loads(decision.body)["error"]["code"] == "invalid_path"

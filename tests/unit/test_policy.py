@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +88,18 @@ keys:
             " {unit: total_tokens, window: day, limit: 500}]}}",
             "teams.t.limits: limits 0 and 1 count the same total_tokens per day",
             id="two-limits-one-counter",
+        ),
+        pytest.param(
+            "teams: {t: {limits: [{unit: requests, window: day, limit: 9, per_model: true},"
+            " {unit: requests, window: day, limit: 5, per_model: true}]}}",
+            "teams.t.limits: limits 0 and 1 count the same requests per day",
+            id="two-per-model-limits",
+        ),
+        pytest.param(
+            "teams: {t: {limits: [{unit: usd, window: month, limit: 9, models: [a, b]},"
+            " {unit: usd, window: month, limit: 5, models: [b, a]}]}}",
+            "teams.t.limits: limits 0 and 1 count the same usd per month",
+            id="same-globs-in-another-order",
         ),
         pytest.param("", "the file is empty", id="empty"),
         pytest.param("# only a comment\n", "the file is empty", id="comment-only"),
@@ -477,45 +490,82 @@ def test_a_policy_nested_too_deeply_is_refused_not_raised() -> None:
     assert caught.value.problems == ["invalid YAML: nested too deeply"]
 
 
+class SteppedWatch:
+    """A policy store's watch loop whose polls the test steps, reloads run inline."""
+
+    def __init__(self, store: PolicyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loaded: list[CompiledPolicy] = []
+        self._store = store
+        self._polls: asyncio.Queue[None] = asyncio.Queue()
+        self._waiting = asyncio.Event()
+        self._pause = asyncio.sleep
+
+        async def next_poll(_: float) -> None:
+            self._waiting.set()  # back at its sleep: the poll before is done
+            await self._polls.get()
+
+        async def inline(work: Any, *args: Any) -> Any:
+            return work(*args)
+
+        monkeypatch.setattr(policy_store.asyncio, "sleep", next_poll)
+        monkeypatch.setattr(policy_store.asyncio, "to_thread", inline)
+
+    async def __aenter__(self) -> SteppedWatch:
+        self._task = asyncio.create_task(self._store.watch(1.0, self.loaded.append))
+        await self._settled()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def poll(self) -> None:
+        self._polls.put_nowait(None)
+        await self._settled()
+
+    async def _settled(self) -> None:
+        while not self._polls.empty() or not self._waiting.is_set():
+            await self._pause(0)
+        self._waiting.clear()
+
+
 async def test_the_watch_loop_waits_for_a_file_to_hold_still(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A writer that pauses between writes can leave a prefix that is valid YAML (here
-    without any model): it is not loaded until the file has held still for a poll. The
-    polls are stepped by the test."""
+    without any model): it is not loaded until the file has held still for a poll."""
     path = tmp_path / "policy.yaml"
     full = EXAMPLE.read_text()
     path.write_text(full)
-    store = PolicyStore(path)
-    polls: asyncio.Queue[None] = asyncio.Queue()
-    pause = asyncio.sleep
-
-    async def next_poll(_: float) -> None:
-        await polls.get()
-
-    async def poll() -> None:
-        polls.put_nowait(None)
-        await pause(0.3)  # the poll, and a reload's compile in its thread
-
-    monkeypatch.setattr(policy_store.asyncio, "sleep", next_poll)
-    loaded: list[CompiledPolicy] = []
-    watcher = asyncio.create_task(store.watch(1.0, loaded.append))
-    try:
-        edited = full.replace("unknown_paths: reject", "unknown_paths: passthrough", 1)
-        cut = edited.index("\nmodels:")
+    edited = full.replace("unknown_paths: reject", "unknown_paths: passthrough", 1)
+    cut = edited.index("\nmodels:")
+    async with SteppedWatch(PolicyStore(path), monkeypatch) as watch:
         with path.open("w") as file:
             file.write(edited[:cut] + "\n")  # a valid prefix: no models at all
             file.flush()
-            await poll()  # sees the prefix, still moving
+            await watch.poll()  # sees the prefix, still moving
             file.write(edited[cut:])
-        await poll()  # sees the whole file, changed again
-        await poll()  # held still: read
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    [live] = loaded
+        await watch.poll()  # sees the whole file, changed again
+        await watch.poll()  # held still: read
+    [live] = watch.loaded
     assert "gpt-4o" in live.models and live.unknown_paths == "passthrough"
+
+
+async def test_a_file_rewritten_at_every_poll_is_read_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync job rewriting the file more often than the polls must not starve it."""
+    path = tmp_path / "policy.yaml"
+    full = EXAMPLE.read_text()
+    path.write_text(full)
+    edited = full.replace("unknown_paths: reject", "unknown_paths: passthrough", 1)
+    async with SteppedWatch(PolicyStore(path), monkeypatch) as watch:
+        for poll in range(policy_store.MAX_MOVING_POLLS + 1):
+            path.write_text(edited + f"# rewritten {poll}\n")
+            await watch.poll()
+    [live] = watch.loaded
+    assert live.unknown_paths == "passthrough"
 
 
 def test_a_key_file_of_two_lines_is_refused_at_load(tmp_path: Path) -> None:
