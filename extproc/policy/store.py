@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from extproc.budgets import tokens
 from extproc.policy.compiled import CompiledPolicy
 from extproc.policy.loader import PolicyError, load_policy
 
@@ -89,6 +90,9 @@ class PolicyStore:
             policy, self._current
         ):
             return False
+        # The tables the new policy counts with, built here (a worker thread under watch):
+        # built by the first metered request instead, they stalled its event loop.
+        tokens.warm_up(policy.counted_tokenizers)
         self._current = policy
         self.reloads_ok += 1
         log.info("policy reloaded: version %s from %s", policy.version, self._path)

@@ -576,3 +576,24 @@ def test_a_key_file_of_two_lines_is_refused_at_load(tmp_path: Path) -> None:
         _keyed_store(tmp_path, key_file)
     assert any("line break" in p for p in caught.value.problems)
     assert not any("sk-one" in p for p in caught.value.problems)  # never the key itself
+
+
+def test_a_reload_builds_the_tables_the_new_policy_counts_with_before_it_goes_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built by the first metered request instead, they stalled its event loop."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(EXAMPLE.read_text())
+    store = PolicyStore(path)
+    before = store.current.version
+    built: list[tuple[frozenset[str], str]] = []
+    monkeypatch.setattr(
+        policy_store.tokens, "warm_up", lambda wanted: built.append((wanted, store.current.version))
+    )
+    path.write_text(
+        EXAMPLE.read_text().replace("unknown_paths: reject", "unknown_paths: passthrough")
+    )
+    assert store.reload_if_changed()
+    [(wanted, live_then)] = built
+    assert wanted == store.current.counted_tokenizers and wanted
+    assert live_then == before  # built while the old policy was still the live one
