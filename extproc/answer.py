@@ -46,7 +46,8 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     content_type = headers.get("content-type", "")
     sse = content_type.lower().startswith("text/event-stream")
     ok = 200 <= exchange.response_status < 300 and request is not None
-    if ok and (exchange.translation is not None or _output_guarded(exchange)):
+    guarded = ok and _output_guarded(exchange)
+    if guarded or (ok and exchange.translation is not None):
         unreadable = _unreadable_form(exchange, headers, sse)
         if unreadable is not None:
             return exchange.reject(BadGateway(f"The provider's answer {_UNCHECKED}: {unreadable}."))
@@ -56,7 +57,7 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
             exchange.response_usage = StreamUsage(_upstream_dialect(exchange))
         else:
             exchange.response_tail = bytearray()
-    if ok:
+    if guarded:
         _start_output_guard(exchange, sse)
     verdicts = verdict_header(exchange.verdicts)
     set_headers = (*(reservation.headers if reservation else ()), *verdicts)
@@ -117,8 +118,8 @@ def _output_guarded(exchange: Exchange) -> bool:
 
 
 def _start_output_guard(exchange: Exchange, sse: bool) -> None:
-    if not _output_guarded(exchange):
-        return
+    """For an answer :func:`_output_guarded` says the guards read: a stream guard, or
+    the whole answer held to be checked."""
     assert exchange.request is not None and exchange.principal is not None
     if sse:
         subject = subject_of(exchange, exchange.principal, exchange.model)

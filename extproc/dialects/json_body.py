@@ -6,7 +6,7 @@ object; it is serialised again only when a stage actually changed a text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -58,18 +58,18 @@ def _lookalike_member(body: dict[str, Any]) -> str | None:
     return None
 
 
-def _member_names(body: dict[str, Any]) -> list[str]:
-    names = list(body)
+def _member_names(body: dict[str, Any]) -> Iterator[str]:
+    """The body's, its list items' and their content parts' member names, as read."""
+    yield from body
     for value in body.values():
         for item in value if isinstance(value, list) else ():
             if not isinstance(item, dict):
                 continue
-            names.extend(item)
+            yield from item
             content = item.get("content")
             for part in content if isinstance(content, list) else ():
                 if isinstance(part, dict):
-                    names.extend(part)
-    return names
+                    yield from part
 
 
 def set_values(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> None:

@@ -114,7 +114,7 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
             if isinstance(prompt_message, dict):
                 where = (*base, "messages", i, "content")
                 found.extend(_block_texts(prompt_message.get("content"), where))
-    return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
+    return _from_server(found)
 
 
 def message_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
@@ -195,6 +195,7 @@ def _content_texts(content: Any, where: JsonPath) -> Iterator[tuple[JsonPath, st
 
 
 def _from_server(found: list[tuple[JsonPath, str]]) -> tuple[TextPart, ...]:
+    """What a server sent, as ``tool`` text of kind ``tool_result`` (module docstring)."""
     return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
 
 
@@ -216,7 +217,7 @@ def listed_texts(item: Any) -> tuple[TextPart, ...]:
                 for path, text in _strings(item[schema], (schema,))
                 if path[-1] == "description"
             )
-    return tuple(TextPart(path, "tool", "tool_result", text) for path, text in found)
+    return _from_server(found)
 
 
 def _block_texts(block: Any, path: JsonPath) -> Iterator[tuple[JsonPath, str]]:

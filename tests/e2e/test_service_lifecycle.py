@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -30,19 +31,23 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.e2e
 
 
+def serve_argv(policy: Path, ports: Ports, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "extproc", "serve",
+        "--policy", str(policy),
+        "--grpc", f"127.0.0.1:{ports.grpc}",
+        "--authz", f"127.0.0.1:{ports.authz}",
+        "--admin-port", str(ports.admin),
+        "--reload-interval", "0.2",
+        *args,
+    ]  # fmt: skip
+
+
 def serve(
     policy: Path, ports: Ports, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "extproc", "serve",
-            "--policy", str(policy),
-            "--grpc", f"127.0.0.1:{ports.grpc}",
-            "--authz", f"127.0.0.1:{ports.authz}",
-            "--admin-port", str(ports.admin),
-            "--reload-interval", "0.2",
-            *args,
-        ],
+        serve_argv(policy, ports, *args),
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -312,15 +317,9 @@ def test_a_second_service_on_the_same_ports_refuses_to_start(tmp_path: Path) -> 
     ports = Ports.free()
     first = serve(EXAMPLE_POLICY, ports)
     try:
-        other_admin = Ports.free(avoid=ports).admin
-        for grpc, authz in ((ports.grpc, other_admin + 1), (other_admin + 2, ports.authz)):
-            result = extproc_cli(
-                "serve",
-                "--policy", str(EXAMPLE_POLICY),
-                "--grpc", f"127.0.0.1:{grpc}",
-                "--authz", f"127.0.0.1:{authz}",
-                "--admin-port", str(other_admin),
-            )  # fmt: skip
+        other = Ports.free(avoid=ports)
+        for taken in (replace(other, grpc=ports.grpc), replace(other, authz=ports.authz)):
+            result = extproc_cli(*serve_argv(EXAMPLE_POLICY, taken)[3:])  # after "-m extproc"
             assert result.returncode == 1, result.stderr
             assert "cannot start" in result.stderr and "Traceback" not in result.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.admin}/healthz") as resp:
@@ -410,14 +409,7 @@ def test_a_stdout_audit_pipe_nobody_reads_does_not_keep_the_service_alive(
     ports = Ports.free()
     log_file = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "extproc", "serve",
-            "--policy", str(EXAMPLE_POLICY),
-            "--grpc", f"127.0.0.1:{ports.grpc}",
-            "--authz", f"127.0.0.1:{ports.authz}",
-            "--admin-port", str(ports.admin),
-            "--audit-stdout", "--grace", "1",
-        ],
+        serve_argv(EXAMPLE_POLICY, ports, "--audit-stdout", "--grace", "1"),
         cwd=ROOT,
         # Python's stdout buffered, as it is unless PYTHONUNBUFFERED is set: a write
         # blocked there would hold the lock the interpreter's exit needs.
