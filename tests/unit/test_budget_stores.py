@@ -625,3 +625,22 @@ async def test_usage_still_queued_at_close_is_logged_as_lost(
     with caplog.at_level(logging.ERROR):
         await store.close()
     assert "usage queued for 2 counters was not written back and is lost" in caplog.text
+
+
+async def test_settlements_past_the_queue_bound_are_folded_not_lost(
+    flaky: Flaky, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_TOKENED queued settlements, more are folded into the per-counter amounts:
+    memory stays bounded, and what they gave back still reaches Redis."""
+    monkeypatch.setattr(resilient_store, "MAX_TOKENED", 3)
+    primary, make = flaky
+    store = make(FailMode.OPEN)
+    end = window_end()
+    primary.down = True
+    for i in range(10):
+        await store.adjust([Delta("a", 2, end)], token=f"t-{i}")
+    assert store.stats().pending_keys == 3 + 1  # three kept with their tokens, one counter
+    primary.down = False
+    await store.start()
+    await until(lambda: not store.stats().degraded)
+    assert await primary.inner.read(["a"]) == (20,)
