@@ -316,6 +316,9 @@ def _backend(name: str, backend: Backend | None, credentials: bool) -> CompiledB
 
 
 def compile_policy(policy: Policy, version: str, credentials: bool = True) -> CompiledPolicy:
+    """The policy in the form the request path reads. Without ``credentials`` (commands
+    that judge no request, such as ``extproc usage``) neither the provider keys nor the
+    guardrails' operator secrets are read, and no guardrail is compiled."""
     catalogue = tuple(
         CatalogueModel(
             name=name,
@@ -400,7 +403,9 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
         on_store_error=budgets.on_store_error,
         alert_webhook=budgets.alert_webhook,
         accounting=policy.settings.accounting,
-        guardrails=compile_guardrails(policy.guardrails, policy.settings.guardrails),
+        guardrails=compile_guardrails(
+            policy.guardrails if credentials else [], policy.settings.guardrails
+        ),
         audit_redactor=redactor() if policy.settings.audit.record_bodies else None,
         mcp_servers=compile_registry(policy.mcp),
         team_mcp={t: compile_access(team.mcp) for t, team in policy.teams.items()},

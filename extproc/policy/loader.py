@@ -75,8 +75,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: Path, credentials: bool = True) -> CompiledPolicy:
-    """Read, validate and compile the policy at ``path``; without ``credentials`` the
-    provider keys are not read (commands that never call a provider need none)."""
+    """Read, validate and compile the policy at ``path``; without ``credentials`` no
+    secret is read, neither provider keys nor the guardrails' salts and keys (commands
+    that never call a provider or judge a text need none; see :func:`compile_policy`)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:

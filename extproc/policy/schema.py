@@ -208,13 +208,22 @@ class Upstream(_Strict):
         default_factory=dict,
         description="Upstreams (each with a url) and their relative weights: a weighted route.",
     )
-    connect_timeout_ms: int = Field(default=1000, gt=0, le=60_000)
+    connect_timeout_ms: int = Field(
+        default=1000,
+        gt=0,
+        le=60_000,
+        description="Envoy's connect timeout to the url; failover and split upstreams use "
+        "their members' own.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Upstream:
         kinds = [bool(self.url), bool(self.failover), bool(self.split)]
         if sum(kinds) != 1:
             raise ValueError("set exactly one of url, failover or split")
+        if not self.url and "connect_timeout_ms" in self.model_fields_set:
+            # Envoy connects through the members' clusters, each with its own timeout.
+            raise ValueError("connect_timeout_ms applies to an upstream with a url only")
         port = self.url.rpartition("]")[2].rpartition(":")[2].rstrip("/") if self.url else ""
         if port.isdigit() and not 1 <= int(port) <= 65535:
             raise ValueError(f"url: port {port} is not between 1 and 65535")
@@ -429,9 +438,36 @@ class Policy(_Strict):
         problems.extend(self._unpriced_models())
         problems.extend(self._upstream_references())
         problems.extend(guardrail_problems(self.guardrails, self.settings.guardrails))
+        problems.extend(self._scope_references())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _scope_references(self) -> list[str]:
+        """A rule scoped to a team or key the policy does not have, or to a model by one of
+        its aliases (requests are judged by the catalogue name an alias resolves to), would
+        match nobody: a typo would silently switch it off."""
+        problems: list[str] = []
+        aliases = {alias: name for name, model in self.models.items() for alias in model.aliases}
+        for index, rule in enumerate(self.guardrails):
+            where = f"guardrails.{index}.scope"
+            problems += [
+                f"{where}.teams: unknown team {team!r}"
+                for team in rule.scope.teams
+                if team not in self.teams
+            ]
+            problems += [
+                f"{where}.keys: unknown key {key!r}"
+                for key in rule.scope.keys
+                if key not in self.keys
+            ]
+            problems += [
+                f"{where}.models: {glob!r} is an alias of models.{aliases[glob]}; scopes match "
+                "the catalogue's names"
+                for glob in rule.scope.models
+                if glob in aliases
+            ]
+        return problems
 
     def _upstream_references(self) -> list[str]:
         """With upstreams declared, every cluster the policy names must be one of them."""

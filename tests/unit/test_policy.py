@@ -101,6 +101,35 @@ keys:
             "teams.t.limits: limits 0 and 1 count the same usd per month",
             id="same-globs-in-another-order",
         ),
+        pytest.param(
+            BASE + "guardrails: [{name: r, stage: input, mode: validate,"
+            " detector: {kind: secrets}, scope: {teams: [t1, tl]}}]",
+            "guardrails.0.scope.teams: unknown team 'tl'",
+            id="guardrail-scope-team-typo",  # the rule would match nobody
+        ),
+        pytest.param(
+            BASE + "guardrails: [{name: r, stage: input, mode: validate,"
+            " detector: {kind: secrets}, scope: {keys: [kl]}}]",
+            "guardrails.0.scope.keys: unknown key 'kl'",
+            id="guardrail-scope-key-typo",
+        ),
+        pytest.param(
+            BASE + "guardrails: [{name: r, stage: input, mode: validate,"
+            " detector: {kind: secrets}, scope: {models: [four]}}]",
+            "guardrails.0.scope.models: 'four' is an alias of models.gpt-4o",
+            id="guardrail-scope-model-alias",  # judged as gpt-4o: the rule matched nothing
+        ),
+        pytest.param(
+            "upstreams: {a: {url: 'http://a:80'}, b: {url: 'http://b:80'},"
+            " c: {split: {a: 1, b: 1}, connect_timeout_ms: 200}}",
+            "connect_timeout_ms applies to an upstream with a url only",
+            id="connect-timeout-on-split",  # no cluster of its own: it would do nothing
+        ),
+        pytest.param(
+            "upstreams: {a: {url: 'http://a:80'}, c: {failover: [a], connect_timeout_ms: 200}}",
+            "connect_timeout_ms applies to an upstream with a url only",
+            id="connect-timeout-on-failover",
+        ),
         pytest.param("", "the file is empty", id="empty"),
         pytest.param("# only a comment\n", "the file is empty", id="comment-only"),
     ],
@@ -576,6 +605,24 @@ def test_a_key_file_of_two_lines_is_refused_at_load(tmp_path: Path) -> None:
         _keyed_store(tmp_path, key_file)
     assert any("line break" in p for p in caught.value.problems)
     assert not any("sk-one" in p for p in caught.value.problems)  # never the key itself
+
+
+def test_commands_that_read_limits_only_need_no_guardrail_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``extproc usage`` loads without credentials: a hash operator's salt unset where it
+    runs must not stop it (serving still refuses the policy)."""
+    monkeypatch.delenv("GUARDRAIL_SALT", raising=False)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        BASE + "guardrails: [{name: r, stage: input, mode: mutate,"
+        " detector: {kind: pii, operator: {type: hash, salt_env: GUARDRAIL_SALT},"
+        " entities: [EMAIL_ADDRESS]}}]\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(policy)
+    assert any("GUARDRAIL_SALT" in p for p in caught.value.problems)
+    assert load_policy(policy, credentials=False).team_models.keys() == {"t1", "t2"}
 
 
 def test_a_reload_builds_the_tables_the_new_policy_counts_with_before_it_goes_live(
