@@ -213,12 +213,15 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
             result.message or f"The answer was blocked by guardrail '{result.blocked_by}'.",
             code="guardrail_blocked",
         )
+        record_answer(exchange, {}, exchange.request.dialect)  # the caller got no text
         return exchange.reject(error)
     if not result.rewrites:
+        record_answer(exchange, answer, exchange.request.dialect)
         return None
     # Not apply_rewrites: an answer nested too deep to write back is the upstream's doing,
     # not a request the caller must fix: a 502, as for one the guards cannot read.
     set_values(answer, result.rewrites)
+    record_answer(exchange, answer, exchange.request.dialect)
     try:
         return orjson.dumps(answer)
     except orjson.JSONEncodeError:
@@ -277,12 +280,17 @@ def used(exchange: Exchange, answer: Any = None) -> Cost:
     return usage_cost(model, estimated(exchange.response_status, exchange.input_tokens, seen, cap))
 
 
-def record_answer(exchange: Exchange, answer: Any) -> None:
-    """Keep the answer's redacted texts for the audit record, when the policy asks."""
+def record_answer(exchange: Exchange, answer: Any, dialect: str | None = None) -> None:
+    """Keep the answer's redacted texts for the audit record, when the policy asks, once:
+    the output guards record what the caller got (their rewrites, or nothing for a block)
+    before the end of the answer would record the upstream's."""
     redact, request = exchange.policy.audit_redactor, exchange.request
     if redact is None or request is None or answer is None:
         return
-    exchange.recorded_answer = recorded_answer(redact, _upstream_dialect(exchange), answer)
+    if exchange.recorded_answer is None:
+        exchange.recorded_answer = recorded_answer(
+            redact, dialect or _upstream_dialect(exchange), answer
+        )
 
 
 def account(exchange: Exchange) -> None:

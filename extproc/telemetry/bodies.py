@@ -15,6 +15,7 @@ from extproc.dialects.base import JsonPath, TextPart
 from extproc.guardrails.answer import answer_texts
 from extproc.guardrails.config import GuardrailRule
 from extproc.guardrails.engine import Guardrails, compile_guardrails
+from extproc.guardrails.entities import SECRET_TYPES
 
 _REDACT = ("PHONE_NUMBER", "EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS")
 
@@ -35,7 +36,9 @@ def redactor() -> Guardrails:
                 "name": "audit-redaction-secrets",
                 "stage": "both",
                 "mode": "mutate",
-                "detector": {"kind": "secrets"},
+                # Every type, the opt-in ones too (ASSIGNED_SECRET: ``password=...``): a
+                # record is kept, so it errs toward redacting more than a prompt rule.
+                "detector": {"kind": "secrets", "types": list(SECRET_TYPES)},
             }
         ),
     ]

@@ -277,3 +277,42 @@ def test_bodies_are_recorded_only_when_asked_and_always_redacted(tmp_path: Path)
     ]
     assert record["answer"][0]["text"] == "write to <EMAIL_ADDRESS> now"
     assert SECRET_EMAIL not in audit.read_text()
+
+
+def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
+    tmp_path: Path,
+) -> None:
+    """An output rule's rewrite, which the fixed audit redaction knows nothing of, is in the
+    recorded answer (it held the provider's text), and so is the redaction of a password
+    written as ``password=...`` (an opt-in secret type for prompt rules)."""
+    audit = tmp_path / "audit.jsonl"
+    policy = tmp_path / "policy.yaml"
+    text = EXAMPLE_POLICY.read_text().replace(
+        "settings:\n", "settings:\n  audit: { record_bodies: true }\n", 1
+    )
+    text = text.replace(
+        "guardrails:\n",
+        "guardrails:\n"
+        "  - name: mask-employee-ids\n    stage: output\n    mode: mutate\n"
+        "    detector:\n      kind: pii\n      entities: [EMPLOYEE_ID]\n"
+        "      custom: [{ name: EMPLOYEE_ID, pattern: 'EMP-[0-9]{6}' }]\n",
+        1,
+    )
+    policy.write_text(text)
+    stack = Stack(
+        policy=policy, ports=Ports.free(), log_dir=tmp_path, serve_args=("--audit-file", str(audit))
+    )
+    with running(stack):
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1", api_key=ADMIN_KEY, max_retries=0
+        )
+        answer = client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "It is EMP-123456, db password=Hunter2Prod9"}],
+        )
+        (record,) = records(audit, at_least=1)
+    assert answer.choices[0].message.content == "It is <EMPLOYEE_ID>, db password=Hunter2Prod9"
+    assert record["answer"][0]["text"] == "It is <EMPLOYEE_ID>, db password=<ASSIGNED_SECRET>"
+    # The prompt as the provider got it: the rule reads answers only.
+    assert record["prompt"][0]["text"] == "It is EMP-123456, db password=<ASSIGNED_SECRET>"
+    assert "Hunter2Prod9" not in audit.read_text()
