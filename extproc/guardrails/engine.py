@@ -30,6 +30,7 @@ from extproc.guardrails.answer import answer_texts
 from extproc.guardrails.content import ContentDetector
 from extproc.guardrails.findings import Finding, resolve_overlaps, rewrite
 from extproc.guardrails.injection import Classifier, InjectionDetector
+from extproc.guardrails.json_text import Span, blanked, escapes, outside
 from extproc.guardrails.linear import PatternError, Utf8
 from extproc.guardrails.operators import OperatorError, Rewrite, build_operator
 from extproc.guardrails.phone import PHONE_RECOGNIZER
@@ -249,7 +250,7 @@ def run_rules(
     """The check itself, on rules already selected (streams select them once)."""
     if not rules or not texts:
         return GuardResult()
-    encoded: dict[int, Utf8] = {}
+    encoded: dict[int, tuple[Utf8, list[Span]]] = {}
     verdicts: list[Verdict] = []
     pending: dict[int, list[tuple[Finding, Rewrite]]] = {}
     for rule in rules:
@@ -257,10 +258,13 @@ def run_rules(
         for i, part in enumerate(texts):
             if not part.text or not rule.reads(part):
                 continue
-            data = encoded.get(i)
-            if data is None:
-                data = encoded[i] = Utf8(part.text)
+            entry = encoded.get(i)
+            if entry is None:
+                entry = encoded[i] = _readable(part)
+            data, spans = entry
             found = rule.detector.detect(data)
+            if spans:
+                found = outside(found, spans)
             if found:
                 hits.append((i, found))
         if not hits:
@@ -289,6 +293,13 @@ def run_rules(
         if new != texts[i].text:
             rewrites[texts[i].path] = new
     return GuardResult(tuple(verdicts), rewrites)
+
+
+def _readable(part: TextPart) -> tuple[Utf8, list[Span]]:
+    """The text as detectors read it, and its escapes: tool arguments are JSON source
+    (:mod:`.json_text`)."""
+    spans = escapes(part.text) if part.kind == "tool_arguments" else []
+    return Utf8(blanked(part.text, spans) if spans else part.text), spans
 
 
 def apply_findings(text: str, items: Sequence[tuple[Finding, Rewrite]]) -> str:

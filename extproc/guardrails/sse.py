@@ -68,6 +68,8 @@ class Delta:
     channel: ChannelKey
     text: str
     set_text: Callable[[str], None]
+    json_source: bool = False
+    """The channel carries JSON source (tool arguments): see :mod:`.json_text`."""
 
 
 class StreamDialect:
@@ -122,6 +124,7 @@ class OpenAIStream(StreamDialect):
                         ("function", index),
                         function_call["arguments"],
                         _setter(function_call, "arguments"),
+                        json_source=True,
                     )
                 )
             calls = delta.get("tool_calls")
@@ -135,6 +138,7 @@ class OpenAIStream(StreamDialect):
                                 ("tool", index, tool),
                                 function["arguments"],
                                 _setter(function, "arguments"),
+                                json_source=True,
                             )
                         )
         return found
@@ -180,7 +184,9 @@ class AnthropicStream(StreamDialect):
             if isinstance(delta, dict):
                 for key in ("text", "partial_json"):
                     if isinstance(delta.get(key), str):
-                        return [Delta(("block", index), delta[key], _setter(delta, key))]
+                        setter = _setter(delta, key)
+                        json_source = key == "partial_json"
+                        return [Delta(("block", index), delta[key], setter, json_source)]
         elif kind == "content_block_start":
             block = payload.get("content_block")
             if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from extproc import sse
 from extproc.guardrails.engine import Action, CompiledRule, GuardResult, Stage, Verdict
 from extproc.guardrails.findings import Finding, resolve_overlaps
+from extproc.guardrails.json_text import blanked, escapes, outside
 from extproc.guardrails.linear import Utf8
 from extproc.guardrails.operators import Rewrite
 from extproc.guardrails.sse import (
@@ -71,6 +72,8 @@ class _Channel:
     rewrites: list[tuple[int, int, str]] = field(default_factory=list)
     """(start, end, replacement) for settled text not yet sent; sorted, disjoint."""
     continuation: _Continuation | None = None
+    json_source: bool = False
+    """Tool arguments: JSON source, read with its escapes blanked (:mod:`.json_text`)."""
 
     @property
     def received(self) -> int:
@@ -190,7 +193,9 @@ class StreamGuard:
             return self._error()
         parts: list[_Part] = []
         for delta in self._dialect.deltas(event) if self._rules else []:
-            channel = self._channels.setdefault(delta.channel, _Channel())
+            channel = self._channels.get(delta.channel)
+            if channel is None:
+                channel = self._channels[delta.channel] = _Channel(json_source=delta.json_source)
             start = channel.received
             self._settle(channel, delta.text, final=False)
             if self._blocked is not None:
@@ -278,10 +283,12 @@ class StreamGuard:
 
     def _findings(self, channel: _Channel, buf: str) -> list[tuple[CompiledRule, Finding]]:
         base = len(channel.tail)
-        window = Utf8(channel.tail + buf)
+        text = channel.tail + buf
+        spans = escapes(text) if channel.json_source else []
+        window = Utf8(blanked(text, spans) if spans else text)
         found: list[tuple[CompiledRule, Finding]] = []
         for rule in self._rules:
-            findings = [f for f in rule.detector.detect(window) if f.end > base]
+            findings = [f for f in outside(rule.detector.detect(window), spans) if f.end > base]
             if findings and (
                 rule.mode == "validate"
                 or any((a := rule.action(f.label)) is not None and a.block for f in findings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from extproc.dialects.json_body import apply_rewrites
 from extproc.guardrails import Guardrails, describe
 from extproc.guardrails.answer import answer_texts
 from extproc.guardrails.evaluate import default_guardrails
+from extproc.guardrails.findings import Finding
+from extproc.guardrails.json_text import blanked, escapes, outside
 from extproc.guardrails.testing import guardrails_from_yaml, user_text
 
 SCOPED = guardrails_from_yaml(
@@ -223,6 +226,38 @@ def test_tool_call_arguments_and_results_are_checked() -> None:
     }
     rewritten = apply_rewrites(request.body, result.rewrites)
     assert b"example" not in rewritten
+
+
+def test_tool_call_arguments_are_read_as_json_source() -> None:
+    """Arguments are JSON text: the ``n`` of a ``\\n`` escape was read as the first letter
+    of the e-mail after it (its rewrite left ``\\<``, which no JSON parser takes), and a
+    card right after one had no word boundary before it (it reached the provider)."""
+    arguments = json.dumps({"body": "Hi,\njane@example.com\n4111 1111 1111 1111 \u00e9"})
+    texts = [TextPart(("arguments",), "assistant", "tool_arguments", arguments)]
+    guardrails = guardrails_from_yaml(
+        "- {name: m, stage: input, mode: mutate,"
+        " detector: {kind: pii, entities: [EMAIL_ADDRESS, CREDIT_CARD]}}"
+    )
+    result = guardrails.check("input", texts, team=None, key_id=None, model=None, path="/")
+    assert json.loads(result.rewrites[("arguments",)]) == {
+        "body": "Hi,\n<EMAIL_ADDRESS>\n<CREDIT_CARD> \u00e9"
+    }
+
+
+def test_no_finding_starts_or_ends_inside_an_escape() -> None:
+    text = 'a\\u00e9b@x.io "\\n" c@\\u00e9x.io'
+    spans = escapes(text)
+    assert [text[a:b] for a, b in spans] == ["\\u00e9", "\\n", "\\u00e9"]
+    assert blanked(text, spans) == 'a\\u00e9b@x.io "  " c@\\u00e9x.io'
+    found = [Finding(3, 10, "a", 1), Finding(14, 16, "b", 1), Finding(16, 18, "c", 1)]
+    assert outside(found, spans) == [
+        Finding(7, 10, "a", 1),
+        Finding(14, 15, "b", 1),
+        Finding(17, 18, "c", 1),
+    ]
+    whole = [Finding(14, 18, "d", 1), Finding(0, 1, "e", 1)]  # a whole escape, none at all
+    assert outside(whole, spans) == whole
+    assert outside([Finding(2, 6, "f", 1)], spans) == []  # nothing but an escape
 
 
 OUTPUT = guardrails_from_yaml(

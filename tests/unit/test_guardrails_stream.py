@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from extproc.guardrails import Guardrails, StreamGuard
@@ -246,3 +248,37 @@ def test_an_event_with_space_before_its_json_is_still_guarded() -> None:
     stream = guard()
     out = run(stream, [chunk, *OPENAI_END])
     assert b"john.doe@example.com" not in out and stream.result.blocked_by is None
+
+
+JSON_ARGUMENTS = '{"body": "Hi,\\njane@example.com\\n4111 1111 1111 1111\\nbye"}'
+"""Tool arguments as a model streams them: JSON source, with ``\\n`` escapes."""
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_tool_arguments_are_read_as_json_source_however_they_are_cut(size: int) -> None:
+    """The ``n`` of ``\\n`` is no letter of the e-mail after it (which left an invalid
+    ``\\<`` escape the client's JSON parser refused), nor does it hide the card after it."""
+    pieces = [JSON_ARGUMENTS[i : i + size] for i in range(0, len(JSON_ARGUMENTS), size)]
+    out = run(guard(), [openai_chunk(arguments=p) for p in pieces] + OPENAI_END)
+    assert json.loads(streamed_text(out)) == {
+        "body": "Hi,\n" + "*" * len("jane@example.com") + "\n" + "*" * 19 + "\nbye"
+    }
+
+
+def test_anthropic_partial_json_is_read_as_json_source() -> None:
+    chunks = [
+        anthropic_event("content_block_start", index=0, content_block={"type": "tool_use"}),
+        *(
+            anthropic_event(
+                "content_block_delta",
+                index=0,
+                delta={"type": "input_json_delta", "partial_json": JSON_ARGUMENTS[i : i + 5]},
+            )
+            for i in range(0, len(JSON_ARGUMENTS), 5)
+        ),
+        anthropic_event("content_block_stop", index=0),
+        anthropic_event("message_stop"),
+    ]
+    out = run(guard(dialect="anthropic.messages"), chunks)
+    body = json.loads(streamed_text(out))["body"]
+    assert body == "Hi,\n" + "*" * len("jane@example.com") + "\n" + "*" * 19 + "\nbye"
