@@ -78,11 +78,31 @@ class JsonlFile:
             await asyncio.to_thread(self._write, data)
 
     def _write(self, data: bytes) -> None:
-        with self._path.open("ab") as out:
-            out.write(data)
-            size = out.tell()
-        if size >= self._max:
-            self._rotate()
+        """Append ``data`` whole or not at all: a failed append (a full disk) is cut back
+        to where it began, since the batch is retried: a torn last line would glue the
+        retry's first record to it, and what did reach the file would be written twice.
+        A rotation that fails is logged and tried again at the next batch; the batch it
+        follows is written, and must not be retried."""
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                left = memoryview(data)
+                while left:
+                    left = left[os.write(fd, left) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+        if start + len(data) >= self._max:
+            try:
+                self._rotate()
+            except OSError as exc:
+                log.error(
+                    "audit file %s could not be rotated (it keeps growing): %s", self._path, exc
+                )
 
     def _rotate(self) -> None:
         for index in range(self._backups - 1, 0, -1):

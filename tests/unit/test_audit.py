@@ -6,10 +6,13 @@ import asyncio
 import json
 import math
 import os
+import resource
+import signal
 import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from redis.asyncio import Redis
@@ -36,6 +39,54 @@ async def test_file_sink_writes_one_line_per_record_and_rotates(tmp_path: Path) 
     ids = [json.loads(line)["request_id"] for f in files for line in f.read_text().splitlines()]
     assert len(ids) == len(set(ids)) and "r19" in ids
     assert all(f.stat().st_size <= 200 + 60 for f in files)
+
+
+async def test_a_full_disk_mid_batch_leaves_no_torn_line_and_no_record_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills half-way through a batch (a file size limit stands in for it) and
+    has room again at the retry: each record is in the file once, whole (the torn line
+    glued the retry's first record to it, and the records that had reached the file were
+    written twice)."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(json.dumps(record(-1)).encode() + b"\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    real_sleep = asyncio.sleep
+
+    async def room_again(delay: float) -> None:
+        if delay == audit.RETRY_SECONDS[0]:  # the first retry's wait, not the batch's
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        await real_sleep(0)
+
+    monkeypatch.setattr(audit.asyncio, "sleep", room_again)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    log = AuditLog([JsonlFile(path)])
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 300, hard))
+        for i in range(10):
+            log.submit(record(i))
+        await log.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+    assert ids == [f"r{i}" for i in range(-1, 10)] and log.dropped == 0
+
+
+async def test_a_rotation_that_fails_keeps_the_batch_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch was appended; only the rotation after it failed (the directory not
+    writable): it was retried, each record written four times and counted lost."""
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit.os, "replace", mock.Mock(side_effect=PermissionError(13, "denied")))
+    monkeypatch.setattr(audit, "RETRY_SECONDS", (0, 0, 0))
+    log = AuditLog([JsonlFile(path, max_bytes=100)])
+    for i in range(3):
+        log.submit(record(i))
+    await log.close()
+    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+    assert ids == ["r0", "r1", "r2"] and log.dropped == 0
 
 
 async def test_file_sink_appends_small_batches_inline_and_big_ones_in_a_thread(
