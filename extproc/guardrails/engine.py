@@ -34,7 +34,7 @@ from extproc.guardrails.json_text import Span, blanked, escapes, outside
 from extproc.guardrails.linear import PatternError, Utf8
 from extproc.guardrails.operators import OperatorError, Rewrite, build_operator
 from extproc.guardrails.phone import PHONE_RECOGNIZER
-from extproc.guardrails.pii import EntityScanner, entity_policy
+from extproc.guardrails.pii import EntityScanner, entity_policy, with_context
 from extproc.guardrails.presidio_backend import SPECS, presidio_recognizer
 from extproc.guardrails.recognizers import Re2Recognizer, Recognizer
 from extproc.guardrails.scope import ScopeMatcher, Subject
@@ -400,19 +400,50 @@ def _entity_scanner(
     recognizers: list[Recognizer] = []
     policies = {}
     actions = {}
-    for name, entity in configured.items():
+    for index, (name, entity) in enumerate(configured.items()):
         recognizer = _recognizer(name, custom_specs)
         recognizers.append(recognizer)
+        context = [*recognizer.context, *entity.context]
         policies[name] = entity_policy(
-            det.threshold if entity.threshold is None else entity.threshold,
+            _threshold(det, entity, recognizer, bool(context), index),
             [*det.allow_list, *entity.allow_list],
-            [*recognizer.context, *entity.context],
+            context,
         )
         actions[name] = EntityAction(
             block=entity.action == "block",
             rewrite=default_rewrite if entity.operator is None else operator(entity.operator),
         )
     return EntityScanner(recognizers, policies), actions
+
+
+def _threshold(
+    det: cfg.PiiDetector | cfg.SecretsDetector,
+    entity: cfg.EntityRule,
+    recognizer: Recognizer,
+    context: bool,
+    index: int,
+) -> float:
+    """The entity's threshold. Presidio scores some entities so low (US_PASSPORT 0.1,
+    US_BANK_NUMBER 0.05: any run of digits) that even a context word near them left them
+    under the default 0.5: listed, they were never reported. For an entity the detector's
+    threshold reaches with no candidate, it is lowered to what a context word gives the
+    weakest (reported with one, never without); an entity's own threshold that no
+    candidate could reach is refused."""
+    scores: tuple[float, ...] | None = getattr(recognizer, "pattern_scores", None)
+    if scores is None:
+        return det.threshold if entity.threshold is None else entity.threshold
+    if context:
+        scores = tuple(with_context(score) for score in scores)
+    ceiling = scores[-1]
+    if entity.threshold is None:
+        # Every candidate with a context word near it, when the default reaches none.
+        return det.threshold if det.threshold <= ceiling else scores[0]
+    if entity.threshold > ceiling:
+        raise ValueError(
+            f"entities[{index}].threshold: {entity.type} scores at most {ceiling:.2f} (with "
+            f"a context word near it); a threshold of {entity.threshold:g} never reports it"
+        )
+    return entity.threshold
 
 
 def _recognizer(name: str, custom: Mapping[str, Re2Recognizer]) -> Recognizer:

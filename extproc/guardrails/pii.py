@@ -79,7 +79,7 @@ class EntityScanner:
         policy = self._policies[finding.label]
         score = finding.score
         if score < 1.0 and _has_context(text, finding, policy):
-            score = min(1.0, max(score + CONTEXT_BOOST, CONTEXT_FLOOR))
+            score = with_context(score)
         if score < policy.threshold:
             return None
         if policy.allow and text[finding.start : finding.end].strip().lower() in policy.allow:
@@ -87,6 +87,11 @@ class EntityScanner:
         if score == finding.score:
             return finding
         return Finding(finding.start, finding.end, finding.label, score)
+
+
+def with_context(score: float) -> float:
+    """A candidate's score once a context word is near it."""
+    return min(1.0, max(score + CONTEXT_BOOST, CONTEXT_FLOOR))
 
 
 def _has_context(text: str, finding: Finding, policy: EntityPolicy) -> bool:

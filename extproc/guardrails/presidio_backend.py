@@ -106,6 +106,18 @@ def _build(entity: str, factory: str) -> Any:
     return recognizer_class(factory)()
 
 
+def _pattern_scores(recognizer: Any) -> tuple[float, ...] | None:
+    """The scores a recognizer that checks no candidate gives, lowest first (a checksum
+    raises the score of one that does to 1.0, whatever its patterns say)."""
+    kind = type(recognizer)
+    base = next(c for c in kind.__mro__ if c.__name__ == "PatternRecognizer")
+    if any(
+        getattr(kind, m) is not getattr(base, m) for m in ("validate_result", "invalidate_result")
+    ):
+        return None
+    return tuple(sorted(pattern.score for pattern in recognizer.patterns)) or None
+
+
 @functools.cache
 def presidio_recognizer(entity: str) -> PresidioRecognizer:
     """The shared recognizer for ``entity``: built and warmed once per process, reused by
@@ -116,7 +128,16 @@ def presidio_recognizer(entity: str) -> PresidioRecognizer:
 class PresidioRecognizer:
     """One Presidio recognizer behind an RE2 trigger."""
 
-    __slots__ = ("_pad", "_presidio", "_trigger", "_upper", "context", "entity", "trigger")
+    __slots__ = (
+        "_pad",
+        "_presidio",
+        "_trigger",
+        "_upper",
+        "context",
+        "entity",
+        "pattern_scores",
+        "trigger",
+    )
 
     def __init__(self, entity: str) -> None:
         spec = SPECS[entity]
@@ -127,6 +148,9 @@ class PresidioRecognizer:
         self._upper = spec.upper
         self._presidio = _build(entity, spec.factory)
         self.context: tuple[str, ...] = tuple(self._presidio.context or ())
+        self.pattern_scores = _pattern_scores(self._presidio)
+        """The scores a candidate can have before context, lowest first; ``None`` when a
+        checksum can raise them to 1.0."""
         # Presidio compiles its regexes on first use; do it now, not on a request.
         self._presidio.analyze("warm up 4111 1111 1111 1111 a@example.com", [entity], None)
 

@@ -232,3 +232,37 @@ def test_verdicts_never_carry_values(audit: Guardrails) -> None:
     result = audit.check("input", [user_text(text)], team=None, key_id=None, model=None, path="/")
     assert "example" not in repr(result) and "1234" not in repr(result)
     assert "sk-proj" not in repr(result)
+
+
+@pytest.mark.parametrize(
+    ("entity", "with_context", "without"),
+    [
+        ("US_PASSPORT", "my passport number is 912803456", "order 912803456 shipped"),
+        ("US_BANK_NUMBER", "bank account number 945245789012", "order 945245789012 shipped"),
+    ],
+)
+def test_weakly_scored_entities_are_found_beside_a_context_word_only(
+    entity: str, with_context: str, without: str
+) -> None:
+    """Presidio scores these 0.05-0.1 (any run of digits): under the default threshold
+    they were never reported, even beside "passport number"."""
+    rule = (
+        f"- {{name: r, stage: input, mode: mutate, detector: {{kind: pii, entities: [{entity}]}}}}"
+    )
+    guards = guardrails_from_yaml(rule)
+
+    def found(text: str) -> bool:
+        result = guards.check(
+            "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
+        )
+        return bool(result.rewrites)
+
+    assert found(with_context) and not found(without)
+
+
+def test_an_entity_threshold_no_candidate_reaches_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"US_PASSPORT scores at most 0\.45"):
+        guardrails_from_yaml(
+            "- {name: r, stage: input, mode: mutate,"
+            " detector: {kind: pii, entities: [{type: US_PASSPORT, threshold: 0.6}]}}"
+        )
