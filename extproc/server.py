@@ -255,11 +255,13 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
         await store.close()
 
     # Side by side, within AFTER_GRACE_SECONDS: a Redis that is down delays each of them.
-    closes = [audit.close(), close_store()]
+    closes: list[Coroutine[Any, Any, object]] = [audit.close(), close_store()]
     if tracing is not None:
-        closes.append(asyncio.wait_for(asyncio.to_thread(tracing.shutdown), TRACING_SECONDS))
+        closes.append(tracing.close(TRACING_SECONDS))
     for outcome in await asyncio.gather(*closes, return_exceptions=True):
-        if isinstance(outcome, BaseException):
+        if outcome is False:
+            log.error("spans not exported within %.0fs of shutdown were lost", TRACING_SECONDS)
+        elif isinstance(outcome, BaseException):
             log.error("closing at shutdown failed: %r", outcome)
     log.info("stopped")
 

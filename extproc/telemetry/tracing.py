@@ -9,6 +9,9 @@ runs; Envoy still forwards ``traceparent`` upstream and the audit record keeps t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from typing import Any
 
 from opentelemetry.context import Context
@@ -21,6 +24,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from extproc import __version__
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+EXPORT_SECONDS = 2.0
+"""How long the OTLP exporter waits for the collector per batch (its default is 10 s)."""
 _NANOS = 1_000_000_000
 
 
@@ -28,8 +33,14 @@ class Tracing:
     """Turns finished exchanges' audit records into spans."""
 
     def __init__(self, exporter: SpanExporter, service_name: str = "extproc") -> None:
-        resource = Resource.create({"service.name": service_name, "service.version": __version__})
-        self._provider = TracerProvider(resource=resource)
+        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the service, as in any
+        # OpenTelemetry SDK; ``service_name`` only when they do not.
+        resource = Resource.create({"service.version": __version__})
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": service_name}))
+        # Not on exit: an exporter stuck on a dead collector would hold the exit up for its
+        # timeout; close() bounds the flush.
+        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer: Tracer = self._provider.get_tracer("extproc")
 
@@ -37,7 +48,7 @@ class Tracing:
     def otlp(cls, endpoint: str) -> Tracing:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return cls(OTLPSpanExporter(endpoint=endpoint))
+        return cls(OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_SECONDS))
 
     def record(
         self, record: dict[str, Any], traceparent: str | None, start_ns: int, end_ns: int
@@ -59,8 +70,35 @@ class Tracing:
         span.end(end_time=end_ns)
 
     def shutdown(self) -> None:
-        """Flush what is batched (on SIGTERM, after the audit log)."""
+        """Flush what is batched, however long the exporter takes."""
         self._provider.shutdown()
+
+    async def close(self, seconds: float) -> bool:
+        """Flush what is batched (on SIGTERM), waiting ``seconds`` at most: the flush runs
+        in a daemon thread of its own, which the event loop's end does not wait for (its
+        default executor's threads it would, for as long as a dead collector holds one).
+        Whether it finished in time."""
+        loop = asyncio.get_running_loop()
+        flushed = loop.create_future()
+
+        def flush() -> None:
+            try:
+                self._provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, flushed)
+
+        threading.Thread(target=flush, name="trace-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(flushed, seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _attributes(record: dict[str, Any]) -> dict[str, Any]:

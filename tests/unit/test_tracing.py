@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from extproc.adapters.ext_proc import ExternalProcessor
@@ -65,3 +73,56 @@ def test_the_otlp_exporter_can_be_built() -> None:
     OpenTelemetry's protos had overwritten the one the exporter imports (Makefile)."""
     tracing = Tracing.otlp("http://127.0.0.1:4318/v1/traces")
     tracing.shutdown()
+
+
+class _StuckCollector(SpanExporter):
+    """An exporter whose collector accepts and never answers (as OTLP's would wait)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.release.wait(30)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+async def test_closing_waits_for_a_stuck_collector_no_longer_than_asked() -> None:
+    """The flush ran on the loop's default executor, whose thread the end of the event
+    loop waits for: a dead collector held the process's exit for the exporter's timeout
+    past the documented bound."""
+    collector = _StuckCollector()
+    tracing = Tracing(collector)
+    tracing.record({"request_id": "r", "model": "m"}, None, time.time_ns(), time.time_ns())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stuck = asyncio.Event()
+    loop.call_later(0.05, stuck.set)
+    await stuck.wait()  # the batch is in the exporter's hands by now
+    assert await tracing.close(0.2) is False
+    assert loop.time() - started < 5
+    assert not any(t.name == "trace-flush" and not t.daemon for t in threading.enumerate())
+    collector.release.set()
+
+
+def test_the_service_name_comes_from_the_environment_when_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def service_name() -> object:
+        exporter = InMemorySpanExporter()
+        tracing = Tracing(exporter)
+        tracing.record({"request_id": "r", "model": "m"}, None, 1, 2)
+        tracing.shutdown()
+        (span,) = exporter.get_finished_spans()
+        return span.resource.attributes["service.name"]
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert service_name() == "extproc"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "ai-gateway-prod")
+    assert service_name() == "ai-gateway-prod"
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=gw-eu,deployment.environment=prod")
+    assert service_name() == "gw-eu"
