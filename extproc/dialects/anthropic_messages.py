@@ -18,6 +18,7 @@ from extproc.dialects.fields import (
     invalid_type,
     message_role,
     optional_bool,
+    optional_str,
     require_model,
     required_positive_int,
     string_leaves,
@@ -85,6 +86,36 @@ def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> 
                 texts.append(TextPart(leaf, "assistant", "tool_arguments", text))
         elif btype == "tool_result":
             _tool_result(block.get("content"), (*where, "content"), texts)
+        else:
+            _quoted(block, where, role, "message", texts)
+
+
+def _quoted(
+    block: dict[str, Any], where: JsonPath, author: str, kind: str, texts: list[TextPart]
+) -> None:
+    """Text a caller hands the model to read: a plain-text ``document`` (its text, title and
+    context) or a ``search_result`` (title and text blocks). PDFs, images and files by
+    reference carry no text the gateway can read."""
+    btype = block.get("type")
+    if btype == "document":
+        for field in ("title", "context"):
+            value = optional_str(block, field, where)
+            if value is not None:
+                texts.append(TextPart((*where, field), author, kind, value))
+        source = block.get("source")
+        if isinstance(source, dict) and source.get("type") == "text":
+            data = expect_str(source.get("data"), (*where, "source", "data"))
+            texts.append(TextPart((*where, "source", "data"), author, kind, data))
+        elif isinstance(source, dict) and source.get("type") == "content":
+            inner = (*where, "source", "content")
+            _text_blocks(expect_list(source.get("content"), inner), inner, author, kind, texts)
+    elif btype == "search_result":
+        title = optional_str(block, "title", where)
+        if title is not None:
+            texts.append(TextPart((*where, "title"), author, kind, title))
+        if block.get("content") is not None:
+            inner = (*where, "content")
+            _text_blocks(expect_list(block["content"], inner), inner, author, kind, texts)
 
 
 def _tool_result(content: object, path: JsonPath, texts: list[TextPart]) -> None:
@@ -106,6 +137,8 @@ def _text_blocks(
         if block.get("type") == "text":
             text = expect_str(block.get("text"), (*where, "text"))
             texts.append(TextPart((*where, "text"), author, kind, text))
+        else:
+            _quoted(block, where, author, kind, texts)
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:

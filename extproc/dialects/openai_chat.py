@@ -48,6 +48,7 @@ class OpenAIChat:
         messages = expect_list(body.get("messages"), ("messages",), non_empty=True)
         for i, message in enumerate(messages):
             _message(expect_object(message, ("messages", i)), ("messages", i), texts)
+        _prediction(body, texts)
         return LLMRequest(
             dialect=self.name,
             model=model,
@@ -90,6 +91,22 @@ def _parts(parts: list[Any], path: JsonPath, author: str, kind: str, texts: list
         elif ptype == "refusal":
             text = expect_str(part.get("refusal"), (*where, "refusal"))
             texts.append(TextPart((*where, "refusal"), author, kind, text))
+
+
+def _prediction(body: dict[str, Any], texts: list[TextPart]) -> None:
+    """Predicted output (``prediction.content``): text the caller sends for the model to
+    reuse, such as a file to be edited, so it reaches the provider as a prompt does."""
+    prediction = body.get("prediction")
+    if prediction is None:
+        return
+    content = expect_object(prediction, ("prediction",)).get("content")
+    where = ("prediction", "content")
+    if isinstance(content, str):
+        texts.append(TextPart(where, "user", "message", content))
+    elif isinstance(content, list):
+        _parts(content, where, "user", "message", texts)
+    elif content is not None:
+        raise invalid_type(where, "a string or an array of content parts", content)
 
 
 def _assistant_extras(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:

@@ -32,7 +32,10 @@ _TOOL_ITEMS: dict[str, tuple[str, str, str]] = {
     "custom_tool_call": ("input", "assistant", "tool_arguments"),
     "function_call_output": ("output", "tool", "tool_result"),
     "custom_tool_call_output": ("output", "tool", "tool_result"),
+    "local_shell_call_output": ("output", "tool", "tool_result"),
 }
+_MCP_CALL = "mcp_call"
+"""A remote MCP tool's call replayed: its arguments (JSON source) and output, if any."""
 
 
 class OpenAIResponses:
@@ -60,6 +63,7 @@ class OpenAIResponses:
                 _item(expect_object(item, ("input", i)), ("input", i), texts)
         elif items is not None:
             raise invalid_type(("input",), "a string or an array of input items", items)
+        _prompt_variables(body, texts)
         return LLMRequest(
             dialect=self.name,
             model=model,
@@ -78,6 +82,15 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         return
     if not isinstance(itype, str):
         raise invalid_type((*path, "type"), "a string", itype)
+    if itype == _MCP_CALL:
+        for field, author, kind in (
+            ("arguments", "assistant", "tool_arguments"),
+            ("output", "tool", "tool_result"),
+        ):
+            value = optional_str(item, field, path)
+            if value is not None:
+                texts.append(TextPart((*path, field), author, kind, value))
+        return
     tool_item = _TOOL_ITEMS.get(itype)
     if tool_item is None:
         return
@@ -88,6 +101,24 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
     else:
         text = expect_str(value, (*path, field))
         texts.append(TextPart((*path, field), author, kind, text))
+
+
+def _prompt_variables(body: dict[str, Any], texts: list[TextPart]) -> None:
+    """A stored prompt's ``variables``: the caller's values, filled into the prompt upstream
+    (strings, or ``input_text`` parts; images and files carry no text)."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        return
+    variables = expect_object(prompt, ("prompt",)).get("variables")
+    if variables is None:
+        return
+    where = ("prompt", "variables")
+    for name, value in expect_object(variables, where).items():
+        if isinstance(value, str):
+            texts.append(TextPart((*where, name), "user", "input", value))
+        elif isinstance(value, dict) and value.get("type") in _TEXT_PARTS:
+            text = expect_str(value.get("text"), (*where, name, "text"))
+            texts.append(TextPart((*where, name, "text"), "user", "input", text))
 
 
 def _message(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:

@@ -530,6 +530,154 @@ VALID = [
         },
         id="anthropic-server-tool-use",
     ),
+    # Texts the guards once never read, so PII in them reached the provider:
+    pytest.param(
+        CHAT,
+        {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "Fix the typo."}],
+            "prediction": {"type": "content", "content": "Mail jane@example.com"},
+        },
+        {
+            "model": "gpt-4o",
+            "texts": [
+                ("messages[0].content", "user", "message", "Fix the typo."),
+                ("prediction.content", "user", "message", "Mail jane@example.com"),
+            ],
+            "max_output_tokens": None,
+            "stream": False,
+            "tools": (),
+        },
+        id="chat-predicted-output",
+    ),
+    pytest.param(
+        RESPONSES,
+        {
+            "model": "gpt-5",
+            "prompt": {
+                "id": "pmpt_1",
+                "variables": {"who": "Jane", "doc": {"type": "input_text", "text": "SSN 1"}},
+            },
+            "input": [
+                {"type": "local_shell_call_output", "call_id": "c1", "output": "uid=jane"},
+                {
+                    "type": "mcp_call",
+                    "id": "m1",
+                    "server_label": "s",
+                    "name": "find",
+                    "arguments": '{"q": "x"}',
+                    "output": "jane@example.com",
+                },
+                {
+                    "type": "mcp_call",
+                    "id": "m2",
+                    "server_label": "s",
+                    "name": "find",
+                    "arguments": "{}",
+                    "output": None,
+                },
+            ],
+        },
+        {
+            "model": "gpt-5",
+            "texts": [
+                ("input[0].output", "tool", "tool_result", "uid=jane"),
+                ("input[1].arguments", "assistant", "tool_arguments", '{"q": "x"}'),
+                ("input[1].output", "tool", "tool_result", "jane@example.com"),
+                ("input[2].arguments", "assistant", "tool_arguments", "{}"),
+                ("prompt.variables.who", "user", "input", "Jane"),
+                ("prompt.variables.doc.text", "user", "input", "SSN 1"),
+            ],
+            "max_output_tokens": None,
+            "stream": False,
+            "tools": (),
+        },
+        id="responses-prompt-variables-shell-and-mcp-outputs",
+    ),
+    pytest.param(
+        MESSAGES,
+        {
+            "model": "claude-opus-4-1",
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "document",
+                            "title": "Memo",
+                            "context": "from HR",
+                            "source": {
+                                "type": "text",
+                                "media_type": "text/plain",
+                                "data": "Jane's SSN",
+                            },
+                        },
+                        {
+                            "type": "document",
+                            "source": {
+                                "type": "content",
+                                "content": [{"type": "text", "text": "p1"}],
+                            },
+                        },
+                        {
+                            "type": "document",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "application/pdf",
+                                "data": "JVBER",
+                            },
+                        },
+                        {
+                            "type": "search_result",
+                            "source": "https://x",
+                            "title": "Hit",
+                            "content": [{"type": "text", "text": "jane@example.com"}],
+                        },
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t",
+                            "content": [
+                                {
+                                    "type": "document",
+                                    "source": {
+                                        "type": "text",
+                                        "media_type": "text/plain",
+                                        "data": "found",
+                                    },
+                                },
+                            ],
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            "model": "claude-opus-4-1",
+            "texts": [
+                ("messages[0].content[0].title", "user", "message", "Memo"),
+                ("messages[0].content[0].context", "user", "message", "from HR"),
+                ("messages[0].content[0].source.data", "user", "message", "Jane's SSN"),
+                ("messages[0].content[1].source.content[0].text", "user", "message", "p1"),
+                ("messages[0].content[3].title", "user", "message", "Hit"),
+                ("messages[0].content[3].content[0].text", "user", "message", "jane@example.com"),
+                ("messages[2].content[0].content[0].source.data", "tool", "tool_result", "found"),
+            ],
+            "max_output_tokens": 8,
+            "stream": False,
+            "tools": (),
+        },
+        id="anthropic-documents-and-search-results",
+    ),
 ]
 
 
