@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,7 +144,8 @@ class Stdout:
         while True:
             data, done = self._queue.get()
             try:
-                _write_all(data)
+                with _stdout_turn():
+                    _write_all(data)
             except Exception as error:  # stdout closed, gone: the batch fails, counted
                 done(error)
             else:
@@ -151,6 +153,34 @@ class Stdout:
 
     async def close(self) -> None:
         return None
+
+
+def _cross_process_lock() -> Any:
+    """A lock the workers of ``--workers N`` share (made at import, in the supervisor,
+    before they fork); ``None`` where the system has no shared semaphores."""
+    try:
+        return multiprocessing.get_context("fork").Lock()
+    except OSError:  # no /dev/shm
+        return None
+
+
+_STDOUT_LOCK = _cross_process_lock()
+STDOUT_TURN_SECONDS = 5.0
+"""How long a worker waits for another's batch to reach stdout before writing anyway (a
+worker killed while writing would otherwise hold every other one's audit back)."""
+
+
+@contextlib.contextmanager
+def _stdout_turn() -> Iterator[None]:
+    """One process writes to the shared stdout at a time: a pipe takes a write over
+    4 KiB in pieces, and two workers' batches, written at once into a pipe the collector
+    was slow to drain, came out cut into each other mid-line."""
+    taken = _STDOUT_LOCK is not None and _STDOUT_LOCK.acquire(timeout=STDOUT_TURN_SECONDS)
+    try:
+        yield
+    finally:
+        if taken:
+            _STDOUT_LOCK.release()
 
 
 def _write_all(data: bytes) -> None:

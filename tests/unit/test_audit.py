@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import resource
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -254,3 +256,42 @@ async def test_a_record_after_close_is_dropped_counted(tmp_path: Path) -> None:
     log.submit(record(2))  # a settlement still running at shutdown
     assert drops == [("closed", 1)]
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1
+
+
+def _worker_writing_to_stdout(pipe: int, worker: int) -> None:
+    """A forked worker of ``--workers N --audit-stdout``: its stdout is the shared pipe."""
+    os.dup2(pipe, 1)
+
+    async def main() -> None:
+        log = AuditLog([audit.Stdout()])
+        for i in range(2000):
+            log.submit({"request_id": f"w{worker}-{i}", "pad": "x" * 400})
+            if i % 200 == 0:
+                await asyncio.sleep(0)
+        await log.close(within=30)
+
+    asyncio.run(main())
+    os._exit(0)
+
+
+def test_forked_workers_never_cut_each_others_lines_on_a_shared_stdout() -> None:
+    """Two workers' batches (tens of KiB) written at once into a pipe a collector drains
+    slowly came out cut into each other mid-line: a pipe takes a write over 4 KiB in
+    pieces."""
+    read_end, write_end = os.pipe()
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker_writing_to_stdout, args=(write_end, n)) for n in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    os.close(write_end)
+    data = bytearray()
+    while chunk := os.read(read_end, 4096):  # a collector reading at its own pace
+        data += chunk
+        time.sleep(0.001)
+    os.close(read_end)
+    for worker in workers:
+        worker.join(10)
+    ids = [json.loads(line)["request_id"] for line in data.splitlines()]
+    assert sorted(ids) == sorted(f"w{w}-{i}" for w in range(2) for i in range(2000))
