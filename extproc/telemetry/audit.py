@@ -40,6 +40,9 @@ file append, a hop to a worker thread, a Redis round trip) costs far more than a
 SINK_BACKLOG = QUEUE_SIZE
 """Records a sink may fall behind by before it drops new ones (about 100 s of an outage at
 100 records a second); the other sinks go on meanwhile."""
+SINK_BACKLOG_BYTES = 64 * 1024 * 1024
+"""And the bytes it may fall behind by: records with recorded bodies can be megabytes each,
+and 10,000 of them held gigabytes while a sink was down. A batch alone is always taken."""
 RETRY_SECONDS = (0.1, 0.5, 2.0)
 """Waits between the attempts at writing a batch to a failing sink."""
 CLOSE_SECONDS = 3.0
@@ -308,6 +311,7 @@ class _SinkWriter:
         self._backlog: asyncio.Queue[Sequence[bytes]] = asyncio.Queue()
         self._behind = 0
         """Records in the backlog (batches vary in size: the backlog is bounded by these)."""
+        self._behind_bytes = 0
         self._writing: Sequence[bytes] = ()
         """The batch being written (or waiting for its next attempt)."""
         self._task: asyncio.Task[None] | None = None
@@ -317,11 +321,16 @@ class _SinkWriter:
             return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"audit-{self._name}")
-        if self._behind + len(lines) > SINK_BACKLOG:
+        size = sum(map(len, lines))
+        if self._behind and (
+            self._behind + len(lines) > SINK_BACKLOG
+            or self._behind_bytes + size > SINK_BACKLOG_BYTES
+        ):
             self._dropped("sink_backlog", len(lines))
             log.error("audit sink %s is behind: %d records dropped", self._name, len(lines))
             return
         self._behind += len(lines)
+        self._behind_bytes += size
         self._backlog.put_nowait(lines)
 
     async def close(self, deadline: float) -> None:
@@ -348,6 +357,7 @@ class _SinkWriter:
         while True:
             self._writing = await self._backlog.get()
             self._behind -= len(self._writing)
+            self._behind_bytes -= sum(map(len, self._writing))
             try:
                 await self._write(self._writing)
                 self._writing = ()

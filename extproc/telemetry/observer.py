@@ -12,6 +12,10 @@ from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.record import exchange_record
 from extproc.telemetry.tracing import Tracing
 
+RECENT_BODY_CHARS = 16 * 1024 * 1024
+"""What the recent records' recorded bodies may hold, in characters."""
+_BODIES = ("prompt", "answer")
+
 
 class Observer:
     def __init__(
@@ -26,6 +30,8 @@ class Observer:
         self.tracing = tracing
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         """The latest records, for the admin API's ListAuditEvents."""
+        self._recent_body_chars: deque[int] = deque(maxlen=recent)
+        """The recorded bodies' length in each of them, to bound what they hold."""
 
     @property
     def wants_responses(self) -> bool:
@@ -51,9 +57,21 @@ class Observer:
         if self.metrics is not None:
             self.metrics.observe(record)
         self.audit.submit(record)
-        self.recent.append(record)
+        self._keep(record)
         if self.tracing is not None:
             self.tracing.record(record, traceparent, started_ns, time.time_ns())
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` among the recent ones. With recorded bodies, the oldest go first
+        once their texts pass :data:`RECENT_BODY_CHARS` (a thousand long prompts held
+        gigabytes); the newest is always kept."""
+        body = sum(len(t.get("text", "")) for f in _BODIES for t in record.get(f) or ())
+        self.recent.append(record)
+        self._recent_body_chars.append(body)
+        held = sum(self._recent_body_chars) if body else 0
+        while held > RECENT_BODY_CHARS and len(self.recent) > 1:
+            self.recent.popleft()
+            held -= self._recent_body_chars.popleft()
 
 
 def null_observer() -> Observer:

@@ -21,7 +21,9 @@ from redis.asyncio import Redis
 
 from extproc.budgets.redis_store import RedisTarget
 from extproc.telemetry import audit
+from extproc.telemetry import observer as observer_module
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream
+from extproc.telemetry.observer import Observer
 
 
 def record(i: int) -> dict[str, object]:
@@ -223,6 +225,39 @@ async def test_a_record_json_cannot_hold_is_dropped_alone(tmp_path: Path) -> Non
     await log.close()
     ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
     assert ids == ["r1", "r-nan", "r2"] and log.dropped == 1
+
+
+async def test_a_sinks_backlog_is_bounded_in_bytes_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records with recorded bodies can be megabytes each: ten thousand of them held
+    gigabytes while a sink was down. A batch alone is still taken, however large."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", (10.0,))
+    monkeypatch.setattr(audit, "SINK_BACKLOG_BYTES", 5_000)
+    drops: list[tuple[str, int]] = []
+    log = AuditLog([Down()], on_drop=lambda *drop: drops.append(drop))
+    big = {"prompt": [{"role": "user", "kind": "message", "text": "x" * 3_000}]}
+    log.submit(record(0))  # the batch being written (retried), not in the backlog
+    await asyncio.sleep(0.2)
+    log.submit({**record(1), **big, "pad": "y" * 4_000})  # alone: taken, past the bound
+    await asyncio.sleep(0.2)
+    log.submit({**record(2), **big})  # the backlog holds 7 KB: dropped
+    await asyncio.sleep(0.2)
+    assert drops == [("sink_backlog", 1)]
+    await log.close(within=0.1)
+
+
+async def test_the_recent_records_bodies_are_bounded() -> None:
+    observer = Observer(None, AuditLog(()))
+    limit = 10_000
+    long = [{"role": "user", "kind": "message", "text": "x" * 4_000}]
+    with mock.patch.object(observer_module, "RECENT_BODY_CHARS", limit):
+        for i in range(5):
+            observer.report({**record(i), "prompt": long}, None, 0)
+        observer.report(record(5), None, 0)
+        assert [r["request_id"] for r in observer.recent] == ["r3", "r4", "r5"]
+        observer.report({**record(6), "prompt": [{"text": "x" * 50_000}]}, None, 0)
+        assert [r["request_id"] for r in observer.recent] == ["r6"]  # the newest stays
 
 
 async def test_a_sinks_backlog_is_bounded_in_records(
