@@ -29,6 +29,7 @@ from extproc.dialects.usage import (
 )
 from extproc.errors import AnswerTooLarge, BadGateway, InvalidRequest
 from extproc.exchange import Exchange
+from extproc.guardrails.answer import drop_stale_logprobs
 from extproc.guardrails.engine import describe, verdict_header
 from extproc.pipeline import OFFLOAD_BODY_BYTES, offloaded, subject_of
 from extproc.telemetry.bodies import recorded_answer
@@ -221,6 +222,7 @@ def _guard_answer(exchange: Exchange, body: bytes) -> Reply | bytes | None:
     # Not apply_rewrites: an answer nested too deep to write back is the upstream's doing,
     # not a request the caller must fix: a 502, as for one the guards cannot read.
     set_values(answer, result.rewrites)
+    drop_stale_logprobs(answer, result.rewrites)
     record_answer(exchange, answer, exchange.request.dialect)
     try:
         return orjson.dumps(answer)

@@ -7,6 +7,7 @@ produced that the caller will read, so a rule can rewrite it in place
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from extproc.dialects.base import JsonPath, TextPart
@@ -27,6 +28,21 @@ def answer_texts(dialect: str, body: Any) -> tuple[TextPart, ...]:
     else:
         _openai(body, texts)
     return tuple(texts)
+
+
+def drop_stale_logprobs(answer: Any, rewritten: Iterable[JsonPath]) -> None:
+    """Empty the log probabilities beside every rewritten text (a choice's ``logprobs``,
+    a Responses part's): their tokens spell the text as the provider wrote it, so a masked
+    e-mail address stayed readable in them."""
+    for path in rewritten:
+        node = answer
+        for step in path[:-1]:
+            try:
+                node = node[step]
+            except (KeyError, IndexError, TypeError):
+                break
+            if isinstance(node, dict) and node.get("logprobs"):
+                node["logprobs"] = [] if isinstance(node["logprobs"], list) else None
 
 
 def _add(texts: list[TextPart], path: JsonPath, value: object, kind: str = "message") -> None:
@@ -78,6 +94,14 @@ def _anthropic(body: dict[str, Any], texts: list[TextPart]) -> None:
             continue
         if block.get("type") == "text":
             _add(texts, ("content", j, "text"), block.get("text"))
+            citations = block.get("citations")
+            for n, citation in enumerate(citations if isinstance(citations, list) else []):
+                if isinstance(citation, dict):  # the quoted passage, shown beside the text
+                    _add(
+                        texts,
+                        ("content", j, "citations", n, "cited_text"),
+                        citation.get("cited_text"),
+                    )
         elif block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
             for path, value in string_leaves(block.get("input"), ("content", j, "input")):
                 _add(texts, path, value, "tool_arguments")

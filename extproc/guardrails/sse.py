@@ -86,9 +86,16 @@ class StreamDialect:
         raise NotImplementedError
 
 
-def _setter(container: dict[str, Any], key: str) -> Callable[[str], None]:
+def _setter(
+    container: dict[str, Any], key: str, choice: dict[str, Any] | None = None
+) -> Callable[[str], None]:
+    """Writes a rewritten text; in an OpenAI ``choice``, also empties the log
+    probabilities, whose tokens spell the text as the provider wrote it."""
+
     def set_text(text: str) -> None:
         container[key] = text
+        if choice is not None and choice.get("logprobs"):
+            choice["logprobs"] = None
 
     return set_text
 
@@ -110,20 +117,22 @@ class OpenAIStream(StreamDialect):
                 continue
             index = _index(choice.get("index", 0))
             if isinstance(choice.get("text"), str):
-                found.append(Delta(("text", index), choice["text"], _setter(choice, "text")))
+                found.append(
+                    Delta(("text", index), choice["text"], _setter(choice, "text", choice))
+                )
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
             for key in ("content", "refusal"):
                 if isinstance(delta.get(key), str):
-                    found.append(Delta((key, index), delta[key], _setter(delta, key)))
+                    found.append(Delta((key, index), delta[key], _setter(delta, key, choice)))
             function_call = delta.get("function_call")  # the legacy form of a tool call
             if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str):
                 found.append(
                     Delta(
                         ("function", index),
                         function_call["arguments"],
-                        _setter(function_call, "arguments"),
+                        _setter(function_call, "arguments", choice),
                         json_source=True,
                     )
                 )
@@ -137,7 +146,7 @@ class OpenAIStream(StreamDialect):
                             Delta(
                                 ("tool", index, tool),
                                 function["arguments"],
-                                _setter(function, "arguments"),
+                                _setter(function, "arguments", choice),
                                 json_source=True,
                             )
                         )

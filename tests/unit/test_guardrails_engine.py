@@ -11,7 +11,7 @@ from extproc.dialects import dialect_for_path
 from extproc.dialects.base import TextPart
 from extproc.dialects.json_body import apply_rewrites
 from extproc.guardrails import Guardrails, describe
-from extproc.guardrails.answer import answer_texts
+from extproc.guardrails.answer import answer_texts, drop_stale_logprobs
 from extproc.guardrails.evaluate import default_guardrails
 from extproc.guardrails.findings import Finding
 from extproc.guardrails.json_text import blanked, escapes, outside
@@ -358,3 +358,40 @@ def test_default_rules_finish_on_a_megabyte(defaults: Guardrails, text: str) -> 
         "input", [user_text(text)], team=None, key_id=None, model=None, path="/"
     )
     assert result.blocked_by in (None, "mask-secrets", "block-injection")
+
+
+def test_logprobs_beside_a_rewritten_text_are_emptied() -> None:
+    chat = {
+        "choices": [
+            {
+                "message": {"content": "<EMAIL_ADDRESS>"},
+                "logprobs": {"content": [{"token": "a@b.io"}]},
+            },
+            {"message": {"content": "clean"}, "logprobs": {"content": [{"token": "clean"}]}},
+        ]
+    }
+    drop_stale_logprobs(chat, [("choices", 0, "message", "content")])
+    assert chat["choices"][0]["logprobs"] is None
+    assert chat["choices"][1]["logprobs"] == {"content": [{"token": "clean"}]}
+    responses = {
+        "output": [{"content": [{"text": "<EMAIL_ADDRESS>", "logprobs": [{"token": "a"}]}]}]
+    }
+    drop_stale_logprobs(responses, [("output", 0, "content", 0, "text")])
+    assert responses["output"][0]["content"][0]["logprobs"] == []
+
+
+def test_cited_passages_of_an_anthropic_answer_are_read() -> None:
+    body = {
+        "content": [
+            {
+                "type": "text",
+                "text": "See the memo.",
+                "citations": [{"type": "char_location", "cited_text": "mail a@example.com"}],
+            }
+        ]
+    }
+    texts = answer_texts("anthropic.messages", body)
+    assert [(t.path, t.text) for t in texts][-1] == (
+        ("content", 0, "citations", 0, "cited_text"),
+        "mail a@example.com",
+    )

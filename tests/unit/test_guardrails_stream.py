@@ -282,3 +282,25 @@ def test_anthropic_partial_json_is_read_as_json_source() -> None:
     out = run(guard(dialect="anthropic.messages"), chunks)
     body = json.loads(streamed_text(out))["body"]
     assert body == "Hi,\n" + "*" * len("jane@example.com") + "\n" + "*" * 19 + "\nbye"
+
+
+def _with_logprobs(chunk: bytes) -> bytes:
+    payload = sse_payloads(chunk)[0]
+    choice = payload["choices"][0]
+    text = choice["delta"].get("content") or ""
+    choice["logprobs"] = {"content": [{"token": text, "logprob": -0.1, "top_logprobs": []}]}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def test_a_rewritten_chunk_loses_its_logprobs_whose_tokens_spell_the_original() -> None:
+    pieces = ["Mail ", "jane.doe@exa", "mple.com", " today."]
+    out = run(guard(), [_with_logprobs(openai_chunk(p)) for p in pieces] + OPENAI_END)
+    assert streamed_text(out) == "Mail " + "*" * len("jane.doe@example.com") + " today."
+    tokens = [
+        entry["token"]
+        for payload in sse_payloads(out)
+        if isinstance(payload, dict)
+        for choice in payload["choices"]
+        for entry in (choice.get("logprobs") or {}).get("content", [])
+    ]
+    assert tokens == ["Mail ", " today."]  # untouched chunks keep theirs
