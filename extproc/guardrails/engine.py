@@ -29,6 +29,7 @@ from extproc.guardrails import config as cfg
 from extproc.guardrails.answer import answer_texts
 from extproc.guardrails.content import ContentDetector
 from extproc.guardrails.findings import Finding, resolve_overlaps, rewrite
+from extproc.guardrails.folding import folded
 from extproc.guardrails.injection import Classifier, InjectionDetector
 from extproc.guardrails.json_text import Span, blanked, escapes, outside
 from extproc.guardrails.linear import PatternError, Utf8
@@ -296,10 +297,10 @@ def run_rules(
 
 
 def _readable(part: TextPart) -> tuple[Utf8, list[Span]]:
-    """The text as detectors read it, and its escapes: tool arguments are JSON source
-    (:mod:`.json_text`)."""
+    """The text as detectors read it, and its escapes: look-alikes of ASCII folded
+    (:mod:`.folding`); tool arguments are JSON source (:mod:`.json_text`)."""
     spans = escapes(part.text) if part.kind == "tool_arguments" else []
-    return Utf8(blanked(part.text, spans) if spans else part.text), spans
+    return Utf8(folded(blanked(part.text, spans) if spans else part.text)), spans
 
 
 def apply_findings(text: str, items: Sequence[tuple[Finding, Rewrite]]) -> str:

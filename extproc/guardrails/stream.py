@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from extproc import sse
 from extproc.guardrails.engine import Action, CompiledRule, GuardResult, Stage, Verdict
 from extproc.guardrails.findings import Finding, resolve_overlaps
+from extproc.guardrails.folding import folded
 from extproc.guardrails.json_text import blanked, escapes, outside
 from extproc.guardrails.linear import Utf8
 from extproc.guardrails.operators import Rewrite
@@ -285,7 +286,7 @@ class StreamGuard:
         base = len(channel.tail)
         text = channel.tail + buf
         spans = escapes(text) if channel.json_source else []
-        window = Utf8(blanked(text, spans) if spans else text)
+        window = Utf8(folded(blanked(text, spans) if spans else text))
         found: list[tuple[CompiledRule, Finding]] = []
         for rule in self._rules:
             findings = [f for f in outside(rule.detector.detect(window), spans) if f.end > base]

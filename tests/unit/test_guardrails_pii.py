@@ -266,3 +266,37 @@ def test_an_entity_threshold_no_candidate_reaches_is_refused() -> None:
             "- {name: r, stage: input, mode: mutate,"
             " detector: {kind: pii, entities: [{type: US_PASSPORT, threshold: 0.6}]}}"
         )
+
+
+def _full_width(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        pytest.param(_full_width("4111 1111 1111 1111"), id="full-width-digits"),
+        pytest.param("4111\u00a01111\u00a01111\u00a01111", id="no-break-spaces"),
+        pytest.param("4111\u20131111\u20131111\u20131111", id="en-dashes"),
+    ],
+)
+def test_numbers_in_characters_that_read_as_ascii_are_found(written: str) -> None:
+    """The model reads them as the card they are; the patterns matched ASCII only."""
+    guards = guardrails_from_yaml(
+        "- {name: r, stage: input, mode: mutate, detector: {kind: pii, entities: [CREDIT_CARD]}}"
+    )
+    result = guards.check(
+        "input", [user_text(f"card {written} ok")], team=None, key_id=None, model=None, path="/"
+    )
+    assert result.rewrites == {("messages", 0, "content"): "card <CREDIT_CARD> ok"}
+
+
+def test_a_full_width_e_mail_address_is_found_where_it_stands() -> None:
+    guards = guardrails_from_yaml(
+        "- {name: r, stage: input, mode: mutate, detector: {kind: pii, entities: [EMAIL_ADDRESS]}}"
+    )
+    text = "\u00e9crire \u00e0 " + _full_width("jane@example.com") + " demain"
+    result = guards.check("input", [user_text(text)], team=None, key_id=None, model=None, path="/")
+    assert result.rewrites == {
+        ("messages", 0, "content"): "\u00e9crire \u00e0 <EMAIL_ADDRESS> demain"
+    }
