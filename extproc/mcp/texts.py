@@ -38,6 +38,7 @@ from typing import Any
 from extproc.dialects.base import JsonPath, TextPart
 from extproc.mcp.jsonrpc import Body, Request, Response
 
+_COMPLETION = "completion/complete"
 _ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
     "tools/call": ("assistant", "tool_arguments"),
     "prompts/get": ("user", "input"),
@@ -76,6 +77,8 @@ def _client_answer_texts(body: Body, answer: Response) -> Iterator[TextPart]:
 
 def call_texts(request: Request) -> tuple[TextPart, ...]:
     """The argument strings of one request (none for methods without arguments)."""
+    if request.method == _COMPLETION:
+        return _completion_texts(request)
     roles = _ARGUMENT_ROLES.get(request.method)
     arguments = request.params.get("arguments")
     if roles is None or not isinstance(arguments, dict):
@@ -83,6 +86,21 @@ def call_texts(request: Request) -> tuple[TextPart, ...]:
     role, kind = roles
     prefix: JsonPath = (*_at(request.index), "params", "arguments")
     return tuple(TextPart(path, role, kind, text) for path, text in _strings(arguments, prefix))
+
+
+def _completion_texts(request: Request) -> tuple[TextPart, ...]:
+    """What a user is typing into a prompt's or resource's argument, sent for the server
+    to complete, and the arguments already filled in: ``user`` input."""
+    at = (*_at(request.index), "params")
+    found: list[tuple[JsonPath, str]] = []
+    argument = request.params.get("argument")
+    if isinstance(argument, dict) and isinstance(argument.get("value"), str):
+        found.append(((*at, "argument", "value"), argument["value"]))
+    context = request.params.get("context")
+    filled = context.get("arguments") if isinstance(context, dict) else None
+    if isinstance(filled, dict):
+        found.extend(_strings(filled, (*at, "context", "arguments")))
+    return tuple(TextPart(path, "user", "input", text) for path, text in found if text)
 
 
 def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[TextPart, ...]:

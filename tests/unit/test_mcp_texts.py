@@ -79,6 +79,29 @@ def test_batch_paths_start_at_the_element() -> None:
     )
 
 
+def test_what_a_user_types_for_a_completion_is_input() -> None:
+    """completion/complete sends the argument being typed, and those already filled in,
+    to the server: they were no texts, so PII in them reached it unread."""
+    body = parse_body(
+        orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 4,
+                "method": "completion/complete",
+                "params": {
+                    "ref": {"type": "ref/prompt", "name": "email"},
+                    "argument": {"name": "to", "value": "jane@exa"},
+                    "context": {"arguments": {"subject": "SSN 123-45-6789"}},
+                },
+            }
+        )
+    )
+    assert request_texts(body) == (
+        TextPart(("params", "argument", "value"), "user", "input", "jane@exa"),
+        TextPart(("params", "context", "arguments", "subject"), "user", "input", "SSN 123-45-6789"),
+    )
+
+
 def test_rewrite_puts_text_back_and_reencodes() -> None:
     body = parse_body(
         b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":{"b":["k","secret"]}}}}'
