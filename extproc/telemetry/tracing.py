@@ -57,8 +57,11 @@ class Tracing:
         if traceparent:
             parent = _PROPAGATOR.extract({"traceparent": traceparent})
         model = record.get("model")
+        operation = _OPERATIONS.get(record.get("dialect") or "")
         span = self._tracer.start_span(
-            f"chat {model}" if model else f"{record.get('method')} {record.get('path')}",
+            f"{operation} {model}"
+            if operation and model
+            else f"{record.get('method')} {record.get('path')}",
             context=parent,
             kind=SpanKind.SERVER,
             start_time=start_ns,
@@ -96,6 +99,16 @@ class Tracing:
         return True
 
 
+_OPERATIONS = {
+    "openai.chat": "chat",
+    "openai.responses": "chat",
+    "anthropic.messages": "chat",
+    "openai.completions": "text_completion",
+    "openai.embeddings": "embeddings",
+}
+"""The GenAI semantic conventions' operation of each dialect: spans are named by it."""
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -104,8 +117,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
 def _attributes(record: dict[str, Any]) -> dict[str, Any]:
     dialect = record.get("dialect") or ""
     values = {
-        "gen_ai.system": "anthropic" if dialect.startswith("anthropic") else "openai",
-        "gen_ai.operation.name": dialect.partition(".")[2] or None,
+        # An LLM API's exchange only (an MCP call, an unknown path: none).
+        "gen_ai.system": dialect.partition(".")[0] if dialect in _OPERATIONS else None,
+        "gen_ai.operation.name": _OPERATIONS.get(dialect),
         "gen_ai.request.model": record.get("model_requested"),
         "gen_ai.response.model": record.get("model"),
         "gen_ai.usage.input_tokens": record.get("input_tokens"),

@@ -126,3 +126,25 @@ def test_the_service_name_comes_from_the_environment_when_set(
     monkeypatch.delenv("OTEL_SERVICE_NAME")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=gw-eu,deployment.environment=prod")
     assert service_name() == "gw-eu"
+
+
+def _span_of(record: dict[str, object]) -> ReadableSpan:
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(exporter)
+    tracing.record(record, None, 1, 2)
+    tracing.shutdown()
+    (span,) = exporter.get_finished_spans()
+    return span
+
+
+def test_spans_are_named_by_the_operation_and_mcp_calls_claim_no_llm_system() -> None:
+    embeddings = _span_of({"dialect": "openai.embeddings", "model": "text-embedding-3-small"})
+    assert embeddings.name == "embeddings text-embedding-3-small"  # was "chat ..."
+    attributes = dict(embeddings.attributes or {})
+    assert attributes["gen_ai.operation.name"] == "embeddings"
+    assert attributes["gen_ai.system"] == "openai"
+    claude = dict(_span_of({"dialect": "anthropic.messages", "model": "c"}).attributes or {})
+    assert (claude["gen_ai.system"], claude["gen_ai.operation.name"]) == ("anthropic", "chat")
+    mcp = _span_of({"method": "POST", "path": "/mcp", "status": 200})
+    assert mcp.name == "POST /mcp"
+    assert "gen_ai.system" not in dict(mcp.attributes or {})  # was "openai"
