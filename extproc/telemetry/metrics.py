@@ -68,7 +68,7 @@ class Metrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Count one finished exchange from its audit record."""
         team, model = record["team"] or "-", record["model"] or "-"
-        self.requests.labels(record["dialect"] or "-", str(record["status"] or "forwarded")).inc()
+        self.requests.labels(record["dialect"] or "-", _status(record)).inc()
         if record["input_tokens"] is not None:
             self.token_usage.labels("input", model, team).observe(record["input_tokens"])
             self.token_usage.labels("output", model, team).observe(record["output_tokens"])
@@ -79,3 +79,12 @@ class Metrics:
             self.store_errors.labels("fail_closed").inc()
         for verdict in record["guardrails"]:
             self.guardrails.labels(verdict["rule"], verdict["action"]).inc()
+
+
+def _status(record: dict[str, Any]) -> str:
+    """The answer's status; ``no_answer`` for an exchange the service read whose caller
+    got none (it left first, or the upstream never answered), ``forwarded`` for one it
+    never read."""
+    if record["status"]:
+        return str(record["status"])
+    return "forwarded" if record["input_tokens"] is None else "no_answer"

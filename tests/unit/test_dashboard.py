@@ -65,3 +65,27 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         queried = queried_series(json.loads(path.read_text()))
         assert queried, path
         assert queried <= exported, f"{path.name}: not exported: {sorted(queried - exported)}"
+
+
+def test_an_exchange_whose_caller_got_no_answer_is_not_counted_as_forwarded() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    read = {
+        "team": "t",
+        "model": "m",
+        "dialect": "openai.chat",
+        "status": 0,  # the caller left before the answer
+        "input_tokens": 3,
+        "output_tokens": 0,
+        "cost_micro_usd": 1,
+        "error": None,
+        "guardrails": [],
+    }
+    metrics.observe(read)
+    metrics.observe({**read, "input_tokens": None})  # never read: only forwarded
+
+    def count(status: str) -> float | None:
+        labels = {"dialect": "openai.chat", "status": status}
+        return registry.get_sample_value("extproc_requests_total", labels)
+
+    assert (count("no_answer"), count("forwarded")) == (1, 1)
