@@ -108,14 +108,18 @@ def _quoted(
             texts.append(TextPart((*where, "source", "data"), author, kind, data))
         elif isinstance(source, dict) and source.get("type") == "content":
             inner = (*where, "source", "content")
-            _text_blocks(expect_list(source.get("content"), inner), inner, author, kind, texts)
+            content = source.get("content")
+            if isinstance(content, str):
+                texts.append(TextPart(inner, author, kind, content))
+            else:
+                _text_blocks(expect_list(content, inner), inner, author, kind, texts, quoting=False)
     elif btype == "search_result":
         title = optional_str(block, "title", where)
         if title is not None:
             texts.append(TextPart((*where, "title"), author, kind, title))
         if block.get("content") is not None:
             inner = (*where, "content")
-            _text_blocks(expect_list(block["content"], inner), inner, author, kind, texts)
+            _text_blocks(expect_list(block["content"], inner), inner, author, kind, texts, False)
 
 
 def _tool_result(content: object, path: JsonPath, texts: list[TextPart]) -> None:
@@ -129,15 +133,24 @@ def _tool_result(content: object, path: JsonPath, texts: list[TextPart]) -> None
 
 
 def _text_blocks(
-    blocks: list[Any], path: JsonPath, author: str, kind: str, texts: list[TextPart]
+    blocks: list[Any],
+    path: JsonPath,
+    author: str,
+    kind: str,
+    texts: list[TextPart],
+    quoting: bool = True,
 ) -> None:
+    """Text blocks, and with ``quoting`` (a tool result's) the documents and search results
+    among them. A document's or search result's own blocks are text alone, as the API
+    allows, so nothing nests: a caller's 1,000 levels of search results would overflow
+    the stack."""
     for j, block in enumerate(blocks):
         where = (*path, j)
         block = expect_object(block, where)
         if block.get("type") == "text":
             text = expect_str(block.get("text"), (*where, "text"))
             texts.append(TextPart((*where, "text"), author, kind, text))
-        else:
+        elif quoting:
             _quoted(block, where, author, kind, texts)
 
 

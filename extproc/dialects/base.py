@@ -35,6 +35,9 @@ class TextPart:
     role: str
     kind: str
     text: str
+    json_source: bool = False
+    """The text is JSON source, escapes and all (OpenAI's function-call ``arguments``):
+    guardrails read it as such (:mod:`extproc.guardrails.json_text`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,12 +125,13 @@ def _assistant_extras(message: dict[str, Any], path: JsonPath, texts: list[TextP
             )
             spec = expect_object(call.get(field), (*where, field))
             text = expect_str(spec.get(key), (*where, field, key))
-            texts.append(TextPart((*where, field, key), "assistant", "tool_arguments", text))
+            json = field == "function"
+            texts.append(TextPart((*where, field, key), "assistant", "tool_arguments", text, json))
     legacy = message.get("function_call")
     if legacy is not None:
         where = (*path, "function_call")
         text = expect_str(expect_object(legacy, where).get("arguments"), (*where, "arguments"))
-        texts.append(TextPart((*where, "arguments"), "assistant", "tool_arguments", text))
+        texts.append(TextPart((*where, "arguments"), "assistant", "tool_arguments", text, True))
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:

@@ -89,7 +89,8 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         ):
             value = optional_str(item, field, path)
             if value is not None:
-                texts.append(TextPart((*path, field), author, kind, value))
+                json = field == "arguments"
+                texts.append(TextPart((*path, field), author, kind, value, json))
         return
     tool_item = _TOOL_ITEMS.get(itype)
     if tool_item is None:
@@ -100,7 +101,8 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         _parts(value, (*path, field), author, kind, texts)
     else:
         text = expect_str(value, (*path, field))
-        texts.append(TextPart((*path, field), author, kind, text))
+        json = itype == "function_call"  # its arguments; a custom tool's input is free text
+        texts.append(TextPart((*path, field), author, kind, text, json))
 
 
 def _prompt_variables(body: dict[str, Any], texts: list[TextPart]) -> None:

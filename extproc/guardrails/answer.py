@@ -45,9 +45,15 @@ def drop_stale_logprobs(answer: Any, rewritten: Iterable[JsonPath]) -> None:
                 node["logprobs"] = [] if isinstance(node["logprobs"], list) else None
 
 
-def _add(texts: list[TextPart], path: JsonPath, value: object, kind: str = "message") -> None:
+def _add(
+    texts: list[TextPart],
+    path: JsonPath,
+    value: object,
+    kind: str = "message",
+    json_source: bool = False,
+) -> None:
     if isinstance(value, str) and value:
-        texts.append(TextPart(path, _ROLE, kind, value))
+        texts.append(TextPart(path, _ROLE, kind, value, json_source))
 
 
 def _openai(body: dict[str, Any], texts: list[TextPart]) -> None:
@@ -76,7 +82,7 @@ def _openai(body: dict[str, Any], texts: list[TextPart]) -> None:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 path = (*where, "tool_calls", k, "function", "arguments")
-                _add(texts, path, function.get("arguments"), "tool_arguments")
+                _add(texts, path, function.get("arguments"), "tool_arguments", True)
         legacy = message.get("function_call")
         if isinstance(legacy, dict):
             _add(
@@ -84,6 +90,7 @@ def _openai(body: dict[str, Any], texts: list[TextPart]) -> None:
                 (*where, "function_call", "arguments"),
                 legacy.get("arguments"),
                 "tool_arguments",
+                True,
             )
 
 
@@ -119,4 +126,5 @@ def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
                     _add(texts, ("output", k, "content", m, "text"), part.get("text"))
         elif item.get("type") in ("function_call", "custom_tool_call"):
             key = "arguments" if item.get("type") == "function_call" else "input"
-            _add(texts, ("output", k, key), item.get(key), "tool_arguments")
+            json_source = item.get("type") == "function_call"  # a custom tool's input is not
+            _add(texts, ("output", k, key), item.get(key), "tool_arguments", json_source)

@@ -298,8 +298,8 @@ def run_rules(
 
 def _readable(part: TextPart) -> tuple[Utf8, list[Span]]:
     """The text as detectors read it, and its escapes: look-alikes of ASCII folded
-    (:mod:`.folding`); tool arguments are JSON source (:mod:`.json_text`)."""
-    spans = escapes(part.text) if part.kind == "tool_arguments" else []
+    (:mod:`.folding`); JSON source read as such (:mod:`.json_text`)."""
+    spans = escapes(part.text) if part.json_source else []
     return Utf8(folded(blanked(part.text, spans) if spans else part.text)), spans
 
 

@@ -12,6 +12,7 @@ after it), so a rewrite always leaves valid JSON source.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from extproc.guardrails.findings import Finding
@@ -51,14 +52,17 @@ def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
     nothing is left)."""
     if not spans:
         return findings
+    starts = [low for low, _ in spans]
     kept: list[Finding] = []
     for finding in findings:
         start, end = finding.start, finding.end
-        for low, high in spans:
-            if low < start < high:
-                start = high
-            if low < end < high:
-                end = low
+        # The one escape each offset may fall in: the last that starts before it.
+        low, high = spans[max(bisect.bisect_left(starts, start) - 1, 0)]
+        if low < start < high:
+            start = high
+        low, high = spans[max(bisect.bisect_left(starts, end) - 1, 0)]
+        if low < end < high:
+            end = low
         if start < end:
             kept.append(
                 finding

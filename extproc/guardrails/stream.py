@@ -301,8 +301,10 @@ class StreamGuard:
         return found
 
     def _hold(self, buf: str, base: int, found: list[tuple[CompiledRule, Finding]]) -> int:
-        """How much of ``buf`` may be settled now; the rest is held back."""
-        hold = _hold_start(buf, self._window)
+        """How much of ``buf`` may be settled now; the rest is held back (judged on the
+        text as the detectors read it: a number's groups joined by no-break spaces are
+        held as ASCII ones are)."""
+        hold = _hold_start(folded(buf), self._window)
         for _, finding in found:  # a finding reaching into the held part is held whole
             if finding.start < base + hold < finding.end:
                 hold = min(hold, max(finding.start - base, 0))

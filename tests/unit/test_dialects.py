@@ -1237,3 +1237,34 @@ def test_answers_asked_for(dialect: str, body: dict[str, Any], answers: int) -> 
 def test_n_must_be_a_positive_integer() -> None:
     with pytest.raises(InvalidRequest):
         parse(CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 0})
+
+
+def test_a_document_whose_content_is_a_string_is_read() -> None:
+    """The API takes a custom-content document's ``content`` as a string too: it was
+    refused 400 as not an array."""
+    source = {"type": "content", "content": "Mail jane@example.com"}
+    body = {
+        "model": "claude-opus-4-1",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": [{"type": "document", "source": source}]}],
+    }
+    (text,) = parse(MESSAGES, body).texts
+    assert (text.path, text.text) == (
+        ("messages", 0, "content", 0, "source", "content"),
+        "Mail jane@example.com",
+    )
+
+
+def test_search_results_nested_past_the_stack_are_no_crash() -> None:
+    """Inside a search result only text blocks count (as the API allows): read as
+    quotes in quotes, a thousand levels of them overflowed Python's stack (a 500)."""
+    nested: dict[str, Any] = {"type": "text", "text": "deep"}
+    for _ in range(600):
+        nested = {"type": "search_result", "source": "s", "title": "t", "content": [nested]}
+    body = {
+        "model": "claude-opus-4-1",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": [nested]}],
+    }
+    texts = parse(MESSAGES, body).texts
+    assert [t.text for t in texts] == ["t"]

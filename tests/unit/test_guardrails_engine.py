@@ -233,7 +233,7 @@ def test_tool_call_arguments_are_read_as_json_source() -> None:
     of the e-mail after it (its rewrite left ``\\<``, which no JSON parser takes), and a
     card right after one had no word boundary before it (it reached the provider)."""
     arguments = json.dumps({"body": "Hi,\njane@example.com\n4111 1111 1111 1111 \u00e9"})
-    texts = [TextPart(("arguments",), "assistant", "tool_arguments", arguments)]
+    texts = [TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)]
     guardrails = guardrails_from_yaml(
         "- {name: m, stage: input, mode: mutate,"
         " detector: {kind: pii, entities: [EMAIL_ADDRESS, CREDIT_CARD]}}"
@@ -242,6 +242,18 @@ def test_tool_call_arguments_are_read_as_json_source() -> None:
     assert json.loads(result.rewrites[("arguments",)]) == {
         "body": "Hi,\n<EMAIL_ADDRESS>\n<CREDIT_CARD> \u00e9"
     }
+
+
+def test_decoded_tool_input_is_not_read_as_json_source() -> None:
+    """Anthropic's tool input and MCP arguments are decoded strings: a backslash in them
+    is a backslash, and read as an escape it hid the card after it."""
+    text = "path C:\\4111 1111 1111 1111"
+    texts = [TextPart(("input", "path"), "assistant", "tool_arguments", text)]
+    guardrails = guardrails_from_yaml(
+        "- {name: m, stage: input, mode: mutate, detector: {kind: pii, entities: [CREDIT_CARD]}}"
+    )
+    result = guardrails.check("input", texts, team=None, key_id=None, model=None, path="/")
+    assert result.rewrites == {("input", "path"): "path C:\\<CREDIT_CARD>"}
 
 
 def test_no_finding_starts_or_ends_inside_an_escape() -> None:

@@ -304,3 +304,13 @@ def test_a_rewritten_chunk_loses_its_logprobs_whose_tokens_spell_the_original() 
         for entry in (choice.get("logprobs") or {}).get("content", [])
     ]
     assert tokens == ["Mail ", " today."]  # untouched chunks keep theirs
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000"], ids=["no-break", "ideographic"])
+def test_a_number_in_groups_joined_by_unicode_spaces_is_held_whole(space: str) -> None:
+    """Its groups were settled and sent one by one before the number was whole (the
+    detectors read such spaces as spaces, the holding did not): 12 of 16 digits leaked."""
+    card = space.join(["4111", "1111", "1111", "1111"])
+    stream = guard()
+    out = run(stream, [openai_chunk(c) for c in f"card {card} ok"] + OPENAI_END)
+    assert streamed_text(out) == "card " + "*" * len(card) + " ok"
