@@ -440,7 +440,7 @@ async def finish_request_body(
                 model,
                 exchange.input_tokens,
                 request.max_output_tokens,
-                exchange.policy.default_max_output_tokens,
+                exchange.policy.reserved_output(model),
                 clock(),
                 may_cap_output=may_cap_output,
                 answers=request.answers,
@@ -459,7 +459,7 @@ async def finish_request_body(
     if exchange.translation is not None:
         try:
             translated, extra = routing.translated_request(
-                request, exchange.rewrites, model, exchange.policy.default_max_output_tokens
+                request, exchange.rewrites, model, exchange.policy.reserved_output(model)
             )
         except GatewayError as error:
             return exchange.reject(error)  # the reservation is released when the stream ends

@@ -49,6 +49,8 @@ class CatalogueModel:
     tokenizer: str
     price: Price | None
     backend: CompiledBackend | None = None
+    max_output_tokens: int | None = None
+    """Reserved for a request that sets no output cap (else the policy's default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,11 @@ class CompiledPolicy:
         if user is not None and user in self.user_mcp:
             return self.user_mcp[user]
         return self.team_mcp.get(team) or compile_access(None)
+
+    def reserved_output(self, model: CatalogueModel) -> int:
+        """Output tokens reserved for a request to ``model`` that sets no cap (and, for a
+        Claude model asked through OpenAI's API, written as its required ``max_tokens``)."""
+        return model.max_output_tokens or self.default_max_output_tokens
 
     def limits_for(self, team: str, user: str | None) -> Limits:
         """Limits of a caller identified by team and user (JWT); keys have theirs compiled."""
@@ -330,6 +337,7 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             or default_tokenizer(m.backend.model if m.backend and m.backend.model else name),
             price=_price(name, policy),
             backend=_backend(name, m.backend, credentials),
+            max_output_tokens=m.max_output_tokens,
         )
         for name, m in policy.models.items()
     )

@@ -277,6 +277,14 @@ class Model(_Strict):
         "(the backend's model when it names one).",
     )
     pricing: Pricing | None = None
+    max_output_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description="The most output the model gives a request that sets no cap, reserved "
+        "for it (default: settings.budgets.default_max_output_tokens). With the model's "
+        "real maximum, requests in flight together cannot overrun a budget.",
+    )
     backend: Backend | None = Field(
         default=None, description="Where the model is served; without one, Envoy's default route."
     )
@@ -289,7 +297,9 @@ class Budgets(_Strict):
     default_max_output_tokens: int = Field(
         default=4096,
         gt=0,
-        description="Output tokens reserved for a request that sets no max tokens.",
+        description="Output tokens reserved for a request that sets no max tokens, unless "
+        "its model says otherwise (models.*.max_output_tokens). It is not written into the "
+        "request: an answer longer than this is settled at its length.",
     )
     alert_webhook: str | None = Field(
         default=None,

@@ -547,3 +547,28 @@ async def test_a_failure_after_answering_writes_no_second_answer(
     monkeypatch.setattr(authorizer._observer, "finish", broken)
     written = await answer(authorizer, chat_check("r-once"))  # exactly one write
     assert written.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_request_with_no_cap_reserves_its_models_maximum_output() -> None:
+    """The policy's default (4,096) under-reserved a model that writes up to 16,384
+    tokens uncapped: requests in flight together overran the budget by the difference."""
+    models = {
+        "gpt-4o-mini": {"owned_by": "openai", "max_output_tokens": 16_384},
+        "gpt-4o": {"owned_by": "openai"},
+    }
+    teams = {
+        **LIMITED,
+        "apps": {
+            "models": {"allow": ["gpt-4o*"]},
+            "limits": [{"unit": "total_tokens", "window": "hour", "limit": 10**6}],
+        },
+    }
+    settings = {"jwt": {"team_claim": "groups"}, "accounting": "envoy"}
+    reserved = {}
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        compiled = make_policy(settings=settings, teams=teams, models=models)
+        exchange = Exchange(policy=compiled)
+        await decide_request(exchange, client_headers(), chat(model), Meter(MemoryStore()), clock)
+        assert exchange.reservation is not None
+        reserved[model] = exchange.reservation.counters[0].amount - exchange.input_tokens
+    assert reserved == {"gpt-4o-mini": 16_384, "gpt-4o": 4_096}
