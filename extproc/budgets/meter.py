@@ -146,6 +146,19 @@ def priced(
     return Cost(input_tokens, output_tokens, micro)
 
 
+def worst_case(model: CatalogueModel, input_tokens: int, output_tokens: int) -> Cost:
+    """What a request may cost at most, as reserved: where writing the prompt to the
+    provider's cache costs more than reading it as input (Anthropic's 1.25x), all of it
+    written (reserved at the input price, a cache write settled above its reservation)."""
+    return price(model, input_tokens, output_tokens, written=_written(model, input_tokens))
+
+
+def _written(model: CatalogueModel, input_tokens: int) -> int:
+    prices = model.price
+    writes_cost_more = prices is not None and (prices.cache_write or 0) > prices.input
+    return input_tokens if writes_cost_more else 0
+
+
 class OutputCapNeeded(Exception):
     """The request fits only with an output cap written into its body, and the caller
     (the authorizer, which cannot change a body) asked for no cap. Nothing was reserved."""
@@ -181,7 +194,7 @@ class Meter:
         if not applicable:
             return None
         output = requested_output if requested_output is not None else default_output
-        cost = price(model, input_tokens, output * answers)
+        cost = worst_case(model, input_tokens, output * answers)
         counters = _counters(applicable, model.name, cost, now)
         result = await self._call_reserve(counters)
         output_cap = None
@@ -194,7 +207,7 @@ class Meter:
                 if not may_cap_output:
                     raise OutputCapNeeded
                 output_cap = affordable
-                cost = price(model, input_tokens, affordable * answers)
+                cost = worst_case(model, input_tokens, affordable * answers)
                 counters = _counters(applicable, model.name, cost, now)
                 result = await self._call_reserve(counters)
         if not result.ok:
@@ -270,7 +283,7 @@ class Meter:
         if not applicable:
             return
         output = (requested_output if requested_output is not None else 1) * answers
-        counters = _counters(applicable, model.name, price(model, input_tokens, output), now)
+        counters = _counters(applicable, model.name, worst_case(model, input_tokens, output), now)
         try:
             values = await self._store.read([c.key for c in counters])
         except StoreUnavailable:
@@ -393,7 +406,8 @@ def _affordable_output(
         elif limit.unit is Unit.USD:
             prices = model.price or FREE
             if prices.output:
-                spare = room * 1_000_000 - input_tokens * prices.input
+                prompt = max(prices.input, prices.cache_write or 0)  # as worst_case prices it
+                spare = room * 1_000_000 - input_tokens * prompt
                 best = min(best, spare // prices.output)
         elif room < counter.amount:
             return 0  # a request or input-token limit is exhausted: no cap can help

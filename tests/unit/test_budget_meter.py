@@ -317,3 +317,33 @@ async def test_per_model_limits_with_and_without_globs_share_the_models_counter(
     assert await meter.reserve(limits, model, 1, 1, 1, now) is not None
     with pytest.raises(RateLimited):
         await meter.reserve(limits, model, 1, 1, 1, now)
+
+
+async def test_a_prompt_that_may_be_written_to_the_cache_is_reserved_at_that_price() -> None:
+    """Anthropic bills a cache write at 1.25x the input price; reserved at the input price,
+    a request that wrote its prompt to the cache settled above what it had reserved."""
+    policy = make_policy(
+        teams={
+            "t": {
+                "models": {"allow": ["*"]},
+                "limits": [{"unit": "usd", "window": "day", "limit": 100}],
+            }
+        },
+        users={},
+        keys={"k": {"sha256": sha("k"), "team": "t"}},
+        models={
+            "claude-sonnet": {"pricing": {"input": 3, "cache_write": 3.75, "output": 15}},
+            "gpt-4o-mini": {"pricing": {"input": 1, "cache_write": 0.5, "output": 2}},
+        },
+    )
+    limits = next(iter(policy.keys_by_digest.values())).limits
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    reserved = {}
+    for name in ("claude-sonnet", "gpt-4o-mini"):
+        model = policy.resolve_model(name)
+        assert model is not None
+        reservation = await meter.reserve(limits, model, 100_000, 1_000, 4096, now)
+        assert reservation is not None
+        reserved[name] = reservation.reserved.micro_usd
+    # 100k prompt tokens at the cache-write price, 1k output; a cheaper write: the input
+    assert reserved == {"claude-sonnet": 375_000 + 15_000, "gpt-4o-mini": 100_000 + 2_000}
