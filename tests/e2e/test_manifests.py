@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -410,6 +411,12 @@ def test_k8s_deployment_serves_the_contract() -> None:
     flags = assert_real_cli(container["args"])
     assert flags["--grpc"] == f"0.0.0.0:{CONTRACT.grpc}" and flags["--admin-host"] == "0.0.0.0"
     policy = Path(flags["--policy"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EXTPROC_POLICY"] == str(policy), "extproc usage in the pod reads the same"
+    assert "--audit-stdout" in container["args"], "no audit trail without a sink"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    drain = json.loads(annotations["proxy.istio.io/config"])["terminationDrainDuration"]
+    assert int(drain.removesuffix("s")) >= pod["terminationGracePeriodSeconds"]
     [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(policy.parent)]
     assert "subPath" not in mount, "a subPath mount never sees ConfigMap updates"
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
@@ -487,6 +494,7 @@ DURATION = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$"}
 PORT = obj("number", "name", "protocol", number=INT, name=STR,
            protocol=enum("HTTP", "HTTPS", "GRPC", "HTTP2", "TCP", "TLS"))
 PORT_SELECTOR = obj("number", number=INT)
+HEADER_MATCHES = {"type": "object", "additionalProperties": obj(exact=STR, prefix=STR, regex=STR)}
 CLIENT_TLS = obj("mode", mode=enum("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"), sni=STR,
                  subjectAltNames=array(STR))
 TRAFFIC_POLICY = obj(
@@ -521,12 +529,17 @@ SPECS: dict[tuple[str, str], Doc] = {
         servers=array(obj("port", "hosts", port=PORT, hosts=array(STR), tls=obj(
             "mode", mode=enum("SIMPLE", "MUTUAL", "ISTIO_MUTUAL", "PASSTHROUGH"))))),
     ("networking.istio.io/v1", "VirtualService"): obj(
-        "hosts", "http", hosts=array(STR), gateways=array(STR), http=array(obj(
-            "route", name=STR, timeout=DURATION, match=array(obj(gateways=array(STR), port=INT)),
+        "hosts", "http", hosts=array(STR), gateways=array(STR), http=array({**obj(
+            name=STR, timeout=DURATION,
+            match=array(obj(gateways=array(STR), port=INT, headers=HEADER_MATCHES,
+                            withoutHeaders=HEADER_MATCHES)),
             route=array(obj("destination", destination=obj(
                 "host", host=STR, subset=STR, port=PORT_SELECTOR))),
+            rewrite=obj(authority=STR),
+            directResponse=obj("status", status=INT, body=obj(string=STR)),
             retries=obj("attempts", attempts=INT, retryOn=STR, perTryTimeout=DURATION),
-            headers=obj(request=obj(remove=array(STR)), response=obj(remove=array(STR)))))),
+            headers=obj(request=obj(remove=array(STR)), response=obj(remove=array(STR)))),
+            "oneOf": [{"required": ["route"]}, {"required": ["directResponse"]}]})),
     ("networking.istio.io/v1", "DestinationRule"): obj(
         "host", host=STR, exportTo=array(STR), trafficPolicy=TRAFFIC_POLICY,
         subsets=array(obj("name", name=STR, trafficPolicy=TRAFFIC_POLICY))),
@@ -611,7 +624,23 @@ def test_istio_hosts_and_ports_agree_across_files() -> None:
     }
     for host in providers:
         [virtual] = [d for d in ISTIO_DOCS if d["spec"].get("hosts") == [host]]
-        to_gateway, to_provider = virtual["spec"]["http"]
+        routes = {route["name"]: route for route in virtual["spec"]["http"]}
+        to_gateway, to_provider = routes.pop("to-egress-gateway"), routes.pop("to-provider")
+        # The service's choice of backend (whose key it set) routes before the host does.
+        this, [other] = host.split(".")[1], providers - {host}
+        by_model, unrouted = (
+            routes.pop(f"to-{other.split('.')[1]}-by-model"),
+            routes.pop("unrouted-backend"),
+        )
+        assert not routes
+        assert [r["name"] for r in virtual["spec"]["http"]][-1] == "to-provider"
+        assert by_model["match"][0]["headers"] == {
+            "x-gateway-cluster": {"exact": other.split(".")[1]}
+        }
+        assert by_model["route"][0]["destination"] == {"host": other, "port": {"number": 443}}
+        assert by_model["rewrite"] == {"authority": other}
+        assert unrouted["match"][0]["withoutHeaders"] == {"x-gateway-cluster": {"exact": this}}
+        assert unrouted["directResponse"]["status"] == 502
         assert to_gateway["match"] == [{"gateways": ["mesh"], "port": 80}]
         subset = to_gateway["route"][0]["destination"]["subset"]
         [tls] = subsets[subset]
