@@ -68,6 +68,12 @@ def _openai(usage: Any) -> Usage | None:
         if usage.get("total_tokens") is None or totals is None:
             return None
         prompt = max(0, totals[0] - totals[1])
+    elif completion is None and usage.get("total_tokens") is not None:
+        # And some only the prompt and the total: the rest is the output, not none.
+        totals = _counts(usage.get("total_tokens"), prompt)
+        if totals is None:
+            return None
+        completion = max(0, totals[0] - totals[1])
     counts = _counts(prompt, completion, cached)
     return None if counts is None else Usage(*counts)
 

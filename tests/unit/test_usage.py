@@ -184,6 +184,18 @@ def test_an_anthropic_stream_with_a_count_past_belief_is_not_believed(absurd: st
             Usage(15, 5),
             id="total-less-completion",
         ),
+        pytest.param(
+            "openai.chat",
+            {"usage": {"prompt_tokens": 10, "total_tokens": 510}},
+            Usage(10, 500),
+            id="total-less-prompt-is-the-output",  # was charged no output at all
+        ),
+        pytest.param(
+            "openai.embeddings",
+            {"usage": {"prompt_tokens": 12, "total_tokens": 12}},
+            Usage(12, 0),
+            id="an-embeddings-total-is-its-prompt",
+        ),
         pytest.param("openai.embeddings", {"usage": {}}, None, id="no-prompt-count-is-estimated"),
         pytest.param(
             "openai.embeddings",
