@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -72,23 +71,24 @@ def egress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield stack
 
 
-def chat(model: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+def ask(egress: Stack, host: str, model: str) -> tuple[Mock, Mock, tuple[int, bytes]]:
+    """Both upstreams, emptied, then one chat request naming ``host``: what it got."""
+    openai, anthropic = Mock(egress.ports.mock), Mock(egress.ports.mock_anthropic)
+    openai.clear()
+    anthropic.clear()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    headers = {"host": host, "authorization": f"Bearer {ADMIN_KEY}"}
+    status, _, answer = Http(egress.ports.gateway).request(
+        "POST", "/v1/chat/completions", json.dumps(body).encode(), headers
+    )
+    return openai, anthropic, (status, answer)
 
 
 @pytest.mark.parametrize("host", ["api.openai.com", "127.0.0.1"])
 def test_a_claude_model_goes_to_anthropic_with_its_key_whatever_host_is_named(
     egress: Stack, host: str
 ) -> None:
-    openai, anthropic = Mock(egress.ports.mock), Mock(egress.ports.mock_anthropic)
-    openai.clear()
-    anthropic.clear()
-    status, _, body = Http(egress.ports.gateway).request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(chat("claude-3-5-haiku")).encode(),
-        {"host": host, "authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"},
-    )
+    openai, anthropic, (status, body) = ask(egress, host, "claude-3-5-haiku")
     assert status == 200, body
     assert json.loads(body)["choices"][0]["message"]["content"] == "hi"  # translated back
     assert openai.requests() == []  # never OpenAI, least of all with Anthropic's key
@@ -100,19 +100,7 @@ def test_a_claude_model_goes_to_anthropic_with_its_key_whatever_host_is_named(
 def test_an_openai_model_asked_of_api_openai_com_goes_there_with_its_own_key(
     egress: Stack,
 ) -> None:
-    openai, anthropic = Mock(egress.ports.mock), Mock(egress.ports.mock_anthropic)
-    openai.clear()
-    anthropic.clear()
-    status, _, body = Http(egress.ports.gateway).request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(chat("gpt-4o-mini")).encode(),
-        {
-            "host": "api.openai.com",
-            "authorization": f"Bearer {ADMIN_KEY}",
-            "content-type": "application/json",
-        },
-    )
+    openai, anthropic, (status, body) = ask(egress, "api.openai.com", "gpt-4o-mini")
     assert status == 200, body
     assert anthropic.requests() == []
     assert openai.last()["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -249,56 +249,15 @@ def test_sigterm_under_load_loses_no_audit_record(tmp_path: Path) -> None:
     assert sorted(logged) == sorted(ok)
 
 
-def test_bodies_are_recorded_only_when_asked_and_always_redacted(tmp_path: Path) -> None:
+def _one_recorded_chat(tmp_path: Path, edit: Callable[[str], str], content: str) -> Any:
+    """One chat through a stack whose policy records bodies (the example, ``edit``-ed):
+    the SDK's answer, the audit record, and the audit file's text."""
     audit = tmp_path / "audit.jsonl"
     policy = tmp_path / "policy.yaml"
     text = EXAMPLE_POLICY.read_text().replace(
         "settings:\n", "settings:\n  audit: { record_bodies: true }\n", 1
     )
-    # Let the e-mail reach the provider unmasked: only the audit redaction stands between it
-    # and the audit file.
-    text = text.replace(
-        "  - name: mask-pii\n    stage: both\n", "  - name: mask-pii\n    stage: output\n"
-    )
-    policy.write_text(text)
-    stack = Stack(
-        policy=policy, ports=Ports.free(), log_dir=tmp_path, serve_args=("--audit-file", str(audit))
-    )
-    with running(stack):
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1", api_key=ADMIN_KEY, max_retries=0
-        )
-        client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": f"write to {SECRET_EMAIL} now"}]
-        )
-        (record,) = records(audit, at_least=1)
-    assert record["prompt"] == [
-        {"role": "user", "kind": "message", "text": "write to <EMAIL_ADDRESS> now"}
-    ]
-    assert record["answer"][0]["text"] == "write to <EMAIL_ADDRESS> now"
-    assert SECRET_EMAIL not in audit.read_text()
-
-
-def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
-    tmp_path: Path,
-) -> None:
-    """An output rule's rewrite, which the fixed audit redaction knows nothing of, is in the
-    recorded answer (it held the provider's text), and so is the redaction of a password
-    written as ``password=...`` (an opt-in secret type for prompt rules)."""
-    audit = tmp_path / "audit.jsonl"
-    policy = tmp_path / "policy.yaml"
-    text = EXAMPLE_POLICY.read_text().replace(
-        "settings:\n", "settings:\n  audit: { record_bodies: true }\n", 1
-    )
-    text = text.replace(
-        "guardrails:\n",
-        "guardrails:\n"
-        "  - name: mask-employee-ids\n    stage: output\n    mode: mutate\n"
-        "    detector:\n      kind: pii\n      entities: [EMPLOYEE_ID]\n"
-        "      custom: [{ name: EMPLOYEE_ID, pattern: 'EMP-[0-9]{6}' }]\n",
-        1,
-    )
-    policy.write_text(text)
+    policy.write_text(edit(text))
     stack = Stack(
         policy=policy, ports=Ports.free(), log_dir=tmp_path, serve_args=("--audit-file", str(audit))
     )
@@ -307,12 +266,49 @@ def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
             base_url=f"http://127.0.0.1:{stack.ports.gateway}/v1", api_key=ADMIN_KEY, max_retries=0
         )
         answer = client.chat.completions.create(
-            model="gpt-4o",
-            messages=[{"role": "user", "content": "It is EMP-123456, db password=Hunter2Prod9"}],
+            model="gpt-4o", messages=[{"role": "user", "content": content}]
         )
         (record,) = records(audit, at_least=1)
+    return answer, record, audit.read_text()
+
+
+def test_bodies_are_recorded_only_when_asked_and_always_redacted(tmp_path: Path) -> None:
+    # Let the e-mail reach the provider unmasked: only the audit redaction stands between it
+    # and the audit file.
+    _, record, written = _one_recorded_chat(
+        tmp_path,
+        lambda text: text.replace(
+            "  - name: mask-pii\n    stage: both\n", "  - name: mask-pii\n    stage: output\n"
+        ),
+        f"write to {SECRET_EMAIL} now",
+    )
+    assert record["prompt"] == [
+        {"role": "user", "kind": "message", "text": "write to <EMAIL_ADDRESS> now"}
+    ]
+    assert record["answer"][0]["text"] == "write to <EMAIL_ADDRESS> now"
+    assert SECRET_EMAIL not in written
+
+
+def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
+    tmp_path: Path,
+) -> None:
+    """An output rule's rewrite, which the fixed audit redaction knows nothing of, is in the
+    recorded answer (it held the provider's text), and so is the redaction of a password
+    written as ``password=...`` (an opt-in secret type for prompt rules)."""
+    answer, record, written = _one_recorded_chat(
+        tmp_path,
+        lambda text: text.replace(
+            "guardrails:\n",
+            "guardrails:\n"
+            "  - name: mask-employee-ids\n    stage: output\n    mode: mutate\n"
+            "    detector:\n      kind: pii\n      entities: [EMPLOYEE_ID]\n"
+            "      custom: [{ name: EMPLOYEE_ID, pattern: 'EMP-[0-9]{6}' }]\n",
+            1,
+        ),
+        "It is EMP-123456, db password=Hunter2Prod9",
+    )
     assert answer.choices[0].message.content == "It is <EMPLOYEE_ID>, db password=Hunter2Prod9"
     assert record["answer"][0]["text"] == "It is <EMPLOYEE_ID>, db password=<ASSIGNED_SECRET>"
     # The prompt as the provider got it: the rule reads answers only.
     assert record["prompt"][0]["text"] == "It is EMP-123456, db password=<ASSIGNED_SECRET>"
-    assert "Hunter2Prod9" not in audit.read_text()
+    assert "Hunter2Prod9" not in written
