@@ -26,11 +26,21 @@ def authorize_model(policy: CompiledPolicy, principal: Principal, requested: str
         )
     if model.name not in principal.allowed_models:
         raise PermissionDenied(
-            f"Your team '{principal.team}' may not use the model '{model.name}'.",
-            code="model_not_allowed",
-            param="model",
+            _refusal(policy, principal, model.name), code="model_not_allowed", param="model"
         )
     return model
+
+
+def _refusal(policy: CompiledPolicy, principal: Principal, model: str) -> str:
+    """Who does not allow ``model``: the team, or the user or key narrowing what the team
+    allows (a message blaming the team for a user's narrowing sends people to the wrong
+    owner)."""
+    team = principal.team
+    if model not in policy.models_for(team, None):
+        return f"Your team '{team}' may not use the model '{model}'."
+    if principal.user is not None and model not in policy.models_for(team, principal.user):
+        return f"The user '{principal.user}' may not use the model '{model}' (team '{team}' may)."
+    return f"This key may not use the model '{model}' (team '{team}' may)."
 
 
 def visible_models(policy: CompiledPolicy, principal: Principal) -> list[CatalogueModel]:

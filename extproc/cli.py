@@ -431,6 +431,12 @@ def _usage_remote(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as exc:
             print(f"extproc usage: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                print(
+                    "extproc usage: the service serves the admin API only when started with "
+                    "EXTPROC_ADMIN_TOKEN set (e.g. EXTPROC_ADMIN_TOKEN=... make up)",
+                    file=sys.stderr,
+                )
             return 1
     fields = [f.name for f in admin_pb2.BudgetUsage.DESCRIPTOR.fields]
     lines = [UsageLine(**{f: getattr(b, f) for f in fields}) for b in reply.budgets]

@@ -312,3 +312,17 @@ def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
     # The prompt as the provider got it: the rule reads answers only.
     assert record["prompt"][0]["text"] == "It is EMP-123456, db password=<ASSIGNED_SECRET>"
     assert "Hunter2Prod9" not in written
+
+
+def test_usage_remote_says_how_to_turn_the_admin_api_on(stack: Stack) -> None:
+    """``make up`` serves no admin API without a token: the CLI said UNIMPLEMENTED, Method
+    not found, and nothing of why."""
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "usage", "--remote", f"127.0.0.1:{stack.ports.grpc}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "EXTPROC_ADMIN_TOKEN"},
+    )
+    assert result.returncode == 1
+    assert "started with EXTPROC_ADMIN_TOKEN set" in result.stderr

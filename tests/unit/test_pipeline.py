@@ -123,20 +123,37 @@ async def test_body_untouched_when_model_is_canonical() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "model", "status", "code"),
+    ("key", "model", "status", "code", "message"),
     [
-        pytest.param("sk-bob", "gpt-4o", 403, "model_not_allowed", id="forbidden"),
         pytest.param(
-            "sk-bob", "claude-3-5-haiku", 403, "model_not_allowed", id="user-narrower-than-team"
+            "sk-bob",
+            "gpt-4o",
+            403,
+            "model_not_allowed",
+            "Your team 'apps' may not use the model 'gpt-4o'.",
+            id="forbidden",
         ),
-        pytest.param("sk-admin", "gpt-5", 404, "model_not_found", id="unknown"),
+        pytest.param(
+            "sk-bob",
+            "claude-3-5-haiku",
+            403,
+            "model_not_allowed",
+            # Not the team's doing: it said the team, sending people to the wrong owner.
+            "The user 'bob' may not use the model 'claude-3-5-haiku' (team 'apps' may).",
+            id="user-narrower-than-team",
+        ),
+        pytest.param("sk-admin", "gpt-5", 404, "model_not_found", None, id="unknown"),
     ],
 )
-async def test_body_phase_rbac(key: str, model: str, status: int, code: str) -> None:
+async def test_body_phase_rbac(
+    key: str, model: str, status: int, code: str, message: str | None
+) -> None:
     ex, _ = start("/v1/chat/completions", key=key)
     decision = await on_request_body(ex, chat(model))
     assert isinstance(decision, Reply) and decision.status == status
-    assert orjson.loads(decision.body)["error"]["code"] == code
+    error = orjson.loads(decision.body)["error"]
+    assert error["code"] == code
+    assert message is None or error["message"] == message
 
 
 async def test_body_errors_use_anthropic_envelope_on_messages() -> None:
