@@ -235,6 +235,8 @@ def gateway(
         log_dir=log_dir,
         workers=workers,
         redis_url=redis_url if scenario.redis or workers > 1 else None,
+        # One worker thread per core it is given: two on one pinned core take turns on it.
+        envoy_concurrency=len(cpus) if cpus else None,
         serve_args=("--audit-file", str(log_dir / "audit.jsonl")) if scenario.audit else (),
     )
     stack.start()

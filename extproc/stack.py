@@ -99,6 +99,8 @@ class Stack:
     redis_url: str | None = None
     serve_args: tuple[str, ...] = ()
     """Extra ``extproc serve`` flags (audit sinks, …)."""
+    envoy_concurrency: int | None = None
+    """Envoy's worker threads (``--concurrency``); ``None``: one per core it can see."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -157,6 +159,11 @@ class Stack:
                 "--disable-hot-restart",
                 "--drain-time-s",
                 "1",
+                *(
+                    ("--concurrency", str(self.envoy_concurrency))
+                    if self.envoy_concurrency is not None
+                    else ()
+                ),
             ],
         )
         deadline = time.monotonic() + timeout
