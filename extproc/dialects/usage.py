@@ -132,9 +132,9 @@ def usage_from_body(dialect: str, body: Any) -> Usage | None:
     return _openai(usage)
 
 
-OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens"})
+OUTPUT_COUNTS = frozenset({"completion_tokens", "output_tokens", "total_tokens"})
 """The usage fields that count an answer's output (OpenAI's chat name; Anthropic's and the
-Responses API's)."""
+Responses API's; a total, less the prompt, for servers that report no output count)."""
 
 
 class StreamUsage:

@@ -21,6 +21,8 @@ gateway exactly as a client would, and the gateway forwards them untouched:
                                does (``cache_read_input_tokens``, ``cache_creation_input_tokens``)
     x-mock-pad-bytes: N        JSON answers: add a member of N bytes before the others (an
                                answer past the gateway's 8 MiB, as many choices would make)
+    x-mock-usage: total-only   chat: report ``prompt_tokens`` and ``total_tokens`` but no
+                               ``completion_tokens``, as some OpenAI-compatible servers do
 
 The same middleware records every API request (:mod:`.recorder`) and renders every
 :class:`MockError` raised by a handler, so each of those is done in exactly one place.
@@ -45,6 +47,7 @@ SPLIT_HEADER = "x-mock-split-chars"
 RATELIMIT_HEADER = "x-mock-ratelimit"
 CACHE_TOKENS_HEADER = "x-mock-cache-tokens"
 CHARSET_HEADER = "x-mock-charset"
+USAGE_HEADER = "x-mock-usage"
 PAD_HEADER = "x-mock-pad-bytes"
 MAX_PAD_BYTES = 64 * 1024 * 1024
 MOCK_NAME = web.AppKey("mock_name", str)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import body as fields
 from . import tokens
-from .controls import stream_deltas
+from .controls import USAGE_HEADER, stream_deltas
 from .errors import MockError
 from .ids import next_id
 from .replies import DONE, data_event, json_response, open_object, send, text_events
@@ -25,12 +25,15 @@ from .replies import DONE, data_event, json_response, open_object, send, text_ev
 MODELS = ("mock-echo", "mock-embedding")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def _usage(prompt_tokens: int, completion_tokens: int, total_only: bool = False) -> dict[str, int]:
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if total_only:
+        del usage["completion_tokens"]
+    return usage
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -40,7 +43,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     limit = fields.token_limit(body, "max_tokens", "max_completion_tokens")
     stream = fields.flag(body, "stream")
     pieces, truncated = tokens.truncate(fields.last_user_text(messages), limit)
-    usage = _usage(tokens.count_all(fields.all_texts(messages)), len(pieces))
+    total_only = request.headers.get(USAGE_HEADER) == "total-only"
+    usage = _usage(tokens.count_all(fields.all_texts(messages)), len(pieces), total_only)
     finish = "length" if truncated else "stop"
     head = {
         "id": next_id(request, "chatcmpl"),

@@ -231,6 +231,24 @@ def test_usage_is_lifted_from_json_with_a_charset(
     )
 
 
+def test_usage_with_a_total_but_no_output_count_charges_the_output(
+    stack: Stack, raw: Http, redis_server: RedisServer
+) -> None:
+    """Some OpenAI-compatible servers report the prompt and the total only: Envoy lifted
+    no total, and the answer was settled with no output at all."""
+    before = counter(redis_server, "meter", "output_tokens")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
+    status, _, answer = post_chat(raw, body, "sk-test-meter", {"x-mock-usage": "total-only"})
+    usage = json.loads(answer)["usage"]
+    assert status == 200 and "completion_tokens" not in usage
+    output = usage["total_tokens"] - usage["prompt_tokens"]
+    assert output > 0
+    eventually(
+        lambda: counter(redis_server, "meter", "output_tokens") - before == output,
+        "the answer was not charged its output",
+    )
+
+
 def test_an_embeddings_batch_past_the_buffer_limit_passes_and_is_charged_its_prompt(
     stack: Stack, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:

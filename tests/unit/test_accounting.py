@@ -194,6 +194,26 @@ async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> No
     assert record["error"] == "model_not_allowed"
 
 
+async def test_usage_envoy_lifted_with_a_total_but_no_output_count_charges_the_output(
+    tmp_path: Path,
+) -> None:
+    """Envoy lifted no ``total_tokens``: an answer reporting the prompt and the total (some
+    OpenAI-compatible servers) was settled with no output at all."""
+    proc = processor(policy_file(tmp_path))
+    ticket = await handed(proc, "sk-demo-restricted")
+    logged = LoggedAnswer(
+        request_id="req-1",
+        ticket=ticket,
+        status=200,
+        usage={"prompt_tokens": 10, "total_tokens": 510},
+        served_by="openai_primary",
+        response_bytes=300,
+    )
+    assert await accountant(proc).settle(logged)
+    [record] = proc._observer.recent
+    assert (record["input_tokens"], record["output_tokens"]) == (10, 500)
+
+
 async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     tmp_path: Path,
 ) -> None:
