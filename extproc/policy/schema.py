@@ -299,7 +299,8 @@ class Budgets(_Strict):
         gt=0,
         description="Output tokens reserved for a request that sets no max tokens, unless "
         "its model says otherwise (models.*.max_output_tokens). It is not written into the "
-        "request: an answer longer than this is settled at its length.",
+        "request (an answer longer than this is settled at its length), except as the "
+        "max_tokens Anthropic requires of a request translated from OpenAI's API.",
     )
     alert_webhook: str | None = Field(
         default=None,

@@ -314,15 +314,23 @@ def test_recorded_bodies_hold_the_answer_the_caller_got_and_no_assigned_secret(
     assert "Hunter2Prod9" not in written
 
 
-def test_usage_remote_says_how_to_turn_the_admin_api_on(stack: Stack) -> None:
+def test_usage_remote_says_how_to_turn_the_admin_api_on(tmp_path: Path) -> None:
     """``make up`` serves no admin API without a token: the CLI said UNIMPLEMENTED, Method
     not found, and nothing of why."""
-    result = subprocess.run(
+    stack = Stack(policy=EXAMPLE_POLICY, ports=Ports.free(), log_dir=tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("EXTPROC_ADMIN_TOKEN", raising=False)
+        with running(stack):
+            result = _usage_remote(stack)
+    assert result.returncode == 1
+    assert "started with EXTPROC_ADMIN_TOKEN set" in result.stderr
+
+
+def _usage_remote(stack: Stack) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "extproc", "usage", "--remote", f"127.0.0.1:{stack.ports.grpc}"],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k != "EXTPROC_ADMIN_TOKEN"},
     )
-    assert result.returncode == 1
-    assert "started with EXTPROC_ADMIN_TOKEN set" in result.stderr

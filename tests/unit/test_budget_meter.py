@@ -347,3 +347,28 @@ async def test_a_prompt_that_may_be_written_to_the_cache_is_reserved_at_that_pri
         reserved[name] = reservation.reserved.micro_usd
     # 100k prompt tokens at the cache-write price, 1k output; a cheaper write: the input
     assert reserved == {"claude-sonnet": 375_000 + 15_000, "gpt-4o-mini": 100_000 + 2_000}
+
+
+async def test_a_tight_budget_caps_the_output_by_the_cache_write_price_too() -> None:
+    """What is left for output is worked out at the price the prompt is reserved at: at
+    the input price, the capped request's reservation did not fit and it was refused."""
+    policy = make_policy(
+        teams={
+            "t": {
+                "models": {"allow": ["*"]},
+                "limits": [{"unit": "usd", "window": "day", "limit": 1}],
+            }
+        },
+        users={},
+        keys={"k": {"sha256": sha("k"), "team": "t"}},
+        models={"claude-sonnet": {"pricing": {"input": 3, "cache_write": 3.75, "output": 15}}},
+    )
+    limits = next(iter(policy.keys_by_digest.values())).limits
+    model = policy.resolve_model("claude-sonnet")
+    assert model is not None
+    reservation = await Meter(MemoryStore()).reserve(
+        limits, model, 200_000, None, 100_000, datetime.now(UTC)
+    )
+    # $1 less 200k prompt tokens at $3.75/M leaves $0.25: 16,666 output tokens at $15/M.
+    assert reservation is not None and reservation.output_cap == 16_666
+    assert reservation.reserved.micro_usd <= 1_000_000

@@ -16,7 +16,7 @@ from extproc.pipeline import (
     on_request_headers,
     prepare_request_body,
 )
-from tests.unit.policies import make_policy
+from tests.unit.policies import make_policy, sha
 
 POLICY = make_policy()
 
@@ -154,6 +154,18 @@ async def test_body_phase_rbac(
     error = orjson.loads(decision.body)["error"]
     assert error["code"] == code
     assert message is None or error["message"] == message
+
+
+async def test_a_key_narrower_than_its_team_is_named_in_the_refusal() -> None:
+    keys = {
+        "narrow": {"sha256": sha("sk-narrow"), "team": "apps", "models": {"deny": ["claude-*"]}}
+    }
+    ex = Exchange(policy=make_policy(keys=keys))
+    on_request_headers(ex, headers("/v1/chat/completions", "sk-narrow"), None, False, clock)
+    decision = await on_request_body(ex, chat("claude-3-5-haiku"))
+    assert isinstance(decision, Reply) and decision.status == 403
+    message = orjson.loads(decision.body)["error"]["message"]
+    assert message == "This key may not use the model 'claude-3-5-haiku' (team 'apps' may)."
 
 
 async def test_body_errors_use_anthropic_envelope_on_messages() -> None:
