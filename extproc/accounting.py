@@ -199,6 +199,7 @@ class Accountant:
                     usage.output_tokens,
                     usage.cached_input_tokens,
                     usage.cache_write_input_tokens,
+                    usage.cache_write_1h_input_tokens,
                 )
                 record.update(
                     input_tokens=used.input_tokens,
@@ -256,7 +257,15 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
 
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:
     """The lifted fields back in the provider's ``usage`` object, for its own parser."""
-    usage: dict[str, object] = {k: v for k, v in lifted.items() if k != "cached_tokens"}
-    if "cached_tokens" in lifted:
-        usage["prompt_tokens_details"] = {"cached_tokens": lifted["cached_tokens"]}
+    usage: dict[str, object] = {k: v for k, v in lifted.items() if k not in _NESTED}
+    for name, (parent, field) in _NESTED.items():
+        if name in lifted:
+            usage[parent] = {field: lifted[name]}
     return usage
+
+
+_NESTED = {
+    "cached_tokens": ("prompt_tokens_details", "cached_tokens"),
+    "ephemeral_1h_input_tokens": ("cache_creation", "ephemeral_1h_input_tokens"),
+}
+"""Lifted fields that the provider nests in ``usage`` (Envoy lifts them flat)."""

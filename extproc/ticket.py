@@ -178,6 +178,7 @@ class TicketSigner:
             "price": None if price is None else (price.input, price.cached_input, price.output),
             # Apart from "price", which processes of an earlier version read as 3 numbers.
             "cache_write": None if price is None else price.cache_write,
+            "cache_write_1h": None if price is None else price.cache_write_1h,
             "settlement": None if settlement is None else _settlement_fields(settlement),
             "traceparent": exchange.traceparent,
             "started_ns": exchange.started_ns,
@@ -239,7 +240,13 @@ def _ticket(fields: dict[str, Any]) -> Ticket:
     price = None
     if prices is not None:
         paid_input, cached_input, output = prices
-        price = Price(paid_input, cached_input, output, fields.get("cache_write"))
+        price = Price(
+            paid_input,
+            cached_input,
+            output,
+            fields.get("cache_write"),
+            fields.get("cache_write_1h"),
+        )
     return Ticket(
         record=dict(fields["record"]),
         dialect=str(fields["dialect"]),

@@ -136,13 +136,20 @@ def price(
 
 
 def priced(
-    prices: Price | None, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
+    prices: Price | None,
+    input_tokens: int,
+    output_tokens: int,
+    cached: int = 0,
+    written: int = 0,
+    written_1h: int = 0,
 ) -> Cost:
     """What the tokens cost at ``prices`` (``None``: a model without a price is free);
-    ``cached`` and ``written`` of the input tokens read from and written to the cache."""
+    ``cached`` and ``written`` of the input tokens read from and written to the cache,
+    ``written_1h`` of the written to the 1-hour cache."""
     cached = min(cached, input_tokens)
     written = min(written, input_tokens - cached)
-    micro = cost_micro_usd(prices or FREE, input_tokens, cached, output_tokens, written)
+    written_1h = min(written_1h, written)
+    micro = cost_micro_usd(prices or FREE, input_tokens, cached, output_tokens, written, written_1h)
     return Cost(input_tokens, output_tokens, micro)
 
 
@@ -356,12 +363,13 @@ def _store_unavailable() -> ServiceUnavailable:
 
 
 def usage_cost(model: CatalogueModel, usage: Usage) -> Cost:
-    return price(
-        model,
+    return priced(
+        model.price,
         usage.input_tokens,
         usage.output_tokens,
         usage.cached_input_tokens,
         usage.cache_write_input_tokens,
+        usage.cache_write_1h_input_tokens,
     )
 
 

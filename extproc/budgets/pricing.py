@@ -64,14 +64,15 @@ class Price:
     cache_write: int | None = None
     """Price of prompt tokens written to the provider's cache (Anthropic bills them above
     the input price); ``None``: the input price."""
+    cache_write_1h: int | None = None
+    """Price of those written to Anthropic's 1-hour cache; ``None``: twice the input price,
+    as Anthropic bills them."""
 
     def __post_init__(self) -> None:
-        if self.cache_write is not None and (
-            type(self.cache_write) is not int or self.cache_write < 0
-        ):
-            raise ValueError(
-                f"Price.cache_write must be a non-negative int, got {self.cache_write!r}"
-            )
+        for name in ("cache_write", "cache_write_1h"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 0):
+                raise ValueError(f"Price.{name} must be a non-negative int, got {value!r}")
         for name in ("input", "cached_input", "output"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -85,6 +86,7 @@ class Price:
         output: Amount,
         cached_input: Amount | None = None,
         cache_write: Amount | None = None,
+        cache_write_1h: Amount | None = None,
     ) -> Price:
         """Prices in USD per million tokens; cached input and cache writes default to the
         input price."""
@@ -100,6 +102,9 @@ class Price:
             cache_write=None
             if cache_write is None
             else usd_to_micro(cache_write, "cache_write price"),
+            cache_write_1h=None
+            if cache_write_1h is None
+            else usd_to_micro(cache_write_1h, "cache_write_1h price"),
         )
 
 
@@ -112,13 +117,15 @@ def cost_micro_usd(
     cached_input_tokens: int,
     output_tokens: int,
     cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> int:
     """Cost of one request in micro-USD, rounded up once.
 
     ``input_tokens`` is every prompt token *including* the cached ones and those written
     to the cache, as OpenAI reports ``prompt_tokens`` (Anthropic reports cache reads and
     writes apart: pass their sum); ``cached_input_tokens`` of them are charged at the
-    cached price and ``cache_write_tokens`` at the cache-write price instead.
+    cached price and ``cache_write_tokens`` at the cache-write price instead,
+    ``cache_write_1h_tokens`` of those at the 1-hour cache's.
     """
     special = cached_input_tokens + cache_write_tokens
     if (
@@ -126,18 +133,21 @@ def cost_micro_usd(
         or output_tokens < 0
         or cached_input_tokens < 0
         or cache_write_tokens < 0
+        or not 0 <= cache_write_1h_tokens <= cache_write_tokens
         or special > input_tokens
     ):
         raise ValueError(
-            "token counts must be >= 0 with cached + cache-written <= input, got "
-            f"input={input_tokens} cached={cached_input_tokens} "
-            f"written={cache_write_tokens} output={output_tokens}"
+            "token counts must be >= 0 with cached + cache-written <= input and the 1-hour "
+            f"writes among the written, got input={input_tokens} cached={cached_input_tokens} "
+            f"written={cache_write_tokens} (1h {cache_write_1h_tokens}) output={output_tokens}"
         )
     write = price.input if price.cache_write is None else price.cache_write
+    write_1h = 2 * price.input if price.cache_write_1h is None else price.cache_write_1h
     scaled = (
         (input_tokens - special) * price.input
         + cached_input_tokens * price.cached_input
-        + cache_write_tokens * write
+        + (cache_write_tokens - cache_write_1h_tokens) * write
+        + cache_write_1h_tokens * write_1h
         + output_tokens * price.output
     )
     return -(-scaled // MICRO)

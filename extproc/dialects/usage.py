@@ -38,6 +38,9 @@ class Usage:
     cached_input_tokens: int = 0
     cache_write_input_tokens: int = 0
     """Of ``input_tokens``, those written to the provider's prompt cache (Anthropic)."""
+    cache_write_1h_input_tokens: int = 0
+    """Of those, the ones written to Anthropic's 1-hour cache (billed at 2x the input
+    price, against 1.25x for its 5-minute one)."""
 
 
 def estimated(status: int, input_tokens: int, output_seen: int, cap: int | None) -> Usage:
@@ -100,7 +103,10 @@ def anthropic_usage(usage: Any) -> Usage | None:
     if counts is None:
         return None
     prompt, output, cached, created = counts
-    return Usage(prompt + cached + created, output, cached, created)
+    split = usage.get("cache_creation")
+    hour = _counts(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
+    hourly = min(hour[0], created) if hour is not None else 0
+    return Usage(prompt + cached + created, output, cached, created, hourly)
 
 
 def _counts(*reported: object) -> tuple[int, ...] | None:
@@ -223,6 +229,8 @@ class StreamUsage:
                 delta.output_tokens,
                 delta.cached_input_tokens or (start.cached_input_tokens if start else 0),
                 delta.cache_write_input_tokens or (start.cache_write_input_tokens if start else 0),
+                delta.cache_write_1h_input_tokens
+                or (start.cache_write_1h_input_tokens if start else 0),
             )
 
 

@@ -16,9 +16,11 @@ gateway exactly as a client would, and the gateway forwards them untouched:
                                (as OpenAI does), which the gateway's budget headers replace
     x-mock-charset: utf-8      answer JSON as ``application/json; charset=utf-8``, as some
                                OpenAI-compatible servers do
-    x-mock-cache-tokens: R,W   Anthropic: report R prompt tokens read from the prompt cache
-                               and W written to it, apart from ``input_tokens`` as Anthropic
-                               does (``cache_read_input_tokens``, ``cache_creation_input_tokens``)
+    x-mock-cache-tokens: R,W[,H]  Anthropic: report R prompt tokens read from the prompt
+                               cache and W written to it (H of them to the 1-hour cache),
+                               apart from ``input_tokens`` as Anthropic does
+                               (``cache_read_input_tokens``, ``cache_creation_input_tokens``,
+                               ``cache_creation.ephemeral_1h_input_tokens``)
     x-mock-pad-bytes: N        JSON answers: add a member of N bytes before the others (an
                                answer past the gateway's 8 MiB, as many choices would make)
     x-mock-usage: total-only   chat: report ``prompt_tokens`` and ``total_tokens`` but no
@@ -81,15 +83,27 @@ def stream_deltas(request: web.Request, pieces: list[str]) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def cache_tokens(request: web.Request) -> dict[str, int]:
+def cache_tokens(request: web.Request) -> dict[str, object]:
     """Anthropic's prompt-cache usage fields the answer reports (none unless asked)."""
     raw = request.headers.get(CACHE_TOKENS_HEADER)
     if raw is None:
         return {}
-    read, _, written = raw.partition(",")
-    if not (read.isdigit() and written.isdigit()):
-        raise MockError(400, f"{CACHE_TOKENS_HEADER} must be two token counts: READ,WRITTEN")
-    return {"cache_read_input_tokens": int(read), "cache_creation_input_tokens": int(written)}
+    counts = raw.split(",")
+    if len(counts) not in (2, 3) or not all(c.isdigit() for c in counts):
+        raise MockError(
+            400, f"{CACHE_TOKENS_HEADER} must be token counts: READ,WRITTEN[,WRITTEN_1H]"
+        )
+    read, written, hour = (int(c) for c in (*counts, "0")[:3])
+    if hour > written:
+        raise MockError(400, f"{CACHE_TOKENS_HEADER}: WRITTEN_1H is part of WRITTEN")
+    return {
+        "cache_read_input_tokens": read,
+        "cache_creation_input_tokens": written,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": written - hour,
+            "ephemeral_1h_input_tokens": hour,
+        },
+    }
 
 
 def _names(header: str | None) -> set[str]:

@@ -273,6 +273,7 @@ def _price(model_name: str, policy: Policy) -> Price | None:
         output=pricing.output,
         cached_input=pricing.cached_input,
         cache_write=pricing.cache_write,
+        cache_write_1h=pricing.cache_write_1h,
     )
 
 

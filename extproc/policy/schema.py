@@ -181,6 +181,12 @@ class Pricing(_Strict):
         "bills 1.25 times the input price for its 5-minute cache); defaults to the input "
         "price.",
     )
+    cache_write_1h: PerMillion | None = Field(
+        default=None,
+        description="Price of prompt tokens written to Anthropic's 1-hour cache "
+        "(cache_control ttl 1h, reported as cache_creation.ephemeral_1h_input_tokens); "
+        "defaults to twice the input price, as Anthropic bills them.",
+    )
 
 
 class Upstream(_Strict):

@@ -432,8 +432,9 @@ def test_anthropic_answers_are_lifted_too(
             {
                 "x-api-key": "sk-test-meter",
                 "content-type": "application/json",
-                # 10 prompt tokens read from Anthropic's prompt cache, 7 written to it.
-                "x-mock-cache-tokens": "10,7",
+                # 10 prompt tokens read from Anthropic's prompt cache, 7 written to it, 4
+                # of them to its 1-hour cache (billed at twice the input price).
+                "x-mock-cache-tokens": "10,7,4",
             },
         )
         assert status == 200, answer
@@ -441,11 +442,14 @@ def test_anthropic_answers_are_lifted_too(
         assert sent["stream"] is stream
         prompt = anthropic_prompt_usage(answer, stream)
         assert (prompt["cache_read_input_tokens"], prompt["cache_creation_input_tokens"]) == (10, 7)
+        assert prompt["cache_creation"]["ephemeral_1h_input_tokens"] == 4
         # Cache reads and writes are prompt tokens Anthropic counts apart: both charged,
-        # each at its own price (budget_policy.yaml: 0.08 read, 1.00 written, 0.8 input).
+        # each at its own price (budget_policy.yaml: 0.08 read, 1.00 written, 0.8 input;
+        # 1.60 for a 1-hour write, twice the input by default).
         charged = prompt["input_tokens"] + 10 + 7
         haiku = Price.from_usd(input="0.8", cached_input="0.08", cache_write="1.0", output="4")
-        usd = cost_micro_usd(haiku, charged, 10, 3, 7)
+        usd = cost_micro_usd(haiku, charged, 10, 3, 7, 4)
+        assert usd > cost_micro_usd(haiku, charged, 10, 3, 7)  # what the 1-hour part adds
 
         def settled(
             start: dict[str, int] = before, expected: int = charged, dollars: int = usd

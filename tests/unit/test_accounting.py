@@ -256,6 +256,12 @@ async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_pat
     # earlier version read as three numbers.
     payload = orjson.loads(base64.urlsafe_b64decode(ticket.split(".")[1]))
     assert len(payload["price"]) == 3 and payload["cache_write"] == 1_000_000
+    # A 1-hour write, lifted flat by Envoy, at twice the input price: 3 of the 7 above.
+    usage = {**usage, "ephemeral_1h_input_tokens": 3}
+    ticket = await handed(proc, "sk-demo-admin", path="/v1/messages", body=body)
+    await accountant(proc).settle(LoggedAnswer("req-2", ticket, 200, usage, None, 100))
+    # 5 x 0.80 + 10 x 0.08 + 4 x 1.00 + 3 x 1.60 + 4 x 4.00 = 29.6
+    assert proc._observer.recent[-1]["cost_micro_usd"] == 30
 
 
 @pytest.mark.parametrize(

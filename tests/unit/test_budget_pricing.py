@@ -147,3 +147,15 @@ def test_cache_writes_are_charged_at_their_own_price() -> None:
     assert cost_micro_usd(plain, 1_000, 200, 10, 500) == 696
     with pytest.raises(ValueError, match="token counts"):
         cost_micro_usd(haiku, 100, 60, 0, 50)  # cached + written over input
+
+
+def test_one_hour_cache_writes_are_charged_at_twice_the_input_unless_priced() -> None:
+    """Anthropic bills a write to its 1-hour cache at 2x the input price (5-minute: 1.25x):
+    they were all charged at the 5-minute price."""
+    haiku = Price.from_usd(input="0.80", cached_input="0.08", cache_write="1.00", output="4.00")
+    # 500 written, 200 of them for an hour: 300 * 1.0 + 200 * 1.6 instead of 500 * 1.0.
+    assert cost_micro_usd(haiku, 1_000, 200, 10, 500, 200) == 796 - 200 + 320
+    priced = Price.from_usd(input="0.80", cache_write="1.00", cache_write_1h="2.00", output="4")
+    assert cost_micro_usd(priced, 500, 0, 0, 500, 200) == 300 + 400
+    with pytest.raises(ValueError, match="token counts"):
+        cost_micro_usd(haiku, 1_000, 0, 0, 100, 101)  # more 1-hour writes than writes

@@ -144,6 +144,22 @@ def test_an_anthropic_stream_with_a_count_past_belief_is_not_believed(absurd: st
             id="anthropic",
         ),
         pytest.param(
+            "anthropic.messages",
+            {
+                "usage": {
+                    "input_tokens": 3,
+                    "cache_creation_input_tokens": 10,
+                    "cache_creation": {
+                        "ephemeral_5m_input_tokens": 4,
+                        "ephemeral_1h_input_tokens": 6,
+                    },
+                    "output_tokens": 4,
+                }
+            },
+            Usage(13, 4, 0, 10, 6),
+            id="anthropic-one-hour-cache-writes",
+        ),
+        pytest.param(
             "openai.responses",
             {
                 "usage": {
