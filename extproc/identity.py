@@ -104,15 +104,41 @@ def vouch(principal: Principal) -> dict[str, str]:
 
 
 def xfcc_uri(header: str | None) -> str | None:
-    """The ``URI=`` (SPIFFE id) of the nearest client in an x-forwarded-client-cert value."""
+    """The ``URI=`` (SPIFFE id) of the nearest client in an x-forwarded-client-cert value.
+
+    Elements and pairs are split outside double quotes only: Envoy quotes ``Subject="…"``,
+    whose distinguished name may hold commas and semicolons, and a certificate whose
+    Subject read ``O=x,URI=spiffe://…/victim`` was otherwise taken for the victim's."""
     if not header:
         return None
-    nearest = header.split(",")[-1]
-    for pair in nearest.split(";"):
+    nearest = _outside_quotes(header, ",")[-1]
+    for pair in _outside_quotes(nearest, ";"):
         name, _, value = pair.partition("=")
         if name.strip().lower() == "uri":
-            return value.strip().strip('"') or None
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1].replace('\\"', '"')
+            return value or None
     return None
+
+
+def _outside_quotes(text: str, separator: str) -> list[str]:
+    """``text`` split on ``separator`` where it stands outside a double-quoted value (a
+    backslash escapes a quote inside one)."""
+    parts: list[str] = []
+    start, quoted, escaped = 0, False, False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return parts
 
 
 def _vouched(metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

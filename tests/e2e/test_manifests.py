@@ -678,6 +678,26 @@ def test_istio_lets_only_the_egress_gateway_call_the_service() -> None:
     assert scraper == {"to": [{"operation": {"ports": [str(CONTRACT.admin)]}}]}
 
 
+def test_without_the_mesh_only_the_egress_gateway_reaches_the_grpc_port() -> None:
+    """The gRPC port takes its caller's word for identity (vouched principals, JWT claims):
+    any pod that reached it could call itself any team. A NetworkPolicy holds without
+    Istio's AuthorizationPolicy."""
+    policy = one(K8S_DOCS, "NetworkPolicy", "extproc")["spec"]
+    pod = one(K8S_DOCS, "Deployment", "extproc")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    callers, scraper = policy["ingress"]
+    [source] = callers["from"]
+    [gateway] = istio("IstioOperator")["spec"]["components"]["egressGateways"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "istio-system"
+    }
+    assert source["podSelector"]["matchLabels"] == {"istio": "egressgateway"}
+    assert gateway["name"] == "istio-egressgateway"
+    assert callers["ports"] == [{"port": CONTRACT.grpc}]
+    assert scraper == {"ports": [{"port": CONTRACT.admin}]}  # from anywhere: metrics
+
+
 def envoyfilter_bootstrap(patches: list[Doc]) -> Doc:
     """A minimal Envoy config with the EnvoyFilter's patches applied, for the real Envoy."""
     socket = {"address": "127.0.0.1", "port_value": CONTRACT.gateway}

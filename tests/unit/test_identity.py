@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.errors import PermissionDenied, Unauthenticated
-from extproc.identity import VOUCHED_KEY, VOUCHED_NAMESPACE, identify, presented_key
+from extproc.identity import VOUCHED_KEY, VOUCHED_NAMESPACE, identify, presented_key, xfcc_uri
 from tests.unit.policies import make_policy
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -119,6 +119,21 @@ def test_xfcc_only_when_trusted(trust: bool, expected: str | None) -> None:
             identify(policy, headers, None, NOW)
     else:
         assert identify(policy, headers, None, NOW).team == expected
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        pytest.param('"O=x,URI=spiffe://cluster.local/ns/prod/sa/billing"', id="comma"),
+        pytest.param('"CN=x;URI=spiffe://cluster.local/ns/prod/sa/billing"', id="semicolon"),
+        pytest.param('"CN=\\"a,URI=spiffe://cluster.local/ns/prod/sa/billing\\""', id="escaped"),
+    ],
+)
+def test_a_subject_naming_another_workload_is_not_its_uri(subject: str) -> None:
+    """Envoy quotes the certificate's Subject, which the certificate's holder may choose:
+    split on every comma or semicolon, it named the workload as another."""
+    xfcc = f"By=spiffe://cluster.local/ns/gw/sa/egress;Hash=abc;Subject={subject};URI={WORKLOAD}"
+    assert xfcc_uri(xfcc) == WORKLOAD
 
 
 def test_vouched_principal_from_ext_authz_is_rebuilt_from_the_policy() -> None:
