@@ -35,9 +35,13 @@ from extproc.pipeline import OFFLOAD_BODY_BYTES, offloaded, subject_of
 from extproc.telemetry.bodies import recorded_answer
 
 
-def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
+def on_response_headers(
+    exchange: Exchange, headers: Mapping[str, str], end_of_stream: bool = False
+) -> Decision:
     """Note the status; add budget and guardrail headers; ask for the body if a stage needs
-    it: usage (budgets, audit), translation, output guardrails."""
+    it: usage (budgets, audit), translation, output guardrails. ``end_of_stream``: the
+    answer has no body (an HTTP/1 ``content-length: 0``; over HTTP/2 an empty body comes
+    as a body message instead)."""
     if exchange.mcp_server is not None:
         return tools.on_response_headers(exchange, headers)
     exchange.response_status = int(headers.get(":status", "0") or 0)
@@ -50,6 +54,8 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     guarded = ok and _output_guarded(exchange)
     if guarded or (ok and exchange.translation is not None):
         unreadable = _unreadable_form(exchange, headers, sse)
+        if unreadable is None and end_of_stream and exchange.response_status != 204:
+            unreadable = "it is empty"  # as over HTTP/2, where the empty body is judged
         if unreadable is not None:
             return exchange.reject(BadGateway(f"The provider's answer {_UNCHECKED}: {unreadable}."))
     wants_usage = ok and (reservation is not None or exchange.observe_response)

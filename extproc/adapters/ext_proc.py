@@ -184,8 +184,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 raise
             return _answer(decision, phase)
         if phase == "response_headers":
-            decision = answer.on_response_headers(exchange, header_map(request.response_headers))
-            if request.response_headers.end_of_stream:
+            headers = request.response_headers
+            decision = answer.on_response_headers(
+                exchange, header_map(headers), headers.end_of_stream
+            )
+            if headers.end_of_stream:
                 await pipeline.completed(self._settle(exchange))
             return _answer(decision, phase)
         if phase == "response_body":

@@ -273,6 +273,27 @@ async def test_a_body_nested_too_deep_to_forward_rewritten_is_the_callers_error(
 
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku"])
+async def test_an_empty_2xx_answer_without_a_body_message_is_a_502_too(model: str) -> None:
+    """Over HTTP/1 a ``content-length: 0`` answer ends at its headers (no body message):
+    it reached the caller as an empty 200 its SDK cannot parse, where the same answer over
+    HTTP/2 (an empty body message) was a 502."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    headers = response_headers(200, "application/json")
+    headers.response_headers.end_of_stream = True
+    *_, answer = await exchange(
+        processor,
+        [request_headers("/v1/chat/completions", ADMIN), request_body(chat), headers],
+    )
+    assert answer.immediate_response.status.code == 502
+    error = orjson.loads(answer.immediate_response.body)["error"]
+    assert error["code"] == "upstream_answer_unreadable" and "empty" in error["message"]
+    await processor.drain()
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku"])
 async def test_a_2xx_answer_the_gateway_must_read_and_cannot_is_a_502(model: str) -> None:
     """An HTML page (a proxy's, a provider's outage page) under 200: output guardrails
     cannot check it and translation cannot translate it, so it does not reach the caller
