@@ -45,7 +45,15 @@ def openai_error(status: int, error: object) -> dict[str, Any]:
     message = fields.get("message")
     if not isinstance(message, str) or not message:
         message = f"The upstream provider answered with HTTP {status}."
-    return {"error": {"message": message, "type": openai_type, "code": code, "param": None}}
+    param = None
+    if kind == "invalid_request_error" and message.startswith(_PROMPT_TOO_LONG):
+        # OpenAI's code for it, which clients test for to trim their history.
+        code, param = "context_length_exceeded", "messages"
+    return {"error": {"message": message, "type": openai_type, "code": code, "param": param}}
+
+
+_PROMPT_TOO_LONG = "prompt is too long"
+"""How Anthropic's 400 for a prompt past the context window begins."""
 
 
 def error_from_anthropic(status: int, body: bytes) -> bytes:

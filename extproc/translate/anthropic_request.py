@@ -181,7 +181,15 @@ def _sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
             raise invalid_value(("temperature",), "a number between 0 and 1")
         out["temperature"] = temperature
     top_p = _number(body, "top_p")
-    if top_p is not None:
+    if top_p is not None and top_p != 1:  # 1 samples from everything: no setting at all
+        if temperature is not None:
+            # Claude models since Opus 4.1 refuse the two together (OpenAI takes both).
+            raise InvalidRequest(
+                "Claude models take 'temperature' or 'top_p', not both: leave one out "
+                "(or set top_p to 1).",
+                param="top_p",
+                code="unsupported_value",
+            )
         out["top_p"] = top_p
     top_k = optional_positive_int(body, "top_k")
     if top_k is not None:

@@ -41,7 +41,10 @@ def openai_usage(usage: object) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": counted.cached_input_tokens},
+        "prompt_tokens_details": {
+            "cached_tokens": counted.cached_input_tokens,
+            "cache_write_tokens": counted.cache_write_input_tokens,
+        },
     }
     details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
     if isinstance(details, dict) and "thinking_tokens" in details:

@@ -84,6 +84,7 @@ def conversation(messages: list[Any]) -> tuple[list[Block], list[Block]]:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    _trim_prefill(turns)
     if not turns:
         if not system:
             raise InvalidRequest(
@@ -95,6 +96,24 @@ def conversation(messages: list[Any]) -> tuple[list[Block], list[Block]]:
         # a turn, so those texts become the user's turn: the model answers them either way.
         return [], [{"role": "user", "content": system}]
     return system, turns
+
+
+def _trim_prefill(turns: list[dict[str, Any]]) -> None:
+    """A conversation ending with an assistant message is a *prefill* to Anthropic: Claude
+    goes on from that text rather than answering after it (and models that take no prefill
+    refuse it, as they say). Anthropic refuses a prefill ending in whitespace, which an
+    OpenAI client sends freely ("Here is one: "): that whitespace is left out."""
+    if not turns or turns[-1]["role"] != "assistant":
+        return
+    blocks = turns[-1]["content"]
+    while blocks and blocks[-1].get("type") == "text":
+        text = str(blocks[-1]["text"]).rstrip()
+        if text:
+            blocks[-1] = {**blocks[-1], "text": text}
+            return
+        blocks.pop()
+    if not blocks:
+        turns.pop()
 
 
 def _blocks(content: object, path: JsonPath, role: str) -> list[Block]:

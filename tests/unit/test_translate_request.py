@@ -305,9 +305,34 @@ TRANSLATED = [
         chat(HI, max_tokens=100), {**anthropic(HI_OUT), "max_tokens": 100}, id="legacy-max-tokens"
     ),
     pytest.param(
-        chat(HI, temperature=0.2, top_p=0.9, top_k=40, stop="END"),
-        anthropic(HI_OUT, temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["END"]),
+        chat(HI, temperature=0.2, top_k=40, stop="END"),
+        anthropic(HI_OUT, temperature=0.2, top_k=40, stop_sequences=["END"]),
         id="sampling-and-stop-string",
+    ),
+    pytest.param(chat(HI, top_p=0.9), anthropic(HI_OUT, top_p=0.9), id="top-p-alone"),
+    pytest.param(
+        # A last assistant message is a prefill to Anthropic, which refuses one ending in
+        # whitespace: OpenAI clients send "Here is one: " freely.
+        chat(HI, {"role": "assistant", "content": "Here is one: "}),
+        anthropic(HI_OUT, turn("assistant", text("Here is one:"))),
+        id="prefill-without-trailing-whitespace",
+    ),
+    pytest.param(
+        chat(
+            HI,
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "a "}, {"type": "text", "text": " \n"}],
+            },
+        ),
+        anthropic(HI_OUT, turn("assistant", text("a"))),
+        id="prefill-whose-last-part-is-whitespace-only",
+    ),
+    pytest.param(
+        # Many clients send top_p: 1 by default; beside a temperature it would be refused.
+        chat(HI, temperature=0.7, top_p=1),
+        anthropic(HI_OUT, temperature=0.7),
+        id="top-p-of-1-is-no-setting",
     ),
     pytest.param(
         chat(HI, stop=["a", "b"]), anthropic(HI_OUT, stop_sequences=["a", "b"]), id="stop-list"
@@ -441,6 +466,13 @@ REJECTED = [
     ),
     pytest.param(
         chat(HI, reasoning_effort="high"), "reasoning_effort", "unsupported_value", id="reasoning"
+    ),
+    pytest.param(
+        # Claude models since Opus 4.1 refuse the two together, with a 400 naming neither.
+        chat(HI, temperature=0.7, top_p=0.9),
+        "top_p",
+        "unsupported_value",
+        id="temperature-and-top-p",
     ),
     pytest.param(
         chat(HI, web_search_options={}),

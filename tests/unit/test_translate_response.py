@@ -81,7 +81,7 @@ def test_text_and_tool_calls() -> None:
             "prompt_tokens": 2042,
             "completion_tokens": 80,
             "total_tokens": 2122,
-            "prompt_tokens_details": {"cached_tokens": 2000},
+            "prompt_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 30},
             "completion_tokens_details": {"reasoning_tokens": 20},
         },
         "system_fingerprint": None,
@@ -112,7 +112,7 @@ def test_plain_answer() -> None:
         "prompt_tokens": 10,
         "completion_tokens": 3,
         "total_tokens": 13,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
     }
     assert isinstance(out["created"], int) and out["created"] > 1_700_000_000
 
@@ -309,6 +309,19 @@ ERRORS = [
 def test_error_mapping(status: int, body: bytes, kind: str, code: str, message: str) -> None:
     assert orjson.loads(error_from_anthropic(status, body)) == {
         "error": {"message": message, "type": kind, "code": code, "param": None}
+    }
+
+
+def test_a_prompt_past_the_context_window_has_openais_code() -> None:
+    """Clients trim their history on ``context_length_exceeded``: it was ``invalid_request``."""
+    body = anthropic_error(
+        "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"
+    )
+    assert orjson.loads(error_from_anthropic(400, body))["error"] == {
+        "message": "prompt is too long: 210000 tokens > 200000 maximum",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+        "param": "messages",
     }
 
 

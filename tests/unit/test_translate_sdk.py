@@ -187,6 +187,7 @@ def test_sdk_stream_yields_text_tool_calls_and_usage(
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (2572, 89, 2661)
     assert usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == 2000
+    assert usage.prompt_tokens_details.model_dump().get("cache_write_tokens") == 100
     assert script.seen[0]["stream"] is True and script.seen[0]["model"] == UPSTREAM
 
 

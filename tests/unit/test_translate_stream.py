@@ -136,7 +136,7 @@ USAGE = {
     "prompt_tokens": 2572,
     "completion_tokens": 89,
     "total_tokens": 2661,
-    "prompt_tokens_details": {"cached_tokens": 2000},
+    "prompt_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 100},
 }
 # What an OpenAI client sees, one (delta, finish_reason) per chunk.
 EXPECTED_CHOICES: list[tuple[dict[str, Any], str | None]] = [
