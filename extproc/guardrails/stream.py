@@ -22,6 +22,7 @@ sent. Rules in ``audit`` mode hold nothing back. The end of a channel (``finish_
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class _Continuation:
     rewrite: Rewrite
     keeps_length: bool
     pem: bool
+    seen: str = ""
+    """A private key's last characters so far: its footer ends the key, and the prose
+    after it is no part of it."""
 
 
 @dataclass(slots=True)
@@ -269,7 +273,10 @@ class StreamGuard:
             if rule.mode == "mutate" and action is not None:
                 mutations.append((finding, action.rewrite))
                 if finding.end == base + len(buf) and not final:
-                    channel.continuation = _continuation(finding, action.rewrite)
+                    value = (channel.tail + buf)[
+                        max(finding.start, finding.end - _PEM_SEEN) : finding.end
+                    ]
+                    channel.continuation = _continuation(finding, action.rewrite, value)
         window = channel.tail + buf
         for finding in resolve_overlaps(f for f, _ in mutations):
             operator = next(op for f, op in mutations if f is finding)
@@ -321,10 +328,15 @@ class StreamGuard:
         """Rewrite the rest of a value that was cut at the window edge; return the rest."""
         state = channel.continuation
         assert state is not None
-        end = 0
+        end, footer = 0, False
         while end < len(text) and _continues(text[end], state.pem):
             end += 1
-        if end < len(text):
+            if state.pem:
+                state.seen = (state.seen + text[end - 1])[-_PEM_SEEN:]
+                if _PEM_FOOTER.search(state.seen):
+                    footer = True
+                    break
+        if end < len(text) or footer:
             channel.continuation = None
         if end:
             start = channel.received
@@ -437,9 +449,19 @@ def _continues(char: str, pem: bool) -> bool:
     return not char.isspace()
 
 
-def _continuation(finding: Finding, operator: Rewrite) -> _Continuation:
+def _continuation(finding: Finding, operator: Rewrite, value: str) -> _Continuation | None:
+    """How to go on rewriting a value cut at the window's edge (none for a private key
+    whose footer it already holds)."""
     probe = operator(finding.label, "abcd")
-    return _Continuation(finding.label, operator, len(probe) == 4, finding.label == "PRIVATE_KEY")
+    pem = finding.label == "PRIVATE_KEY"
+    if pem and _PEM_FOOTER.search(value):
+        return None
+    return _Continuation(finding.label, operator, len(probe) == 4, pem, value)
+
+
+_PEM_SEEN = 64
+_PEM_FOOTER = re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----$")
+"""A private key's footer, as the secrets recognizer ends one (``secrets.py``)."""
 
 
 def _malformed(event: Event) -> bool:

@@ -314,3 +314,27 @@ def test_a_number_in_groups_joined_by_unicode_spaces_is_held_whole(space: str) -
     stream = guard()
     out = run(stream, [openai_chunk(c) for c in f"card {card} ok"] + OPENAI_END)
     assert streamed_text(out) == "card " + "*" * len(card) + " ok"
+
+
+SECRETS = guardrails_from_yaml(
+    "- {name: s, stage: output, mode: mutate, detector: {kind: secrets, types: [PRIVATE_KEY]}}"
+)
+
+
+@pytest.mark.parametrize("size", [16, 100])
+def test_a_private_key_longer_than_the_window_is_rewritten_and_the_prose_after_it_kept(
+    size: int,
+) -> None:
+    """The key's rewrite went on past its footer over letters and spaces, so the sentence
+    after the key was dropped up to its full stop."""
+    key = "".join(chr(65 + (i * 7) % 26) for i in range(1200))
+    body = "\n".join(key[i : i + 64] for i in range(0, len(key), 64))
+    text = (
+        "Here is the key:\n-----BEGIN RSA PRIVATE KEY-----\n"
+        + body
+        + "\n-----END RSA PRIVATE KEY-----\nKeep it safe."
+    )
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    out = streamed_text(run(guard(SECRETS), [openai_chunk(p) for p in pieces] + OPENAI_END))
+    assert out.endswith("\nKeep it safe.")
+    assert not any(line[:20] in out for line in body.split("\n"))
