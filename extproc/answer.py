@@ -51,8 +51,8 @@ def on_response_headers(
     content_type = headers.get("content-type", "")
     sse = content_type.lower().startswith("text/event-stream")
     ok = 200 <= exchange.response_status < 300 and request is not None
-    guarded = ok and _output_guarded(exchange)
-    if guarded or (ok and exchange.translation is not None):
+    guarded = _output_subject(exchange) if ok else None
+    if guarded is not None or (ok and exchange.translation is not None):
         unreadable = _unreadable_form(exchange, headers, sse)
         if unreadable is None and end_of_stream and exchange.response_status != 204:
             unreadable = "it is empty"  # as over HTTP/2, where the empty body is judged
@@ -64,8 +64,8 @@ def on_response_headers(
             exchange.response_usage = StreamUsage(_upstream_dialect(exchange))
         else:
             exchange.response_tail = bytearray()
-    if guarded:
-        _start_output_guard(exchange, sse)
+    if guarded is not None:
+        _start_output_guard(exchange, sse, guarded)
     verdicts = verdict_header(exchange.verdicts)
     set_headers = (*(reservation.headers if reservation else ()), *verdicts)
     chunked = sse
@@ -115,21 +115,21 @@ def _unreadable_form(exchange: Exchange, headers: Mapping[str, str], sse: bool) 
     return None
 
 
-def _output_guarded(exchange: Exchange) -> bool:
-    """Whether output guardrails read this exchange's answer."""
+def _output_subject(exchange: Exchange) -> dict[str, Any] | None:
+    """Who and what the output guardrails judge in this exchange's answer, if they read it
+    at all (``None``: they do not)."""
     assert exchange.request is not None and exchange.principal is not None
     if exchange.request.dialect in TEXTLESS_DIALECTS:
-        return False  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
+        return None  # vectors, no text: held whole for nothing, a batch's answer past 8 MiB failed
     subject = subject_of(exchange, exchange.principal, exchange.model)
-    return exchange.policy.guardrails.applies("output", **subject)
+    return subject if exchange.policy.guardrails.applies("output", **subject) else None
 
 
-def _start_output_guard(exchange: Exchange, sse: bool) -> None:
-    """For an answer :func:`_output_guarded` says the guards read: a stream guard, or
-    the whole answer held to be checked."""
-    assert exchange.request is not None and exchange.principal is not None
+def _start_output_guard(exchange: Exchange, sse: bool, subject: dict[str, Any]) -> None:
+    """For an answer the guards read (``subject``, :func:`_output_subject`): a stream
+    guard, or the whole answer held to be checked."""
+    assert exchange.request is not None
     if sse:
-        subject = subject_of(exchange, exchange.principal, exchange.model)
         exchange.output_guard = exchange.policy.guardrails.stream(
             exchange.request.dialect, **subject
         )

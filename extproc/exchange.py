@@ -63,9 +63,9 @@ class Exchange:
     served_by: str | None = None
     """The upstream endpoint that answered (after retries and fail-over)."""
     output_guard: StreamGuard | None = None
+    """Checks a streamed answer's text as it passes (output guardrails)."""
     stream_judged: bool = False
     """Whether the stream guard's verdicts are in :attr:`verdicts` (added once, at the end)."""
-    """Checks a streamed answer's text as it passes (output guardrails)."""
     guard_answer: bool = False
     """Check the whole (buffered) answer with the output guardrails at its end."""
     answer_whole: bool = False

@@ -161,9 +161,14 @@ def worst_case(model: CatalogueModel, input_tokens: int, output_tokens: int) -> 
 
 
 def _written(model: CatalogueModel, input_tokens: int) -> int:
-    prices = model.price
-    writes_cost_more = prices is not None and (prices.cache_write or 0) > prices.input
-    return input_tokens if writes_cost_more else 0
+    prices = model.price or FREE
+    return input_tokens if _prompt_price(prices) > prices.input else 0
+
+
+def _prompt_price(prices: Price) -> int:
+    """What a prompt token is reserved at: the input price, or the cache write's where
+    that is higher (:func:`worst_case`, and the output a tight budget leaves)."""
+    return max(prices.input, prices.cache_write or 0)
 
 
 class OutputCapNeeded(Exception):
@@ -414,8 +419,7 @@ def _affordable_output(
         elif limit.unit is Unit.USD:
             prices = model.price or FREE
             if prices.output:
-                prompt = max(prices.input, prices.cache_write or 0)  # as worst_case prices it
-                spare = room * 1_000_000 - input_tokens * prompt
+                spare = room * 1_000_000 - input_tokens * _prompt_price(prices)
                 best = min(best, spare // prices.output)
         elif room < counter.amount:
             return 0  # a request or input-token limit is exhausted: no cap can help

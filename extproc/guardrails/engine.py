@@ -261,7 +261,7 @@ def run_rules(
                 continue
             entry = encoded.get(i)
             if entry is None:
-                entry = encoded[i] = _readable(part)
+                entry = encoded[i] = readable(part.text, part.json_source)
             data, spans = entry
             found = rule.detector.detect(data)
             if spans:
@@ -296,11 +296,12 @@ def run_rules(
     return GuardResult(tuple(verdicts), rewrites)
 
 
-def _readable(part: TextPart) -> tuple[Utf8, list[Span]]:
-    """The text as detectors read it, and its escapes: look-alikes of ASCII folded
-    (:mod:`.folding`); JSON source read as such (:mod:`.json_text`)."""
-    spans = escapes(part.text) if part.json_source else []
-    return Utf8(folded(blanked(part.text, spans) if spans else part.text)), spans
+def readable(text: str, json_source: bool) -> tuple[Utf8, list[Span]]:
+    """``text`` as detectors read it, and its escapes (whole texts and stream windows
+    alike): look-alikes of ASCII folded (:mod:`.folding`); JSON source read as such
+    (:mod:`.json_text`). Findings in it are offsets in ``text``."""
+    spans = escapes(text) if json_source else []
+    return Utf8(folded(blanked(text, spans) if spans else text)), spans
 
 
 def apply_findings(text: str, items: Sequence[tuple[Finding, Rewrite]]) -> str:

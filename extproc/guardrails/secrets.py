@@ -62,6 +62,9 @@ def _assigned(value: str, text: str, start: int, end: int) -> float | None:
     return 0.7
 
 
+PRIVATE_KEY_FOOTER = r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+"""Where a private key ends (a stream rewriting one cut at its window stops there)."""
+
 SECRET_RECOGNIZERS: tuple[Re2Recognizer, ...] = (
     Re2Recognizer(
         "OPENAI_API_KEY",
@@ -109,7 +112,7 @@ SECRET_RECOGNIZERS: tuple[Re2Recognizer, ...] = (
         # for a footer, a text of many headers and no footer would cost n² to scan.
         r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
         r"(?:[A-Za-z0-9+/=\s:,.]|-[A-Za-z0-9])*"
-        r"(?:-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----)?",
+        rf"(?:{PRIVATE_KEY_FOOTER})?",
         1.0,
     ),
     Re2Recognizer(

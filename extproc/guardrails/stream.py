@@ -28,12 +28,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from extproc import sse
-from extproc.guardrails.engine import Action, CompiledRule, GuardResult, Stage, Verdict
+from extproc.guardrails.engine import (
+    Action,
+    CompiledRule,
+    GuardResult,
+    Stage,
+    Verdict,
+    readable,
+)
 from extproc.guardrails.findings import Finding, resolve_overlaps
 from extproc.guardrails.folding import folded
-from extproc.guardrails.json_text import blanked, escapes, outside
-from extproc.guardrails.linear import Utf8
+from extproc.guardrails.json_text import outside
 from extproc.guardrails.operators import Rewrite
+from extproc.guardrails.secrets import PRIVATE_KEY_FOOTER
 from extproc.guardrails.sse import (
     ALL,
     STREAM_DIALECTS,
@@ -291,9 +298,7 @@ class StreamGuard:
 
     def _findings(self, channel: _Channel, buf: str) -> list[tuple[CompiledRule, Finding]]:
         base = len(channel.tail)
-        text = channel.tail + buf
-        spans = escapes(text) if channel.json_source else []
-        window = Utf8(folded(blanked(text, spans) if spans else text))
+        window, spans = readable(channel.tail + buf, channel.json_source)
         found: list[tuple[CompiledRule, Finding]] = []
         for rule in self._rules:
             findings = [f for f in outside(rule.detector.detect(window), spans) if f.end > base]
@@ -460,8 +465,7 @@ def _continuation(finding: Finding, operator: Rewrite, value: str) -> _Continuat
 
 
 _PEM_SEEN = 64
-_PEM_FOOTER = re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----$")
-"""A private key's footer, as the secrets recognizer ends one (``secrets.py``)."""
+_PEM_FOOTER = re.compile(PRIVATE_KEY_FOOTER + "$")
 
 
 def _malformed(event: Event) -> bool:

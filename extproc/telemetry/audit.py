@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ import orjson
 from redis.asyncio import Redis, RedisCluster
 
 from extproc.budgets.redis_store import RedisTarget
+from extproc.telemetry.threads import resolve_from_thread
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +137,7 @@ class Stdout:
     async def write(self, lines: Sequence[bytes]) -> None:
         loop = asyncio.get_running_loop()
         written: asyncio.Future[None] = loop.create_future()
-
-        def done(error: BaseException | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_resolve, written, error)
-
-        self._queue.put((b"".join(lines), done))
+        self._queue.put((b"".join(lines), functools.partial(resolve_from_thread, loop, written)))
         await written  # a failed write fails here, for the log to count its records
 
     def _run(self) -> None:
@@ -194,15 +191,6 @@ def _write_all(data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class RedisStream:

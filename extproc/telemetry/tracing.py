@@ -10,7 +10,6 @@ runs; Envoy still forwards ``traceparent`` upstream and the audit record keeps t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from typing import Any
 
@@ -22,6 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc import __version__
+from extproc.telemetry.threads import resolve_from_thread
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 EXPORT_SECONDS = 2.0
@@ -88,8 +88,7 @@ class Tracing:
             try:
                 self._provider.shutdown()
             finally:
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_resolve, flushed)
+                resolve_from_thread(loop, flushed)
 
         threading.Thread(target=flush, name="trace-flush", daemon=True).start()
         try:
@@ -107,11 +106,6 @@ _OPERATIONS = {
     "openai.embeddings": "embeddings",
 }
 """The GenAI semantic conventions' operation of each dialect: spans are named by it."""
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _attributes(record: dict[str, Any]) -> dict[str, Any]:

@@ -194,41 +194,38 @@ async def test_a_refused_request_is_reported_by_its_stream(tmp_path: Path) -> No
     assert record["error"] == "model_not_allowed"
 
 
-async def test_usage_envoy_lifted_with_a_total_but_no_output_count_charges_the_output(
-    tmp_path: Path,
-) -> None:
-    """Envoy lifted no ``total_tokens``: an answer reporting the prompt and the total (some
-    OpenAI-compatible servers) was settled with no output at all."""
+async def settled_record(tmp_path: Path, usage: dict[str, int]) -> dict[str, Any]:
+    """The audit record of one OpenAI chat answer settled from ``usage`` as Envoy lifts it
+    (flat fields) and reports it with the exchange's ticket."""
     proc = processor(policy_file(tmp_path))
     ticket = await handed(proc, "sk-demo-restricted")
     logged = LoggedAnswer(
         request_id="req-1",
         ticket=ticket,
         status=200,
-        usage={"prompt_tokens": 10, "total_tokens": 510},
+        usage=usage,
         served_by="openai_primary",
         response_bytes=300,
     )
     assert await accountant(proc).settle(logged)
     [record] = proc._observer.recent
+    return record
+
+
+async def test_lifted_usage_with_a_total_but_no_output_count_charges_the_output(
+    tmp_path: Path,
+) -> None:
+    """An answer reporting the prompt and the total only (some OpenAI-compatible servers)
+    was settled with no output at all."""
+    record = await settled_record(tmp_path, {"prompt_tokens": 10, "total_tokens": 510})
     assert (record["input_tokens"], record["output_tokens"]) == (10, 500)
 
 
 async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     tmp_path: Path,
 ) -> None:
-    proc = processor(policy_file(tmp_path))
-    ticket = await handed(proc, "sk-demo-restricted")
-    logged = LoggedAnswer(
-        request_id="req-1",
-        ticket=ticket,
-        status=200,
-        usage={"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000},
-        served_by="openai_primary",
-        response_bytes=300,
-    )
-    assert await accountant(proc).settle(logged)
-    [record] = proc._observer.recent
+    usage = {"prompt_tokens": 1000, "completion_tokens": 3, "cached_tokens": 1000}
+    record = await settled_record(tmp_path, usage)
     assert (record["input_tokens"], record["output_tokens"]) == (1000, 3)
     # 1,000 cached prompt tokens at $0.075/M and 3 output tokens at $0.60/M, rounded up.
     assert record["cost_micro_usd"] == 77

@@ -14,16 +14,23 @@ from tests.unit.policies import make_policy, sha
 
 
 def policy_with(limits: list[dict[str, object]]) -> tuple[Limits, CatalogueModel]:
+    models = {"gpt-4o-mini": {"tokenizer": "o200k", "pricing": {"input": 1, "output": 2}}}
+    key_limits, catalogue = limited(limits, models)
+    return key_limits, catalogue["gpt-4o-mini"]
+
+
+def limited(
+    limits: list[dict[str, object]], models: dict[str, dict[str, object]]
+) -> tuple[Limits, dict[str, CatalogueModel]]:
+    """One key's ``limits`` (on its team) and the catalogue ``models``, compiled."""
     policy = make_policy(
         teams={"t": {"models": {"allow": ["*"]}, "limits": limits}},
         users={},
         keys={"k": {"sha256": sha("k"), "team": "t"}},
-        models={"gpt-4o-mini": {"tokenizer": "o200k", "pricing": {"input": 1, "output": 2}}},
+        models=models,
     )
     key = next(iter(policy.keys_by_digest.values()))
-    model = policy.resolve_model("gpt-4o-mini")
-    assert model is not None
-    return key.limits, model
+    return key.limits, {model.name: model for model in policy.catalogue}
 
 
 async def reserve(
@@ -319,29 +326,24 @@ async def test_per_model_limits_with_and_without_globs_share_the_models_counter(
         await meter.reserve(limits, model, 1, 1, 1, now)
 
 
+SONNET = {"pricing": {"input": 3, "cache_write": 3.75, "output": 15}}
+"""Anthropic's prices: a cache write at 1.25x the input."""
+
+
+def usd_a_day(limit: int) -> list[dict[str, object]]:
+    return [{"unit": "usd", "window": "day", "limit": limit}]
+
+
 async def test_a_prompt_that_may_be_written_to_the_cache_is_reserved_at_that_price() -> None:
     """Anthropic bills a cache write at 1.25x the input price; reserved at the input price,
     a request that wrote its prompt to the cache settled above what it had reserved."""
-    policy = make_policy(
-        teams={
-            "t": {
-                "models": {"allow": ["*"]},
-                "limits": [{"unit": "usd", "window": "day", "limit": 100}],
-            }
-        },
-        users={},
-        keys={"k": {"sha256": sha("k"), "team": "t"}},
-        models={
-            "claude-sonnet": {"pricing": {"input": 3, "cache_write": 3.75, "output": 15}},
-            "gpt-4o-mini": {"pricing": {"input": 1, "cache_write": 0.5, "output": 2}},
-        },
+    cheaper_writes = {"pricing": {"input": 1, "cache_write": 0.5, "output": 2}}
+    limits, models = limited(
+        usd_a_day(100), {"claude-sonnet": SONNET, "gpt-4o-mini": cheaper_writes}
     )
-    limits = next(iter(policy.keys_by_digest.values())).limits
     meter, now = Meter(MemoryStore()), datetime.now(UTC)
     reserved = {}
-    for name in ("claude-sonnet", "gpt-4o-mini"):
-        model = policy.resolve_model(name)
-        assert model is not None
+    for name, model in models.items():
         reservation = await meter.reserve(limits, model, 100_000, 1_000, 4096, now)
         assert reservation is not None
         reserved[name] = reservation.reserved.micro_usd
@@ -352,22 +354,9 @@ async def test_a_prompt_that_may_be_written_to_the_cache_is_reserved_at_that_pri
 async def test_a_tight_budget_caps_the_output_by_the_cache_write_price_too() -> None:
     """What is left for output is worked out at the price the prompt is reserved at: at
     the input price, the capped request's reservation did not fit and it was refused."""
-    policy = make_policy(
-        teams={
-            "t": {
-                "models": {"allow": ["*"]},
-                "limits": [{"unit": "usd", "window": "day", "limit": 1}],
-            }
-        },
-        users={},
-        keys={"k": {"sha256": sha("k"), "team": "t"}},
-        models={"claude-sonnet": {"pricing": {"input": 3, "cache_write": 3.75, "output": 15}}},
-    )
-    limits = next(iter(policy.keys_by_digest.values())).limits
-    model = policy.resolve_model("claude-sonnet")
-    assert model is not None
+    limits, models = limited(usd_a_day(1), {"claude-sonnet": SONNET})
     reservation = await Meter(MemoryStore()).reserve(
-        limits, model, 200_000, None, 100_000, datetime.now(UTC)
+        limits, models["claude-sonnet"], 200_000, None, 100_000, datetime.now(UTC)
     )
     # $1 less 200k prompt tokens at $3.75/M leaves $0.25: 16,666 output tokens at $15/M.
     assert reservation is not None and reservation.output_cap == 16_666

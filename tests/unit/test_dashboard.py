@@ -14,21 +14,25 @@ DASHBOARDS = sorted((ROOT / "deploy" / "observability" / "grafana" / "dashboards
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "or", "le", "and", "without"}
 
 
+ANSWERED: dict[str, object] = {
+    "team": "t",
+    "model": "m",
+    "dialect": "openai.chat",
+    "status": 200,
+    "input_tokens": 3,
+    "output_tokens": 4,
+    "cost_micro_usd": 5,
+    "error": None,
+    "guardrails": [],
+}
+"""One exchange's audit record, as much of it as the metrics read."""
+
+
 def exported_series() -> set[str]:
     """The series the service exports, produced the way the service produces them."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    answered = {
-        "team": "t",
-        "model": "m",
-        "dialect": "openai.chat",
-        "status": 200,
-        "input_tokens": 3,
-        "output_tokens": 4,
-        "cost_micro_usd": 5,
-        "error": None,
-        "guardrails": [{"rule": "r", "action": "rewritten"}],
-    }
+    answered = {**ANSWERED, "guardrails": [{"rule": "r", "action": "rewritten"}]}
     refused = {**answered, "status": 429, "input_tokens": None, "guardrails": []}
     metrics.observe(answered)
     metrics.observe({**refused, "error": "budget_exceeded"})
@@ -70,17 +74,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 def test_an_exchange_whose_caller_got_no_answer_is_not_counted_as_forwarded() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    read = {
-        "team": "t",
-        "model": "m",
-        "dialect": "openai.chat",
-        "status": 0,  # the caller left before the answer
-        "input_tokens": 3,
-        "output_tokens": 0,
-        "cost_micro_usd": 1,
-        "error": None,
-        "guardrails": [],
-    }
+    read = {**ANSWERED, "status": 0}  # the caller left before the answer
     metrics.observe(read)
     metrics.observe({**read, "input_tokens": None})  # never read: only forwarded
 
