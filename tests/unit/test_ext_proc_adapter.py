@@ -272,6 +272,42 @@ async def test_a_body_nested_too_deep_to_forward_rewritten_is_the_callers_error(
     assert error["type"] == "invalid_request_error" and "255 levels" in error["message"]
 
 
+async def test_a_masked_answer_loses_the_logprobs_that_spell_what_was_masked() -> None:
+    """The example policy masks e-mail addresses in answers; the choice's log
+    probabilities held the address token by token."""
+    processor = ExternalProcessor(
+        PolicyStore(ROOT / "policies" / "example.yaml"), Meter(MemoryStore())
+    )
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    tokens = [{"token": t, "logprob": -0.1, "top_logprobs": []} for t in ("a", "@b.", "io")]
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "mail a@b.io"},
+                "logprobs": {"content": tokens},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    *_, delivered = await exchange(
+        processor,
+        [
+            request_headers("/v1/chat/completions", ADMIN),
+            request_body(chat),
+            response_headers(200, "application/json"),
+            response_body(answer),
+        ],
+    )
+    sent = orjson.loads(delivered.response_body.response.body_mutation.body)
+    [choice] = sent["choices"]
+    assert choice["message"]["content"] == "mail <EMAIL_ADDRESS>"
+    assert choice["logprobs"] is None
+    await processor.drain()
+
+
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku"])
 async def test_an_empty_2xx_answer_without_a_body_message_is_a_502_too(model: str) -> None:
     """Over HTTP/1 a ``content-length: 0`` answer ends at its headers (no body message):
