@@ -7,8 +7,10 @@
   only the request headers while the upstream still gets ``/v1/chat/completions``).
 * :func:`upstream` - a second Envoy whose one listener answers every request itself with a
   ``direct_response``: the fixed JSON completion, or the 50-chunk SSE stream when the request
-  carries ``x-bench-answer: sse``. Envoy answers in C++, so the upstream is never the
-  bottleneck (see bench/README.md for the measurement that chose it over our aiohttp mock).
+  carries ``x-bench-answer: sse``, once it has read the request's body, so that the
+  connection stays open for the next request as a provider's does. Envoy answers in C++,
+  so the upstream is never the bottleneck (see bench/README.md for the measurement that
+  chose it over our aiohttp mock).
 
 Only ports and the pieces named above change; everything else (access log, local replies,
 buffer limits, timeouts, health checks) stays as shipped, so the scenarios differ only in
@@ -17,6 +19,7 @@ what they mean to measure.
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -69,7 +72,12 @@ def upstream(port: int, admin_port: int) -> str:
 
     def answer(body: bytes, content_type: str) -> Config:
         return {
-            "direct_response": {"status": 200, "body": {"inline_string": body.decode()}},
+            # Bytes (base64), not a string: Envoy's YAML parser dropped the SSE body's last
+            # line break from the string PyYAML wrote, so its final event was never ended.
+            "direct_response": {
+                "status": 200,
+                "body": {"inline_bytes": base64.b64encode(body).decode()},
+            },
             "response_headers_to_add": [
                 {
                     "header": {"key": "content-type", "value": content_type},
@@ -110,12 +118,23 @@ def upstream(port: int, admin_port: int) -> str:
             ],
         },
         "http_filters": [
+            # A direct_response sent before the request's body has arrived ends the
+            # connection ("connection: close"): without this the gateway opened a new
+            # upstream connection for every request (socket, connect, close on the measured
+            # core), which no keep-alive provider makes it do.
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1024 * 1024,
+                },
+            },
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
     config = {
