@@ -17,7 +17,9 @@ import orjson
 from extproc import sse
 
 MAX_EVENT_BYTES = 1024 * 1024
-"""A single SSE event larger than this is dropped from metering instead of buffered."""
+"""A single SSE event larger than this is not buffered whole: only its tail is kept."""
+CUT_EVENT_TAIL_BYTES = 64 * 1024
+"""Of an event past that, the tail kept to find its usage in."""
 MAX_REPORTED_TOKENS = 100_000_000
 """A usage report with a count above this (50 times the largest context window) is not
 believed: the exchange is charged as if it had reported none. A broken or hostile
@@ -151,13 +153,16 @@ class StreamUsage:
     final usage arrives the count is the best available measure of output already sent.
     """
 
-    __slots__ = ("_anthropic_input", "_dialect", "_events", "_usage", "content_events")
+    __slots__ = ("_anthropic_start", "_cut", "_dialect", "_events", "_usage", "content_events")
 
     def __init__(self, dialect: str) -> None:
         self._dialect = dialect
         self._events = sse.Events()
         self._usage: Usage | None = None
-        self._anthropic_input: Usage | None = None
+        self._anthropic_start: dict[str, Any] | None = None
+        """``message_start``'s usage as reported (believed), for ``message_delta``'s."""
+        self._cut = False
+        """The unfinished event grew past :data:`MAX_EVENT_BYTES`: only its tail is held."""
         self.content_events = 0
 
     @property
@@ -165,17 +170,33 @@ class StreamUsage:
         return self._usage
 
     def feed(self, chunk: bytes) -> None:
-        events = self._events.feed(chunk)
+        for event in self._events.feed(chunk):
+            self._complete(event)
         if self._events.held > MAX_EVENT_BYTES:
-            self._events.clear()
-        for event in events:
-            self._event(event)
+            # Its tail only: usage comes last. A Responses stream's final event repeats
+            # the whole response (a generated image's 2 MB of base64 in it), and dropping
+            # it charged such a stream as if it had been cut before its usage.
+            tail = self._events.rest()[-CUT_EVENT_TAIL_BYTES:]
+            self._events.feed(tail)
+            self._cut = True
 
     def finish(self) -> None:
         """The stream ended: read an unterminated last event, if any."""
         rest = self._events.rest()
         if rest.strip():
-            self._event(rest)
+            self._complete(rest)
+
+    def _complete(self, event: bytes) -> None:
+        if not self._cut:
+            self._event(event)
+            return
+        self._cut = False
+        if self._dialect == "anthropic.messages":
+            return  # its usage events are small: a huge one is no report of usage
+        _, found = parsed_answer(bytearray(event))
+        if found is not None:
+            reader = _responses if self._dialect == "openai.responses" else _openai
+            self._believe(found["usage"], reader)
 
     def _event(self, event: bytes) -> None:
         if b'"usage":{' not in event and b'"usage": {' not in event:
@@ -215,23 +236,41 @@ class StreamUsage:
         kind = payload.get("type")
         if kind == "message_start":
             message = payload.get("message")
-            if isinstance(message, dict):
-                self._anthropic_input = anthropic_usage(message.get("usage"))
+            reported = message.get("usage") if isinstance(message, dict) else None
+            if anthropic_usage(reported) is not None:
+                self._anthropic_start = reported
         elif kind == "message_delta":
-            delta = anthropic_usage(payload.get("usage"))
-            start = self._anthropic_input
-            if delta is None or (start is None and not delta.input_tokens):
+            reported = payload.get("usage")
+            start = self._anthropic_start
+            if not isinstance(reported, dict):
+                return
+            if start is None and not any(reported.get(k) for k in _ANTHROPIC_PROMPT_FIELDS[:3]):
                 return  # unbelievable: the last report believed, if any, stands
-            # message_delta carries cumulative output; input arrived in message_start
-            # (newer APIs repeat it here, in which case it is taken from here).
-            self._usage = Usage(
-                delta.input_tokens or (start.input_tokens if start else 0),
-                delta.output_tokens,
-                delta.cached_input_tokens or (start.cached_input_tokens if start else 0),
-                delta.cache_write_input_tokens or (start.cache_write_input_tokens if start else 0),
-                delta.cache_write_1h_input_tokens
-                or (start.cache_write_1h_input_tokens if start else 0),
-            )
+            usage = anthropic_usage(_merged_anthropic(start or {}, reported))
+            if usage is not None:
+                self._usage = usage
+
+
+_ANTHROPIC_PROMPT_FIELDS = (
+    "input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "cache_creation",
+)
+
+
+def _merged_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """A ``message_delta``'s usage over its ``message_start``'s, field by field, as
+    Anthropic's SDK accumulates them and as Envoy's lifted metadata overwrites them: each
+    prompt field the delta repeats (cumulative) replaces the start's, one it leaves out
+    keeps the start's. Merged as sums instead, a delta repeating ``input_tokens`` alone
+    wiped out the start's cache reads, and charged a 20,000-token cached prompt as 12."""
+    merged = {key: start[key] for key in _ANTHROPIC_PROMPT_FIELDS if key in start}
+    merged.update(
+        {key: delta[key] for key in _ANTHROPIC_PROMPT_FIELDS if delta.get(key) is not None}
+    )
+    merged["output_tokens"] = delta.get("output_tokens")
+    return merged
 
 
 def _data_of(event: bytes) -> dict[str, Any] | None:

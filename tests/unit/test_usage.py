@@ -273,3 +273,75 @@ def test_a_stream_report_is_believed_only_with_an_output_count(
         meter.feed(b"data: " + orjson.dumps(event) + b"\n\n")
     meter.finish()
     assert meter.usage == expected
+
+
+@pytest.mark.parametrize(
+    ("delta_usage", "expected"),
+    [
+        # The delta repeats the uncached input only: the start's cache reads stand.
+        (
+            {"input_tokens": 12, "output_tokens": 300},
+            Usage(20_012, 300, cached_input_tokens=20_000),
+        ),
+        # The delta repeats the cache reads only: the start's uncached input stands.
+        (
+            {"cache_read_input_tokens": 20_000, "output_tokens": 300},
+            Usage(20_012, 300, cached_input_tokens=20_000),
+        ),
+        # Every field repeated (cumulative): the delta's win.
+        (
+            {"input_tokens": 14, "cache_read_input_tokens": 19_000, "output_tokens": 300},
+            Usage(19_014, 300, cached_input_tokens=19_000),
+        ),
+    ],
+    ids=["input-only", "cache-only", "all"],
+)
+def test_an_anthropic_delta_replaces_only_the_prompt_fields_it_repeats(
+    delta_usage: dict[str, int], expected: Usage
+) -> None:
+    """As Anthropic's SDK accumulates a stream's usage, and as Envoy's lifted metadata
+    settles it under ``accounting: envoy``: both accounting modes charge the same."""
+    start = {"input_tokens": 12, "cache_read_input_tokens": 20_000, "output_tokens": 1}
+    meter = StreamUsage("anthropic.messages")
+    meter.feed(
+        b"event: message_start\ndata: "
+        + orjson.dumps({"type": "message_start", "message": {"id": "m", "usage": start}})
+        + b"\n\nevent: message_delta\ndata: "
+        + orjson.dumps({"type": "message_delta", "delta": {}, "usage": delta_usage})
+        + b"\n\n"
+    )
+    assert meter.usage == expected
+
+
+@pytest.mark.parametrize("image_bytes", [500_000, 3_000_000])
+def test_a_responses_stream_whose_final_event_is_huge_keeps_its_usage(image_bytes: int) -> None:
+    """``response.completed`` repeats the whole response: with a generated image in it,
+    the event passes the 1 MiB a metered event may hold; its usage comes last."""
+    completed = {
+        "type": "response.completed",
+        "response": {
+            "id": "resp_1",
+            "status": "completed",
+            "output": [
+                {"type": "image_generation_call", "id": "ig_1", "result": "A" * image_bytes},
+                {"type": "message", "content": [{"type": "output_text", "text": "done"}]},
+            ],
+            "usage": {
+                "input_tokens": 40,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 1600,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 1640,
+            },
+            "metadata": {},
+        },
+    }
+    stream = (
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"done"}\n\n'
+        b"event: response.completed\ndata: " + orjson.dumps(completed) + b"\n\n"
+    )
+    meter = StreamUsage("openai.responses")
+    for at in range(0, len(stream), 16 * 1024):
+        meter.feed(stream[at : at + 16 * 1024])
+    meter.finish()
+    assert meter.usage == Usage(40, 1600)
