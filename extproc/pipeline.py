@@ -34,7 +34,7 @@ from extproc import access, accounting, identity, routing, tools
 from extproc.budgets.meter import Meter, OutputCapNeeded, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
 from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
-from extproc.dialects.fields import asked_for_usage, include_usage_rewrites
+from extproc.dialects.fields import asked_for_usage, include_usage_rewrites, optional_bool
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.exchange import Clock, Exchange, utc_now
@@ -375,17 +375,8 @@ def _guard_input(
     """Run the input guardrails: stage their rewrites, or raise to block the prompt."""
     guards = exchange.policy.guardrails
     subject = subject_of(exchange, principal, model)
-    if (
-        request.stream
-        and dialect.name == "openai.responses"
-        and guards.applies("output", **subject)
-    ):
-        raise InvalidRequest(
-            "Output guardrails apply to this model, and streamed /v1/responses answers "
-            "cannot be checked yet; send the request with stream: false.",
-            code="guardrail_unsupported_stream",
-            param="stream",
-        )
+    if dialect.name == "openai.responses":
+        _refuse_unseen_answers(exchange, request, guards.applies("output", **subject))
     if not guards.applies("input", **subject):
         return
     result = guards.check("input", request.texts, **subject)
@@ -396,6 +387,30 @@ def _guard_input(
             code="guardrail_blocked",
         )
     exchange.rewrites.update(result.rewrites)
+
+
+def _refuse_unseen_answers(exchange: Exchange, request: LLMRequest, output_guarded: bool) -> None:
+    """Refuse a Responses request whose answer the gateway would not see whole, when it
+    must: a stream under output guardrails (its events are not parsed yet), and a
+    background response when it is metered or guarded. The latter's answer says only
+    ``queued``; the output comes later from ``GET /v1/responses/{id}``, a path no dialect
+    serves, so it would be settled at an estimate of a few tokens while the provider
+    bills up to the cap, and its text would reach the caller unchecked."""
+    if request.stream and output_guarded:
+        raise InvalidRequest(
+            "Output guardrails apply to this model, and streamed /v1/responses answers "
+            "cannot be checked yet; send the request with stream: false.",
+            code="guardrail_unsupported_stream",
+            param="stream",
+        )
+    if optional_bool(request.body, "background") and (output_guarded or exchange.metered):
+        raise InvalidRequest(
+            "Background responses are answered out of the gateway's sight, so their "
+            "output can be neither metered nor checked; send the request without "
+            "background: true.",
+            code="unsupported_parameter",
+            param="background",
+        )
 
 
 def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel | None) -> Any:

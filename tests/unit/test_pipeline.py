@@ -248,3 +248,64 @@ def test_a_path_with_an_empty_or_dot_segment_is_refused(path: str) -> None:
     _, decision = start(path)
     assert isinstance(decision, Reply) and decision.status == 400
     assert orjson.loads(decision.body)["error"]["code"] == "invalid_path"
+
+
+def responses(**fields: object) -> bytes:
+    return orjson.dumps({"model": "gpt-4o-mini", "input": "hi", **fields})
+
+
+PII_DETECTOR = {"kind": "pii", "entities": ["EMAIL_ADDRESS"]}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        pytest.param({}, False, id="neither-metered-nor-guarded"),
+        pytest.param(
+            {
+                "settings": {
+                    "budgets": {
+                        "global_limits": [{"unit": "total_tokens", "window": "day", "limit": 10**6}]
+                    }
+                }
+            },
+            True,
+            id="metered",
+        ),
+        pytest.param(
+            {
+                "guardrails": [
+                    {"name": "pii", "stage": "output", "mode": "mutate", "detector": PII_DETECTOR}
+                ]
+            },
+            True,
+            id="output-guarded",
+        ),
+        pytest.param(
+            {
+                "guardrails": [
+                    {"name": "pii", "stage": "input", "mode": "mutate", "detector": PII_DETECTOR}
+                ]
+            },
+            False,
+            id="input-guarded-only",
+        ),
+    ],
+)
+async def test_a_background_response_is_refused_when_its_answer_must_be_seen(
+    overrides: dict[str, object], refused: bool
+) -> None:
+    """Its answer says only "queued": the output, fetched later from a path no dialect
+    serves, would be settled at an estimate and reach the caller unchecked."""
+    ex = Exchange(policy=make_policy(**overrides))
+    on_request_headers(ex, headers("/v1/responses"), None, False, clock)
+    decision = await on_request_body(ex, responses(background=True))
+    if not refused:
+        assert isinstance(decision, Forward)
+        return
+    assert isinstance(decision, Reply) and decision.status == 400
+    error = orjson.loads(decision.body)["error"]
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "background")
+    foreground = Exchange(policy=make_policy(**overrides))
+    on_request_headers(foreground, headers("/v1/responses"), None, False, clock)
+    assert isinstance(await on_request_body(foreground, responses(background=False)), Forward)
