@@ -84,10 +84,66 @@ def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> 
             arguments = expect_object(block.get("input"), (*where, "input"))
             for leaf, text in string_leaves(arguments, (*where, "input")):
                 texts.append(TextPart(leaf, "assistant", "tool_arguments", text))
-        elif btype == "tool_result":
+        elif btype in ("tool_result", "mcp_tool_result"):
             _tool_result(block.get("content"), (*where, "content"), texts)
+        elif btype in SERVER_TOOL_RESULTS:
+            for leaf, text in server_tool_result_texts(block, where):
+                texts.append(TextPart(leaf, "tool", "tool_result", text))
         else:
             _quoted(block, where, role, "message", texts)
+
+
+SERVER_TOOL_RESULTS = (
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result",
+)
+"""Results of Anthropic's server tools that hold text the model reads: a fetched page, a
+program's output, a file viewed. (Web search results are encrypted; tool search results
+are references.) A tuple: a block's type may be any JSON value, unhashable ones too."""
+_RESULT_TEXT_FIELDS = ("stdout", "stderr")
+
+
+def server_tool_result_texts(block: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
+    """The texts of a server tool's result block, in requests and answers alike: a fetched
+    page's document, a program's ``stdout`` and ``stderr``, a viewed file's ``content``.
+    Lenient (anything else is the API's to refuse), as an answer must be read."""
+    content = block.get("content")
+    if not isinstance(content, dict):
+        return []
+    inner = (*where, "content")
+    ctype = content.get("type")
+    found: list[tuple[JsonPath, str]] = []
+    if ctype == "web_fetch_result":
+        document = content.get("content")
+        if isinstance(document, dict):
+            found.extend(_document_texts(document, (*inner, "content")))
+    elif ctype == "text_editor_code_execution_view_result":
+        if isinstance(content.get("content"), str):
+            found.append(((*inner, "content"), content["content"]))
+    else:
+        for field in _RESULT_TEXT_FIELDS:
+            if isinstance(content.get(field), str):
+                found.append(((*inner, field), content[field]))
+    return found
+
+
+def _document_texts(document: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
+    """A document block's readable texts (leniently): title, context, plain-text source."""
+    found = [
+        ((*where, field), document[field])
+        for field in ("title", "context")
+        if isinstance(document.get(field), str)
+    ]
+    source = document.get("source")
+    if (
+        isinstance(source, dict)
+        and source.get("type") == "text"
+        and isinstance(source.get("data"), str)
+    ):
+        found.append(((*where, "source", "data"), source["data"]))
+    return found
 
 
 def _quoted(

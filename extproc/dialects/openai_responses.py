@@ -34,8 +34,18 @@ _TOOL_ITEMS: dict[str, tuple[str, str, str]] = {
     "custom_tool_call_output": ("output", "tool", "tool_result"),
     "local_shell_call_output": ("output", "tool", "tool_result"),
 }
-_MCP_CALL = "mcp_call"
-"""A remote MCP tool's call replayed: its arguments (JSON source) and output, if any."""
+# item type -> its optional text fields: (field, author, kind, JSON source)
+_OPTIONAL_TEXTS: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
+    # A remote MCP tool's call replayed: its arguments and output, if any.
+    "mcp_call": (
+        ("arguments", "assistant", "tool_arguments", True),
+        ("output", "tool", "tool_result", False),
+    ),
+    "mcp_approval_request": (("arguments", "assistant", "tool_arguments", True),),
+    "apply_patch_call_output": (("output", "tool", "tool_result", False),),
+    "program": (("code", "assistant", "tool_arguments", False),),
+    "program_output": (("result", "tool", "tool_result", False),),
+}
 
 
 class OpenAIResponses:
@@ -82,15 +92,15 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         return
     if not isinstance(itype, str):
         raise invalid_type((*path, "type"), "a string", itype)
-    if itype == _MCP_CALL:
-        for field, author, kind in (
-            ("arguments", "assistant", "tool_arguments"),
-            ("output", "tool", "tool_result"),
-        ):
+    optional = _OPTIONAL_TEXTS.get(itype)
+    if optional is not None:
+        for field, author, kind, json in optional:
             value = optional_str(item, field, path)
             if value is not None:
-                json = field == "arguments"
                 texts.append(TextPart((*path, field), author, kind, value, json))
+        return
+    if itype == "shell_call_output":
+        _shell_output(item, path, texts)
         return
     tool_item = _TOOL_ITEMS.get(itype)
     if tool_item is None:
@@ -103,6 +113,20 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         text = expect_str(value, (*path, field))
         json = itype == "function_call"  # its arguments; a custom tool's input is free text
         texts.append(TextPart((*path, field), author, kind, text, json))
+
+
+def _shell_output(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
+    """The shell tool's output replayed: each command's captured stdout and stderr."""
+    outputs = item.get("output")
+    if outputs is None:
+        return
+    where = (*path, "output")
+    for i, output in enumerate(expect_list(outputs, where)):
+        output = expect_object(output, (*where, i))
+        for field in ("stdout", "stderr"):
+            value = optional_str(output, field, (*where, i))
+            if value is not None:
+                texts.append(TextPart((*where, i, field), "tool", "tool_result", value))
 
 
 def _prompt_variables(body: dict[str, Any], texts: list[TextPart]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from extproc.dialects.anthropic_messages import SERVER_TOOL_RESULTS, server_tool_result_texts
 from extproc.dialects.base import JsonPath, TextPart
 from extproc.dialects.fields import string_leaves
 
@@ -112,6 +113,16 @@ def _anthropic(body: dict[str, Any], texts: list[TextPart]) -> None:
         elif block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
             for path, value in string_leaves(block.get("input"), ("content", j, "input")):
                 _add(texts, path, value, "tool_arguments")
+        elif block.get("type") == "mcp_tool_result":
+            result = block.get("content")
+            if isinstance(result, str):
+                _add(texts, ("content", j, "content"), result)
+            for n, part in enumerate(result if isinstance(result, list) else []):
+                if isinstance(part, dict) and part.get("type") == "text":
+                    _add(texts, ("content", j, "content", n, "text"), part.get("text"))
+        elif block.get("type") in SERVER_TOOL_RESULTS:
+            for path, value in server_tool_result_texts(block, ("content", j)):
+                _add(texts, path, value)
 
 
 def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
@@ -119,12 +130,28 @@ def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
     for k, item in enumerate(output if isinstance(output, list) else []):
         if not isinstance(item, dict):
             continue
-        if item.get("type") == "message":
+        itype = item.get("type")
+        if itype == "message":
             content = item.get("content")
             for m, part in enumerate(content if isinstance(content, list) else []):
                 if isinstance(part, dict):
                     _add(texts, ("output", k, "content", m, "text"), part.get("text"))
-        elif item.get("type") in ("function_call", "custom_tool_call"):
+                    _add(texts, ("output", k, "content", m, "refusal"), part.get("refusal"))
+        elif itype == "reasoning":  # its summary is shown; its encrypted content is not
+            summary = item.get("summary")
+            for n, part in enumerate(summary if isinstance(summary, list) else []):
+                if isinstance(part, dict):
+                    _add(texts, ("output", k, "summary", n, "text"), part.get("text"))
+        elif itype in ("mcp_call", "mcp_approval_request"):
+            _add(texts, ("output", k, "arguments"), item.get("arguments"), "tool_arguments", True)
+            _add(texts, ("output", k, "output"), item.get("output"))
+        elif itype == "code_interpreter_call":
+            _add(texts, ("output", k, "code"), item.get("code"), "tool_arguments")
+            outputs = item.get("outputs")
+            for n, output in enumerate(outputs if isinstance(outputs, list) else []):
+                if isinstance(output, dict) and output.get("type") == "logs":
+                    _add(texts, ("output", k, "outputs", n, "logs"), output.get("logs"))
+        elif itype in ("function_call", "custom_tool_call"):
             key = "arguments" if item.get("type") == "function_call" else "input"
             json_source = item.get("type") == "function_call"  # a custom tool's input is not
             _add(texts, ("output", k, key), item.get(key), "tool_arguments", json_source)

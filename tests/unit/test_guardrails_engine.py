@@ -335,6 +335,99 @@ OUTPUT = guardrails_from_yaml(
             ("output", 0, "content", 0, "text"),
             id="responses",
         ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "message",
+                        "content": [{"type": "refusal", "refusal": "a@example.com"}],
+                    }
+                ]
+            },
+            ("output", 0, "content", 0, "refusal"),
+            id="responses-refusal",
+        ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "reasoning",
+                        "id": "r",
+                        "summary": [{"type": "summary_text", "text": "a@example.com"}],
+                    }
+                ]
+            },
+            ("output", 0, "summary", 0, "text"),
+            id="responses-reasoning-summary",
+        ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "mcp_call",
+                        "id": "m",
+                        "name": "f",
+                        "server_label": "s",
+                        "arguments": "{}",
+                        "output": "a@example.com",
+                    }
+                ]
+            },
+            ("output", 0, "output"),
+            id="responses-mcp-call-output",
+        ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "code_interpreter_call",
+                        "id": "c",
+                        "code": "print(1)",
+                        "outputs": [{"type": "logs", "logs": "a@example.com"}],
+                    }
+                ]
+            },
+            ("output", 0, "outputs", 0, "logs"),
+            id="responses-code-interpreter-logs",
+        ),
+        pytest.param(
+            "anthropic.messages",
+            {
+                "content": [
+                    {
+                        "type": "mcp_tool_result",
+                        "tool_use_id": "m",
+                        "content": [{"type": "text", "text": "a@example.com"}],
+                    }
+                ]
+            },
+            ("content", 0, "content", 0, "text"),
+            id="anthropic-mcp-tool-result",
+        ),
+        pytest.param(
+            "anthropic.messages",
+            {
+                "content": [
+                    {
+                        "type": "code_execution_tool_result",
+                        "tool_use_id": "c",
+                        "content": {
+                            "type": "code_execution_result",
+                            "stdout": "a@example.com",
+                            "stderr": "",
+                            "return_code": 0,
+                            "content": [],
+                        },
+                    }
+                ]
+            },
+            ("content", 0, "content", "stdout"),
+            id="anthropic-code-execution-stdout",
+        ),
     ],
 )
 def test_check_answer(dialect: str, body: dict[str, Any], path: tuple[Any, ...]) -> None:
@@ -346,6 +439,9 @@ def test_check_answer(dialect: str, body: dict[str, Any], path: tuple[Any, ...])
 def test_unknown_answer_shapes_are_empty() -> None:
     assert answer_texts("openai.chat", {"choices": "nope"}) == ()
     assert answer_texts("anthropic.messages", ["not", "a", "dict"]) == ()
+    # A block's or item's type may be any JSON value, an unhashable one too.
+    assert answer_texts("anthropic.messages", {"content": [{"type": {"a": 1}}, {"type": []}]}) == ()
+    assert answer_texts("openai.responses", {"output": [{"type": {"a": 1}}, {"type": []}]}) == ()
 
 
 @pytest.fixture(scope="module")
