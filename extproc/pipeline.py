@@ -459,6 +459,7 @@ async def finish_request_body(
                 clock(),
                 may_cap_output=may_cap_output,
                 answers=request.answers,
+                min_output_cap=dialect.min_output_cap,
             )
             exchange.reservation = reservation
             cap = reservation.output_cap if reservation is not None else None

@@ -194,13 +194,15 @@ class Meter:
         *,
         may_cap_output: bool = True,
         answers: int = 1,
+        min_output_cap: int = 1,
     ) -> Reservation | None:
         """Reserve the request's worst case, or raise :class:`RateLimited`.
 
         Returns ``None`` when no limit counts this model (nothing to settle later). With
         ``may_cap_output`` false, a request that would fit only capped raises
         :class:`OutputCapNeeded` instead, having reserved nothing. Output is reserved for
-        each of ``answers`` (``n``), and a cap applies to each.
+        each of ``answers`` (``n``), and a cap applies to each; a cap below
+        ``min_output_cap`` (the API's floor) is not offered.
         """
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
@@ -215,7 +217,7 @@ class Meter:
                 _affordable_output(applicable, counters, result.values, model, input_tokens)
                 // answers
             )
-            if affordable >= 1:
+            if affordable >= max(1, min_output_cap):
                 if not may_cap_output:
                     raise OutputCapNeeded
                 output_cap = affordable

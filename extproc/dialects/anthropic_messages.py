@@ -35,6 +35,7 @@ class AnthropicMessages:
     name: str = "anthropic.messages"
     envelope: DialectEnvelope = "anthropic"
     output_cap_field: str | None = "max_tokens"
+    min_output_cap: int = 1
     asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:

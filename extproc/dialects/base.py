@@ -71,6 +71,10 @@ class Dialect(Protocol):
     output_cap_field: str | None
     """The body field that caps output tokens, set by the gateway when a budget can only
     afford fewer than the caller left open; ``None`` when the API produces no tokens."""
+    min_output_cap: int
+    """The smallest cap the API accepts: a budget that affords less refuses the request
+    (429) rather than writing a cap the provider answers with a 400 about a parameter
+    the caller never sent."""
     asks_stream_usage: bool
     """Whether a stream reports its usage only when asked (OpenAI's
     ``stream_options.include_usage``): budgets need the provider's own count, so the

@@ -36,6 +36,7 @@ class OpenAIChat:
     name: str = "openai.chat"
     envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_completion_tokens"
+    min_output_cap: int = 1
     asks_stream_usage = True
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:

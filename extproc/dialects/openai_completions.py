@@ -21,6 +21,7 @@ class OpenAICompletions:
     name: str = "openai.completions"
     envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_tokens"
+    min_output_cap: int = 1
     asks_stream_usage = True
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:

@@ -14,6 +14,7 @@ class OpenAIEmbeddings:
     name: str = "openai.embeddings"
     envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = None
+    min_output_cap: int = 1
     asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:

@@ -54,6 +54,8 @@ class OpenAIResponses:
     name: str = "openai.responses"
     envelope: DialectEnvelope = "openai"
     output_cap_field: str | None = "max_output_tokens"
+    min_output_cap: int = 16
+    """The API refuses a max_output_tokens below 16 (integer_below_min_value)."""
     asks_stream_usage = False
 
     def parse(self, body: dict[str, Any]) -> LLMRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -309,3 +310,31 @@ async def test_a_background_response_is_refused_when_its_answer_must_be_seen(
     foreground = Exchange(policy=make_policy(**overrides))
     on_request_headers(foreground, headers("/v1/responses"), None, False, clock)
     assert isinstance(await on_request_body(foreground, responses(background=False)), Forward)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/responses", responses()), ("/v1/chat/completions", chat("gpt-4o-mini"))],
+)
+async def test_a_budget_affording_fewer_tokens_than_the_api_accepts_refuses(
+    path: str, body: bytes
+) -> None:
+    """The Responses API refuses a max_output_tokens below 16: writing 10 there turned a
+    429 with retry-after into the provider's 400 about a parameter the caller never sent.
+    Chat accepts any cap."""
+
+    def budget(limit: int) -> dict[str, Any]:
+        limits = [{"unit": "total_tokens", "window": "day", "limit": limit}]
+        return {"settings": {"budgets": {"global_limits": limits}}}
+
+    probe = Exchange(policy=make_policy(**budget(10**6)))  # metered: the prompt is counted
+    on_request_headers(probe, headers(path), None, False, clock)
+    assert prepare_request_body(probe, body) is None and probe.input_tokens > 0
+    ex = Exchange(policy=make_policy(**budget(probe.input_tokens + 10)))
+    on_request_headers(ex, headers(path), None, False, clock)
+    decision = await on_request_body(ex, body)
+    if path == "/v1/responses":
+        assert isinstance(decision, Reply) and decision.status == 429
+    else:
+        assert isinstance(decision, Forward) and decision.body is not None
+        assert orjson.loads(decision.body)["max_completion_tokens"] == 10
