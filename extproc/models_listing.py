@@ -21,6 +21,12 @@ _CREATED_AT = "2023-11-14T22:13:20Z"
 _JSON = (("content-type", "application/json"),)
 
 
+def is_models_path(path: str) -> bool:
+    """``/v1/models`` or ``/v1/models/{id}``, with or without a query."""
+    path = path.partition("?")[0]
+    return path == MODELS_PATH or path.startswith(MODELS_PATH + "/")
+
+
 def list_models(models: list[CatalogueModel], path: str, headers: Mapping[str, str]) -> Reply:
     """Answer ``GET /v1/models`` or ``GET /v1/models/{id}`` from ``models``."""
     anthropic = "anthropic-version" in headers
@@ -54,4 +60,7 @@ def _anthropic_item(model: CatalogueModel) -> dict[str, Any]:
         "id": model.name,
         "display_name": model.name,
         "created_at": _CREATED_AT,
+        # Required by Anthropic's SDK (read back as None without it): callers keeping
+        # the active models only saw none.
+        "lifecycle": "active",
     }

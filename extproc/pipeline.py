@@ -40,7 +40,7 @@ from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.exchange import Clock, Exchange, utc_now
 from extproc.guardrails.engine import describe, verdict_header
 from extproc.identity import Principal
-from extproc.models_listing import MODELS_PATH, list_models
+from extproc.models_listing import is_models_path, list_models
 from extproc.policy.compiled import CatalogueModel
 from extproc.routing import ResponseTranslation
 from extproc.telemetry.bodies import recorded
@@ -82,6 +82,8 @@ def on_request_headers(
     exchange.method = headers.get(":method", "")
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
+    if "anthropic-version" in headers and is_models_path(exchange.path):
+        exchange.envelope = "anthropic"  # Anthropic's SDK lists models too
     exchange.request_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:MAX_REQUEST_ID_CHARS]
     traceparent = headers.get("traceparent")
     if traceparent is not None and len(traceparent) <= MAX_TRACEPARENT_CHARS:
@@ -234,7 +236,7 @@ def _request_headers(
         exchange.envelope = "jsonrpc"  # every error, identity's too, as MCP clients read them
     principal = identity.identify(policy, headers, metadata, clock(), peer)
     exchange.principal = principal
-    if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
+    if is_models_path(path):
         if exchange.method != "GET":
             raise _invalid_url(exchange)
         exchange.status = 200

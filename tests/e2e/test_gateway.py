@@ -232,8 +232,13 @@ def test_models_list_is_scoped_to_the_caller(gateway_url: str, mock: Mock) -> No
     assert oai(gateway_url, RESTRICTED_KEY).models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
     with pytest.raises(openai.NotFoundError):
         oai(gateway_url, RESTRICTED_KEY).models.retrieve("gpt-4o")
-    anthropic_view = [m.id for m in claude(gateway_url, RESTRICTED_KEY).models.list()]
-    assert anthropic_view == ["gpt-4o-mini"]
+    anthropic_view = list(claude(gateway_url, RESTRICTED_KEY).models.list())
+    assert [(m.id, m.lifecycle) for m in anthropic_view] == [("gpt-4o-mini", "active")]
+    with pytest.raises(anthropic.NotFoundError) as refused:
+        claude(gateway_url, RESTRICTED_KEY).models.retrieve("gpt-4o")
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["type"] == "error"  # Anthropic's envelope, not OpenAI's
+    assert refused.value.body["error"]["type"] == "not_found_error"
     assert mock.requests() == []
 
 
