@@ -222,7 +222,7 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
     if doc.get("workers"):
         lines += [
             "",
-            "## Workers (scenario 7 on all cores; decisions alone: wrk to the HTTP authorizer)",
+            "## Workers (scenario 5 on all cores; decisions alone: wrk to the HTTP authorizer)",
             "",
         ]
         lines += _table(

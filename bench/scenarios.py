@@ -115,7 +115,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "5",
         "full policy",
         "identity, RBAC, five budgets (key, user, team x2, global) on Redis, the PII and "
-        "secrets guardrails on the prompt, audit log (file) and metrics; accounting: "
+        "secrets guardrails on the prompt (which holds nothing they find: the path every "
+        "clean prompt takes; a finding costs more), audit log (file) and metrics; accounting: "
         "service (the default): the HTTP authorizer decides the request in one call, "
         "Envoy lifts the answer's usage and its Lua filter reports it to the service "
         "before the answer's end",
