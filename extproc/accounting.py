@@ -258,14 +258,17 @@ def _used(ticket: Ticket, logged: LoggedAnswer) -> tuple[Usage, str]:
 def _provider_shape(lifted: Mapping[str, int]) -> dict[str, object]:
     """The lifted fields back in the provider's ``usage`` object, for its own parser."""
     usage: dict[str, object] = {k: v for k, v in lifted.items() if k not in _NESTED}
+    nested: dict[str, dict[str, int]] = {}
     for name, (parent, field) in _NESTED.items():
         if name in lifted:
-            usage[parent] = {field: lifted[name]}
+            nested.setdefault(parent, {})[field] = lifted[name]
+    usage.update(nested)
     return usage
 
 
 _NESTED = {
     "cached_tokens": ("prompt_tokens_details", "cached_tokens"),
+    "cache_write_tokens": ("prompt_tokens_details", "cache_write_tokens"),
     "ephemeral_1h_input_tokens": ("cache_creation", "ephemeral_1h_input_tokens"),
 }
 """Lifted fields that the provider nests in ``usage`` (Envoy lifts them flat)."""

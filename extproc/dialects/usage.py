@@ -63,8 +63,7 @@ def _openai(usage: Any) -> Usage | None:
     """Chat, completions and embeddings: prompt/completion tokens, cached prompt details."""
     if not isinstance(usage, dict):
         return None
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached, written = _cache_details(usage.get("prompt_tokens_details"))
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if prompt is None:
         # Some OpenAI-compatible servers report only the total (embeddings); without
@@ -79,17 +78,24 @@ def _openai(usage: Any) -> Usage | None:
         if totals is None:
             return None
         completion = max(0, totals[0] - totals[1])
-    counts = _counts(prompt, completion, cached)
+    counts = _counts(prompt, completion, cached, written)
     return None if counts is None else Usage(*counts)
 
 
 def _responses(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    details = usage.get("input_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    counts = _counts(usage.get("input_tokens"), usage.get("output_tokens"), cached)
+    cached, written = _cache_details(usage.get("input_tokens_details"))
+    counts = _counts(usage.get("input_tokens"), usage.get("output_tokens"), cached, written)
     return None if counts is None else Usage(*counts)
+
+
+def _cache_details(details: Any) -> tuple[object, object]:
+    """OpenAI's prompt cache reads and writes, both counted in the prompt (a model with a
+    ``cache_write`` price was charged its writes at the input price)."""
+    if not isinstance(details, dict):
+        return None, None
+    return details.get("cached_tokens"), details.get("cache_write_tokens")
 
 
 def anthropic_usage(usage: Any) -> Usage | None:

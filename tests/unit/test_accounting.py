@@ -233,6 +233,29 @@ async def test_the_log_record_settles_and_reports_with_the_providers_usage(
     assert record["served_by"] == "openai_primary" and record["status"] == 200
 
 
+async def test_openai_cache_writes_are_charged_at_their_price_beside_cache_reads(
+    tmp_path: Path,
+) -> None:
+    """OpenAI reports both in ``prompt_tokens_details``; Envoy lifts them flat and both go
+    back under it (the second nested field replaced the first)."""
+    path = policy_file(tmp_path)
+    policy = yaml.safe_load(path.read_text())
+    policy["models"]["gpt-4o-mini"]["pricing"]["cache_write"] = 0.30
+    path.write_text(yaml.safe_dump(policy))
+    proc = processor(path)
+    ticket = await handed(proc, "sk-demo-restricted")
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 3,
+        "cached_tokens": 500,
+        "cache_write_tokens": 500,
+    }
+    await accountant(proc).settle(LoggedAnswer("req-1", ticket, 200, usage, None, 300))
+    [record] = proc._observer.recent
+    # 500 x 0.075 (read) + 500 x 0.30 (written) + 3 x 0.60 = 189.3, rounded up.
+    assert record["cost_micro_usd"] == 190
+
+
 async def test_anthropic_usage_fields_are_read_as_anthropic_reports_them(tmp_path: Path) -> None:
     proc = processor(policy_file(tmp_path))
     body = {"model": "claude-3-5-haiku", "max_tokens": 20, "messages": CHAT["messages"]}

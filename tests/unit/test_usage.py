@@ -345,3 +345,32 @@ def test_a_responses_stream_whose_final_event_is_huge_keeps_its_usage(image_byte
         meter.feed(stream[at : at + 16 * 1024])
     meter.finish()
     assert meter.usage == Usage(40, 1600)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "usage"),
+    [
+        (
+            "openai.chat",
+            {
+                "prompt_tokens": 1000,
+                "completion_tokens": 3,
+                "prompt_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 600},
+            },
+        ),
+        (
+            "openai.responses",
+            {
+                "input_tokens": 1000,
+                "output_tokens": 3,
+                "input_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 600},
+            },
+        ),
+    ],
+)
+def test_openai_cache_writes_are_read_beside_cache_reads(
+    dialect: str, usage: dict[str, Any]
+) -> None:
+    assert usage_from_body(dialect, {"usage": usage}) == Usage(
+        1000, 3, cached_input_tokens=400, cache_write_input_tokens=600
+    )
