@@ -43,7 +43,7 @@ from extproc.budgets.alerts import Watch
 from extproc.budgets.keys import Unit
 from extproc.budgets.meter import Cost, Settlement
 from extproc.budgets.pricing import Price
-from extproc.budgets.redis_store import RedisTarget
+from extproc.budgets.redis_store import BACKEND_ERRORS, RedisTarget
 from extproc.budgets.store import TOKEN_TTL_SECONDS
 from extproc.exchange import Exchange
 from extproc.telemetry.record import exchange_record
@@ -108,30 +108,38 @@ def shared_key(redis: RedisTarget, name: str = KEY_NAME) -> bytes | None:
     re-sends to a restarted service still settles), with nothing to configure. Whoever
     can read it could forge tickets, but could as well rewrite the budgets beside it.
     It is kept under ``name`` beside the budget counters (same prefix, same slot). ``None``
-    if Redis does not answer now.
+    if Redis does not answer now: the caller signs with a key of its own meanwhile (at
+    start), or keeps the keys it has (:meth:`TicketSigner.refresh`).
     """
+    key = redis.key(name)
+    try:
+        value = _kept_key(redis, key)
+    except BACKEND_ERRORS as error:
+        log.warning("the ticket key could not be read from Redis (%s)", error)
+        return None
+    if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+        log.warning("%s in Redis is not a %d-byte key: not used", key, KEY_BYTES)
+        return None
+    return value
+
+
+def _kept_key(redis: RedisTarget, key: str) -> object:
+    """The value at ``key``, a random key put there first if there was none. The client is
+    made here too: the Cluster client connects as it is made, and raises then when no node
+    answers."""
     from redis import Redis, RedisCluster
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisClusterException, RedisError
     from redis.retry import Retry
 
     kind = RedisCluster if redis.cluster else Redis
     client = kind.from_url(
         redis.url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
     )
-    key = redis.key(name)
     try:
         client.set(key, secrets.token_bytes(KEY_BYTES), nx=True)
-        value = client.get(key)
-    except (RedisError, RedisClusterException) as error:
-        log.warning("the ticket key could not be read from Redis (%s)", error)
-        return None
+        return client.get(key)
     finally:
         client.close()
-    if not isinstance(value, bytes) or len(value) != KEY_BYTES:
-        log.warning("%s in Redis is not a %d-byte key: not used", key, KEY_BYTES)
-        return None
-    return value
 
 
 class TicketSigner:
@@ -149,15 +157,31 @@ class TicketSigner:
         half of keying a new one, about 4 of 8 us), newest first: the first signs."""
         self._refresh = refresh
         self._refreshed_at = -math.inf
+        self._fetching: asyncio.Future[bool] | None = None
+        """The fetch under way, or the last one."""
 
     async def refresh(self) -> bool:
         """Fetch the shared key again (at most every :data:`REFRESH_SECONDS`); from then on
-        sign with it and still read the older ones. Whether a key not known before came."""
-        now = time.monotonic()
-        if self._refresh is None or now - self._refreshed_at < REFRESH_SECONDS:
-            return False
-        self._refreshed_at = now
-        key = await asyncio.to_thread(self._refresh)
+        sign with it and still read the older ones. Whether a key not known before came.
+
+        Callers while a fetch is under way wait for it and share its answer: the records
+        of one access-log batch, signed with a key this process has yet to fetch, each
+        meet the unknown signature together, and each must be read with the key it brings
+        (answered ``False`` at once, all but the first were dropped unsettled)."""
+        fetching = self._fetching
+        if fetching is None or fetching.done():
+            now = time.monotonic()
+            if self._refresh is None or now - self._refreshed_at < REFRESH_SECONDS:
+                return False
+            self._refreshed_at = now
+            fetching = self._fetching = asyncio.ensure_future(self._fetch(self._refresh))
+        # One caller cancelled (its stream ended) does not cancel the others' fetch.
+        return await asyncio.shield(fetching)
+
+    async def _fetch(self, fetch: Callable[[], bytes | None]) -> bool:
+        """Fetch the shared key (off the loop: a blocking Redis call) and sign with it if
+        it is new; whether it was."""
+        key = await asyncio.to_thread(fetch)
         if key is None or key in self._macs:
             return False
         log.warning("the ticket key in Redis changed (Redis lost its data?): signing with it")

@@ -24,7 +24,9 @@ While degraded no request touches the primary (none waits for its timeout): a ba
 task started by :meth:`ResilientStore.start` probes it with exponential backoff (50 ms
 doubling to 2 s by default, so traffic returns within ~2 s of the primary), writes the
 queue back, and only then switches traffic back, so the primary never sees new usage
-before the old. It starts by itself on the first failure if ``start`` was not called;
+before the old. It starts by itself on the first failure if ``start`` was not called,
+and again if it ever ended (an error it did not expect is logged and probed past: a store
+degraded with no task probing would stay degraded for good);
 :meth:`ResilientStore.stop` (or ``close``) ends it and writes the queue back, trying for
 :data:`STOP_SECONDS` if the primary is still down; what is still queued then is lost with
 the process, and ``close`` logs it as an error.
@@ -33,7 +35,6 @@ the process, and ``close`` logs it as an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -140,18 +141,13 @@ class ResilientStore:
         )
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
+        self._ensure_recovery()
 
     async def stop(self, *, write_back: bool = True, within: float | None = None) -> int:
         """Stop the recovery task and write the queue back, trying for about ``within``
         seconds of back-off (:data:`STOP_SECONDS`) if the primary is still down; return
         the keys still pending."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._end_recovery()
         delay, waited = self._backoff[0], 0.0
         within = STOP_SECONDS if within is None else within
         deadline = time.monotonic() + within  # the attempts' own time counts too
@@ -183,6 +179,7 @@ class ResilientStore:
                     for counter, value in zip(counters, result.values, strict=True):
                         self._known.put(counter.key, value, counter.expires_at)
                 return result
+        self._revive_recovery()
         self._refuse_if_closed()
         self._seed((c.key, c.expires_at) for c in counters)
         result = await self._local.reserve(counters)
@@ -202,6 +199,7 @@ class ResilientStore:
                     for delta, value in zip(deltas, result.values, strict=True):
                         self._known.put(delta.key, value, delta.expires_at)
                 return result
+        self._revive_recovery()
         self._queued += 1
         self._seed((d.key, d.expires_at) for d in deltas)
         if token is None or len(self._tokened) >= MAX_TOKENED:
@@ -218,6 +216,7 @@ class ResilientStore:
                 self._failed()
                 if self._mode is FailMode.CLOSED:
                     raise
+        self._revive_recovery()
         self._refuse_if_closed()
         # A counter not touched locally since the outage began reads as the primary last
         # reported it (as a reservation would start from), not as 0.
@@ -247,8 +246,37 @@ class ResilientStore:
             self._degraded = True
             self._local.clear()
             self._wake.set()
-            if self._task is None:
-                self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
+            self._ensure_recovery()
+
+    def _ensure_recovery(self) -> None:
+        """Start the recovery task unless it runs: also when it ended, which left a
+        degraded store with nothing probing, degraded until the process restarted."""
+        task = self._task
+        if task is not None and not task.done():
+            return
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.error("budget store recovery had stopped: started again", exc_info=task.exception())
+        self._task = asyncio.create_task(self._recover(), name="budget-store-recovery")
+
+    def _revive_recovery(self) -> None:
+        """While degraded: start the recovery task again if it ended (not if ``stop``
+        ended it: then there is none, and shutdown writes the queue back itself)."""
+        if self._task is not None and self._task.done():
+            self._ensure_recovery()
+
+    async def _end_recovery(self) -> None:
+        """Cancel the recovery task and wait for it. One that had died with an error is
+        logged, not raised: shutdown still has the queue to write back (or to report lost)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("budget store recovery had stopped with an error")
 
     def _refuse_if_closed(self) -> None:
         if self._mode is FailMode.CLOSED:
@@ -264,14 +292,19 @@ class ResilientStore:
             self._pending[delta.key] = (amount + delta.amount, max(expires_at, delta.expires_at))
 
     async def _recover(self) -> None:
+        """Probe the primary while degraded; write the queue back and switch traffic back
+        once it answers. Any error is one more failed probe: the task must outlive
+        whatever the primary raises (it alone ends the degraded mode)."""
         delay = self._backoff[0]
         while True:
             await self._wake.wait()
             try:
                 await self._primary.ping()
                 await self._write_back()
-            except StoreUnavailable:
+            except Exception as error:
                 self._errors += 1
+                if not isinstance(error, StoreUnavailable):
+                    log.exception("budget store recovery failed unexpectedly: probing on")
                 await self._sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue

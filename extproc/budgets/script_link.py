@@ -15,7 +15,11 @@ the address, database and credentials redis-py parsed from the URL.
 Failures: a call that gets no reply within ``timeout`` fails alone (as one redis-py call
 would); the calls queued behind it on the connection keep waiting for their replies, which
 arrive in order, while new calls open a fresh connection and the old one closes once no
-call waits on it. A lost connection fails the calls waiting on it. Error replies, refused
+call waits on it. A lost connection fails the calls waiting on it. ``timeout`` bounds a
+whole call, connecting and logging in (AUTH, SELECT) included, and calls that find no
+connection share one attempt to open it, made within ``timeout`` of its start: when it
+fails they all fail with it, each within its own ``timeout`` (each making an attempt of
+its own in turn, the k-th call of a batch waited k timeouts). Error replies, refused
 connections and timeouts all raise :class:`~extproc.budgets.store.StoreUnavailable`, as
 redis-py's errors do. As with any client, a call that timed out may still have run on the
 server (see the fail modes in :mod:`extproc.budgets.resilient_store`).
@@ -112,7 +116,8 @@ class ScriptLink:
         self._address = address
         self._timeout = timeout
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        """The attempt to connect under way, which every call without a connection awaits."""
 
     async def run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         sha = _sha(script)
@@ -132,10 +137,15 @@ class ScriptLink:
             protocol.transport.close()
 
     async def _command(self, args: Sequence[Arg]) -> Any:
+        """One command, answered within ``timeout`` of now, connecting first if need be
+        (an attempt under way started no later than now, so it ends by then too)."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
         protocol = await self._connected()
-        return await self._send(protocol, args)
+        return await self._send(protocol, args, deadline)
 
-    async def _send(self, protocol: _Protocol, args: Sequence[Arg]) -> Any:
+    async def _send(self, protocol: _Protocol, args: Sequence[Arg], deadline: float) -> Any:
+        """``args``'s reply on ``protocol``, or :class:`StoreUnavailable` past ``deadline``
+        (the event loop's time)."""
         transport = protocol.transport
         if transport is None:
             raise StoreUnavailable("redis: connection closed")
@@ -143,7 +153,7 @@ class ScriptLink:
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
         transport.write(pack(args))
-        timer = loop.call_later(self._timeout, self._expire, protocol, future)
+        timer = loop.call_at(deadline, self._expire, protocol, future)
         try:
             return await future
         except (ConnectionError, OSError) as error:
@@ -163,18 +173,27 @@ class ScriptLink:
         protocol.retire()
 
     async def _connected(self) -> _Protocol:
+        """The open connection, else the one the attempt under way (or a new one) opens."""
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             return protocol
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._protocol is None or self._protocol.transport is None:
-                self._protocol = await self._connect()
-            return self._protocol
+        attempt = self._connecting
+        if attempt is None or attempt.done():
+            attempt = self._connecting = asyncio.ensure_future(self._open())
+            attempt.add_done_callback(_retrieve)
+        # A caller that gives up (cancelled) leaves the attempt to the others.
+        return await asyncio.shield(attempt)
+
+    async def _open(self) -> _Protocol:
+        """One attempt to connect, shared by every call made meanwhile."""
+        self._protocol = await self._connect()
+        return self._protocol
 
     async def _connect(self) -> _Protocol:
+        """A connection, logged in and on its database within ``timeout`` (a server that
+        accepts and never answers AUTH counts as down as fast as one that refuses)."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         address = self._address
         try:
             if address.path is not None:
@@ -188,15 +207,22 @@ class ScriptLink:
             if address.password is not None:
                 login = (address.username, address.password) if address.username else ()
                 await self._send(
-                    protocol, ("AUTH", *login) if login else ("AUTH", address.password)
+                    protocol, ("AUTH", *login) if login else ("AUTH", address.password), deadline
                 )
             if address.db:
-                await self._send(protocol, ("SELECT", address.db))
+                await self._send(protocol, ("SELECT", address.db), deadline)
         except hiredis.ReplyError as error:
             if protocol.transport is not None:
                 protocol.transport.close()
             raise StoreUnavailable(f"redis: {error}") from error
         return protocol
+
+
+def _retrieve(attempt: asyncio.Future[_Protocol]) -> None:
+    """Mark a failed attempt's error as seen: every caller that awaited it has it, and
+    when all of them gave up first, asyncio would log it as never retrieved."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 @functools.cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from extproc.adapters.access_log import (
 from extproc.adapters.ext_proc import ANSWER_HEADERS_NAMESPACE, ExternalProcessor
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
+from extproc.budgets.redis_store import RedisTarget
 from extproc.budgets.store import BudgetStore
 from extproc.budgets.tokens import count_prompt_tokens
 from extproc.policy.store import PolicyStore
@@ -37,7 +40,14 @@ from extproc.server import follow_ticket_key
 from extproc.stack import ROOT
 from extproc.telemetry.audit import AuditLog
 from extproc.telemetry.observer import Observer
-from extproc.ticket import LIFETIME_SECONDS, InvalidTicket, TicketSigner, signing_key
+from extproc.ticket import (
+    LIFETIME_SECONDS,
+    InvalidTicket,
+    TicketSigner,
+    shared_key,
+    signing_key,
+)
+from tests.redis_server import free_port
 from tests.unit.fake_envoy import exchange, headers_set, request_body, request_headers
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi a@b.com"}]}
@@ -629,6 +639,44 @@ async def test_a_process_fetches_the_shared_key_again_for_a_ticket_it_cannot_rea
     assert not await accountant(running).settle(LoggedAnswer("r3", forged, 200, usage, None, 9))
     assert fetched == [new]
     assert len(running._observer.recent) == 2
+
+
+async def test_records_of_one_batch_signed_with_a_new_key_all_settle(tmp_path: Path) -> None:
+    """Redis lost the key kept there: the records of one access-log batch, signed with the
+    new one, each meet an unknown signature together, and wait for the one fetch under
+    way. (Answered at once that nothing new came, all but the first were dropped: neither
+    settled nor audited.)"""
+    old, new = signing_key("kept before Redis restarted"), signing_key("made after")
+    path = policy_file(tmp_path)
+    fetched: list[bytes] = []
+
+    def fetch() -> bytes:
+        time.sleep(0.05)  # a round trip to Redis, in a thread
+        fetched.append(new)
+        return new
+
+    running = processor(path, key=old, refresh=fetch)
+    started_later = processor(path, key=new)
+    tickets = [await handed(started_later, "sk-demo-restricted") for _ in range(5)]
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    batch = [LoggedAnswer(f"r{i}", t, 200, usage, None, 9) for i, t in enumerate(tickets)]
+    settling = accountant(running)
+    assert await asyncio.gather(*(settling.settle(logged) for logged in batch)) == [True] * 5
+    assert fetched == [new]
+    assert len(running._observer.recent) == 5
+
+
+async def test_a_record_met_while_the_shared_key_cannot_be_fetched_is_not_settled(
+    tmp_path: Path,
+) -> None:
+    """A Redis Cluster that does not answer: the record is refused (logged) as one signed
+    with a key no one can tell, not an error out of the access log's batch."""
+    path = policy_file(tmp_path)
+    down = RedisTarget(f"redis://127.0.0.1:{free_port()}/0", cluster=True)
+    running = processor(path, key=signing_key("own"), refresh=functools.partial(shared_key, down))
+    ticket = await handed(processor(path, key=signing_key("shared")), "sk-demo-restricted")
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    assert not await accountant(running).settle(LoggedAnswer("r", ticket, 200, usage, None, 9))
 
 
 async def test_a_process_follows_the_shared_key_without_meeting_a_ticket(

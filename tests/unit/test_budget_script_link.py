@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from extproc.budgets.redis_store import RedisStore
 from extproc.budgets.script_link import Address, ScriptLink, pack
 from extproc.budgets.store import StoreUnavailable
-from tests.unit.test_budget_stores import REDIS_URL
+from tests.unit.test_budget_stores import REDIS_URL, until
 
 ECHO = "return {KEYS[1], ARGV[1]}"
 
@@ -74,13 +74,16 @@ async def test_the_database_of_the_url_is_selected() -> None:
 
 class FakeRedis:
     """Records every command; answers ``:7``, ``:8``, … in order, except on the connections
-    it is told to ignore (numbered from 0), after ``delay`` seconds for the first command."""
+    it is told to ignore (numbered from 0), after ``delay`` seconds for the first command,
+    and AUTH and SELECT after ``login_delay`` seconds each."""
 
-    def __init__(self, silent: set[int], delay: float = 0.0) -> None:
+    def __init__(self, silent: set[int], delay: float = 0.0, login_delay: float = 0.0) -> None:
         self.silent = silent
         self.delay = delay
+        self.login_delay = login_delay
         self.answered = 7
         self.connections: list[list[list[bytes]]] = []
+        self.closed = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         commands: list[list[bytes]] = []
@@ -94,6 +97,7 @@ class FakeRedis:
                 if number in self.silent:
                     continue
                 if command[0] in (b"AUTH", b"SELECT"):
+                    await asyncio.sleep(self.login_delay)
                     writer.write(b"+OK\r\n")
                     continue
                 delay, self.delay = self.delay, 0.0
@@ -102,6 +106,7 @@ class FakeRedis:
                 writer.write(b":%d\r\n" % self.answered)
                 self.answered += 1
         writer.close()
+        self.closed += 1
 
 
 async def serve(fake: FakeRedis) -> tuple[asyncio.Server, int]:
@@ -137,6 +142,44 @@ async def test_a_slow_reply_fails_only_its_own_call() -> None:
     assert await queued == 9  # its reply came, in order, after the slow one's (8)
     assert len(fake.connections) == 2
     await link.close()
+    server.close()
+
+
+async def test_calls_waiting_for_a_connection_share_one_attempt() -> None:
+    """A server that accepts and never answers AUTH (a stalled Redis with a password): the
+    calls made while the connection is opened fail with that one attempt, each within
+    its own timeout. (Each making an attempt of its own in turn, one request every 30 ms
+    waited 0.25, 0.47, 0.70 ... 2 s: past Envoy's wait, before the fail mode took over.)"""
+    fake = FakeRedis(silent={0, 1})
+    server, port = await serve(fake)
+    link = ScriptLink(Address(host="127.0.0.1", port=port, password="pw"), timeout=0.3)
+
+    async def call(after: float) -> float:
+        await asyncio.sleep(after)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await link.run(ECHO, ["k"], [1])
+        return time.monotonic() - started
+
+    waited = await asyncio.gather(*(call(0.03 * i) for i in range(5)), call(0.0))
+    assert max(waited) < 0.3 + 0.15
+    assert len(fake.connections) == 1
+    await link.close()
+    server.close()
+
+
+async def test_a_call_fails_within_its_timeout_however_its_time_is_spent() -> None:
+    """Connecting, AUTH, SELECT and the script's reply, each within the timeout, once
+    added up to a call of three timeouts: a slower Redis counts as down."""
+    fake = FakeRedis(silent=set(), login_delay=0.2)
+    server, port = await serve(fake)
+    link = ScriptLink(Address(host="127.0.0.1", port=port, db=3, password="pw"), timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="no reply"):
+        await link.run(ECHO, ["k"], [1])
+    assert time.monotonic() - started < 0.3 + 0.15
+    await link.close()
+    await until(lambda: fake.closed == 1)  # its SELECT answered to a closed connection
     server.close()
 
 
