@@ -15,6 +15,7 @@ per request. The runs of a scenario, in order:
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from bench import load as wrk
 from bench.load import Load, LoadResult
-from bench.procstat import CpuSample
+from bench.procstat import CoreTimes, CpuSample
 
 Counters = Callable[[], Mapping[str, int]]
 
@@ -73,6 +74,9 @@ class Target:
     """Accounted processes by group name (``service``, ``envoy``, ``redis``, ...)."""
     counters: Counters | None = None
     """Envoy's ext_proc counters, when the request crosses the ext_proc filter."""
+    server_cpus: Sequence[int] = ()
+    """The cores the measured processes are pinned to, whose busy and stolen time each run
+    reports: what else ran there (Redis, interrupts, other work on a shared machine)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,9 @@ class Run:
     """Envoy counter increments per completed request (e.g. ext_proc messages)."""
     repeats_p99: tuple[float, ...] = ()
     """For the paced run: the p99 of each repeat, in the order they ran."""
+    server_core: dict[str, float] = field(default_factory=dict)
+    """Shares of the run's wall time on the server cores: ``busy`` (anything), ``other``
+    (busy, not in a measured process other than Redis), ``steal`` (the hypervisor's)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -102,6 +109,7 @@ class Run:
             "cpu_share": self.cpu_share,
             "per_request": {k: round(v, 3) for k, v in self.per_request.items()},
             **({"repeats_p99": list(self.repeats_p99)} if self.repeats_p99 else {}),
+            **({"server_core": self.server_core} if self.server_core else {}),
         }
 
 
@@ -114,8 +122,11 @@ def measured(target: Target, name: str, load: Load, client_cpus: Sequence[int]) 
     pids = [pid for group in target.groups.values() for pid in group]
     counters_before = dict(target.counters()) if target.counters else {}
     cpu_before = CpuSample.take(pids)
+    cores_before, started = CoreTimes.take(target.server_cpus), time.monotonic()
     result = wrk.run(target.url, target.body, load, target.headers, client_cpus)
     used = CpuSample.take(pids).since(cpu_before)
+    cores = CoreTimes.take(target.server_cpus).since(cores_before)
+    wall = (time.monotonic() - started) * max(1, len(target.server_cpus))
     counters_after = dict(target.counters()) if target.counters else {}
     if not result.ok:
         raise BadAnswer(
@@ -128,10 +139,21 @@ def measured(target: Target, name: str, load: Load, client_cpus: Sequence[int]) 
         for g, pids_ in target.groups.items()
         if len(pids_) > 1
     }
+    pinned = sum(seconds for group, seconds in per_group.items() if group != "redis")
+    server_core = (
+        {
+            "busy": round(cores.busy / wall, 3),
+            "other": round(max(0.0, cores.busy - pinned) / wall, 3),
+            "steal": round(cores.steal / wall, 3),
+        }
+        if target.server_cpus
+        else {}
+    )
     return Run(
         name=name,
         load=load,
         result=result,
+        server_core=server_core,
         cpu_us_per_request={g: s * 1e6 / result.requests for g, s in per_group.items()},
         cpu_share=shares,
         per_request={

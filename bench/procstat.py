@@ -31,6 +31,31 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLOCK_TICKS
 
 
+@dataclass(frozen=True, slots=True)
+class CoreTimes:
+    """Seconds some cores spent busy (any process, the kernel included) and stolen (the
+    hypervisor ran another tenant while they wanted to run), from ``/proc/stat``."""
+
+    busy: float
+    steal: float
+
+    @classmethod
+    def take(cls, cpus: Iterable[int]) -> CoreTimes:
+        wanted = {f"cpu{n}" for n in cpus}
+        busy = steal = 0
+        for line in (PROC / "stat").read_text().splitlines():
+            name, *values = line.split()
+            if name in wanted:
+                # user nice system idle iowait irq softirq steal ...
+                ticks = [int(v) for v in values[:8]]
+                busy += sum(ticks[:3]) + ticks[5] + ticks[6]
+                steal += ticks[7]
+        return cls(busy / CLOCK_TICKS, steal / CLOCK_TICKS)
+
+    def since(self, before: CoreTimes) -> CoreTimes:
+        return CoreTimes(self.busy - before.busy, self.steal - before.steal)
+
+
 def peak_rss_bytes(pid: int) -> int:
     """``VmHWM``: the most resident memory the process has held since it started."""
     return _status_bytes(pid, "VmHWM")

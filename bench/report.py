@@ -192,6 +192,35 @@ def _memory_split(by_process: dict[str, float]) -> str:
     return f"{', '.join(f'{mb:g}' for mb in by_process.values())} ({sum(by_process.values()):g})"
 
 
+def _server_core_table(scenarios: list[Doc]) -> list[str]:
+    """The server core's busy, other and stolen shares of each scenario's runs: how much
+    else ran where the measured processes did (none in a quiet run)."""
+
+    def shares(run: Doc | None) -> str:
+        core = run.get("server_core") if run else None
+        if not core:
+            return "—"
+        return " / ".join(f"{round(100 * core[k])} %" for k in ("busy", "other", "steal"))
+
+    rows = [
+        [s["key"], shares(run_of(s, "c1")), shares(run_of(s, "load")), shares(run_of(s, "paced"))]
+        for s in scenarios
+        if any(r.get("server_core") for r in s.get("runs", []))
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Server core (busy / other / steal, as shares of each run's wall time)",
+        "",
+        "busy: anything ran; other: busy outside Envoy, the service, the upstream or the peer "
+        "(Redis, interrupts, other work on the machine); steal: the hypervisor ran another "
+        "tenant.",
+        "",
+        *_table(["#", "c=1", "c=16", "paced"], rows),
+    ]
+
+
 def markdown(doc: Doc, chart: str | None = None) -> str:
     meta = doc["meta"]
     lines = [
@@ -209,6 +238,7 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
         "",
         *_scenario_table(doc.get("scenarios", []), doc["plan"]),
     ]
+    lines += _server_core_table(doc.get("scenarios", []) + doc.get("peers", []))
     if doc.get("upstream_choice"):
         lines += ["", "## Upstream choice (scenario 0 with each candidate)", ""]
         lines += _table(

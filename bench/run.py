@@ -189,6 +189,7 @@ def _choose_upstream(
                 scenario.body,
                 scenario.headers,
                 {"upstream": procstat.tree(proc.pid)},
+                server_cpus=layout.server or (),
             )
             runs = _guarded(
                 errors, f"upstream {name}", _checked_series, target, short, layout, stream
@@ -242,6 +243,7 @@ def _scenario(
                 scenario.body,
                 scenario.headers,
                 {"upstream": [upstream.pid]},
+                server_cpus=layout.server or (),
             )
             result["check"] = measure.check(target, False, scenario.stream)
             result["runs"] = [r.as_dict() for r in _series(target, plan, layout)]
@@ -262,6 +264,7 @@ def _scenario(
             scenario.headers,
             groups,
             gw.envoy_counters if scenario.service else None,
+            layout.server or (),
         )
         result["check"] = measure.check(target, scenario.redis, scenario.stream)
         result["runs"] = [r.as_dict() for r in _series(target, plan, layout)]
@@ -369,6 +372,7 @@ def _peer(
             payloads.chat_request(),
             mode.headers,
             {"peer": procstat.tree(proc.pid)},
+            server_cpus=layout.server or (),
         )
         check = measure.check(target, False, False)
         runs = _series(target, plan, layout)
