@@ -82,6 +82,8 @@ class Exchange:
     """(server, tool) of each tools/call let through: what tool limits count."""
     mcp_forward: Forward | None = None
     """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
+    mcp_params: Mapping[str, str] = field(default_factory=dict)
+    """The request's ``Mcp-Param-*`` headers: copies of arguments a rewrite must follow."""
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
     only_accounted: bool = False

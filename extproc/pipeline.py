@@ -244,7 +244,7 @@ def _request_headers(
 
     scrubbed = _scrubbed_headers(headers)
     if server is not None:
-        decision = tools.on_headers(exchange, server, principal, end_of_stream)
+        decision = tools.on_headers(exchange, server, principal, headers, end_of_stream)
         if isinstance(decision, Reply):
             return decision
         return replace(

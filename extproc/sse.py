@@ -4,7 +4,9 @@ ends, its lines, its data.
 The format ends a line with CRLF, LF or CR, and an event with an empty line. Providers
 send LF; a server behind another proxy may send CRLF, and the format allows CR alone. The
 readers (usage, translation, output guardrails, MCP narrowing) split the same way, so
-none of them sees an event another one missed.
+none of them sees an event another one missed. A stream's leading byte order mark is
+dropped, as the format's UTF-8 decoding and the TypeScript SDKs' parser drop it: kept,
+it would hide the first line's field from the readers, not from those clients.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 """A line's end followed by an empty line's: any two of CRLF, LF and CR (a CRLF is one)."""
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 _CR = 0x0D
+_BOM = b"\xef\xbb\xbf"
+MESSAGE = b"message"
+"""The type of an event whose ``event`` field is absent or empty."""
 
 
 class Events:
@@ -22,17 +27,21 @@ class Events:
     held. Each byte is searched once for an event's end: a large event arriving in small
     chunks is not searched again from its start with every chunk."""
 
-    __slots__ = ("_held", "_searched")
+    __slots__ = ("_begun", "_held", "_searched")
 
     def __init__(self) -> None:
         self._held = bytearray()
         self._searched = 0
+        self._begun = False
+        """Whether the stream's first bytes were seen (and a byte order mark dropped)."""
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events ``chunk`` completes, each with the empty line that ends it (an event
         passed on unchanged keeps its bytes)."""
         held = self._held
         held += chunk
+        if not self._begun and not self._begin():
+            return []
         events: list[bytes] = []
         start = 0
         # An end that began in the last chunk: back up by one end's length less a byte.
@@ -44,6 +53,17 @@ class Events:
         del held[:start]
         self._searched = len(held)
         return events
+
+    def _begin(self) -> bool:
+        """Drop the stream's leading byte order mark; ``False`` while the bytes so far may
+        still be the start of one."""
+        held = self._held
+        if len(held) < len(_BOM) and _BOM.startswith(held):
+            return False
+        if held.startswith(_BOM):
+            del held[: len(_BOM)]
+        self._begun = True
+        return True
 
     @property
     def held(self) -> int:
@@ -66,13 +86,20 @@ def lines(event: bytes) -> list[bytes]:
     return _LINE_END.split(event)
 
 
-def name(event: bytes) -> bytes | None:
-    """The event's ``event:`` field, or ``None`` (a client then dispatches it as
-    ``message``)."""
+def name(event: bytes) -> bytes:
+    """The type a client dispatches the event as: its last ``event`` field's value (a bare
+    ``event`` line's is empty), :data:`MESSAGE` when that is empty or there is none.
+
+    As the format says and the SDKs do: ``event: x`` then ``event: message``, or a bare
+    ``event:``, is a ``message`` to them, and must be to every reader here too.
+    """
+    found = b""
     for line in lines(event):
         if line.startswith(b"event:"):
-            return _value(line[6:])
-    return None
+            found = _value(line[6:])
+        elif line == b"event":
+            found = b""
+    return found or MESSAGE
 
 
 def data(event: bytes) -> bytes | None:

@@ -28,11 +28,13 @@ from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import LISTS, Answer, decide, refuse
 from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, encode, error_response, parse_body
+from extproc.mcp.params import Unfaithful, agreeing, argument_changes, carried
 from extproc.mcp.stream import (
     McpStreamError,
     Rewriter,
     SseRewriter,
     chain,
+    foreign_charset,
     is_event_stream,
     list_filter,
     rewrite_json,
@@ -43,6 +45,7 @@ from extproc.mcp.texts import (
     listed_texts,
     message_texts,
     request_texts,
+    rewritten,
     withheld,
 )
 
@@ -55,10 +58,15 @@ _HTTP_METHODS = frozenset({"POST", "GET", "DELETE"})
 
 
 def on_headers(
-    exchange: Exchange, server: CompiledServer, principal: Principal, end_of_stream: bool
+    exchange: Exchange,
+    server: CompiledServer,
+    principal: Principal,
+    headers: Mapping[str, str],
+    end_of_stream: bool,
 ) -> Decision:
     """Route the request to the server's cluster; refuse callers who may not use it."""
     exchange.mcp_server = server
+    exchange.mcp_params = carried(headers)
     if not principal.mcp.may_use_server(server.name):
         why = f"Your team '{principal.team}' may not use the MCP server '{server.name}'."
         return _refused(exchange, server, 403, ErrorCode.FORBIDDEN, why, "mcp_forbidden")
@@ -105,7 +113,9 @@ def _refused(
 
 
 def on_body(exchange: Exchange, raw: bytes) -> Decision:
-    """Judge every JSON-RPC call in the body; guard the arguments of those let through."""
+    """Judge every JSON-RPC call in the body; guard the arguments of those let through
+    (and a rewritten argument's copies in ``Mcp-Param-*`` headers with it:
+    :mod:`extproc.mcp.params`)."""
     server, principal = exchange.mcp_server, exchange.principal
     assert server is not None and principal is not None
     try:
@@ -140,13 +150,21 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
         rewrites = withheld(texts, message)
     if not rewrites:
         return Forward(set_headers=route, clear_route_cache=True)
+    try:  # before the body is rewritten in place: the originals are what copies carry
+        copies = agreeing(exchange.mcp_params, argument_changes(body, rewrites))
+    except Unfaithful as unfaithful:
+        message = (
+            f"A guardrail rewrote an argument of this call, and {unfaithful.message}: "
+            "refused rather than sent with the original text in a header."
+        )
+        return _answer(exchange, refuse(server, body, ErrorCode.GUARDRAIL_BLOCKED, message))
     apply_rewrites(body.raw, rewrites)
     try:
-        rewritten = encode_body(body.raw)
+        sent = encode_body(body.raw)
     except InvalidRequest as too_deep:
         refused = refuse(server, body, ErrorCode.INVALID_REQUEST, too_deep.message)
         return _answer(exchange, refused)
-    return Forward(set_headers=route, body=rewritten, clear_route_cache=True)
+    return Forward(set_headers=(*route, *copies), body=sent, clear_route_cache=True)
 
 
 async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> Reply | None:
@@ -181,6 +199,10 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     if headers.get("content-encoding", "identity").lower() != "identity":
         # Envoy asks servers for plain answers; one compressed anyway cannot be checked.
         return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: compressed."))
+    if sse and (charset := foreign_charset(content_type)) is not None:
+        # Read here as UTF-8, by the Python SDK in its own charset: judged unread.
+        why = f"a stream in charset {charset}, not UTF-8"
+        return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {why}."))
     if sse:
         exchange.mcp_stream = SseRewriter(exchange.mcp_methods, _rewriter(exchange))
         return Forward(remove_headers=("content-length",), response_body="streamed")
@@ -235,8 +257,7 @@ def _rewriter(exchange: Exchange) -> Rewriter:
                     touched = True
                     if verdict.blocked:
                         continue
-                    item = _deep_copy(item)
-                    apply_rewrites(item, verdict.rewrites)
+                    item = rewritten(item, verdict.rewrites)
                 kept.append(item)
             if touched:
                 changed = {**(changed or result), key: kept}
@@ -264,8 +285,7 @@ def _rewriter(exchange: Exchange) -> Rewriter:
             rewrites = withheld(texts, text)
         if not rewrites:
             return listed
-        copy: dict[str, Any] = _deep_copy(current)
-        apply_rewrites(copy, rewrites)
+        copy: dict[str, Any] = rewritten(current, rewrites)
         return copy
 
     return chain(narrow, guard)
@@ -286,11 +306,3 @@ def _subject(exchange: Exchange, principal: Principal, server: CompiledServer) -
         "model": f"mcp:{server.name}",
         "path": exchange.path,
     }
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value

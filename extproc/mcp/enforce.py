@@ -17,8 +17,11 @@ What is judged, per method:
   ``resources/subscribe``, ``resources/unsubscribe`` (resource ``uri``) and
   ``completion/complete`` (the prompt or resource its ``ref`` names): the name must be
   permitted, or the call is refused with -32010;
+- ``subscriptions/listen`` (MCP 2026-07-28, which replaced ``resources/subscribe`` with
+  it): each URI of its ``notifications.resourceSubscriptions`` is judged as
+  ``resources/subscribe`` judges its ``uri``; one refused refuses the call;
 - the list methods and MCP's housekeeping (``initialize``, ``ping``, ``server/discover``,
-  ``logging/setLevel``, ``tasks/*``, ``subscriptions/listen``, ``notifications/*``) pass;
+  ``logging/setLevel``, ``tasks/*``, ``notifications/*``) pass;
   their answers are filtered by :func:`filter_list_response`;
 - any other method is refused with -32601 unless the server's policy forwards unknown
   methods;
@@ -76,13 +79,13 @@ _PASSING = frozenset(
         "tasks/result",
         "tasks/list",
         "tasks/cancel",
-        "subscriptions/listen",
         *LISTS,
     }
 )
 """Requests that name nothing the policy governs; they pass as they are."""
 
 _COMPLETION = "completion/complete"
+_LISTEN = "subscriptions/listen"
 _SHOWN_NAME = 256
 
 
@@ -239,7 +242,7 @@ def _judge(
         return call, None
     method = message.method
     if isinstance(message, Notification):
-        if method in NAMED_CALLS or method in _PASSING or method == _COMPLETION:
+        if method in NAMED_CALLS or method in _PASSING or method in (_COMPLETION, _LISTEN):
             return replace(call, verdict=Verdict.INVALID), _Refusal(
                 ErrorCode.INVALID_REQUEST,
                 f"Invalid request: {method} must be sent as a request with an id",
@@ -253,23 +256,73 @@ def _judge(
             return replace(call, verdict=Verdict.INVALID), _Refusal(
                 ErrorCode.INVALID_PARAMS, _missing_name(method), {"method": method}
             )
-        if call.kind is Kind.RESOURCE and unclear_uri(call.name):
-            return replace(call, verdict=Verdict.INVALID), _Refusal(
-                ErrorCode.INVALID_PARAMS,
-                f"Invalid params: {method} of a URI with dot segments or encoded separators",
-                {"method": method, "name": _shown(call.name)},
-            )
-        if access.permits(call.kind, call.name):
-            return call, None
-        shown = _shown(call.name)
-        return replace(call, verdict=Verdict.DENY), _Refusal(
-            ErrorCode.FORBIDDEN,
-            f"{method} of {call.kind.value} {shown!r} is forbidden by gateway policy",
-            {"method": method, "kind": call.kind.value, "name": shown, "server": server.name},
-        )
+        return _judge_name(server, access, call, call.kind, call.name)
+    if method == _LISTEN:
+        return _judge_listen(server, access, call, message.params)
     if method in _PASSING:
         return call, None
     return _unknown(server, call)
+
+
+def _judge_name(
+    server: CompiledServer, access: McpPermissions, call: McpCall, kind: Kind, name: str
+) -> tuple[McpCall, _Refusal | None]:
+    """The verdict on ``call`` acting on the ``kind`` named ``name``."""
+    method = call.method
+    if kind is Kind.RESOURCE and unclear_uri(name):
+        return replace(call, verdict=Verdict.INVALID), _Refusal(
+            ErrorCode.INVALID_PARAMS,
+            f"Invalid params: {method} of a URI with dot segments or encoded separators",
+            {"method": method, "name": _shown(name)},
+        )
+    if access.permits(kind, name):
+        return call, None
+    shown = _shown(name)
+    return replace(call, verdict=Verdict.DENY), _Refusal(
+        ErrorCode.FORBIDDEN,
+        f"{method} of {kind.value} {shown!r} is forbidden by gateway policy",
+        {"method": method, "kind": kind.value, "name": shown, "server": server.name},
+    )
+
+
+def _judge_listen(
+    server: CompiledServer, access: McpPermissions, call: McpCall, params: Mapping[str, Any]
+) -> tuple[McpCall, _Refusal | None]:
+    """``subscriptions/listen``: every resource URI it subscribes to, judged as
+    ``resources/subscribe`` judges its one (it replaced that method in MCP 2026-07-28);
+    the first refused names the call in audit. Unjudged, a caller would learn that a
+    forbidden resource exists and when it changes."""
+    uris = _subscribed_uris(params)
+    if uris is None:
+        return replace(call, verdict=Verdict.INVALID), _Refusal(
+            ErrorCode.INVALID_PARAMS,
+            f"Invalid params: {_LISTEN} needs params.notifications to be an object and its "
+            "resourceSubscriptions a list of URIs (non-empty strings)",
+            {"method": _LISTEN},
+        )
+    for uri in uris:
+        judged, refusal = _judge_name(
+            server, access, replace(call, kind=Kind.RESOURCE, name=uri), Kind.RESOURCE, uri
+        )
+        if refusal is not None:
+            return judged, refusal
+    return call, None
+
+
+def _subscribed_uris(params: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The resource URIs a ``subscriptions/listen`` subscribes to; ``None`` when they
+    cannot be read (what a server might still read as URIs is refused, not guessed)."""
+    notifications = params.get("notifications")
+    if notifications is None:
+        return ()
+    if not isinstance(notifications, dict):
+        return None
+    uris = notifications.get("resourceSubscriptions")
+    if uris is None:
+        return ()
+    if not isinstance(uris, list) or not all(isinstance(uri, str) and uri for uri in uris):
+        return None
+    return tuple(uris)
 
 
 def _describe(server: CompiledServer, message: Message) -> McpCall:

@@ -39,6 +39,7 @@ gets 400, which the transport spec requires and which SDK 2.x maps the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -180,8 +181,12 @@ def parse_body(body: bytes) -> Body:
 
 # The members the gateway judges a message by, at each level it reads.
 _MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
-_PARAMS = frozenset({"name", "uri", "arguments", "ref"})
-_REF = frozenset({"type", "name", "uri"})
+_PARAMS = frozenset({"name", "uri", "arguments", "ref", "notifications"})
+_NESTED: Mapping[str, frozenset[str]] = {
+    "ref": frozenset({"type", "name", "uri"}),
+    "notifications": frozenset({"resourceSubscriptions"}),
+}
+"""Params members holding an object whose members the gateway reads too."""
 
 
 def _lookalike(members: Mapping[str, Any], read: frozenset[str]) -> str | None:
@@ -191,10 +196,17 @@ def _lookalike(members: Mapping[str, Any], read: frozenset[str]) -> str | None:
     ``s``, the Kelvin sign as ``k``) and keeps the last match, and some decoders drop NUL
     characters: ``{"method": "ping", "Method": "tools/call"}`` would be judged a ping here
     and run as a tool call there. Such a message is refused instead."""
+    folded = _folded(read)
     for name in members:
-        if name not in read and name.replace("\x00", "").casefold() in read:
+        if name not in read and name.replace("\x00", "").casefold() in folded:
             return name
     return None
+
+
+@functools.cache
+def _folded(read: frozenset[str]) -> frozenset[str]:
+    """``read`` as those servers match it (``resourceSubscriptions`` in any case)."""
+    return frozenset(name.casefold() for name in read)
 
 
 def _message(item: Any, index: int | None) -> Message:
@@ -209,8 +221,9 @@ def _message(item: Any, index: int | None) -> Message:
     if ambiguous is None and isinstance(item.get("params"), dict):
         params = item["params"]
         ambiguous = _lookalike(params, _PARAMS)
-        if ambiguous is None and isinstance(params.get("ref"), dict):
-            ambiguous = _lookalike(params["ref"], _REF)
+        for member, read in _NESTED.items():
+            if ambiguous is None and isinstance(params.get(member), dict):
+                ambiguous = _lookalike(params[member], read)
     if ambiguous is not None:
         return Invalid(id_, f"Invalid request: member {ambiguous!r} reads as another", index)
     method = item.get("method")

@@ -14,6 +14,11 @@ no rewriter touches goes out byte for byte: an unchanged JSON body is reported a
 ``None``; an unchanged SSE event is re-emitted from its raw bytes (separators, ``id:``
 lines and comments included).
 
+Every event whose data is JSON is read, whatever its name: clients dispatch an event as a
+message by a rule servers can bend (the last ``event`` field wins, an empty one means
+``message``; :func:`extproc.sse.name`), so only an event they cannot take for one, named
+otherwise and with plain data (a server's own ``ping``), passes unread.
+
 Streams are processed incrementally: :meth:`SseRewriter.feed` returns the complete events
 of what has arrived so far and holds back the unfinished last one. An answer that cannot be
 read (not JSON, an event larger than ``max_event_bytes``) cannot be judged, so
@@ -25,6 +30,9 @@ client).
 
 from __future__ import annotations
 
+import codecs
+import email.message
+import email.utils
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -99,6 +107,31 @@ def _count(message: dict[str, Any]) -> int:
 
 def is_event_stream(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def foreign_charset(content_type: str) -> str | None:
+    """A charset other than UTF-8 that a stream's ``content_type`` declares, if any.
+
+    The gateway reads a stream as UTF-8, as the TypeScript SDK does whatever it says; the
+    Python SDK decodes it in the declared charset (httpx reads the header with
+    :mod:`email`, as this does). In UTF-16 no ``data:`` line is found here, yet that
+    client reads every message: such a stream cannot be judged. Every ``charset``
+    parameter counts (another reader may take the last), and a name Python does not know
+    is foreign.
+    """
+    header = email.message.Message()
+    header["content-type"] = content_type
+    for name, value in header.get_params(failobj=[]):
+        if name.lower() != "charset":
+            continue
+        declared = email.utils.collapse_rfc2231_value(value).strip()
+        try:
+            if codecs.lookup(declared).name == "utf-8":
+                continue
+        except LookupError:
+            pass
+        return declared or "(empty)"
+    return None
 
 
 def rewrite_json(body: bytes, methods: Mapping[RequestId, str], rewrite: Rewriter) -> bytes | None:
@@ -192,11 +225,11 @@ class SseRewriter:
         text = sse.data(raw)
         if text is None or not text.strip():
             return raw  # no message: a priming event (its id), a comment, a keep-alive
-        if sse.name(raw) not in (None, b"message"):
-            return raw  # not a message: MCP clients dispatch only those
         try:
             document = orjson.loads(text)
         except orjson.JSONDecodeError as error:
+            if sse.name(raw) != sse.MESSAGE:
+                return raw  # a named event's plain data: MCP clients dispatch only messages
             raise McpStreamError("an SSE event's data is not JSON") from error
         # One message per event in practice; MCP 2025-03-26 also allowed a batch.
         changed = _rewrite_document(document, self._methods, self._rewrite)

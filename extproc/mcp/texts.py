@@ -299,3 +299,33 @@ def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:
         for step in path[:-1]:
             parent = parent[step]
         parent[path[-1]] = text
+
+
+def rewritten(document: Any, rewrites: Mapping[JsonPath, str]) -> Any:
+    """A copy of ``document`` with rewritten texts at their paths, ``document`` unchanged.
+
+    Only the objects and arrays on the rewrites' paths are copied; the rest is shared (and
+    never changed). A deep copy would recurse through whatever a server nests, and a
+    server's answer may nest as deep as its JSON decodes (1,024 levels): the stack would
+    overflow before the encoder could refuse the answer as too deep to write back.
+    """
+    copy = _shallow(document)
+    copied = {id(copy)}
+    for path, text in rewrites.items():
+        parent = copy
+        for step in path[:-1]:
+            child = parent[step]
+            if id(child) not in copied:
+                child = parent[step] = _shallow(child)
+                copied.add(id(child))
+            parent = child
+        parent[path[-1]] = text
+    return copy
+
+
+def _shallow(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return value

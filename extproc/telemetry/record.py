@@ -2,15 +2,25 @@
 
 Built from the exchange's typed state once it is over. It never holds a gateway key (only
 the key's id), a prompt or an answer, and guardrail verdicts carry entity types and counts,
-never matched values: the record can be shipped anywhere.
+never matched values: the record can be shipped anywhere. The MCP resource URIs a caller
+sent (``docs://customers/jane@example.com``) go through the redaction recorded prompts
+get (:mod:`extproc.telemetry.bodies`), whether or not the policy records those.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
+from extproc.dialects.base import TextPart
 from extproc.exchange import Exchange
+from extproc.guardrails.engine import Guardrails
+from extproc.mcp.access import Kind
+from extproc.mcp.enforce import McpCall
+from extproc.telemetry.bodies import recorded, redactor
 
 
 def exchange_record(exchange: Exchange) -> dict[str, Any]:
@@ -51,7 +61,7 @@ def exchange_record(exchange: Exchange) -> dict[str, Any]:
             {
                 "server": c.server,
                 "method": _bounded(c.method, MAX_NAME_CHARS),
-                "name": _bounded(c.name, MAX_NAME_CHARS),
+                "name": _recorded_name(exchange, c),
                 "verdict": c.verdict.value,
             }
             for c in exchange.mcp_calls
@@ -72,7 +82,57 @@ with each request."""
 
 
 def _bounded(text: str | None, limit: int) -> str | None:
-    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+    return None if text is None else _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_URI_DELIMITERS = re.compile(r"([/?#&=;,])")
+"""Where a URI's parts end: the redaction reads each part as a text of its own, since
+``customers/jane@example.com`` is not an e-mail address to it, ``jane@example.com`` is."""
+
+
+def _recorded_name(exchange: Exchange, call: McpCall) -> str | None:
+    """The call's tool or prompt name, bounded; a resource URI redacted too."""
+    if call.kind is not Kind.RESOURCE or call.name is None:
+        return _bounded(call.name, MAX_NAME_CHARS)
+    redact = exchange.policy.audit_redactor or _redactor()
+    return _redacted_uri(redact, call.name, MAX_NAME_CHARS)
+
+
+@functools.cache
+def _redactor() -> Guardrails:
+    """The audit's redaction, for a policy that records no bodies (and so compiled none)."""
+    return redactor()
+
+
+def _redacted_uri(redact: Guardrails, uri: str, limit: int) -> str:
+    """``uri`` with each part the redaction rewrites rewritten (percent-decoded, as it
+    reads it), bounded to ``limit`` characters by whole parts: a part cut in two could
+    leave half of an address no detector recognises."""
+    pieces = _URI_DELIMITERS.split(uri)
+    kept = pieces if len(uri) <= limit else _first(pieces, limit - 1)
+    parts = [i for i in range(0, len(kept), 2) if kept[i]]  # even: between delimiters
+    texts = [TextPart((i,), "user", "input", unquote(kept[i])) for i in parts]
+    for i, text, found in zip(parts, texts, recorded(redact, texts, {}), strict=True):
+        if found["text"] != text.text:
+            kept[i] = found["text"]
+    shown = "".join(kept) + ("" if len(kept) == len(pieces) else "…")
+    return _cut(shown, limit)  # a replacement may be longer than what it replaced
+
+
+def _first(pieces: list[str], limit: int) -> list[str]:
+    """The leading ``pieces`` that fit in ``limit`` characters together."""
+    kept: list[str] = []
+    length = 0
+    for piece in pieces:
+        length += len(piece)
+        if length > limit:
+            break
+        kept.append(piece)
+    return kept
 
 
 def record_time() -> str:

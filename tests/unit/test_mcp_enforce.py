@@ -493,8 +493,25 @@ def test_filtered_list_is_marked_private_for_client_caches() -> None:
             ref={"type": "ref/prompt", "name": "triage_issue", "Name": "x"},
         ),
         {**req(8, "tools/list"), "param\u017f": {"name": "github.create_issue"}},
+        req(
+            10,
+            "subscriptions/listen",
+            notifications={"resourceSubscriptions": [], "ResourceSubscriptions": ["secrets://x"]},
+        ),
+        req(11, "subscriptions/listen", Notifications={"resourceSubscriptions": ["secrets://x"]}),
     ],
-    ids=["method", "name", "nul", "mixed-case", "method-case", "uri", "ref", "long-s"],
+    ids=[
+        "method",
+        "name",
+        "nul",
+        "mixed-case",
+        "method-case",
+        "uri",
+        "ref",
+        "long-s",
+        "subscriptions",
+        "notifications",
+    ],
 )
 def test_a_member_a_server_could_read_as_another_is_refused(message: dict[str, Any]) -> None:
     """Go's encoding/json matches member names regardless of case (and some decoders drop
@@ -544,3 +561,70 @@ def test_a_resource_glob_scheme_is_matched_in_lower_case_too() -> None:
     assert access.permits(Kind.RESOURCE, "DOCS://demo/readme")
     assert not access.permits(Kind.RESOURCE, "secrets://deploy-key")
     assert not access.permits(Kind.RESOURCE, "Secrets://deploy-key")
+
+
+def listen(id_: Any, *uris: Any, **notifications: Any) -> dict[str, Any]:
+    """A 2026-07-28 ``subscriptions/listen`` subscribing to ``uris``."""
+    return req(
+        id_,
+        "subscriptions/listen",
+        notifications={**notifications, "resourceSubscriptions": list(uris)},
+    )
+
+
+def test_subscriptions_listen_judges_each_uri_as_resources_subscribe_does() -> None:
+    """It replaced resources/subscribe in MCP 2026-07-28: unjudged, a caller kept off
+    ``secrets://*`` would learn that a secret exists and when it changes."""
+    allowed = run(listen(1, "docs://demo/readme", "weather://oslo/today", toolsListChanged=True))
+    assert isinstance(allowed, Forward)
+    assert allowed.methods == {1: "subscriptions/listen"}
+    assert allowed.calls[0].verdict is Verdict.ALLOW
+    refused = run(listen(2, "docs://demo/readme", "secrets://prod/db-password"))
+    assert isinstance(refused, Answer) and refused.status == 200
+    error = orjson.loads(refused.body)["error"]
+    assert error["code"] == ErrorCode.FORBIDDEN
+    assert error["data"] == {
+        "method": "subscriptions/listen",
+        "kind": "resource",
+        "name": "secrets://prod/db-password",
+        "server": "demo",
+    }
+    assert refused.calls == (
+        McpCall(
+            "demo",
+            "subscriptions/listen",
+            Kind.RESOURCE,
+            "secrets://prod/db-password",
+            2,
+            Verdict.DENY,
+        ),
+    )
+    alone = run(req(3, "resources/subscribe", uri="secrets://prod/db-password"))
+    assert isinstance(alone, Answer)
+    assert orjson.loads(alone.body)["error"]["code"] == error["code"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        listen(1, "docs://../secrets/deploy-key"),
+        listen(2, "docs://demo/readme", 7),
+        listen(3, ""),
+        req(4, "subscriptions/listen", notifications={"resourceSubscriptions": "secrets://x"}),
+        req(5, "subscriptions/listen", notifications=["secrets://x"]),
+    ],
+    ids=["dot-segments", "not-a-string", "empty", "not-a-list", "notifications-not-an-object"],
+)
+def test_subscriptions_listen_with_uris_it_cannot_judge_is_refused(message: dict[str, Any]) -> None:
+    decision = run(message)
+    assert isinstance(decision, Answer) and decision.status == 400
+    assert orjson.loads(decision.body)["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+@pytest.mark.parametrize(
+    "message",
+    [req(1, "subscriptions/listen"), req(2, "subscriptions/listen", notifications={})],
+    ids=["no-params", "no-resources"],
+)
+def test_subscriptions_listen_without_resources_passes(message: dict[str, Any]) -> None:
+    assert isinstance(run(message), Forward)

@@ -16,6 +16,7 @@ from extproc.mcp.stream import (
     McpStreamError,
     SseRewriter,
     chain,
+    foreign_charset,
     is_event_stream,
     list_filter,
     rewrite_json,
@@ -224,6 +225,25 @@ def test_is_event_stream(content_type: str, expected: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ("text/event-stream", None),
+        ("text/event-stream; charset=utf-8", None),
+        ('Text/Event-Stream; Charset="UTF8"', None),
+        ("text/event-stream; charset=utf-16-le", "utf-16-le"),
+        ("text/event-stream; charset=utf-8; charset=utf-16", "utf-16"),
+        ("text/event-stream; charset*=utf-8''utf-16", "utf-16"),
+        ("text/event-stream; charset=latin-1", "latin-1"),
+        ("text/event-stream; charset=no-such-codec", "no-such-codec"),
+        ("text/event-stream; charset=", "(empty)"),
+    ],
+)
+def test_foreign_charset(content_type: str, expected: str | None) -> None:
+    """A stream the Python SDK would decode other than as UTF-8 cannot be read here."""
+    assert foreign_charset(content_type) == expected
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b"<html>bad gateway</html>",
@@ -254,6 +274,42 @@ def test_an_empty_json_answer_passes() -> None:
     """The official SDK answers a notification 202 with an empty application/json body."""
     assert rewrite_json(b"", {}, list_filter(RESTRICTED)) is None
     assert rewrite_json(b" \r\n", {}, list_filter(RESTRICTED)) is None
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"event:\n",
+        b"event\n",
+        b"event: x\nevent: message\n",
+        b"event: x\nevent:\n",
+        b"event: x\nevent\n",
+        b"event: notifications\n",
+        b"\xef\xbb\xbf",
+        b"\xef\xbb\xbfevent: message\n",
+    ],
+    ids=[
+        "empty-name",
+        "bare-event-line",
+        "last-name-wins",
+        "last-empty-wins",
+        "last-bare-wins",
+        "other-name-with-json",
+        "byte-order-mark",
+        "byte-order-mark-named",
+    ],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_every_event_a_client_reads_as_a_message_is_narrowed(framing: bytes, seed: int) -> None:
+    """The SDKs dispatch each of these as a ``message`` (the last ``event`` field wins, an
+    empty one is ``message``; a stream's leading byte order mark is dropped): none may
+    carry a hidden tool past the narrowing. An event named otherwise whose data is JSON is
+    read too, in case a client takes it for one."""
+    stream = framing + b"data: " + orjson.dumps(LIST_ANSWER) + b"\n\n"
+    rewriter = SseRewriter({2: "tools/list"}, list_filter(RESTRICTED))
+    out = feed_in_pieces(rewriter, stream, seed)
+    assert data_of(out)[0]["result"]["tools"] == [{"name": "weather.get"}]
+    assert rewriter.changed == 1
 
 
 def test_an_event_that_is_not_a_message_passes_unread() -> None:

@@ -16,6 +16,7 @@ from extproc.mcp.texts import (
     message_texts,
     request_texts,
     result_texts,
+    rewritten,
 )
 
 
@@ -372,3 +373,29 @@ def test_a_clients_answers_are_read_by_their_shape() -> None:
         ((1, "result", "content", "f"), "user", "u"),
         ((2, "result", "content", 0, "text"), "assistant", "x"),
     ]
+
+
+def test_rewritten_copies_only_the_paths_it_rewrites() -> None:
+    """The original stays as it was (a rewriter's input may be read again), and what no
+    rewrite reaches is shared, however deep it nests: no recursion, no copy."""
+    deep: Any = []
+    for _ in range(5000):  # far past Python's stack
+        deep = [deep]
+    message = {
+        "result": {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        "_meta": {"x": deep},
+    }
+    before = copy.deepcopy({**message, "_meta": None})
+    out = rewritten(message, {("result", "content", 1, "text"): "B"})
+    assert out["result"]["content"] == [
+        {"type": "text", "text": "a"},
+        {"type": "text", "text": "B"},
+    ]
+    assert {**message, "_meta": None} == before
+    assert out["_meta"] is message["_meta"]
+    assert out["result"]["content"][0] is message["result"]["content"][0]
+    twice = rewritten(
+        message, {("result", "content", 0, "text"): "A", ("result", "content", 1, "text"): "B"}
+    )
+    assert [b["text"] for b in twice["result"]["content"]] == ["A", "B"]
+    assert [b["text"] for b in message["result"]["content"]] == ["a", "b"]

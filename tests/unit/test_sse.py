@@ -48,5 +48,56 @@ def test_data_joins_its_lines_and_drops_one_leading_space() -> None:
     assert sse.data(b'event: x\r\ndata: {"a":\r\ndata:  1}\r\n\r\n') == b'{"a":\n 1}'
     assert sse.data(b": just a comment\n\n") is None
     assert sse.lines(b"a\rb\nc\r\nd") == [b"a", b"b", b"c", b"d"]
-    assert sse.name(b"event: ping\ndata: x\n\n") == b"ping"
-    assert sse.name(b"data: x\n\n") is None
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (b"event: ping\ndata: x\n\n", b"ping"),
+        (b"data: x\n\n", b"message"),
+        (b"event:\ndata: x\n\n", b"message"),
+        (b"event\ndata: x\n\n", b"message"),
+        (b"event: x\r\nevent: message\r\ndata: x\r\n\r\n", b"message"),
+        (b"event: x\nevent\ndata: x\n\n", b"message"),
+        (b"event: message\nevent: ping\ndata: x\n\n", b"ping"),
+        (b"event:ping\n: event: message\ndata: x\n\n", b"ping"),
+        (b"event:  message\ndata: x\n\n", b" message"),
+    ],
+    ids=[
+        "named",
+        "unnamed",
+        "empty",
+        "bare-field",
+        "last-wins",
+        "last-bare",
+        "last-named",
+        "comment-is-no-field",
+        "one-space-dropped",
+    ],
+)
+def test_name_is_the_type_a_client_dispatches(event: bytes, expected: bytes) -> None:
+    """The format's rule, which the SDKs follow: the last ``event`` field wins, and an
+    empty or absent one is ``message``."""
+    assert sse.name(event) == expected
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 100])
+def test_a_leading_byte_order_mark_is_dropped_whatever_the_chunks(size: int) -> None:
+    """UTF-8 decoding drops it (so do the TypeScript SDKs): kept, the first line would read
+    as a field named ``\ufeffdata``, and that event's data would be missed."""
+    stream = b"\xef\xbb\xbfdata: 1\n\n\xef\xbb\xbfdata: 2\n\n"
+    events = sse.Events()
+    got: list[bytes] = []
+    for at in range(0, len(stream), size):
+        got += events.feed(stream[at : at + size])
+    # Only the stream's first: one later is part of a line, as clients read it.
+    assert got == [b"data: 1\n\n", b"\xef\xbb\xbfdata: 2\n\n"]
+    assert [sse.data(event) for event in got] == [b"1", None]
+
+
+def test_a_stream_that_only_starts_like_a_byte_order_mark_is_kept() -> None:
+    events = sse.Events()
+    assert events.feed(b"\xef") == [] and events.held == 1
+    assert events.feed(b"\xbbx\n\n") == [b"\xef\xbbx\n\n"]
+    short = sse.Events()
+    assert short.feed(b"\xef\xbb") == [] and short.rest() == b"\xef\xbb"
