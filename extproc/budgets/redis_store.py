@@ -53,7 +53,7 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from extproc.budgets.script_link import Address, ScriptLink
 from extproc.budgets.store import (
@@ -376,15 +376,28 @@ class RedisStore:
             await self._client.aclose()
 
     async def _run(self, script: AsyncScript, keys: list[str], args: Sequence[int | str]) -> Any:
-        """One budget script: over the pipelined link when there is one, else redis-py."""
+        """One budget script: over the pipelined link when there is one, else redis-py,
+        by its hash and, if the server has not got it (restarted, failed over), by its
+        source: both go to the node holding the keys. (redis-py's own fallback loads the
+        script on every primary of a cluster first, so one unrelated shard down kept the
+        budgets down.)"""
+        source = cast(str, script.script)  # our str source
         if self._link is not None:
-            return await self._link.run(cast(str, script.script), keys, args)  # our str source
-        return await self._call(script(keys=keys, args=args))
+            return await self._link.run(source, keys, args)
+        try:
+            return await self._call(self._client.evalsha(script.sha, len(keys), *keys, *args))
+        except NoScriptError:
+            return await self._call(self._client.eval(source, len(keys), *keys, *args))
 
     @staticmethod
     async def _call(pending: Awaitable[Any]) -> Any:
+        """``pending``'s reply; a failure of the server or the connection as the store's
+        :class:`StoreUnavailable`. NOSCRIPT, which only EVALSHA answers, is raised as it
+        is, for :meth:`_run` to send the script in full."""
         try:
             return await pending
+        except NoScriptError:
+            raise
         except BACKEND_ERRORS as error:
             raise StoreUnavailable(f"redis: {type(error).__name__}: {error}") from error
 

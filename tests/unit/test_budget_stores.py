@@ -644,3 +644,23 @@ async def test_settlements_past_the_queue_bound_are_folded_not_lost(
     await store.start()
     await until(lambda: not store.stats().degraded)
     assert await primary.inner.read(["a"]) == (20,)
+
+
+async def test_a_cluster_node_without_the_scripts_is_sent_them_alone(
+    cluster_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a fail-over the budgets' new primary has no scripts. redis-py's fallback loads
+    them on every primary first, so one unrelated shard down kept the budgets down; the
+    script is sent in full to the node holding the keys instead."""
+    async for harness in _redis_harness(cluster_server.url, cluster=True):
+        store = harness.store
+        assert isinstance(store, RedisStore)
+        await store.client.script_flush()
+
+        async def another_shard_is_down(*_: object) -> None:
+            raise ConnectionError("another primary is down")
+
+        monkeypatch.setattr(store.client, "script_load", another_shard_is_down)
+        end = window_end()
+        assert await store.reserve([Counter("a", 10, 3, end)]) == ReserveResult(True, (3,))
+        assert await store.adjust([Delta("a", -1, end)]) == AdjustResult((2,), True)
