@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -38,8 +39,14 @@ class FailingClient:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def register_script(self, source: str) -> Callable[..., Awaitable[Any]]:
-        return self._fail
+    def register_script(self, source: str) -> SimpleNamespace:
+        return SimpleNamespace(script=source, sha="0" * 40)
+
+    async def evalsha(self, *args: object) -> Any:
+        return await self._fail()
+
+    async def eval(self, *args: object) -> Any:
+        return await self._fail()
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         return await self._fail()
