@@ -200,13 +200,18 @@ class ResilientStore:
                         self._known.put(delta.key, value, delta.expires_at)
                 return result
         self._revive_recovery()
-        self._queued += 1
         self._seed((d.key, d.expires_at) for d in deltas)
-        if token is None or len(self._tokened) >= MAX_TOKENED:
-            self._enqueue(deltas)
-        else:
-            self._tokened.append((token, tuple(deltas)))
-        return replace(await self._local.adjust(deltas, token=token), local=True)
+        # First (the local store does not suspend, so nothing runs in between): a replay
+        # of a settlement this process queued already is not queued again; folded past
+        # MAX_TOKENED, where its token is given up, it would be written back twice.
+        local = await self._local.adjust(deltas, token=token)
+        if local.applied:
+            self._queued += 1
+            if token is None or len(self._tokened) >= MAX_TOKENED:
+                self._enqueue(deltas)
+            else:
+                self._tokened.append((token, tuple(deltas)))
+        return replace(local, local=True)
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
         if not self._degraded:

@@ -646,6 +646,25 @@ async def test_settlements_past_the_queue_bound_are_folded_not_lost(
     assert await primary.inner.read(["a"]) == (20,)
 
 
+async def test_a_replayed_settlement_is_queued_once_during_an_outage(
+    flaky: Flaky, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report and an access-log record of one exchange both settle it: queued twice and
+    folded (its token given up past MAX_TOKENED), it gave back twice."""
+    monkeypatch.setattr(resilient_store, "MAX_TOKENED", 0)
+    primary, make = flaky
+    store = make(FailMode.OPEN)
+    end = window_end()
+    await store.adjust([Delta("a", 10, end)])
+    primary.down = True
+    for _ in range(2):
+        await store.adjust([Delta("a", -4, end)], token="one-exchange")
+    primary.down = False
+    await store.start()
+    await until(lambda: not store.stats().degraded)
+    assert await primary.inner.read(["a"]) == (6,)
+
+
 async def test_a_cluster_node_without_the_scripts_is_sent_them_alone(
     cluster_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
