@@ -19,7 +19,7 @@ from typing import Any
 from extproc import routing
 from extproc.budgets.meter import Meter
 from extproc.decisions import CONTINUE, Decision, Forward, Headers, Reply
-from extproc.dialects.base import TextPart
+from extproc.dialects.base import JsonPath, TextPart
 from extproc.dialects.json_body import encode_body
 from extproc.errors import BadGateway, InvalidRequest, RateLimited, ServiceUnavailable
 from extproc.exchange import Exchange
@@ -33,9 +33,9 @@ from extproc.mcp.stream import (
     McpStreamError,
     Rewriter,
     SseRewriter,
+    answer_kind,
     chain,
     foreign_charset,
-    is_event_stream,
     list_filter,
     rewrite_json,
 )
@@ -46,6 +46,7 @@ from extproc.mcp.texts import (
     message_texts,
     request_texts,
     rewritten,
+    split_embedded,
     withheld,
 )
 
@@ -53,6 +54,11 @@ _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
 _LISTED = tuple(key for key, _, _ in LISTS.values())
 """The arrays of a list result (``tools``, ``resources``, ...)."""
+HEADER_MCP = "x-gateway-mcp"
+"""Set (to the server's name) on every MCP request the gateway sends on: Envoy's route for
+MCP matches it, and retries only what cannot have reached the server (a refused
+connection or stream), never a 5xx, reset or 429 after which a tool call may have run
+(envoy/gateway.yaml). Client copies are removed with every other x-gateway-* header."""
 _HTTP_METHODS = frozenset({"POST", "GET", "DELETE"})
 """Streamable HTTP's methods: POST calls, GET the server's stream, DELETE a session's end."""
 
@@ -80,7 +86,7 @@ def on_headers(
         # Only a POST's body is judged: one on another method would go on unread.
         why = f"An MCP {exchange.method} request carries no body."
         return _refused(exchange, server, 400, ErrorCode.INVALID_REQUEST, why, "mcp_invalid")
-    route = ((routing.HEADER_CLUSTER, server.cluster),)
+    route = _route(server)
     if exchange.method == "GET":
         # The server's own stream carries no calls, but what it sends is read like a POST's
         # answer: its requests and notifications, and answers it replays to a client that
@@ -96,6 +102,12 @@ def on_headers(
         # the caller to be allowed on this server.
         return Forward(set_headers=route, skip_request_body=True, clear_route_cache=True)
     return Forward(set_headers=route, process_response=True, clear_route_cache=True)
+
+
+def _route(server: CompiledServer) -> Headers:
+    """The server's cluster, for Envoy's route to read, and the mark that picks MCP's own
+    route (:data:`HEADER_MCP`)."""
+    return ((routing.HEADER_CLUSTER, server.cluster), (HEADER_MCP, server.name))
 
 
 def _refused(
@@ -132,7 +144,7 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
     exchange.mcp_methods = verdict.methods
     exchange.mcp_body = body
     exchange.mcp_tools = verdict.tools
-    route: Headers = ((routing.HEADER_CLUSTER, server.cluster),)
+    route = _route(server)
     guards = exchange.policy.guardrails
     subject = _subject(exchange, principal, server)
     if not guards.applies("input", **subject):
@@ -142,8 +154,10 @@ def on_body(exchange: Exchange, raw: bytes) -> Decision:
     exchange.verdicts.extend(describe(result))
     rewrites = result.rewrites
     if result.blocked:
-        message = result.message or f"Blocked by guardrail '{result.blocked_by}'."
+        message = _why(result)
         if body.requests:
+            # A call, or a 2026-07-28 retry carrying the client's answers (inputResponses):
+            # its caller waits for this error, the server waits for nothing.
             return _answer(exchange, refuse(server, body, ErrorCode.GUARDRAIL_BLOCKED, message))
         # Only the client's answers to the server's requests: refused, they would leave
         # the server waiting for them (and clients ignore an error to a POSTed answer).
@@ -187,15 +201,23 @@ async def count_tool_calls(exchange: Exchange, meter: Meter, now: datetime) -> R
 
 
 def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decision:
-    """Have Envoy send the answer to be narrowed and guarded: SSE streamed, JSON whole."""
+    """Have Envoy send the answer to be narrowed and guarded: SSE streamed, JSON whole.
+
+    Whatever its status: the Python SDK hands a 4xx or 5xx answer's JSON-RPC error to its
+    caller as the call's outcome (the TypeScript SDK puts the body in its error), so an
+    error answer is read as a 2xx one is. What is read is what clients read as messages,
+    judged by the content-type as loosely as they judge it (:func:`answer_kind`).
+    """
     status = int(headers.get(":status", "0") or 0)
     exchange.response_status = exchange.status = status
-    if not 200 <= status < 300:
-        return CONTINUE
-    content_type = headers.get("content-type", "").lower()
-    sse = is_event_stream(content_type)
-    if not sse and not content_type.startswith("application/json"):
+    content_type = headers.get("content-type", "")
+    try:
+        kind = answer_kind(content_type)
+    except McpStreamError as unreadable:
+        return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {unreadable}."))
+    if kind is None:
         return CONTINUE  # nothing a client reads as messages
+    sse = kind == "sse"
     if headers.get("content-encoding", "identity").lower() != "identity":
         # Envoy asks servers for plain answers; one compressed anyway cannot be checked.
         return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: compressed."))
@@ -271,24 +293,30 @@ def _rewriter(exchange: Exchange) -> Rewriter:
             listed = None if listing is None else {**message, "result": listing}
         current = message if listed is None else listed
         # The rest of the message too: a list beside a tool's content must not shield it.
-        texts = message_texts(current)
-        if not texts:
-            return listed
-        result = check(texts)
-        rewrites = result.rewrites
-        if result.blocked:
-            text = result.message or f"Blocked by guardrail '{result.blocked_by}'."
-            if is_answer(current):
-                return error_response(current.get("id"), ErrorCode.GUARDRAIL_BLOCKED, text)
+        own, embedded = split_embedded(message_texts(current))
+        rewrites: dict[JsonPath, str] = {}
+        if own:
+            result = check(own)
+            if result.blocked and is_answer(current):
+                why = _why(result)
+                return error_response(current.get("id"), ErrorCode.GUARDRAIL_BLOCKED, why)
             # A server's own request is no answer to replace with an error, and dropping
             # it would leave the server waiting: it goes on with its texts withheld.
-            rewrites = withheld(texts, text)
+            rewrites.update(withheld(own, _why(result)) if result.blocked else result.rewrites)
+        for texts in embedded:  # each request a result embeds, judged as one sent alone
+            result = check(texts)
+            rewrites.update(withheld(texts, _why(result)) if result.blocked else result.rewrites)
         if not rewrites:
             return listed
         copy: dict[str, Any] = rewritten(current, rewrites)
         return copy
 
     return chain(narrow, guard)
+
+
+def _why(result: GuardResult) -> str:
+    """What a blocked text is replaced with, or an error answer says."""
+    return result.message or f"Blocked by guardrail '{result.blocked_by}'."
 
 
 def _answer(exchange: Exchange, answer: Answer) -> Reply:

@@ -9,7 +9,7 @@ which events end a channel, and what an error event looks like.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,42 +25,48 @@ ALL = ("*",)
 class Event:
     raw: bytes
     """The event as received, separator included."""
-    name: str | None
+    name: str
+    """The type a client dispatches the event as (:func:`extproc.sse.name`: the last
+    ``event`` field's value, ``message`` when that is empty or there is none)."""
     data: bytes | None
     payload: Any = None
     """The parsed JSON of ``data`` (``None`` if absent or not JSON)."""
-    other_lines: list[bytes] = field(default_factory=list)
 
     def render(self) -> bytes:
-        """The event with its (possibly changed) payload, as SSE bytes."""
-        lines = list(self.other_lines)
-        if self.name is not None:
-            lines.insert(0, b"event: " + self.name.encode())
-        lines.append(b"data: " + orjson.dumps(self.payload))
-        return b"\n".join(lines) + b"\n\n"
+        """The event with its (possibly changed) payload, as SSE bytes: its data lines
+        replaced by one carrying the payload, every other line (``event``, ``id``,
+        ``retry``, comments) kept as it came, in place and in the event's line endings.
+
+        A client reads the type from those lines, each SDK its own way (the OpenAI SDK
+        tells no ``event`` line from an empty one): kept, the type is the one it read.
+        """
+        raw = self.raw
+        newline = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
+        kept: list[bytes] = []
+        placed = False
+        for line in sse.lines(raw):
+            if not line:
+                continue
+            if line.startswith(b"data:") or line == b"data":
+                if not placed:
+                    kept.append(b"data: " + orjson.dumps(self.payload))
+                    placed = True
+                continue
+            kept.append(line)
+        return newline.join(kept) + newline + newline
 
 
 def parse_event(raw: bytes) -> Event:
-    name: str | None = None
-    data: list[bytes] = []
-    other: list[bytes] = []
-    for line in sse.lines(raw):
-        if not line:
-            continue
-        if line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-        else:
-            other.append(line)
-    joined = b"\n".join(data) if data else None
+    """``raw`` read as a client reads it: its type (:func:`extproc.sse.name`) and data
+    (:func:`extproc.sse.data`), and the data's JSON if it looks like JSON."""
+    data = sse.data(raw)
     payload = None
-    if joined is not None and joined.lstrip()[:1] in (b"{", b"["):
+    if data is not None and data.lstrip()[:1] in (b"{", b"["):
         try:
-            payload = orjson.loads(joined)
+            payload = orjson.loads(data)
         except orjson.JSONDecodeError:
             payload = None
-    return Event(raw, name, joined, payload, other)
+    return Event(raw, sse.name(raw).decode("utf-8", "replace"), data, payload)
 
 
 @dataclass(slots=True)

@@ -13,9 +13,13 @@ Every JSON-RPC message POSTed to the endpoint is recorded *as it arrives*, befor
 looks at it, so a test can prove that a call the gateway refused never reached the
 server: ``GET /calls`` returns the records as JSON (``DELETE /calls`` clears them), and
 with ``log`` each is also appended to that file as a JSON line. ``GET /healthz`` answers
-``ok`` for readiness checks. A POST with ``x-demo-answer: unreadable`` is recorded and
-answered with a body that claims to be JSON and is not (as a proxy's error page can be),
-so tests can watch the gateway refuse to pass on an answer it cannot check.
+``ok`` for readiness checks. A POST with ``x-demo-answer`` is recorded and answered as
+that header asks instead of by the SDK, so tests can watch the gateway at work on answers
+a real server gives now and then: ``unreadable``, a body that claims to be JSON and is not
+(as a proxy's error page can be), which the gateway refuses to pass on unchecked;
+``unavailable``, a 503 after the call may have run (which Envoy must not send again);
+``refused``, an HTTP 400 JSON-RPC error whose message carries issue 13's injection (the
+SDK hands it to its caller as the call's outcome, so the gateway reads it).
 
 Only this module needs the ``mcp`` SDK; the gateway's MCP support does not import it.
 """
@@ -41,7 +45,7 @@ from extproc.mcp.config import normal_path
 CALLS_PATH = "/calls"
 HEALTH_PATH = "/healthz"
 ANSWER_CONTROL = b"x-demo-answer"
-"""Request header: ``unreadable`` makes the server answer a POST with a non-JSON body."""
+"""Request header: ``unreadable``, ``unavailable`` or ``refused`` (module docstring)."""
 DEFAULT_PORT = 8097
 
 INJECTED_ISSUE = (
@@ -205,9 +209,9 @@ class _Recorder:
             return
         body = await _read_body(receive)
         self._record(body, scope)
-        if (ANSWER_CONTROL, b"unreadable") in scope["headers"]:
-            page = Response(b"<html>upstream hiccup</html>", media_type="application/json")
-            await page(scope, receive, send)
+        canned = _canned_answer(dict(scope["headers"]).get(ANSWER_CONTROL), body)
+        if canned is not None:
+            await canned(scope, receive, send)
             return
         replayed = False
 
@@ -233,6 +237,23 @@ class _Recorder:
             return
         for item in document if isinstance(document, list) else [document]:
             self._log.record(_received(item, headers))
+
+
+def _canned_answer(control: bytes | None, body: bytes) -> Response | None:
+    """The answer ``x-demo-answer: <control>`` asks for, if any (module docstring)."""
+    if control == b"unreadable":
+        return Response(b"<html>upstream hiccup</html>", media_type="application/json")
+    if control == b"unavailable":
+        return PlainTextResponse("overloaded, try again", status_code=503)
+    if control == b"refused":
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            document = None
+        id_ = document.get("id") if isinstance(document, dict) else None
+        error = {"jsonrpc": "2.0", "id": id_, "error": {"code": -32602, "message": INJECTED_ISSUE}}
+        return Response(orjson.dumps(error), status_code=400, media_type="application/json")
+    return None
 
 
 def _received(item: Any, headers: dict[str, str]) -> ReceivedCall:

@@ -181,7 +181,7 @@ def parse_body(body: bytes) -> Body:
 
 # The members the gateway judges a message by, at each level it reads.
 _MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
-_PARAMS = frozenset({"name", "uri", "arguments", "ref", "notifications"})
+_PARAMS = frozenset({"name", "uri", "arguments", "ref", "notifications", "inputResponses"})
 _NESTED: Mapping[str, frozenset[str]] = {
     "ref": frozenset({"type", "name", "uri"}),
     "notifications": frozenset({"resourceSubscriptions"}),

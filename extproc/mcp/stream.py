@@ -34,7 +34,7 @@ import codecs
 import email.message
 import email.utils
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -105,8 +105,36 @@ def _count(message: dict[str, Any]) -> int:
     return sum(len(v) for v in result.values() if isinstance(v, list))
 
 
-def is_event_stream(content_type: str) -> bool:
-    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+AnswerKind = Literal["json", "sse"]
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+def answer_kind(content_type: str) -> AnswerKind | None:
+    """How MCP clients read an answer with ``content_type``: as one JSON document
+    (``json``), as an SSE stream (``sse``), or not as messages at all (``None``).
+
+    As loosely as the loosest client reads it: the Python SDK takes a content-type that
+    starts with ``application/json`` (else ``text/event-stream``) in any case, the
+    TypeScript SDK one that contains ``text/event-stream`` (else ``application/json``)
+    anywhere, in the case it is written. One the two would read as different kinds
+    (``TEXT/EVENT-STREAM; x=application/json``) raises :class:`McpStreamError`: read here
+    as either, the other client could find messages in it that were never read (a body
+    with no SSE data line may be one JSON message).
+    """
+    lowered = content_type.lower()
+    python: AnswerKind | None = (
+        "json" if lowered.startswith(_JSON) else "sse" if lowered.startswith(_SSE) else None
+    )
+    typescript: AnswerKind | None = (
+        "sse" if _SSE in content_type else "json" if _JSON in content_type else None
+    )
+    if python is not None and typescript is not None and python != typescript:
+        raise McpStreamError(
+            f"its content-type {content_type!r} is read as JSON by some clients, "
+            "as an SSE stream by others"
+        )
+    return python or typescript
 
 
 def foreign_charset(content_type: str) -> str | None:

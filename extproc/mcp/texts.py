@@ -3,24 +3,29 @@
 Input rules read what a caller sends a tool: every string leaf of a tools/call's
 ``arguments`` (and of a prompts/get's ``arguments``), however deeply nested. Output rules
 read what comes back from a server and will be put in front of a model: tool results
-(``content[].text``, embedded resources' ``text``, string leaves of
-``structuredContent``), resource contents (``contents[].text``) and prompt messages
-(``messages[].content.text``), and what list results say of each item (:func:`listed_texts`:
-a tool's title, description and parameter descriptions, where a tool is poisoned). So do
-a server's error answers (``error.message`` and ``error.data``, which agents hand their
-model as the call's outcome) and what a server asks of the client on its own
-(:func:`message_texts`): a ``sampling/createMessage``'s messages and system prompt, which
-the client sends to its model, an ``elicitation/create``'s message and field texts, which
-it shows its user, and log and progress notifications. That is where a prompt injection
-hides, so all of it is exposed; binary content (images, audio, blobs) is not text and is
-skipped.
+(``content[].text``, embedded resources' ``text``, resource links' name, title and
+description, string leaves of ``structuredContent``), resource contents
+(``contents[].text``), prompt messages (``messages[].content.text``) and a prompt's
+``description``, the server's ``instructions`` (initialize, server/discover: clients put
+them in their model's system prompt), and what list results say of each item
+(:func:`listed_texts`: a tool's title, description and parameter descriptions, where a
+tool is poisoned). So do a server's error answers (``error.message`` and ``error.data``,
+which agents hand their model as the call's outcome) and what a server asks of the client
+on its own (:func:`message_texts`): a ``sampling/createMessage``'s messages and system
+prompt, which the client sends to its model, an ``elicitation/create``'s message and field
+texts, which it shows its user, and log and progress notifications. MCP 2026-07-28 embeds
+such requests in a result instead (``result.inputRequests.{key}``, an ``input_required``
+result): they are read the same way, with paths under their key. That is where a prompt
+injection hides, so all of it is exposed; binary content (images, audio, blobs) is not
+text and is skipped.
 
 Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
 ``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
 :func:`apply_rewrites` on the decoded document puts a rewritten text back in place.
 
 Input rules also read a client's answers to a server's own requests: the message its
-model sampled, the fields its user filled in for an elicitation.
+model sampled, the fields its user filled in for an elicitation; sent as JSON-RPC answers,
+or embedded in a retried 2026-07-28 request (``params.inputResponses.{key}``).
 
 Roles follow the LLM dialects' convention (:class:`extproc.dialects.base.TextPart`):
 arguments are ``assistant`` text of kind ``tool_arguments`` (a model wrote them), and so is
@@ -39,6 +44,10 @@ from extproc.dialects.base import JsonPath, TextPart
 from extproc.mcp.jsonrpc import Body, Request, Response
 
 _COMPLETION = "completion/complete"
+_INPUT_REQUESTS = "inputRequests"
+"""A 2026-07-28 ``input_required`` result's requests to the client, by key."""
+_INPUT_RESPONSES = "inputResponses"
+"""A retried 2026-07-28 request's answers to those, by the same keys."""
 _ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
     "tools/call": ("assistant", "tool_arguments"),
     "prompts/get": ("user", "input"),
@@ -47,26 +56,49 @@ _ARGUMENT_ROLES: Mapping[str, tuple[str, str]] = {
 
 def request_texts(body: Body) -> tuple[TextPart, ...]:
     """The argument strings of every tools/call and prompts/get in ``body``, and the texts
-    of the client's answers to the server's own requests."""
+    of the client's answers to the server's own requests: sent alone (a JSON-RPC answer)
+    or, since MCP 2026-07-28, embedded in the retried request
+    (``params.inputResponses.{key}``, :func:`embedded_answer_texts`)."""
     texts: list[TextPart] = []
     for message in body.messages:
         if isinstance(message, Request):
             texts.extend(call_texts(message))
+            texts.extend(_embedded_answer_texts(message))
         elif isinstance(message, Response):
             texts.extend(_client_answer_texts(body, message))
     return tuple(texts)
 
 
 def _client_answer_texts(body: Body, answer: Response) -> Iterator[TextPart]:
-    """What a client answers a server's request with, by the result's shape: its model's
-    sampled message (``assistant`` text, as a model writes tool arguments), or the fields
-    its user filled in for an elicitation (``user`` input)."""
+    """A client's answer sent as a JSON-RPC answer (:func:`_answer_texts`)."""
     document = body.raw if answer.index is None else body.raw[answer.index]
     result = document.get("result") if isinstance(document, dict) else None
+    yield from _answer_texts(result, (*_at(answer.index), "result"))
+
+
+def _embedded_answer_texts(request: Request) -> tuple[TextPart, ...]:
+    """The client's answers a 2026-07-28 request carries back to the server that asked
+    for them in an ``input_required`` result (``params.inputResponses``, keyed as the
+    server's ``inputRequests``). They take the place of JSON-RPC answers, so they are read
+    as those are (:func:`_answer_texts`), whatever the request's method (tools/call,
+    prompts/get, resources/read, the tasks extension's tasks/update)."""
+    answers = request.params.get(_INPUT_RESPONSES)
+    if not isinstance(answers, dict):
+        return ()
+    at: JsonPath = (*_at(request.index), "params", _INPUT_RESPONSES)
+    return tuple(
+        part for key, result in answers.items() for part in _answer_texts(result, (*at, key))
+    )
+
+
+def _answer_texts(result: Any, where: JsonPath) -> Iterator[TextPart]:
+    """What a client answers a server's request with, by the result's shape (``where`` is
+    its path): its model's sampled message (``assistant`` text, as a model writes tool
+    arguments), or the fields its user filled in for an elicitation (``user`` input)."""
     if not isinstance(result, dict):
         return
-    where: JsonPath = (*_at(answer.index), "result", "content")
     content = result.get("content")
+    where = (*where, "content")
     if "action" in result and isinstance(content, dict):  # elicitation: the form's fields
         for path, text in _strings(content, where):
             yield TextPart(path, "user", "input", text)
@@ -113,7 +145,13 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
     if not isinstance(result, dict):
         return ()
     base: JsonPath = (*prefix, "result")
-    found: list[tuple[JsonPath, str]] = []
+    # What a client puts in front of its model as it is: the server's instructions
+    # (initialize, server/discover: into its system prompt), a prompt's description.
+    found: list[tuple[JsonPath, str]] = [
+        ((*base, field), result[field])
+        for field in ("instructions", "description")
+        if isinstance(result.get(field), str)
+    ]
     content = result.get("content")
     if isinstance(content, list):
         for i, block in enumerate(content):
@@ -132,7 +170,40 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
             if isinstance(prompt_message, dict):
                 where = (*base, "messages", i, "content")
                 found.extend(_block_texts(prompt_message.get("content"), where))
-    return _from_server(found)
+    return (*_from_server(found), *_embedded_request_texts(result, base))
+
+
+def _embedded_request_texts(result: Mapping[str, Any], base: JsonPath) -> tuple[TextPart, ...]:
+    """The requests a 2026-07-28 ``input_required`` result embeds for the client to
+    fulfil (``inputRequests.{key}``: ``method`` and ``params``). They take the place of a
+    server's own JSON-RPC requests, so they are read as those are (:func:`_server_texts`),
+    in any result (the tasks extension carries them too)."""
+    requests = result.get(_INPUT_REQUESTS)
+    if not isinstance(requests, dict):
+        return ()
+    return tuple(
+        part
+        for key, request in requests.items()
+        if isinstance(request, dict)
+        for part in _server_texts(request, (*base, _INPUT_REQUESTS, key))
+    )
+
+
+def split_embedded(
+    texts: tuple[TextPart, ...],
+) -> tuple[tuple[TextPart, ...], list[tuple[TextPart, ...]]]:
+    """A server message's texts (:func:`message_texts`) split into its own and those of
+    each request embedded in its result (one group per key, in order): an embedded request
+    a rule blocks goes on with its texts withheld, as one sent on its own does, while the
+    answer's own texts blocked replace the answer with an error."""
+    own: list[TextPart] = []
+    groups: dict[Any, list[TextPart]] = {}
+    for part in texts:
+        if part.path[:2] == ("result", _INPUT_REQUESTS) and len(part.path) > 2:
+            groups.setdefault(part.path[2], []).append(part)
+        else:
+            own.append(part)
+    return tuple(own), [tuple(group) for group in groups.values()]
 
 
 def message_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
@@ -158,44 +229,45 @@ def is_answer(message: Mapping[str, Any]) -> bool:
     return "result" in message or "error" in message
 
 
-def _server_texts(message: Mapping[str, Any]) -> tuple[TextPart, ...]:
+def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPart, ...]:
     """What a server's own request or notification puts in front of the client's model,
-    its user or its logs."""
+    its user or its logs; ``at`` locates ``message`` (one embedded in a result)."""
     params = message.get("params")
     if not isinstance(params, dict):
         return ()
     method = message.get("method")
+    where: JsonPath = (*at, "params")
     found: list[tuple[JsonPath, str]] = []
     if method == "sampling/createMessage":
         if isinstance(params.get("systemPrompt"), str):
-            found.append((("params", "systemPrompt"), params["systemPrompt"]))
+            found.append(((*where, "systemPrompt"), params["systemPrompt"]))
         messages = params.get("messages")
         for i, sampled in enumerate(messages if isinstance(messages, list) else ()):
             content = sampled.get("content") if isinstance(sampled, dict) else None
-            found.extend(_content_texts(content, ("params", "messages", i, "content")))
+            found.extend(_content_texts(content, (*where, "messages", i, "content")))
         tools = params.get("tools")  # offered to the client's model: poisoned like a list's
         for i, tool in enumerate(tools if isinstance(tools, list) else ()):
             found.extend(
-                ((("params", "tools", i, *part.path)), part.text) for part in listed_texts(tool)
+                ((*where, "tools", i, *part.path), part.text) for part in listed_texts(tool)
             )
     elif method == "elicitation/create":
         for field in ("message", "url"):  # url mode: a link shown to the user
             if isinstance(params.get(field), str):
-                found.append((("params", field), params[field]))
+                found.append(((*where, field), params[field]))
         schema = params.get("requestedSchema")
         if isinstance(schema, dict):  # titles, descriptions, choices, defaults
             found.extend(
                 (path, text)
-                for path, text in _strings(schema, ("params", "requestedSchema"))
+                for path, text in _strings(schema, (*where, "requestedSchema"))
                 if path[-1] not in _SCHEMA_WORDS
             )
     elif method == "notifications/message":
         if isinstance(params.get("logger"), str):
-            found.append((("params", "logger"), params["logger"]))
+            found.append(((*where, "logger"), params["logger"]))
         if "data" in params:
-            found.extend(_strings(params["data"], ("params", "data")))
+            found.extend(_strings(params["data"], (*where, "data")))
     elif method == "notifications/progress" and isinstance(params.get("message"), str):
-        found.append((("params", "message"), params["message"]))
+        found.append(((*where, "message"), params["message"]))
     return _from_server(found)
 
 
@@ -239,12 +311,17 @@ def listed_texts(item: Any) -> tuple[TextPart, ...]:
 
 
 def _block_texts(block: Any, path: JsonPath) -> Iterator[tuple[JsonPath, str]]:
-    """A content block's text: ``text`` blocks, ``resource`` blocks' embedded text, and in
-    sampling (MCP 2025-11-25) a ``tool_use`` block's input and a ``tool_result`` block's
-    content blocks."""
+    """A content block's text: ``text`` blocks, ``resource`` blocks' embedded text,
+    ``resource_link`` blocks' name, title and description (shown to the model as a listed
+    resource's are), and in sampling (MCP 2025-11-25) a ``tool_use`` block's input and a
+    ``tool_result`` block's content blocks."""
     if not isinstance(block, dict):
         return
     kind = block.get("type")
+    if kind == "resource_link":
+        for field in ("name", "title", "description"):
+            if isinstance(block.get(field), str):
+                yield (*path, field), block[field]
     if kind == "tool_use" and isinstance(block.get("input"), dict | list):
         yield from _strings(block["input"], (*path, "input"))
     if kind == "tool_result" and isinstance(block.get("content"), list):

@@ -126,6 +126,44 @@ async def test_an_answer_the_gateway_cannot_check_fails_the_call_with_its_reason
     assert [c["name"] for c in calls(stack)] == ["weather.get"]  # the call itself went
 
 
+async def test_a_tool_call_the_server_answers_503_is_not_sent_again(stack: Stack) -> None:
+    """The call may have run before its server (or a proxy before it) answered 503: on
+    the model calls' route Envoy sent it twice more, so jira.create_issue ran three times.
+    MCP has its own route (x-gateway-mcp), retrying only what never reached the server."""
+    clear(stack)
+    async with (
+        http(ADMIN_KEY) as h,
+        streamable_http_client(url(stack), http_client=h) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        h.headers[ANSWER_CONTROL.decode()] = "unavailable"
+        with pytest.raises(MCPError):
+            await session.call_tool("jira.create_issue", {"project": "OPS", "summary": "x"})
+    arrived = calls(stack)
+    assert [c["name"] for c in arrived] == ["jira.create_issue"]  # once, not three times
+    assert arrived[0]["headers"]["x-gateway-mcp"] == "demo"
+
+
+async def test_a_json_rpc_error_sent_with_an_error_status_is_guarded(stack: Stack) -> None:
+    """The SDK hands a 4xx answer's JSON-RPC error to its caller as the call's outcome:
+    Envoy sends its body to the service (asked for at the answer's headers, whatever the
+    status), whose output rule replaces the injected instruction with its own error."""
+    clear(stack)
+    async with (
+        http(ADMIN_KEY) as h,
+        streamable_http_client(url(stack), http_client=h) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        h.headers[ANSWER_CONTROL.decode()] = "refused"
+        with pytest.raises(MCPError) as refused:
+            await session.call_tool("weather.get", {"city": "Oslo"})
+    assert refused.value.code == ErrorCode.GUARDRAIL_BLOCKED
+    assert "instructions aimed at the model" in refused.value.message
+    assert "ignore all previous" not in refused.value.message
+
+
 def test_a_body_past_the_buffer_gets_json_rpcs_error_from_envoy(stack: Stack) -> None:
     """Envoy answers a body over its 8 MiB buffer itself; on an MCP path its local reply
     is a JSON-RPC error (an integer code, as JSON-RPC requires), and nothing is sent on."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import orjson
 import pytest
 
+from extproc import sse
 from extproc.guardrails import Guardrails, StreamGuard
+from extproc.guardrails.sse import parse_event
 from extproc.guardrails.testing import (
     OPENAI_DONE,
     anthropic_event,
@@ -338,3 +341,39 @@ def test_a_private_key_longer_than_the_window_is_rewritten_and_the_prose_after_i
     out = streamed_text(run(guard(SECRETS), [openai_chunk(p) for p in pieces] + OPENAI_END))
     assert out.endswith("\nKeep it safe.")
     assert not any(line[:20] in out for line in body.split("\n"))
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"event\nevent: content_block_delta\n",  # the last event line names it
+        b"event:  content_block_delta \n",  # one space dropped, the rest is the name
+        b"event: content_block_delta\nevent:\n",  # empty: a message
+        b"id: 7\r\nevent: content_block_delta\r\n: a comment\r\n",
+        b"",  # no event line: the OpenAI SDK tells it from an empty one
+    ],
+    ids=["bare-then-named", "spaces", "named-then-empty", "crlf-id-comment", "unnamed"],
+)
+def test_a_rewritten_event_keeps_its_type_as_the_client_reads_it(framing: bytes) -> None:
+    """A rewritten event was sent with one synthesized ``event:`` line (the name stripped,
+    a bare ``event`` line ignored): ``event`` then ``event: x`` became a message, a name
+    with spaces another name. Its own lines are kept instead, and only its data changes."""
+    newline = b"\r\n" if b"\r\n" in framing else b"\n"
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+    text = {**delta, "delta": {"type": "text_delta", "text": "mail a.b@example.org now"}}
+    event = framing + b"data: " + orjson.dumps(text) + newline + newline
+    stop = anthropic_event("content_block_stop", index=0)
+    out = run(guard(dialect="anthropic.messages"), [event, stop])
+    masked = {**delta, "delta": {"type": "text_delta", "text": "mail " + "*" * 15 + " now"}}
+    sent = framing + b"data: " + orjson.dumps(masked) + newline + newline
+    assert out == sent + stop
+    assert sse.name(sent) == sse.name(event)
+
+
+def test_an_event_is_named_as_a_client_names_it() -> None:
+    """The last ``event`` line wins, a bare or empty one names a message (as
+    :func:`extproc.sse.name` reads it for every other reader)."""
+    assert parse_event(b"event: a\nevent\ndata: {}\n\n").name == "message"
+    assert parse_event(b"event\nevent: message_stop\ndata: 1\n\n").name == "message_stop"
+    assert parse_event(b"event:  x \ndata: 1\n\n").name == " x "
+    assert parse_event(b"data: 1\n\n").name == "message"

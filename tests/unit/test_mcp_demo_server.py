@@ -36,7 +36,7 @@ from extproc.mcp.config import McpAccess
 from extproc.mcp.demo_server import INJECTED_ISSUE, CallLog, demo_app
 from extproc.mcp.enforce import Answer, decide
 from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, parse_body
-from extproc.mcp.stream import SseRewriter, is_event_stream, list_filter, rewrite_json
+from extproc.mcp.stream import SseRewriter, answer_kind, list_filter, rewrite_json
 
 ALL_TOOLS = {
     "github.search_issues",
@@ -134,7 +134,7 @@ def mini_gateway(upstream: str, server: CompiledServer, seen: Seen) -> ASGIApp:
             if (v := answer.headers.get(h)) is not None
         }
         rewrite = list_filter(access)
-        if is_event_stream(answer.headers.get("content-type", "")):
+        if answer_kind(answer.headers.get("content-type", "")) == "sse":
             rewriter = SseRewriter(decision.methods, rewrite)
             seen.append(rewriter)
 

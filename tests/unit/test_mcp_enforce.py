@@ -499,6 +499,12 @@ def test_filtered_list_is_marked_private_for_client_caches() -> None:
             notifications={"resourceSubscriptions": [], "ResourceSubscriptions": ["secrets://x"]},
         ),
         req(11, "subscriptions/listen", Notifications={"resourceSubscriptions": ["secrets://x"]}),
+        req(
+            12,
+            "tools/call",
+            name="weather.get",
+            InputResponses={"e1": {"action": "accept", "content": {"mail": "a@b.c"}}},
+        ),
     ],
     ids=[
         "method",
@@ -511,6 +517,7 @@ def test_filtered_list_is_marked_private_for_client_caches() -> None:
         "long-s",
         "subscriptions",
         "notifications",
+        "input-responses",  # the client's answers (2026-07-28), which input rules read
     ],
 )
 def test_a_member_a_server_could_read_as_another_is_refused(message: dict[str, Any]) -> None:

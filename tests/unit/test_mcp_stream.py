@@ -15,9 +15,9 @@ from extproc.mcp.stream import (
     ListFilter,
     McpStreamError,
     SseRewriter,
+    answer_kind,
     chain,
     foreign_charset,
-    is_event_stream,
     list_filter,
     rewrite_json,
 )
@@ -214,14 +214,37 @@ def test_chain_runs_guardrail_after_list_filter() -> None:
 @pytest.mark.parametrize(
     ("content_type", "expected"),
     [
-        ("text/event-stream", True),
-        ("Text/Event-Stream; charset=utf-8", True),
-        ("application/json", False),
-        ("", False),
+        ("text/event-stream", "sse"),
+        ("Text/Event-Stream; charset=utf-8", "sse"),
+        ("application/json", "json"),
+        ("application/json; charset=utf-8", "json"),
+        ("", None),
+        ("text/plain", None),
+        # The TypeScript SDK looks for either anywhere, the Python SDK at the start.
+        ("text/event-stream2", "sse"),
+        ("text/plain; x=text/event-stream", "sse"),
+        ("text/plain; x=application/json", "json"),
+        ("application/json-seq", "json"),
+        ("text/event-stream; x=application/json", "sse"),  # both SDKs: a stream
     ],
 )
-def test_is_event_stream(content_type: str, expected: bool) -> None:
-    assert is_event_stream(content_type) is expected
+def test_answer_kind(content_type: str, expected: str | None) -> None:
+    """Read as the loosest client reads it: any content-type a client finds messages in
+    is read here, as that kind."""
+    assert answer_kind(content_type) == expected
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/jsonl; x=text/event-stream",  # Python: JSON, TypeScript: a stream
+        "TEXT/EVENT-STREAM; x=application/json",  # Python: a stream, TypeScript: JSON
+    ],
+)
+def test_a_content_type_clients_read_as_different_kinds_is_unreadable(content_type: str) -> None:
+    """Read here as either kind, the other client could find messages never read."""
+    with pytest.raises(McpStreamError, match="read as JSON by some clients"):
+        answer_kind(content_type)
 
 
 @pytest.mark.parametrize(

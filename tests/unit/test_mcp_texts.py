@@ -17,6 +17,7 @@ from extproc.mcp.texts import (
     request_texts,
     result_texts,
     rewritten,
+    split_embedded,
 )
 
 
@@ -184,6 +185,73 @@ TOOL_RESULT = {
             [],
             id="list-is-not-output-text",
         ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": 8,
+                "result": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "s", "version": "1"},
+                    "instructions": "Call search first.",
+                },
+            },
+            [(("result", "instructions"), "Call search first.")],
+            id="initialize-instructions",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "result": {
+                    "supportedVersions": ["2026-07-28"],
+                    "capabilities": {},
+                    "instructions": "Prefer the cache.",
+                    "resultType": "complete",
+                },
+            },
+            [(("result", "instructions"), "Prefer the cache.")],
+            id="discover-instructions",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": 10,
+                "result": {
+                    "description": "Triage a bug.",
+                    "messages": [{"role": "user", "content": {"type": "text", "text": "Go"}}],
+                },
+            },
+            [
+                (("result", "description"), "Triage a bug."),
+                (("result", "messages", 0, "content", "text"), "Go"),
+            ],
+            id="prompt-description",
+        ),
+        pytest.param(
+            {
+                "jsonrpc": "2.0",
+                "id": 11,
+                "result": {
+                    "content": [
+                        {
+                            "type": "resource_link",
+                            "uri": "docs://x",
+                            "name": "x.md",
+                            "title": "The X",
+                            "description": "All about x.",
+                            "mimeType": "text/markdown",
+                        }
+                    ],
+                },
+            },
+            [
+                (("result", "content", 0, "name"), "x.md"),
+                (("result", "content", 0, "title"), "The X"),
+                (("result", "content", 0, "description"), "All about x."),
+            ],
+            id="resource-link",
+        ),
     ],
 )
 def test_result_texts(message: dict[str, Any], expected: list[tuple[tuple[Any, ...], str]]) -> None:
@@ -198,6 +266,33 @@ def test_result_texts(message: dict[str, Any], expected: list[tuple[tuple[Any, .
 def test_result_texts_in_a_batch_answer() -> None:
     (part, *_) = result_texts(TOOL_RESULT, prefix=(1,))
     assert part.path == (1, "result", "content", 0, "text")
+
+
+INPUT_REQUIRED = {
+    "jsonrpc": "2.0",
+    "id": 12,
+    "result": {
+        "resultType": "input_required",
+        "requestState": "opaque",
+        "inputRequests": {
+            "s1": {
+                "method": "sampling/createMessage",
+                "params": {
+                    "systemPrompt": "sys",
+                    "messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}],
+                    "maxTokens": 10,
+                },
+            },
+            "e1": {
+                "method": "elicitation/create",
+                "params": {"message": "m", "requestedSchema": {"type": "object", "title": "t"}},
+            },
+            "r1": {"method": "roots/list"},
+        },
+    },
+}
+"""A 2026-07-28 result asking the client for input (the shape of mcp_types'
+InputRequiredResult): requests that would otherwise be sent on their own."""
 
 
 def _sampling(content: Any) -> dict[str, Any]:
@@ -333,6 +428,22 @@ def _sampling(content: Any) -> dict[str, Any]:
         pytest.param(
             TOOL_RESULT, [(p.path, p.text) for p in result_texts(TOOL_RESULT)], id="result"
         ),
+        pytest.param(
+            INPUT_REQUIRED,
+            [
+                (("result", "inputRequests", "s1", "params", "systemPrompt"), "sys"),
+                (
+                    ("result", "inputRequests", "s1", "params", "messages", 0, "content", "text"),
+                    "hi",
+                ),
+                (("result", "inputRequests", "e1", "params", "message"), "m"),
+                (
+                    ("result", "inputRequests", "e1", "params", "requestedSchema", "title"),
+                    "t",
+                ),
+            ],
+            id="embedded-requests",
+        ),
     ],
 )
 def test_message_texts(
@@ -399,3 +510,56 @@ def test_rewritten_copies_only_the_paths_it_rewrites() -> None:
     )
     assert [b["text"] for b in twice["result"]["content"]] == ["A", "B"]
     assert [b["text"] for b in message["result"]["content"]] == ["a", "b"]
+
+
+def test_answers_a_retried_request_carries_are_read_as_answers_sent_alone() -> None:
+    """A 2026-07-28 client answers a server's embedded requests inside the retried call
+    (params.inputResponses, the shape of mcp_types' InputResponseRequestParams): its
+    model's sampled message and its user's form fields, read as JSON-RPC answers are."""
+    body = parse_body(
+        orjson.dumps(
+            [
+                {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tools/call",
+                    "params": {
+                        "name": "t",
+                        "arguments": {"q": "x"},
+                        "requestState": "opaque",
+                        "inputResponses": {
+                            "s1": {
+                                "role": "assistant",
+                                "model": "m",
+                                "content": {"type": "text", "text": "sampled"},
+                            },
+                            "e1": {"action": "accept", "content": {"mail": "typed"}},
+                            "r1": {"roots": [{"uri": "file:///srv", "name": "srv"}]},
+                        },
+                    },
+                },
+            ]
+        )
+    )
+    at = (1, "params", "inputResponses")
+    assert [(p.path, p.role, p.kind, p.text) for p in request_texts(body)] == [
+        ((1, "params", "arguments", "q"), "assistant", "tool_arguments", "x"),
+        ((*at, "s1", "content", "text"), "assistant", "tool_arguments", "sampled"),
+        ((*at, "e1", "content", "mail"), "user", "input", "typed"),
+    ]
+    # Not arguments: no Mcp-Param-* header copies them.
+    assert [p.text for p in call_texts(body.requests[1])] == ["x"]
+
+
+def test_a_servers_texts_split_by_the_request_they_belong_to() -> None:
+    """An embedded request is judged on its own, as one sent alone is; the answer's own
+    texts (here a tool result beside them) apart."""
+    message = {
+        **INPUT_REQUIRED,
+        "result": {**INPUT_REQUIRED["result"], "content": [{"type": "text", "text": "own"}]},
+    }
+    own, embedded = split_embedded(message_texts(message))
+    assert [p.text for p in own] == ["own"]
+    assert [[p.text for p in group] for group in embedded] == [["sys", "hi"], ["m", "t"]]
+    assert split_embedded(message_texts(TOOL_RESULT)) == (message_texts(TOOL_RESULT), [])
