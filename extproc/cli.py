@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -34,26 +35,29 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
-    serve.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
+    serve.add_argument("--policy", default=_env("EXTPROC_POLICY", DEFAULT_POLICY))
     serve.add_argument(
         "--grpc",
-        default=os.environ.get("EXTPROC_GRPC", "127.0.0.1:50051"),
+        default=_env("EXTPROC_GRPC", "127.0.0.1:50051"),
         help="host:port for the gRPC service (default %(default)s)",
     )
     serve.add_argument(
         "--authz",
-        default=os.environ.get("EXTPROC_AUTHZ", "127.0.0.1:50052"),
+        default=_env("EXTPROC_AUTHZ", "127.0.0.1:50052"),
         help="host:port for the HTTP authorizer, Envoy's ext_authz http_service in "
         "envoy/gateway.yaml; 'off' to serve gRPC only (default %(default)s)",
     )
-    serve.add_argument("--admin-host", default=os.environ.get("EXTPROC_ADMIN_HOST", "127.0.0.1"))
+    serve.add_argument("--admin-host", default=_env("EXTPROC_ADMIN_HOST", "127.0.0.1"))
     serve.add_argument(
-        "--admin-port", type=int, default=int(os.environ.get("EXTPROC_ADMIN_PORT", "9464"))
+        "--admin-port",
+        type=_whole_number,
+        default=_env_to_convert("EXTPROC_ADMIN_PORT", "9464"),
+        help="port of /healthz and /metrics (default %(default)s)",
     )
     serve.add_argument(
         "--workers",
-        type=int,
-        default=int(os.environ.get("EXTPROC_WORKERS", "1")),
+        type=_whole_number,
+        default=_env_to_convert("EXTPROC_WORKERS", "1"),
         help="worker processes sharing the gRPC port (default %(default)s)",
     )
     _redis_options(
@@ -64,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--audit-file",
         type=Path,
-        default=os.environ.get("EXTPROC_AUDIT_FILE"),
+        default=_env("EXTPROC_AUDIT_FILE"),
         help="append one JSON audit record per exchange to this file (rotated at 100 MB)",
     )
     serve.add_argument(
@@ -72,12 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--audit-redis-stream",
-        default=os.environ.get("EXTPROC_AUDIT_REDIS_STREAM"),
+        default=_env("EXTPROC_AUDIT_REDIS_STREAM"),
         help="also XADD audit records to this Redis Stream (on --redis-url, MAXLEN ~1M)",
     )
     serve.add_argument(
         "--otlp-endpoint",
-        default=os.environ.get("EXTPROC_OTLP_ENDPOINT"),
+        default=_env("EXTPROC_OTLP_ENDPOINT"),
         help="export one span per exchange to this OTLP/HTTP traces URL "
         "(e.g. http://collector:4318/v1/traces); off by default",
     )
@@ -95,9 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=20.0,
-        help="seconds in-flight streams get to finish on SIGTERM",
+        help="seconds in-flight streams get to finish on SIGTERM (default %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
@@ -129,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     usage = commands.add_parser(
         "usage", help="each budget's usage, limit and reset time in its current window"
     )
-    usage.add_argument("--policy", default=os.environ.get("EXTPROC_POLICY", DEFAULT_POLICY))
+    usage.add_argument("--policy", default=_env("EXTPROC_POLICY", DEFAULT_POLICY))
     _redis_options(usage, "the Redis that serve keeps budgets in (default: $REDIS_URL)")
     usage.add_argument(
         "--remote",
@@ -177,16 +181,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env(variable: str, fallback: str | None = None) -> str | None:
+    """An environment default; empty is unset, as Compose and Helm render unset variables."""
+    return os.environ.get(variable) or fallback
+
+
+class _FromEnvironment(str):
+    """An environment default argparse converts: it does so for the command run only (a
+    bad value fails that command alone, with exit 2, not every command with a traceback),
+    and the error names the variable, which the command line does not show."""
+
+    variable = ""
+
+
+def _env_to_convert(variable: str, fallback: str) -> str:
+    """:func:`_env` for an option with a ``type``: the value left for argparse to convert."""
+    value = os.environ.get(variable)
+    if not value:
+        return fallback
+    default = _FromEnvironment(value)
+    default.variable = variable
+    return default
+
+
+def _whole_number(text: str) -> int:
+    """``int``, with argparse's own error, saying where a bad value came from."""
+    try:
+        return int(text)
+    except ValueError:
+        origin = f" (from ${text.variable})" if isinstance(text, _FromEnvironment) else ""
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}{origin}") from None
+
+
+def _seconds(text: str) -> float:
+    """A duration: negative, the supervisor's wait for its workers timed out at once and
+    they were killed without their grace."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be seconds, 0 or more (got {text!r})")
+    return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Log at $EXTPROC_LOG_LEVEL (INFO when unset or empty); an unknown level stops the
+    command with exit 2, as a bad option does (not a traceback)."""
+    value = os.environ.get("EXTPROC_LOG_LEVEL") or "INFO"
+    level = value.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        print(
+            f"extproc: EXTPROC_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (got {value!r})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _redis_options(command: argparse.ArgumentParser, url_help: str) -> None:
     """Where the budget store is and how its keys sit; ``serve`` and ``usage`` must agree."""
-    command.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help=url_help)
+    command.add_argument("--redis-url", default=_env("REDIS_URL"), help=url_help)
     command.add_argument(
         "--redis-cluster",
         action="store_true",
@@ -195,7 +253,7 @@ def _redis_options(command: argparse.ArgumentParser, url_help: str) -> None:
     )
     command.add_argument(
         "--redis-prefix",
-        default=os.environ.get("EXTPROC_REDIS_PREFIX", "budget"),
+        default=_env("EXTPROC_REDIS_PREFIX", "budget"),
         help="the prefix (hash tag) of every key; one per deployment sharing a Redis "
         "(default %(default)s, or $EXTPROC_REDIS_PREFIX)",
     )
@@ -420,7 +478,8 @@ def _usage_remote(args: argparse.Namespace) -> int:
     from extproc.admin.v1 import admin_pb2, admin_pb2_grpc
     from extproc.budgets.report import UsageLine, format_table
 
-    token = os.environ.get("EXTPROC_ADMIN_TOKEN", "")
+    # Stripped as the service strips it: a Secret file's newline is no header value.
+    token = os.environ.get("EXTPROC_ADMIN_TOKEN", "").strip()
     with grpc.insecure_channel(args.remote) as channel:
         try:
             stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]

@@ -86,6 +86,8 @@ class _Connection(asyncio.Protocol):
         """Bytes read since the last whole request: bounds a request's head, per read."""
         self._body_bytes = 0
         """Bytes of the body being read: bounds it exactly."""
+        self.receiving = False
+        """A request has begun to arrive and is not whole yet."""
         self._queue: deque[Request | None] = deque()
         """Requests to answer; ``None``: the server's answer to an unreadable one, last."""
         self._serving: asyncio.Task[None] | None = None
@@ -99,14 +101,23 @@ class _Connection(asyncio.Protocol):
         self._done = False
         """No more requests are read from this connection."""
         self._stopping = False
-        """Closed for shutdown: at once when idle, without lingering."""
+        """Closed for shutdown: at once when idle, without lingering; a request still
+        arriving is read to its end and answered first."""
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
 
     def close_when_idle(self) -> None:
-        """Shutdown: read no more requests; close now if none is being answered, else
-        after its answer (which says so)."""
-        self._closing = self._done = self._stopping = True
+        """Shutdown: read no more requests; close now if none is being answered or
+        received, else after its answer (which says so).
+
+        A request partly received (its head, or part of its body) is in flight too: the
+        client sent it before the shutdown, and a reset would fail it (Envoy fails a check
+        closed). It is read to its end and answered; what follows it is not read.
+        """
+        self._closing = self._stopping = True
+        if self.receiving:
+            return  # on_message_complete marks it the last
+        self._done = True
         if self._serving is None and self._transport is not None:
             self._transport.close()
 
@@ -139,11 +150,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self.receiving = False  # never whole now
         self._server.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.receiving = True
+
     def on_url(self, url: bytes) -> None:
         path = self._request.headers.get(":path", "") + url.decode("utf-8", "replace")
         self._request.headers[":path"] = path
@@ -160,11 +175,15 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request, self._request = self._request, Request()
         self._unanswered_bytes = self._body_bytes = 0
+        self.receiving = False
+        if self._done:
+            return  # read in the same piece as the last request: not answered
         if self._parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: not a request we can answer
         request.headers[":method"] = self._parser.get_method().decode("ascii")
-        if not self._parser.should_keep_alive():
-            self._closing = self._done = True  # answered, then closed (HTTP/1.0, "close")
+        if self._stopping or not self._parser.should_keep_alive():
+            # Answered, then closed (HTTP/1.0, "close", or received during shutdown).
+            self._closing = self._done = True
         self._queue.append(request)
         if self._idle is not None:
             self._idle.cancel()
@@ -181,6 +200,7 @@ class _Connection(asyncio.Protocol):
         client sent garbage or too much): the requests before are answered, then the
         server's answer to an unreadable request, and the connection closes; a client
         opens a new one for its next request."""
+        self.receiving = False  # what was arriving is answered as unreadable, or dropped
         if self._done:
             return  # bytes after "connection: close": the requests before are answered
         self._closing = self._done = True
@@ -295,6 +315,12 @@ class Server:
         self._listening: asyncio.Server | None = None
 
     @property
+    def busy(self) -> int:
+        """Requests in flight: those being answered, and those partly received (shutdown
+        waits for both)."""
+        return len(self._answering) + sum(c.receiving for c in self.connections)
+
+    @property
     def port(self) -> int:
         assert self._listening is not None, "not started"
         return int(self._listening.sockets[0].getsockname()[1])
@@ -307,7 +333,7 @@ class Server:
 
     def close(self) -> None:
         """Stop taking connections and requests: idle connections close now, busy ones
-        once their request is answered."""
+        (a request being answered, or still arriving) once their request is answered."""
         if self._listening is not None:
             self._listening.close()
         for connection in list(self.connections):

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -29,8 +30,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from extproc import admin_http
+from extproc import admin_http, http_server
 from extproc.accounting import Accountant
+from extproc.adapters import access_log as access_log_module
 from extproc.adapters import ext_authz_http
 from extproc.adapters.access_log import AccessLogReceiver
 from extproc.adapters.admin_api import AdminApi
@@ -76,6 +78,20 @@ TRACING_SECONDS = 3.0
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 """Above Envoy's request buffer limit (envoy/gateway.yaml) plus protobuf framing, so a
 body Envoy accepted is never refused by gRPC on its way to or back from us."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lifeline:
+    """A pipe the supervisor makes before forking any worker: it alone keeps the write end
+    (each worker closes its copy first thing), so every worker sees the read end close
+    when the supervisor is gone. multiprocessing's own parent sentinel is one pipe per
+    worker, whose write end the workers forked after it inherit: only the last one
+    noticed at once, each other one only once the next had drained and exited."""
+
+    read: int
+    write: int
+    supervisor: int
+    """The supervisor's pid, for the log."""
 
 
 def serve(settings: ServeSettings, policies: PolicyStore) -> int:
@@ -126,11 +142,14 @@ async def _serve_single(settings: ServeSettings, policies: PolicyStore) -> int:
     return 0
 
 
-async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: bool) -> None:
+async def _serve_grpc(
+    settings: ServeSettings, policies: PolicyStore, admin: bool, lifeline: Lifeline | None = None
+) -> None:
     """Serve ext_proc and health until a stop signal, then drain in-flight streams.
 
     With ``admin`` this process also serves the admin port, which reports ready only
-    once the gRPC server accepts streams.
+    once the gRPC server accepts streams. With a ``lifeline`` (a worker's) it also stops
+    once the supervisor is gone.
     """
     store = wiring.open_store(settings.redis, policies.current)
     await wiring.start_store(store)
@@ -227,8 +246,8 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
     background = [watcher]
     if kept_in is not None:
         background.append(asyncio.create_task(follow_ticket_key(tickets)))
-    if settings.worker_index is not None:
-        _stop_when_orphaned(stop)
+    if lifeline is not None:
+        _stop_when_orphaned(stop, lifeline)
     await stop.wait()
     log.info("stopping: draining in-flight streams (up to %.0fs)", settings.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
@@ -238,8 +257,11 @@ async def _serve_grpc(settings: ServeSettings, policies: PolicyStore, admin: boo
             await task
     if authz_server is not None:
         authz_server.close()
-    stopping = asyncio.create_task(server.stop(settings.grace_seconds))
-    await _quiesce(processor, authorizer, settings.grace_seconds)
+    grace = settings.grace_seconds
+    stopping = asyncio.create_task(server.stop(grace))
+    # Ended before the grace, so that the access-log streams drain before gRPC cancels
+    # every stream still open at its end (and the records in their buffers with them).
+    await _quiesce(processor, authz_server, grace - _drain_reserve(grace))
     access_log.close()
     await stopping
     await processor.drain()
@@ -283,10 +305,17 @@ def _freeze_startup_objects() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def _drain_reserve(grace: float) -> float:
+    """The end of ``grace`` kept for the access-log streams' drain (at most
+    access_log.DRAIN_SECONDS, half of a short grace)."""
+    return min(access_log_module.DRAIN_SECONDS, max(grace, 0.0) / 2)
+
+
 async def _quiesce(
-    processor: ExternalProcessor, authorizer: ext_authz_http.HttpAuthorizer, grace: float
+    processor: ExternalProcessor, authz_server: http_server.Server | None, within: float
 ) -> None:
-    """Wait (up to ``grace``) for the ext_proc streams and authorizer checks in flight.
+    """Wait (up to ``within``) for the ext_proc streams and authorizer checks in flight,
+    a check whose request is still arriving included.
 
     The access-log streams stay open meanwhile, so records of answers that end in that
     time settle here. An answer the authorizer let through may still be streaming after
@@ -295,12 +324,24 @@ async def _quiesce(
     it could not send at its next flush. With no process to take it, its reservation
     stays charged as reserved and it has no audit record.
     """
-    deadline = asyncio.get_running_loop().time() + grace
+
+    def still_open() -> tuple[int, int]:
+        return processor.streams, authz_server.busy if authz_server is not None else 0
+
+    deadline = asyncio.get_running_loop().time() + within
     while asyncio.get_running_loop().time() < deadline:
-        if processor.streams == 0 and authorizer.checks == 0:
+        if still_open() == (0, 0):
             return
         await asyncio.sleep(0.05)
-    log.warning("stopping with %d streams and %d checks open", processor.streams, authorizer.checks)
+    # Counted now, before gRPC cancels what is left (counted after, it said 0).
+    streams, checks = still_open()
+    if streams or checks:
+        log.warning(
+            "stopping with %d streams and %d checks open; what is still open at the end "
+            "of the grace is cut off",
+            streams,
+            checks,
+        )
 
 
 async def follow_ticket_key(tickets: TicketSigner, every: float = FOLLOW_SECONDS) -> None:
@@ -313,27 +354,23 @@ async def follow_ticket_key(tickets: TicketSigner, every: float = FOLLOW_SECONDS
             log.exception("fetching the ticket key from Redis failed")
 
 
-def _stop_when_orphaned(stop: asyncio.Event) -> None:
+def _stop_when_orphaned(stop: asyncio.Event, lifeline: Lifeline) -> None:
     """In a worker: stop, gracefully, once the supervisor is gone.
 
     A supervisor killed without a chance to stop its workers (SIGKILL, the OOM killer)
     would leave them serving: sharing the ports (SO_REUSEPORT) with the workers of the next
-    supervisor, with an old policy, and reporting to nobody's /metrics. multiprocessing
-    gives a worker the read end of a pipe its parent holds open; it becomes readable when
-    the parent exits, also if that happened before this worker got here.
+    supervisor, with an old policy, and reporting to nobody's /metrics. The lifeline's read
+    end becomes readable (at its end) when the supervisor exits, also if that happened
+    before this worker got here.
     """
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.sentinel is None:
-        return
     loop = asyncio.get_running_loop()
-    sentinel = parent.sentinel
 
     def gone() -> None:
-        loop.remove_reader(sentinel)
-        log.warning("the supervisor (pid %s) is gone: stopping", parent.pid)
+        loop.remove_reader(lifeline.read)
+        log.warning("the supervisor (pid %s) is gone: stopping", lifeline.supervisor)
         stop.set()
 
-    loop.add_reader(sentinel, gone)
+    loop.add_reader(lifeline.read, gone)
 
 
 def _audit_sinks(settings: ServeSettings) -> list[Sink]:
@@ -351,18 +388,21 @@ def _audit_sinks(settings: ServeSettings) -> list[Sink]:
     return sinks
 
 
-def _worker_main(settings: ServeSettings, policies: PolicyStore) -> None:
-    # Forked: the supervisor's logging handlers came along; replace them to name the worker.
+def _worker_main(settings: ServeSettings, policies: PolicyStore, lifeline: Lifeline) -> None:
+    # First: while a worker holds the write end, the lifeline cannot close.
+    os.close(lifeline.write)
+    # Forked: the supervisor's logging handlers came along; replace them to name the
+    # worker, at the level the supervisor logs at.
     logging.basicConfig(
-        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
+        level=logging.getLogger().getEffectiveLevel(),
         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    _run(_serve_worker(settings, policies))
+    _run(_serve_worker(settings, policies, lifeline))
 
 
-async def _serve_worker(settings: ServeSettings, policies: PolicyStore) -> int:
-    await _serve_grpc(settings, policies, admin=False)
+async def _serve_worker(settings: ServeSettings, policies: PolicyStore, lifeline: Lifeline) -> int:
+    await _serve_grpc(settings, policies, admin=False, lifeline=lifeline)
     return 0
 
 
@@ -396,11 +436,12 @@ def _supervise(settings: ServeSettings, policies: PolicyStore) -> int:
     # No event loop, gRPC object or Python thread exists yet, so forking is safe (numpy,
     # which Presidio imports, has started OpenBLAS's pool: it re-creates it after a fork).
     context = multiprocessing.get_context("fork")
+    lifeline = Lifeline(*os.pipe(), supervisor=os.getpid())
     workers = [
         context.Process(
             target=_worker_main,
             # Forked, not pickled: each worker starts from the policy compiled here.
-            args=(dataclasses.replace(settings, worker_index=i), policies),
+            args=(dataclasses.replace(settings, worker_index=i), policies, lifeline),
             name=f"extproc-worker-{i}",
             # Daemonic: however this process exits, multiprocessing stops them first.
             daemon=True,
@@ -409,6 +450,7 @@ def _supervise(settings: ServeSettings, policies: PolicyStore) -> int:
     ]
     for worker in workers:
         worker.start()
+    os.close(lifeline.read)  # the workers' end; the write end stays open until this exits
 
     async def supervise() -> int:
         try:
@@ -417,12 +459,21 @@ def _supervise(settings: ServeSettings, policies: PolicyStore) -> int:
             # Also when the admin port or the Redis probe failed: the metrics directory is
             # removed next, and live workers would keep the exit waiting.
             _signal_workers(workers)
-            for worker in workers:
-                await asyncio.to_thread(worker.join, settings.grace_seconds + AFTER_GRACE_SECONDS)
-                if worker.is_alive():
-                    worker.kill()
+            await _reap(workers, settings.grace_seconds + AFTER_GRACE_SECONDS)
 
     return _run(supervise())
+
+
+async def _reap(workers: Sequence[multiprocessing.process.BaseProcess], within: float) -> None:
+    """Wait for the workers to exit, all within ``within`` seconds, then kill those still
+    running. One deadline for all: a timeout each let N stuck workers hold the exit N
+    times as long, past any process manager's stop timeout."""
+    deadline = time.monotonic() + within
+    for worker in workers:
+        await asyncio.to_thread(worker.join, max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
 
 
 def _signal_workers(workers: Sequence[multiprocessing.process.BaseProcess]) -> None:

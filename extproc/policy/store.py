@@ -8,6 +8,9 @@ at the next poll without the policy being touched; one that cannot be read is re
 like an invalid policy. So are those a refused policy names: when the policy (a
 ConfigMap) names a key file that is not there yet (the Secret volume syncs later), it is
 read again when that file appears.
+
+Every file is stat'ed before it is read, at start-up too: an edit landing while a file is
+read is then seen as a change at the next poll, never taken for what was read.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from extproc.budgets import tokens
-from extproc.policy.compiled import CompiledPolicy
-from extproc.policy.loader import PolicyError, load_policy
+from extproc.policy.compiled import CompiledPolicy, credential_files
+from extproc.policy.loader import PolicyError, load_policy, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,21 @@ MAX_MOVING_POLLS = 5
 _Stat = tuple[int, int, int] | None
 """Inode, mtime in ns and size of a file; ``None`` when it cannot be stat'ed."""
 _Signature = tuple[tuple[Path, _Stat], ...]
+_UNSEEN: _Signature = ()
+"""A signature no files have: the next poll reads them again."""
 
 
 class PolicyStore:
     def __init__(self, path: Path) -> None:
         self._path = path
+        before = _stat_before_reading(path)
         self._current = load_policy(path)
         self._rejected: PolicyError | None = None
         """The refusal of what the policy file holds now, if it was refused."""
-        self._signature = self._stat_signature()
+        after = self._stat_signature()
+        # Stat'ed after reading, an edit made meanwhile (a ConfigMap or Secret swapped as
+        # the pod starts) would pass for what was read, and never go live.
+        self._signature = after if after == before else _UNSEEN
         self.reloads_ok = 0
         self.reloads_failed = 0
 
@@ -50,9 +59,11 @@ class PolicyStore:
     def path(self) -> Path:
         return self._path
 
-    def reload_if_changed(self) -> bool:
+    def reload_if_changed(self, settled: _Signature | None = None) -> bool:
         """Load the file again if it, or a ``credential_file`` the live policy or the
         refused one names, changed on disk; return whether a new policy went live.
+        ``settled``: the files as the watcher saw them hold still; changed again since
+        (a writer starting over, truncating first), they are not read now.
 
         The signature includes the inode so a Kubernetes ConfigMap or Secret update (a
         symlink swap with an unchanged mtime resolution) is noticed too. A policy that
@@ -61,7 +72,7 @@ class PolicyStore:
         found again while the policy file is unchanged is not logged again.
         """
         signature = self._stat_signature()
-        if signature == self._signature:
+        if signature == self._signature or (settled is not None and signature != settled):
             return False
         try:
             policy = load_policy(self._path)
@@ -71,7 +82,7 @@ class PolicyStore:
             known = (
                 self._rejected is not None
                 and self._rejected.problems == exc.problems
-                and signature[0] == self._signature[0]  # the policy file's own stat
+                and signature[:1] == self._signature[:1]  # the policy file's own stat
             )
             self._signature, self._rejected = signature, exc
             if known:
@@ -123,8 +134,9 @@ class PolicyStore:
                 moving += 1
                 continue
             moving = 0
+            held_still = signature if signature == settling else None
             try:
-                reloaded = await asyncio.to_thread(self.reload_if_changed)
+                reloaded = await asyncio.to_thread(self.reload_if_changed, held_still)
             except Exception:
                 # Never the end of watching: later edits must still go live.
                 self.reloads_failed += 1
@@ -141,6 +153,17 @@ class PolicyStore:
         if self._rejected is not None:
             files = tuple(dict.fromkeys((*files, *self._rejected.credential_files)))
         return tuple((p, _stat(p)) for p in (self._path, *files))
+
+
+def _stat_before_reading(path: Path) -> _Signature:
+    """The policy file's stat, then those of the key files it names (read once for their
+    names, as far as it is valid): taken before :func:`load_policy` reads any of them."""
+    first = (path, _stat(path))
+    try:
+        files = credential_files(parse_policy(path.read_text(encoding="utf-8"), str(path)))
+    except (OSError, ValueError, PolicyError):  # load_policy says what is wrong
+        files = ()
+    return (first, *((p, _stat(p)) for p in files))
 
 
 def _stat(path: Path) -> _Stat:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import grpc
 import orjson
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -215,32 +218,150 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
-def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
-    """A supervisor killed outright must not leave workers serving its ports."""
+async def test_every_worker_stops_at_once_when_their_supervisor_is_killed(
+    tmp_path: Path,
+) -> None:
+    """A supervisor killed outright must not leave workers serving its ports. Every worker
+    notices at once and drains (here each with a stream open for its whole --grace): not
+    one after the other, as when each one's pipe to the supervisor was held open by the
+    workers forked after it (the last of three went at three times the grace)."""
     ports = Ports.free()
     redis = os.environ["EXTPROC_TEST_REDIS_URL"]
+    grace = 2.0
     # A killed supervisor cannot remove its temporary directories: keep them in tmp_path.
     proc = serve(
-        policy_copy(tmp_path), ports, "--workers", "2", "--redis-url", redis,
-        env={"TMPDIR": str(tmp_path)},
+        policy_copy(tmp_path), ports, "--workers", "3", "--grace", str(grace),
+        "--redis-url", redis, env={"TMPDIR": str(tmp_path)},
     )  # fmt: skip
     listeners: set[str] = set()
+    held: list[tuple[grpc.aio.Channel, object]] = []
     try:
-        deadline = time.monotonic() + 20
-        while len(listeners := _listening_pids(ports.grpc)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(listeners) == 2
+        _until(lambda: len(_listening_pids(ports.grpc)) == 3, 20)
+        listeners = _listening_pids(ports.grpc)
+        assert len(listeners) == 3
+        await _hold_a_stream_on_each(ports.grpc, listeners, held)
         proc.kill()
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while any(map(_alive, listeners)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        killed = time.monotonic()
+        _until(lambda: not any(map(_alive, listeners)), 4 * grace)
+        took = time.monotonic() - killed
         assert not any(map(_alive, listeners))
+        assert took < 2 * grace
         assert not _listening_pids(ports.grpc)
     finally:
+        for channel, _ in held:
+            await channel.close()
         proc.kill()
         for pid in filter(_alive, listeners):
             os.kill(int(pid), signal.SIGKILL)
+
+
+async def _hold_a_stream_on_each(
+    port: int, pids: set[str], held: list[tuple[grpc.aio.Channel, object]]
+) -> None:
+    """Open ext_proc streams, each on a connection of its own (the kernel spreads them over
+    the workers), until every process of ``pids`` serves one; they stay open, waiting for
+    a body, in ``held``."""
+    for _ in range(64):
+        if pids <= _connected_pids(port):
+            return
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        held.append((channel, call))  # a call collected is cancelled
+        await call.write(headers_request("/v1/chat/completions", ADMIN_KEY))
+        await call.read()
+    assert pids <= _connected_pids(port)
+
+
+def _until(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` until it holds or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _connected_pids(port: int) -> set[str]:
+    """Processes holding an accepted connection on ``port``."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+    )
+    return set(re.findall(r"pid=(\d+)", out.stdout))
+
+
+def _read_until(proc: subprocess.Popen[bytes], text: str) -> None:
+    """Read the service's output until a line with ``text`` (it logs as it goes)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if text in line.decode():
+            return
+    raise AssertionError(f"the service exited without logging {text!r}")
+
+
+def test_sigterm_finishes_a_check_whose_body_is_still_arriving(tmp_path: Path) -> None:
+    """Envoy sent the check before the SIGTERM; its body takes several reads to arrive. It
+    is in flight: answered (and the connection then closed), not reset."""
+    ports = Ports.free()
+    proc = serve(policy_copy(tmp_path), ports, "--grace", "3")
+    try:
+        body = orjson.dumps(
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 200_000}]}
+        )
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
+            f"authorization: Bearer {ADMIN_KEY}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", ports.authz), timeout=10) as sock:
+            sock.sendall(head + body[:1000])
+            time.sleep(0.2)  # read by the service
+            proc.send_signal(signal.SIGTERM)
+            _read_until(proc, "stopping: draining")
+            # Closed in the same step as the idle connections: this one's shutdown began.
+            _until(lambda: not _listening_pids(ports.authz), 5)
+            assert not _listening_pids(ports.authz)
+            sock.sendall(body[1000:])
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
+            assert response.getheader("connection") == "close"
+            response.read()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+async def test_streams_that_outlast_the_grace_leave_the_access_log_time_to_drain(
+    tmp_path: Path,
+) -> None:
+    """An ext_proc stream open past --grace: the access-log streams still end by draining
+    what Envoy sent (not cancelled with it at the end of the grace, their buffered
+    records lost), and the warning counts the stream still open."""
+    ports = Ports.free()
+    proc = serve(policy_copy(tmp_path), ports, "--grace", "2")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+            stream = pb_grpc.ExternalProcessorStub(channel).Process()
+            await stream.write(headers_request("/v1/chat/completions", ADMIN_KEY))
+            await stream.read()  # open, waiting for a body that never comes
+            records = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs()
+            await records.write(als_pb2.StreamAccessLogsMessage())
+            await asyncio.sleep(0.2)  # read by the service
+            proc.send_signal(signal.SIGTERM)
+            reply = await asyncio.wait_for(records, 10)  # ended by the service, not cancelled
+            assert isinstance(reply, als_pb2.StreamAccessLogsResponse)
+        output = proc.communicate(timeout=20)[0].decode()
+        assert "stopping with 1 streams and 0 checks open" in output
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_workers_health_follows_the_shared_budget_store(tmp_path: Path) -> None:

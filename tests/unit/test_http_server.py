@@ -247,3 +247,50 @@ async def test_shutdown_waits_for_an_answer_whose_client_has_gone(served: Served
     assert not await server.answered(0.05)
     echo.release.set()
     assert await server.answered(5)
+
+
+@pytest.mark.parametrize("sent", ["head", "head-and-part-of-the-body"])
+async def test_shutdown_reads_and_answers_a_request_still_arriving(
+    served: Served, sent: str
+) -> None:
+    """A request partly received when shutdown begins was sent before it: it is busy
+    (shutdown waits for it), read to its end and answered, and the connection then
+    closes; what the client sends after it is not read."""
+    server, echo = served
+    data = request("/arriving", "POST", b"x" * 3000) + request("/after")
+    split = data.index(b"\r\n\r\n") + (4 if sent == "head-and-part-of-the-body" else -10)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data[:split])
+    await asyncio.sleep(0.05)  # read by the server
+    server.close()
+    await asyncio.sleep(0.05)
+    assert server.busy == 1 and echo.seen == []
+    writer.write(data[split:])
+    [(status, headers, body)] = await read_answers(reader, 1)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then closed
+    writer.close()
+    assert status == 200 and headers["connection"] == "close"
+    assert orjson.loads(body) == {"method": "POST", "path": "/arriving", "bytes": 3000}
+    assert echo.seen == ["/arriving"] and await server.answered(5) and server.busy == 0
+
+
+async def test_shutdown_closes_a_connection_between_requests_at_once(served: Served) -> None:
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/once"))
+    await read_answers(reader, 1)
+    server.close()
+    assert server.busy == 0
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_an_unreadable_request_is_not_still_arriving(served: Served) -> None:
+    """Once it is answered as unreadable, it no longer keeps shutdown waiting."""
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/big", "POST", b"x" * (LIMIT + 1))[: LIMIT + 100])
+    [(status, _, _)] = await read_answers(reader, 1)
+    assert status == 400 and await server.answered(5)
+    assert server.busy == 0
+    writer.close()
