@@ -102,8 +102,21 @@ class Stack:
     envoy_concurrency: int | None = None
     """Envoy's worker threads (``--concurrency``); ``None``: one per core it can see."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ready: bool = False
+    """Every process started and ready (set by :meth:`start`)."""
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start every process, ready; on any failure (a child that exits, a timeout, no
+        Envoy binary, a signal's exception) stop what was started and raise: nothing is
+        left holding its port for the next start."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        envoy = envoy_binary()  # before anything runs: without it, nothing should
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="extproc-stack-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
@@ -151,7 +164,7 @@ class Stack:
         self._spawn(
             "envoy",
             [
-                envoy_binary(),
+                envoy,
                 "-c",
                 str(config),
                 "--log-level",
@@ -168,6 +181,7 @@ class Stack:
         )
         deadline = time.monotonic() + timeout
         self._wait_ready(["envoy"], deadline)
+        self.ready = True
         self._wait_extproc_cluster_healthy(deadline)
 
     def _envoy_template(self) -> str:
@@ -204,8 +218,10 @@ class Stack:
         assert self.log_dir is not None
         log = (self.log_dir / f"{name}.log").open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # A session of its own: a Ctrl-C in the terminal reaches `extproc up` alone, which
+        # stops the service before Envoy (see stop), not everything at once.
         self.processes[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
         )
 
     def _wait_ready(self, names: list[str], deadline: float) -> None:
@@ -221,12 +237,10 @@ class Stack:
             for name, url in list(pending.items()):
                 proc = self.processes[name]
                 if proc.poll() is not None:
-                    self.stop()
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)}")
                 if _http_ok(url):
                     del pending[name]
             if pending and time.monotonic() > deadline:
-                self.stop()
                 raise TimeoutError(f"not ready in time: {', '.join(pending)}")
             time.sleep(0.05)
 
@@ -242,7 +256,6 @@ class Stack:
             if re.search(r"^extproc::[^\n]*::health_flags::healthy$", text, re.M):
                 return
             time.sleep(0.05)
-        self.stop()
         raise TimeoutError("Envoy never saw the extproc service healthy")
 
 
@@ -258,7 +271,24 @@ def running(stack: Stack) -> Iterator[Stack]:
 def run_stack(policy: Path) -> int:
     """Foreground ``make up``: start everything, print how to use it, stop on Ctrl-C."""
     stack = Stack(policy=policy, log_dir=ROOT / ".stack")
-    stack.start()
+    stop = {"now": False}
+
+    def _stop(signum: int, _: object) -> None:
+        first, stop["now"] = not stop["now"], True
+        if first and not stack.ready:
+            raise KeyboardInterrupt  # during start: start() stops what it started
+
+    # Before anything starts: a signal during start must not orphan what is running.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        print("stopped while starting", flush=True)
+        return 130
+    except Exception as error:
+        print(f"extproc up: {error}", file=sys.stderr, flush=True)
+        return 1
     p = stack.ports
     print(
         f"""
@@ -285,24 +315,18 @@ Demo keys:  sk-demo-admin (every model) · sk-demo-restricted (gpt-4o-mini only)
 Ctrl-C stops everything.""",
         flush=True,
     )
-    stop = {"now": False}
-
-    def _stop(*_: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    exited = False
     try:
         while not stop["now"]:
             for name, proc in stack.processes.items():
                 if proc.poll() is not None:
                     print(f"{name} exited ({proc.returncode}); see {stack.log_dir}/{name}.log")
-                    stop["now"] = True
+                    stop["now"] = exited = True
             time.sleep(0.2)
     finally:
         print("stopping…", flush=True)
         stack.stop()
-    return 0
+    return 1 if exited else 0
 
 
 def _http_ok(url: str) -> bool:
