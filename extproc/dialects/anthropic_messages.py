@@ -106,6 +106,29 @@ are references.) A tuple: a block's type may be any JSON value, unhashable ones 
 _RESULT_TEXT_FIELDS = ("stdout", "stderr")
 
 
+RESULT_BLOCKS = ("mcp_tool_result", *SERVER_TOOL_RESULTS)
+"""Blocks of an answer that hold a tool's result, whole (streamed too: in their
+``content_block_start``)."""
+
+
+def result_block_texts(block: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
+    """The texts of an answer's result block (:data:`RESULT_BLOCKS`), leniently: an MCP
+    tool's result (a string or text blocks), or a server tool's."""
+    if block.get("type") != "mcp_tool_result":
+        return server_tool_result_texts(block, where)
+    content = block.get("content")
+    if isinstance(content, str):
+        return [((*where, "content"), content)]
+    parts = content if isinstance(content, list) else []
+    return [
+        ((*where, "content", n, "text"), part["text"])
+        for n, part in enumerate(parts)
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+
+
 def server_tool_result_texts(block: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
     """The texts of a server tool's result block, in requests and answers alike: a fetched
     page's document, a program's ``stdout`` and ``stderr``, a viewed file's ``content``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from extproc.dialects.anthropic_messages import SERVER_TOOL_RESULTS, server_tool_result_texts
+from extproc.dialects.anthropic_messages import RESULT_BLOCKS, result_block_texts
 from extproc.dialects.base import JsonPath, TextPart
 from extproc.dialects.fields import string_leaves
 
@@ -113,15 +113,8 @@ def _anthropic(body: dict[str, Any], texts: list[TextPart]) -> None:
         elif block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
             for path, value in string_leaves(block.get("input"), ("content", j, "input")):
                 _add(texts, path, value, "tool_arguments")
-        elif block.get("type") == "mcp_tool_result":
-            result = block.get("content")
-            if isinstance(result, str):
-                _add(texts, ("content", j, "content"), result)
-            for n, part in enumerate(result if isinstance(result, list) else []):
-                if isinstance(part, dict) and part.get("type") == "text":
-                    _add(texts, ("content", j, "content", n, "text"), part.get("text"))
-        elif block.get("type") in SERVER_TOOL_RESULTS:
-            for path, value in server_tool_result_texts(block, ("content", j)):
+        elif block.get("type") in RESULT_BLOCKS:
+            for path, value in result_block_texts(block, ("content", j)):
                 _add(texts, path, value)
 
 

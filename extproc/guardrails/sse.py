@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from extproc import sse
+from extproc.dialects.anthropic_messages import RESULT_BLOCKS, result_block_texts
 
 ChannelKey = tuple[Any, ...]
 ALL = ("*",)
@@ -204,8 +205,16 @@ class AnthropicStream(StreamDialect):
                         return [Delta(("block", index), delta[key], setter, json_source)]
         elif kind == "content_block_start":
             block = payload.get("content_block")
-            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+            if not isinstance(block, dict):
+                return []
+            if block.get("type") == "text" and block.get("text"):
                 return [Delta(("block", index), block["text"], _setter(block, "text"))]
+            if block.get("type") in RESULT_BLOCKS:  # a tool's result arrives whole
+                return [
+                    Delta(("block", index), text, _setter(*_slot(block, path)))
+                    for path, text in result_block_texts(block, ())
+                    if text
+                ]
         return []
 
     def ends(self, event: Event) -> tuple[ChannelKey, ...]:
@@ -220,6 +229,17 @@ class AnthropicStream(StreamDialect):
     def error_event(self, message: str) -> bytes:
         error = {"type": "error", "error": {"type": "permission_error", "message": message}}
         return b"event: error\ndata: " + orjson.dumps(error) + b"\n\n"
+
+
+def _slot(root: dict[str, Any], path: tuple[Any, ...]) -> tuple[dict[str, Any], str]:
+    """The object holding the text at ``path`` and its key there (a reader found the text
+    there: every step exists, and a text's key is a member name)."""
+    node: Any = root
+    for step in path[:-1]:
+        node = node[step]
+    key = path[-1]
+    assert isinstance(node, dict) and isinstance(key, str)
+    return node, key
 
 
 def _index(value: Any) -> int | str:

@@ -169,6 +169,49 @@ def test_anthropic_text_deltas_are_masked_and_flushed_at_block_stop() -> None:
     assert out.endswith(chunks[4] + chunks[5] + chunks[6])
 
 
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "mcp_tool_result", "tool_use_id": "m", "content": "mail a.b@example.org"},
+        {
+            "type": "mcp_tool_result",
+            "tool_use_id": "m",
+            "content": [{"type": "text", "text": "mail a.b@example.org"}],
+        },
+        {
+            "type": "bash_code_execution_tool_result",
+            "tool_use_id": "b",
+            "content": {
+                "type": "bash_code_execution_result",
+                "stdout": "mail a.b@example.org",
+                "stderr": "",
+                "return_code": 0,
+                "content": [],
+            },
+        },
+    ],
+    ids=["mcp-string", "mcp-text-blocks", "bash-stdout"],
+)
+def test_an_anthropic_tool_result_streamed_whole_is_guarded(block: dict[str, object]) -> None:
+    """A tool's result arrives whole in its content_block_start: as in a JSON answer, its
+    texts are read (they went out unread in a stream)."""
+    chunks = [
+        anthropic_event("message_start", message={"id": "m", "usage": {"input_tokens": 3}}),
+        anthropic_event("content_block_start", index=0, content_block=block),
+        anthropic_event("content_block_stop", index=0),
+        anthropic_event("message_stop"),
+    ]
+    out = run(guard(dialect="anthropic.messages"), chunks)
+    assert b"a.b@example.org" not in out
+    assert b"mail " + b"*" * len("a.b@example.org") in out
+    started = next(
+        e
+        for e in sse_payloads(out)
+        if isinstance(e, dict) and e.get("type") == "content_block_start"
+    )
+    assert started["content_block"]["type"] == block["type"]
+
+
 def test_openai_tool_call_arguments_are_guarded() -> None:
     chunks = [
         openai_chunk(arguments='{"to": "x.y@exa'),
