@@ -89,19 +89,14 @@ class HttpAuthorizer:
         self._accountant = accountant or Accountant(meter, observer, tickets)
         """Settles the answers Envoy reports (shared with the access log's receiver)."""
         self._clock = clock
-        self.checks = 0
-        """Checks and answer reports being answered now (shutdown waits for them)."""
 
     async def answer(self, check: Request, write: Write) -> None:
-        """Answer ``check``: an answer report (:mod:`.answer_report`), or a request to decide."""
-        self.checks += 1
-        try:
-            if check.headers.get(":path") == REPORT_PATH:
-                await self._settle_report(check, write)
-            else:
-                await self._decide(check, write)
-        finally:
-            self.checks -= 1
+        """Answer ``check``: an answer report (:mod:`.answer_report`), or a request to decide.
+        (Shutdown waits for both as requests of the HTTP server: ``Server.busy``.)"""
+        if check.headers.get(":path") == REPORT_PATH:
+            await self._settle_report(check, write)
+        else:
+            await self._decide(check, write)
 
     async def _settle_report(self, check: Request, write: Write) -> None:
         """Settle the exchange a report describes, then say so: 204, on which Envoy's Lua

@@ -4,7 +4,6 @@ service settles the exchange from the ticket the authorizer issued."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -231,33 +230,6 @@ def test_the_access_log_leaves_a_reported_answer_alone() -> None:
         {ANSWERED: "report"}
     )
     assert logged_answer(entry) is None
-
-
-class SlowStore(MemoryStore):
-    """Holds every settlement until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def adjust(self, deltas: Any, *, token: str | None = None) -> AdjustResult:
-        self.entered.set()
-        await self.release.wait()
-        return await super().adjust(deltas, token=token)
-
-
-async def test_shutdown_waits_for_a_report_being_settled(tmp_path: Path) -> None:
-    """A report counts as a check in flight, which shutdown waits for (server.py)."""
-    slow = SlowStore()
-    processes = Processes(tmp_path, store=slow)
-    ticket = await processes.decide()
-    reporting = asyncio.ensure_future(processes.report(ticket, **usage_headers(LIFTED)))
-    await asyncio.wait_for(slow.entered.wait(), 5)
-    assert processes.reporting.checks == 1
-    slow.release.set()
-    assert await reporting == SETTLED
-    assert processes.reporting.checks == 0
 
 
 class FailingOnceStore(MemoryStore):
