@@ -104,6 +104,8 @@ class Stack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ready: bool = False
     """Every process started and ready (set by :meth:`start`)."""
+    stopping: bool = False
+    """:meth:`stop` has begun (a start that failed calls it too)."""
 
     def start(self, timeout: float = 30.0) -> None:
         """Start every process, ready; on any failure (a child that exits, a timeout, no
@@ -181,8 +183,8 @@ class Stack:
         )
         deadline = time.monotonic() + timeout
         self._wait_ready(["envoy"], deadline)
-        self.ready = True
         self._wait_extproc_cluster_healthy(deadline)
+        self.ready = True
 
     def _envoy_template(self) -> str:
         """The Envoy config with the policy's upstreams rendered in, when it routes by the
@@ -196,6 +198,7 @@ class Stack:
     def stop(self) -> None:
         """Stop the service first, while Envoy still delivers the access-log records of the
         answers in flight (Envoy stopped first would leave them unsent), then the rest."""
+        self.stopping = True
         service = {name: proc for name, proc in self.processes.items() if name == "extproc"}
         others = {name: proc for name, proc in self.processes.items() if name != "extproc"}
         for group, seconds in ((service, 30), (others, 15)):
@@ -275,12 +278,13 @@ def run_stack(policy: Path) -> int:
 
     def _stop(signum: int, _: object) -> None:
         first, stop["now"] = not stop["now"], True
-        if first and not stack.ready:
+        if first and not stack.ready and not stack.stopping:
             raise KeyboardInterrupt  # during start: start() stops what it started
 
-    # Before anything starts: a signal during start must not orphan what is running.
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    # Before anything starts: a signal during start must not orphan what is running. The
+    # children have sessions of their own, so a closed terminal (SIGHUP) reaches only us.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
     try:
         stack.start()
     except KeyboardInterrupt:
