@@ -80,6 +80,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()
+        """Kept: CPython 3.11 makes a system call (getpid) for every get_running_loop()."""
         self._parser = httptools.HttpRequestParser(self)
         self._request = Request()
         self._unanswered_bytes = 0
@@ -259,14 +261,14 @@ class _Connection(asyncio.Protocol):
         # is read and dropped (not left to reset the socket) for a while.
         transport.write_eof()
         transport.resume_reading()
-        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        self._loop.call_later(LINGER_SECONDS, transport.close)
 
     def _arm_idle(self, seconds: float) -> None:
         """Close a connection that sends no whole request for ``seconds`` (a request
         half-sent for that long included)."""
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(seconds, self._on_idle)
+        self._idle = self._loop.call_later(seconds, self._on_idle)
 
     def _on_idle(self) -> None:
         if self._serving is None and self._transport is not None:
@@ -313,6 +315,8 @@ class Server:
         self._answering: set[asyncio.Task[None]] = set()
         """Tasks answering requests, also those of a connection already lost."""
         self._listening: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop it listens on (:meth:`start`), which runs its requests' tasks."""
 
     @property
     def busy(self) -> int:
@@ -327,7 +331,8 @@ class Server:
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> None:
         """Listen on ``host:port``; ``reuse_port`` shares it with other processes."""
-        self._listening = await asyncio.get_running_loop().create_server(
+        self._loop = asyncio.get_running_loop()
+        self._listening = await self._loop.create_server(
             lambda: _Connection(self), host, port, reuse_port=reuse_port
         )
 
@@ -350,7 +355,8 @@ class Server:
 
     def answering(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task of a connection's, for :meth:`answered` to wait for."""
-        task = asyncio.get_running_loop().create_task(work)
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(work)
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
         return task

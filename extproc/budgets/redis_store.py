@@ -198,10 +198,11 @@ class _Batcher(Generic[T, R]):
         self._sending: asyncio.Task[None] | None = None
 
     async def __call__(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()  # once: on CPython 3.11 each call is a getpid
+        future: asyncio.Future[R] = loop.create_future()
         self._queued.append((item, future))
         if self._sending is None:
-            self._sending = asyncio.ensure_future(self._flush())
+            self._sending = loop.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:

@@ -72,6 +72,8 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.retiring = False
+        self.loop = asyncio.get_running_loop()
+        """Kept: CPython 3.11 makes a system call (getpid) for every get_running_loop()."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -139,7 +141,11 @@ class ScriptLink:
     async def _command(self, args: Sequence[Arg]) -> Any:
         """One command, answered within ``timeout`` of now, connecting first if need be
         (an attempt under way started no later than now, so it ends by then too)."""
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        open_ = self._protocol
+        if open_ is not None and open_.transport is not None:
+            deadline = open_.loop.time() + self._timeout
+        else:
+            deadline = asyncio.get_running_loop().time() + self._timeout
         protocol = await self._connected()
         return await self._send(protocol, args, deadline)
 
@@ -149,7 +155,7 @@ class ScriptLink:
         transport = protocol.transport
         if transport is None:
             raise StoreUnavailable("redis: connection closed")
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
         transport.write(pack(args))
