@@ -18,8 +18,8 @@ arrive in order, while new calls open a fresh connection and the old one closes 
 call waits on it. A lost connection fails the calls waiting on it. ``timeout`` bounds a
 whole call, connecting and logging in (AUTH, SELECT) included, and calls that find no
 connection share one attempt to open it, made within ``timeout`` of its start: when it
-fails they all fail with it, each within its own ``timeout`` (each making an attempt of
-its own in turn, the k-th call of a batch waited k timeouts). Error replies, refused
+fails they all fail with it, each within its own ``timeout`` (were each to make an
+attempt of its own in turn, the k-th call of a batch would wait k timeouts). Error replies, refused
 connections and timeouts all raise :class:`~extproc.budgets.store.StoreUnavailable`, as
 redis-py's errors do. As with any client, a call that timed out may still have run on the
 server (see the fail modes in :mod:`extproc.budgets.resilient_store`).

@@ -44,6 +44,7 @@ def test_bench_upstream_answers_requests_with_bodies_on_one_connection(tmp_path:
     with services.running(upstream):
         connection = http.client.HTTPConnection("127.0.0.1", services.port_of(upstream), timeout=5)
         try:
+            sockets = []
             for answer in ("json", "sse"):
                 headers = {"content-type": "application/json"}
                 if answer == "sse":
@@ -58,7 +59,7 @@ def test_bench_upstream_answers_requests_with_bodies_on_one_connection(tmp_path:
                 assert body == (
                     payloads.sse_answer() if answer == "sse" else payloads.json_answer()
                 )
-            socket_after_both = connection.sock
-            assert socket_after_both is not None  # http.client drops a socket it was told to close
+                sockets.append(connection.sock)  # None once http.client closed it
+            assert sockets[0] is not None and sockets[0] is sockets[1]  # one connection
         finally:
             connection.close()
