@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.policy.schema import Policy, Upstream
-from extproc.routing import HEADER_CLUSTER
+from extproc.routing import HEADER_CLUSTER, HEADER_MCP
 
 CATALOGUE_ROUTE = "catalogue"
+MCP_ROUTE = "mcp"
 """The base's ``cluster_header`` route; canary routes are rendered just before it."""
 
 MARKER = {"filter_metadata": {"extproc": {"from_policy": True}}}
@@ -165,7 +166,17 @@ def _render_split_routes(policy: Policy, config: dict[str, Any]) -> None:
             host["routes"] = routes
             continue
         rendered = [_split_route(name, u, routes[anchor]) for name, u in splits.items()]
-        host["routes"] = routes[:anchor] + rendered + routes[anchor:]
+        routes = routes[:anchor] + rendered + routes[anchor:]
+        # An MCP server on a split upstream: its own weighted route, cloned from MCP's
+        # (no retry once a call may have reached the server), before the MCP route, whose
+        # cluster_header would name the split, which is no cluster.
+        mcp = next((i for i, r in enumerate(routes) if r.get("name") == MCP_ROUTE), None)
+        if mcp is not None:
+            rendered_mcp = [
+                _split_route(name, u, routes[mcp], mcp=True) for name, u in splits.items()
+            ]
+            routes = routes[:mcp] + rendered_mcp + routes[mcp:]
+        host["routes"] = routes
         return
     if splits:
         raise RenderError(
@@ -174,11 +185,18 @@ def _render_split_routes(policy: Policy, config: dict[str, Any]) -> None:
         )
 
 
-def _split_route(name: str, upstream: Upstream, catalogue: dict[str, Any]) -> dict[str, Any]:
-    route = copy.deepcopy(catalogue)
-    route["name"] = f"split:{name}"
+def _split_route(
+    name: str, upstream: Upstream, template: dict[str, Any], *, mcp: bool = False
+) -> dict[str, Any]:
+    """``template`` (the catalogue route, or with ``mcp`` the MCP route) for the split
+    upstream ``name``: the model calls to it, or the MCP calls (``x-gateway-mcp``)."""
+    route = copy.deepcopy(template)
+    route["name"] = f"split-mcp:{name}" if mcp else f"split:{name}"
     route["metadata"] = copy.deepcopy(MARKER)
-    route["match"]["headers"] = [{"name": HEADER_CLUSTER, "string_match": {"exact": name}}]
+    route["match"]["headers"] = [
+        {"name": HEADER_CLUSTER, "string_match": {"exact": name}},
+        {"name": HEADER_MCP, "present_match": True, **({} if mcp else {"invert_match": True})},
+    ]
     action = route["route"]
     action.pop("cluster_header", None)
     action.get("retry_policy", {}).pop("retry_priority", None)

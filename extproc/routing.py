@@ -33,6 +33,12 @@ HEADER_MODEL = "x-gateway-model"
 """The resolved canonical model (for access logs and routes that match on it)."""
 HEADER_CLUSTER = "x-gateway-cluster"
 """The catalogue backend's Envoy cluster; the route reads it with ``cluster_header``."""
+HEADER_MCP = "x-gateway-mcp"
+"""Set (to the server's name) beside :data:`HEADER_CLUSTER` on every MCP request the
+gateway sends on: Envoy's route for MCP matches it, and retries only what cannot have
+reached the server (a refused connection or stream), never a 5xx, reset or 429 after
+which a tool call may have run (envoy/gateway.yaml). Client copies are removed with
+every other x-gateway-* header."""
 HEADER_SERVED_BY = "x-gateway-served-by"
 """Set on answers by the route (``%UPSTREAM_CLUSTER%``): the cluster that served."""
 ANTHROPIC_VERSION = "2023-06-01"

@@ -54,11 +54,6 @@ _JSON = (("content-type", "application/json"),)
 _UNREADABLE = "could not be checked by the gateway"
 _LISTED = tuple(key for key, _, _ in LISTS.values())
 """The arrays of a list result (``tools``, ``resources``, ...)."""
-HEADER_MCP = "x-gateway-mcp"
-"""Set (to the server's name) on every MCP request the gateway sends on: Envoy's route for
-MCP matches it, and retries only what cannot have reached the server (a refused
-connection or stream), never a 5xx, reset or 429 after which a tool call may have run
-(envoy/gateway.yaml). Client copies are removed with every other x-gateway-* header."""
 _HTTP_METHODS = frozenset({"POST", "GET", "DELETE"})
 """Streamable HTTP's methods: POST calls, GET the server's stream, DELETE a session's end."""
 
@@ -106,8 +101,8 @@ def on_headers(
 
 def _route(server: CompiledServer) -> Headers:
     """The server's cluster, for Envoy's route to read, and the mark that picks MCP's own
-    route (:data:`HEADER_MCP`)."""
-    return ((routing.HEADER_CLUSTER, server.cluster), (HEADER_MCP, server.name))
+    route (:data:`~extproc.routing.HEADER_MCP`)."""
+    return ((routing.HEADER_CLUSTER, server.cluster), (routing.HEADER_MCP, server.name))
 
 
 def _refused(

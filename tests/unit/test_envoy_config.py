@@ -123,7 +123,8 @@ def test_split_route_is_the_catalogue_route_with_weights() -> None:
     split = next(r for r in routes(rendered) if r.get("name") == "split:ab")
     catalogue = next(r for r in routes(rendered) if r.get("name") == "catalogue")
     assert split["match"]["headers"] == [
-        {"name": "x-gateway-cluster", "string_match": {"exact": "ab"}}
+        {"name": "x-gateway-cluster", "string_match": {"exact": "ab"}},
+        {"name": "x-gateway-mcp", "present_match": True, "invert_match": True},
     ]
     assert split["route"]["weighted_clusters"]["clusters"] == [
         {"name": "a", "weight": 3},
@@ -132,6 +133,37 @@ def test_split_route_is_the_catalogue_route_with_weights() -> None:
     assert split["route"]["timeout"] == catalogue["route"]["timeout"]
     assert "retry_priority" not in split["route"]["retry_policy"]
     assert split["response_headers_to_add"] == catalogue["response_headers_to_add"]
+
+
+def test_an_mcp_server_on_a_split_upstream_is_retried_as_mcp() -> None:
+    """MCP's route names its backend by cluster_header, and a split is no cluster: the
+    split's MCP calls get a weighted route of MCP's kind before it (they took the split's
+    model route, retried on a 5xx after which a tool call may have run)."""
+    rendered = render(
+        policy(
+            "upstreams:\n"
+            '  a: { url: "http://127.0.0.1:9000" }\n'
+            '  b: { url: "http://127.0.0.1:9001" }\n'
+            "  ab: { split: { a: 3, b: 1 } }\n"
+        ),
+        gateway(),
+    )
+    names = [r.get("name") for r in routes(rendered)]
+    assert names.index("split-mcp:ab") == names.index("mcp") - 1
+    split_mcp = routes(rendered)[names.index("split-mcp:ab")]
+    mcp = routes(rendered)[names.index("mcp")]
+    assert split_mcp["match"]["headers"] == [
+        {"name": "x-gateway-cluster", "string_match": {"exact": "ab"}},
+        {"name": "x-gateway-mcp", "present_match": True},
+    ]
+    assert (
+        split_mcp["route"]["retry_policy"]["retry_on"] == mcp["route"]["retry_policy"]["retry_on"]
+    )
+    assert split_mcp["route"]["weighted_clusters"]["clusters"] == [
+        {"name": "a", "weight": 3},
+        {"name": "b", "weight": 1},
+    ]
+    assert "cluster_header" not in split_mcp["route"]
 
 
 def test_split_needs_the_catalogue_route() -> None:
