@@ -102,6 +102,26 @@ def name(event: bytes) -> bytes:
     return found or MESSAGE
 
 
+def with_data(event: bytes, text: bytes) -> bytes:
+    """``event`` with its data lines replaced by one carrying ``text``: every other line
+    (``event``, ``id``, ``retry``, comments) kept as it came, in place and in the event's
+    own line endings, so that each client reads the event's type as it did (the SDKs tell
+    a missing ``event`` line from an empty one differently)."""
+    newline = b"\r\n" if b"\r\n" in event else (b"\r" if b"\n" not in event else b"\n")
+    kept: list[bytes] = []
+    placed = False
+    for line in lines(event):
+        if not line:
+            continue
+        if line.startswith(b"data:") or line == b"data":
+            if not placed:
+                kept.append(b"data: " + text)
+                placed = True
+            continue
+        kept.append(line)
+    return newline.join(kept) + newline + newline
+
+
 def data(event: bytes) -> bytes | None:
     """The event's data: its ``data:`` lines' values joined by LF (one leading space
     dropped from each, as the format says), or ``None`` if it has none."""

@@ -34,27 +34,8 @@ class Event:
     """The parsed JSON of ``data`` (``None`` if absent or not JSON)."""
 
     def render(self) -> bytes:
-        """The event with its (possibly changed) payload, as SSE bytes: its data lines
-        replaced by one carrying the payload, every other line (``event``, ``id``,
-        ``retry``, comments) kept as it came, in place and in the event's line endings.
-
-        A client reads the type from those lines, each SDK its own way (the OpenAI SDK
-        tells no ``event`` line from an empty one): kept, the type is the one it read.
-        """
-        raw = self.raw
-        newline = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
-        kept: list[bytes] = []
-        placed = False
-        for line in sse.lines(raw):
-            if not line:
-                continue
-            if line.startswith(b"data:") or line == b"data":
-                if not placed:
-                    kept.append(b"data: " + orjson.dumps(self.payload))
-                    placed = True
-                continue
-            kept.append(line)
-        return newline.join(kept) + newline + newline
+        """The event with its (possibly changed) payload (:func:`extproc.sse.with_data`)."""
+        return sse.with_data(self.raw, orjson.dumps(self.payload))
 
 
 def parse_event(raw: bytes) -> Event:

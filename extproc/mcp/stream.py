@@ -264,22 +264,4 @@ class SseRewriter:
         if changed is None:
             return raw
         self.changed += 1
-        return _render(raw, _encode(changed))
-
-
-def _render(raw: bytes, text: bytes) -> bytes:
-    """``raw`` with its data lines replaced by one carrying ``text``, in the event's own
-    line endings, other fields (``event:``, ``id:``, ``retry:``, comments) kept in place."""
-    newline = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
-    kept: list[bytes] = []
-    placed = False
-    for line in sse.lines(raw):
-        if not line:
-            continue
-        if line.startswith(b"data:"):
-            if not placed:
-                kept.append(b"data: " + text)
-                placed = True
-            continue
-        kept.append(line)
-    return newline.join(kept) + newline + newline
+        return sse.with_data(raw, _encode(changed))

@@ -101,3 +101,13 @@ def test_a_stream_that_only_starts_like_a_byte_order_mark_is_kept() -> None:
     assert events.feed(b"\xbbx\n\n") == [b"\xef\xbbx\n\n"]
     short = sse.Events()
     assert short.feed(b"\xef\xbb") == [] and short.rest() == b"\xef\xbb"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_with_data_replaces_the_data_lines_alone(newline: bytes) -> None:
+    """One reader for the output guard and the MCP stream: a bare ``data`` line is a data
+    field too, and the other lines stay where they were, in the event's line endings."""
+    event = newline.join([b"id: 7", b"data: one", b"data", b"event: message", b": note", b"", b""])
+    assert sse.with_data(event, b'{"a":1}') == newline.join(
+        [b"id: 7", b'data: {"a":1}', b"event: message", b": note", b"", b""]
+    )
