@@ -127,6 +127,7 @@ async def authorize(
                 request.max_output_tokens,
                 clock(),
                 request.answers,
+                min_output_cap=exchange.dialect.min_output_cap,
             )
     except GatewayError as error:
         return exchange.reject(error)

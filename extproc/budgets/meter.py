@@ -286,17 +286,20 @@ class Meter:
         requested_output: int | None,
         now: datetime,
         answers: int = 1,
+        min_output_cap: int = 1,
     ) -> None:
         """Raise :class:`RateLimited` if the request cannot fit now, reserving nothing.
 
         For ext_authz, which cannot see the answer and so cannot settle: the reservation
-        itself is made by ext_proc. A request without an output cap passes if at least one
-        output token fits, since ext_proc will then cap it to what is left.
+        itself is made by ext_proc. A request without an output cap passes if the smallest
+        cap its API accepts fits (``min_output_cap``, as :meth:`reserve` offers), since
+        ext_proc will then cap it to what is left.
         """
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
             return
-        output = (requested_output if requested_output is not None else 1) * answers
+        smallest = max(1, min_output_cap)
+        output = (requested_output if requested_output is not None else smallest) * answers
         counters = _counters(applicable, model.name, worst_case(model, input_tokens, output), now)
         try:
             values = await self._store.read([c.key for c in counters])

@@ -361,3 +361,16 @@ async def test_a_tight_budget_caps_the_output_by_the_cache_write_price_too() -> 
     # $1 less 200k prompt tokens at $3.75/M leaves $0.25: 16,666 output tokens at $15/M.
     assert reservation is not None and reservation.output_cap == 16_666
     assert reservation.reserved.micro_usd <= 1_000_000
+
+
+async def test_a_precheck_asks_for_the_smallest_cap_the_api_accepts() -> None:
+    """As reserve offers it: a Responses request a budget affords 10 output tokens of
+    passed the authorizer's precheck, only to be refused one hop later."""
+    limits, model = policy_with([{"unit": "total_tokens", "window": "day", "limit": 15}])
+    meter = Meter(MemoryStore())
+    now = datetime.now(UTC)
+    await meter.precheck(limits, model, 5, None, now)  # chat: one token is a cap
+    with pytest.raises(RateLimited):
+        await meter.precheck(limits, model, 5, None, now, min_output_cap=16)
+    with pytest.raises(RateLimited):
+        await meter.reserve(limits, model, 5, None, 100, now, min_output_cap=16)
