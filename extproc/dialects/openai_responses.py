@@ -34,8 +34,9 @@ _TOOL_ITEMS: dict[str, tuple[str, str, str]] = {
     "custom_tool_call_output": ("output", "tool", "tool_result"),
     "local_shell_call_output": ("output", "tool", "tool_result"),
 }
-# item type -> its optional text fields: (field, author, kind, JSON source)
-_OPTIONAL_TEXTS: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
+# item type -> its optional text fields: (field, author, kind, JSON source); the MCP
+# items' are read the same way in answers (extproc/guardrails/answer.py)
+ITEM_TEXTS: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
     # A remote MCP tool's call replayed: its arguments and output, if any.
     "mcp_call": (
         ("arguments", "assistant", "tool_arguments", True),
@@ -94,7 +95,7 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         return
     if not isinstance(itype, str):
         raise invalid_type((*path, "type"), "a string", itype)
-    optional = _OPTIONAL_TEXTS.get(itype)
+    optional = ITEM_TEXTS.get(itype)
     if optional is not None:
         for field, author, kind, json in optional:
             value = optional_str(item, field, path)

@@ -13,6 +13,7 @@ from typing import Any
 from extproc.dialects.anthropic_messages import RESULT_BLOCKS, result_block_texts
 from extproc.dialects.base import JsonPath, TextPart
 from extproc.dialects.fields import string_leaves
+from extproc.dialects.openai_responses import ITEM_TEXTS
 
 _ROLE = "assistant"
 
@@ -136,8 +137,8 @@ def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
                 if isinstance(part, dict):
                     _add(texts, ("output", k, "summary", n, "text"), part.get("text"))
         elif itype in ("mcp_call", "mcp_approval_request"):
-            _add(texts, ("output", k, "arguments"), item.get("arguments"), "tool_arguments", True)
-            _add(texts, ("output", k, "output"), item.get("output"))
+            for field, _, kind, json_source in ITEM_TEXTS[itype]:
+                _add(texts, ("output", k, field), item.get(field), kind, json_source)
         elif itype == "code_interpreter_call":
             _add(texts, ("output", k, "code"), item.get("code"), "tool_arguments")
             outputs = item.get("outputs")
