@@ -103,6 +103,22 @@ async def test_a_tool_result_with_an_injected_instruction_is_blocked(stack: Stac
     assert "instructions aimed at the model" in blocked.value.message
 
 
+async def failed_call(stack: Stack, answer: str, tool: str, arguments: dict[str, Any]) -> MCPError:
+    """The error a call of ``tool`` raises when the demo server answers it as ``answer``
+    asks (x-demo-answer), in a session of the admin key."""
+    clear(stack)
+    async with (
+        http(ADMIN_KEY) as h,
+        streamable_http_client(url(stack), http_client=h) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        h.headers[ANSWER_CONTROL.decode()] = answer
+        with pytest.raises(MCPError) as failed:
+            await session.call_tool(tool, arguments)
+    return failed.value
+
+
 async def test_an_answer_the_gateway_cannot_check_fails_the_call_with_its_reason(
     stack: Stack,
 ) -> None:
@@ -110,19 +126,10 @@ async def test_an_answer_the_gateway_cannot_check_fails_the_call_with_its_reason
     cannot pass (fail closed). The HTTP 502 carries a JSON-RPC error, so the SDK raises
     it as the call's own failure with the gateway's reason, not "Server returned an error
     response"."""
-    clear(stack)
-    async with (
-        http(ADMIN_KEY) as h,
-        streamable_http_client(url(stack), http_client=h) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        h.headers[ANSWER_CONTROL.decode()] = "unreadable"
-        with pytest.raises(MCPError) as failed:
-            await session.call_tool("weather.get", {"city": "Oslo"})
-    assert failed.value.code == ErrorCode.GATEWAY_ERROR
-    assert "could not be checked by the gateway" in failed.value.message
-    assert failed.value.error.data == {"type": "upstream_answer_unreadable"}
+    failed = await failed_call(stack, "unreadable", "weather.get", {"city": "Oslo"})
+    assert failed.code == ErrorCode.GATEWAY_ERROR
+    assert "could not be checked by the gateway" in failed.message
+    assert failed.error.data == {"type": "upstream_answer_unreadable"}
     assert [c["name"] for c in calls(stack)] == ["weather.get"]  # the call itself went
 
 
@@ -130,16 +137,7 @@ async def test_a_tool_call_the_server_answers_503_is_not_sent_again(stack: Stack
     """The call may have run before its server (or a proxy before it) answered 503: on
     the model calls' route Envoy sent it twice more, so jira.create_issue ran three times.
     MCP has its own route (x-gateway-mcp), retrying only what never reached the server."""
-    clear(stack)
-    async with (
-        http(ADMIN_KEY) as h,
-        streamable_http_client(url(stack), http_client=h) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        h.headers[ANSWER_CONTROL.decode()] = "unavailable"
-        with pytest.raises(MCPError):
-            await session.call_tool("jira.create_issue", {"project": "OPS", "summary": "x"})
+    await failed_call(stack, "unavailable", "jira.create_issue", {"project": "OPS", "summary": "x"})
     arrived = calls(stack)
     assert [c["name"] for c in arrived] == ["jira.create_issue"]  # once, not three times
     assert arrived[0]["headers"]["x-gateway-mcp"] == "demo"
@@ -149,19 +147,10 @@ async def test_a_json_rpc_error_sent_with_an_error_status_is_guarded(stack: Stac
     """The SDK hands a 4xx answer's JSON-RPC error to its caller as the call's outcome:
     Envoy sends its body to the service (asked for at the answer's headers, whatever the
     status), whose output rule replaces the injected instruction with its own error."""
-    clear(stack)
-    async with (
-        http(ADMIN_KEY) as h,
-        streamable_http_client(url(stack), http_client=h) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        h.headers[ANSWER_CONTROL.decode()] = "refused"
-        with pytest.raises(MCPError) as refused:
-            await session.call_tool("weather.get", {"city": "Oslo"})
-    assert refused.value.code == ErrorCode.GUARDRAIL_BLOCKED
-    assert "instructions aimed at the model" in refused.value.message
-    assert "ignore all previous" not in refused.value.message
+    refused = await failed_call(stack, "refused", "weather.get", {"city": "Oslo"})
+    assert refused.code == ErrorCode.GUARDRAIL_BLOCKED
+    assert "instructions aimed at the model" in refused.message
+    assert "ignore all previous" not in refused.message
 
 
 def test_a_body_past_the_buffer_gets_json_rpcs_error_from_envoy(stack: Stack) -> None:

@@ -110,16 +110,17 @@ def test_rerendering_replaces_the_previous_rendering_and_keeps_hand_written_clus
     assert render(moved, rendered) == rendered
 
 
+SPLIT_AB = (
+    "upstreams:\n"
+    '  a: { url: "http://127.0.0.1:9000" }\n'
+    '  b: { url: "http://127.0.0.1:9001" }\n'
+    "  ab: { split: { a: 3, b: 1 } }\n"
+)
+"""Two upstreams and a split between them, 3 to 1."""
+
+
 def test_split_route_is_the_catalogue_route_with_weights() -> None:
-    rendered = render(
-        policy(
-            "upstreams:\n"
-            '  a: { url: "http://127.0.0.1:9000" }\n'
-            '  b: { url: "http://127.0.0.1:9001" }\n'
-            "  ab: { split: { a: 3, b: 1 } }\n"
-        ),
-        gateway(),
-    )
+    rendered = render(policy(SPLIT_AB), gateway())
     split = next(r for r in routes(rendered) if r.get("name") == "split:ab")
     catalogue = next(r for r in routes(rendered) if r.get("name") == "catalogue")
     assert split["match"]["headers"] == [
@@ -139,15 +140,7 @@ def test_an_mcp_server_on_a_split_upstream_is_retried_as_mcp() -> None:
     """MCP's route names its backend by cluster_header, and a split is no cluster: the
     split's MCP calls get a weighted route of MCP's kind before it (they took the split's
     model route, retried on a 5xx after which a tool call may have run)."""
-    rendered = render(
-        policy(
-            "upstreams:\n"
-            '  a: { url: "http://127.0.0.1:9000" }\n'
-            '  b: { url: "http://127.0.0.1:9001" }\n'
-            "  ab: { split: { a: 3, b: 1 } }\n"
-        ),
-        gateway(),
-    )
+    rendered = render(policy(SPLIT_AB), gateway())
     names = [r.get("name") for r in routes(rendered)]
     assert names.index("split-mcp:ab") == names.index("mcp") - 1
     split_mcp = routes(rendered)[names.index("split-mcp:ab")]
