@@ -21,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
+from extproc import ticket as ticket_module
 from extproc.accounting import EXCHANGE_NAMESPACE, HEADER_TICKET, Accountant, LoggedAnswer
 from extproc.adapters import access_log
 from extproc.adapters.access_log import (
@@ -610,6 +611,34 @@ async def test_a_ticket_older_than_the_stores_memory_of_settlements_is_refused(
     day_later = ticket.started_ns + (LIFETIME_SECONDS + 60) * 10**9
     with pytest.raises(InvalidTicket, match="expired"):
         proc._tickets.read(text, now_ns=day_later)
+
+
+async def test_the_process_that_issued_a_ticket_reads_what_any_other_process_would(
+    tmp_path: Path,
+) -> None:
+    """It keeps the tickets it signed and hands them back without decoding them: what it
+    settles from must be exactly what the text carries (here a reservation, its alert
+    watches and a guardrail's verdict)."""
+    proc = processor(policy_file(tmp_path))
+    text = await handed(proc, "sk-demo-restricted")
+    carried = processor(policy_file(tmp_path))._tickets.read(text)  # another process
+    assert carried.settlement is not None and carried.record["guardrails"]
+    assert proc._tickets.read(text) == carried
+    # Handed back once: a second report of the exchange reads its text.
+    assert not proc._tickets._kept
+    assert proc._tickets.read(text) == carried
+
+
+async def test_a_process_keeps_only_its_most_recent_tickets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tickets whose answers go to other processes (or never come) are not kept for ever;
+    an older one is still read, from its text."""
+    monkeypatch.setattr(ticket_module, "KEPT_TICKETS", 2)
+    proc = processor(policy_file(tmp_path))
+    texts = [await handed(proc, "sk-demo-restricted") for _ in range(3)]
+    assert list(proc._tickets._kept) == texts[1:]
+    assert proc._tickets.read(texts[0]).record["request_id"] == "req-1"
 
 
 async def test_a_process_fetches_the_shared_key_again_for_a_ticket_it_cannot_read(
