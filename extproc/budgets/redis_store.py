@@ -183,34 +183,21 @@ R = TypeVar("R")
 
 
 class _Batcher(Generic[T, R]):
-    """Calls made while another is under way, sent as one.
+    """Calls made during one turn of the event loop, sent as one.
 
-    A call made while nothing is under way is sent at once, alone, from its caller's
-    task: a request that arrives on its own (one connection, a paced load) waits for no
-    turn of the event loop and costs no task of its own. Calls made while one is under
-    way are gathered for the rest of the loop's turn and sent as one: under load many
-    requests reach the same stage together, and a Redis call costs the client far more
-    CPU than the script costs the server. Each caller awaits its own result; one failure
-    fails every call of a batch (they shared one round trip).
+    Each caller awaits its own result; one failure fails every call of the batch (they
+    shared one round trip). Under load many requests reach the same stage together, and a
+    Redis call costs the client far more CPU than the script costs the server.
     """
 
-    __slots__ = ("_queued", "_send", "_sending", "_under_way")
+    __slots__ = ("_queued", "_send", "_sending")
 
     def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]]) -> None:
         self._send = send
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._sending: asyncio.Task[None] | None = None
-        self._under_way = 0
-        """Sends not answered yet: a call made meanwhile joins the next batch."""
 
     async def __call__(self, item: T) -> R:
-        if not self._under_way:
-            self._under_way += 1
-            try:
-                [result] = await self._send([item])
-            finally:
-                self._under_way -= 1
-            return result
         loop = asyncio.get_running_loop()  # once: on CPython 3.11 each call is a getpid
         future: asyncio.Future[R] = loop.create_future()
         self._queued.append((item, future))
@@ -219,15 +206,8 @@ class _Batcher(Generic[T, R]):
         return await future
 
     async def _flush(self) -> None:
-        self._under_way += 1
-        try:
-            await asyncio.sleep(0)  # the other calls of this turn join the batch
-            batch, self._queued, self._sending = self._queued, [], None
-            await self._send_batch(batch)
-        finally:
-            self._under_way -= 1
-
-    async def _send_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        await asyncio.sleep(0)  # the other calls of this turn join the batch
+        batch, self._queued, self._sending = self._queued, [], None
         try:
             results = await self._send([item for item, _ in batch])
         except asyncio.CancelledError:
