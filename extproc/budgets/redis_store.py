@@ -183,21 +183,36 @@ R = TypeVar("R")
 
 
 class _Batcher(Generic[T, R]):
-    """Calls made during one turn of the event loop, sent as one.
+    """Calls made during one turn of the event loop, sent as one; a lone call, at once.
 
-    Each caller awaits its own result; one failure fails every call of the batch (they
-    shared one round trip). Under load many requests reach the same stage together, and a
-    Redis call costs the client far more CPU than the script costs the server.
+    Under load many requests reach the same stage together, and a Redis call costs the
+    client far more CPU than the script costs the server: the calls of one turn share a
+    round trip. When they come one at a time (the last batch held one call, and none is
+    under way), waiting for the turn gathers nobody and costs the lone request a task and
+    three more turns of the loop (half its epoll waits at one connection): its call is then
+    sent at once from its own task, and a call made meanwhile starts batching again. Each
+    caller awaits its own result; one failure fails every call of a batch.
     """
 
-    __slots__ = ("_queued", "_send", "_sending")
+    __slots__ = ("_alone", "_queued", "_send", "_sending", "_under_way")
 
     def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]]) -> None:
         self._send = send
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._sending: asyncio.Task[None] | None = None
+        self._under_way = 0
+        """Calls sent and not answered yet."""
+        self._alone = True
+        """Whether the last batch held a single call: calls come one at a time."""
 
     async def __call__(self, item: T) -> R:
+        if self._alone and not self._under_way and self._sending is None:
+            self._under_way += 1
+            try:
+                [result] = await self._send([item])
+            finally:
+                self._under_way -= 1
+            return result
         loop = asyncio.get_running_loop()  # once: on CPython 3.11 each call is a getpid
         future: asyncio.Future[R] = loop.create_future()
         self._queued.append((item, future))
@@ -208,6 +223,8 @@ class _Batcher(Generic[T, R]):
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the other calls of this turn join the batch
         batch, self._queued, self._sending = self._queued, [], None
+        self._alone = len(batch) == 1
+        self._under_way += len(batch)
         try:
             results = await self._send([item for item, _ in batch])
         except asyncio.CancelledError:
@@ -219,6 +236,8 @@ class _Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(error)
             return
+        finally:
+            self._under_way -= len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

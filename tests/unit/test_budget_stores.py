@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from extproc.budgets import resilient_store
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Cost, Meter
-from extproc.budgets.redis_store import RedisStore
+from extproc.budgets.redis_store import RedisStore, _Batcher
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
@@ -207,6 +207,38 @@ async def test_concurrent_adjusts_each_apply_once_with_their_own_values(
     assert [r.values for r in results] == [(3, 1), (5,), (5, 1), (0, 6)]
     assert [r.applied for r in results] == [True, True, False, True]
     assert await harness.store.read(["a", "b", "c"]) == (6, 1, 0)
+
+
+async def test_a_lone_redis_call_goes_at_once_and_calls_that_come_together_share_one() -> None:
+    """A request that arrives on its own waits for no turn of the event loop before its
+    Redis call leaves; calls made while one is under way, or in the turn of a batch that
+    had company, share the round trip."""
+    sent: list[list[int]] = []
+    answer = asyncio.Event()
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await answer.wait()
+        return [item * 10 for item in items]
+
+    batcher: _Batcher[int, int] = _Batcher(send)
+    first = asyncio.ensure_future(batcher(1))
+    await asyncio.sleep(0)  # the caller's own turn
+    assert sent == [[1]]
+    meanwhile = [asyncio.ensure_future(batcher(item)) for item in (2, 3)]
+    answer.set()
+    assert await asyncio.gather(first, *meanwhile) == [10, 20, 30]
+    assert sent == [[1], [2, 3]]
+    # The last batch had company: a call waits for its turn's, even alone.
+    sixth = asyncio.ensure_future(batcher(6))
+    await asyncio.sleep(0)
+    assert sent[-1] == [2, 3]
+    assert await sixth == 60 and sent[-1] == [6]
+    # Calls come one at a time again: at once.
+    seventh = asyncio.ensure_future(batcher(7))
+    await asyncio.sleep(0)
+    assert sent[-1] == [7]
+    assert await seventh == 70
 
 
 async def test_a_settlement_reaching_a_lost_counter_does_not_make_it_owe(
