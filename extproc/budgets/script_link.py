@@ -55,13 +55,12 @@ class Address:
     password: str | None = None
 
 
-def pack(args: Sequence[Arg]) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+def pack(args: tuple[Arg, ...]) -> bytes:
+    """One command as a RESP array of bulk strings, by hiredis's packer (in C: under half
+    the CPU of building it in Python, for a reservation's two dozen arguments)."""
+    # hiredis's stub types the command as a tuple of one element, and its result as Any.
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 class _Protocol(asyncio.Protocol):
@@ -138,7 +137,7 @@ class ScriptLink:
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
 
-    async def _command(self, args: Sequence[Arg]) -> Any:
+    async def _command(self, args: tuple[Arg, ...]) -> Any:
         """One command, answered within ``timeout`` of now, connecting first if need be
         (an attempt under way started no later than now, so it ends by then too)."""
         open_ = self._protocol
@@ -149,7 +148,7 @@ class ScriptLink:
         protocol = await self._connected()
         return await self._send(protocol, args, deadline)
 
-    async def _send(self, protocol: _Protocol, args: Sequence[Arg], deadline: float) -> Any:
+    async def _send(self, protocol: _Protocol, args: tuple[Arg, ...], deadline: float) -> Any:
         """``args``'s reply on ``protocol``, or :class:`StoreUnavailable` past ``deadline``
         (the event loop's time)."""
         transport = protocol.transport
