@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from datetime import UTC, datetime
+import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -136,5 +136,15 @@ def _first(pieces: list[str], limit: int) -> list[str]:
 
 
 def record_time() -> str:
-    """Now, as the record's ``time`` (UTC, milliseconds)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, as the record's ``time``: UTC, to the millisecond (``2026-11-28T06:22:56.123Z``).
+
+    Its second is formatted once (:func:`_utc_second`) and the milliseconds added: a
+    request takes this twice, and ``datetime``'s ``isoformat`` was 3 % of the service's
+    CPU at one connection."""
+    second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    return f"{_utc_second(second)}.{nanoseconds // 1_000_000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +25,7 @@ from extproc.telemetry import audit
 from extproc.telemetry import observer as observer_module
 from extproc.telemetry.audit import AuditLog, JsonlFile, RedisStream
 from extproc.telemetry.observer import Observer
+from extproc.telemetry.record import record_time
 
 
 def record(i: int) -> dict[str, object]:
@@ -330,3 +332,23 @@ def test_forked_workers_never_cut_each_others_lines_on_a_shared_stdout() -> None
         worker.join(10)
     ids = [json.loads(line)["request_id"] for line in data.splitlines()]
     assert sorted(ids) == sorted(f"w{w}-{i}" for w in range(2) for i in range(2000))
+
+
+@pytest.mark.parametrize(
+    "now_ns",
+    [
+        1_795_844_842_000_000_000,  # on the second
+        1_795_844_842_999_600_000,  # late in it: floored, never rounded into the next
+        1_704_067_199_999_999_999,  # the last nanosecond of 2023
+        1_795_844_843_123_456_789,
+    ],
+)
+def test_a_records_time_is_its_utc_instant_to_the_millisecond(
+    monkeypatch: pytest.MonkeyPatch, now_ns: int
+) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: now_ns)
+    second, nanoseconds = divmod(now_ns, 10**9)
+    instant = datetime.fromtimestamp(second, UTC).replace(microsecond=nanoseconds // 1000)
+    expected = instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert record_time() == expected
+    assert record_time() == expected  # the second formatted once, and kept
