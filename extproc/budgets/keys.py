@@ -53,9 +53,20 @@ def counter_key(
     window_start: int,
 ) -> str:
     """The logical key of one counter; ``model=None`` counts all models together."""
+    head, tail = key_parts(scope, scope_id, unit, window)
+    return keyed(head, model, tail, window_start)
+
+
+def key_parts(scope: Scope, scope_id: str, unit: Unit, window: Window) -> tuple[str, str]:
+    """What a limit fixes of its counters' keys: the parts before and after the model
+    (a compiled limit keeps them, :attr:`~extproc.policy.compiled.CompiledLimit.affixes`)."""
     ident = ANY if scope is Scope.GLOBAL else _escape(scope_id)
-    model_part = ANY if model is None else _escape(model)
-    return f"{scope.value}:{ident}:{model_part}:{unit.value}:{window.value}:{window_start}"
+    return f"{scope.value}:{ident}:", f":{unit.value}:{window.value}:"
+
+
+def keyed(head: str, model: str | None, tail: str, window_start: int) -> str:
+    """:func:`counter_key` from :func:`key_parts`."""
+    return f"{head}{ANY if model is None else _escape(model)}{tail}{window_start}"
 
 
 def key_fields(key: str) -> tuple[str, ...]:

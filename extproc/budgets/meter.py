@@ -19,11 +19,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from extproc.budgets.alerts import AlertSink, Watch, reached
-from extproc.budgets.keys import Unit, counter_key, used_key
+from extproc.budgets.keys import Unit, counter_key, keyed, used_key
 from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
 from extproc.budgets.tokens import count_prompt_tokens
-from extproc.budgets.windows import reset_duration, seconds_to_reset, window_bounds
+from extproc.budgets.windows import (
+    bounds_at,
+    epoch_seconds,
+    reset_duration,
+    seconds_to_reset,
+    window_bounds,
+)
 from extproc.decisions import Headers
 from extproc.dialects.base import LLMRequest
 from extproc.dialects.usage import Usage
@@ -397,11 +403,11 @@ def _counters(
     limits: Sequence[CompiledLimit], model: str, cost: Cost, now: datetime
 ) -> list[Counter]:
     counters = []
+    epoch = epoch_seconds(now)
     for limit in limits:
-        start, end = window_bounds(limit.window, now)
-        key = counter_key(
-            limit.scope, limit.scope_id, limit.subject(model), limit.unit, limit.window, start
-        )
+        start, end = bounds_at(limit.window, epoch)
+        head, tail = limit.affixes
+        key = keyed(head, limit.subject(model), tail, start)
         counters.append(Counter(key, limit.limit, cost.of(limit.unit), end))
     return counters
 
@@ -473,14 +479,16 @@ def _ratelimit_headers(
         if family not in tightest or remaining < tightest[family][0]:
             tightest[family] = (remaining, limit, counter.limit)
     headers: list[tuple[str, str]] = []
+    epoch = epoch_seconds(now)
     for family, (remaining, limit, cap) in sorted(tightest.items()):
         money = family == "usd"
+        resets_in = bounds_at(limit.window, epoch)[1] - epoch
         headers += [
             (f"x-ratelimit-limit-{family}", micro_to_usd(cap) if money else str(cap)),
             (
                 f"x-ratelimit-remaining-{family}",
                 micro_to_usd(remaining) if money else str(remaining),
             ),
-            (f"x-ratelimit-reset-{family}", reset_duration(seconds_to_reset(limit.window, now))),
+            (f"x-ratelimit-reset-{family}", reset_duration(resets_in)),
         ]
     return tuple(headers)

@@ -27,12 +27,18 @@ class Window(StrEnum):
 
 def window_bounds(window: Window, now: datetime) -> tuple[int, int]:
     """``(start, end)`` of the window containing ``now``, as UTC epoch seconds."""
+    return bounds_at(window, epoch_seconds(now))
+
+
+def bounds_at(window: Window, epoch: int) -> tuple[int, int]:
+    """:func:`window_bounds` of the UTC epoch second ``epoch`` (a request's several
+    limits take ``now``'s once)."""
     seconds = _FIXED_SECONDS.get(window)
     if seconds is not None:
         # Epoch seconds have no leap seconds, so fixed windows are plain arithmetic.
-        start = _epoch_seconds(now) // seconds * seconds
+        start = epoch // seconds * seconds
         return start, start + seconds
-    utc = _utc(now)
+    utc = datetime.fromtimestamp(epoch, UTC)
     year, month = utc.year, utc.month
     start = calendar.timegm((year, month, 1, 0, 0, 0))
     next_year, next_month = (year + 1, 1) if month == 12 else (year, month + 1)
@@ -44,8 +50,8 @@ def seconds_to_reset(window: Window, now: datetime) -> int:
 
     This is what a ``retry-after`` header says: retrying after it lands in the next window.
     """
-    _, end = window_bounds(window, now)
-    return end - _epoch_seconds(now)
+    epoch = epoch_seconds(now)
+    return bounds_at(window, epoch)[1] - epoch
 
 
 def reset_duration(seconds: int) -> str:
@@ -59,14 +65,8 @@ def reset_duration(seconds: int) -> str:
     return f"{secs}s"
 
 
-def _epoch_seconds(now: datetime) -> int:
+def epoch_seconds(now: datetime) -> int:
     """Whole UTC epoch seconds of ``now`` (floored; what ``timegm`` of its UTC time gives)."""
     if now.tzinfo is None:
         raise ValueError("window arithmetic needs an aware datetime (UTC offset)")
     return math.floor(now.timestamp())
-
-
-def _utc(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError("window arithmetic needs an aware datetime (UTC offset)")
-    return now.astimezone(UTC)

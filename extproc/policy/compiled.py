@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from extproc.budgets.keys import Scope, Unit
+from extproc.budgets.keys import Scope, Unit, key_parts
 from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import ESTIMATE, default_tokenizer
 from extproc.budgets.windows import Window
@@ -74,6 +74,13 @@ class CompiledLimit:
     """For a limit on some models or tools only, not per model: a tag of its globs, which
     names its counter apart (``only-<hash>``), so two such limits of one scope, unit and
     window count what each names, not each other's traffic."""
+    affixes: tuple[str, str] = field(init=False, repr=False, compare=False)
+    """Its counters' keys before and after the model (:func:`extproc.budgets.keys.keyed`),
+    made once: every request names its counters."""
+
+    def __post_init__(self) -> None:
+        parts = key_parts(self.scope, self.scope_id, self.unit, self.window)
+        object.__setattr__(self, "affixes", parts)
 
     def counts(self, model: str) -> bool:
         return self.tools is None and (self.models is None or model in self.models)

@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from extproc.budgets.keys import counter_key
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Cost, Meter
+from extproc.budgets.windows import window_bounds
 from extproc.errors import RateLimited
 from extproc.policy.compiled import CatalogueModel, Limits
 from tests.unit.policies import make_policy, sha
@@ -89,6 +91,40 @@ async def test_windows_roll_over(
         await reserve(meter, limits, model, now)
     assert dict(caught.value.headers)["retry-after"] == str(retry_after)
     assert await reserve(meter, limits, model, now + later) is not None
+
+
+async def test_a_reservations_counters_are_named_as_counter_key_names_them() -> None:
+    """The meter builds each key from what its limit fixed at compile time: the names in
+    Redis must stay those of :func:`counter_key` (a model name with a colon escaped, the
+    per-model counter apart, the only-some-models one tagged)."""
+    models = {"org/m:1": {"tokenizer": "o200k", "pricing": {"input": 1, "output": 2}}}
+    limits, catalogue = limited(
+        [
+            {"unit": "requests", "window": "minute", "limit": 9},
+            {"unit": "usd", "window": "month", "limit": 9, "per_model": True},
+            {"unit": "total_tokens", "window": "day", "limit": 999, "models": ["org/*"]},
+        ],
+        models,
+    )
+    now = datetime(2026, 2, 14, 12, 30, 15, tzinfo=UTC)
+    reservation = await Meter(MemoryStore()).reserve(limits, catalogue["org/m:1"], 5, 10, 100, now)
+    assert reservation is not None
+    expected = [
+        counter_key(
+            limit.scope,
+            limit.scope_id,
+            limit.subject("org/m:1"),
+            limit.unit,
+            limit.window,
+            window_bounds(limit.window, now)[0],
+        )
+        for limit in limits
+    ]
+    assert [c.key for c in reservation.counters] == expected
+    assert (
+        expected[1]
+        == f"team:t:org/m%3A1:usd:month:{int(datetime(2026, 2, 1, tzinfo=UTC).timestamp())}"
+    )
 
 
 async def test_settle_replaces_the_reservation_once() -> None:
