@@ -236,6 +236,11 @@ class TicketSigner:
             kept.popitem(last=False)
         return text
 
+    def forget(self, text: str) -> None:
+        """Drop a ticket issued here that will never be read: its request did not go up
+        with it (handed over, or Envoy gave up on the check)."""
+        self._kept.pop(text, None)
+
     def read(self, text: str, now_ns: int | None = None) -> Ticket:
         """The ticket ``text`` carries, or :class:`InvalidTicket`.
 

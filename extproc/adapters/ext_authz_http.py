@@ -177,9 +177,11 @@ class HttpAuthorizer:
             return
         ticket: Headers = ()
         mark: Headers = ()
+        issued = ""
         if _answer_is_read(exchange):
             issued = self._tickets.issue(exchange)
             if len(issued) > MAX_TICKET_CHARS:
+                self._tickets.forget(issued)
                 await self._release(exchange)
                 write(_HANDED_OVER)
                 return
@@ -191,6 +193,7 @@ class HttpAuthorizer:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
             return
         # Nothing went upstream: no charge, and no record will come for it.
+        self._tickets.forget(issued)
         await self._release(exchange)
         exchange.status, exchange.error_code = 0, "check_abandoned"
         self._observer.finish(exchange)

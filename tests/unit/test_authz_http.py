@@ -468,6 +468,7 @@ async def test_a_check_envoy_gave_up_on_is_not_charged(
     assert isinstance(observer, Recorder)
     [gone] = observer.finished
     assert (gone.status, gone.error_code) == (0, "check_abandoned")
+    assert not authorizer._tickets._kept  # its ticket will never be read
     # The 300-token budget is whole again: the same request fits.
     again = chat_check("r2")
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, again)
@@ -482,6 +483,7 @@ async def test_a_ticket_too_long_for_a_header_hands_the_request_over(
     _, authorizer = authz
     monkeypatch.setattr(ext_authz_http, "MAX_TICKET_CHARS", 100)
     assert await answer(authorizer, chat_check("r1")) == ext_authz_http._HANDED_OVER
+    assert not authorizer._tickets._kept  # ext_proc issues its own
     monkeypatch.undo()
     # Nothing stays reserved for it: the 300-token budget fits the same request again.
     assert b"x-gateway-accounting: envoy" in await answer(authorizer, chat_check("r2"))
