@@ -9,13 +9,19 @@ import time
 from extproc import server
 
 
+def _sleeping_workers(seconds: float) -> list[multiprocessing.Process]:
+    """Three forked workers that each sleep ``seconds`` (as a stuck or a quick worker)."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=time.sleep, args=(seconds,), daemon=True) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
 async def test_stuck_workers_share_one_deadline_then_are_killed() -> None:
     """Workers that do not stop (a blocked event loop, a hung shutdown) are killed when the
     one deadline passes: with a timeout each, the last of N went at N times it."""
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=time.sleep, args=(60,), daemon=True) for _ in range(3)]
-    for worker in workers:
-        worker.start()
+    workers = _sleeping_workers(60)
     started = time.monotonic()
     await server._reap(workers, 0.5)
     took = time.monotonic() - started
@@ -26,10 +32,7 @@ async def test_stuck_workers_share_one_deadline_then_are_killed() -> None:
 
 
 async def test_workers_that_stop_in_time_are_not_waited_for_past_their_exit() -> None:
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=time.sleep, args=(0.1,), daemon=True) for _ in range(3)]
-    for worker in workers:
-        worker.start()
+    workers = _sleeping_workers(0.1)
     started = time.monotonic()
     await server._reap(workers, 5)
     assert time.monotonic() - started < 1.0
