@@ -191,8 +191,10 @@ class AnthropicStream(StreamDialect):
             if block.get("type") == "text" and block.get("text"):
                 return [Delta(("block", index), block["text"], _setter(block, "text"))]
             if block.get("type") in RESULT_BLOCKS:  # a tool's result arrives whole
+                # Each text its own channel (stdout and stderr are not one text), all of
+                # them under the block's, which its content_block_stop ends.
                 return [
-                    Delta(("block", index), text, _setter(*_slot(block, path)))
+                    Delta(("block", index, *path), text, _setter(*_slot(block, path)))
                     for path, text in result_block_texts(block, ())
                     if text
                 ]

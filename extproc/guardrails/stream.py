@@ -397,7 +397,9 @@ def _apply(channel: _Channel, part: _Part) -> str | None:
 
 
 def _ends(key: ChannelKey, end: ChannelKey) -> bool:
-    return end == ALL or key == end or (end[0] == "choice" and key[1] == end[1])
+    """Whether ``end`` closes channel ``key``: all of them, the channel itself and those
+    under it (a block's texts), or a choice's tool calls."""
+    return end == ALL or key[: len(end)] == end or (end[0] == "choice" and key[1] == end[1])
 
 
 def _hold_start(buf: str, window: int) -> int:

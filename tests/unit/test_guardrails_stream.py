@@ -212,6 +212,36 @@ def test_an_anthropic_tool_result_streamed_whole_is_guarded(block: dict[str, obj
     assert started["content_block"]["type"] == block["type"]
 
 
+def test_each_text_of_a_streamed_tool_result_is_guarded_apart() -> None:
+    """stdout and stderr are two texts, as in a JSON answer: a value is never matched
+    across them, nor moved from one into the other by its rewrite."""
+    block = {
+        "type": "bash_code_execution_tool_result",
+        "tool_use_id": "b",
+        "content": {
+            "type": "bash_code_execution_result",
+            "stdout": "id 555",
+            "stderr": "a.b@example.org",
+            "return_code": 0,
+            "content": [],
+        },
+    }
+    chunks = [
+        anthropic_event("message_start", message={"id": "m", "usage": {"input_tokens": 3}}),
+        anthropic_event("content_block_start", index=0, content_block=block),
+        anthropic_event("content_block_stop", index=0),
+        anthropic_event("message_stop"),
+    ]
+    out = run(guard(dialect="anthropic.messages"), chunks)
+    started = next(
+        e
+        for e in sse_payloads(out)
+        if isinstance(e, dict) and e.get("type") == "content_block_start"
+    )
+    result = started["content_block"]["content"]
+    assert (result["stdout"], result["stderr"]) == ("id 555", "*" * len("a.b@example.org"))
+
+
 def test_openai_tool_call_arguments_are_guarded() -> None:
     chunks = [
         openai_chunk(arguments='{"to": "x.y@exa'),
