@@ -25,8 +25,9 @@ from extproc.policy.schema import Policy, Upstream
 from extproc.routing import HEADER_CLUSTER, HEADER_MCP
 
 CATALOGUE_ROUTE = "catalogue"
-MCP_ROUTE = "mcp"
 """The base's ``cluster_header`` route; canary routes are rendered just before it."""
+MCP_ROUTE = "mcp"
+"""The base's route for MCP requests (``x-gateway-mcp``); their canary routes go before it."""
 
 MARKER = {"filter_metadata": {"extproc": {"from_policy": True}}}
 """Metadata on every cluster and route the renderer writes: what a re-render replaces."""

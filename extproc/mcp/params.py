@@ -68,9 +68,10 @@ def agreeing(headers: Mapping[str, str], changes: Mapping[str, str | None]) -> H
     """The ``Mcp-Param-*`` headers to set once ``changes`` (:func:`argument_changes`) are
     made to the body: each copy of a rewritten argument with its rewritten value.
 
-    Every one is set, the others to the value read here: Envoy hands over a repeated
-    header's last value, and setting it replaces every copy, so a first copy the gateway
-    never saw cannot take an original text on. Raises :class:`Unfaithful`.
+    Every one is set, the others to the value read here: the service reads a repeated
+    header's last value (the adapter's header map keeps it), and setting it replaces
+    every copy, so a first copy the gateway never saw cannot take an original text on.
+    Raises :class:`Unfaithful`.
     """
     if not changes:
         return ()

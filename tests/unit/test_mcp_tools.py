@@ -136,8 +136,11 @@ async def test_a_stream_in_a_charset_other_than_utf8_is_a_502(charset: str) -> N
 
 
 async def test_a_stream_declared_utf8_is_read() -> None:
-    last = await _answered("text/event-stream; charset=UTF-8", b"data: {not json\n\n")
-    _unreadable(last)  # read, so its data is found not to be JSON
+    clean = {"jsonrpc": "2.0", "id": 7, "result": {"content": [{"type": "text", "text": "ok"}]}}
+    event = b"data: " + orjson.dumps(clean) + b"\n\n"
+    last = await _answered("text/event-stream; charset=UTF-8", event)
+    assert not last.HasField("immediate_response")  # read, found clean, let through
+    assert last.HasField("response_body")
 
 
 ERROR_ANSWER = {
