@@ -20,7 +20,7 @@ from extproc.exchange import Exchange
 from extproc.guardrails.engine import Guardrails
 from extproc.mcp.access import Kind
 from extproc.mcp.enforce import McpCall
-from extproc.telemetry.bodies import recorded, redactor
+from extproc.telemetry.bodies import recorded
 
 
 def exchange_record(exchange: Exchange) -> dict[str, Any]:
@@ -98,14 +98,9 @@ def _recorded_name(exchange: Exchange, call: McpCall) -> str | None:
     """The call's tool or prompt name, bounded; a resource URI redacted too."""
     if call.kind is not Kind.RESOURCE or call.name is None:
         return _bounded(call.name, MAX_NAME_CHARS)
-    redact = exchange.policy.audit_redactor or _redactor()
+    redact = exchange.policy.uri_redactor
+    assert redact is not None, "an MCP call is made under a policy with MCP servers"
     return _redacted_uri(redact, call.name, MAX_NAME_CHARS)
-
-
-@functools.cache
-def _redactor() -> Guardrails:
-    """The audit's redaction, for a policy that records no bodies (and so compiled none)."""
-    return redactor()
 
 
 def _redacted_uri(redact: Guardrails, uri: str, limit: int) -> str:
