@@ -100,6 +100,14 @@ class Ticket:
     """When the exchange began (epoch ns): its span's start, and the ticket's age."""
 
 
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A ticket as signed: the text Envoy carries, and what it says."""
+
+    text: str
+    ticket: Ticket
+
+
 def signing_key(configured: str | None) -> bytes:
     """The key tickets are signed with: from the configured secret, else a fresh one (then
     only this process and the workers it forks can read its tickets)."""
@@ -198,9 +206,9 @@ class TicketSigner:
         self._macs = dict(known[:MAX_KEYS])
         return True
 
-    def issue(self, exchange: Exchange) -> str:
-        """The ticket of ``exchange``, whose request goes upstream now (also kept here,
-        :data:`KEPT_TICKETS`)."""
+    def issue(self, exchange: Exchange) -> Issued:
+        """The ticket of ``exchange``, whose request goes upstream now; :meth:`keep` it
+        once Envoy has it."""
         request, model, reservation = exchange.request, exchange.model, exchange.reservation
         price = model.price if model is not None else None
         settlement = reservation.settlement if reservation is not None else None
@@ -229,17 +237,15 @@ class TicketSigner:
         }
         signed = f"{VERSION}.{base64.urlsafe_b64encode(orjson.dumps(payload)).decode('ascii')}"
         signing = next(iter(self._macs.values()))
-        text = f"{signed}.{_mac(signing, signed.encode('ascii')).decode('ascii')}"
+        return Issued(f"{signed}.{_mac(signing, signed.encode('ascii')).decode('ascii')}", ticket)
+
+    def keep(self, issued: Issued) -> None:
+        """Keep a ticket Envoy has taken (:data:`KEPT_TICKETS`): its answer's report or
+        record will likely come back here."""
         kept = self._kept
-        kept[text] = ticket
+        kept[issued.text] = issued.ticket
         if len(kept) > KEPT_TICKETS:
             kept.popitem(last=False)
-        return text
-
-    def forget(self, text: str) -> None:
-        """Drop a ticket issued here that will never be read: its request did not go up
-        with it (handed over, or Envoy gave up on the check)."""
-        self._kept.pop(text, None)
 
     def read(self, text: str, now_ns: int | None = None) -> Ticket:
         """The ticket ``text`` carries, or :class:`InvalidTicket`.

@@ -177,23 +177,23 @@ class HttpAuthorizer:
             return
         ticket: Headers = ()
         mark: Headers = ()
-        issued = ""
+        issued = None
         if _answer_is_read(exchange):
             issued = self._tickets.issue(exchange)
-            if len(issued) > MAX_TICKET_CHARS:
-                self._tickets.forget(issued)
+            if len(issued.text) > MAX_TICKET_CHARS:
                 await self._release(exchange)
                 write(_HANDED_OVER)
                 return
-            ticket = ((HEADER_TICKET, issued),)
+            ticket = ((HEADER_TICKET, issued.text),)
             if not exchange.accounted_by_envoy:
                 mark = ((HEADER, ACCOUNTING_REPORTED),)
         if write(_allowed(decision, ticket, mark)):
-            if not ticket:
+            if issued is None:
                 self._observer.finish(exchange)  # passed through: nothing more to learn
+            else:
+                self._tickets.keep(issued)
             return
         # Nothing went upstream: no charge, and no record will come for it.
-        self._tickets.forget(issued)
         await self._release(exchange)
         exchange.status, exchange.error_code = 0, "check_abandoned"
         self._observer.finish(exchange)

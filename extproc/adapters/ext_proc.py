@@ -103,13 +103,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     # Envoy copies it into the access-log record that settles the exchange
                     # (issued last, so that the record it holds has every duration).
                     try:
-                        ticket = self._tickets.issue(exchange)
+                        issued = self._tickets.issue(exchange)
                     except Exception:
                         log.exception("issuing the ticket of request %s", exchange.request_id)
                         yield _failed(exchange)
                         return
-                    response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": ticket}})
+                    response.dynamic_metadata.update({EXCHANGE_NAMESPACE: {"ticket": issued.text}})
                 yield response
+                if handing:
+                    self._tickets.keep(issued)
                 # Sent: from here the record reports it (a stream cut before this point
                 # is settled and reported by the stream, as one never handed over; cut
                 # right after Envoy took the answer, whichever of the stream and the

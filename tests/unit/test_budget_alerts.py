@@ -171,7 +171,7 @@ async def test_a_settlement_in_another_process_raises_the_alert_its_ticket_names
     for _ in range(2):
         reservation = await deciding.reserve(limits, model, 1, 1, 1, now)
         assert reservation is not None
-        carried = signer.read(signer.issue(exchange_with(reservation))).settlement
+        carried = signer.read(signer.issue(exchange_with(reservation)).text).settlement
         assert carried == reservation.settlement
         await Meter(store, settling).apply(carried, Cost(1, 1, 0))
     assert [(e.threshold_percent, e.used, e.limit, e.model) for e in settling.events] == [
