@@ -27,6 +27,7 @@ from extproc.budgets.windows import (
     bounds_at,
     epoch_seconds,
     reset_duration,
+    resets_in,
     seconds_to_reset,
     window_bounds,
 )
@@ -482,13 +483,12 @@ def _ratelimit_headers(
     epoch = epoch_seconds(now)
     for family, (remaining, limit, cap) in sorted(tightest.items()):
         money = family == "usd"
-        resets_in = bounds_at(limit.window, epoch)[1] - epoch
         headers += [
             (f"x-ratelimit-limit-{family}", micro_to_usd(cap) if money else str(cap)),
             (
                 f"x-ratelimit-remaining-{family}",
                 micro_to_usd(remaining) if money else str(remaining),
             ),
-            (f"x-ratelimit-reset-{family}", reset_duration(resets_in)),
+            (f"x-ratelimit-reset-{family}", reset_duration(resets_in(limit.window, epoch))),
         ]
     return tuple(headers)

@@ -50,7 +50,11 @@ def seconds_to_reset(window: Window, now: datetime) -> int:
 
     This is what a ``retry-after`` header says: retrying after it lands in the next window.
     """
-    epoch = epoch_seconds(now)
+    return resets_in(window, epoch_seconds(now))
+
+
+def resets_in(window: Window, epoch: int) -> int:
+    """:func:`seconds_to_reset` at the UTC epoch second ``epoch``."""
     return bounds_at(window, epoch)[1] - epoch
 
 

@@ -351,4 +351,3 @@ def test_a_records_time_is_its_utc_instant_to_the_millisecond(
     instant = datetime.fromtimestamp(second, UTC).replace(microsecond=nanoseconds // 1000)
     expected = instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert record_time() == expected
-    assert record_time() == expected  # the second formatted once, and kept
