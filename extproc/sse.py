@@ -123,9 +123,15 @@ def with_data(event: bytes, text: bytes) -> bytes:
 
 
 def data(event: bytes) -> bytes | None:
-    """The event's data: its ``data:`` lines' values joined by LF (one leading space
-    dropped from each, as the format says), or ``None`` if it has none."""
-    values = [_value(line[5:]) for line in lines(event) if line.startswith(b"data:")]
+    """The event's data: its data fields' values joined by LF (one leading space dropped
+    from each, as the format says; a bare ``data`` line's value is empty, as in
+    :func:`with_data`), or ``None`` if it has none."""
+    values: list[bytes] = []
+    for line in lines(event):
+        if line.startswith(b"data:"):
+            values.append(_value(line[5:]))
+        elif line == b"data":
+            values.append(b"")
     return b"\n".join(values) if values else None
 
 

@@ -47,6 +47,14 @@ def test_a_single_crlf_ends_a_line_not_an_event() -> None:
 def test_data_joins_its_lines_and_drops_one_leading_space() -> None:
     assert sse.data(b'event: x\r\ndata: {"a":\r\ndata:  1}\r\n\r\n') == b'{"a":\n 1}'
     assert sse.data(b": just a comment\n\n") is None
+
+
+def test_a_bare_data_line_is_an_empty_data_field() -> None:
+    """As the format says and :func:`sse.with_data` reads it: ``data`` alone on its line
+    adds an empty value, so a reader sees the same lines a client and the writer see."""
+    assert sse.data(b'data: {"a":\ndata\ndata: 1}\n\n') == b'{"a":\n\n1}'
+    assert sse.data(b"data\n\n") == b""
+    assert sse.data(b"datum: x\ndata_x: y\n\n") is None
     assert sse.lines(b"a\rb\nc\r\nd") == [b"a", b"b", b"c", b"d"]
 
 
