@@ -252,7 +252,7 @@ class StreamUsage:
                 return
             if start is None and not any(reported.get(k) for k in _ANTHROPIC_PROMPT_FIELDS[:3]):
                 return  # unbelievable: the last report believed, if any, stands
-            usage = anthropic_usage(_merged_anthropic(start or {}, reported))
+            usage = anthropic_usage(merged_anthropic_usage(start or {}, reported))
             if usage is not None:
                 self._usage = usage
 
@@ -265,17 +265,21 @@ _ANTHROPIC_PROMPT_FIELDS = (
 )
 
 
-def _merged_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+def merged_anthropic_usage(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     """A ``message_delta``'s usage over its ``message_start``'s, field by field, as
     Anthropic's SDK accumulates them and as Envoy's lifted metadata overwrites them: each
     prompt field the delta repeats (cumulative) replaces the start's, one it leaves out
-    keeps the start's. Merged as sums instead, a delta repeating ``input_tokens`` alone
-    wiped out the start's cache reads, and charged a 20,000-token cached prompt as 12."""
+    keeps the start's; the output is the delta's. Merged as sums instead, a delta repeating
+    ``input_tokens`` alone wiped out the start's cache reads, and charged a 20,000-token
+    cached prompt as 12. One merge for budgets and for the usage a translated stream
+    reports to an OpenAI client, so the two cannot disagree."""
     merged = {key: start[key] for key in _ANTHROPIC_PROMPT_FIELDS if key in start}
     merged.update(
         {key: delta[key] for key in _ANTHROPIC_PROMPT_FIELDS if delta.get(key) is not None}
     )
     merged["output_tokens"] = delta.get("output_tokens")
+    if delta.get("output_tokens_details") is not None:
+        merged["output_tokens_details"] = delta["output_tokens_details"]
     return merged
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from extproc import sse
+from extproc.dialects.usage import merged_anthropic_usage
 from extproc.translate.anthropic_errors import openai_error
 from extproc.translate.anthropic_response import finish_reason, openai_usage, tool_call
 
@@ -38,13 +39,6 @@ MAX_EVENT_BYTES = 8 * 1024 * 1024
 """An unfinished event larger than this ends the stream with an error (Envoy's body cap)."""
 
 _DONE = b"data: [DONE]\n\n"
-_USAGE_KEYS = (
-    "input_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "output_tokens",
-    "output_tokens_details",
-)
 
 
 @dataclass(slots=True)
@@ -71,6 +65,7 @@ class StreamTranslator:
         "_id",
         "_include_usage",
         "_model",
+        "_start_usage",
         "_started",
         "_tool_blocks",
         "_tools",
@@ -90,6 +85,7 @@ class StreamTranslator:
         self._finish = "stop"
         self._tools = 0
         self._tool_blocks: dict[int, _ToolBlock] = {}
+        self._start_usage: dict[str, Any] = {}
         self._usage: dict[str, Any] = {}
 
     @property
@@ -139,7 +135,7 @@ class StreamTranslator:
             if isinstance(message, dict):
                 if isinstance(message.get("id"), str):
                     self._id = message["id"]
-                self._merge_usage(message.get("usage"))
+                self._started_usage(message.get("usage"))
             return self._start()
         if kind == "content_block_start":
             return self._block_start(payload)
@@ -149,7 +145,7 @@ class StreamTranslator:
             delta = payload.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason") is not None:
                 self._finish = finish_reason(delta["stop_reason"])
-            self._merge_usage(payload.get("usage"))
+            self._delta_usage(payload.get("usage"))
             return b""
         if kind == "message_stop":
             return self._stop()
@@ -246,12 +242,16 @@ class StreamTranslator:
             payload["usage"] = None  # as OpenAI does on every chunk but the last
         return payload
 
-    def _merge_usage(self, usage: object) -> None:
+    def _started_usage(self, usage: object) -> None:
+        """``message_start``'s usage: the prompt, and all there is if the stream is cut."""
+        if isinstance(usage, dict):
+            self._start_usage = usage
+            self._usage = dict(usage)
+
+    def _delta_usage(self, usage: object) -> None:
         """``message_delta`` counts are cumulative; input may come only in message_start."""
         if isinstance(usage, dict):
-            for key in _USAGE_KEYS:
-                if usage.get(key) is not None:
-                    self._usage[key] = usage[key]
+            self._usage = merged_anthropic_usage(self._start_usage, usage)
 
 
 def _data(payload: dict[str, Any]) -> bytes:

@@ -275,37 +275,54 @@ def test_a_stream_report_is_believed_only_with_an_output_count(
     assert meter.usage == expected
 
 
+_CACHED_START = {
+    "input_tokens": 12,
+    "cache_read_input_tokens": 20_000,
+    "cache_creation_input_tokens": 500,
+    "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 300},
+    "output_tokens": 1,
+}
+"""A ``message_start`` whose prompt was read from and written to the cache (300 of the
+500 written tokens to the 1-hour cache)."""
+
+
 @pytest.mark.parametrize(
     ("delta_usage", "expected"),
     [
-        # The delta repeats the uncached input only: the start's cache reads stand.
+        # The delta repeats the uncached input only: the start's cache reads and writes
+        # (with their 1-hour share) stand.
         (
             {"input_tokens": 12, "output_tokens": 300},
-            Usage(20_012, 300, cached_input_tokens=20_000),
+            Usage(20_512, 300, 20_000, 500, 300),
         ),
         # The delta repeats the cache reads only: the start's uncached input stands.
         (
             {"cache_read_input_tokens": 20_000, "output_tokens": 300},
-            Usage(20_012, 300, cached_input_tokens=20_000),
+            Usage(20_512, 300, 20_000, 500, 300),
         ),
-        # Every field repeated (cumulative): the delta's win.
+        # Every field repeated (cumulative): the delta's win, the 1-hour split included.
         (
-            {"input_tokens": 14, "cache_read_input_tokens": 19_000, "output_tokens": 300},
-            Usage(19_014, 300, cached_input_tokens=19_000),
+            {
+                "input_tokens": 14,
+                "cache_read_input_tokens": 19_000,
+                "cache_creation_input_tokens": 400,
+                "cache_creation": {"ephemeral_1h_input_tokens": 100},
+                "output_tokens": 300,
+            },
+            Usage(19_414, 300, 19_000, 400, 100),
         ),
     ],
     ids=["input-only", "cache-only", "all"],
 )
 def test_an_anthropic_delta_replaces_only_the_prompt_fields_it_repeats(
-    delta_usage: dict[str, int], expected: Usage
+    delta_usage: dict[str, Any], expected: Usage
 ) -> None:
     """As Anthropic's SDK accumulates a stream's usage, and as Envoy's lifted metadata
     settles it under ``accounting: envoy``: both accounting modes charge the same."""
-    start = {"input_tokens": 12, "cache_read_input_tokens": 20_000, "output_tokens": 1}
     meter = StreamUsage("anthropic.messages")
     meter.feed(
         b"event: message_start\ndata: "
-        + orjson.dumps({"type": "message_start", "message": {"id": "m", "usage": start}})
+        + orjson.dumps({"type": "message_start", "message": {"id": "m", "usage": _CACHED_START}})
         + b"\n\nevent: message_delta\ndata: "
         + orjson.dumps({"type": "message_delta", "delta": {}, "usage": delta_usage})
         + b"\n\n"
@@ -345,6 +362,49 @@ def test_a_responses_stream_whose_final_event_is_huge_keeps_its_usage(image_byte
         meter.feed(stream[at : at + 16 * 1024])
     meter.finish()
     assert meter.usage == Usage(40, 1600)
+
+
+def test_an_anthropic_stream_with_a_huge_event_keeps_its_usage() -> None:
+    """A server tool's result comes whole in its ``content_block_start`` (a fetched page
+    of 1.1 MB): past the 1 MiB a metered event may hold, it is passed over, and the
+    usage around it (the prompt before, the output after) is still the provider's."""
+    fetched = {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {
+            "type": "web_fetch_tool_result",
+            "tool_use_id": "srvtoolu_1",
+            "content": {
+                "type": "web_fetch_result",
+                "url": "https://example.com/big",
+                "content": {
+                    "type": "document",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "x" * 1_100_000},
+                },
+            },
+        },
+    }
+    start = {"input_tokens": 30, "output_tokens": 1}
+    events = [
+        {"type": "message_start", "message": {"id": "m", "usage": start}},
+        fetched,
+        {"type": "content_block_stop", "index": 1},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 700},
+        },
+        {"type": "message_stop"},
+    ]
+    stream = b"".join(
+        b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+        for event in events
+    )
+    meter = StreamUsage("anthropic.messages")
+    for at in range(0, len(stream), 16 * 1024):
+        meter.feed(stream[at : at + 16 * 1024])
+    meter.finish()
+    assert meter.usage == Usage(30, 700)
 
 
 @pytest.mark.parametrize(
