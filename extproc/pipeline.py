@@ -352,6 +352,8 @@ def prepare_request_body(exchange: Exchange, raw: bytes) -> Reply | None:
             )
         elif (upstream := routing.upstream_model(model)) != request.model:
             exchange.rewrites[("model",)] = upstream
+        if dialect.name == "openai.responses":
+            _refuse_unseen_answers(exchange, request, model, principal)
         _guard_input(exchange, dialect, request, model, principal)
         # An answer accounted from the prompt alone (embeddings) needs the count when its
         # record is kept (the audit log, Envoy's access log), even if nothing meters it.
@@ -378,8 +380,6 @@ def _guard_input(
     """Run the input guardrails: stage their rewrites, or raise to block the prompt."""
     guards = exchange.policy.guardrails
     subject = subject_of(exchange, principal, model)
-    if dialect.name == "openai.responses":
-        _refuse_unseen_answers(exchange, request, guards.applies("output", **subject))
     if not guards.applies("input", **subject):
         return
     result = guards.check("input", request.texts, **subject)
@@ -392,13 +392,19 @@ def _guard_input(
     exchange.rewrites.update(result.rewrites)
 
 
-def _refuse_unseen_answers(exchange: Exchange, request: LLMRequest, output_guarded: bool) -> None:
+def _refuse_unseen_answers(
+    exchange: Exchange, request: LLMRequest, model: CatalogueModel, principal: Principal
+) -> None:
     """Refuse a Responses request whose answer the gateway would not see whole, when it
     must: a stream under output guardrails (its events are not parsed yet), and a
     background response when it is metered or guarded. The latter's answer says only
-    ``queued``; the output comes later from ``GET /v1/responses/{id}``, a path no dialect
-    serves, so it would be settled at an estimate of a few tokens while the provider
-    bills up to the cap, and its text would reach the caller unchecked."""
+    ``queued`` (or, streamed, lasts only as long as the caller stays): the output comes
+    later from ``GET /v1/responses/{id}``, a path no dialect serves, so it would be
+    settled at an estimate of a few tokens while the provider bills up to the cap, and
+    its text would reach the caller unchecked. A metering rule as much as a guardrail
+    one, so it runs before the input guardrails, whether or not any applies."""
+    subject = subject_of(exchange, principal, model)
+    output_guarded = exchange.policy.guardrails.applies("output", **subject)
     if request.stream and output_guarded:
         raise InvalidRequest(
             "Output guardrails apply to this model, and streamed /v1/responses answers "
