@@ -6,7 +6,6 @@ Anthropic's list format, everyone else gets OpenAI's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -22,14 +21,14 @@ _JSON = (("content-type", "application/json"),)
 
 
 def is_models_path(path: str) -> bool:
-    """``/v1/models`` or ``/v1/models/{id}``, with or without a query."""
-    path = path.partition("?")[0]
+    """``/v1/models`` or ``/v1/models/{id}`` (``path`` without its query)."""
     return path == MODELS_PATH or path.startswith(MODELS_PATH + "/")
 
 
-def list_models(models: list[CatalogueModel], path: str, headers: Mapping[str, str]) -> Reply:
-    """Answer ``GET /v1/models`` or ``GET /v1/models/{id}`` from ``models``."""
-    anthropic = "anthropic-version" in headers
+def list_models(models: list[CatalogueModel], path: str, *, anthropic: bool) -> Reply:
+    """Answer ``GET /v1/models`` or ``GET /v1/models/{id}`` from ``models``, in
+    Anthropic's list format when the caller is Anthropic's SDK (the exchange's envelope,
+    decided from its headers), OpenAI's otherwise."""
     wanted = path[len(MODELS_PATH) :].strip("/")
     if wanted:
         match = next((m for m in models if wanted == m.name or wanted in m.aliases), None)

@@ -33,7 +33,13 @@ from typing import Any, TypeVar
 from extproc import access, accounting, identity, routing, tools
 from extproc.budgets.meter import Meter, OutputCapNeeded, prompt_tokens
 from extproc.decisions import Decision, Forward, Headers, Reply
-from extproc.dialects import Dialect, LLMRequest, dialect_for_path, envelope_for_path
+from extproc.dialects import (
+    Dialect,
+    LLMRequest,
+    dialect_for_path,
+    envelope_for_path,
+    strip_query,
+)
 from extproc.dialects.fields import asked_for_usage, include_usage_rewrites, optional_bool
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
@@ -82,7 +88,7 @@ def on_request_headers(
     exchange.method = headers.get(":method", "")
     exchange.path = headers.get(":path", "")
     exchange.envelope = envelope_for_path(exchange.path)
-    if "anthropic-version" in headers and is_models_path(exchange.path):
+    if "anthropic-version" in headers and is_models_path(strip_query(exchange.path)):
         exchange.envelope = "anthropic"  # Anthropic's SDK lists models too
     exchange.request_id = (headers.get("x-request-id") or uuid.uuid4().hex)[:MAX_REQUEST_ID_CHARS]
     traceparent = headers.get("traceparent")
@@ -225,7 +231,7 @@ def _request_headers(
     peer: str | None,
 ) -> Decision:
     policy = exchange.policy
-    path = exchange.path.partition("?")[0]
+    path = strip_query(exchange.path)
     if _unclear(path):
         # Envoy's shipped configs normalise paths; a mesh's may not (Istio merges no
         # slashes by default): /v1//chat/completions must not pass for an unknown path.
@@ -241,7 +247,8 @@ def _request_headers(
         if exchange.method != "GET":
             raise _invalid_url(exchange)
         exchange.status = 200
-        return list_models(access.visible_models(policy, principal), path, headers)
+        models = access.visible_models(policy, principal)
+        return list_models(models, path, anthropic=exchange.envelope == "anthropic")
 
     scrubbed = _scrubbed_headers(headers)
     if server is not None:
