@@ -119,14 +119,7 @@ def result_block_texts(block: dict[str, Any], where: JsonPath) -> list[tuple[Jso
     content = block.get("content")
     if isinstance(content, str):
         return [((*where, "content"), content)]
-    parts = content if isinstance(content, list) else []
-    return [
-        ((*where, "content", n, "text"), part["text"])
-        for n, part in enumerate(parts)
-        if isinstance(part, dict)
-        and part.get("type") == "text"
-        and isinstance(part.get("text"), str)
-    ]
+    return _lenient_text_blocks(content, (*where, "content")) if isinstance(content, list) else []
 
 
 def server_tool_result_texts(block: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
@@ -154,20 +147,38 @@ def server_tool_result_texts(block: dict[str, Any], where: JsonPath) -> list[tup
 
 
 def _document_texts(document: dict[str, Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
-    """A document block's readable texts (leniently): title, context, plain-text source."""
+    """A document block's readable texts, leniently (an answer's must be read whatever
+    it holds): what :func:`_quoted` reads of a caller's document, its title, context and
+    a plain-text or content source, without refusing what it cannot read."""
     found = [
         ((*where, field), document[field])
         for field in ("title", "context")
         if isinstance(document.get(field), str)
     ]
     source = document.get("source")
-    if (
-        isinstance(source, dict)
-        and source.get("type") == "text"
-        and isinstance(source.get("data"), str)
-    ):
+    if not isinstance(source, dict):
+        return found
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
         found.append(((*where, "source", "data"), source["data"]))
+    elif source.get("type") == "content":
+        inner = (*where, "source", "content")
+        content = source.get("content")
+        if isinstance(content, str):
+            found.append((inner, content))
+        elif isinstance(content, list):
+            found.extend(_lenient_text_blocks(content, inner))
     return found
+
+
+def _lenient_text_blocks(blocks: list[Any], where: JsonPath) -> list[tuple[JsonPath, str]]:
+    """The texts of the text blocks among ``blocks``, anything else passed over."""
+    return [
+        ((*where, n, "text"), block["text"])
+        for n, block in enumerate(blocks)
+        if isinstance(block, dict)
+        and block.get("type") == "text"
+        and isinstance(block.get("text"), str)
+    ]
 
 
 def _quoted(

@@ -713,6 +713,24 @@ VALID = [
                             },
                         },
                         {"type": "text", "text": "go"},
+                        {
+                            "type": "web_fetch_tool_result",
+                            "tool_use_id": "c",
+                            "content": {
+                                "type": "web_fetch_result",
+                                "url": "https://example.com/blocks",
+                                "content": {
+                                    "type": "document",
+                                    "source": {
+                                        "type": "content",
+                                        "content": [
+                                            {"type": "text", "text": "fetched block"},
+                                            {"type": "image", "source": {}},
+                                        ],
+                                    },
+                                },
+                            },
+                        },
                     ],
                 }
             ],
@@ -733,6 +751,12 @@ VALID = [
                 ("messages[0].content[3].content.stderr", "tool", "tool_result", "err"),
                 ("messages[0].content[4].content.content", "tool", "tool_result", "file text"),
                 ("messages[0].content[5].text", "user", "message", "go"),
+                (
+                    "messages[0].content[6].content.content.source.content[0].text",
+                    "tool",
+                    "tool_result",
+                    "fetched block",
+                ),
             ],
             "max_output_tokens": 8,
             "stream": False,
