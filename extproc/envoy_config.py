@@ -170,11 +170,15 @@ def _render_split_routes(policy: Policy, config: dict[str, Any]) -> None:
         routes = routes[:anchor] + rendered + routes[anchor:]
         # An MCP server on a split upstream: its own weighted route, cloned from MCP's
         # (no retry once a call may have reached the server), before the MCP route, whose
-        # cluster_header would name the split, which is no cluster.
+        # cluster_header would name the split, which is no cluster. Only for the splits
+        # an MCP server names: the others get no MCP call to route.
         mcp = next((i for i, r in enumerate(routes) if r.get("name") == MCP_ROUTE), None)
         if mcp is not None:
+            served = {server.cluster for server in policy.mcp.servers.values()}
             rendered_mcp = [
-                _split_route(name, u, routes[mcp], mcp=True) for name, u in splits.items()
+                _split_route(name, u, routes[mcp], mcp=True)
+                for name, u in splits.items()
+                if name in served
             ]
             routes = routes[:mcp] + rendered_mcp + routes[mcp:]
         host["routes"] = routes

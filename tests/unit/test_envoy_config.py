@@ -136,11 +136,18 @@ def test_split_route_is_the_catalogue_route_with_weights() -> None:
     assert split["response_headers_to_add"] == catalogue["response_headers_to_add"]
 
 
+def test_a_split_no_mcp_server_names_gets_no_mcp_route() -> None:
+    """Its MCP route would never be taken: the split's model route is all it needs."""
+    names = [r.get("name") for r in routes(render(policy(SPLIT_AB), gateway()))]
+    assert "split:ab" in names and not any(str(n).startswith("split-mcp:") for n in names)
+
+
 def test_an_mcp_server_on_a_split_upstream_is_retried_as_mcp() -> None:
     """MCP's route names its backend by cluster_header, and a split is no cluster: the
     split's MCP calls get a weighted route of MCP's kind before it (they took the split's
     model route, retried on a 5xx after which a tool call may have run)."""
-    rendered = render(policy(SPLIT_AB), gateway())
+    mcp_on_ab = "mcp:\n  servers:\n    tools: { cluster: ab, path: /mcp/tools }\n"
+    rendered = render(policy(SPLIT_AB + mcp_on_ab), gateway())
     names = [r.get("name") for r in routes(rendered)]
     assert names.index("split-mcp:ab") == names.index("mcp") - 1
     split_mcp = routes(rendered)[names.index("split-mcp:ab")]
