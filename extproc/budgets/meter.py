@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from extproc.budgets.alerts import AlertSink, Watch, reached
-from extproc.budgets.keys import Unit, counter_key, keyed, used_key
+from extproc.budgets.keys import Unit, used_key
 from extproc.budgets.pricing import FREE, Price, cost_micro_usd, micro_to_usd
 from extproc.budgets.store import BudgetStore, Counter, Delta, ReserveResult, StoreUnavailable
 from extproc.budgets.tokens import count_prompt_tokens
@@ -258,14 +258,7 @@ class Meter:
         for tool in tools:
             for limit in _dedupe([limit for limit in limits if limit.counts_tool(tool)]):
                 start, end = window_bounds(limit.window, now)
-                key = counter_key(
-                    limit.scope,
-                    limit.scope_id,
-                    limit.tool_subject(server, tool),
-                    limit.unit,
-                    limit.window,
-                    start,
-                )
+                key = limit.key(limit.tool_subject(server, tool), start)
                 _, seen = by_key.get(key, (limit, Counter(key, limit.limit, 0, end)))
                 by_key[key] = (limit, replace(seen, amount=seen.amount + 1))
         if not by_key:
@@ -407,8 +400,7 @@ def _counters(
     epoch = epoch_seconds(now)
     for limit in limits:
         start, end = bounds_at(limit.window, epoch)
-        head, tail = limit.affixes
-        key = keyed(head, limit.subject(model), tail, start)
+        key = limit.key(limit.subject(model), start)
         counters.append(Counter(key, limit.limit, cost.of(limit.unit), end))
     return counters
 

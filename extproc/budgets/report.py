@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from extproc.budgets.keys import Scope, Unit, counter_key
+from extproc.budgets.keys import Scope, Unit
 from extproc.budgets.pricing import micro_to_usd
 from extproc.budgets.store import BudgetStore
 from extproc.budgets.windows import window_bounds
@@ -67,7 +67,7 @@ async def usage_report(
     for limit in _limits(policy, team):
         start, end = window_bounds(limit.window, now)
         for label, subject in _subjects(policy, limit):
-            key = counter_key(limit.scope, limit.scope_id, subject, limit.unit, limit.window, start)
+            key = limit.key(subject, start)
             rows.append((limit, label, key, end))
     values = await store.read([key for _, _, key, _ in rows]) if rows else ()
     lines = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from extproc.budgets.keys import Scope, Unit, key_parts
+from extproc.budgets.keys import Scope, Unit, key_parts, keyed
 from extproc.budgets.pricing import Price, usd_to_micro
 from extproc.budgets.tokens import ESTIMATE, default_tokenizer
 from extproc.budgets.windows import Window
@@ -81,6 +81,13 @@ class CompiledLimit:
     def __post_init__(self) -> None:
         parts = key_parts(self.scope, self.scope_id, self.unit, self.window)
         object.__setattr__(self, "affixes", parts)
+
+    def key(self, subject: str | None, window_start: int) -> str:
+        """The key of this limit's counter of ``subject`` (:meth:`subject`,
+        :meth:`tool_subject`) in the window starting at ``window_start``: what
+        :func:`extproc.budgets.keys.counter_key` names, from the parts made once."""
+        head, tail = self.affixes
+        return keyed(head, subject, tail, window_start)
 
     def counts(self, model: str) -> bool:
         return self.tools is None and (self.models is None or model in self.models)

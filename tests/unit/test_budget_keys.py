@@ -6,6 +6,7 @@ import pytest
 
 from extproc.budgets.keys import Scope, Unit, counter_key
 from extproc.budgets.windows import Window
+from extproc.policy.compiled import CompiledLimit
 
 START = 1_767_225_600
 
@@ -35,6 +36,19 @@ def test_counter_key(
     scope: Scope, scope_id: str, model: str | None, unit: Unit, window: Window, key: str
 ) -> None:
     assert counter_key(scope, scope_id, model, unit, window, START) == key
+
+
+@pytest.mark.parametrize("subject", [None, "org/m:1", "only-3f2a"])
+@pytest.mark.parametrize("scope", [Scope.GLOBAL, Scope.USER])
+def test_a_compiled_limit_names_its_counters_as_counter_key_does(
+    scope: Scope, subject: str | None
+) -> None:
+    """The meter, the tool limits and the usage report name counters through the limit
+    (its key parts made once); the keys must stay the ones :func:`counter_key` defines."""
+    limit = CompiledLimit(scope, "a:b%c", Unit.USD, Window.HOUR, 10, False, None)
+    assert limit.key(subject, START) == counter_key(
+        scope, "a:b%c", subject, Unit.USD, Window.HOUR, START
+    )
 
 
 def test_colons_in_names_cannot_collide() -> None:
