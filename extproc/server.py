@@ -348,10 +348,7 @@ async def follow_ticket_key(tickets: TicketSigner, every: float = FOLLOW_SECONDS
     """Keep signing with the key kept in Redis, whatever it was at start (extproc.ticket)."""
     while True:
         await asyncio.sleep(every)
-        try:
-            await tickets.refresh()
-        except Exception:
-            log.exception("fetching the ticket key from Redis failed")
+        await tickets.refresh()  # a failed fetch is logged, and tried again next time
 
 
 def _stop_when_orphaned(stop: asyncio.Event, lifeline: Lifeline) -> None:

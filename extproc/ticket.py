@@ -197,8 +197,14 @@ class TicketSigner:
 
     async def _fetch(self, fetch: Callable[[], bytes | None]) -> bool:
         """Fetch the shared key (off the loop: a blocking Redis call) and sign with it if
-        it is new; whether it was."""
-        key = await asyncio.to_thread(fetch)
+        it is new; whether it was. A fetch that fails is ``False`` (logged), never an error
+        held by the shared future: when every caller waiting on it had been cancelled,
+        nobody would read it, and asyncio would log it as never retrieved."""
+        try:
+            key = await asyncio.to_thread(fetch)
+        except Exception:
+            log.exception("fetching the ticket key from Redis failed")
+            return False
         if key is None or key in self._macs:
             return False
         log.warning("the ticket key in Redis changed (Redis lost its data?): signing with it")

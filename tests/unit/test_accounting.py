@@ -708,6 +708,26 @@ async def test_a_record_met_while_the_shared_key_cannot_be_fetched_is_not_settle
     assert not await accountant(running).settle(LoggedAnswer("r", ticket, 200, usage, None, 9))
 
 
+async def test_a_fetch_of_the_shared_key_that_fails_is_logged_and_refuses_the_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only Redis errors: whatever the fetch raises ends as "no new key" for every
+    record waiting on it, not as an error out of the access log's batch (and the shared
+    fetch holds no error that nobody might read); the cause is in the log."""
+    path = policy_file(tmp_path)
+
+    def fetch() -> bytes:
+        raise RuntimeError("the client library broke")
+
+    running = processor(path, key=signing_key("own"), refresh=fetch)
+    ticket = await handed(processor(path, key=signing_key("shared")), "sk-demo-restricted")
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    assert not await accountant(running).settle(LoggedAnswer("r", ticket, 200, usage, None, 9))
+    assert "fetching the ticket key from Redis failed" in caplog.text
+    assert "the client library broke" in caplog.text
+    assert "access-log record for request r not settled" in caplog.text
+
+
 async def test_a_process_follows_the_shared_key_without_meeting_a_ticket(
     tmp_path: Path,
 ) -> None:
