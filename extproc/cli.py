@@ -196,8 +196,8 @@ class _FromEnvironment(str):
 
 def _env_to_convert(variable: str, fallback: str) -> str:
     """:func:`_env` for an option with a ``type``: the value left for argparse to convert."""
-    value = os.environ.get(variable)
-    if not value:
+    value = _env(variable)
+    if value is None:
         return fallback
     default = _FromEnvironment(value)
     default.variable = variable
@@ -233,7 +233,7 @@ def _logging() -> None:
     command with exit 2, as a bad option does (not a traceback)."""
     value = os.environ.get("EXTPROC_LOG_LEVEL") or "INFO"
     level = value.strip().upper()
-    if level not in logging.getLevelNamesMapping():
+    if level not in _LOG_LEVELS:
         print(
             f"extproc: EXTPROC_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (got {value!r})",
             file=sys.stderr,

@@ -94,16 +94,19 @@ def test_a_grace_that_is_no_duration_is_refused(
     assert _parse("serve", "--grace", "0").grace == 0.0
 
 
+@pytest.mark.parametrize("level", ["verbose", "NOTSET", "warn"])
 def test_an_unknown_log_level_stops_with_exit_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    level: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("EXTPROC_LOG_LEVEL", "verbose")
+    """The levels the message lists are the ones taken: not Python's other names for
+    them, nor ``NOTSET`` (every library's every record)."""
+    monkeypatch.setenv("EXTPROC_LOG_LEVEL", level)
     with pytest.raises(SystemExit) as exited:
         cli._logging()
     assert exited.value.code == 2
     assert capsys.readouterr().err == (
         "extproc: EXTPROC_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL "
-        "(got 'verbose')\n"
+        f"(got {level!r})\n"
     )
 
 
