@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(source, [_describe(err) for err in exc.errors()]) from None
 
 
-def load_policy(path: Path, credentials: bool = True) -> CompiledPolicy:
+def load_policy(
+    path: Path,
+    credentials: bool = True,
+    before_compiling: Callable[[Policy], None] | None = None,
+) -> CompiledPolicy:
     """Read, validate and compile the policy at ``path``; without ``credentials`` no
     secret is read, neither provider keys nor the guardrails' salts and keys (commands
-    that never call a provider or judge a text need none; see :func:`compile_policy`)."""
+    that never call a provider or judge a text need none; see :func:`compile_policy`).
+    ``before_compiling`` sees the validated policy before any file it names is read."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -87,6 +93,8 @@ def load_policy(path: Path, credentials: bool = True) -> CompiledPolicy:
     except UnicodeDecodeError:
         raise PolicyError(str(path), ["the file is not UTF-8"]) from None
     policy = parse_policy(text, str(path))
+    if before_compiling is not None:
+        before_compiling(policy)
     try:
         return compile_policy(
             policy, version=hashlib.sha256(raw).hexdigest()[:12], credentials=credentials

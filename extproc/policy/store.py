@@ -23,7 +23,8 @@ from pathlib import Path
 
 from extproc.budgets import tokens
 from extproc.policy.compiled import CompiledPolicy, credential_files
-from extproc.policy.loader import PolicyError, load_policy, parse_policy
+from extproc.policy.loader import PolicyError, load_policy
+from extproc.policy.schema import Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,18 @@ _UNSEEN: _Signature = ()
 class PolicyStore:
     def __init__(self, path: Path) -> None:
         self._path = path
-        before = _stat_before_reading(path)
-        self._current = load_policy(path)
+        before = [(path, _stat(path))]
+
+        def stat_key_files(policy: Policy) -> None:
+            before.extend((p, _stat(p)) for p in credential_files(policy))
+
+        self._current = load_policy(path, before_compiling=stat_key_files)
         self._rejected: PolicyError | None = None
         """The refusal of what the policy file holds now, if it was refused."""
         after = self._stat_signature()
         # Stat'ed after reading, an edit made meanwhile (a ConfigMap or Secret swapped as
         # the pod starts) would pass for what was read, and never go live.
-        self._signature = after if after == before else _UNSEEN
+        self._signature = after if after == tuple(before) else _UNSEEN
         self.reloads_ok = 0
         self.reloads_failed = 0
 
@@ -153,17 +158,6 @@ class PolicyStore:
         if self._rejected is not None:
             files = tuple(dict.fromkeys((*files, *self._rejected.credential_files)))
         return tuple((p, _stat(p)) for p in (self._path, *files))
-
-
-def _stat_before_reading(path: Path) -> _Signature:
-    """The policy file's stat, then those of the key files it names (read once for their
-    names, as far as it is valid): taken before :func:`load_policy` reads any of them."""
-    first = (path, _stat(path))
-    try:
-        files = credential_files(parse_policy(path.read_text(encoding="utf-8"), str(path)))
-    except (OSError, ValueError, PolicyError):  # load_policy says what is wrong
-        files = ()
-    return (first, *((p, _stat(p)) for p in files))
 
 
 def _stat(path: Path) -> _Stat:

@@ -24,8 +24,8 @@ def _edit_during_load(monkeypatch: pytest.MonkeyPatch, edit: Callable[[], None])
     real = policy_store.load_policy
     loads: list[Path] = []
 
-    def load(path: Path) -> CompiledPolicy:
-        policy = real(path)
+    def load(path: Path, **options: Any) -> CompiledPolicy:
+        policy = real(path, **options)
         if not loads:
             edit()
         loads.append(path)
