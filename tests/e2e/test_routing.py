@@ -97,6 +97,25 @@ def test_alias_goes_to_its_backend_under_the_upstream_name(
     assert audit_of(audit, reply._request_id)["served_by"] == "openai_primary"
 
 
+def test_forged_routing_headers_do_not_route(
+    routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
+) -> None:
+    """Envoy routes by two headers the service sets (the cluster, and whether the call is
+    MCP's, which takes a route that never retries): a client's copies are dropped, so a
+    chat call goes to its model's backend, by its model's route, whatever it sends."""
+    stack, _ = routed
+    primary, secondary = mocks
+    oai(stack).chat.completions.create(
+        model="mini",
+        messages=[{"role": "user", "content": "x"}],
+        extra_headers={"x-gateway-mcp": "demo", "x-gateway-cluster": "anthropic"},
+    )
+    seen = primary.last()
+    assert seen["headers"]["x-gateway-cluster"] == "openai"
+    assert "x-gateway-mcp" not in seen["headers"]
+    assert secondary.requests() == []
+
+
 def test_a_backend_added_to_the_policy_alone_serves(
     routed: tuple[Stack, Path], mocks: tuple[Mock, Mock]
 ) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
 import signal
 import time
+
+import pytest
 
 from extproc import server
 
@@ -37,3 +41,51 @@ async def test_workers_that_stop_in_time_are_not_waited_for_past_their_exit() ->
     await server._reap(workers, 5)
     assert time.monotonic() - started < 1.0
     assert [w.exitcode for w in workers] == [0] * 3
+
+
+async def _stopped(stop: asyncio.Event, within: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), within)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_worker_stops_once_the_process_holding_the_lifeline_is_gone() -> None:
+    """The supervisor alone holds the write end: a worker keeps serving while it lives,
+    and stops (gracefully, by its stop event) as soon as it is gone, killed included."""
+    read, write = os.pipe()
+    context = multiprocessing.get_context("fork")
+    supervisor = context.Process(target=time.sleep, args=(60,), daemon=True)
+    supervisor.start()  # holds its copy of the write end
+    os.close(write)  # as a worker does first thing: only the supervisor's copy is left
+    lifeline = server.Lifeline(read, write, supervisor=supervisor.pid or 0)
+    stop = asyncio.Event()
+    try:
+        server._stop_when_orphaned(stop, lifeline)
+        assert not await _stopped(stop, 0.3)
+        supervisor.kill()
+        assert await _stopped(stop, 5)
+    finally:
+        supervisor.join(5)
+        os.close(read)
+
+
+async def test_a_worker_whose_supervisor_went_before_it_listened_stops_at_once() -> None:
+    read, write = os.pipe()
+    os.close(write)
+    stop = asyncio.Event()
+    try:
+        server._stop_when_orphaned(stop, server.Lifeline(read, write, supervisor=1))
+        assert await _stopped(stop, 5)
+    finally:
+        os.close(read)
+
+
+@pytest.mark.parametrize(
+    ("grace", "reserve"), [(30.0, 2.0), (4.0, 2.0), (1.0, 0.5), (0.0, 0.0), (-1.0, 0.0)]
+)
+def test_the_access_log_drain_keeps_the_end_of_the_grace(grace: float, reserve: float) -> None:
+    """Records of answers ending during shutdown still settle: the drain keeps the last
+    2 s of the grace (access_log.DRAIN_SECONDS), half of a shorter one, none of none."""
+    assert server._drain_reserve(grace) == reserve
