@@ -64,7 +64,12 @@ def _safe(value: str) -> str:
 MAX_QUEUED = 32
 """Requests read ahead of their answers on one connection before reading pauses (Envoy
 sends one at a time). Reading pauses after the read that queued them, so one read of tiny
-pipelined requests can still queue more."""
+pipelined requests can still queue more. Answers the client does not read are bounded
+apart: while the transport's buffer is over its high-water mark, reading pauses and no
+request is answered."""
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+"""Asked for by ``expect: 100-continue`` (curl's, for a body over 1 KB): sent, the client
+sends its body at once instead of after a second's wait."""
 LINGER_SECONDS = 2.0
 """How long a connection closed by the server keeps reading (and dropping) what its client
 still sends: closed with unread bytes, a socket resets, and the client may lose the last
@@ -90,6 +95,11 @@ class _Connection(asyncio.Protocol):
         """Bytes of the body being read: bounds it exactly."""
         self.receiving = False
         """A request has begun to arrive and is not whole yet."""
+        self.began_at = 0.0
+        """When it began to arrive (the loop's clock): :meth:`Server.start`'s sweep closes
+        a connection whose request takes longer than ``request_seconds``."""
+        self._in_head = False
+        """The request's head is being read: a header field after it is a trailer's."""
         self._queue: deque[Request | None] = deque()
         """Requests to answer; ``None``: the server's answer to an unreadable one, last."""
         self._serving: asyncio.Task[None] | None = None
@@ -106,6 +116,11 @@ class _Connection(asyncio.Protocol):
         """Closed for shutdown: at once when idle, without lingering; a request still
         arriving is read to its end and answered first."""
         self._paused = False
+        """Reading paused: :data:`MAX_QUEUED` requests wait."""
+        self._blocked: asyncio.Future[None] | None = None
+        """Writing paused (the client does not read its answers): done when it resumes."""
+        self._eof = False
+        """The client sent its end (half-closed): it may still read the answers."""
         self._idle: asyncio.TimerHandle | None = None
 
     def close_when_idle(self) -> None:
@@ -150,23 +165,55 @@ class _Connection(asyncio.Protocol):
         if self._unanswered_bytes > self._server.max_request_bytes:
             self._give_up()
 
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it sent whole, then close (asyncio would
+        close at once, and the answers of requests being served would be lost). A request
+        not whole now never will be."""
+        self._eof = True
+        self.receiving = False
+        self._closing = self._done = True
+        return self._serving is not None
+
+    def pause_writing(self) -> None:
+        """The client does not read its answers: read and answer nothing more until it
+        does, or every request it pipelines would add an answer to the buffer."""
+        if self._blocked is None:
+            self._blocked = self._loop.create_future()
+            self._reading()
+
+    def resume_writing(self) -> None:
+        blocked, self._blocked = self._blocked, None
+        if blocked is not None and not blocked.done():
+            blocked.set_result(None)
+        self._reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self.receiving = False  # never whole now
         self._server.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
+        self.resume_writing()  # a handler waiting to answer finds the connection gone
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self.receiving = True
+        self.receiving = self._in_head = True
+        self.began_at = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         path = self._request.headers.get(":path", "") + url.decode("utf-8", "replace")
         self._request.headers[":path"] = path
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer: never one of the request's own headers
         self._request.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        expect = self._request.headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and self._transport:
+            self._transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._request.body.append(body)
@@ -190,9 +237,9 @@ class _Connection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if len(self._queue) >= MAX_QUEUED and self._transport is not None:
-            self._transport.pause_reading()
+        if len(self._queue) >= MAX_QUEUED and not self._paused:
             self._paused = True
+            self._reading()
         if self._serving is None:
             self._serving = self._server.answering(self._serve())
 
@@ -223,10 +270,13 @@ class _Connection(asyncio.Protocol):
     async def _serve(self) -> None:
         try:
             while self._queue and self._transport is not None:
+                if self._blocked is not None:
+                    await self._blocked
+                    continue  # the connection may be gone meanwhile
                 request = self._queue.popleft()
-                if self._paused and len(self._queue) < MAX_QUEUED // 2 and not self._done:
+                if self._paused and len(self._queue) < MAX_QUEUED // 2:
                     self._paused = False
-                    self._transport.resume_reading()
+                    self._reading()
                 if request is None:
                     self._write(self._server.unreadable)
                     break
@@ -250,11 +300,22 @@ class _Connection(asyncio.Protocol):
             elif self._server.idle_seconds is not None:
                 self._arm_idle(self._server.idle_seconds)
 
+    def _reading(self) -> None:
+        """Read while neither a full queue nor unread answers hold it back (nor after
+        the last request: the lingering close reads on by itself)."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._done:
+            return
+        if self._paused or self._blocked is not None:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
     def _close(self) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._stopping or not transport.can_write_eof():
+        if self._stopping or self._eof or not transport.can_write_eof():
             transport.close()
             return
         # Lingering close: the client sees the end of the answers, and what it still sends
@@ -273,6 +334,15 @@ class _Connection(asyncio.Protocol):
     def _on_idle(self) -> None:
         if self._serving is None and self._transport is not None:
             self._transport.close()
+
+    def abort_if_slower_than(self, deadline: float) -> None:
+        """Close the connection if its request began to arrive before ``deadline``: its
+        client (Envoy's check times out long before) has given up, or is holding the
+        server's memory and a shutdown's wait for in-flight requests."""
+        if self.receiving and self.began_at < deadline and self._transport is not None:
+            self.receiving = False
+            self._closing = self._done = True
+            self._transport.abort()
 
 
 def _last_touches(answer: bytes, head_only: bool, closing: bool) -> bytes:
@@ -298,6 +368,7 @@ class Server:
         failed: bytes,
         max_request_bytes: int,
         idle_seconds: float | None = None,
+        request_seconds: float = 60.0,
     ) -> None:
         self.handler = handler
         self.unreadable = unreadable
@@ -311,6 +382,10 @@ class Server:
         not whole after this many (checked per read: a head may pass it by one read)."""
         self.idle_seconds = idle_seconds
         """Connections with no whole request for this long are closed (``None``: never)."""
+        self.request_seconds = request_seconds
+        """A connection whose request is not whole this long after it began to arrive is
+        closed (checked every quarter of it, so closed within 1.25 times it)."""
+        self._sweeping: asyncio.TimerHandle | None = None
         self.connections: set[_Connection] = set()
         self._answering: set[asyncio.Task[None]] = set()
         """Tasks answering requests, also those of a connection already lost."""
@@ -335,12 +410,25 @@ class Server:
         self._listening = await self._loop.create_server(
             lambda: _Connection(self), host, port, reuse_port=reuse_port
         )
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Close the connections whose request is slower than ``request_seconds``; then
+        again in a quarter of it. One timer for the server, not one per request (every
+        check would arm and cancel one)."""
+        assert self._loop is not None
+        deadline = self._loop.time() - self.request_seconds
+        for connection in list(self.connections):
+            connection.abort_if_slower_than(deadline)
+        self._sweeping = self._loop.call_later(self.request_seconds / 4, self._sweep)
 
     def close(self) -> None:
         """Stop taking connections and requests: idle connections close now, busy ones
         (a request being answered, or still arriving) once their request is answered."""
         if self._listening is not None:
             self._listening.close()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
         for connection in list(self.connections):
             connection.close_when_idle()
 

@@ -64,10 +64,12 @@ extreme names could make one this long (a limit adds its counter's key, and a li
 alerts four short values more); the authorizer's reservation is then given back whole and
 ext_proc reserves afresh."""
 
-MAX_CHECK_BYTES = 64 * 1024 * 1024
-"""Bounds one check (URL, headers and body). Envoy bounds what it sends (the ext_authz
-filter's ``max_request_bytes`` in envoy/gateway.yaml); a larger check from another client
-of the port is handed over unread, and its connection closed."""
+MAX_CHECK_BYTES = 16 * 1024 * 1024
+"""Bounds one check (URL, headers and body): twice what Envoy sends at most (the ext_authz
+filter's ``max_request_bytes``, 8 MiB in the shipped configs, plus the headers). A larger
+check from another client of the port is handed over unread, and its connection closed;
+one that takes over a minute to arrive is dropped (:class:`~extproc.http_server.Server`'s
+``request_seconds``: Envoy's check times out after 15 s)."""
 
 
 class HttpAuthorizer:

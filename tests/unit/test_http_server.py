@@ -16,6 +16,8 @@ from tests.unit.http_client import read_answers
 UNREADABLE = frame(400, (), b"unreadable")
 FAILED = frame(500, (), b"failed")
 LIMIT = 4096
+BIG = 256 * 1024
+"""The size of the answer to ``/big...``."""
 
 
 class Echo:
@@ -38,6 +40,12 @@ class Echo:
         if path == "/slow":
             self.entered.set()
             await self.release.wait()
+        if path == "/headers":
+            write(frame(200, (), orjson.dumps(request.headers)))
+            return
+        if path.startswith("/big"):
+            write(frame(200, (), b"x" * BIG))
+            return
         body = orjson.dumps(
             {
                 "method": request.headers[":method"],
@@ -51,7 +59,7 @@ class Echo:
 Served = tuple[http_server.Server, Echo]
 
 
-async def serve(idle_seconds: float | None = None) -> Served:
+async def serve(idle_seconds: float | None = None, request_seconds: float = 60.0) -> Served:
     echo = Echo()
     server = http_server.Server(
         echo,
@@ -59,6 +67,7 @@ async def serve(idle_seconds: float | None = None) -> Served:
         failed=FAILED,
         max_request_bytes=LIMIT,
         idle_seconds=idle_seconds,
+        request_seconds=request_seconds,
     )
     await server.start("127.0.0.1", 0, reuse_port=False)
     return server, echo
@@ -294,3 +303,89 @@ async def test_an_unreadable_request_is_not_still_arriving(served: Served) -> No
     assert status == 400 and await server.answered(5)
     assert server.busy == 0
     writer.close()
+
+
+async def test_answers_a_client_does_not_read_are_not_piled_up(served: Served) -> None:
+    """A client pipelining requests and reading none of the answers: once the socket's
+    buffers are full the server answers nothing more until it reads (it had kept every
+    answer, hundreds of megabytes for a few kilobytes of requests); then all come, in
+    order."""
+    server, echo = served
+    count = 200  # 50 MB of answers: far more than the sockets' buffers hold
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=2 * BIG)
+    writer.write(b"".join(request(f"/big{i}") for i in range(count)))
+    await asyncio.sleep(0.5)
+    assert len(echo.seen) < count // 2
+    answers = await asyncio.wait_for(read_answers(reader, count), 20)
+    writer.close()
+    assert [len(body) for _, _, body in answers] == [BIG] * count
+    assert echo.seen == [f"/big{i}" for i in range(count)]
+
+
+async def test_a_client_that_half_closes_still_gets_its_answer(served: Served) -> None:
+    """``printf 'GET /healthz ...' | nc -N``: the request, then the client's end of the
+    connection; the answer comes even though the handler waits before it answers."""
+    server, echo = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/slow"))
+    writer.write_eof()
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    echo.release.set()
+    [(status, headers, body)] = await asyncio.wait_for(read_answers(reader, 1), 5)
+    assert status == 200 and orjson.loads(body)["path"] == "/slow"
+    assert headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_chunked_bodys_trailers_are_not_request_headers(served: Served) -> None:
+    """A trailer named as a header (authorization) must not replace the request's own."""
+    server, _ = served
+    data = (
+        b"POST /headers HTTP/1.1\r\nhost: t\r\nauthorization: Bearer real\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nauthorization: Bearer from-trailer\r\nx-extra: 1\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    [(status, _, body)] = await asyncio.wait_for(read_answers(reader, 1), 5)
+    writer.close()
+    seen = orjson.loads(body)
+    assert status == 200 and seen["authorization"] == "Bearer real"
+    assert "x-extra" not in seen
+
+
+async def test_expect_100_continue_is_answered_before_the_body(served: Served) -> None:
+    """curl asks before a body over 1 KB, and waits a second for the answer otherwise."""
+    server, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    body = b"x" * 2000
+    writer.write(
+        f"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n"
+        "expect: 100-continue\r\n\r\n".encode()
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    [(status, _, answer)] = await asyncio.wait_for(read_answers(reader, 1), 5)
+    writer.close()
+    assert status == 200 and orjson.loads(answer)["bytes"] == len(body)
+
+
+async def test_a_request_that_never_finishes_arriving_is_dropped() -> None:
+    """Half a request, then nothing (the authorizer's port has no idle timeout: Envoy keeps
+    its connections): closed once it is older than request_seconds, and no longer in
+    flight for a shutdown to wait for."""
+    server, _ = await serve(request_seconds=0.4)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request("/whole"))
+        await read_answers(reader, 1)
+        writer.write(request("/half", "POST", b"x" * 100)[:-50])
+        await asyncio.sleep(0.1)
+        assert server.busy == 1
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert server.busy == 0
+        writer.close()
+    finally:
+        server.close()
