@@ -6,7 +6,11 @@ they use backtracking regexes (the ``regex`` module) and per-call overhead of te
 microseconds. So each one is paired with an RE2 *trigger*, a generous shape of what it
 can match; it runs only on windows around trigger matches (padded, merged, at most
 :data:`MAX_WINDOW` characters each), which keeps its work proportional to the suspicious
-part of a text and bounded on any input.
+part of a text and bounded on any input. Where a recognizer's patterns all compile with
+RE2 and nothing checks a match (URLs), RE2 runs them instead of Presidio's engine: its URL
+patterns backtrack for seconds on a few KB of ``www.a.a.a.…`` (Presidio's own timeout is
+60 s a pattern), and findings are Presidio's all the same (its duplicate removal, its
+scores).
 
 Only the recognizer modules are imported (:mod:`extproc.guardrails.presidio_import`), when
 the first PII rule is compiled, never at module import. Email validation uses tldextract's
@@ -21,7 +25,7 @@ from typing import Any
 
 from extproc.guardrails.findings import Finding, merge_windows
 from extproc.guardrails.linear import Regex, Utf8, compile_re2
-from extproc.guardrails.presidio_import import pattern_class, recognizer_class
+from extproc.guardrails.presidio_import import core_class, pattern_class, recognizer_class
 
 MAX_WINDOW = 2048
 """Characters a Presidio recognizer sees at once."""
@@ -37,6 +41,8 @@ class _Spec:
     upper: bool = False
     """Show the recognizer upper-cased text (its regex is case-sensitive, the format
     is not: ``gb82 west …`` is a valid IBAN)."""
+    linear: bool = False
+    """Run the recognizer's patterns with RE2 (:func:`_linear_patterns`)."""
 
 
 SPECS: dict[str, _Spec] = {
@@ -54,7 +60,7 @@ SPECS: dict[str, _Spec] = {
         r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}",
         48,
     ),
-    "URL": _Spec("UrlRecognizer", r"(?i)\b(?:https?://|ftp://|www\.)", 64),
+    "URL": _Spec("UrlRecognizer", r"(?i)\b(?:https?://|ftp://|www\.)", 64, linear=True),
     "MAC_ADDRESS": _Spec(
         "MacAddressRecognizer",
         r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.",
@@ -106,6 +112,25 @@ def _build(entity: str, factory: str) -> Any:
     return recognizer_class(factory)()
 
 
+_LinearPattern = tuple[Regex, float]
+
+
+def _linear_patterns(recognizer: Any) -> tuple[_LinearPattern, ...]:
+    """The recognizer's patterns compiled by RE2, each with its score, with Presidio's
+    flags (ignore case, dot matches newline, multi-line) and its ``\\s`` read as Python
+    reads it, Unicode spaces included (RE2's is ASCII). Only for a recognizer that checks
+    no match: RE2 cannot run its checks."""
+    if _pattern_scores(recognizer) is None:
+        raise ValueError(f"{type(recognizer).__name__} checks its matches: not linear")
+    return tuple(
+        (
+            compile_re2("(?ms)" + p.regex.replace(r"[^\s", r"[^\s\pZ"), case_insensitive=True),
+            p.score,
+        )
+        for p in recognizer.patterns
+    )
+
+
 def _pattern_scores(recognizer: Any) -> tuple[float, ...] | None:
     """The scores a recognizer that checks no candidate gives, lowest first (a checksum
     raises the score of one that does to 1.0, whatever its patterns say)."""
@@ -129,6 +154,7 @@ class PresidioRecognizer:
     """One Presidio recognizer behind an RE2 trigger."""
 
     __slots__ = (
+        "_linear",
         "_pad",
         "_presidio",
         "_trigger",
@@ -151,6 +177,7 @@ class PresidioRecognizer:
         self.pattern_scores = _pattern_scores(self._presidio)
         """The scores a candidate can have before context, lowest first; ``None`` when a
         checksum can raise them to 1.0."""
+        self._linear = _linear_patterns(self._presidio) if spec.linear else None
         # Presidio compiles its regexes on first use; do it now, not on a request.
         self._presidio.analyze("warm up 4111 1111 1111 1111 a@example.com", [entity], None)
 
@@ -165,11 +192,27 @@ class PresidioRecognizer:
             window = value[lo:hi]
             if self._upper and window.isascii():
                 window = window.upper()
-            for result in self._presidio.analyze(window, [self.entity], None):
+            for result in self._analyze(window):
                 start, end = result.start + lo, result.end + lo
                 if result.score > 0 and (start, end) not in found:
                     found[(start, end)] = Finding(start, end, self.entity, float(result.score))
         return list(found.values())
+
+    def _analyze(self, window: str) -> list[Any]:
+        """Presidio's results for ``window``: from its engine, or from RE2 running its
+        patterns, then its own duplicate removal (a match inside another of no lower
+        score goes), as its engine does."""
+        if self._linear is None:
+            return list(self._presidio.analyze(window, [self.entity], None))
+        result, recognizer = core_class("RecognizerResult"), core_class("EntityRecognizer")
+        text = Utf8(window)
+        found = [
+            result(self.entity, start, end, score)
+            for regex, score in self._linear
+            for start, end in regex.spans(text)
+            if end > start
+        ]
+        return list(recognizer.remove_duplicates(found))
 
 
 def _widen(text: str, lo: int, hi: int) -> tuple[int, int]:

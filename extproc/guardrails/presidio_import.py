@@ -82,8 +82,14 @@ def recognizer_class(name: str) -> Any:
 
 def pattern_class() -> Any:
     """Presidio's ``Pattern``, for recognizers given extra patterns."""
+    return core_class("Pattern")
+
+
+def core_class(name: str) -> Any:
+    """One of the package's core names (``Pattern``, ``RecognizerResult``,
+    ``EntityRecognizer``, ...), from the bare package or the real one."""
     _install_bare_package()
-    return sys.modules[PACKAGE].Pattern
+    return getattr(sys.modules[PACKAGE], name)
 
 
 def anonymizer_operators() -> types.ModuleType:

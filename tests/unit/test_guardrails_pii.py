@@ -7,6 +7,8 @@ import hashlib
 import pytest
 
 from extproc.guardrails import Guardrails, GuardResult, decrypt
+from extproc.guardrails.linear import Utf8
+from extproc.guardrails.presidio_backend import presidio_recognizer
 from extproc.guardrails.testing import guardrails_from_yaml, user_text
 
 ENTITIES = "[EMAIL_ADDRESS, CREDIT_CARD, IBAN_CODE, US_SSN, IP_ADDRESS, PHONE_NUMBER]"
@@ -300,3 +302,43 @@ def test_a_full_width_e_mail_address_is_found_where_it_stands() -> None:
     assert result.rewrites == {
         ("messages", 0, "content"): "\u00e9crire \u00e0 <EMAIL_ADDRESS> demain"
     }
+
+
+URL_TEXTS = [
+    "see https://intranet.example.com/report?x=1 now",
+    "go to www.example.org/a/b.",
+    "'https://x.co/p' and \"www.a.io\"",
+    '{"url":"https://intranet.example.com/report","depth":2}',
+    "http://localhost:8080/x and ftp://files.example.net/a",
+    "visit example.com or sub.example.co.uk/path today",
+    "https://exa mple.com",
+    "url https://example.com/path\u00a0more",
+    "WWW.EXAMPLE.COM/X, https://ünïcode.example.de/ä",
+    "www." + "a." * 30 + "com",
+]
+
+
+@pytest.mark.parametrize("text", URL_TEXTS)
+def test_urls_are_found_by_re2_as_presidio_finds_them(text: str) -> None:
+    """The URL recognizer's patterns run on RE2: the same findings (spans and scores,
+    after Presidio's duplicate removal) as Presidio's engine gives on the same text."""
+    recognizer = presidio_recognizer("URL")
+    ours = sorted((r.start, r.end, r.score) for r in recognizer._analyze(text))
+    presidios = recognizer._presidio.analyze(text, ["URL"], None)
+    assert ours == sorted((r.start, r.end, r.score) for r in presidios)
+
+
+def test_urls_are_found_without_presidios_backtracking_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its URL patterns backtrack for seconds on a few KB of ``www.a.a.a…`` (with a 60 s
+    timeout per pattern): on the request path that stalled every stream on the loop."""
+    recognizer = presidio_recognizer("URL")
+
+    def engine(*_: object) -> list[object]:
+        raise AssertionError("Presidio's engine ran a URL pattern")
+
+    monkeypatch.setattr(recognizer._presidio, "analyze", engine)
+    text = ("www." + "a." * 30) * 100 + " https://intranet.example.com/report"
+    found = recognizer.find(Utf8(text))
+    assert any(text[f.start : f.end] == "https://intranet.example.com/report" for f in found)
