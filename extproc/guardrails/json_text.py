@@ -7,7 +7,10 @@ invalid escape the client's JSON parser refuses), and a card number at the start
 sat right after an ``n`` with no word boundary (never found). Here each two-character escape
 reads as two spaces, so offsets still match the text, and no finding starts or ends inside
 an escape (``\\u00e9`` stays as written; a finding is shrunk to end before it or to start
-after it), so a rewrite always leaves valid JSON source.
+after it). Nor does a finding take in a quote that opens or closes a string (Presidio's
+"quoted URL" takes the quotes around it, a content pattern such as ``password\\S*`` runs
+on past its string): it is shrunk to the string it starts in. So a rewrite always leaves
+valid JSON source.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ _UNICODE_ESCAPE = 6
 
 
 def escapes(text: str) -> list[Span]:
-    """The spans of ``text``'s escape sequences (none, cheaply, without a backslash)."""
+    """The spans of ``text``'s escape sequences, and of its quotes (one character each:
+    those that open and close strings; a quote inside a string is escaped), in order."""
     spans: list[Span] = []
     at = text.find("\\")
     while at >= 0:
@@ -32,11 +36,25 @@ def escapes(text: str) -> list[Span]:
         end = min(at + width, len(text))
         spans.append((at, end))
         at = text.find("\\", end)
-    return spans
+    quotes = _quotes(text, spans)
+    return sorted(spans + quotes) if spans and quotes else spans or quotes
+
+
+def _quotes(text: str, escaped: Sequence[Span]) -> list[Span]:
+    """The quotes of ``text`` outside its escapes."""
+    found: list[Span] = []
+    inside = {low + 1 for low, high in escaped if high - low == 2}
+    at = text.find('"')
+    while at >= 0:
+        if at not in inside:
+            found.append((at, at + 1))
+        at = text.find('"', at + 1)
+    return found
 
 
 def blanked(text: str, spans: Sequence[Span]) -> str:
-    """``text`` with every two-character escape read as two spaces (same offsets)."""
+    """``text`` with every two-character escape read as two spaces (same offsets; its
+    quotes stay)."""
     pieces: list[str] = []
     last = 0
     for start, end in spans:
@@ -48,11 +66,14 @@ def blanked(text: str, spans: Sequence[Span]) -> str:
 
 
 def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
-    """``findings`` shrunk so that none starts or ends inside an escape (dropped when
-    nothing is left)."""
+    """``findings`` shrunk so that none starts or ends inside an escape, nor takes in a
+    quote (from :func:`escapes`): the quotes a finding starts with are left out, and it
+    ends at the first quote after them (dropped when nothing is left). Told by the quotes
+    alone, not by counting them, since a stream's window may begin inside a string."""
     if not spans:
         return findings
     starts = [low for low, _ in spans]
+    quotes = [low for low, high in spans if high - low == 1]
     kept: list[Finding] = []
     for finding in findings:
         start, end = finding.start, finding.end
@@ -63,6 +84,11 @@ def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
         low, high = spans[max(bisect.bisect_left(starts, end) - 1, 0)]
         if low < end < high:
             end = low
+        at = bisect.bisect_left(quotes, start)
+        while at < len(quotes) and quotes[at] == start:
+            start, at = start + 1, at + 1
+        if at < len(quotes) and quotes[at] < end:
+            end = quotes[at]
         if start < end:
             kept.append(
                 finding

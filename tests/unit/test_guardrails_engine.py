@@ -257,10 +257,10 @@ def test_decoded_tool_input_is_not_read_as_json_source() -> None:
 
 
 def test_no_finding_starts_or_ends_inside_an_escape() -> None:
-    text = 'a\\u00e9b@x.io "\\n" c@\\u00e9x.io'
+    text = "a\\u00e9b@x.io (\\n) c@\\u00e9x.io"
     spans = escapes(text)
     assert [text[a:b] for a, b in spans] == ["\\u00e9", "\\n", "\\u00e9"]
-    assert blanked(text, spans) == 'a\\u00e9b@x.io "  " c@\\u00e9x.io'
+    assert blanked(text, spans) == "a\\u00e9b@x.io (  ) c@\\u00e9x.io"
     found = [Finding(3, 10, "a", 1), Finding(14, 16, "b", 1), Finding(16, 18, "c", 1)]
     assert outside(found, spans) == [
         Finding(7, 10, "a", 1),
@@ -270,6 +270,34 @@ def test_no_finding_starts_or_ends_inside_an_escape() -> None:
     whole = [Finding(14, 18, "d", 1), Finding(0, 1, "e", 1)]  # a whole escape, none at all
     assert outside(whole, spans) == whole
     assert outside([Finding(2, 6, "f", 1)], spans) == []  # nothing but an escape
+
+
+def test_no_finding_takes_in_a_quote_of_the_json_source() -> None:
+    """A finding keeps to one string: quotes it starts with are left out, and it ends at
+    the first quote after them (an escaped quote is no string's end)."""
+    text = '{"url":"https://x.io/a","q":"pass\\"word"}'
+    spans = escapes(text)
+    assert [text[a:b] for a, b in spans if b - a == 1] == ['"'] * 8
+    quoted_url = Finding(7, 23, "URL", 0.6)  # "https://x.io/a" with its quotes
+    assert text[quoted_url.start : quoted_url.end] == '"https://x.io/a"'
+    runs_on = Finding(29, 42, "SECRET", 1)  # pass\"word"} and past the string's end
+    assert [text[f.start : f.end] for f in outside([quoted_url, runs_on], spans)] == [
+        "https://x.io/a",
+        'pass\\"word',
+    ]
+
+
+def test_a_quoted_url_in_tool_arguments_is_masked_inside_its_string() -> None:
+    """Presidio's "quoted URL" takes the quotes around it: rewritten with them, the
+    arguments were no longer JSON (``{"url":<URL>}``)."""
+    arguments = '{"url":"https://intranet.example.com/report","depth":2}'
+    texts = [TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)]
+    guardrails = guardrails_from_yaml(
+        "- {name: m, stage: input, mode: mutate, detector: {kind: pii, entities: [URL]}}\n"
+        "- {name: c, stage: input, mode: mutate, detector: {kind: content, deny: ['dep\\S*']}}"
+    )
+    result = guardrails.check("input", texts, team=None, key_id=None, model=None, path="/")
+    assert json.loads(result.rewrites[("arguments",)]) == {"url": "<URL>", "[REDACTED]": 2}
 
 
 OUTPUT = guardrails_from_yaml(
