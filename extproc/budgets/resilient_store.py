@@ -22,9 +22,12 @@ over-charging, never under.
 
 While degraded no request touches the primary (none waits for its timeout): a background
 task started by :meth:`ResilientStore.start` probes it with exponential backoff (50 ms
-doubling to 2 s by default, so traffic returns within ~2 s of the primary), writes the
-queue back, and only then switches traffic back, so the primary never sees new usage
-before the old. It starts by itself on the first failure if ``start`` was not called,
+doubling to 2 s by default), writes the queue back while traffic is still served locally,
+then holds new calls for the last of it (what came in during the last write) and only then
+switches traffic back, so the primary never sees new usage before the old. Without the
+hold a busy replica never switched back: its queue was never empty when looked at (a
+thousand requests a second and a round trip of a millisecond keep a few in it). It
+starts by itself on the first failure if ``start`` was not called,
 and again if it ever ended (an error it did not expect is logged and probed past: a store
 degraded with no task probing would stay degraded for good);
 :meth:`ResilientStore.stop` (or ``close``) ends it and writes the queue back, trying for
@@ -115,8 +118,13 @@ class ResilientStore:
         """key → (amount, expires_at) applied locally or not yet applied to the primary."""
         self._tokened: list[tuple[str, tuple[Delta, ...]]] = []
         """Queued adjusts that came with their own idempotency token."""
+        self._inflight_amounts: tuple[str, tuple[Delta, ...]] | None = None
         self._inflight: list[tuple[str, tuple[Delta, ...]]] | None = None
-        """Write-backs that failed ambiguously: retried as they are, with the same tokens."""
+        """Write-backs (the per-counter amounts, then settlements) that failed ambiguously:
+        retried as they are, with the same tokens."""
+        self._hold: asyncio.Future[None] | None = None
+        """Set while the last of the queue is written back: calls wait for it, then go to
+        the primary (or, if it failed again, to the local store)."""
         self._errors = self._local_reserves = self._queued = self._write_backs = 0
 
     @property
@@ -137,7 +145,8 @@ class ResilientStore:
             write_backs=self._write_backs,
             pending_keys=len(self._pending)
             + sum(len(batch) for _, batch in self._tokened)
-            + sum(len(batch) for _, batch in self._inflight or ()),
+            + sum(len(batch) for _, batch in self._inflight or ())
+            + (len(self._inflight_amounts[1]) if self._inflight_amounts else 0),
         )
 
     async def start(self) -> None:
@@ -167,6 +176,8 @@ class ResilientStore:
         return self.stats().pending_keys
 
     async def reserve(self, counters: Sequence[Counter]) -> ReserveResult:
+        if self._hold is not None:
+            await asyncio.shield(self._hold)
         if not self._degraded:
             try:
                 result = await self._primary.reserve(counters)
@@ -189,6 +200,8 @@ class ResilientStore:
         return replace(result, local=True)
 
     async def adjust(self, deltas: Sequence[Delta], *, token: str | None = None) -> AdjustResult:
+        if self._hold is not None:
+            await asyncio.shield(self._hold)
         if not self._degraded:
             try:
                 result = await self._primary.adjust(deltas, token=token)
@@ -214,6 +227,8 @@ class ResilientStore:
         return replace(local, local=True)
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
+        if self._hold is not None:
+            await asyncio.shield(self._hold)
         if not self._degraded:
             try:
                 return await self._primary.read(keys)
@@ -305,7 +320,9 @@ class ResilientStore:
             await self._wake.wait()
             try:
                 await self._primary.ping()
-                await self._write_back()
+                # The bulk while traffic is served locally, then the rest with it held.
+                await self._write_back(leave=WRITE_BACK_BATCH)
+                await self._switch_back()
             except Exception as error:
                 self._errors += 1
                 if not isinstance(error, StoreUnavailable):
@@ -314,34 +331,55 @@ class ResilientStore:
                 delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
+            log.warning("budget store available again, usage written back")
+
+    async def _switch_back(self) -> None:
+        """Write back what is left with new calls held (so that it can empty), then send
+        traffic to the primary; the held calls go on either way."""
+        self._hold = asyncio.get_running_loop().create_future()
+        try:
+            await self._write_back()
             # No await between _write_back emptying the queue and this switch.
             self._degraded = False
             self._wake.clear()
-            log.warning("budget store available again, usage written back")
+        finally:
+            hold, self._hold = self._hold, None
+            hold.set_result(None)
 
-    async def _write_back(self, deadline: float | None = None) -> bool:
-        """Write every queued delta to the primary; ``True`` once the queue is empty,
-        ``False`` if ``deadline`` (monotonic) passed first.
+    def _queued_writes(self) -> int:
+        amounts = self._pending or self._inflight_amounts
+        return (1 if amounts else 0) + len(self._tokened) + len(self._inflight or ())
+
+    async def _write_back(self, deadline: float | None = None, *, leave: int = 0) -> bool:
+        """Write the queued deltas to the primary until no more than ``leave`` writes are
+        queued; ``True`` then, ``False`` if ``deadline`` (monotonic) passed first.
 
         The per-counter amounts (reservations, adjusts without a token) go before the
         settlements, which mostly subtract: the other way round a counter dipped far below
         its true value for as long as the write-back took (other replicas admitting against
-        it), and the store's floor at 0 would keep the dip as an over-count. Settlements go
-        :data:`WRITE_BACK_BATCH` at a time, which the store sends as one script call."""
+        it), and the store's floor at 0 would keep the dip as an over-count. Each pass
+        writes the amounts queued so far, then :data:`WRITE_BACK_BATCH` settlements (one
+        script call): settlements waiting for the amounts to run dry never went while
+        reservations kept coming."""
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            if self._inflight is None:
+            if self._inflight is None and self._inflight_amounts is None:
+                if self._queued_writes() <= leave:
+                    return True
                 if self._pending:
                     batch = tuple(Delta(k, a, e) for k, (a, e) in self._pending.items() if a)
                     self._pending.clear()
-                    self._inflight = [(f"write-back:{uuid.uuid4().hex}", batch)]
-                elif self._tokened:
-                    self._inflight = self._tokened[:WRITE_BACK_BATCH]
-                    del self._tokened[:WRITE_BACK_BATCH]
-                else:
-                    return True
-            writes = [(token, batch) for token, batch in self._inflight if batch]
+                    self._inflight_amounts = (f"write-back:{uuid.uuid4().hex}", batch)
+                self._inflight = self._tokened[:WRITE_BACK_BATCH]
+                del self._tokened[:WRITE_BACK_BATCH]
+            if self._inflight_amounts is not None:
+                token, batch = self._inflight_amounts
+                if batch:
+                    await self._primary.adjust(batch, token=token)
+                    self._write_backs += 1
+                self._inflight_amounts = None  # written: not sent again if settlements fail
+            writes = [(token, batch) for token, batch in self._inflight or () if batch]
             await asyncio.gather(*(self._primary.adjust(b, token=t) for t, b in writes))
             self._write_backs += len(writes)
             self._inflight = None

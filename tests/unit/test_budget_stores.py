@@ -553,6 +553,42 @@ async def test_shutdown_stops_writing_back_when_its_time_is_up() -> None:
     assert written + pending == 5_000  # what was not written is what is reported pending
 
 
+async def test_a_busy_replica_switches_back_once_the_primary_answers() -> None:
+    """Requests keep coming while the queue is written back (more than one per round
+    trip): its queue was never empty when looked at, and settlements waited behind the
+    reservations that kept coming, so the replica stayed degraded for good (each replica
+    enforcing its own traffic alone, alerts never judged). Nothing is lost either way."""
+    primary = SlowStore()
+    store = ResilientStore(primary, FailMode.OPEN, backoff=FAST)
+    end = window_end()
+    primary.down = True
+    done = 0
+    stopping = asyncio.Event()
+
+    async def traffic() -> None:
+        nonlocal done
+        while not stopping.is_set():
+            await store.reserve([Counter("a", 10**9, 5, end)])
+            await store.adjust([Delta("a", -2, end)], token=f"settle-{uuid.uuid4().hex}")
+            done += 1
+            await asyncio.sleep(0.001)
+
+    callers = [asyncio.create_task(traffic()) for _ in range(4)]
+    try:
+        await until(lambda: done >= 200)  # an outage with a queue to write back
+        primary.down = False
+        await store.start()
+        await until(lambda: not store.stats().degraded)
+        settled = done
+        await until(lambda: done >= settled + 20)  # and requests go on, on the primary
+    finally:
+        stopping.set()
+        await asyncio.gather(*callers)
+    await store.stop()
+    assert store.stats().pending_keys == 0
+    assert await primary.inner.read(["a"]) == (3 * done,)
+
+
 async def test_fail_closed_refuses_admission_but_keeps_usage(flaky: Flaky) -> None:
     primary, make = flaky
     store = make(FailMode.CLOSED)
