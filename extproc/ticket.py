@@ -58,8 +58,10 @@ KEY_VARIABLE = "EXTPROC_TICKET_KEY"
 KEY_NAME = "ticket-key"
 """Where :func:`shared_key` keeps the key, after the budget keys' prefix."""
 LIFETIME_SECONDS = TOKEN_TTL_SECONDS - 3600
-"""How long a ticket is honoured: an hour less than the store remembers a settlement (a
-margin for clocks that disagree), so a replay can never settle a reservation twice."""
+"""How long a ticket is honoured (two hours): an hour less than the store remembers a
+settlement (a margin for clocks that disagree), so a replay can never settle a
+reservation twice. An answer still streaming after that settles nothing: it stays charged
+as reserved (budgets err toward over-charging) and has no audit record."""
 KEY_BYTES = 32
 REFRESH_SECONDS = 10.0
 """How often at most an unknown signature has a process fetch the shared key again."""

@@ -7,11 +7,15 @@ reservation is atomic without locks. (It is not thread-safe; use it from one eve
 Expiry mirrors Redis: a counter carries an absolute expiry (window end + slack), an
 expired counter reads as absent, a write whose expiry has already passed is dropped, and a
 sweep at most once a minute removes expired entries so memory tracks live windows only.
+Idempotency tokens, one per settled request, all live as long: they expire in the order
+they came, so the sweep drops them from the oldest on and stops at the first still live
+(rebuilding the whole table, a million of them stalled the request that swept for 0.3 s).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from extproc.budgets.store import (
@@ -42,7 +46,8 @@ class MemoryStore:
         self._slack = slack
         self._entries: dict[str, list[int]] = {}
         """key → [value, expiry epoch seconds]."""
-        self._tokens: dict[str, float] = {}
+        self._tokens: OrderedDict[str, float] = OrderedDict()
+        """Token → expiry, oldest first (one lifetime for all: expiry order)."""
         self._next_sweep = 0.0
 
     async def reserve(self, counters: Sequence[Counter]) -> ReserveResult:
@@ -62,6 +67,7 @@ class MemoryStore:
             if self._tokens.get(token, 0.0) > now:
                 return AdjustResult(tuple(self._value(d.key, now) for d in deltas), applied=False)
             self._tokens[token] = now + TOKEN_TTL_SECONDS
+            self._tokens.move_to_end(token)  # one expired, not yet swept, comes again
         return AdjustResult(tuple(self._add(d.key, d.amount, d.expires_at, now) for d in deltas))
 
     async def read(self, keys: Sequence[str]) -> tuple[int, ...]:
@@ -138,5 +144,7 @@ class MemoryStore:
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL_SECONDS
             self._entries = {k: e for k, e in self._entries.items() if e[1] > now}
-            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+            tokens = self._tokens
+            while tokens and next(iter(tokens.values())) <= now:
+                tokens.popitem(last=False)
         return now

@@ -28,6 +28,7 @@ from extproc.budgets.redis_store import RedisStore, _Batcher
 from extproc.budgets.resilient_store import FailMode, ResilientStore
 from extproc.budgets.store import (
     EXPIRY_SLACK_SECONDS,
+    TOKEN_TTL_SECONDS,
     AdjustResult,
     BudgetStore,
     Counter,
@@ -311,6 +312,23 @@ async def test_memory_store_expiry_follows_its_clock() -> None:
     await store.read(["b"])
     await store.adjust([])  # a write sweeps expired entries
     assert len(store) == 0
+
+
+async def test_memory_store_forgets_settlement_tokens_oldest_first() -> None:
+    """One token per settled request, each kept TOKEN_TTL_SECONDS: the sweep drops those
+    past it from the oldest on (rebuilding the table stalled the request that swept), and
+    a token within it still stops a replay."""
+    now = [1_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    end = 1_000_000
+    for i in range(100):
+        now[0] = 1_000.0 + i
+        assert (await store.adjust([Delta("a", 1, end)], token=f"t{i}")).applied
+    now[0] = 1_000.0 + TOKEN_TTL_SECONDS + 49.5  # the first 50 are past it
+    assert not (await store.adjust([Delta("a", 1, end)], token="t99")).applied
+    assert len(store._tokens) == 50
+    assert (await store.adjust([Delta("a", 1, end)], token="t0")).applied  # forgotten
+    assert await store.read(["a"]) == (101,)
 
 
 def test_memory_store_put_sweeps_expired_entries() -> None:
