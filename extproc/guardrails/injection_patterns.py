@@ -29,7 +29,8 @@ class Signal:
 
 _W = r"[\w'-]+"  # one word
 _OVERRIDE_VERB = (
-    r"(?:ignor(?:e|es|ed|ing)|disregard(?:s|ed|ing)?|forg[eo]t(?:s|ten|ting)?|overlook(?:ing)?"
+    # Told to, not told about: "the function ignores all previous messages" describes.
+    r"(?:ignor(?:e|ing)|disregard(?:ing)?|forg(?:et|etting|ot|otten)|overlook(?:ing)?"
     r"|bypass(?:ing)?|overrid(?:e|ing)|neglect(?:ing)?|abandon(?:ing)?|discard(?:ing)?"
     r"|circumvent(?:ing)?|set aside|throw out|scrap)"
 )
@@ -46,8 +47,11 @@ _QUALIFIER = (
 _TARGET = (
     r"(?:instructions?|rules|orders|directives?|commands|guidelines|prompts?|constraints"
     r"|restrictions|programming|policies|guardrails|safeguards|filters|directions|context"
-    r"|information|messages?|training|conditioning|limitations|text|guidance)"
+    r"|information|training|conditioning|limitations|guidance)"
 )
+_WEAK_TARGET = r"(?:messages?|text)"
+"""What a user also tells a model to ignore of their own ("please ignore my previous
+message, I pasted the wrong file"): evidence only beside another signal."""
 _RESPONSE = (
     r"(?:response|reply|answer|output|message|responses|replies|answers|elucidation"
     r"|explanation)"
@@ -62,6 +66,9 @@ _LIMIT_ADJ = (
     r"|programming|ai|any|all|the|its|their|his|her|your)\s+(?:and\s+|or\s+)?){0,4}"
 )
 
+_MODE = r"(?:developer|god|unfiltered|unrestricted|uncensored|chaos|evil|opposite)"
+"""Modes a jailbreak turns on by name, and ordinary software has too."""
+
 SIGNALS: tuple[Signal, ...] = (
     # --- instruction override ------------------------------------------------------------
     Signal(
@@ -71,6 +78,15 @@ SIGNALS: tuple[Signal, ...] = (
         (
             rf"\b(?:{_OVERRIDE_VERB}|{_NOT_FOLLOW})(?:\s+(?:about|of|to|with))?(?:\s+{_W}){{0,3}}?"
             rf"\s+{_QUALIFIER}\b(?:\s+{_W}){{0,3}}?\s+{_TARGET}\b",
+        ),
+    ),
+    Signal(
+        "override_messages",
+        "instruction_override",
+        0.45,
+        (
+            rf"\b(?:{_OVERRIDE_VERB}|{_NOT_FOLLOW})(?:\s+(?:about|of|to|with))?(?:\s+{_W}){{0,3}}?"
+            rf"\s+{_QUALIFIER}\b(?:\s+{_W}){{0,3}}?\s+{_WEAK_TARGET}\b",
         ),
     ),
     Signal(
@@ -106,12 +122,23 @@ SIGNALS: tuple[Signal, ...] = (
             r"\b(?:\s+[\w'-]+){0,2}?\s+(?:prompt|instructions?|rules|directives|guidelines"
             r"|system message|initial text|pre-?prompt|text)\b",
             r"\b(?:show|tell|give|list|share|provide|display|summari[sz]e|translate|explain"
-            r"|describe|what (?:is|are|was|were)|what's|return)\b(?:\s+(?:me|us))?\s+(?:your"
+            r"|describe|return)\b(?:\s+(?:me|us))?\s+(?:your"
             r"|the above|above|the previous|previous|the preceding|the initial|initial|the"
             r" original|original|the system|system|the hidden|hidden|the secret|secret"
             r"|internal)\b(?:\s+[\w'-]+){0,2}?\s+(?:prompt|instructions|system message"
             r"|initial text|pre-?prompt|developer message)\b",
+            r"\b(?:what (?:is|are|was|were)|what's)\s+(?:your|the above|above|the previous"
+            r"|the preceding|the initial|the original|the hidden|the secret)\b(?:\s+[\w'-]+)"
+            r"{0,2}?\s+(?:prompt|instructions|system message|initial text|pre-?prompt"
+            r"|developer message)\b",
         ),
+    ),
+    Signal(
+        "prompt_question",
+        "prompt_extraction",
+        0.45,
+        # "What is the system prompt in a Windows command line?" asks about a shell.
+        (r"\b(?:what (?:is|are|was|were)|what's)\s+(?:the\s+)?system\s+(?:prompt|message)\b",),
     ),
     Signal(
         "instructions_so_far",
@@ -150,11 +177,20 @@ SIGNALS: tuple[Signal, ...] = (
         0.9,
         (
             r"\bdo anything now\b",
-            r"\b(?:dan|stan|dude|aim|apophis|antigpt|betterdan|developer|god|jailbreak"
-            r"|jailbroken|unfiltered|unrestricted|uncensored|chaos|evil|opposite)\s+mode\b",
+            r"\b(?:dan|stan|dude|aim|apophis|antigpt|betterdan|jailbreak|jailbroken)\s+mode\b",
+            rf"\b{_MODE}\s+mode\s+(?:enabled|activated|output|response)\b",
+            rf"\b(?:you|chatgpt|gpt|claude|ai|assistant|model)\b[^.\n]{{0,40}}\b(?:in|with|into"
+            rf"|to)\s+(?:the\s+)?{_MODE}\s+mode\b",
             r"\bjailbroken\s+(?:ai|mode|version|assistant|chatbot|model|gpt)\b",
             r"\b(?:dan|d\.a\.n\.?)\s+(?:can|could|will|has|is able)\b",
         ),
+    ),
+    Signal(
+        "mode_named",
+        "roleplay_jailbreak",
+        0.45,
+        # Phones, games and IDEs have developer and god modes: alone, no jailbreak.
+        (rf"\b{_MODE}\s+mode\b",),
     ),
     Signal(
         "unaligned_ai",
