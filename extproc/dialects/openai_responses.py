@@ -2,8 +2,11 @@
 
 Texts from ``input`` have kind ``input`` whatever their role, as the base module defines
 it; tool calls and their outputs replayed in ``input`` are exposed like chat's, because
-the model reads them again. Item types that carry no text the caller wrote (reasoning,
-item references, built-in tool calls) are skipped and left for the upstream to validate.
+the model reads them again, built-in tools' calls and results too (a program and its
+logs, file-search queries and the passages found, a patch, shell commands, a search
+query, text typed on a computer: :data:`BUILT_IN_TEXTS`). Item types that carry no text
+(reasoning, item references, a generated image) are skipped and left for the upstream
+to validate.
 """
 
 from __future__ import annotations
@@ -47,6 +50,53 @@ ITEM_TEXTS: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
     "program": (("code", "assistant", "tool_arguments", False),),
     "program_output": (("result", "tool", "tool_result", False),),
 }
+
+
+_Where = tuple[str, ...]
+"""Where a text sits in an item: member names, ``*`` for every element of a list."""
+BUILT_IN_TEXTS: dict[str, tuple[tuple[_Where, str, str], ...]] = {
+    "code_interpreter_call": (
+        (("code",), "assistant", "tool_arguments"),
+        (("outputs", "*", "logs"), "tool", "tool_result"),
+    ),
+    "file_search_call": (
+        (("queries", "*"), "assistant", "tool_arguments"),
+        (("results", "*", "text"), "tool", "tool_result"),
+    ),
+    "apply_patch_call": ((("operation", "diff"), "assistant", "tool_arguments"),),
+    "shell_call": ((("action", "commands", "*"), "assistant", "tool_arguments"),),
+    "local_shell_call": ((("action", "command", "*"), "assistant", "tool_arguments"),),
+    "web_search_call": (
+        (("action", "query"), "assistant", "tool_arguments"),
+        (("action", "queries", "*"), "assistant", "tool_arguments"),
+    ),
+    "computer_call": ((("action", "text"), "assistant", "tool_arguments"),),
+}
+"""Built-in tools' items (replayed in a request, or in an answer): where their texts are,
+with their author and kind. Read leniently (a text where one is expected, anything else
+passed over): their shapes are the upstream's to check."""
+
+
+def built_in_texts(item: dict[str, Any], path: JsonPath) -> list[tuple[JsonPath, str, str, str]]:
+    """``(path, text, author, kind)`` of each text of a built-in tool's item."""
+    found: list[tuple[JsonPath, str, str, str]] = []
+    itype = item.get("type")
+    for where, author, kind in BUILT_IN_TEXTS.get(itype if isinstance(itype, str) else "", ()):
+        for at, text in _strings_at(item, where, path):
+            found.append((at, text, author, kind))
+    return found
+
+
+def _strings_at(value: Any, where: _Where, path: JsonPath) -> list[tuple[JsonPath, str]]:
+    if not where:
+        return [(path, value)] if isinstance(value, str) else []
+    step, rest = where[0], where[1:]
+    if step == "*":
+        items = value if isinstance(value, list) else []
+        return [hit for n, v in enumerate(items) for hit in _strings_at(v, rest, (*path, n))]
+    if not isinstance(value, dict) or step not in value:
+        return []
+    return _strings_at(value[step], rest, (*path, step))
 
 
 class OpenAIResponses:
@@ -104,6 +154,10 @@ def _item(item: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> None:
         return
     if itype == "shell_call_output":
         _shell_output(item, path, texts)
+        return
+    if itype in BUILT_IN_TEXTS:
+        for at, text, author, kind in built_in_texts(item, path):
+            texts.append(TextPart(at, author, kind, text))
         return
     tool_item = _TOOL_ITEMS.get(itype)
     if tool_item is None:

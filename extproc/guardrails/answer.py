@@ -13,7 +13,7 @@ from typing import Any
 from extproc.dialects.anthropic_messages import RESULT_BLOCKS, result_block_texts
 from extproc.dialects.base import JsonPath, TextPart
 from extproc.dialects.fields import string_leaves
-from extproc.dialects.openai_responses import ITEM_TEXTS
+from extproc.dialects.openai_responses import BUILT_IN_TEXTS, ITEM_TEXTS, built_in_texts
 
 _ROLE = "assistant"
 
@@ -139,12 +139,9 @@ def _responses(body: dict[str, Any], texts: list[TextPart]) -> None:
         elif itype in ("mcp_call", "mcp_approval_request"):
             for field, _, kind, json_source in ITEM_TEXTS[itype]:
                 _add(texts, ("output", k, field), item.get(field), kind, json_source)
-        elif itype == "code_interpreter_call":
-            _add(texts, ("output", k, "code"), item.get("code"), "tool_arguments")
-            outputs = item.get("outputs")
-            for n, output in enumerate(outputs if isinstance(outputs, list) else []):
-                if isinstance(output, dict) and output.get("type") == "logs":
-                    _add(texts, ("output", k, "outputs", n, "logs"), output.get("logs"))
+        elif isinstance(itype, str) and itype in BUILT_IN_TEXTS:  # a program, its logs, ...
+            for path, text, _, kind in built_in_texts(item, ("output", k)):
+                _add(texts, path, text, kind)
         elif itype in ("function_call", "custom_tool_call"):
             key = "arguments" if item.get("type") == "function_call" else "input"
             json_source = item.get("type") == "function_call"  # a custom tool's input is not

@@ -456,6 +456,20 @@ OUTPUT = guardrails_from_yaml(
             ("content", 0, "content", "stdout"),
             id="anthropic-code-execution-stdout",
         ),
+        pytest.param(
+            "openai.responses",
+            {
+                "output": [
+                    {
+                        "type": "apply_patch_call",
+                        "call_id": "p",
+                        "operation": {"type": "create_file", "path": "a", "diff": "a@example.com"},
+                    }
+                ]
+            },
+            ("output", 0, "operation", "diff"),
+            id="responses-patch",
+        ),
     ],
 )
 def test_check_answer(dialect: str, body: dict[str, Any], path: tuple[Any, ...]) -> None:
