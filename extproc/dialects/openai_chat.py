@@ -79,6 +79,19 @@ def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> 
         _assistant_extras(message, path, texts)
 
 
+_PART_TEXTS = (
+    ("text", "text"),
+    ("refusal", "refusal"),
+    # OpenAI refuses these; vLLM's chat parser reads them as text (and thinking as the
+    # model's earlier reasoning): what it shows the model must be read here too.
+    ("input_text", "text"),
+    ("output_text", "text"),
+    ("thinking", "thinking"),
+)
+"""Part types that carry text, with the member that holds it. A tuple: a part's type may
+be any JSON value, unhashable ones too."""
+
+
 def _parts(parts: list[Any], path: JsonPath, author: str, kind: str, texts: list[TextPart]) -> None:
     """Text parts become texts; image, audio and file parts carry no text and are skipped."""
     for j, part in enumerate(parts):
@@ -86,12 +99,14 @@ def _parts(parts: list[Any], path: JsonPath, author: str, kind: str, texts: list
         part = expect_object(part, where)
         ptype = part.get("type")
         # A part without a type but with "text" is read as text: vLLM infers the type.
-        if ptype == "text" or (ptype is None and "text" in part):
-            text = expect_str(part.get("text"), (*where, "text"))
-            texts.append(TextPart((*where, "text"), author, kind, text))
-        elif ptype == "refusal":
-            text = expect_str(part.get("refusal"), (*where, "refusal"))
-            texts.append(TextPart((*where, "refusal"), author, kind, text))
+        field = "text" if ptype is None and "text" in part else None
+        for known, member in _PART_TEXTS:
+            if ptype == known:
+                field = member
+                break
+        if field is not None:
+            text = expect_str(part.get(field), (*where, field))
+            texts.append(TextPart((*where, field), author, kind, text))
 
 
 def _prediction(body: dict[str, Any], texts: list[TextPart]) -> None:

@@ -436,7 +436,15 @@ VALID = [
         {
             "model": "Qwen/Qwen3-8B",
             "messages": [
-                {"role": "user", "content": [{"text": "untyped part"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"text": "untyped part"},
+                        {"type": "input_text", "text": "vllm input"},
+                        {"type": "output_text", "text": "vllm output"},
+                        {"type": "thinking", "thinking": "earlier reasoning"},
+                    ],
+                },
                 {
                     "role": "assistant",
                     "tool_calls": [
@@ -455,6 +463,9 @@ VALID = [
             "model": "Qwen/Qwen3-8B",
             "texts": [
                 ("messages[0].content[0].text", "user", "message", "untyped part"),
+                ("messages[0].content[1].text", "user", "message", "vllm input"),
+                ("messages[0].content[2].text", "user", "message", "vllm output"),
+                ("messages[0].content[3].thinking", "user", "message", "earlier reasoning"),
                 (
                     "messages[1].tool_calls[0].custom.input",
                     "assistant",
