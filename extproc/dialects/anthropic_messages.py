@@ -246,14 +246,16 @@ def _text_blocks(
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
-    """Client and server tools alike carry a ``name``; server tools' ``type`` is versioned."""
+    """Client and server tools alike carry a ``name`` (server tools' ``type`` is
+    versioned); the MCP connector's toolset names its server instead."""
     tools = body.get("tools")
     if tools is None:
         return ()
     names: list[str] = []
     for i, tool in enumerate(expect_list(tools, ("tools",))):
         tool = expect_object(tool, ("tools", i))
-        names.append(expect_str(tool.get("name"), ("tools", i, "name")))
+        field = "mcp_server_name" if tool.get("type") == "mcp_toolset" else "name"
+        names.append(expect_str(tool.get(field), ("tools", i, field)))
     return tuple(names)
 
 

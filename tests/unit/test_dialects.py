@@ -731,6 +731,7 @@ VALID = [
         {
             "model": "claude-opus-4-1",
             "max_tokens": 8,
+            "tools": [{"type": "mcp_toolset", "mcp_server_name": "ex"}],
             "messages": [
                 {
                     "role": "user",
@@ -826,7 +827,7 @@ VALID = [
             ],
             "max_output_tokens": 8,
             "stream": False,
-            "tools": (),
+            "tools": ("ex",),
         },
         id="anthropic-mcp-and-server-tool-results",
     ),
