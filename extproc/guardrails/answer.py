@@ -81,10 +81,15 @@ def _openai(body: dict[str, Any], texts: list[TextPart]) -> None:
         _add(texts, (*where, "refusal"), message.get("refusal"))
         calls = message.get("tool_calls")
         for k, call in enumerate(calls if isinstance(calls, list) else []):
-            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(call, dict):
+                continue
+            function, custom = call.get("function"), call.get("custom")
             if isinstance(function, dict):
                 path = (*where, "tool_calls", k, "function", "arguments")
                 _add(texts, path, function.get("arguments"), "tool_arguments", True)
+            if isinstance(custom, dict):  # a custom tool's input is free text, not JSON
+                path = (*where, "tool_calls", k, "custom", "input")
+                _add(texts, path, custom.get("input"), "tool_arguments")
         legacy = message.get("function_call")
         if isinstance(legacy, dict):
             _add(

@@ -127,15 +127,26 @@ class OpenAIStream(StreamDialect):
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
-                    function = call.get("function") if isinstance(call, dict) else None
+                    if not isinstance(call, dict):
+                        continue
+                    tool = _index(call.get("index", position))
+                    function, custom = call.get("function"), call.get("custom")
                     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        tool = _index(call.get("index", position))
                         found.append(
                             Delta(
                                 ("tool", index, tool),
                                 function["arguments"],
                                 _setter(function, "arguments", choice),
                                 json_source=True,
+                            )
+                        )
+                    elif isinstance(custom, dict) and isinstance(custom.get("input"), str):
+                        # A custom tool's input: free text, streamed in pieces as arguments are.
+                        found.append(
+                            Delta(
+                                ("tool", index, tool),
+                                custom["input"],
+                                _setter(custom, "input", choice),
                             )
                         )
         return found

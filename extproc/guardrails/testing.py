@@ -47,12 +47,15 @@ def openai_chunk(
     finish: str | None = None,
     arguments: str | None = None,
     tool: int = 0,
+    custom_input: str | None = None,
 ) -> bytes:
     delta: dict[str, Any] = {}
     if content is not None:
         delta["content"] = content
     if arguments is not None:
         delta["tool_calls"] = [{"index": tool, "function": {"arguments": arguments}}]
+    if custom_input is not None:
+        delta["tool_calls"] = [{"index": tool, "custom": {"input": custom_input}}]
     payload = {
         "id": "chatcmpl-test",
         "object": "chat.completion.chunk",
@@ -112,4 +115,5 @@ def streamed_text(stream: bytes) -> str:
             parts.append(delta.get("content") or "")
             for call in delta.get("tool_calls") or []:
                 parts.append(call.get("function", {}).get("arguments") or "")
+                parts.append(call.get("custom", {}).get("input") or "")
     return "".join(parts)

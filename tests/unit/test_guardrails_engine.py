@@ -470,6 +470,25 @@ OUTPUT = guardrails_from_yaml(
             ("output", 0, "operation", "diff"),
             id="responses-patch",
         ),
+        pytest.param(
+            "openai.chat",
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "tool_calls": [
+                                {
+                                    "type": "custom",
+                                    "custom": {"name": "mail", "input": "a@example.com"},
+                                }
+                            ]
+                        }
+                    }
+                ]
+            },
+            ("choices", 0, "message", "tool_calls", 0, "custom", "input"),
+            id="openai-chat-custom-tool",
+        ),
     ],
 )
 def test_check_answer(dialect: str, body: dict[str, Any], path: tuple[Any, ...]) -> None:

@@ -252,6 +252,17 @@ def test_openai_tool_call_arguments_are_guarded() -> None:
     assert streamed_text(out) == '{"to": "***************"}'
 
 
+def test_openai_custom_tool_input_is_guarded() -> None:
+    """A custom tool's input (free text, not JSON) streamed in pieces, as arguments are."""
+    chunks = [
+        openai_chunk(custom_input="mail x.y@exa"),
+        openai_chunk(custom_input="mple.com now"),
+        *OPENAI_END,
+    ]
+    out = run(guard(), chunks)
+    assert streamed_text(out) == "mail *************** now"
+
+
 def test_completions_stream() -> None:
     chunks = [completion_chunk("mail z@exa"), completion_chunk("mple.com now"),
               completion_chunk("", finish="stop"), OPENAI_DONE]  # fmt: skip
