@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import orjson
 
 from extproc.guardrails.recognizers import Re2Recognizer, Validator
 
+_RUNS = re.compile(r"[-_]")
+"""What separates the runs of a key's body."""
 _PLACEHOLDERS = ("<", ">", "${", "{{", "***", "xxx", "...", "your_", "your-", "example")
 
 
@@ -34,10 +37,13 @@ def _random_tail(prefix_len: int, score: float) -> Validator:
 
 
 def _openai(value: str, text: str, start: int, end: int) -> float | None:
+    """A key's body is one long random run (48 characters, or ~150 of base64url after
+    ``sk-proj-``, whose ``-`` and ``_`` still leave a run of 16 or more): a name made of
+    short words and numbers (``sk-learn-pipeline-tutorial-2024``) is none."""
     if value.startswith("sk-ant-"):
         return None  # an Anthropic key; its own recognizer reports it
-    body = value.split("-")[-1] if value.count("-") > 1 else value[3:]
-    return 0.9 if looks_random(body) or looks_random(value[3:]) else None
+    longest = max(_RUNS.split(value[3:]), key=len)
+    return 0.9 if len(longest) >= 16 and looks_random(longest) else None
 
 
 def _jwt(value: str, text: str, start: int, end: int) -> float | None:
@@ -50,12 +56,18 @@ def _jwt(value: str, text: str, start: int, end: int) -> float | None:
 
 
 def _bearer(value: str, text: str, start: int, end: int) -> float | None:
+    if _placeholder(value):
+        return None  # "Bearer YOUR_ACCESS_TOKEN_HERE_123", "Bearer <token>"
     return 0.8 if looks_random(value, min_distinct=6) else None
 
 
-def _assigned(value: str, text: str, start: int, end: int) -> float | None:
+def _placeholder(value: str) -> bool:
     lowered = value.lower()
-    if any(marker in lowered for marker in _PLACEHOLDERS):
+    return any(marker in lowered for marker in _PLACEHOLDERS)
+
+
+def _assigned(value: str, text: str, start: int, end: int) -> float | None:
+    if _placeholder(value):
         return None
     if not any(not c.isalpha() for c in value):
         return None  # a plain word ("password: required") is not a secret
