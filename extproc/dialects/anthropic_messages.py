@@ -17,6 +17,7 @@ from extproc.dialects.fields import (
     expect_str,
     invalid_type,
     message_role,
+    names_text,
     optional_bool,
     optional_str,
     require_model,
@@ -85,6 +86,9 @@ def _message(message: dict[str, Any], path: JsonPath, texts: list[TextPart]) -> 
             arguments = expect_object(block.get("input"), (*where, "input"))
             for leaf, text in string_leaves(arguments, (*where, "input")):
                 texts.append(TextPart(leaf, "assistant", "tool_arguments", text))
+            names = names_text(arguments, (*where, "input"), "assistant", "tool_arguments")
+            if names is not None:
+                texts.append(names)
         elif btype in ("tool_result", "mcp_tool_result"):
             _tool_result(block.get("content"), (*where, "content"), texts)
         elif btype in SERVER_TOOL_RESULTS:

@@ -38,6 +38,10 @@ class TextPart:
     json_source: bool = False
     """The text is JSON source, escapes and all (OpenAI's function-call ``arguments``):
     guardrails read it as such (:mod:`extproc.guardrails.json_text`)."""
+    locked: bool = False
+    """A text the model reads that has no place of its own to rewrite (the member names
+    of a tool's input, escaped JSON source decoded): a rule that would rewrite what it
+    finds there blocks instead."""
 
 
 @dataclass(frozen=True, slots=True)

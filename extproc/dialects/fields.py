@@ -196,6 +196,29 @@ def string_leaves(value: object, path: JsonPath) -> list[tuple[JsonPath, str]]:
     return found
 
 
+def member_names(value: object) -> list[str]:
+    """Every object member name inside ``value``, each object's names before those of
+    its values (iteratively, as :func:`string_leaves`): the model reads a tool input's
+    names with its values."""
+    names: list[str] = []
+    stack: list[object] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            names.extend(key for key in node if isinstance(key, str))
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return names
+
+
+def names_text(value: object, path: JsonPath, role: str, kind: str) -> TextPart | None:
+    """The member names of a decoded tool input as one text, locked (they have no place
+    to be rewritten in: a rule that would rewrite them blocks); ``None`` without any."""
+    names = member_names(value)
+    return TextPart(path, role, kind, "\n".join(names), locked=True) if names else None
+
+
 def _children(node: dict[str, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
     return iter(node.items()) if isinstance(node, dict) else enumerate(node)
 

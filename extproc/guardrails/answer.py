@@ -12,7 +12,7 @@ from typing import Any
 
 from extproc.dialects.anthropic_messages import RESULT_BLOCKS, result_block_texts
 from extproc.dialects.base import JsonPath, TextPart
-from extproc.dialects.fields import string_leaves
+from extproc.dialects.fields import names_text, string_leaves
 from extproc.dialects.openai_responses import BUILT_IN_TEXTS, ITEM_TEXTS, built_in_texts
 
 _ROLE = "assistant"
@@ -119,6 +119,9 @@ def _anthropic(body: dict[str, Any], texts: list[TextPart]) -> None:
         elif block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
             for path, value in string_leaves(block.get("input"), ("content", j, "input")):
                 _add(texts, path, value, "tool_arguments")
+            names = names_text(block.get("input"), ("content", j, "input"), _ROLE, "tool_arguments")
+            if names is not None:
+                texts.append(names)
         elif block.get("type") in RESULT_BLOCKS:
             for path, value in result_block_texts(block, ("content", j)):
                 _add(texts, path, value)

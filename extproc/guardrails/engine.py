@@ -31,7 +31,7 @@ from extproc.guardrails.content import ContentDetector
 from extproc.guardrails.findings import Finding, resolve_overlaps, rewrite
 from extproc.guardrails.folding import folded
 from extproc.guardrails.injection import Classifier, InjectionDetector
-from extproc.guardrails.json_text import Span, blanked, escapes, outside
+from extproc.guardrails.json_text import Span, blanked, escapes, outside, with_decoded
 from extproc.guardrails.linear import PatternError, Utf8
 from extproc.guardrails.operators import OperatorError, Rewrite, build_operator
 from extproc.guardrails.phone import PHONE_RECOGNIZER
@@ -251,6 +251,7 @@ def run_rules(
     """The check itself, on rules already selected (streams select them once)."""
     if not rules or not texts:
         return GuardResult()
+    texts = with_decoded(texts)
     encoded: dict[int, tuple[Utf8, list[Span]]] = {}
     verdicts: list[Verdict] = []
     pending: dict[int, list[tuple[Finding, Rewrite]]] = {}
@@ -277,7 +278,12 @@ def run_rules(
         if rule.mode == "validate":
             verdicts.append(_verdict(rule, stage, "blocked", findings, len(hits)))
             return GuardResult(tuple(verdicts), {}, rule.name, rule.message)
-        blocking = [f for f in findings if (a := rule.action(f.label)) is not None and a.block]
+        blocking = [
+            f
+            for i, found in hits
+            for f in found
+            if (a := rule.action(f.label)) is not None and (a.block or texts[i].locked)
+        ]
         if blocking:
             verdicts.append(_verdict(rule, stage, "blocked", blocking, len(hits)))
             return GuardResult(tuple(verdicts), {}, rule.name, rule.message)

@@ -16,8 +16,10 @@ valid JSON source.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 
+from extproc.dialects.base import TextPart
 from extproc.guardrails.findings import Finding
 
 Span = tuple[int, int]
@@ -50,6 +52,50 @@ def _quotes(text: str, escaped: Sequence[Span]) -> list[Span]:
             found.append((at, at + 1))
         at = text.find('"', at + 1)
     return found
+
+
+_ESCAPED_BY_ENCODERS = frozenset("\"\\<>&'")
+"""Printable ASCII that some encoders do write as ``\\uXXXX`` (Go's ``<``, ``>``, ``&``;
+PHP's quotes), or that would change how the rest reads (a backslash)."""
+
+
+def _plain_escape(text: str, low: int, high: int) -> str | None:
+    """The printable ASCII character a ``\\uXXXX`` escape spells, if no encoder would
+    have escaped it."""
+    if high - low != _UNICODE_ESCAPE or text[low + 1] != "u":
+        return None
+    try:
+        char = chr(int(text[low + 2 : high], 16))
+    except ValueError:
+        return None
+    plain = char.isascii() and char.isprintable() and char not in _ESCAPED_BY_ENCODERS
+    return char if plain else None
+
+
+def with_decoded(texts: Sequence[TextPart]) -> Sequence[TextPart]:
+    """``texts``, and for each JSON source that spells plain ASCII as ``\\uXXXX``
+    escapes (``\\u0049gnore``, ``jane\\u0040example.com``), that text with them
+    decoded, locked (findings in it have no place to be rewritten: a rule that would
+    rewrite one blocks). No encoder escapes such characters (some escape ``<``, ``>``,
+    ``&``, quotes and control characters, which stay as written); a model reads
+    ``\\u0049gnore`` as ``Ignore``, and the detectors, which read escapes as written,
+    did not."""
+    added: list[TextPart] = []
+    for part in texts:
+        if not part.json_source or "\\u" not in part.text:
+            continue
+        text, last = part.text, 0
+        pieces: list[str] = []
+        for low, high in escapes(text):
+            char = _plain_escape(text, low, high)
+            if char is not None:
+                pieces += (text[last:low], char)
+                last = high
+        if pieces:
+            pieces.append(text[last:])
+            decoded = "".join(pieces)
+            added.append(dataclasses.replace(part, text=decoded, locked=True))
+    return (*texts, *added) if added else texts
 
 
 def blanked(text: str, spans: Sequence[Span]) -> str:

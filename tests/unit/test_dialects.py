@@ -367,6 +367,12 @@ VALID = [
                 ("messages[1].content[1].input.query", "assistant", "tool_arguments", "weather"),
                 ("messages[1].content[1].input.opts.units[0]", "assistant", "tool_arguments", "C"),
                 ("messages[1].content[1].input.opts.units[1]", "assistant", "tool_arguments", "F"),
+                (  # the member names, read too (locked: a rule that would rewrite them blocks)
+                    "messages[1].content[1].input",
+                    "assistant",
+                    "tool_arguments",
+                    "query\nopts\nunits\ndays",
+                ),
                 ("messages[2].content[0].content", "tool", "tool_result", "Sunny."),
                 ("messages[2].content[1].text", "user", "message", "Thanks!"),
             ],
@@ -534,6 +540,7 @@ VALID = [
             "texts": [
                 ("messages[0].content", "user", "message", "News?"),
                 ("messages[1].content[0].input.query", "assistant", "tool_arguments", "news"),
+                ("messages[1].content[0].input", "assistant", "tool_arguments", "query"),
             ],
             "max_output_tokens": 8,
             "stream": False,
@@ -938,8 +945,9 @@ def assert_rewrite_round_trip(path: str, body: dict[str, Any]) -> None:
     """Rewriting every exposed text changes exactly those strings and nothing else."""
     before = leaves(copy.deepcopy(body))
     request = parse(path, body)
-    rewrites = {part.path: "~" + part.text.upper() for part in request.texts}
-    assert len(rewrites) == len(request.texts), "two texts share a path"
+    rewritable = [part for part in request.texts if not part.locked]
+    rewrites = {part.path: "~" + part.text.upper() for part in rewritable}
+    assert len(rewrites) == len(rewritable), "two texts share a path"
 
     after = leaves(orjson.loads(apply_rewrites(body, rewrites)))
 
@@ -1003,10 +1011,11 @@ def test_deeply_nested_tool_input_does_not_hit_the_recursion_limit() -> None:
         ],
     }
 
-    (part,) = parse(MESSAGES, body).texts
+    part, names = parse(MESSAGES, body).texts
 
     assert part.text == "leaf"
     assert len(part.path) == 6 + 2000
+    assert (names.text, names.locked) == ("a", True)
 
 
 # ------------------------------------------------------------------------------ bad input
