@@ -134,6 +134,7 @@ async def authorize(
                 clock(),
                 request.answers,
                 min_output_cap=exchange.dialect.min_output_cap,
+                hour_cache=request.hour_cache,
             )
     except GatewayError as error:
         return exchange.reject(error)
@@ -476,6 +477,7 @@ async def finish_request_body(
                 may_cap_output=may_cap_output,
                 answers=request.answers,
                 min_output_cap=dialect.min_output_cap,
+                hour_cache=request.hour_cache,
             )
             exchange.reservation = reservation
             cap = reservation.output_cap if reservation is not None else None

@@ -136,12 +136,6 @@ def prompt_tokens(model: CatalogueModel, request: LLMRequest) -> int:
     )
 
 
-def price(
-    model: CatalogueModel, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
-) -> Cost:
-    return priced(model.price, input_tokens, output_tokens, cached, written)
-
-
 def priced(
     prices: Price | None,
     input_tokens: int,
@@ -160,22 +154,23 @@ def priced(
     return Cost(input_tokens, output_tokens, micro)
 
 
-def worst_case(model: CatalogueModel, input_tokens: int, output_tokens: int) -> Cost:
+def worst_case(
+    model: CatalogueModel, input_tokens: int, output_tokens: int, hour_cache: bool = False
+) -> Cost:
     """What a request may cost at most, as reserved: where writing the prompt to the
-    provider's cache costs more than reading it as input (Anthropic's 1.25x), all of it
-    written (reserved at the input price, a cache write settled above its reservation)."""
-    return price(model, input_tokens, output_tokens, written=_written(model, input_tokens))
-
-
-def _written(model: CatalogueModel, input_tokens: int) -> int:
+    provider's cache costs more than reading it as input (Anthropic's 1.25x, 2x for its
+    1-hour cache when the request asks for it: ``hour_cache``), all of it written
+    (reserved at the input price, a cache write settled above its reservation)."""
     prices = model.price or FREE
-    return input_tokens if _prompt_price(prices) > prices.input else 0
+    written = input_tokens if _prompt_price(prices, hour_cache) > prices.input else 0
+    hourly = written if hour_cache and prices.hour_write > (prices.cache_write or 0) else 0
+    return priced(model.price, input_tokens, output_tokens, 0, written, hourly)
 
 
-def _prompt_price(prices: Price) -> int:
+def _prompt_price(prices: Price, hour_cache: bool = False) -> int:
     """What a prompt token is reserved at: the input price, or the cache write's where
     that is higher (:func:`worst_case`, and the output a tight budget leaves)."""
-    return max(prices.input, prices.cache_write or 0)
+    return max(prices.input, prices.cache_write or 0, prices.hour_write if hour_cache else 0)
 
 
 class OutputCapNeeded(Exception):
@@ -202,6 +197,7 @@ class Meter:
         may_cap_output: bool = True,
         answers: int = 1,
         min_output_cap: int = 1,
+        hour_cache: bool = False,
     ) -> Reservation | None:
         """Reserve the request's worst case, or raise :class:`RateLimited`.
 
@@ -209,26 +205,29 @@ class Meter:
         ``may_cap_output`` false, a request that would fit only capped raises
         :class:`OutputCapNeeded` instead, having reserved nothing. Output is reserved for
         each of ``answers`` (``n``), and a cap applies to each; a cap below
-        ``min_output_cap`` (the API's floor) is not offered.
+        ``min_output_cap`` (the API's floor) is not offered. ``hour_cache``: the request
+        asks for Anthropic's 1-hour cache, whose writes its prompt is reserved at.
         """
         applicable = _dedupe([limit for limit in limits if limit.counts(model.name)])
         if not applicable:
             return None
         output = requested_output if requested_output is not None else default_output
-        cost = worst_case(model, input_tokens, output * answers)
+        cost = worst_case(model, input_tokens, output * answers, hour_cache)
         counters = _counters(applicable, model.name, cost, now)
         result = await self._call_reserve(counters)
         output_cap = None
         if not result.ok and requested_output is None:
             affordable = (
-                _affordable_output(applicable, counters, result.values, model, input_tokens)
+                _affordable_output(
+                    applicable, counters, result.values, model, input_tokens, hour_cache
+                )
                 // answers
             )
             if affordable >= max(1, min_output_cap):
                 if not may_cap_output:
                     raise OutputCapNeeded
                 output_cap = affordable
-                cost = worst_case(model, input_tokens, affordable * answers)
+                cost = worst_case(model, input_tokens, affordable * answers, hour_cache)
                 counters = _counters(applicable, model.name, cost, now)
                 result = await self._call_reserve(counters)
         if not result.ok:
@@ -287,6 +286,7 @@ class Meter:
         now: datetime,
         answers: int = 1,
         min_output_cap: int = 1,
+        hour_cache: bool = False,
     ) -> None:
         """Raise :class:`RateLimited` if the request cannot fit now, reserving nothing.
 
@@ -300,7 +300,8 @@ class Meter:
             return
         smallest = max(1, min_output_cap)
         output = (requested_output if requested_output is not None else smallest) * answers
-        counters = _counters(applicable, model.name, worst_case(model, input_tokens, output), now)
+        cost = worst_case(model, input_tokens, output, hour_cache)
+        counters = _counters(applicable, model.name, cost, now)
         try:
             values = await self._store.read([c.key for c in counters])
         except StoreUnavailable:
@@ -411,6 +412,7 @@ def _affordable_output(
     values: Sequence[int],
     model: CatalogueModel,
     input_tokens: int,
+    hour_cache: bool,
 ) -> int:
     """The largest output cap every counter still admits (0 if the input alone is too much)."""
     best = 1 << 62
@@ -423,7 +425,7 @@ def _affordable_output(
         elif limit.unit is Unit.USD:
             prices = model.price or FREE
             if prices.output:
-                spare = room * 1_000_000 - input_tokens * _prompt_price(prices)
+                spare = room * 1_000_000 - input_tokens * _prompt_price(prices, hour_cache)
                 best = min(best, spare // prices.output)
         elif room < counter.amount:
             return 0  # a request or input-token limit is exhausted: no cap can help

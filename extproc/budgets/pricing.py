@@ -68,6 +68,11 @@ class Price:
     """Price of those written to Anthropic's 1-hour cache; ``None``: twice the input price,
     as Anthropic bills them."""
 
+    @property
+    def hour_write(self) -> int:
+        """What a token written to the 1-hour cache costs (:attr:`cache_write_1h`)."""
+        return 2 * self.input if self.cache_write_1h is None else self.cache_write_1h
+
     def __post_init__(self) -> None:
         for name in ("cache_write", "cache_write_1h"):
             value = getattr(self, name)
@@ -142,7 +147,7 @@ def cost_micro_usd(
             f"written={cache_write_tokens} (1h {cache_write_1h_tokens}) output={output_tokens}"
         )
     write = price.input if price.cache_write is None else price.cache_write
-    write_1h = 2 * price.input if price.cache_write_1h is None else price.cache_write_1h
+    write_1h = price.hour_write
     scaled = (
         (input_tokens - special) * price.input
         + cached_input_tokens * price.cached_input

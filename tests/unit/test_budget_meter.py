@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from extproc.budgets.keys import counter_key
 from extproc.budgets.memory_store import MemoryStore
-from extproc.budgets.meter import Cost, Meter
+from extproc.budgets.meter import Cost, Meter, usage_cost
 from extproc.budgets.windows import window_bounds
+from extproc.dialects.anthropic_messages import DIALECT
+from extproc.dialects.usage import Usage
 from extproc.errors import RateLimited
 from extproc.policy.compiled import CatalogueModel, Limits
 from tests.unit.policies import make_policy, sha
@@ -397,6 +400,52 @@ async def test_a_tight_budget_caps_the_output_by_the_cache_write_price_too() -> 
     # $1 less 200k prompt tokens at $3.75/M leaves $0.25: 16,666 output tokens at $15/M.
     assert reservation is not None and reservation.output_cap == 16_666
     assert reservation.reserved.micro_usd <= 1_000_000
+
+
+async def test_a_request_asking_for_the_hour_cache_is_reserved_at_its_write_price() -> None:
+    """A cache_control with ttl 1h writes the prompt at twice the input price (or the
+    catalogue's cache_write_1h): reserved at 1.25x, it settled far above its reservation
+    (a $100k-token prompt: $0.375 reserved, $0.60 billed)."""
+    hour = {"pricing": {"input": 3, "cache_write": 3.75, "cache_write_1h": 6, "output": 15}}
+    limits, models = limited(usd_a_day(100), {"claude-sonnet": SONNET, "claude-hour": hour})
+    meter, now = Meter(MemoryStore()), datetime.now(UTC)
+    reserved = {}
+    for name, model in models.items():
+        reservation = await meter.reserve(limits, model, 100_000, 1_000, 4096, now, hour_cache=True)
+        assert reservation is not None
+        reserved[name] = reservation.reserved.micro_usd
+    # Twice the input price by default ($6/M), or the catalogue's; 1k output at $15/M.
+    assert reserved == {"claude-sonnet": 600_000 + 15_000, "claude-hour": 600_000 + 15_000}
+    usage = Usage(100_000, 1_000, 0, 100_000, 100_000)
+    assert usage_cost(models["claude-sonnet"], usage).micro_usd == reserved["claude-sonnet"]
+
+
+def test_a_cache_control_asking_for_an_hour_is_seen_wherever_it_is() -> None:
+    hour = {"type": "ephemeral", "ttl": "1h"}
+    base: dict[str, Any] = {"model": "claude", "max_tokens": 8}
+    user = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    cases = [
+        {**base, "messages": [user], "cache_control": hour},
+        {
+            **base,
+            "messages": [user],
+            "system": [{"type": "text", "text": "s", "cache_control": hour}],
+        },
+        {
+            **base,
+            "messages": [user],
+            "tools": [{"name": "t", "input_schema": {}, "cache_control": hour}],
+        },
+        {
+            **base,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": hour}]}
+            ],
+        },
+    ]
+    assert [DIALECT.parse(case).hour_cache for case in cases] == [True] * 4
+    five = {**base, "messages": [user], "cache_control": {"type": "ephemeral", "ttl": "5m"}}
+    assert not DIALECT.parse(five).hour_cache
 
 
 async def test_a_precheck_asks_for_the_smallest_cap_the_api_accepts() -> None:
