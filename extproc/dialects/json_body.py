@@ -45,7 +45,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 def _lookalike_member(body: dict[str, Any]) -> str | None:
     """A member name some upstreams would read as another: not in the lower case every
     member of these APIs is spelled in (at the top level, in messages and input items,
-    and in their content parts).
+    their content parts and tool calls, a call's function, a tool result's blocks).
 
     Go's ``encoding/json`` matches member names regardless of case (the long s as ``s``,
     the Kelvin sign as ``k``) and keeps the last match, and some decoders drop NULs: with
@@ -59,17 +59,39 @@ def _lookalike_member(body: dict[str, Any]) -> str | None:
 
 
 def _member_names(body: dict[str, Any]) -> Iterator[str]:
-    """The body's, its list items' and their content parts' member names, as read."""
+    """The member names of the body and of the API objects in its lists, as read."""
     yield from body
     for value in body.values():
         for item in value if isinstance(value, list) else ():
-            if not isinstance(item, dict):
+            if isinstance(item, dict):
+                yield from item
+                yield from _inner_names(item)
+
+
+_LISTED = ("content", "tool_calls")
+"""An item's lists of API objects: content parts (or blocks), tool calls."""
+_NESTED = ("function", "custom", "source")
+"""Objects of those: a tool call's function or custom input, a document's source."""
+
+
+def _inner_names(item: dict[str, Any]) -> Iterator[str]:
+    """The names of ``item``'s content parts and tool calls, of their functions and
+    sources, and of a tool result's own blocks (``Arguments`` beside ``arguments``, a
+    ``Text`` in a tool result, are what the guards would not read)."""
+    for key in _LISTED:
+        children = item.get(key)
+        for child in children if isinstance(children, list) else ():
+            if not isinstance(child, dict):
                 continue
-            yield from item
-            content = item.get("content")
-            for part in content if isinstance(content, list) else ():
-                if isinstance(part, dict):
-                    yield from part
+            yield from child
+            for nested in _NESTED:
+                inner = child.get(nested)
+                if isinstance(inner, dict):
+                    yield from inner
+            blocks = child.get("content")
+            for block in blocks if isinstance(blocks, list) else ():
+                if isinstance(block, dict):
+                    yield from block
 
 
 def set_values(body: dict[str, Any], rewrites: Mapping[JsonPath, Any]) -> None:

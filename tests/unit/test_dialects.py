@@ -1424,8 +1424,24 @@ def test_decode_body_rejects(raw: bytes, fragment: str) -> None:
         b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "Text": "x"}]}]}',
         '{"model": "m", "me\u017fsages": []}'.encode(),  # the long s: "s" to Go
         b'{"model": "m", "mod\\u0000el": "x"}',
+        b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c",'
+        b' "type": "function", "function": {"name": "f", "arguments": "{}",'
+        b' "Arguments": "{\\"q\\": \\"unread\\"}"}}]}]}',
+        b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type":'
+        b' "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "a",'
+        b' "Text": "unread"}]}]}]}',
     ],
-    ids=["model", "messages", "max-tokens", "message-content", "content-part", "long-s", "nul"],
+    ids=[
+        "model",
+        "messages",
+        "max-tokens",
+        "message-content",
+        "content-part",
+        "long-s",
+        "nul",
+        "tool-call-function",
+        "tool-result-block",
+    ],
 )
 def test_a_member_some_upstreams_read_as_another_is_refused(raw: bytes) -> None:
     """Go's encoding/json matches member names regardless of case: the gateway would judge
