@@ -1,8 +1,10 @@
 """OpenAI chat messages → Anthropic ``system`` blocks and alternating turns.
 
 Anthropic wants strictly alternating user/assistant turns with every system text at the
-top, so system and developer messages (wherever they stand) are hoisted into ``system``
-(or, when there is nothing else, become the user's turn), tool results become user
+top, so system and developer messages are hoisted into ``system`` (or, when there is
+nothing else, become the user's turn; and those after the model's last answer, "now
+translate it", become the user's next turn: hoisted, they left the conversation ending on
+the model's answer, which Claude continues as a prefill), tool results become user
 turns, and consecutive turns of one role merge (several tool results, or a tool result
 then the user's next words, make one turn). Content parts map one to one; empty texts
 are left out because Anthropic refuses them. Errors name the field the caller sent,
@@ -54,12 +56,17 @@ def conversation(messages: list[Any]) -> tuple[list[Block], list[Block]]:
     """System text blocks and alternating turns, in conversation order."""
     system: list[Block] = []
     turns: list[Block] = []
+    after_last_turn = 0  # system blocks (the last ones) from messages after the last turn
+    empty_last: JsonPath | None = None  # the last message, a user's with nothing to send
     for i, message in enumerate(messages):
         path: JsonPath = ("messages", i)
         message = expect_object(message, path)
         role = message.get("role")
+        empty_last = None
         if role in ("system", "developer"):
-            system.extend(_blocks(message.get("content"), (*path, "content"), role))
+            blocks = _blocks(message.get("content"), (*path, "content"), role)
+            system.extend(blocks)
+            after_last_turn += len(blocks)
             continue
         if role == "user":
             blocks = _blocks(message.get("content"), (*path, "content"), role)
@@ -79,11 +86,25 @@ def conversation(messages: list[Any]) -> tuple[list[Block], list[Block]]:
         else:
             raise invalid_type((*path, "role"), "a string", role)
         if not blocks:
+            empty_last = (*path, "content") if role == "user" else None
             continue  # an empty turn says nothing, and Anthropic refuses empty content
+        after_last_turn = 0
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    if turns and turns[-1]["role"] == "assistant":
+        if after_last_turn:  # instructions after the answer: the user's next turn
+            turns.append({"role": "user", "content": system[-after_last_turn:]})
+            del system[-after_last_turn:]
+        elif empty_last is not None:
+            raise InvalidRequest(
+                f"'{format_param(empty_last)}': the last message has no text (only "
+                "whitespace); Claude models would continue the previous assistant message "
+                "instead of answering it.",
+                param=format_param(empty_last),
+                code="invalid_value",
+            )
     _trim_prefill(turns)
     if not turns:
         if not system:

@@ -99,6 +99,21 @@ TRANSLATED = [
     ),
     pytest.param(
         chat(
+            {"role": "system", "content": "Be terse."},
+            user("Write a haiku."),
+            {"role": "assistant", "content": "Old pond"},
+            {"role": "developer", "content": "Now translate it into French."},
+        ),
+        anthropic(
+            turn("user", text("Write a haiku.")),
+            turn("assistant", text("Old pond")),
+            turn("user", text("Now translate it into French.")),
+            system="Be terse.",
+        ),
+        id="instructions-after-the-answer-are-the-next-user-turn-not-a-prefill",
+    ),
+    pytest.param(
+        chat(
             user(
                 [
                     text("What is in these?"),
@@ -774,3 +789,12 @@ def test_texts_of_whitespace_alone_are_left_out() -> None:
     out = request_to_anthropic(body, UPSTREAM, DEFAULT_CAP)
     texts = [b["text"] for t in out["messages"] for b in t["content"] if b["type"] == "text"]
     assert all(text.strip() for text in texts) and "Go" in texts
+
+
+def test_a_last_message_of_whitespace_alone_is_refused_not_a_prefill() -> None:
+    """Left out, it left the conversation ending on the model's answer, which Claude then
+    continued instead of answering: the caller is told which message is empty."""
+    body = chat(HI, {"role": "assistant", "content": "Hello!"}, user(" "))
+    with pytest.raises(InvalidRequest) as refused:
+        request_to_anthropic(body, UPSTREAM, DEFAULT_CAP)
+    assert refused.value.param == "messages[2].content"
