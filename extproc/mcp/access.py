@@ -112,10 +112,10 @@ class McpPermissions:
 
     def permits(self, kind: Kind, name: str) -> bool:
         """Whether the caller may call / read / fetch (and see listed) ``name``; a resource
-        URI's scheme is matched in lower case (servers read ``SECRETS://`` as
-        ``secrets://``: it must not pass a ``deny: ["secrets://*"]``)."""
+        URI is matched as servers read it (:func:`canonical_uri`: ``SECRETS://`` or
+        ``secrets://k%65y`` must not pass a ``deny: ["secrets://key"]``)."""
         if kind is Kind.RESOURCE:
-            name = lower_scheme(name)
+            name = canonical_uri(name)
         return self._cached(kind, name, self._rules[kind])
 
     def _cached(self, kind: Kind | None, name: str, rules: tuple[_Rule, ...]) -> bool:
@@ -128,21 +128,62 @@ class McpPermissions:
         return hit
 
 
-def lower_scheme(uri: str) -> str:
-    scheme, colon, rest = uri.partition(":")
-    return scheme.lower() + colon + rest if colon and _SCHEME.fullmatch(scheme) else uri
-
-
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-
-_UNCLEAR_URI = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+_UNCLEAR_URI = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|\\|[\x00-\x20\x7f]")
+"""A dot segment, a backslash, whitespace or a control character."""
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_REFUSED = frozenset("/\\%") | frozenset(map(chr, range(0x21))) | {"\x7f"}
+"""What an escape must not spell: a slash or backslash (a server decoding it sees another
+path), ``%`` (escapes escaped twice), whitespace and control characters."""
+_DELIMITERS = frozenset(":?#[]@!$&'()*+,;=")
+"""Escapes left as written: decoded, they would read as delimiters they are not."""
+_SPECIAL = {"http": "80", "https": "443", "ws": "80", "wss": "443", "ftp": "21", "file": ""}
+"""Schemes whose URIs servers parse as URLs (with an authority), and their default ports."""
 
 
 def unclear_uri(uri: str) -> bool:
-    """A URI a server may resolve outside what its text matches: a dot segment
-    (``docs://../secrets/key`` matches ``docs://*``), an encoded dot or slash, a
-    backslash. Such a URI is refused, not judged."""
-    return _UNCLEAR_URI.search(uri) is not None
+    """A URI a server may resolve outside what its text matches, refused rather than
+    judged: a dot segment, escaped or not (``docs://../secrets/key`` matches
+    ``docs://*``), a backslash, whitespace or control characters (a server strips them:
+    ``" secrets://key"``), an escape spelling a slash or ``%`` (``%2f``, ``%252f``), a
+    URL scheme without its ``//`` (``https:host/x`` is ``https://host/x`` to a URL
+    parser)."""
+    if any(chr(int(code, 16)) in _REFUSED for code in _ESCAPE.findall(uri)):
+        return True
+    if _UNCLEAR_URI.search(_decoded(uri)) is not None:
+        return True
+    scheme, colon, rest = uri.partition(":")
+    return bool(colon) and scheme.lower() in _SPECIAL and not rest.startswith("//")
+
+
+def canonical_uri(uri: str) -> str:
+    """``uri`` as servers read it, for matching (the URI sent on is the caller's): the
+    scheme in lower case (``SECRETS://`` is ``secrets://``), escapes of ASCII other than
+    delimiters decoded (``m%6Fscow`` is ``moscow``), and for a URL its host in lower case
+    without its default port (``https://INTERNAL.corp:443/x`` is
+    ``https://internal.corp/x``)."""
+    scheme, colon, rest = uri.partition(":")
+    if not colon or not _SCHEME.fullmatch(scheme):
+        return _decoded(uri)
+    scheme = scheme.lower()
+    rest = _decoded(rest)
+    if scheme in _SPECIAL and rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        userinfo, at, host = authority.rpartition("@")
+        host = host.lower().removesuffix(f":{_SPECIAL[scheme]}")
+        rest = "//" + userinfo + at + host + slash + path
+    return scheme + colon + rest
+
+
+def _decoded(text: str) -> str:
+    return _ESCAPE.sub(_ascii_escape, text) if "%" in text else text
+
+
+def _ascii_escape(escape: re.Match[str]) -> str:
+    """An escape of ASCII other than a delimiter decoded; a delimiter's, or a byte of a
+    multi-byte character, kept as written."""
+    char = chr(int(escape.group(1), 16))
+    return char if char.isascii() and char not in _DELIMITERS else escape.group(0)
 
 
 def compile_access(team: McpAccess | None, *narrowing: McpAccess | None) -> McpPermissions:
@@ -176,17 +217,17 @@ def compile_access(team: McpAccess | None, *narrowing: McpAccess | None) -> McpP
 def _categories(access: McpAccess) -> tuple[tuple[Kind, McpGlobs | None], ...]:
     return (
         (Kind.TOOL, access.tools),
-        (Kind.RESOURCE, _schemes_lowered(access.resources)),
+        (Kind.RESOURCE, _canonical_globs(access.resources)),
         (Kind.PROMPT, access.prompts),
     )
 
 
-def _schemes_lowered(globs: McpGlobs | None) -> McpGlobs | None:
-    """Resource globs as the URIs they match are compared: scheme in lower case."""
+def _canonical_globs(globs: McpGlobs | None) -> McpGlobs | None:
+    """Resource globs as the URIs they match are compared (:func:`canonical_uri`)."""
     if globs is None:
         return None
     return McpGlobs(
-        allow=[lower_scheme(g) for g in globs.allow], deny=[lower_scheme(g) for g in globs.deny]
+        allow=[canonical_uri(g) for g in globs.allow], deny=[canonical_uri(g) for g in globs.deny]
     )
 
 

@@ -541,6 +541,10 @@ def test_a_member_a_server_could_read_as_another_is_refused(message: dict[str, A
         "docs://demo/%2e%2e/secrets",
         "docs://demo/..%2Fsecrets",
         "docs://demo\\..\\secrets",
+        " secrets://demo/deploy-key",  # a URL parser strips it
+        "docs://demo/re\tadme",
+        "docs://demo/a%252fb",  # escaped twice
+        "https:internal.corp/x",  # https://internal.corp/x to a URL parser
     ],
 )
 def test_a_resource_uri_a_server_may_resolve_elsewhere_is_refused(uri: str) -> None:
@@ -549,6 +553,34 @@ def test_a_resource_uri_a_server_may_resolve_elsewhere_is_refused(uri: str) -> N
     decision = run(req(1, "resources/read", uri=uri))
     assert isinstance(decision, Answer) and decision.status == 400
     assert orjson.loads(decision.body)["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "weather://m%6Fscow/today",
+        "weather://%6d%6f%73%63%6f%77/today",
+        "https://INTERNAL.corp/x",
+        "https://internal.corp:443/x",
+    ],
+)
+def test_a_resource_uri_is_judged_as_a_server_reads_it(uri: str) -> None:
+    """Servers decode escapes and read a URL's host in any case, with or without its
+    default port: each of these is the denied resource to them (the SDK's template
+    decodes m%6Fscow to moscow)."""
+    access = compile_access(
+        McpAccess.model_validate(
+            {
+                "resources": {
+                    "allow": ["weather://*", "https://*"],
+                    "deny": ["weather://moscow/*", "https://internal.corp/*"],
+                }
+            }
+        )
+    )
+    assert not access.permits(Kind.RESOURCE, uri)
+    assert access.permits(Kind.RESOURCE, "weather://oslo/today")
+    assert access.permits(Kind.RESOURCE, "weather://oslo/today?mail=jane%40example.com")
 
 
 def test_a_resource_uri_scheme_is_matched_in_lower_case() -> None:
