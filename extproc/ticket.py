@@ -12,8 +12,9 @@ into the request's dynamic metadata, which Envoy copies into the record and into
 report: the HTTP authorizer as an answer header Envoy keeps
 (``dynamic_metadata_from_headers``), ext_proc in its own namespace.
 
-A ticket is signed (HMAC-SHA256) and honoured for 23 hours. The access-log port is the gRPC
-port, so a forged record could otherwise give budget back or write audit records. A
+A ticket is signed (HMAC-SHA256) and honoured for 2 hours (:data:`LIFETIME_SECONDS`).
+The access-log port is the gRPC port, so a forged record could otherwise give budget back
+or write audit records. A
 ticket is seen only by Envoy and the service; were one replayed, its budget would still
 settle once (the store remembers a reservation's token for as long as a ticket lives) and
 a metered exchange would not be reported again, but one nothing meters would: keep the

@@ -82,20 +82,29 @@ def with_decoded(texts: Sequence[TextPart]) -> Sequence[TextPart]:
     did not."""
     added: list[TextPart] = []
     for part in texts:
-        if not part.json_source or "\\u" not in part.text:
-            continue
-        text, last = part.text, 0
-        pieces: list[str] = []
-        for low, high in escapes(text):
-            char = _plain_escape(text, low, high)
-            if char is not None:
-                pieces += (text[last:low], char)
-                last = high
-        if pieces:
-            pieces.append(text[last:])
-            decoded = "".join(pieces)
-            added.append(dataclasses.replace(part, text=decoded, locked=True))
+        if part.json_source:
+            decoded = plain_decoded(part.text)
+            if decoded is not part.text:
+                added.append(dataclasses.replace(part, text=decoded, locked=True))
     return (*texts, *added) if added else texts
+
+
+def plain_decoded(text: str) -> str:
+    """JSON source ``text`` with the escapes that spell plain ASCII decoded (the same
+    object when there are none)."""
+    if "\\u" not in text:
+        return text
+    last = 0
+    pieces: list[str] = []
+    for low, high in escapes(text):
+        char = _plain_escape(text, low, high)
+        if char is not None:
+            pieces += (text[last:low], char)
+            last = high
+    if not pieces:
+        return text
+    pieces.append(text[last:])
+    return "".join(pieces)
 
 
 def blanked(text: str, spans: Sequence[Span]) -> str:

@@ -8,6 +8,7 @@ the guardrails know, whatever the policy's guardrail rules say.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from extproc.guardrails.answer import answer_texts
 from extproc.guardrails.config import GuardrailRule
 from extproc.guardrails.engine import Guardrails, compile_guardrails
 from extproc.guardrails.entities import SECRET_TYPES
+from extproc.guardrails.json_text import plain_decoded
 
 _REDACT = ("PHONE_NUMBER", "EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS")
 
@@ -48,13 +50,30 @@ def redactor() -> Guardrails:
 def recorded(
     redact: Guardrails, texts: Sequence[TextPart], rewrites: Mapping[JsonPath, Any]
 ) -> list[dict[str, str]]:
-    """``texts`` as the upstream got them (``rewrites`` applied), then redacted."""
-    sent = [TextPart(p.path, p.role, p.kind, str(rewrites.get(p.path, p.text))) for p in texts]
+    """``texts`` as the upstream got them (``rewrites`` applied), then redacted. Tool
+    arguments stay JSON source to the redaction (a ``\\n`` escape is no ``n`` glued to
+    the number after it), with the escapes that spell plain ASCII decoded first
+    (``jane\\u0040example.com`` is an address to redact). Locked texts (a tool input's
+    member names, decoded copies) are no text of the body, and are not recorded."""
+    sent = [
+        dataclasses.replace(p, text=_as_sent(p, rewrites.get(p.path, p.text)))
+        for p in texts
+        if not p.locked
+    ]
     result = redact.check("input", sent, team=None, key_id=None, model=None, path="")
+    if result.blocked:  # the redaction only rewrites; never record what it could not
+        return [{"role": p.role, "kind": p.kind, "text": _UNREDACTED} for p in sent]
     return [
         {"role": p.role, "kind": p.kind, "text": str(result.rewrites.get(p.path, p.text))}
         for p in sent
     ]
+
+
+_UNREDACTED = "[not recorded: could not be redacted]"
+
+
+def _as_sent(part: TextPart, text: object) -> str:
+    return plain_decoded(str(text)) if part.json_source else str(text)
 
 
 def recorded_answer(redact: Guardrails, dialect: str, body: Any) -> list[dict[str, str]]:

@@ -1,8 +1,9 @@
 """The audit record of one exchange: who, what, how it ended, what it cost.
 
 Built from the exchange's typed state once it is over. It never holds a gateway key (only
-the key's id), a prompt or an answer, and guardrail verdicts carry entity types and counts,
-never matched values: the record can be shipped anywhere. The MCP resource URIs a caller
+the key's id), and guardrail verdicts carry entity types and counts, never matched
+values; a prompt or an answer only when the policy asks (``record_bodies``), and then
+redacted (:mod:`extproc.telemetry.bodies`). The MCP resource URIs a caller
 sent (``docs://customers/jane@example.com``) go through the redaction recorded prompts
 get (:mod:`extproc.telemetry.bodies`), whether or not the policy records those.
 """
