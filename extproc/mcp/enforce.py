@@ -79,6 +79,7 @@ _PASSING = frozenset(
         "tasks/result",
         "tasks/list",
         "tasks/cancel",
+        "tasks/update",  # the client's inputResponses to a waiting task, guarded as answers
         *LISTS,
     }
 )

@@ -145,6 +145,15 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
     if not isinstance(result, dict):
         return ()
     base: JsonPath = (*prefix, "result")
+    found = _result_fields(result, base)
+    task_result = result.get("result")  # a finished task's (tasks/get): the tool's result
+    if isinstance(task_result, dict):
+        found.extend(_result_fields(task_result, (*base, "result")))
+    return (*_from_server(found), *_embedded_request_texts(result, base))
+
+
+def _result_fields(result: Mapping[str, Any], base: JsonPath) -> list[tuple[JsonPath, str]]:
+    """The texts of a result's fields (:func:`result_texts`)."""
     # What a client puts in front of its model as it is: the server's instructions
     # (initialize, server/discover: into its system prompt), a prompt's description.
     found: list[tuple[JsonPath, str]] = [
@@ -170,7 +179,7 @@ def result_texts(message: Mapping[str, Any], prefix: JsonPath = ()) -> tuple[Tex
             if isinstance(prompt_message, dict):
                 where = (*base, "messages", i, "content")
                 found.extend(_block_texts(prompt_message.get("content"), where))
-    return (*_from_server(found), *_embedded_request_texts(result, base))
+    return found
 
 
 def _embedded_request_texts(result: Mapping[str, Any], base: JsonPath) -> tuple[TextPart, ...]:

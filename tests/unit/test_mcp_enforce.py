@@ -667,3 +667,11 @@ def test_subscriptions_listen_with_uris_it_cannot_judge_is_refused(message: dict
 )
 def test_subscriptions_listen_without_resources_passes(message: dict[str, Any]) -> None:
     assert isinstance(run(message), Forward)
+
+
+def test_tasks_update_passes_to_deliver_a_waiting_tasks_input() -> None:
+    """MCP 2026-07-28's tasks extension answers a task waiting for input with tasks/update
+    (its inputResponses are guarded as the client's answers); refused as unknown, such a
+    task could never finish."""
+    decision = run(req(3, "tasks/update", taskId="t-1", inputResponses={}))
+    assert isinstance(decision, Forward)
