@@ -37,10 +37,12 @@ MCP answer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from extproc.dialects.base import JsonPath, TextPart
+from extproc.dialects.fields import names_text
 from extproc.mcp.jsonrpc import Body, Request, Response
 
 _COMPLETION = "completion/complete"
@@ -247,6 +249,7 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
     method = message.get("method")
     where: JsonPath = (*at, "params")
     found: list[tuple[JsonPath, str]] = []
+    locked: list[TextPart] = []
     if method == "sampling/createMessage":
         if isinstance(params.get("systemPrompt"), str):
             found.append(((*where, "systemPrompt"), params["systemPrompt"]))
@@ -256,9 +259,12 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
             found.extend(_content_texts(content, (*where, "messages", i, "content")))
         tools = params.get("tools")  # offered to the client's model: poisoned like a list's
         for i, tool in enumerate(tools if isinstance(tools, list) else ()):
-            found.extend(
-                ((*where, "tools", i, *part.path), part.text) for part in listed_texts(tool)
-            )
+            for part in listed_texts(tool):
+                path = (*where, "tools", i, *part.path)
+                if part.locked:
+                    locked.append(dataclasses.replace(part, path=path))
+                else:
+                    found.append((path, part.text))
     elif method == "elicitation/create":
         for field in ("message", "url"):  # url mode: a link shown to the user
             if isinstance(params.get(field), str):
@@ -277,10 +283,10 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
             found.extend(_strings(params["data"], (*where, "data")))
     elif method == "notifications/progress" and isinstance(params.get("message"), str):
         found.append(((*where, "message"), params["message"]))
-    return _from_server(found)
+    return (*_from_server(found), *locked)
 
 
-_SCHEMA_WORDS = frozenset({"type", "format", "$schema", "pattern"})
+_SCHEMA_WORDS = frozenset({"type", "format", "$schema", "pattern", "$ref", "$id"})
 """Schema members whose strings are JSON Schema's own words, not text for a person."""
 
 
@@ -300,8 +306,12 @@ def _from_server(found: list[tuple[JsonPath, str]]) -> tuple[TextPart, ...]:
 
 def listed_texts(item: Any) -> tuple[TextPart, ...]:
     """The texts of one listed tool, resource or prompt (an item of a list result), which a
-    client puts in front of its model: its ``title`` and ``description``, and every
-    ``description`` in its schemas (a tool's parameters), with paths from the item."""
+    client puts in front of its model: its ``title`` and ``description``, its annotations'
+    title, a prompt's arguments' titles and descriptions, and its schemas (a tool's
+    parameters) whole, as an elicitation's is read: every string but JSON Schema's own
+    words (titles, descriptions, defaults, enums, examples), and the member names, which
+    the model reads too (locked: a rule that would rewrite one drops the item). Paths
+    are from the item."""
     if not isinstance(item, dict):
         return ()
     found: list[tuple[JsonPath, str]] = [
@@ -309,14 +319,27 @@ def listed_texts(item: Any) -> tuple[TextPart, ...]:
         for field in ("title", "description")
         if isinstance(item.get(field), str)
     ]
+    annotations = item.get("annotations")
+    if isinstance(annotations, dict) and isinstance(annotations.get("title"), str):
+        found.append((("annotations", "title"), annotations["title"]))
+    arguments = item.get("arguments")
+    for i, argument in enumerate(arguments if isinstance(arguments, list) else ()):
+        for field in ("title", "description"):
+            if isinstance(argument, dict) and isinstance(argument.get(field), str):
+                found.append((("arguments", i, field), argument[field]))
+    names: list[TextPart] = []
     for schema in ("inputSchema", "outputSchema"):
-        if isinstance(item.get(schema), dict):
+        value = item.get(schema)
+        if isinstance(value, dict):
             found.extend(
                 (path, text)
-                for path, text in _strings(item[schema], (schema,))
-                if path[-1] == "description"
+                for path, text in _strings(value, (schema,))
+                if path[-1] not in _SCHEMA_WORDS and "required" not in path[-2:-1]
             )
-    return _from_server(found)
+            listed_names = names_text(value, (schema,), "tool", "tool_result")
+            if listed_names is not None:
+                names.append(listed_names)
+    return (*_from_server(found), *names)
 
 
 def _block_texts(block: Any, path: JsonPath) -> Iterator[tuple[JsonPath, str]]:
