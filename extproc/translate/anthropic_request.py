@@ -228,6 +228,13 @@ def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
     if not tools:
         if choice is not None and choice["type"] not in ("auto", "none"):
             raise invalid_value(("tool_choice",), "'auto' or 'none' when no tools are given")
+        used = _tools_used(out["messages"])
+        if used:
+            # Anthropic refuses tool_use blocks in a request without tools ("must define
+            # tools"), which OpenAI takes (a summary of a conversation that used some):
+            # the tools named, bare, with none to be called now.
+            out["tools"] = [{"name": name, "input_schema": {"type": "object"}} for name in used]
+            out["tool_choice"] = {"type": "none"}
         return  # Anthropic rejects a tool_choice without tools; auto and none mean nothing
     out["tools"] = tools
     serial = body.get("parallel_tool_calls") is not None and not optional_bool(
@@ -237,6 +244,17 @@ def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if choice is not None:
         out["tool_choice"] = choice
+
+
+def _tools_used(turns: list[Block]) -> list[str]:
+    """The names of the tools the conversation's tool_use blocks called, in order."""
+    names = (
+        block["name"]
+        for turn in turns
+        for block in turn["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_use"
+    )
+    return list(dict.fromkeys(names))
 
 
 def _tool(tool: dict[str, Any], where: JsonPath) -> Block:

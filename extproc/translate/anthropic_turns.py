@@ -301,7 +301,7 @@ def _tool_result(message: dict[str, Any], path: JsonPath) -> Block:
     }
     content = message.get("content")
     if isinstance(content, str):
-        if content:
+        if content.strip():  # whitespace alone is no text to Anthropic, as in a part
             result["content"] = content
     else:
         blocks = _blocks(content, (*path, "content"), "tool")

@@ -240,6 +240,9 @@ TRANSLATED = [
             HI_OUT,
             turn("assistant", tool_use("functions_now_0", "now", {})),
             turn("user", {"type": "tool_result", "tool_use_id": "functions_now_0"}),
+            # No tools sent: Anthropic wants the tools the history used defined.
+            tools=[{"name": "now", "input_schema": {"type": "object"}}],
+            tool_choice={"type": "none"},
         ),
         id="foreign-tool-ids-rewritten-alike-empty-arguments-and-result",
     ),
@@ -798,3 +801,14 @@ def test_a_last_message_of_whitespace_alone_is_refused_not_a_prefill() -> None:
     with pytest.raises(InvalidRequest) as refused:
         request_to_anthropic(body, UPSTREAM, DEFAULT_CAP)
     assert refused.value.param == "messages[2].content"
+
+
+def test_a_tool_result_of_whitespace_alone_is_sent_without_content() -> None:
+    """As a part of whitespace alone is: Anthropic refuses text of whitespace alone."""
+    body = chat(
+        HI,
+        {"role": "assistant", "content": None, "tool_calls": [call("c1", "ls", "{}")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "\n"},
+    )
+    out = request_to_anthropic(body, UPSTREAM, DEFAULT_CAP)
+    assert out["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "c1"}]
