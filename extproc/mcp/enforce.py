@@ -206,16 +206,19 @@ def refuse(
 def _answer(body: Body, calls: list[McpCall], refusals: dict[int, _Refusal]) -> Answer:
     errors: list[dict[str, Any]] = []
     codes: list[ErrorCode] = []
+    first = refusals[min(refusals)]
     for position, message in enumerate(body.messages):
         refusal = refusals.get(position)
         if refusal is None:
             if not isinstance(message, Request):
                 continue
             calls[position] = replace(calls[position], verdict=Verdict.BATCH_REJECTED)
+            # The first refusal's reason too: a refused notification gets no answer of
+            # its own, and the client would see only that something else was refused.
             refusal = _Refusal(
                 ErrorCode.BATCH_REJECTED,
-                "Not run: another request in the same batch was refused by the gateway; "
-                "send this one on its own.",
+                "Not run: another message in the same batch was refused by the gateway "
+                f"({first.message}); send this one on its own.",
                 {"method": message.method},
             )
         codes.append(refusal.code)
@@ -224,9 +227,9 @@ def _answer(body: Body, calls: list[McpCall], refusals: dict[int, _Refusal]) -> 
     if not errors:
         # Only notifications or responses were refused: JSON-RPC answers them with nothing,
         # so the HTTP status carries the refusal and the body explains it without an id.
-        first = refusals[min(refusals)]
         status = _NO_ID_STATUS.get(first.code, 403) if http_status(codes) != 400 else 400
-        return Answer(status, encode(error_response(None, first.code, first.message)), tuple(calls))
+        answer = error_response(None, first.code, first.message, first.data)
+        return Answer(status, encode(answer), tuple(calls))
     document: Any = errors if body.batch else errors[0]
     return Answer(http_status(codes), encode(document), tuple(calls))
 

@@ -344,6 +344,16 @@ def test_batch_with_a_forbidden_call_is_answered_whole() -> None:
     ]
 
 
+def test_a_batch_refused_for_a_notification_says_why() -> None:
+    """A tools/call without an id is refused, and being a notification it is answered
+    with nothing: the ping beside it, not run, carries the reason."""
+    decision = run([note("tools/call", name="weather.get"), req(1, "ping")])
+    assert isinstance(decision, Answer) and decision.status == 400
+    [answer] = orjson.loads(decision.body)
+    assert answer["error"]["code"] == ErrorCode.BATCH_REJECTED
+    assert "tools/call must be sent as a request with an id" in answer["error"]["message"]
+
+
 def test_batch_with_an_invalid_element_is_400() -> None:
     decision = run([req(1, "tools/list"), {"jsonrpc": "2.0", "id": 2}])
     assert isinstance(decision, Answer)
