@@ -173,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8097)
     demo.add_argument("--path", default="/mcp")
     demo.add_argument("--json", action="store_true", help="answer JSON instead of SSE")
+    demo.add_argument("--stateful", action="store_true", help="open sessions (Mcp-Session-Id)")
     demo.set_defaults(run=_mcp_demo)
 
     up = commands.add_parser("up", help="run Envoy, the service and the mock upstream")
@@ -536,7 +537,9 @@ def _mcp_demo(args: argparse.Namespace) -> int:
     from extproc.mcp.demo_server import run_demo_server
 
     _logging()
-    run_demo_server(args.host, args.port, args.path, json_response=args.json)
+    run_demo_server(
+        args.host, args.port, args.path, json_response=args.json, stateful=args.stateful
+    )
     return 0
 
 

@@ -24,6 +24,7 @@ from extproc.identity import Principal
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import McpCall
 from extproc.mcp.jsonrpc import Body, RequestId
+from extproc.mcp.sessions import SessionBinder
 from extproc.mcp.stream import SseRewriter
 from extproc.policy.compiled import CatalogueModel, CompiledPolicy
 from extproc.routing import ResponseTranslation
@@ -84,6 +85,10 @@ class Exchange:
     """The judged MCP body's way on (routing, rewritten arguments), from the body phase."""
     mcp_params: Mapping[str, str] = field(default_factory=dict)
     """The request's ``Mcp-Param-*`` headers: copies of arguments a rewrite must follow."""
+    mcp_sessions: SessionBinder | None = None
+    """Binds MCP session ids to their caller, where this exchange can see the answer's
+    (ext_proc's); ``None`` leaves them as they are (an ext_authz check before ext_proc,
+    which binds them)."""
     observe_response: bool = False
     """Set by the adapter when the audit log needs every answer's status and usage."""
     only_accounted: bool = False

@@ -25,6 +25,7 @@ from extproc.errors import BadGateway, InvalidRequest, RateLimited, ServiceUnava
 from extproc.exchange import Exchange
 from extproc.guardrails.engine import GuardResult, describe
 from extproc.identity import Principal
+from extproc.mcp import sessions
 from extproc.mcp.access import CompiledServer
 from extproc.mcp.enforce import LISTS, Answer, decide, refuse
 from extproc.mcp.jsonrpc import ErrorCode, JsonRpcError, encode, error_response, parse_body
@@ -82,6 +83,14 @@ def on_headers(
         why = f"An MCP {exchange.method} request carries no body."
         return _refused(exchange, server, 400, ErrorCode.INVALID_REQUEST, why, "mcp_invalid")
     route = _route(server)
+    presented = headers.get(sessions.HEADER)
+    if presented is not None and exchange.mcp_sessions is not None:
+        session = exchange.mcp_sessions.unbound(presented, principal)
+        if session is None:
+            # As a server answers a session it does not know: the client starts another.
+            why = "Session not found (it is not this caller's, or has ended)."
+            return _refused(exchange, server, 404, ErrorCode.SESSION_NOT_FOUND, why, "mcp_session")
+        route = (*route, (sessions.HEADER, session))
     if exchange.method == "GET":
         # The server's own stream carries no calls, but what it sends is read like a POST's
         # answer: its requests and notifications, and answers it replays to a client that
@@ -205,13 +214,14 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
     """
     status = int(headers.get(":status", "0") or 0)
     exchange.response_status = exchange.status = status
+    session = _bound_session(exchange, headers)
     content_type = headers.get("content-type", "")
     try:
         kind = answer_kind(content_type)
     except McpStreamError as unreadable:
         return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {unreadable}."))
     if kind is None:
-        return CONTINUE  # nothing a client reads as messages
+        return Forward(set_headers=session)  # nothing a client reads as messages
     sse = kind == "sse"
     if headers.get("content-encoding", "identity").lower() != "identity":
         # Envoy asks servers for plain answers; one compressed anyway cannot be checked.
@@ -222,9 +232,22 @@ def on_response_headers(exchange: Exchange, headers: Mapping[str, str]) -> Decis
         return exchange.reject(BadGateway(f"The MCP server's answer {_UNREADABLE}: {why}."))
     if sse:
         exchange.mcp_stream = SseRewriter(exchange.mcp_methods, _rewriter(exchange))
-        return Forward(remove_headers=("content-length",), response_body="streamed")
+        return Forward(
+            set_headers=session, remove_headers=("content-length",), response_body="streamed"
+        )
     exchange.answer_whole = True
-    return Forward(remove_headers=("content-length",), response_body="buffered")
+    return Forward(
+        set_headers=session, remove_headers=("content-length",), response_body="buffered"
+    )
+
+
+def _bound_session(exchange: Exchange, headers: Mapping[str, str]) -> Headers:
+    """The answer's ``Mcp-Session-Id`` as the client gets it: tagged for this caller
+    (:mod:`extproc.mcp.sessions`)."""
+    session = headers.get(sessions.HEADER)
+    if session is None or exchange.mcp_sessions is None or exchange.principal is None:
+        return ()
+    return ((sessions.HEADER, exchange.mcp_sessions.bound(session, exchange.principal)),)
 
 
 def on_response_body(exchange: Exchange, chunk: bytes, end: bool) -> Decision:

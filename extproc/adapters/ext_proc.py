@@ -25,6 +25,7 @@ from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward
 from extproc.errors import GatewayError
 from extproc.exchange import Clock, Exchange, utc_now
+from extproc.mcp.sessions import SessionBinder
 from extproc.policy.store import PolicyStore
 from extproc.telemetry.observer import Observer, null_observer
 from extproc.ticket import TicketSigner, signing_key
@@ -74,6 +75,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._finishing: set[asyncio.Task[None]] = set()
         self._tickets = tickets or TicketSigner(signing_key(None))
         """Signs the tickets of requests whose answers Envoy accounts for (ticket.py)."""
+        self._sessions = SessionBinder(self._tickets)
+        """Binds MCP sessions to their caller with the same keys (mcp/sessions.py)."""
         self.streams = 0
         """Streams open now (shutdown waits for them before closing the access-log streams)."""
 
@@ -81,7 +84,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(
-            policy=self._policies.current, observe_response=self._observer.wants_responses
+            policy=self._policies.current,
+            observe_response=self._observer.wants_responses,
+            mcp_sessions=self._sessions,
         )
         self.streams += 1
         try:

@@ -1,8 +1,8 @@
 """A small MCP server for demos and tests, built with the official ``mcp`` SDK (2.x).
 
-It speaks Streamable HTTP at ``path`` (stateless: no ``Mcp-Session-Id``; SSE answers by
-default, JSON with ``json_response=True``) and offers tools whose names carry a dotted
-namespace, as agents see them behind a gateway: ``github.search_issues``,
+It speaks Streamable HTTP at ``path`` (stateless: no ``Mcp-Session-Id``, unless
+``stateful``; SSE answers by default, JSON with ``json_response=True``) and offers tools
+whose names carry a dotted namespace, as agents see them behind a gateway: ``github.search_issues``,
 ``github.get_issue``, ``github.create_issue``, ``jira.create_issue``, ``jira.search``,
 ``weather.get``; resources ``docs://demo/readme``, ``docs://demo/runbook``,
 ``secrets://demo/deploy-key`` and the template ``weather://{city}/today``; prompts
@@ -168,13 +168,14 @@ def demo_app(
     *,
     json_response: bool = False,
     calls: CallLog | None = None,
+    stateful: bool = False,
 ) -> tuple[ASGIApp, CallLog]:
     """The demo server as an ASGI app (run it with its lifespan, e.g. under uvicorn),
     and the log it records received messages in."""
     log = calls if calls is not None else CallLog()
     sdk_app = build_server().streamable_http_app(
         streamable_http_path=path,
-        stateless_http=True,
+        stateless_http=not stateful,
         json_response=json_response,
         # Behind Envoy the Host header is the gateway's; the rebinding check guards
         # browsers talking to a local server, which this demo is not.
@@ -293,9 +294,10 @@ def run_demo_server(
     log: Path | None = None,
     *,
     json_response: bool = False,
+    stateful: bool = False,
 ) -> None:
     """Serve the demo until interrupted (blocking)."""
-    app, _ = demo_app(path, json_response=json_response, calls=CallLog(log))
+    app, _ = demo_app(path, json_response=json_response, calls=CallLog(log), stateful=stateful)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -306,8 +308,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--path", default="/mcp")
     parser.add_argument("--log", type=Path, default=None, help="append received calls here")
     parser.add_argument("--json", action="store_true", help="answer JSON instead of SSE")
+    parser.add_argument("--stateful", action="store_true", help="open sessions (Mcp-Session-Id)")
     args = parser.parse_args(argv)
-    run_demo_server(args.host, args.port, args.path, args.log, json_response=args.json)
+    run_demo_server(
+        args.host, args.port, args.path, args.log, json_response=args.json, stateful=args.stateful
+    )
 
 
 if __name__ == "__main__":

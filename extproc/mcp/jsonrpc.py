@@ -66,6 +66,8 @@ class ErrorCode(IntEnum):
     GUARDRAIL_BLOCKED = -32012
     BATCH_REJECTED = -32013
     GATEWAY_ERROR = -32014
+    SESSION_NOT_FOUND = -32001
+    """What MCP's reference servers answer (with HTTP 404) for a session they do not know."""
 
 
 _BAD_INPUT = frozenset({ErrorCode.PARSE_ERROR, ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_PARAMS})
