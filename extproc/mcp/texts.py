@@ -119,7 +119,9 @@ def call_texts(request: Request) -> tuple[TextPart, ...]:
         return ()
     role, kind = roles
     prefix: JsonPath = (*_at(request.index), "params", "arguments")
-    return tuple(TextPart(path, role, kind, text) for path, text in _strings(arguments, prefix))
+    values = tuple(TextPart(path, role, kind, text) for path, text in _strings(arguments, prefix))
+    names = names_text(arguments, prefix, role, kind)  # read too, locked (dialects.fields)
+    return values if names is None else (*values, names)
 
 
 def _completion_texts(request: Request) -> tuple[TextPart, ...]:
