@@ -135,7 +135,9 @@ class _Connection(asyncio.Protocol):
         if self.receiving:
             return  # on_message_complete marks it the last
         self._done = True
-        if self._serving is None and self._transport is not None:
+        if self._blocked is not None:
+            self._abort()  # it reads no answers: the one being written would not be read
+        elif self._serving is None and self._transport is not None:
             self._transport.close()
 
     # asyncio.Protocol
@@ -212,7 +214,14 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         expect = self._request.headers.get("expect")
-        if expect is not None and expect.lower() == "100-continue" and self._transport:
+        if (
+            expect is not None
+            and expect.lower() == "100-continue"
+            and self._transport is not None
+            and not self._queue  # behind earlier answers it would come out of turn
+            and self._serving is None
+            and self._parser.get_http_version() == "1.1"  # HTTP/1.0 has no such answer
+        ):
             self._transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -271,7 +280,13 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue and self._transport is not None:
                 if self._blocked is not None:
-                    await self._blocked
+                    try:  # a client that reads nothing for that long is not coming back
+                        await asyncio.wait_for(
+                            asyncio.shield(self._blocked), self._server.request_seconds
+                        )
+                    except TimeoutError:
+                        self._abort()
+                        break
                     continue  # the connection may be gone meanwhile
                 request = self._queue.popleft()
                 if self._paused and len(self._queue) < MAX_QUEUED // 2:
@@ -335,14 +350,19 @@ class _Connection(asyncio.Protocol):
         if self._serving is None and self._transport is not None:
             self._transport.close()
 
+    def _abort(self) -> None:
+        self.receiving = False
+        self._closing = self._done = True
+        self._queue.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
     def abort_if_slower_than(self, deadline: float) -> None:
         """Close the connection if its request began to arrive before ``deadline``: its
         client (Envoy's check times out long before) has given up, or is holding the
         server's memory and a shutdown's wait for in-flight requests."""
-        if self.receiving and self.began_at < deadline and self._transport is not None:
-            self.receiving = False
-            self._closing = self._done = True
-            self._transport.abort()
+        if self.receiving and self.began_at < deadline:
+            self._abort()
 
 
 def _last_touches(answer: bytes, head_only: bool, closing: bool) -> bytes:
@@ -385,7 +405,6 @@ class Server:
         self.request_seconds = request_seconds
         """A connection whose request is not whole this long after it began to arrive is
         closed (checked every quarter of it, so closed within 1.25 times it)."""
-        self._sweeping: asyncio.TimerHandle | None = None
         self.connections: set[_Connection] = set()
         self._answering: set[asyncio.Task[None]] = set()
         """Tasks answering requests, also those of a connection already lost."""
@@ -420,15 +439,21 @@ class Server:
         deadline = self._loop.time() - self.request_seconds
         for connection in list(self.connections):
             connection.abort_if_slower_than(deadline)
-        self._sweeping = self._loop.call_later(self.request_seconds / 4, self._sweep)
+        if (
+            self._listening is not None
+            and not self._listening.is_serving()
+            and not self.connections
+        ):
+            return  # closed, and no connection left to watch
+        self._loop.call_later(self.request_seconds / 4, self._sweep)
 
     def close(self) -> None:
         """Stop taking connections and requests: idle connections close now, busy ones
         (a request being answered, or still arriving) once their request is answered."""
         if self._listening is not None:
             self._listening.close()
-        if self._sweeping is not None:
-            self._sweeping.cancel()
+        # The sweep goes on while connections are left: a request still arriving at
+        # shutdown is waited for, but not past request_seconds.
         for connection in list(self.connections):
             connection.close_when_idle()
 

@@ -389,3 +389,52 @@ async def test_a_request_that_never_finishes_arriving_is_dropped() -> None:
         writer.close()
     finally:
         server.close()
+
+
+async def test_a_client_that_reads_nothing_for_request_seconds_is_let_go() -> None:
+    """Its answers wait unwritten, and so would a shutdown waiting for them: the
+    connection is dropped once it has read nothing for request_seconds."""
+    server, echo = await serve(request_seconds=0.5)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"".join(request(f"/big{i}") for i in range(200)))
+        await asyncio.sleep(0.2)
+        assert server.busy >= 1
+        for _ in range(100):
+            if server.busy == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.busy == 0 and len(echo.seen) < 200
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_shutdown_waits_for_a_request_still_arriving_no_longer_than_request_seconds() -> None:
+    server, _ = await serve(request_seconds=0.4)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("/half", "POST", b"x" * 100)[:-50])
+    await asyncio.sleep(0.1)
+    server.close()
+    assert server.busy == 1  # in flight: read to its end if it comes
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert server.busy == 0
+    writer.close()
+
+
+async def test_100_continue_is_not_sent_ahead_of_earlier_answers(served: Served) -> None:
+    server, echo = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    body = b"x" * 10
+    writer.write(
+        request("/slow")
+        + f"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n"
+        "expect: 100-continue\r\n\r\n".encode()
+        + body
+    )
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    echo.release.set()
+    [(first, _, slow), (second, _, up)] = await asyncio.wait_for(read_answers(reader, 2), 5)
+    writer.close()
+    assert (first, orjson.loads(slow)["path"]) == (200, "/slow")
+    assert (second, orjson.loads(up)["path"]) == (200, "/up")
