@@ -19,7 +19,7 @@ Key layout (``prefix`` defaults to ``budget``)::
 
 The logical part after the prefix is :func:`extproc.budgets.keys.counter_key`. Counters
 expire (EXPIREAT) at their window's end plus ``EXPIRY_SLACK_SECONDS``; idempotency tokens
-after a day.
+after TOKEN_TTL_SECONDS (3 hours).
 
 Hash tag: every key carries the same tag, ``{<prefix>}``, so on Redis Cluster the whole
 budget keyspace lives in one slot and every script touches a single slot (no CROSSSLOT).

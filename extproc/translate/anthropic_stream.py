@@ -119,8 +119,8 @@ class StreamTranslator:
 
     def _event(self, event: bytes) -> bytes:
         text = sse.data(event)
-        if text is None:
-            return b""
+        if text is None or not text.strip():
+            return b""  # no data (a bare "data" line is empty data): nothing to translate
         try:
             payload = orjson.loads(text)
         except orjson.JSONDecodeError:

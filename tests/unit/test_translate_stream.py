@@ -417,3 +417,11 @@ def test_oversized_event_is_refused_not_buffered() -> None:
 def test_bad_json_event_is_an_error() -> None:
     got = events(translate([_event(EVENTS[0]), b"data: {not json\n\n"]))
     assert "error" in got[-2] and got[-1] == "[DONE]"
+
+
+def test_an_event_with_empty_data_is_passed_over() -> None:
+    """A bare "data" line is an empty data field (as the format reads it): no JSON to
+    translate, and no reason to end the client's stream with an error."""
+    start, rest = ANTHROPIC_SSE.split(b"\n\n", 1)
+    stream = start + b"\n\nevent: ping\ndata\n\n" + rest
+    assert events(translate([stream])) == events(translate([ANTHROPIC_SSE]))
