@@ -134,7 +134,7 @@ async def authorize(
                 clock(),
                 request.answers,
                 min_output_cap=exchange.dialect.min_output_cap,
-                hour_cache=request.hour_cache,
+                hour_cache=hour_cache(exchange, request),
             )
     except GatewayError as error:
         return exchange.reject(error)
@@ -430,6 +430,13 @@ def _refuse_unseen_answers(
         )
 
 
+def hour_cache(exchange: Exchange, request: LLMRequest) -> bool:
+    """Whether the request asks Claude for its 1-hour cache (an Anthropic request, or a
+    chat one translated for Claude: its parts keep their cache_control)."""
+    goes_to_claude = request.dialect == "anthropic.messages" or exchange.translation is not None
+    return request.hour_cache and goes_to_claude
+
+
 def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel | None) -> Any:
     """The keyword arguments a guardrail scope is matched against."""
     return {
@@ -477,7 +484,7 @@ async def finish_request_body(
                 may_cap_output=may_cap_output,
                 answers=request.answers,
                 min_output_cap=dialect.min_output_cap,
-                hour_cache=request.hour_cache,
+                hour_cache=hour_cache(exchange, request),
             )
             exchange.reservation = reservation
             cap = reservation.output_cap if reservation is not None else None

@@ -12,6 +12,7 @@ from typing import Any
 
 from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
+    asks_hour_cache,
     expect_list,
     expect_object,
     expect_str,
@@ -64,7 +65,7 @@ class AnthropicMessages:
             tools=tools,
             body=body,
             chat_messages=len(body["messages"]),
-            hour_cache=_asks_hour_cache(body),
+            hour_cache=asks_hour_cache(body),
         )
 
 
@@ -248,26 +249,6 @@ def _text_blocks(
             texts.append(TextPart((*where, "text"), author, kind, text))
         elif quoting:
             _quoted(block, where, author, kind, texts)
-
-
-def _asks_hour_cache(body: dict[str, Any]) -> bool:
-    """Whether a ``cache_control`` (the request's, a tool's, a system block's or a
-    message block's) asks for the 1-hour cache. Read leniently: the shapes were checked
-    or are the API's."""
-    blocks: list[Any] = [body]  # a request-wide cache_control too
-    for field in ("tools", "system"):
-        if isinstance(body.get(field), list):
-            blocks.extend(body[field])
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            blocks.extend(content)
-    return any(
-        isinstance(block, dict)
-        and isinstance(control := block.get("cache_control"), dict)
-        and control.get("ttl") == "1h"
-        for block in blocks
-    )
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:

@@ -196,6 +196,30 @@ def string_leaves(value: object, path: JsonPath) -> list[tuple[JsonPath, str]]:
     return found
 
 
+def asks_hour_cache(body: dict[str, Any]) -> bool:
+    """Whether a ``cache_control`` asks for Anthropic's 1-hour cache: the request's, a
+    tool's, a system block's, a message block's or one inside a tool result (Anthropic's
+    own requests, and chat ones translated for Claude, whose parts keep theirs). Read
+    leniently: the shapes were checked or are the API's."""
+    blocks: list[Any] = [body]
+    for field in ("tools", "system"):
+        if isinstance(body.get(field), list):
+            blocks.extend(body[field])
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            blocks.append(block)
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(inner, list):
+                blocks.extend(inner)
+    return any(
+        isinstance(block, dict)
+        and isinstance(control := block.get("cache_control"), dict)
+        and control.get("ttl") == "1h"
+        for block in blocks
+    )
+
+
 def member_names(value: object) -> list[str]:
     """Every object member name inside ``value``, each object's names before those of
     its values (iteratively, as :func:`string_leaves`): the model reads a tool input's

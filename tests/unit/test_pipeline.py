@@ -11,12 +11,15 @@ import pytest
 from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Meter
 from extproc.decisions import Decision, Forward, Reply
+from extproc.dialects.openai_chat import DIALECT as CHAT
 from extproc.exchange import Exchange
 from extproc.pipeline import (
     finish_request_body,
+    hour_cache,
     on_request_headers,
     prepare_request_body,
 )
+from extproc.routing import ResponseTranslation
 from tests.unit.policies import make_policy, sha
 
 POLICY = make_policy()
@@ -338,3 +341,28 @@ async def test_a_budget_affording_fewer_tokens_than_the_api_accepts_refuses(
     else:
         assert isinstance(decision, Forward) and decision.body is not None
         assert orjson.loads(decision.body)["max_completion_tokens"] == 10
+
+
+def test_the_hour_cache_is_reserved_for_only_when_the_request_goes_to_claude() -> None:
+    """A chat request's parts keep their cache_control when translated for Claude; sent to
+    an OpenAI model it asks for nothing, and its prompt is not reserved at 2x."""
+    body = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "text",
+                        "text": "x",
+                        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                    }
+                ],
+            }
+        ],
+    }
+    request = CHAT.parse(body)
+    exchange = Exchange(POLICY)
+    assert request.hour_cache and not hour_cache(exchange, request)
+    exchange.translation = ResponseTranslation(requested_model="m", include_usage=False)
+    assert hour_cache(exchange, request)
