@@ -1,23 +1,24 @@
 """The texts of MCP traffic that guardrails read, each with its JSON path.
 
 Input rules read what a caller sends a tool: every string leaf of a tools/call's
-``arguments`` (and of a prompts/get's ``arguments``), however deeply nested. Output rules
-read what comes back from a server and will be put in front of a model: tool results
+``arguments`` (and of a prompts/get's ``arguments``), however deeply nested, and their
+member names (locked: :attr:`~extproc.dialects.base.TextPart.locked`). Output rules read
+what comes back from a server and will be put in front of a model: tool results
 (``content[].text``, embedded resources' ``text``, resource links' name, title and
-description, string leaves of ``structuredContent``), resource contents
-(``contents[].text``), prompt messages (``messages[].content.text``) and a prompt's
-``description``, the server's ``instructions`` (initialize, server/discover: clients put
-them in their model's system prompt), and what list results say of each item
-(:func:`listed_texts`: a tool's title, description and parameter descriptions, where a
-tool is poisoned). So do a server's error answers (``error.message`` and ``error.data``,
-which agents hand their model as the call's outcome) and what a server asks of the client
-on its own (:func:`message_texts`): a ``sampling/createMessage``'s messages and system
-prompt, which the client sends to its model, an ``elicitation/create``'s message and field
-texts, which it shows its user, and log and progress notifications. MCP 2026-07-28 embeds
-such requests in a result instead (``result.inputRequests.{key}``, an ``input_required``
-result): they are read the same way, with paths under their key. That is where a prompt
-injection hides, so all of it is exposed; binary content (images, audio, blobs) is not
-text and is skipped.
+description, string leaves of ``structuredContent``; a finished task's, in
+``tasks/get``), resource contents (``contents[].text``), prompt messages
+(``messages[].content.text``) and a prompt's ``description``, the server's
+``instructions`` (initialize, server/discover: clients put them in their model's system
+prompt), and what list results say of each item (:func:`listed_texts`: a tool's titles,
+description and schemas, where a tool is poisoned). So do a server's error answers
+(``error.message`` and ``error.data``, which agents hand their model as the call's
+outcome) and what a server asks of the client on its own (:func:`message_texts`): a
+``sampling/createMessage``'s messages and system prompt, which the client sends to its
+model, an ``elicitation/create``'s message and field texts, which it shows its user, and
+log and progress notifications. MCP 2026-07-28 embeds such requests in a result instead
+(``result.inputRequests.{key}``, an ``input_required`` result): they are read the same
+way, with paths under their key. That is where a prompt injection hides, so all of it is
+exposed; binary content (images, audio, blobs) is not text and is skipped.
 
 Paths start at the JSON-RPC message (``("params", "arguments", "query")``,
 ``("result", "content", 0, "text")``) and, for a batch body, at the element's index, so
@@ -276,7 +277,7 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
             found.extend(
                 (path, text)
                 for path, text in _strings(schema, (*where, "requestedSchema"))
-                if path[-1] not in _SCHEMA_WORDS
+                if not _schema_word(path)
             )
     elif method == "notifications/message":
         if isinstance(params.get("logger"), str):
@@ -290,6 +291,19 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
 
 _SCHEMA_WORDS = frozenset({"type", "format", "$schema", "pattern", "$ref", "$id"})
 """Schema members whose strings are JSON Schema's own words, not text for a person."""
+_SCHEMA_DATA = frozenset({"default", "examples", "example", "const", "enum"})
+"""Schema members whose values are data (shown to the model), whatever keys they hold."""
+
+
+def _schema_word(path: JsonPath) -> bool:
+    """Whether the string at ``path`` in a schema is JSON Schema's own word: a keyword's
+    value (``type: string``) or a name in a ``required`` list, outside any data value (a
+    ``default`` holding ``{"type": ...}``)."""
+    if any(step in _SCHEMA_DATA for step in path):
+        return False
+    if path[-1] in _SCHEMA_WORDS:
+        return path[-2:-1] != ("properties",)
+    return isinstance(path[-1], int) and path[-2:-1] == ("required",)
 
 
 def _content_texts(content: Any, where: JsonPath) -> Iterator[tuple[JsonPath, str]]:
@@ -334,9 +348,7 @@ def listed_texts(item: Any) -> tuple[TextPart, ...]:
         value = item.get(schema)
         if isinstance(value, dict):
             found.extend(
-                (path, text)
-                for path, text in _strings(value, (schema,))
-                if path[-1] not in _SCHEMA_WORDS and "required" not in path[-2:-1]
+                (path, text) for path, text in _strings(value, (schema,)) if not _schema_word(path)
             )
             listed_names = names_text(value, (schema,), "tool", "tool_result")
             if listed_names is not None:
@@ -395,8 +407,10 @@ def _at(index: int | None) -> JsonPath:
 
 def withheld(texts: tuple[TextPart, ...], why: str) -> dict[JsonPath, str]:
     """Rewrites that replace each of ``texts`` with ``[why]``: how a message that must go
-    on (a server's request, a client's answer to one: its peer waits for it) is blocked."""
-    return dict.fromkeys((part.path for part in texts), f"[{why}]")
+    on (a server's request, a client's answer to one: its peer waits for it) is blocked.
+    Locked texts (member names) have no place of their own: replaced, the object they
+    name would go with them, so they stay."""
+    return dict.fromkeys((part.path for part in texts if not part.locked), f"[{why}]")
 
 
 def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:
