@@ -122,9 +122,10 @@ def blanked(text: str, spans: Sequence[Span]) -> str:
 
 def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
     """``findings`` shrunk so that none starts or ends inside an escape, nor takes in a
-    quote (from :func:`escapes`): the quotes a finding starts with are left out, and it
-    ends at the first quote after them (dropped when nothing is left). Told by the quotes
-    alone, not by counting them, since a stream's window may begin inside a string."""
+    quote (from :func:`escapes`): the quotes a finding starts with are left out, and one
+    that crosses from a string into another is split into its parts inside them
+    (:func:`_in_strings`; dropped when nothing is left). Told by the quotes alone, not by
+    counting them, since a stream's window may begin inside a string."""
     if not spans:
         return findings
     starts = [low for low, _ in spans]
@@ -139,15 +140,29 @@ def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
         low, high = spans[max(bisect.bisect_left(starts, end) - 1, 0)]
         if low < end < high:
             end = low
-        at = bisect.bisect_left(quotes, start)
-        while at < len(quotes) and quotes[at] == start:
-            start, at = start + 1, at + 1
-        if at < len(quotes) and quotes[at] < end:
-            end = quotes[at]
-        if start < end:
-            kept.append(
-                finding
-                if (start, end) == (finding.start, finding.end)
-                else Finding(start, end, finding.label, finding.score)
-            )
+        pieces = _in_strings(start, end, quotes)
+        if pieces == [(finding.start, finding.end)]:
+            kept.append(finding)
+        else:
+            kept.extend(Finding(low, high, finding.label, finding.score) for low, high in pieces)
     return kept
+
+
+def _in_strings(start: int, end: int, quotes: Sequence[int]) -> list[Span]:
+    """The parts of ``start:end`` inside strings: from ``start`` (past the quotes it
+    starts with) to the next quote, then from each string that opens before ``end`` to
+    its close. A finding that runs from a member's name into its value (``password":
+    "hunter2``) is both strings' then, not the name's alone (the value, a secret, went on
+    unmasked); what lies between strings (``": "``) is JSON's own."""
+    at = bisect.bisect_left(quotes, start)
+    while at < len(quotes) and quotes[at] == start:
+        start, at = start + 1, at + 1
+    pieces: list[Span] = []
+    while start < end:
+        stop = quotes[at] if at < len(quotes) and quotes[at] < end else end
+        if start < stop:
+            pieces.append((start, stop))
+        if stop == end or at + 1 >= len(quotes) or quotes[at + 1] + 1 >= end:
+            break
+        start, at = quotes[at + 1] + 1, at + 2  # past the close, into the next string
+    return pieces

@@ -630,3 +630,16 @@ def test_json_source_with_the_escapes_encoders_write_is_masked_as_before() -> No
     result = _judged([part])
     assert not result.blocked
     assert json.loads(result.rewrites[("arguments",)]) == {"html": "<b>", "to": "<EMAIL_ADDRESS>"}
+
+
+def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
+    """Cut at the name's closing quote, the value (the secret) went on unmasked while the
+    verdict said rewritten; what lies between the strings stays JSON's."""
+    arguments = '{"password": "hunter2", "n": 1}'
+    part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
+    guardrails = guardrails_from_yaml(
+        "- {name: c, stage: input, mode: mutate, "
+        "detector: {kind: content, deny: ['(?i)password\\W+\\w+']}}"
+    )
+    result = guardrails.check("input", [part], team=None, key_id=None, model=None, path="/")
+    assert json.loads(result.rewrites[("arguments",)]) == {"[REDACTED]": "[REDACTED]", "n": 1}
