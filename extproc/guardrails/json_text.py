@@ -54,30 +54,24 @@ def _quotes(text: str, escaped: Sequence[Span]) -> list[Span]:
     return found
 
 
-_ESCAPED_BY_ENCODERS = frozenset("\"\\<>&'")
-"""Printable ASCII that some encoders do write as ``\\uXXXX`` (Go's ``<``, ``>``, ``&``;
-PHP's quotes), or that would change how the rest reads (a backslash)."""
-
-
 def _plain_escape(text: str, low: int, high: int) -> str | None:
-    """The printable ASCII character a ``\\uXXXX`` escape spells, if no encoder would
-    have escaped it."""
+    """The letter, digit or ``@`` a ``\\uXXXX`` escape spells: what no encoder escapes
+    (Go escapes ``<``, ``>`` and ``&``, Gson also ``=`` and ``'``, PHP quotes, all of them
+    control characters), so only text hiding from a reader spells it that way."""
     if high - low != _UNICODE_ESCAPE or text[low + 1] != "u":
         return None
     try:
         char = chr(int(text[low + 2 : high], 16))
     except ValueError:
         return None
-    plain = char.isascii() and char.isprintable() and char not in _ESCAPED_BY_ENCODERS
-    return char if plain else None
+    return char if char.isascii() and (char.isalnum() or char == "@") else None
 
 
 def with_decoded(texts: Sequence[TextPart]) -> Sequence[TextPart]:
-    """``texts``, and for each JSON source that spells plain ASCII as ``\\uXXXX``
-    escapes (``\\u0049gnore``, ``jane\\u0040example.com``), that text with them
-    decoded, locked (findings in it have no place to be rewritten: a rule that would
-    rewrite one blocks). No encoder escapes such characters (some escape ``<``, ``>``,
-    ``&``, quotes and control characters, which stay as written); a model reads
+    """``texts``, and for each JSON source that spells letters, digits or ``@`` as
+    ``\\uXXXX`` escapes (``\\u0049gnore``, ``jane\\u0040example.com``), that text with
+    them decoded, locked (findings in it have no place to be rewritten: a rule that would
+    rewrite one blocks). No encoder escapes those (:func:`_plain_escape`); a model reads
     ``\\u0049gnore`` as ``Ignore``, and the detectors, which read escapes as written,
     did not."""
     added: list[TextPart] = []
@@ -90,8 +84,8 @@ def with_decoded(texts: Sequence[TextPart]) -> Sequence[TextPart]:
 
 
 def plain_decoded(text: str) -> str:
-    """JSON source ``text`` with the escapes that spell plain ASCII decoded (the same
-    object when there are none)."""
+    """JSON source ``text`` with the escapes :func:`_plain_escape` decodes decoded (the
+    same object when there are none)."""
     if "\\u" not in text:
         return text
     last = 0

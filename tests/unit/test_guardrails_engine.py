@@ -643,3 +643,13 @@ def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
     )
     result = guardrails.check("input", [part], team=None, key_id=None, model=None, path="/")
     assert json.loads(result.rewrites[("arguments",)]) == {"[REDACTED]": "[REDACTED]", "n": 1}
+
+
+def test_json_source_with_gsons_escapes_is_masked_not_blocked() -> None:
+    """Gson writes = and ' as \\u003d and \\u0027: no decoded copy, so what a masking rule
+    finds is masked in place, not blocked."""
+    arguments = '{"to":"jane.doe@example.com","q":"a\\u003db"}'
+    part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
+    result = _judged([part])
+    assert not result.blocked
+    assert json.loads(result.rewrites[("arguments",)]) == {"to": "<EMAIL_ADDRESS>", "q": "a=b"}
