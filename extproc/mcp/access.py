@@ -132,11 +132,12 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _UNCLEAR_URI = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|\\|[\x00-\x20\x7f]")
 """A dot segment, a backslash, whitespace or a control character."""
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_REFUSED = frozenset("/\\%") | frozenset(map(chr, range(0x21))) | {"\x7f"}
+_REFUSED = frozenset("/\\%") | frozenset(map(chr, range(0x20))) | {"\x7f"}
 """What an escape must not spell: a slash or backslash (a server decoding it sees another
-path), ``%`` (escapes escaped twice), whitespace and control characters."""
-_DELIMITERS = frozenset(":?#[]@!$&'()*+,;=")
-"""Escapes left as written: decoded, they would read as delimiters they are not."""
+path), ``%`` (escapes escaped twice), control characters."""
+_KEPT = frozenset(":?#[]@!$&'()*+,;= ")
+"""Escapes left as written: decoded, they would read as delimiters they are not (and a
+space as the whitespace a URI cannot hold: ``My%20Documents`` is an ordinary name)."""
 _SPECIAL = {"http": "80", "https": "443", "ws": "80", "wss": "443", "ftp": "21", "file": ""}
 """Schemes whose URIs servers parse as URLs (with an authority), and their default ports."""
 
@@ -168,10 +169,10 @@ def canonical_uri(uri: str) -> str:
     scheme = scheme.lower()
     rest = _decoded(rest)
     if scheme in _SPECIAL and rest.startswith("//"):
-        authority, slash, path = rest[2:].partition("/")
-        userinfo, at, host = authority.rpartition("@")
+        end = next((i for i, c in enumerate(rest[2:], 2) if c in "/?#"), len(rest))
+        userinfo, at, host = rest[2:end].rpartition("@")
         host = host.lower().removesuffix(f":{_SPECIAL[scheme]}")
-        rest = "//" + userinfo + at + host + slash + path
+        rest = "//" + userinfo + at + host + rest[end:]
     return scheme + colon + rest
 
 
@@ -183,7 +184,7 @@ def _ascii_escape(escape: re.Match[str]) -> str:
     """An escape of ASCII other than a delimiter decoded; a delimiter's, or a byte of a
     multi-byte character, kept as written."""
     char = chr(int(escape.group(1), 16))
-    return char if char.isascii() and char not in _DELIMITERS else escape.group(0)
+    return char if char.isascii() and char not in _KEPT else escape.group(0)
 
 
 def compile_access(team: McpAccess | None, *narrowing: McpAccess | None) -> McpPermissions:

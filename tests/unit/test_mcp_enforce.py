@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from extproc.mcp.access import CompiledServer, Kind, compile_access
+from extproc.mcp.access import CompiledServer, Kind, canonical_uri, compile_access, unclear_uri
 from extproc.mcp.config import McpAccess
 from extproc.mcp.enforce import (
     Answer,
@@ -591,6 +591,16 @@ def test_a_resource_uri_is_judged_as_a_server_reads_it(uri: str) -> None:
     assert not access.permits(Kind.RESOURCE, uri)
     assert access.permits(Kind.RESOURCE, "weather://oslo/today")
     assert access.permits(Kind.RESOURCE, "weather://oslo/today?mail=jane%40example.com")
+
+
+def test_ordinary_escapes_and_urls_without_a_path_are_read_as_servers_read_them() -> None:
+    """An escaped space is an ordinary name (filesystem servers list them), and a URL's
+    default port goes whether a path follows or a query."""
+    assert not unclear_uri("file:///Users/me/My%20Documents/notes.txt")
+    assert canonical_uri("file:///Users/me/My%20Documents/n%6Ftes.txt") == (
+        "file:///Users/me/My%20Documents/notes.txt"
+    )
+    assert canonical_uri("https://INTERNAL.corp:443?x=1") == "https://internal.corp?x=1"
 
 
 def test_a_resource_uri_scheme_is_matched_in_lower_case() -> None:
