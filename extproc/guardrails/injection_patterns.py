@@ -47,9 +47,9 @@ _QUALIFIER = (
 _TARGET = (
     r"(?:instructions?|rules|orders|directives?|commands|guidelines|prompts?|constraints"
     r"|restrictions|programming|policies|guardrails|safeguards|filters|directions|context"
-    r"|information|training|conditioning|limitations|guidance)"
+    r"|information|training|conditioning|limitations|text|guidance)"
 )
-_WEAK_TARGET = r"(?:messages?|text)"
+_WEAK_TARGET = r"(?:messages?)"
 """What a user also tells a model to ignore of their own ("please ignore my previous
 message, I pasted the wrong file"): evidence only beside another signal."""
 _RESPONSE = (
@@ -166,8 +166,8 @@ SIGNALS: tuple[Signal, ...] = (
         (
             r"\b(?:secret|hidden)\s+(?:password|passphrase|word|key|code)\b",
             r"\bwhat\s+(?:is|was)\s+the\s+(?:password|secret|passphrase)\b",
-            r"\b(?:reveal|tell|give|spell|share)\s+(?:me\s+)?(?:the|your)\s+(?:password"
-            r"|secret|passphrase)\b",
+            r"\b(?:reveal|tell|give|spell|share|print|show|output|dump)\s+(?:me\s+)?(?:the|your)"
+            r"\s+(?:[\w'-]+\s+)?(?:password|secret|passphrase)\b",
         ),
     ),
     # --- role-play jailbreaks ------------------------------------------------------------
