@@ -31,7 +31,14 @@ from extproc.guardrails.content import ContentDetector
 from extproc.guardrails.findings import Finding, resolve_overlaps, rewrite
 from extproc.guardrails.folding import folded
 from extproc.guardrails.injection import Classifier, InjectionDetector
-from extproc.guardrails.json_text import Span, blanked, escapes, outside, with_decoded
+from extproc.guardrails.json_text import (
+    Span,
+    blanked,
+    escapes,
+    in_structure,
+    outside,
+    with_decoded,
+)
 from extproc.guardrails.linear import PatternError, Utf8
 from extproc.guardrails.operators import OperatorError, Rewrite, build_operator
 from extproc.guardrails.phone import PHONE_RECOGNIZER
@@ -282,7 +289,8 @@ def run_rules(
             f
             for i, found in hits
             for f in found
-            if (a := rule.action(f.label)) is not None and (a.block or texts[i].locked)
+            if (a := rule.action(f.label)) is not None
+            and (a.block or texts[i].locked or in_structure(f, encoded[i][1]))
         ]
         if blocking:
             verdicts.append(_verdict(rule, stage, "blocked", blocking, len(hits)))

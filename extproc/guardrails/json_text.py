@@ -142,6 +142,17 @@ def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
     return kept
 
 
+def in_structure(finding: Finding, spans: Sequence[Span]) -> bool:
+    """Whether ``finding``, in a whole JSON source whose :func:`escapes` are ``spans``,
+    lies outside every string: a number (a phone number written ``2125551234``), which a
+    rewrite would leave no JSON (so a rule that would rewrite it blocks). Only for a whole
+    text: a stream's window may begin inside a string."""
+    if not spans:
+        return False
+    quotes = [low for low, high in spans if high - low == 1]
+    return bisect.bisect_right(quotes, finding.start) % 2 == 0
+
+
 def _in_strings(start: int, end: int, quotes: Sequence[int]) -> list[Span]:
     """The parts of ``start:end`` inside strings: from ``start`` (past the quotes it
     starts with) to the next quote, then from each string that opens before ``end`` to

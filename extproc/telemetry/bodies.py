@@ -54,14 +54,19 @@ def recorded(
     arguments stay JSON source to the redaction (a ``\\n`` escape is no ``n`` glued to
     the number after it), with the escapes that spell letters, digits or ``@`` decoded
     first (``jane\\u0040example.com`` is an address to redact). Locked texts (a tool
-    input's member names, decoded copies) are no text of the body, and are not recorded:
-    with none left, the redaction's rules (which only rewrite) can never block."""
+    input's member names, decoded copies) are no text of the body, and are not recorded.
+    A number in JSON source that a rule would rewrite blocks the guardrails (its
+    replacement is no JSON); a record need not be JSON, so then the texts are redacted
+    as plain text instead, never recorded raw."""
     sent = [
         dataclasses.replace(p, text=_as_sent(p, rewrites.get(p.path, p.text)))
         for p in texts
         if not p.locked
     ]
     result = redact.check("input", sent, team=None, key_id=None, model=None, path="")
+    if result.blocked:
+        sent = [dataclasses.replace(p, json_source=False) for p in sent]
+        result = redact.check("input", sent, team=None, key_id=None, model=None, path="")
     return [
         {"role": p.role, "kind": p.kind, "text": str(result.rewrites.get(p.path, p.text))}
         for p in sent

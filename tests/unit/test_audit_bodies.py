@@ -35,3 +35,10 @@ def test_locked_texts_are_not_recorded() -> None:
     assert recorded(REDACT, [value, names], {}) == [
         {"role": "assistant", "kind": "tool_arguments", "text": "x"}
     ]
+
+
+def test_a_number_the_guardrails_could_not_rewrite_is_still_redacted_in_the_record() -> None:
+    """In JSON source a rewritten number would be no JSON, and the guardrails block; a
+    record need not be JSON, so it is redacted as plain text, not recorded raw."""
+    [record] = recorded(REDACT, [_arguments('{"phone": 2125551234}')], {})
+    assert "2125551234" not in record["text"] and "<PHONE_NUMBER>" in record["text"]

@@ -653,3 +653,18 @@ def test_json_source_with_gsons_escapes_is_masked_not_blocked() -> None:
     result = _judged([part])
     assert not result.blocked
     assert json.loads(result.rewrites[("arguments",)]) == {"to": "<EMAIL_ADDRESS>", "q": "a=b"}
+
+
+def test_a_number_a_rule_would_rewrite_in_json_source_blocks_instead() -> None:
+    """``{"phone": <PHONE_NUMBER>}`` is no JSON: the same number in a string is masked."""
+    guardrails = guardrails_from_yaml(
+        "- {name: p, stage: input, mode: mutate, detector: {kind: pii, entities: [PHONE_NUMBER]}}"
+    )
+
+    def judged(arguments: str) -> GuardResult:
+        part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
+        return guardrails.check("input", [part], team=None, key_id=None, model=None, path="/")
+
+    assert judged('{"phone": 2125551234, "note": "call me"}').blocked_by == "p"
+    masked = judged('{"phone": "212-555-1234", "n": 1}')
+    assert json.loads(masked.rewrites[("arguments",)]) == {"phone": "<PHONE_NUMBER>", "n": 1}
