@@ -209,10 +209,13 @@ class Guardrails:
         key_id: str | None,
         model: str | None,
         path: str,
+        json_safe: bool = True,
     ) -> GuardResult:
-        """Judge ``texts`` (a request's or an answer's) under the rules that apply."""
+        """Judge ``texts`` (a request's or an answer's) under the rules that apply.
+        ``json_safe``: a finding whose rewrite would leave JSON source no JSON (a number)
+        blocks; without it (an audit record's redaction) it is rewritten."""
         rules = self.rules_for(stage, team=team, key_id=key_id, model=model, path=path)
-        return run_rules(rules, stage, texts)
+        return run_rules(rules, stage, texts, json_safe)
 
     def check_answer(
         self,
@@ -253,7 +256,10 @@ class Guardrails:
 
 
 def run_rules(
-    rules: Sequence[CompiledRule], stage: Stage, texts: Sequence[TextPart]
+    rules: Sequence[CompiledRule],
+    stage: Stage,
+    texts: Sequence[TextPart],
+    json_safe: bool = True,
 ) -> GuardResult:
     """The check itself, on rules already selected (streams select them once)."""
     if not rules or not texts:
@@ -290,7 +296,11 @@ def run_rules(
             for i, found in hits
             for f in found
             if (a := rule.action(f.label)) is not None
-            and (a.block or texts[i].locked or in_structure(f, encoded[i][1]))
+            and (
+                a.block
+                or texts[i].locked
+                or (json_safe and texts[i].json_source and in_structure(f, encoded[i][1]))
+            )
         ]
         if blocking:
             verdicts.append(_verdict(rule, stage, "blocked", blocking, len(hits)))

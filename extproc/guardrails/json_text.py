@@ -54,23 +54,30 @@ def _quotes(text: str, escaped: Sequence[Span]) -> list[Span]:
     return found
 
 
+_ESCAPED_BY_ENCODERS = frozenset("\"\\<>&'=+`")
+"""Printable ASCII some encoders do write as ``\\uXXXX`` (Go: ``<``, ``>``, ``&``; Gson
+also ``=`` and ``'``; .NET also ``+`` and a backtick; PHP quotes), or that would change how
+the rest reads (a backslash)."""
+
+
 def _plain_escape(text: str, low: int, high: int) -> str | None:
-    """The letter, digit or ``@`` a ``\\uXXXX`` escape spells: what no encoder escapes
-    (Go escapes ``<``, ``>`` and ``&``, Gson also ``=`` and ``'``, PHP quotes, all of them
-    control characters), so only text hiding from a reader spells it that way."""
+    """The printable ASCII character a ``\\uXXXX`` escape spells, unless some encoder
+    escapes it: only text hiding from a reader spells the rest that way (``\\u0020``,
+    ``\\u002d``, ``\\u0049``)."""
     if high - low != _UNICODE_ESCAPE or text[low + 1] != "u":
         return None
     try:
         char = chr(int(text[low + 2 : high], 16))
     except ValueError:
         return None
-    return char if char.isascii() and (char.isalnum() or char == "@") else None
+    plain = char.isascii() and char.isprintable() and char not in _ESCAPED_BY_ENCODERS
+    return char if plain else None
 
 
 def with_decoded(texts: Sequence[TextPart]) -> Sequence[TextPart]:
-    """``texts``, and for each JSON source that spells letters, digits or ``@`` as
-    ``\\uXXXX`` escapes (``\\u0049gnore``, ``jane\\u0040example.com``), that text with
-    them decoded, locked (findings in it have no place to be rewritten: a rule that would
+    """``texts``, and for each JSON source that spells plain ASCII as ``\\uXXXX``
+    escapes (``\\u0049gnore``, ``jane\\u0040example.com``, ``212\\u002d555``), that
+    text with them decoded, locked (findings in it have no place to be rewritten: a rule that would
     rewrite one blocks). No encoder escapes those (:func:`_plain_escape`); a model reads
     ``\\u0049gnore`` as ``Ignore``, and the detectors, which read escapes as written,
     did not."""
@@ -146,11 +153,11 @@ def in_structure(finding: Finding, spans: Sequence[Span]) -> bool:
     """Whether ``finding``, in a whole JSON source whose :func:`escapes` are ``spans``,
     lies outside every string: a number (a phone number written ``2125551234``), which a
     rewrite would leave no JSON (so a rule that would rewrite it blocks). Only for a whole
-    text: a stream's window may begin inside a string."""
-    if not spans:
-        return False
+    text: a stream's window may begin inside a string. A text without quotes is taken
+    for what a model sometimes writes instead of JSON (arguments are objects, which
+    have), and is rewritten as text."""
     quotes = [low for low, high in spans if high - low == 1]
-    return bisect.bisect_right(quotes, finding.start) % 2 == 0
+    return bool(quotes) and bisect.bisect_right(quotes, finding.start) % 2 == 0
 
 
 def _in_strings(start: int, end: int, quotes: Sequence[int]) -> list[Span]:

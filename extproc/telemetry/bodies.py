@@ -52,21 +52,20 @@ def recorded(
 ) -> list[dict[str, str]]:
     """``texts`` as the upstream got them (``rewrites`` applied), then redacted. Tool
     arguments stay JSON source to the redaction (a ``\\n`` escape is no ``n`` glued to
-    the number after it), with the escapes that spell letters, digits or ``@`` decoded
-    first (``jane\\u0040example.com`` is an address to redact). Locked texts (a tool
-    input's member names, decoded copies) are no text of the body, and are not recorded.
-    A number in JSON source that a rule would rewrite blocks the guardrails (its
-    replacement is no JSON); a record need not be JSON, so then the texts are redacted
-    as plain text instead, never recorded raw."""
+    the number after it), with the escapes that spell plain ASCII decoded first
+    (``jane\\u0040example.com`` is an address to redact). Locked texts (a tool input's
+    member names, decoded copies) are no text of the body, and are not recorded. A
+    record need not be JSON, so a number found in JSON source is rewritten where the
+    guardrails would block (``json_safe=False``): the redaction never blocks, and nothing
+    is recorded raw."""
     sent = [
         dataclasses.replace(p, text=_as_sent(p, rewrites.get(p.path, p.text)))
         for p in texts
         if not p.locked
     ]
-    result = redact.check("input", sent, team=None, key_id=None, model=None, path="")
-    if result.blocked:
-        sent = [dataclasses.replace(p, json_source=False) for p in sent]
-        result = redact.check("input", sent, team=None, key_id=None, model=None, path="")
+    result = redact.check(
+        "input", sent, team=None, key_id=None, model=None, path="", json_safe=False
+    )
     return [
         {"role": p.role, "kind": p.kind, "text": str(result.rewrites.get(p.path, p.text))}
         for p in sent

@@ -39,6 +39,8 @@ def test_locked_texts_are_not_recorded() -> None:
 
 def test_a_number_the_guardrails_could_not_rewrite_is_still_redacted_in_the_record() -> None:
     """In JSON source a rewritten number would be no JSON, and the guardrails block; a
-    record need not be JSON, so it is redacted as plain text, not recorded raw."""
-    [record] = recorded(REDACT, [_arguments('{"phone": 2125551234}')], {})
-    assert "2125551234" not in record["text"] and "<PHONE_NUMBER>" in record["text"]
+    record need not be JSON, so it is rewritten there, and the rest still read as JSON
+    source (a \\n escape is no n glued to the number after it)."""
+    arguments = '{"id": 2125551234, "body": "Reach me at\\n415-555-0132 or"}'
+    [record] = recorded(REDACT, [_arguments(arguments)], {})
+    assert record["text"] == '{"id": <PHONE_NUMBER>, "body": "Reach me at\\n<PHONE_NUMBER> or"}'
