@@ -405,15 +405,20 @@ def _at(index: int | None) -> JsonPath:
     return () if index is None else (index,)
 
 
-def withheld(texts: tuple[TextPart, ...], why: str) -> dict[JsonPath, str]:
+def withheld(texts: tuple[TextPart, ...], why: str) -> dict[JsonPath, Any]:
     """Rewrites that replace each of ``texts`` with ``[why]``: how a message that must go
     on (a server's request, a client's answer to one: its peer waits for it) is blocked.
-    Locked texts (member names) have no place of their own: replaced, the object they
-    name would go with them, so they stay."""
-    return dict.fromkeys((part.path for part in texts if not part.locked), f"[{why}]")
+    A locked text (member names) has no place of its own: the object it names is emptied
+    (``{}``, a schema that says nothing), the texts inside it with it."""
+    emptied = [part.path for part in texts if part.locked]
+    rewrites: dict[JsonPath, Any] = {path: {} for path in emptied}
+    for part in texts:
+        if not part.locked and not any(part.path[: len(at)] == at for at in emptied):
+            rewrites[part.path] = f"[{why}]"
+    return rewrites
 
 
-def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:
+def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, Any]) -> None:
     """Put rewritten texts back at their paths in ``document`` (in place).
 
     ``document`` is a decoded body (:attr:`Body.raw`) or answer message, owned by one
@@ -426,7 +431,7 @@ def apply_rewrites(document: Any, rewrites: Mapping[JsonPath, str]) -> None:
         parent[path[-1]] = text
 
 
-def rewritten(document: Any, rewrites: Mapping[JsonPath, str]) -> Any:
+def rewritten(document: Any, rewrites: Mapping[JsonPath, Any]) -> Any:
     """A copy of ``document`` with rewritten texts at their paths, ``document`` unchanged.
 
     Only the objects and arrays on the rewrites' paths are copied; the rest is shared (and

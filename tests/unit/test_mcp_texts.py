@@ -19,6 +19,7 @@ from extproc.mcp.texts import (
     result_texts,
     rewritten,
     split_embedded,
+    withheld,
 )
 
 
@@ -635,3 +636,17 @@ def test_a_tool_calls_argument_names_are_read_locked() -> None:
     request = Request(1, "tools/call", {"name": "t", "arguments": {"jane@example.com": "x"}})
     [names] = [p for p in call_texts(request) if p.locked]
     assert (names.path, names.text) == (("params", "arguments"), "jane@example.com")
+
+
+def test_a_withheld_schema_is_emptied_with_the_texts_inside_it() -> None:
+    """Its member names carried what blocked it: left, they went on to the client's
+    model; the schema, emptied, says nothing, and the texts inside go with it."""
+    tool = {
+        "name": "t",
+        "description": "d",
+        "inputSchema": {"type": "object", "properties": {"bad name": {"description": "x"}}},
+    }
+    parts = listed_texts(tool)
+    rewrites = withheld(parts, "Blocked")
+    assert rewrites == {("inputSchema",): {}, ("description",): "[Blocked]"}
+    assert rewritten(tool, rewrites) == {"name": "t", "description": "[Blocked]", "inputSchema": {}}
