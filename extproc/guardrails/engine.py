@@ -279,7 +279,7 @@ def run_rules(
             data, spans = entry
             found = rule.detector.detect(data)
             if spans:
-                found = outside(found, spans)
+                found = outside(found, spans, data.text)
             if found:
                 hits.append((i, found))
         if not hits:

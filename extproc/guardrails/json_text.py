@@ -121,7 +121,7 @@ def blanked(text: str, spans: Sequence[Span]) -> str:
     return "".join(pieces)
 
 
-def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
+def outside(findings: list[Finding], spans: Sequence[Span], text: str) -> list[Finding]:
     """``findings`` shrunk so that none starts or ends inside an escape, nor takes in a
     quote (from :func:`escapes`): the quotes a finding starts with are left out, and one
     that crosses from a string into another is split into its parts inside them
@@ -141,7 +141,7 @@ def outside(findings: list[Finding], spans: Sequence[Span]) -> list[Finding]:
         low, high = spans[max(bisect.bisect_left(starts, end) - 1, 0)]
         if low < end < high:
             end = low
-        pieces = _in_strings(start, end, quotes)
+        pieces = _in_strings(start, end, quotes, text)
         if pieces == [(finding.start, finding.end)]:
             kept.append(finding)
         else:
@@ -160,21 +160,34 @@ def in_structure(finding: Finding, spans: Sequence[Span]) -> bool:
     return bool(quotes) and bisect.bisect_right(quotes, finding.start) % 2 == 0
 
 
-def _in_strings(start: int, end: int, quotes: Sequence[int]) -> list[Span]:
-    """The parts of ``start:end`` inside strings: from ``start`` (past the quotes it
-    starts with) to the next quote, then from each string that opens before ``end`` to
-    its close. A finding that runs from a member's name into its value (``password":
-    "hunter2``) is both strings' then, not the name's alone (the value, a secret, went on
-    unmasked); what lies between strings (``": "``) is JSON's own."""
+def _in_strings(start: int, end: int, quotes: Sequence[int], text: str) -> list[Span]:
+    """The parts of ``start:end`` a rewrite may take: from ``start`` (past the quote it
+    may start with) to the string's close; and, when the finding runs on from a member's
+    name into its value (``password": "hunter2``, across a ``:``), the value's part too,
+    a string's (inside its quotes) or a bare one's (a number: rewritten, it is no JSON,
+    which :func:`in_structure` tells). Cut at the name, the value (a secret) went on
+    unmasked. Past a ``,`` the finding ran into the next member: that is no part of it."""
     at = bisect.bisect_left(quotes, start)
-    while at < len(quotes) and quotes[at] == start:
-        start, at = start + 1, at + 1
-    pieces: list[Span] = []
-    while start < end:
-        stop = quotes[at] if at < len(quotes) and quotes[at] < end else end
-        if start < stop:
-            pieces.append((start, stop))
-        if stop == end or at + 1 >= len(quotes) or quotes[at + 1] + 1 >= end:
-            break
-        start, at = quotes[at + 1] + 1, at + 2  # past the close, into the next string
+    if at < len(quotes) and quotes[at] == start:
+        start, at = start + 1, at + 1  # an opening quote: the string starts after it
+    stop = quotes[at] if at < len(quotes) and quotes[at] < end else end
+    pieces = [(start, stop)] if start < stop else []
+    if stop == end:
+        return pieces
+    following = quotes[at + 1] if at + 1 < len(quotes) and quotes[at + 1] < end else end
+    between = text[stop + 1 : following]
+    colon = between.find(":")
+    if colon < 0 or "," in between[:colon]:
+        return pieces  # no value of this member follows: structure, or the next member
+    if following < end:  # a string value: inside its quotes, up to its close or the end
+        close = quotes[at + 2] if at + 2 < len(quotes) and quotes[at + 2] < end else end
+        if following + 1 < close:
+            pieces.append((following + 1, close))
+        return pieces
+    value_at = stop + 1 + colon + 1
+    bare = text[value_at:end]
+    value_start = value_at + len(bare) - len(bare.lstrip())
+    value_end = value_at + len(bare.rstrip(" \t\r\n,]}"))
+    if value_start < value_end:
+        pieces.append((value_start, value_end))
     return pieces

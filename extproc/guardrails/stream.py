@@ -301,7 +301,8 @@ class StreamGuard:
         window, spans = readable(channel.tail + buf, channel.json_source)
         found: list[tuple[CompiledRule, Finding]] = []
         for rule in self._rules:
-            findings = [f for f in outside(rule.detector.detect(window), spans) if f.end > base]
+            detected = rule.detector.detect(window)
+            findings = [f for f in outside(detected, spans, window.text) if f.end > base]
             if findings and (
                 rule.mode == "validate"
                 or any((a := rule.action(f.label)) is not None and a.block for f in findings)

@@ -262,14 +262,14 @@ def test_no_finding_starts_or_ends_inside_an_escape() -> None:
     assert [text[a:b] for a, b in spans] == ["\\u00e9", "\\n", "\\u00e9"]
     assert blanked(text, spans) == "a\\u00e9b@x.io (  ) c@\\u00e9x.io"
     found = [Finding(3, 10, "a", 1), Finding(14, 16, "b", 1), Finding(16, 18, "c", 1)]
-    assert outside(found, spans) == [
+    assert outside(found, spans, text) == [
         Finding(7, 10, "a", 1),
         Finding(14, 15, "b", 1),
         Finding(17, 18, "c", 1),
     ]
     whole = [Finding(14, 18, "d", 1), Finding(0, 1, "e", 1)]  # a whole escape, none at all
-    assert outside(whole, spans) == whole
-    assert outside([Finding(2, 6, "f", 1)], spans) == []  # nothing but an escape
+    assert outside(whole, spans, text) == whole
+    assert outside([Finding(2, 6, "f", 1)], spans, text) == []  # nothing but an escape
 
 
 def test_no_finding_takes_in_a_quote_of_the_json_source() -> None:
@@ -281,7 +281,7 @@ def test_no_finding_takes_in_a_quote_of_the_json_source() -> None:
     quoted_url = Finding(7, 23, "URL", 0.6)  # "https://x.io/a" with its quotes
     assert text[quoted_url.start : quoted_url.end] == '"https://x.io/a"'
     runs_on = Finding(29, 42, "SECRET", 1)  # pass\"word"} and past the string's end
-    assert [text[f.start : f.end] for f in outside([quoted_url, runs_on], spans)] == [
+    assert [text[f.start : f.end] for f in outside([quoted_url, runs_on], spans, text)] == [
         "https://x.io/a",
         'pass\\"word',
     ]
@@ -293,11 +293,10 @@ def test_a_quoted_url_in_tool_arguments_is_masked_inside_its_string() -> None:
     arguments = '{"url":"https://intranet.example.com/report","depth":2}'
     texts = [TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)]
     guardrails = guardrails_from_yaml(
-        "- {name: m, stage: input, mode: mutate, detector: {kind: pii, entities: [URL]}}\n"
-        "- {name: c, stage: input, mode: mutate, detector: {kind: content, deny: ['dep\\S*']}}"
+        "- {name: m, stage: input, mode: mutate, detector: {kind: pii, entities: [URL]}}"
     )
     result = guardrails.check("input", texts, team=None, key_id=None, model=None, path="/")
-    assert json.loads(result.rewrites[("arguments",)]) == {"url": "<URL>", "[REDACTED]": 2}
+    assert json.loads(result.rewrites[("arguments",)]) == {"url": "<URL>", "depth": 2}
 
 
 OUTPUT = guardrails_from_yaml(
@@ -643,6 +642,19 @@ def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
     )
     result = guardrails.check("input", [part], team=None, key_id=None, model=None, path="/")
     assert json.loads(result.rewrites[("arguments",)]) == {"[REDACTED]": "[REDACTED]", "n": 1}
+
+    def judged(arguments: str) -> GuardResult:
+        part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
+        return guardrails.check("input", [part], team=None, key_id=None, model=None, path="/")
+
+    # Into the next member (past a comma): that member's name is no part of the finding.
+    next_member = judged('{"note": "reset my password", "user": "bob"}')
+    assert json.loads(next_member.rewrites[("arguments",)]) == {
+        "note": "reset my [REDACTED]",
+        "user": "bob",
+    }
+    # Into a number: it has no rewrite that stays JSON, so the finding blocks.
+    assert judged('{"password": 12345678}').blocked_by == "c"
 
 
 def test_json_source_with_gsons_escapes_is_masked_not_blocked() -> None:
