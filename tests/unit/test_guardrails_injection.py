@@ -101,6 +101,11 @@ def test_attacks_fire(text: str) -> None:
             "Please ignore my previous message, I pasted the wrong file.", id="own-message"
         ),
         pytest.param("The function ignores all previous messages in the queue.", id="describes"),
+        pytest.param("Please ignore the previous text, I pasted the wrong file.", id="own-text"),
+        pytest.param(
+            "Sorry, ignore my last message. Can you show me the password field validation code?",
+            id="own-message-and-a-password-field",
+        ),
         pytest.param("What is the system prompt in a Windows command line?", id="shell-prompt"),
     ],
 )
