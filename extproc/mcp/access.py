@@ -129,15 +129,15 @@ class McpPermissions:
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-_UNCLEAR_URI = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|\\|[\x00-\x20\x7f]")
-"""A dot segment, a backslash, whitespace or a control character."""
+_UNCLEAR_URI = re.compile(r"\\|[\x00-\x20\x7f]")
+"""A backslash, whitespace or a control character, as written."""
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _REFUSED = frozenset("/\\%") | frozenset(map(chr, range(0x20))) | {"\x7f"}
 """What an escape must not spell: a slash or backslash (a server decoding it sees another
 path), ``%`` (escapes escaped twice), control characters."""
-_KEPT = frozenset(":?#[]@!$&'()*+,;= ")
-"""Escapes left as written: decoded, they would read as delimiters they are not (and a
-space as the whitespace a URI cannot hold: ``My%20Documents`` is an ordinary name)."""
+_KEPT = frozenset(":?#[]@!$&'()*+,;=")
+"""Escapes left as written: decoded, they would read as delimiters they are not."""
 _SPECIAL = {"http": "80", "https": "443", "ws": "80", "wss": "443", "ftp": "21", "file": ""}
 """Schemes whose URIs servers parse as URLs (with an authority), and their default ports."""
 
@@ -145,13 +145,17 @@ _SPECIAL = {"http": "80", "https": "443", "ws": "80", "wss": "443", "ftp": "21",
 def unclear_uri(uri: str) -> bool:
     """A URI a server may resolve outside what its text matches, refused rather than
     judged: a dot segment, escaped or not (``docs://../secrets/key`` matches
-    ``docs://*``), a backslash, whitespace or control characters (a server strips them:
-    ``" secrets://key"``), an escape spelling a slash or ``%`` (``%2f``, ``%252f``), a
-    URL scheme without its ``//`` (``https:host/x`` is ``https://host/x`` to a URL
-    parser)."""
+    ``docs://*``), a backslash, whitespace or control characters as written (a server
+    strips them: ``" secrets://key"``), an escaped space at either end (``%20secrets://``),
+    an escape spelling a slash, ``%`` or a control character (``%2f``, ``%252f``), a URL
+    scheme without its ``//`` (``https:host/x`` is ``https://host/x`` to a URL parser).
+    An escaped space inside (``My%20Documents``) is an ordinary name."""
+    if _UNCLEAR_URI.search(uri) is not None:
+        return True
     if any(chr(int(code, 16)) in _REFUSED for code in _ESCAPE.findall(uri)):
         return True
-    if _UNCLEAR_URI.search(_decoded(uri)) is not None:
+    decoded = _decoded(uri)
+    if decoded != decoded.strip() or _DOT_SEGMENT.search(decoded) is not None:
         return True
     scheme, colon, rest = uri.partition(":")
     return bool(colon) and scheme.lower() in _SPECIAL and not rest.startswith("//")
@@ -160,7 +164,8 @@ def unclear_uri(uri: str) -> bool:
 def canonical_uri(uri: str) -> str:
     """``uri`` as servers read it, for matching (the URI sent on is the caller's): the
     scheme in lower case (``SECRETS://`` is ``secrets://``), escapes of ASCII other than
-    delimiters decoded (``m%6Fscow`` is ``moscow``), and for a URL its host in lower case
+    delimiters decoded (``m%6Fscow`` is ``moscow``, ``My%20Plans`` is ``My Plans``, as a
+    glob writes it), and for a URL its host in lower case
     without its default port (``https://INTERNAL.corp:443/x`` is
     ``https://internal.corp/x``)."""
     scheme, colon, rest = uri.partition(":")

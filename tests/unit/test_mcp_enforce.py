@@ -597,9 +597,14 @@ def test_ordinary_escapes_and_urls_without_a_path_are_read_as_servers_read_them(
     """An escaped space is an ordinary name (filesystem servers list them), and a URL's
     default port goes whether a path follows or a query."""
     assert not unclear_uri("file:///Users/me/My%20Documents/notes.txt")
-    assert canonical_uri("file:///Users/me/My%20Documents/n%6Ftes.txt") == (
-        "file:///Users/me/My%20Documents/notes.txt"
+    assert unclear_uri("%20secrets://key") and unclear_uri("secrets://key%20")
+    access = compile_access(
+        McpAccess.model_validate(
+            {"resources": {"allow": ["file:///*"], "deny": ["file:///Secret Plans/*"]}}
+        )
     )
+    assert not access.permits(Kind.RESOURCE, "file:///Secret%20Plans/q3.txt")
+    assert access.permits(Kind.RESOURCE, "file:///Users/me/My%20Documents/notes.txt")
     assert canonical_uri("https://INTERNAL.corp:443?x=1") == "https://internal.corp?x=1"
 
 
