@@ -39,12 +39,14 @@ def _random_tail(prefix_len: int, score: float) -> Validator:
 def _openai(value: str, text: str, start: int, end: int) -> float | None:
     """A key's body holds a long random run (48 characters, or 70-160 of base64url after
     ``sk-proj-`` or ``sk-svcacct-``, whose ``-`` and ``_`` leave a run of 12 or more in
-    every one of 20,000 random bodies tried): a name made of short words and numbers
-    (``sk-learn-pipeline-tutorial-2024``) has none."""
+    every one of 20,000 random bodies tried) in mixed case, and the body looks random: a
+    name made of words and numbers (``sk-learn-tutorial2024-notes``) has no such run."""
     if value.startswith("sk-ant-"):
         return None  # an Anthropic key; its own recognizer reports it
-    longest = max(_RUNS.split(value[3:]), key=len)
-    return 0.9 if len(longest) >= 12 and looks_random(longest) else None
+    body = value[3:]
+    longest = max(_RUNS.split(body), key=len)
+    mixed = longest.lower() != longest and longest.upper() != longest
+    return 0.9 if len(longest) >= 12 and mixed and looks_random(body) else None
 
 
 def _jwt(value: str, text: str, start: int, end: int) -> float | None:
