@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import re
 from collections.abc import Sequence
 
 from extproc.dialects.base import TextPart
@@ -25,6 +26,8 @@ from extproc.guardrails.findings import Finding
 Span = tuple[int, int]
 
 _UNICODE_ESCAPE = 6
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+"""A JSON number, as a member's bare value starts."""
 """``\\uXXXX``."""
 
 
@@ -163,10 +166,11 @@ def in_structure(finding: Finding, spans: Sequence[Span]) -> bool:
 def _in_strings(start: int, end: int, quotes: Sequence[int], text: str) -> list[Span]:
     """The parts of ``start:end`` a rewrite may take: from ``start`` (past the quote it
     may start with) to the string's close; and, when the finding runs on from a member's
-    name into its value (``password": "hunter2``, across a ``:``), the value's part too,
-    a string's (inside its quotes) or a bare one's (a number: rewritten, it is no JSON,
-    which :func:`in_structure` tells). Cut at the name, the value (a secret) went on
-    unmasked. Past a ``,`` the finding ran into the next member: that is no part of it."""
+    name into its value (``password": "hunter2``, across a ``:`` alone), the value's part
+    too, a string's (inside its quotes) or a number's (rewritten, it is no JSON, which
+    :func:`in_structure` tells). Cut at the name, the value (a secret) went on unmasked.
+    Past a ``,`` the finding ran into the next member, and an object, an array, ``true``,
+    ``false`` or ``null`` has no place for a rewrite: no part of it is taken."""
     at = bisect.bisect_left(quotes, start)
     if at < len(quotes) and quotes[at] == start:
         start, at = start + 1, at + 1  # an opening quote: the string starts after it
@@ -176,18 +180,16 @@ def _in_strings(start: int, end: int, quotes: Sequence[int], text: str) -> list[
         return pieces
     following = quotes[at + 1] if at + 1 < len(quotes) and quotes[at + 1] < end else end
     between = text[stop + 1 : following]
-    colon = between.find(":")
-    if colon < 0 or "," in between[:colon]:
-        return pieces  # no value of this member follows: structure, or the next member
-    if following < end:  # a string value: inside its quotes, up to its close or the end
+    name_end, colon, value = between.partition(":")
+    if not colon or name_end.strip():
+        return pieces  # no value of this member follows: the finding ran into structure
+    if following < end and not value.strip():  # a string value: its inside, up to the end
         close = quotes[at + 2] if at + 2 < len(quotes) and quotes[at + 2] < end else end
         if following + 1 < close:
             pieces.append((following + 1, close))
         return pieces
-    value_at = stop + 1 + colon + 1
-    bare = text[value_at:end]
-    value_start = value_at + len(bare) - len(bare.lstrip())
-    value_end = value_at + len(bare.rstrip(" \t\r\n,]}"))
-    if value_start < value_end:
-        pieces.append((value_start, value_end))
-    return pieces
+    number = _NUMBER.match(value.lstrip())
+    if number is not None:  # a bare number (what follows it is the next member's)
+        value_start = stop + 1 + len(name_end) + 1 + len(value) - len(value.lstrip())
+        pieces.append((value_start, min(value_start + number.end(), end)))
+    return pieces  # an object, an array, true, false, null: no place for a rewrite

@@ -37,16 +37,18 @@ def _random_tail(prefix_len: int, score: float) -> Validator:
 
 
 def _openai(value: str, text: str, start: int, end: int) -> float | None:
-    """A key's body holds a long random run (48 characters, or 70-160 of base64url after
+    """A key's body is long and random (48 characters, or 70-160 of base64url after
     ``sk-proj-`` or ``sk-svcacct-``, whose ``-`` and ``_`` leave a run of 12 or more in
-    every one of 20,000 random bodies tried) in mixed case, and the body looks random: a
-    name made of words and numbers (``sk-learn-tutorial2024-notes``) has no such run."""
+    every one of 20,000 random bodies tried) with a run in mixed case of 16, or of 12 in
+    a body of 40 or more: a name of words and numbers (``sk-learn-tutorial2024-notes``,
+    ``sk-DataPipeline2-notes``) is shorter, or has no such run."""
     if value.startswith("sk-ant-"):
         return None  # an Anthropic key; its own recognizer reports it
     body = value[3:]
     longest = max(_RUNS.split(body), key=len)
     mixed = longest.lower() != longest and longest.upper() != longest
-    return 0.9 if len(longest) >= 12 and mixed and looks_random(body) else None
+    long_enough = len(longest) >= 16 or (len(body) >= 40 and len(longest) >= 12)
+    return 0.9 if long_enough and mixed and looks_random(body) else None
 
 
 def _jwt(value: str, text: str, start: int, end: int) -> float | None:

@@ -289,6 +289,8 @@ def _server_texts(message: Mapping[str, Any], at: JsonPath = ()) -> tuple[TextPa
     return (*_from_server(found), *locked)
 
 
+_SCHEMAS = ("inputSchema", "outputSchema", "requestedSchema")
+"""Where a listed tool or an elicitation carries a JSON Schema (MCP: an object's)."""
 _SCHEMA_WORDS = frozenset({"type", "format", "$schema", "pattern", "$ref", "$id"})
 """Schema members whose strings are JSON Schema's own words, not text for a person."""
 _SCHEMA_DATA = frozenset({"default", "examples", "example", "const", "enum"})
@@ -409,9 +411,12 @@ def withheld(texts: tuple[TextPart, ...], why: str) -> dict[JsonPath, Any]:
     """Rewrites that replace each of ``texts`` with ``[why]``: how a message that must go
     on (a server's request, a client's answer to one: its peer waits for it) is blocked.
     A locked text (member names) has no place of its own: the object it names is emptied
-    (``{}``, a schema that says nothing), the texts inside it with it."""
+    (a schema to ``{"type": "object"}``, which says nothing and is still the object MCP
+    requires; anything else to ``{}``), the texts inside it with it."""
     emptied = [part.path for part in texts if part.locked]
-    rewrites: dict[JsonPath, Any] = {path: {} for path in emptied}
+    rewrites: dict[JsonPath, Any] = {
+        path: {"type": "object"} if path[-1] in _SCHEMAS else {} for path in emptied
+    }
     for part in texts:
         if not part.locked and not any(part.path[: len(at)] == at for at in emptied):
             rewrites[part.path] = f"[{why}]"

@@ -655,6 +655,11 @@ def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
     }
     # Into a number: it has no rewrite that stays JSON, so the finding blocks.
     assert judged('{"password": 12345678}').blocked_by == "c"
+    # Into an object, an array, true, false or null: no place for a rewrite, the name's
+    # part alone is taken.
+    for value in ('{"min": 8}', "[1, 2]", "true", "null"):
+        nested = judged('{"password": ' + value + "}")
+        assert json.loads(nested.rewrites[("arguments",)]) == {"[REDACTED]": json.loads(value)}
 
 
 def test_json_source_with_gsons_escapes_is_masked_not_blocked() -> None:

@@ -109,6 +109,7 @@ def test_finds(audit: Guardrails, text: str, expected: set[str]) -> None:
         pytest.param("see the sk-learn-pipeline-tutorial-2024 repo", id="sk-words-and-year"),
         pytest.param("branch sk-1234-fix-login-redirect-bug", id="sk-branch-name"),
         pytest.param("see sk-learn-tutorial2024-notes", id="sk-word-run"),
+        pytest.param("see sk-DataPipeline2-tutorial-notes", id="sk-camel-case-run"),
         pytest.param("Authorization: Bearer YOUR_ACCESS_TOKEN_HERE_123", id="bearer-upper"),
         pytest.param("password: required", id="password-word"),
         pytest.param("the eyJhbGciOi prefix starts JWTs", id="jwt-prefix"),

@@ -648,5 +648,10 @@ def test_a_withheld_schema_is_emptied_with_the_texts_inside_it() -> None:
     }
     parts = listed_texts(tool)
     rewrites = withheld(parts, "Blocked")
-    assert rewrites == {("inputSchema",): {}, ("description",): "[Blocked]"}
-    assert rewritten(tool, rewrites) == {"name": "t", "description": "[Blocked]", "inputSchema": {}}
+    emptied = {"type": "object"}  # still the object schema MCP requires
+    assert rewrites == {("inputSchema",): emptied, ("description",): "[Blocked]"}
+    assert rewritten(tool, rewrites) == {
+        "name": "t",
+        "description": "[Blocked]",
+        "inputSchema": emptied,
+    }
