@@ -20,6 +20,17 @@ from tests.redis_server import RedisServer
 EXAMPLE_POLICY = ROOT / "policies" / "example.yaml"
 ADMIN_KEY = "sk-demo-admin"
 RESTRICTED_KEY = "sk-demo-restricted"
+MCP_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+"""An MCP client's first message, for tests that speak MCP without the SDK."""
 
 
 @dataclass

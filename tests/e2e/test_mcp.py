@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 from extproc.mcp.demo_server import ANSWER_CONTROL
 from extproc.mcp.jsonrpc import ErrorCode
 from extproc.stack import Stack
-from tests.e2e.conftest import ADMIN_KEY, RESTRICTED_KEY, Http
+from tests.e2e.conftest import ADMIN_KEY, MCP_INITIALIZE, RESTRICTED_KEY, Http
 from tests.e2e.test_accounting import ext_proc_messages
 
 pytestmark = pytest.mark.e2e
@@ -179,18 +179,8 @@ def test_a_body_past_the_buffer_gets_json_rpcs_error_from_envoy(stack: Stack) ->
 
 
 def test_team_without_mcp_access_reaches_no_server(stack: Stack) -> None:
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "test", "version": "1"},
-        },
-    }
     status, _, body = Http(stack.ports.gateway).post_json(
-        "/mcp", initialize, key="sk-demo-capped", accept="application/json, text/event-stream"
+        "/mcp", MCP_INITIALIZE, key="sk-demo-capped", accept="application/json, text/event-stream"
     )
     assert status == 403
     # Refused on the headers, before the body (and its id) is read: JSON-RPC's null id.

@@ -17,23 +17,13 @@ from mcp.client.streamable_http import streamable_http_client
 
 from extproc.mcp.jsonrpc import ErrorCode
 from extproc.stack import ROOT, Ports, Stack, running
-from tests.e2e.conftest import ADMIN_KEY, EXAMPLE_POLICY, RESTRICTED_KEY
+from tests.e2e.conftest import ADMIN_KEY, EXAMPLE_POLICY, MCP_INITIALIZE, RESTRICTED_KEY
 from tests.redis_server import free_port
 
 pytestmark = pytest.mark.e2e
 
 PATH = "/mcp/stateful"
 HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "1"},
-    },
-}
 
 
 def _await_health(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -112,7 +102,7 @@ async def test_a_session_is_refused_to_any_other_caller(stateful: Stack) -> None
     """Another key presenting the id (seen in a log, a trace) is told the session does
     not exist, as the spec says a server answers one it does not know; so is the opener
     presenting the server's id without its tag."""
-    opened = await _post(stateful, ADMIN_KEY, INITIALIZE)
+    opened = await _post(stateful, ADMIN_KEY, MCP_INITIALIZE)
     assert opened.status_code == 200
     session = opened.headers["mcp-session-id"]
     server_id, _, tag = session.rpartition(".")

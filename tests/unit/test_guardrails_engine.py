@@ -622,13 +622,30 @@ def test_json_source_spelling_plain_ascii_as_escapes_is_read_decoded(
     assert _judged([part]).blocked_by == blocked_by
 
 
-def test_json_source_with_the_escapes_encoders_write_is_masked_as_before() -> None:
-    """Go writes <, > and & as \\u003c, \\u003e, \\u0026: no decoded copy, nothing blocked."""
-    arguments = '{"html":"\\u003cb\\u003e","to":"jane.doe@example.com"}'
+@pytest.mark.parametrize(
+    ("arguments", "masked"),
+    [
+        pytest.param(  # Go writes <, > and & as escapes
+            '{"html":"\\u003cb\\u003e","to":"jane.doe@example.com"}',
+            {"html": "<b>", "to": "<EMAIL_ADDRESS>"},
+            id="go",
+        ),
+        pytest.param(  # Gson also = and '
+            '{"to":"jane.doe@example.com","q":"a\\u003db"}',
+            {"to": "<EMAIL_ADDRESS>", "q": "a=b"},
+            id="gson",
+        ),
+    ],
+)
+def test_json_source_with_the_escapes_encoders_write_is_masked_not_blocked(
+    arguments: str, masked: dict[str, str]
+) -> None:
+    """No decoded copy for what encoders escape: a masking rule's finding is masked in
+    place, not blocked."""
     part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
     result = _judged([part])
     assert not result.blocked
-    assert json.loads(result.rewrites[("arguments",)]) == {"html": "<b>", "to": "<EMAIL_ADDRESS>"}
+    assert json.loads(result.rewrites[("arguments",)]) == masked
 
 
 def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
@@ -660,16 +677,6 @@ def test_a_finding_from_a_member_name_into_its_value_masks_both() -> None:
     for value in ('{"min": 8}', "[1, 2]", "true", "null"):
         nested = judged('{"password": ' + value + "}")
         assert json.loads(nested.rewrites[("arguments",)]) == {"[REDACTED]": json.loads(value)}
-
-
-def test_json_source_with_gsons_escapes_is_masked_not_blocked() -> None:
-    """Gson writes = and ' as \\u003d and \\u0027: no decoded copy, so what a masking rule
-    finds is masked in place, not blocked."""
-    arguments = '{"to":"jane.doe@example.com","q":"a\\u003db"}'
-    part = TextPart(("arguments",), "assistant", "tool_arguments", arguments, True)
-    result = _judged([part])
-    assert not result.blocked
-    assert json.loads(result.rewrites[("arguments",)]) == {"to": "<EMAIL_ADDRESS>", "q": "a=b"}
 
 
 def test_a_number_a_rule_would_rewrite_in_json_source_blocks_instead() -> None:
