@@ -64,6 +64,8 @@ settlement (a margin for clocks that disagree), so a replay can never settle a
 reservation twice. An answer still streaming after that settles nothing: it stays charged
 as reserved (budgets err toward over-charging) and has no audit record."""
 KEY_BYTES = 32
+_TAG_CHARS = 22
+"""Of a MAC's base64url, what :meth:`TicketSigner.tag` keeps: 132 bits."""
 REFRESH_SECONDS = 10.0
 """How often at most an unknown signature has a process fetch the shared key again."""
 FOLLOW_SECONDS = 30.0
@@ -250,22 +252,16 @@ class TicketSigner:
 
     def tag(self, purpose: bytes, data: bytes) -> str:
         """A MAC of ``data`` for ``purpose`` (which keeps it apart from tickets and other
-        purposes) with the signing key: 22 base64url characters, 128 bits."""
-        mac = next(iter(self._macs.values())).copy()
-        mac.update(purpose + b"\0" + data)
-        return base64.urlsafe_b64encode(mac.digest()[:16]).decode("ascii").rstrip("=")
+        purposes) with the signing key: 22 base64url characters, 132 bits."""
+        signing = next(iter(self._macs.values()))
+        return _mac(signing, purpose + b"\0" + data)[:_TAG_CHARS].decode("ascii")
 
     def tagged(self, purpose: bytes, data: bytes, tag: str) -> bool:
         """Whether ``tag`` is :meth:`tag`'s for ``data`` under any key this process knows
         (a key replaced since still reads what it tagged), compared in constant time."""
-        given = tag.encode("ascii", "replace")
-        for keyed in self._macs.values():
-            mac = keyed.copy()
-            mac.update(purpose + b"\0" + data)
-            expected = base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=")
-            if hmac.compare_digest(given, expected):
-                return True
-        return False
+        given, signed = tag.encode("ascii", "replace"), purpose + b"\0" + data
+        macs = self._macs.values()
+        return any(hmac.compare_digest(given, _mac(k, signed)[:_TAG_CHARS]) for k in macs)
 
     def keep(self, issued: Issued) -> None:
         """Keep a ticket Envoy has taken (:data:`KEPT_TICKETS`): its answer's report or
