@@ -74,6 +74,20 @@ class StreamDialect:
         raise NotImplementedError
 
 
+def _add_text(
+    found: list[Delta],
+    channel: ChannelKey,
+    container: object,
+    key: str,
+    choice: dict[str, Any],
+    json_source: bool = False,
+) -> None:
+    """A delta for ``container[key]`` when it is a text (a chunk may carry none)."""
+    if isinstance(container, dict) and isinstance(container.get(key), str):
+        setter = _setter(container, key, choice)
+        found.append(Delta(channel, container[key], setter, json_source=json_source))
+
+
 def _setter(
     container: dict[str, Any], key: str, choice: dict[str, Any] | None = None
 ) -> Callable[[str], None]:
@@ -104,51 +118,23 @@ class OpenAIStream(StreamDialect):
             if not isinstance(choice, dict):
                 continue
             index = _index(choice.get("index", 0))
-            if isinstance(choice.get("text"), str):
-                found.append(
-                    Delta(("text", index), choice["text"], _setter(choice, "text", choice))
-                )
+            _add_text(found, ("text", index), choice, "text", choice)  # legacy completions
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
             for key in ("content", "refusal"):
-                if isinstance(delta.get(key), str):
-                    found.append(Delta((key, index), delta[key], _setter(delta, key, choice)))
-            function_call = delta.get("function_call")  # the legacy form of a tool call
-            if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str):
-                found.append(
-                    Delta(
-                        ("function", index),
-                        function_call["arguments"],
-                        _setter(function_call, "arguments", choice),
-                        json_source=True,
-                    )
-                )
+                _add_text(found, (key, index), delta, key, choice)
+            # The legacy form of a tool call, then tool calls: a function's arguments
+            # (JSON source) or a custom tool's input (free text), streamed in pieces.
+            _add_text(
+                found, ("function", index), delta.get("function_call"), "arguments", choice, True
+            )
             calls = delta.get("tool_calls")
-            if isinstance(calls, list):
-                for position, call in enumerate(calls):
-                    if not isinstance(call, dict):
-                        continue
-                    tool = _index(call.get("index", position))
-                    function, custom = call.get("function"), call.get("custom")
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        found.append(
-                            Delta(
-                                ("tool", index, tool),
-                                function["arguments"],
-                                _setter(function, "arguments", choice),
-                                json_source=True,
-                            )
-                        )
-                    elif isinstance(custom, dict) and isinstance(custom.get("input"), str):
-                        # A custom tool's input: free text, streamed in pieces as arguments are.
-                        found.append(
-                            Delta(
-                                ("tool", index, tool),
-                                custom["input"],
-                                _setter(custom, "input", choice),
-                            )
-                        )
+            for position, call in enumerate(calls if isinstance(calls, list) else ()):
+                if isinstance(call, dict):
+                    channel = ("tool", index, _index(call.get("index", position)))
+                    _add_text(found, channel, call.get("function"), "arguments", choice, True)
+                    _add_text(found, channel, call.get("custom"), "input", choice)
         return found
 
     def ends(self, event: Event) -> tuple[ChannelKey, ...]:
