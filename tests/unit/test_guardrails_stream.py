@@ -242,25 +242,18 @@ def test_each_text_of_a_streamed_tool_result_is_guarded_apart() -> None:
     assert (result["stdout"], result["stderr"]) == ("id 555", "*" * len("a.b@example.org"))
 
 
-def test_openai_tool_call_arguments_are_guarded() -> None:
-    chunks = [
-        openai_chunk(arguments='{"to": "x.y@exa'),
-        openai_chunk(arguments='mple.com"}'),
-        *OPENAI_END,
-    ]
-    out = run(guard(), chunks)
-    assert streamed_text(out) == '{"to": "***************"}'
-
-
-def test_openai_custom_tool_input_is_guarded() -> None:
-    """A custom tool's input (free text, not JSON) streamed in pieces, as arguments are."""
-    chunks = [
-        openai_chunk(custom_input="mail x.y@exa"),
-        openai_chunk(custom_input="mple.com now"),
-        *OPENAI_END,
-    ]
-    out = run(guard(), chunks)
-    assert streamed_text(out) == "mail *************** now"
+@pytest.mark.parametrize(
+    ("field", "pieces", "expected"),
+    [
+        ("arguments", ['{"to": "x.y@exa', 'mple.com"}'], '{"to": "***************"}'),
+        # A custom tool's input: free text, not JSON, streamed in pieces as arguments are.
+        ("custom_input", ["mail x.y@exa", "mple.com now"], "mail *************** now"),
+    ],
+    ids=["function-arguments", "custom-input"],
+)
+def test_openai_tool_call_texts_are_guarded(field: str, pieces: list[str], expected: str) -> None:
+    chunks = [*(openai_chunk(**{field: piece}) for piece in pieces), *OPENAI_END]
+    assert streamed_text(run(guard(), chunks)) == expected
 
 
 def test_completions_stream() -> None:
