@@ -312,7 +312,7 @@ def _rewriter(exchange: Exchange) -> Rewriter:
         current = message if listed is None else listed
         # The rest of the message too: a list beside a tool's content must not shield it.
         own, embedded = split_embedded(message_texts(current))
-        rewrites: dict[JsonPath, str] = {}
+        rewrites: dict[JsonPath, Any] = {}  # texts, or an emptied object (withheld)
         if own:
             result = check(own)
             if result.blocked and is_answer(current):
