@@ -37,6 +37,7 @@ from extproc.guardrails.json_text import (
     escapes,
     in_structure,
     outside,
+    quotes,
     with_decoded,
 )
 from extproc.guardrails.linear import PatternError, Utf8
@@ -291,6 +292,7 @@ def run_rules(
         if rule.mode == "validate":
             verdicts.append(_verdict(rule, stage, "blocked", findings, len(hits)))
             return GuardResult(tuple(verdicts), {}, rule.name, rule.message)
+        quoted = {i: quotes(encoded[i][1]) for i, _ in hits if texts[i].json_source}
         blocking = [
             f
             for i, found in hits
@@ -299,7 +301,7 @@ def run_rules(
             and (
                 a.block
                 or texts[i].locked
-                or (json_safe and texts[i].json_source and in_structure(f, encoded[i][1]))
+                or (json_safe and texts[i].json_source and in_structure(f, quoted[i]))
             )
         ]
         if blocking:

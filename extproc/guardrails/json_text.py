@@ -26,9 +26,9 @@ from extproc.guardrails.findings import Finding
 Span = tuple[int, int]
 
 _UNICODE_ESCAPE = 6
+"""``\\uXXXX``."""
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 """A JSON number, as a member's bare value starts."""
-"""``\\uXXXX``."""
 
 
 def escapes(text: str) -> list[Span]:
@@ -133,7 +133,7 @@ def outside(findings: list[Finding], spans: Sequence[Span], text: str) -> list[F
     if not spans:
         return findings
     starts = [low for low, _ in spans]
-    quotes = [low for low, high in spans if high - low == 1]
+    quoted = quotes(spans)
     kept: list[Finding] = []
     for finding in findings:
         start, end = finding.start, finding.end
@@ -144,7 +144,7 @@ def outside(findings: list[Finding], spans: Sequence[Span], text: str) -> list[F
         low, high = spans[max(bisect.bisect_left(starts, end) - 1, 0)]
         if low < end < high:
             end = low
-        pieces = _in_strings(start, end, quotes, text)
+        pieces = _in_strings(start, end, quoted, text)
         if pieces == [(finding.start, finding.end)]:
             kept.append(finding)
         else:
@@ -152,15 +152,20 @@ def outside(findings: list[Finding], spans: Sequence[Span], text: str) -> list[F
     return kept
 
 
-def in_structure(finding: Finding, spans: Sequence[Span]) -> bool:
-    """Whether ``finding``, in a whole JSON source whose :func:`escapes` are ``spans``,
+def quotes(spans: Sequence[Span]) -> list[int]:
+    """Where the quotes among :func:`escapes`' ``spans`` stand (those that open and close
+    strings), in order: worked out once a text, for each of its findings."""
+    return [low for low, high in spans if high - low == 1]
+
+
+def in_structure(finding: Finding, quoted: Sequence[int]) -> bool:
+    """Whether ``finding``, in a whole JSON source whose :func:`quotes` are ``quoted``,
     lies outside every string: a number (a phone number written ``2125551234``), which a
     rewrite would leave no JSON (so a rule that would rewrite it blocks). Only for a whole
     text: a stream's window may begin inside a string. A text without quotes is taken
     for what a model sometimes writes instead of JSON (arguments are objects, which
     have), and is rewritten as text."""
-    quotes = [low for low, high in spans if high - low == 1]
-    return bool(quotes) and bisect.bisect_right(quotes, finding.start) % 2 == 0
+    return bool(quoted) and bisect.bisect_right(quoted, finding.start) % 2 == 0
 
 
 def _in_strings(start: int, end: int, quotes: Sequence[int], text: str) -> list[Span]:
