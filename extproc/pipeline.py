@@ -40,7 +40,12 @@ from extproc.dialects import (
     envelope_for_path,
     strip_query,
 )
-from extproc.dialects.fields import asked_for_usage, include_usage_rewrites, optional_bool
+from extproc.dialects.fields import (
+    asked_for_usage,
+    asks_hour_cache,
+    include_usage_rewrites,
+    optional_bool,
+)
 from extproc.dialects.json_body import apply_rewrites, decode_body
 from extproc.errors import GatewayError, InvalidRequest, NotFound
 from extproc.exchange import Clock, Exchange, utc_now
@@ -432,9 +437,10 @@ def _refuse_unseen_answers(
 
 def hour_cache(exchange: Exchange, request: LLMRequest) -> bool:
     """Whether the request asks Claude for its 1-hour cache (an Anthropic request, or a
-    chat one translated for Claude: its parts keep their cache_control)."""
+    chat one translated for Claude: its parts keep their cache_control). Looked for only
+    when a budget prices the request and it goes to Claude, not in every body."""
     goes_to_claude = request.dialect == "anthropic.messages" or exchange.translation is not None
-    return request.hour_cache and goes_to_claude
+    return goes_to_claude and asks_hour_cache(request.body)
 
 
 def subject_of(exchange: Exchange, principal: Principal, model: CatalogueModel | None) -> Any:

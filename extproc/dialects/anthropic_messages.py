@@ -12,7 +12,6 @@ from typing import Any
 
 from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
-    asks_hour_cache,
     expect_list,
     expect_object,
     expect_str,
@@ -65,7 +64,6 @@ class AnthropicMessages:
             tools=tools,
             body=body,
             chat_messages=len(body["messages"]),
-            hour_cache=asks_hour_cache(body),
         )
 
 

@@ -65,10 +65,6 @@ class LLMRequest:
     answers: int = 1
     """Answers the request asks for (``n``, ``best_of``, a list of prompts), each up to
     ``max_output_tokens``: the budget reserves (and caps) output once per answer."""
-    hour_cache: bool = False
-    """A ``cache_control`` asks for Anthropic's 1-hour cache: its prompt may be written
-    there, at twice the input price, and is reserved at that when it goes to Claude
-    (:func:`extproc.pipeline.hour_cache`)."""
 
 
 class Dialect(Protocol):

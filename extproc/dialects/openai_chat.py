@@ -12,7 +12,6 @@ from typing import Any
 
 from extproc.dialects.base import DialectEnvelope, JsonPath, LLMRequest, TextPart
 from extproc.dialects.fields import (
-    asks_hour_cache,
     expect_list,
     expect_object,
     expect_str,
@@ -61,7 +60,6 @@ class OpenAIChat:
             body=body,
             chat_messages=len(body["messages"]),
             answers=optional_positive_int(body, "n") or 1,
-            hour_cache=asks_hour_cache(body),  # counts only when translated for Claude
         )
 
 

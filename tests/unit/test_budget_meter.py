@@ -12,6 +12,7 @@ from extproc.budgets.memory_store import MemoryStore
 from extproc.budgets.meter import Cost, Meter, usage_cost
 from extproc.budgets.windows import window_bounds
 from extproc.dialects.anthropic_messages import DIALECT
+from extproc.dialects.fields import asks_hour_cache
 from extproc.dialects.openai_chat import DIALECT as CHAT_DIALECT
 from extproc.dialects.usage import Usage
 from extproc.errors import RateLimited
@@ -455,13 +456,13 @@ def test_a_cache_control_asking_for_an_hour_is_seen_wherever_it_is() -> None:
         ],
     }
     cases.append({**base, "messages": [nested]})
-    assert [DIALECT.parse(case).hour_cache for case in cases] == [True] * 5
+    assert [asks_hour_cache(DIALECT.parse(case).body) for case in cases] == [True] * 5
     five = {**base, "messages": [user], "cache_control": {"type": "ephemeral", "ttl": "5m"}}
-    assert not DIALECT.parse(five).hour_cache
+    assert not asks_hour_cache(five)
     # A chat request's parts keep their cache_control when translated for Claude.
     chat_part = {"type": "text", "text": "x", "cache_control": hour}
     chat = {"model": "claude", "messages": [{"role": "user", "content": [chat_part]}]}
-    assert CHAT_DIALECT.parse(chat).hour_cache
+    assert asks_hour_cache(CHAT_DIALECT.parse(chat).body)
 
 
 async def test_a_precheck_asks_for_the_smallest_cap_the_api_accepts() -> None:

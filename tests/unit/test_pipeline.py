@@ -363,6 +363,38 @@ def test_the_hour_cache_is_reserved_for_only_when_the_request_goes_to_claude() -
     }
     request = CHAT.parse(body)
     exchange = Exchange(POLICY)
-    assert request.hour_cache and not hour_cache(exchange, request)
+    assert not hour_cache(exchange, request)
     exchange.translation = ResponseTranslation(requested_model="m", include_usage=False)
     assert hour_cache(exchange, request)
+
+
+@pytest.mark.parametrize(("ttl", "quarter_micro_usd"), [("5m", 5), ("1h", 8)])
+async def test_a_request_asking_claude_for_the_hour_cache_is_reserved_at_its_price(
+    ttl: str, quarter_micro_usd: int
+) -> None:
+    """Through the body phase, as the service reserves it: a 1,000-token output cap and a
+    prompt priced at the cache write its cache_control asks for (1.25x, or 2x for 1h)."""
+    policy = make_policy(
+        teams={
+            "platform": {"models": {"allow": ["*"]}, "limits": [
+                {"unit": "usd", "window": "day", "limit": 100}
+            ]},
+            "apps": {},
+        },
+        models={"claude-3-5-haiku": {"pricing": {"input": 1, "cache_write": 1.25, "output": 15}}},
+    )  # fmt: skip
+    ex = Exchange(policy=policy)
+    assert isinstance(on_request_headers(ex, headers("/v1/messages"), None, False, clock), Forward)
+    text = "word " * 200
+    block = {"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}
+    body = {"model": "claude-3-5-haiku", "max_tokens": 1_000, "messages": [
+        {"role": "user", "content": [block]}
+    ]}  # fmt: skip
+    assert prepare_request_body(ex, orjson.dumps(body)) is None
+    assert isinstance(await finish_request_body(ex, Meter(MemoryStore()), clock), Forward)
+    assert ex.reservation is not None
+    prompt = ex.reservation.reserved.input_tokens
+    # $1.25 (5-minute write) or $2 (1-hour write, twice the input) a million prompt
+    # tokens, in quarters of a micro-dollar a token; $15 a million output tokens.
+    expected = -(-prompt * quarter_micro_usd // 4) + 1_000 * 15
+    assert prompt > 100 and ex.reservation.reserved.micro_usd == expected
