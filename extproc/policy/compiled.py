@@ -162,10 +162,6 @@ class CompiledPolicy:
     guardrails: Guardrails
     audit_redactor: Guardrails | None
     """Set when the policy records prompts and answers in the audit log."""
-    uri_redactor: Guardrails | None
-    """Redacts the MCP resource URIs audit records name: set when the policy has MCP
-    servers (``audit_redactor`` itself when that is set). Compiled with the policy: built
-    on the event loop by the first record, it stalled the loop (~0.4 s in a new process)."""
     mcp_servers: McpRegistry
     team_mcp: dict[str, McpPermissions]
     user_mcp: dict[str, McpPermissions]
@@ -408,6 +404,8 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             ),
         )
     audit_redactor = redactor() if policy.settings.audit.record_bodies else None
+    if policy.mcp.servers:
+        redactor()  # built now: audit records redact the MCP resource URIs they name
     return CompiledPolicy(
         version=version,
         unknown_paths=policy.settings.unknown_paths,
@@ -435,7 +433,6 @@ def compile_policy(policy: Policy, version: str, credentials: bool = True) -> Co
             policy.guardrails if credentials else [], policy.settings.guardrails
         ),
         audit_redactor=audit_redactor,
-        uri_redactor=audit_redactor or (redactor() if policy.mcp.servers else None),
         mcp_servers=compile_registry(policy.mcp),
         team_mcp={t: compile_access(team.mcp) for t, team in policy.teams.items()},
         user_mcp={

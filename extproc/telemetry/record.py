@@ -21,7 +21,7 @@ from extproc.exchange import Exchange
 from extproc.guardrails.engine import Guardrails
 from extproc.mcp.access import Kind
 from extproc.mcp.enforce import McpCall
-from extproc.telemetry.bodies import recorded
+from extproc.telemetry.bodies import recorded, redactor
 
 
 def exchange_record(exchange: Exchange) -> dict[str, Any]:
@@ -99,9 +99,7 @@ def _recorded_name(exchange: Exchange, call: McpCall) -> str | None:
     """The call's tool or prompt name, bounded; a resource URI redacted too."""
     if call.kind is not Kind.RESOURCE or call.name is None:
         return _bounded(call.name, MAX_NAME_CHARS)
-    redact = exchange.policy.uri_redactor
-    assert redact is not None, "an MCP call is made under a policy with MCP servers"
-    return _redacted_uri(redact, call.name, MAX_NAME_CHARS)
+    return _redacted_uri(redactor(), call.name, MAX_NAME_CHARS)
 
 
 def _redacted_uri(redact: Guardrails, uri: str, limit: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from extproc.dialects.base import TextPart
 from extproc.telemetry.bodies import recorded, redactor
+from tests.unit.policies import make_policy
 
 REDACT = redactor()
 
@@ -44,3 +45,16 @@ def test_a_number_the_guardrails_could_not_rewrite_is_still_redacted_in_the_reco
     arguments = '{"id": 2125551234, "body": "Reach me at\\n415-555-0132 or"}'
     [record] = recorded(REDACT, [_arguments(arguments)], {})
     assert record["text"] == '{"id": <PHONE_NUMBER>, "body": "Reach me at\\n<PHONE_NUMBER> or"}'
+
+
+def test_the_redactor_is_built_with_a_policy_that_will_need_it_not_by_a_record() -> None:
+    """Built by the first record, it stalled the event loop (~0.4 s in a new process):
+    a policy with MCP servers (whose audit records redact resource URIs) builds it."""
+    redactor.cache_clear()
+    make_policy()
+    assert redactor.cache_info().currsize == 0  # neither MCP servers nor recorded bodies
+    make_policy(
+        mcp={"servers": {"s": {"cluster": "mcp", "path": "/mcp"}}},
+        upstreams={"mcp": {"url": "http://127.0.0.1:1"}},
+    )
+    assert redactor.cache_info().currsize == 1
