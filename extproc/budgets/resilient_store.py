@@ -346,10 +346,6 @@ class ResilientStore:
             hold, self._hold = self._hold, None
             hold.set_result(None)
 
-    def _queued_writes(self) -> int:
-        amounts = self._pending or self._inflight_amounts
-        return (1 if amounts else 0) + len(self._tokened) + len(self._inflight or ())
-
     async def _write_back(self, deadline: float | None = None, *, leave: int = 0) -> bool:
         """Write the queued deltas to the primary until no more than ``leave`` writes are
         queued; ``True`` then, ``False`` if ``deadline`` (monotonic) passed first.
@@ -365,7 +361,7 @@ class ResilientStore:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if self._inflight is None and self._inflight_amounts is None:
-                if self._queued_writes() <= leave:
+                if bool(self._pending) + len(self._tokened) <= leave:  # writes left
                     return True
                 if self._pending:
                     batch = tuple(Delta(k, a, e) for k, (a, e) in self._pending.items() if a)
