@@ -204,7 +204,7 @@ class PresidioRecognizer:
         score goes), as its engine does."""
         if self._linear is None:
             return list(self._presidio.analyze(window, [self.entity], None))
-        result, recognizer = core_class("RecognizerResult"), core_class("EntityRecognizer")
+        result, recognizer = _result_classes()
         text = Utf8(window)
         found = [
             result(self.entity, start, end, score)
@@ -213,6 +213,13 @@ class PresidioRecognizer:
             if end > start
         ]
         return list(recognizer.remove_duplicates(found))
+
+
+@functools.cache
+def _result_classes() -> tuple[Any, Any]:
+    """Presidio's ``RecognizerResult`` and ``EntityRecognizer`` (its duplicate removal),
+    looked up once, not for every window scanned."""
+    return core_class("RecognizerResult"), core_class("EntityRecognizer")
 
 
 def _widen(text: str, lo: int, hi: int) -> tuple[int, int]:
