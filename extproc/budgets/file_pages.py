@@ -11,8 +11,12 @@ the file is then also advised out of the cache (``posix_fadvise(POSIX_FADV_DONTN
 which evicts only pages no process maps.
 
 Only mappings that are neither writable nor executable, and whose resident pages are all
-clean and none swapped, are touched: a page the dynamic loader relocated (anonymous, dirty,
-or swapped out since) would lose that write, and code pages are not worth the reasoning.
+the file's own (none anonymous, none swapped), are touched: a page the dynamic loader
+relocated (anonymous, or swapped out since) would lose that write, and code pages are not
+worth the reasoning. A page the smaps calls dirty but not anonymous is the page cache's,
+not this process's: a file written a moment ago (pip installing the extension, then the
+service starting) has its pages dirty until the kernel writes them back, and skipping
+those left the tables' 45 MB mapped.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ log = logging.getLogger(__name__)
 MADV_DONTNEED: Final = 4
 _SMAPS: Final = Path("/proc/self/smaps")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
-_UNCLEAN: Final = ("Anonymous", "Private_Dirty", "Shared_Dirty", "Swap", "SwapPss")
+_NOT_THE_FILES: Final = ("Anonymous", "Swap", "SwapPss")
+"""Pages of a mapping that are this process's own, not the file's."""
 
 Region = tuple[int, int, int]
 """Start address, end address, resident bytes."""
@@ -58,7 +63,7 @@ def release(path: str) -> int:
 
 
 def _clean_read_only(smaps: str, path: str) -> list[Region]:
-    """The mappings of ``path`` that are read-only data and hold only clean pages."""
+    """The mappings of ``path`` that are read-only data and hold only the file's pages."""
     found: list[Region] = []
     fields: dict[str, int] | None = None
     bounds = (0, 0)
@@ -80,8 +85,7 @@ def _clean_read_only(smaps: str, path: str) -> list[Region]:
 
 def _clean(bounds: tuple[int, int], fields: dict[str, int]) -> Region | None:
     resident = fields.get("Rss", 0)
-    clean = fields.get("Private_Clean", 0) + fields.get("Shared_Clean", 0)
-    if not resident or resident != clean or any(fields.get(f, 0) for f in _UNCLEAN):
+    if not resident or any(fields.get(f, 0) for f in _NOT_THE_FILES):
         return None
     return (bounds[0], bounds[1], resident)
 
